@@ -1,0 +1,35 @@
+"""The exceptions fastapi_once raises of its own (misuse raises TypeError or ValueError)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class OnceError(Exception):
+    """Base class of every exception fastapi_once raises for a failed or impossible attempt."""
+
+
+class OnceCycleError(OnceError, RuntimeError):
+    """A once's function awaited its own value, directly or through other onces.
+
+    Waiting would deadlock, so the call that closes the cycle raises this instead.
+    """
+
+    def __init__(self, cycle: Sequence[str]) -> None:
+        self.cycle = tuple(cycle)
+        chain = " -> ".join(self.cycle)
+        super().__init__(
+            f"once cycle: {chain}: {self.cycle[-1]} is awaited while it is being made, which "
+            "would wait forever; break the cycle so that no once depends on itself"
+        )
+
+
+class OnceCancelledError(OnceError):
+    """The shared attempt was cancelled (its function raised a cancellation, or its loop closed).
+
+    The attempt is not cached: the next call starts a new one.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"the attempt to make {name} was cancelled; the next call tries again")

@@ -1,0 +1,333 @@
+"""The FastAPI layer: ``once()``, the dependency signature, and sub-dependency resolution."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterator,
+)
+from contextlib import AsyncExitStack
+from typing import Any, Protocol, TypeVar, overload
+
+from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import get_dependant, get_typed_signature
+from starlette.requests import HTTPConnection
+
+from ._core import Injector, Once, invoke, kind_of
+
+if sys.version_info >= (3, 12):  # pragma: no cover
+    from typing import ParamSpec
+else:  # pragma: no cover
+    from typing_extensions import ParamSpec
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DEFAULT_MAXSIZE = 128
+
+# The hidden keyword argument through which FastAPI hands a once the connection, so that
+# sub-dependencies are resolved with the app's dependency_overrides.
+CONNECTION_PARAM = "fastapi_once_connection"
+
+_SPECIAL_PARAMS = (
+    ("request_param_name", "Request"),
+    ("websocket_param_name", "WebSocket"),
+    ("http_connection_param_name", "HTTPConnection"),
+    ("response_param_name", "Response"),
+    ("background_tasks_param_name", "BackgroundTasks"),
+    ("security_scopes_param_name", "SecurityScopes"),
+)
+
+
+def _call_name(call: Any) -> str:
+    return getattr(call, "__qualname__", None) or getattr(call, "__name__", None) or repr(call)
+
+
+def _request_data(dependant: Dependant) -> list[tuple[str, str]]:
+    """(name, kind) of each parameter ``dependant`` reads from the request itself."""
+    fields = [
+        *dependant.path_params,
+        *dependant.query_params,
+        *dependant.header_params,
+        *dependant.cookie_params,
+        *dependant.body_params,
+    ]
+    return [(f.name, type(f.field_info).__name__.lower()) for f in fields]
+
+
+def _reads_request(dependant: Dependant) -> str | None:
+    """Say which parameter of ``dependant`` reads the request, or None when none does."""
+    for attr, label in _SPECIAL_PARAMS:
+        name = getattr(dependant, attr)
+        if name is not None:
+            return f"parameter {name!r} is a {label}"
+    data = _request_data(dependant)
+    if data:
+        name, where = data[0]
+        return f"parameter {name!r} is request data ({where})"
+    return None
+
+
+def _check_sub_dependency(owner: str, sub: Dependant, chain: list[str]) -> None:
+    """Raise TypeError if the tree under ``sub`` reads the request."""
+    call = sub.call
+    if isinstance(call, Once):
+        if call.keyed:
+            raise TypeError(
+                f"once({owner}): parameter {chain[0]!r} depends on {call.name}, which is keyed "
+                "by request data; a once's sub-dependencies are resolved once for every request"
+            )
+        return
+    reason = _reads_request(sub)
+    if reason is not None:
+        via = " -> ".join(chain)
+        raise TypeError(
+            f"once({owner}): parameter {via} depends on {_call_name(call)}, whose {reason}; "
+            "a once's sub-dependencies are resolved once and shared by every request, so none "
+            "of them may read the request. Read it in the route instead"
+        )
+    for child in sub.dependencies:
+        _check_sub_dependency(owner, child, [*chain, str(child.name)])
+
+
+def _analyse(fn: Callable[..., Any], name: str) -> Dependant:
+    try:
+        return get_dependant(path="", call=fn)
+    except Exception as exc:
+        raise TypeError(f"once({name}): FastAPI cannot read its parameters: {exc}") from exc
+
+
+def adapt(
+    fn: Callable[..., Any], name: str, keyed: bool
+) -> tuple[inspect.Signature, Injector | None]:
+    """Check ``fn``'s parameters; return its signature as a dependency and its injector.
+
+    The signature FastAPI sees holds only request-data parameters (for keyed onces) and, when
+    ``fn`` has sub-dependencies, the hidden connection: FastAPI resolves nothing else per request.
+    """
+    dependant = _analyse(fn, name)
+    for attr, label in _SPECIAL_PARAMS:
+        param = getattr(dependant, attr)
+        if param is not None:
+            raise TypeError(
+                f"once({name}): parameter {param!r} is a {label}, which belongs to one request; a "
+                "once's value is made once and shared by every request. Use it in the route "
+                "instead, or pass what you need from it as request data with key="
+            )
+    data = _request_data(dependant)
+    if data and not keyed:
+        param, where = data[0]
+        raise TypeError(
+            f"once({name}): parameter {param!r} is request data ({where}); without key= the first "
+            f"request's {param!r} would be shared with every request. Pass key= to keep one value "
+            f"per distinct {param!r} (e.g. once({name}, key=lambda {param}: {param})), or make "
+            "it a sub-dependency with Depends()"
+        )
+    if keyed and not data:
+        raise TypeError(
+            f"once({name}, key=...): {name} has no request-data parameters to make a key from; "
+            "drop key= to keep a single value"
+        )
+    for sub in dependant.dependencies:
+        _check_sub_dependency(name, sub, [str(sub.name)])
+    names = {param for param, _ in data}
+    params = [p for p in get_typed_signature(fn).parameters.values() if p.name in names]
+    injector = None
+    if dependant.dependencies:
+        injector = SubDependencies(dependant)
+        params.append(
+            inspect.Parameter(
+                CONNECTION_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=HTTPConnection
+            )
+        )
+    return inspect.Signature(params), injector
+
+
+class SubDependencies:
+    """Resolves ``Depends()`` parameters once, honouring the app's ``dependency_overrides``."""
+
+    param = CONNECTION_PARAM
+
+    def __init__(self, dependant: Dependant) -> None:
+        self._dependant = dependant
+
+    async def __call__(self, context: object, stack: AsyncExitStack) -> dict[str, Any]:
+        app = context.scope.get("app") if isinstance(context, HTTPConnection) else context
+        overrides = getattr(app, "dependency_overrides", None) or {}
+        return await _solve(self._dependant, app, overrides, stack, {})
+
+
+async def _solve(
+    dependant: Dependant,
+    app: object,
+    overrides: dict[Any, Any],
+    stack: AsyncExitStack,
+    cache: dict[Any, Any],
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for sub in dependant.dependencies:
+        assert sub.call is not None
+        assert sub.name is not None
+        name, call = sub.name, overrides.get(sub.call, sub.call)
+        if sub.use_cache and call in cache:
+            values[name] = cache[call]
+            continue
+        if isinstance(call, Once):
+            value = await call._get(app)
+        else:
+            if call is not sub.call:
+                sub = get_dependant(path="", call=call, name=sub.name, use_cache=sub.use_cache)
+                reason = _reads_request(sub)
+                if reason is not None:
+                    raise TypeError(
+                        f"the override {_call_name(call)} of a once's sub-dependency reads the "
+                        f"request ({reason}); a once's sub-dependencies are shared by every request"
+                    )
+            kwargs = await _solve(sub, app, overrides, stack, cache)
+            value = await invoke(call, kind_of(call), (), kwargs, stack, _call_name(call))
+        cache[call] = value
+        values[name] = value
+    return values
+
+
+# --- once() ---------------------------------------------------------------------------------------
+
+_onces: dict[Callable[..., Any], Once[Any, Any]] = {}
+_onces_lock = threading.Lock()
+
+
+class _Decorator(Protocol):
+    @overload
+    def __call__(self, fn: Once[P, T], /) -> Once[P, T]: ...
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> Once[P, T]: ...
+    @overload
+    def __call__(self, fn: Callable[P, AsyncIterator[T]], /) -> Once[P, T]: ...
+    @overload
+    def __call__(self, fn: Callable[P, Iterator[T]], /) -> Once[P, T]: ...
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> Once[P, T]: ...
+
+
+@overload
+def once(
+    fn: Once[P, T], /, *, key: Callable[..., Hashable] | None = ..., maxsize: int = ...
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: Callable[P, Coroutine[Any, Any, T]],
+    /,
+    *,
+    key: Callable[..., Hashable] | None = ...,
+    maxsize: int = ...,
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: Callable[P, AsyncIterator[T]],
+    /,
+    *,
+    key: Callable[..., Hashable] | None = ...,
+    maxsize: int = ...,
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: Callable[P, Iterator[T]],
+    /,
+    *,
+    key: Callable[..., Hashable] | None = ...,
+    maxsize: int = ...,
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: Callable[P, T], /, *, key: Callable[..., Hashable] | None = ..., maxsize: int = ...
+) -> Once[P, T]: ...
+@overload
+def once(*, key: Callable[..., Hashable] | None = ..., maxsize: int = ...) -> _Decorator: ...
+def once(fn: Any = None, /, **options: Any) -> Any:
+    """Make ``fn``'s value once per event loop and share it: a single-flight FastAPI dependency.
+
+    ``once(fn)``, ``@once`` and ``@once(**options)`` all return the same :class:`Once` for the
+    same function: ``once(fn) is once(fn)`` and ``once(a_once) is a_once``.
+
+    Args:
+        fn: an ``async def``, a ``def`` (run in a worker thread), or an (async) generator function
+            whose single ``yield`` gives the value and whose code after it is the cleanup. Its
+            ``Depends()`` parameters are resolved once, when the value is made.
+        key: a function of ``fn``'s request-data parameters (query, path, header, cookie, body)
+            that returns a hashable key; the once then keeps one value per key. Required when
+            ``fn`` has request-data parameters.
+        maxsize: with ``key=``, how many values to keep (least recently used go first; their
+            cleanup runs). Default 128.
+
+    Raises:
+        TypeError: ``fn`` is not callable; a parameter reads the request; options do not fit.
+        ValueError: ``maxsize`` is not a positive integer; ``fn`` already has a once with other
+            options.
+    """
+    if fn is None:
+        return lambda f: once(f, **options)
+    if isinstance(fn, Once):
+        _check_same_options(fn, options)
+        return fn
+    if not callable(fn):
+        raise TypeError(
+            f"once() takes a function (async def, def, or generator function), got "
+            f"{type(fn).__name__} {fn!r}; use @once on the function that makes the value"
+        )
+    with _onces_lock:
+        existing = _onces.get(fn)
+        if existing is not None:
+            _check_same_options(existing, options)
+            return existing
+        made = _onces[fn] = _make(fn, options)
+        return made
+
+
+def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> None:
+    if options and options != existing.options:
+        raise ValueError(
+            f"once({existing.name}) already exists with options {_show(existing.options)}; asking "
+            f"again with {_show(options)} would need a second, different once. Pass the same "
+            f"options, or call once({existing.name}) without options to get the existing one"
+        )
+
+
+def _show(options: dict[str, Any]) -> str:
+    if not options:
+        return "(none)"
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+
+
+def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
+    name = f"{getattr(fn, '__module__', None) or '?'}.{_call_name(fn)}"
+    unknown = set(options) - {"key", "maxsize"}
+    if unknown:
+        raise TypeError(f"once({name}): unknown option(s) {', '.join(sorted(unknown))}")
+    key = options.get("key")
+    if key is not None and not callable(key):
+        raise TypeError(
+            f"once({name}, key={key!r}): key= takes a function of {name}'s request-data "
+            "parameters that returns a hashable key, e.g. key=lambda url: url"
+        )
+    maxsize = options.get("maxsize", DEFAULT_MAXSIZE)
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+        raise ValueError(
+            f"once({name}, maxsize={maxsize!r}): maxsize must be a positive integer, the number of "
+            "keyed values to keep"
+        )
+    if "maxsize" in options and key is None:
+        raise TypeError(
+            f"once({name}, maxsize=...): maxsize= applies only with key=; pass key= too"
+        )
+    signature, injector = adapt(fn, name, keyed=key is not None)
+    made: Once[Any, Any] = Once(
+        fn, name=name, key=key, maxsize=maxsize, injector=injector, options=options
+    )
+    made.__signature__ = signature  # type: ignore[attr-defined]
+    return made
