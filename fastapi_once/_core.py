@@ -18,12 +18,15 @@ import weakref
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Hashable, Iterable
 from contextlib import AsyncExitStack
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
 from ._errors import OnceCancelledError, OnceCycleError
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 if sys.version_info >= (3, 11):  # pragma: no cover
     from builtins import BaseExceptionGroup
@@ -348,6 +351,7 @@ class Once(Generic[P, T]):
         key: Callable[..., Hashable] | None = None,
         maxsize: int = 128,
         injector: Injector | None = None,
+        across: Backend | None = None,
         options: dict[str, Any] | None = None,
     ) -> None:
         self.fn = fn
@@ -357,6 +361,7 @@ class Once(Generic[P, T]):
         self._key = key
         self._maxsize = maxsize
         self._injector = injector
+        self._across = across
         self._param = injector.param if injector is not None else None
         self._needs_stack = injector is not None or self._kind in (Kind.ASYNC_GEN, Kind.GEN)
         # (loop, state) of the loop that called last: the hot path's one-read cache. A tuple so
@@ -478,7 +483,13 @@ class Once(Generic[P, T]):
                 if self._injector is not None:
                     assert stack is not None
                     kwargs = {**kwargs, **await self._injector(context, stack)}
-                value = await invoke(self.fn, self._kind, args, kwargs, stack, self.name)
+                make = functools.partial(
+                    invoke, self.fn, self._kind, args, kwargs, stack, self.name
+                )
+                if self._across is None:
+                    value = await make()
+                else:
+                    value = await self._across.run_once(self.name, make)
             except BaseException:
                 if stack is not None:
                     # What the failed attempt had set up is released; its errors are logged, and

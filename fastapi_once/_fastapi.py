@@ -13,18 +13,21 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import AsyncExitStack
-from typing import Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature
 from starlette.requests import HTTPConnection
 
-from ._core import Injector, Once, invoke, kind_of
+from ._core import Injector, Kind, Once, invoke, kind_of
 
 if sys.version_info >= (3, 12):  # pragma: no cover
-    from typing import ParamSpec
+    from typing import ParamSpec, TypedDict, Unpack
 else:  # pragma: no cover
-    from typing_extensions import ParamSpec
+    from typing_extensions import ParamSpec, TypedDict, Unpack
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -215,40 +218,28 @@ class _Decorator(Protocol):
     def __call__(self, fn: Callable[P, T], /) -> Once[P, T]: ...
 
 
+class Options(TypedDict, total=False):
+    """The keyword options of :func:`once` (each documented there)."""
+
+    key: Callable[..., Hashable]
+    maxsize: int
+    across: Backend
+    name: str
+    version: str | int
+
+
 @overload
-def once(
-    fn: Once[P, T], /, *, key: Callable[..., Hashable] | None = ..., maxsize: int = ...
-) -> Once[P, T]: ...
+def once(fn: Once[P, T], /, **options: Unpack[Options]) -> Once[P, T]: ...
 @overload
-def once(
-    fn: Callable[P, Coroutine[Any, Any, T]],
-    /,
-    *,
-    key: Callable[..., Hashable] | None = ...,
-    maxsize: int = ...,
-) -> Once[P, T]: ...
+def once(fn: Callable[P, Coroutine[Any, Any, T]], /, **options: Unpack[Options]) -> Once[P, T]: ...
 @overload
-def once(
-    fn: Callable[P, AsyncIterator[T]],
-    /,
-    *,
-    key: Callable[..., Hashable] | None = ...,
-    maxsize: int = ...,
-) -> Once[P, T]: ...
+def once(fn: Callable[P, AsyncIterator[T]], /, **options: Unpack[Options]) -> Once[P, T]: ...
 @overload
-def once(
-    fn: Callable[P, Iterator[T]],
-    /,
-    *,
-    key: Callable[..., Hashable] | None = ...,
-    maxsize: int = ...,
-) -> Once[P, T]: ...
+def once(fn: Callable[P, Iterator[T]], /, **options: Unpack[Options]) -> Once[P, T]: ...
 @overload
-def once(
-    fn: Callable[P, T], /, *, key: Callable[..., Hashable] | None = ..., maxsize: int = ...
-) -> Once[P, T]: ...
+def once(fn: Callable[P, T], /, **options: Unpack[Options]) -> Once[P, T]: ...
 @overload
-def once(*, key: Callable[..., Hashable] | None = ..., maxsize: int = ...) -> _Decorator: ...
+def once(**options: Unpack[Options]) -> _Decorator: ...
 def once(fn: Any = None, /, **options: Any) -> Any:
     """Make ``fn``'s value once per event loop and share it: a single-flight FastAPI dependency.
 
@@ -264,6 +255,10 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             ``fn`` has request-data parameters.
         maxsize: with ``key=``, how many values to keep (least recently used go first; their
             cleanup runs). Default 128.
+        across: a backend from :mod:`fastapi_once.backends`: run ``fn`` once across every
+            process sharing it (leader runs, followers wait and get its JSON result).
+        name: the once's name in messages, logs and backends. Default: module.qualname of fn.
+        version: appended to the name (``name@version``), so a new deployment runs it again.
 
     Raises:
         TypeError: ``fn`` is not callable; a parameter reads the request; options do not fit.
@@ -298,6 +293,28 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
         )
 
 
+_OPTIONS = frozenset({"across", "key", "maxsize", "name", "version"})
+
+
+def _check_across(fn: Callable[..., Any], name: str, across: object, keyed: bool) -> None:
+    from .backends import Backend
+
+    if not isinstance(across, Backend):
+        raise TypeError(
+            f"once({name}, across={across!r}): across= takes a backend from "
+            "fastapi_once.backends, e.g. FileLockBackend(directory)"
+        )
+    if keyed:
+        raise TypeError(
+            f"once({name}, across=..., key=...): a keyed once cannot run across processes"
+        )
+    if kind_of(fn) in (Kind.ASYNC_GEN, Kind.GEN):
+        raise TypeError(
+            f"once({name}, across=...): a generator's cleanup would run in one process only; "
+            "across= takes an async def or def whose JSON result every process shares"
+        )
+
+
 def _show(options: dict[str, Any]) -> str:
     if not options:
         return "(none)"
@@ -305,10 +322,21 @@ def _show(options: dict[str, Any]) -> str:
 
 
 def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
-    name = f"{getattr(fn, '__module__', None) or '?'}.{_call_name(fn)}"
-    unknown = set(options) - {"key", "maxsize"}
+    name = options.get("name", f"{getattr(fn, '__module__', None) or '?'}.{_call_name(fn)}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"once(name={name!r}): name= must be a non-empty string")
+    unknown = set(options) - _OPTIONS
     if unknown:
-        raise TypeError(f"once({name}): unknown option(s) {', '.join(sorted(unknown))}")
+        raise TypeError(
+            f"once({name}): unknown option(s) {', '.join(sorted(unknown))}; "
+            f"the options are {', '.join(sorted(_OPTIONS))}"
+        )
+    version = options.get("version")
+    if version is not None:
+        name = f"{name}@{version}"
+    across = options.get("across")
+    if across is not None:
+        _check_across(fn, name, across, keyed=options.get("key") is not None)
     key = options.get("key")
     if key is not None and not callable(key):
         raise TypeError(
@@ -327,7 +355,13 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
         )
     signature, injector = adapt(fn, name, keyed=key is not None)
     made: Once[Any, Any] = Once(
-        fn, name=name, key=key, maxsize=maxsize, injector=injector, options=options
+        fn,
+        name=name,
+        key=key,
+        maxsize=maxsize,
+        injector=injector,
+        across=across,
+        options=options,
     )
     made.__signature__ = signature  # type: ignore[attr-defined]
     return made
