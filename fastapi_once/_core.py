@@ -453,9 +453,11 @@ class Once(Generic[P, T]):
             work = functools.partial(self._run, state, key, attempt, args, kwargs, context)
             spawn(loop, work, name=f"fastapi_once: {label}")
         elif me is not None:
+            # attempt -> ... -> me already wait on each other; me waiting on attempt would close
+            # the loop, and nothing in it could ever finish.
             path = _path(attempt, me)
             if path is not None:
-                raise OnceCycleError([me.label, *(a.label for a in path)])
+                raise OnceCycleError([*(a.label for a in path), attempt.label])
         if me is None:
             await attempt.done.wait()
         else:
