@@ -1,0 +1,56 @@
+"""How big each scenario is: the full run and the tiny ``--smoke`` run."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The sizes of every scenario; each contender runs the same rounds, interleaved."""
+
+    smoke: bool = False
+    # 1. warm hot path through FastAPI, in-process ASGI calls
+    hot_rounds: int = 25
+    hot_requests: int = 2000
+    # 2. cold burst
+    burst_sizes: tuple[int, ...] = (100, 1_000, 10_000)
+    burst_rounds: int = 3
+    burst_sleep_s: float = 0.05
+    busy_tasks: int = 100
+    # 3. failure burst
+    failure_callers: int = 200
+    failure_after_s: float = 0.02
+    failure_rounds: int = 3
+    # 4. real HTTP through uvicorn
+    http_rounds: int = 6
+    http_seconds: float = 2.0
+    http_connections: int = 32
+    # 5. memory of a keyed once
+    memory_keys: int = 1_000_000
+    memory_maxsize: int = 1_000
+    # import time
+    import_runs: int = 15
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+FULL = Config()
+
+SMOKE = Config(
+    smoke=True,
+    hot_rounds=2,
+    hot_requests=50,
+    burst_sizes=(10, 100),
+    burst_rounds=1,
+    busy_tasks=10,
+    failure_callers=10,
+    failure_rounds=1,
+    http_rounds=1,
+    http_seconds=0.3,
+    http_connections=4,
+    memory_keys=2_000,
+    memory_maxsize=100,
+    import_runs=2,
+)

@@ -1,0 +1,267 @@
+"""Scenario 1: the warm hot path, a FastAPI route whose dependency returns a shared value.
+
+Every contender is a small function that builds an app with one route, ``GET /``, returning the
+same JSON. The apps are called directly as ASGI applications (no network), round-robin in the
+same event loop, so drift hits every contender alike; throughput is reported as the median over
+rounds and as the median of each round's ratio to the baseline's.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import lru_cache
+from typing import Any
+
+from async_lru import alru_cache
+from fastapi import Depends, FastAPI, Request
+from fastapi_singleton import singleton
+
+from fastapi_once import once
+
+from .config import Config
+
+
+class Settings:
+    """What the dependency provides: a stand-in for an app's settings object."""
+
+    def __init__(self) -> None:
+        self.name = "bench"
+
+
+class Client:
+    """A stand-in for a client made from the settings (the sub-dependency case)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+SETTINGS = Settings()
+
+
+def nothing() -> FastAPI:
+    """A route with no dependency at all: the ceiling."""
+    app = FastAPI()
+
+    @app.get("/")
+    async def route() -> dict[str, str]:
+        return {"name": SETTINGS.name}
+
+    return app
+
+
+def _app_with(dependency: Callable[..., Any]) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/")
+    async def route(settings: Settings = Depends(dependency)) -> dict[str, str]:
+        return {"name": settings.name}
+
+    return app
+
+
+def baseline() -> FastAPI:
+    """The baseline: a plain ``async def`` returning a module-level global."""
+
+    async def get_settings() -> Settings:
+        return SETTINGS
+
+    return _app_with(get_settings)
+
+
+def lru_cache_recipe() -> FastAPI:
+    """FastAPI's documented settings recipe: a sync ``def`` under ``@lru_cache``."""
+
+    @lru_cache
+    def get_settings() -> Settings:
+        return Settings()
+
+    return _app_with(get_settings)
+
+
+def lifespan_state() -> FastAPI:
+    """A value made in the lifespan and read from ``request.state``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"settings": Settings()}
+
+    async def get_settings(request: Request) -> Settings:
+        settings: Settings = request.state.settings
+        return settings
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/")
+    async def route(settings: Settings = Depends(get_settings)) -> dict[str, str]:
+        return {"name": settings.name}
+
+    return app
+
+
+def fastapi_singleton() -> FastAPI:
+    """``@singleton`` from fastapi-singleton on an ``async def``."""
+
+    @singleton
+    async def get_settings() -> Settings:
+        return Settings()
+
+    return _app_with(get_settings)
+
+
+def alru_cache_recipe() -> FastAPI:
+    """``@alru_cache`` from async-lru on an ``async def``."""
+
+    @alru_cache(maxsize=1)
+    async def get_settings() -> Settings:
+        return Settings()
+
+    return _app_with(get_settings)
+
+
+def once_plain() -> FastAPI:
+    """``@once`` on an ``async def`` with no parameters."""
+
+    @once
+    async def get_settings() -> Settings:
+        return Settings()
+
+    return _app_with(get_settings)
+
+
+def once_with_sub_dependency() -> FastAPI:
+    """``@once`` on an ``async def`` that takes ``Depends(get_settings)``, a sync ``def``."""
+
+    @lru_cache
+    def get_settings() -> Settings:
+        return Settings()
+
+    @once
+    async def get_client(settings: Settings = Depends(get_settings)) -> Client:
+        return Client(settings)
+
+    app = FastAPI()
+
+    @app.get("/")
+    async def route(client: Client = Depends(get_client)) -> dict[str, str]:
+        return {"name": client.settings.name}
+
+    return app
+
+
+BASELINE = "baseline"
+
+# id -> (label, app factory), in table order.
+CONTENDERS: dict[str, tuple[str, Callable[[], FastAPI]]] = {
+    "nothing": ("no dependency", nothing),
+    "baseline": ("async def returning a global (baseline)", baseline),
+    "lru_cache": ("@lru_cache def (FastAPI docs recipe)", lru_cache_recipe),
+    "lifespan_state": ("lifespan state via request.state", lifespan_state),
+    "fastapi_singleton": ("fastapi-singleton @singleton", fastapi_singleton),
+    "alru_cache": ("async-lru @alru_cache", alru_cache_recipe),
+    "once": ("once", once_plain),
+    "once_subdep": ("once with Depends(get_settings)", once_with_sub_dependency),
+}
+
+_SCOPE: dict[str, Any] = {
+    "type": "http",
+    "asgi": {"version": "3.0", "spec_version": "2.3"},
+    "http_version": "1.1",
+    "method": "GET",
+    "scheme": "http",
+    "path": "/",
+    "raw_path": b"/",
+    "root_path": "",
+    "query_string": b"",
+    "headers": [(b"host", b"bench"), (b"accept", b"*/*")],
+    "client": ("127.0.0.1", 50000),
+    "server": ("127.0.0.1", 80),
+}
+_REQUEST = {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _receive() -> dict[str, Any]:
+    return _REQUEST
+
+
+async def _discard(message: dict[str, Any]) -> None:
+    pass
+
+
+class _Served:
+    """An app with its lifespan entered, callable with a fresh scope per request."""
+
+    def __init__(self, app: FastAPI, state: dict[str, Any]) -> None:
+        self.app = app
+        self.state = state
+
+    async def check(self) -> None:
+        """Serve one request and fail unless it answers 200 with the expected body."""
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await self.app({**_SCOPE, "state": dict(self.state)}, _receive, send)
+        status = sent[0].get("status")
+        body = b"".join(m.get("body", b"") for m in sent[1:])
+        if status != 200 or body != b'{"name":"bench"}':
+            raise RuntimeError(f"unexpected response {status} {body!r}")
+
+    async def serve(self, requests: int) -> float:
+        """Serve ``requests`` requests one after another; return the seconds taken."""
+        app, state, scope = self.app, self.state, _SCOPE
+        start = time.perf_counter()
+        for _ in range(requests):
+            await app({**scope, "state": dict(state)}, _receive, _discard)
+        return time.perf_counter() - start
+
+
+def paired_ratio(values: list[float], base: list[float]) -> float:
+    """The median over rounds of ``value / base`` measured in the same round."""
+    return statistics.median(v / b for v, b in zip(values, base, strict=True))
+
+
+async def run(config: Config) -> dict[str, Any]:
+    """Measure requests/second of every contender, interleaved round-robin."""
+    served: dict[str, _Served] = {}
+    async with AsyncExitStack() as stack:
+        for cid, (_, factory) in CONTENDERS.items():
+            # Enter each app's lifespan, as a server would; its state reaches request.state.
+            app = factory()
+            state = await stack.enter_async_context(app.router.lifespan_context(app))
+            served[cid] = _Served(app, dict(state or {}))
+        for item in served.values():
+            await item.check()
+            await item.serve(max(config.hot_requests // 4, 10))  # warm-up
+        rps: dict[str, list[float]] = {cid: [] for cid in served}
+        order = list(served)
+        for round_ in range(config.hot_rounds):
+            # Rotate the order each round so no contender always runs right after another.
+            shift = round_ % len(order)
+            for cid in order[shift:] + order[:shift]:
+                gc.collect()
+                seconds = await served[cid].serve(config.hot_requests)
+                rps[cid].append(config.hot_requests / seconds)
+    base = rps[BASELINE]
+    contenders = {
+        cid: {
+            "label": CONTENDERS[cid][0],
+            "rps_median": statistics.median(values),
+            "us_per_request": 1e6 / statistics.median(values),
+            "ratio_to_baseline": paired_ratio(values, base),
+            "ratio_min": min(v / b for v, b in zip(values, base, strict=True)),
+            "ratio_max": max(v / b for v, b in zip(values, base, strict=True)),
+            "rps_rounds": values,
+        }
+        for cid, values in rps.items()
+    }
+    return {
+        "baseline": BASELINE,
+        "rounds": config.hot_rounds,
+        "requests_per_round": config.hot_requests,
+        "contenders": contenders,
+    }

@@ -1,0 +1,419 @@
+"""The results: the environment, the targets, the markdown table, the JSON and the plot."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = (
+    "fastapi",
+    "starlette",
+    "anyio",
+    "pydantic",
+    "fastapi-once",
+    "fastapi-singleton",
+    "async-lru",
+    "uvicorn",
+    "httpx",
+    "matplotlib",
+)
+COMMAND = "python -m bench"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    """Where and with what the bench ran."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join([COMMAND, *argv]),
+        "commit": _commit(),
+        "machine": {
+            "cores": os.cpu_count(),
+            "cpu": _cpu_model(),
+            "system": f"{platform.system()} {platform.release()}",
+        },
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "executable": sys.executable,
+        "packages": {name: _version(name) for name in PACKAGES},
+    }
+
+
+# --- targets --------------------------------------------------------------------------------------
+
+
+def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check each of once's targets against what was measured."""
+    found: list[dict[str, Any]] = []
+    hot = scenarios.get("hot_path")
+    if hot:
+        for cid in ("once", "once_subdep"):
+            ratio = hot["contenders"][cid]["ratio_to_baseline"]
+            found.append(
+                {
+                    "target": f"hot path: {hot['contenders'][cid]['label']} >= 0.97 x baseline",
+                    "measured": f"{ratio:.3f} x",
+                    "met": ratio >= 0.97,
+                }
+            )
+    cold = scenarios.get("cold_burst")
+    if cold:
+        once, lock = cold["contenders"]["once"]["busy"], cold["contenders"]["lock_recipe"]["busy"]
+        for n in cold["callers"]:
+            ours, theirs = once[str(n)]["drain_s"], lock[str(n)]["drain_s"]
+            found.append(
+                {
+                    "target": f"cold burst, busy loop, N={n}: once drain <= 1/20 of lock recipe's",
+                    "measured": f"{_ms(ours)} vs {_ms(theirs)} (1/{theirs / ours:.0f})",
+                    "met": ours * 20 <= theirs,
+                }
+            )
+    failure = scenarios.get("failure_burst")
+    if failure:
+        once = failure["contenders"]["once"]
+        found.append(
+            {
+                "target": "failure burst: once makes 1 attempt",
+                "measured": f"{once['attempts']:g} attempt(s)",
+                "met": once["attempts"] == 1,
+            }
+        )
+        found.append(
+            {
+                "target": "failure burst: last error within 1.5 x the attempt time",
+                "measured": f"{once['last_error_over_attempt']:.2f} x",
+                "met": once["last_error_over_attempt"] <= 1.5,
+            }
+        )
+    memory = scenarios.get("memory")
+    if memory:
+        once = memory["contenders"]["once"]
+        found.append(
+            {
+                "target": f"memory: keyed once keeps <= maxsize={once['maxsize']} values",
+                "measured": f"{once['values_kept']} kept of {once['keys']:,} keys, "
+                f"RSS {_mib(once['rss_before_kib'])} -> {_mib(once['rss_after_kib'])}",
+                "met": once["values_kept"] <= once["maxsize"],
+            }
+        )
+    imports = scenarios.get("import_time")
+    if imports:
+        added = imports["added_wall_s"]
+        inside = imports["in_process_fastapi_once_added_s"]
+        found.append(
+            {
+                "target": "import: fastapi_once adds < 50 ms to FastAPI's own import",
+                "measured": f"{_ms(added)} (timed in-process: {_ms(inside)})",
+                "met": added < 0.050,
+            }
+        )
+    return found
+
+
+# --- markdown -------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.1f} ms" if ms < 100 else f"{ms:,.0f} ms"
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as a markdown document: environment, targets, then one table per scenario."""
+    env, scenarios = results["environment"], results["scenarios"]
+    packages = ", ".join(f"{name} {version}" for name, version in env["packages"].items())
+    lines = [
+        "# fastapi_once benchmarks",
+        "",
+        f"- Date: {env['date']} (commit {env['commit']})",
+        f"- Machine: {env['machine']['cores']} cores, {env['machine']['cpu']}, "
+        f"{env['machine']['system']}",
+        f"- Python: {env['python']}",
+        f"- Packages: {packages}",
+        f"- Command: `{env['command']}`"
+        + (" (smoke: tiny sizes, numbers meaningless)" if results["config"]["smoke"] else ""),
+        "",
+        "Every scenario runs all its contenders in the same process run, interleaved over several "
+        "rounds; numbers are medians over rounds, and ratios are taken within a round.",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += _table(
+        ["target", "measured", "met"],
+        [[t["target"], t["measured"], "yes" if t["met"] else "**no**"] for t in results["targets"]],
+    )
+    hot = scenarios.get("hot_path")
+    if hot:
+        lines += [
+            "## 1. Warm hot path through FastAPI",
+            "",
+            f"`GET /` called as an in-process ASGI app, {hot['rounds']} rounds x "
+            f"{hot['requests_per_round']:,} requests per contender, round-robin. Ratio: median of "
+            "the per-round ratios to the baseline (min-max in brackets).",
+            "",
+        ]
+        lines += _table(
+            ["dependency", "requests/s", "us/request", "ratio to baseline"],
+            [
+                [
+                    c["label"],
+                    f"{c['rps_median']:,.0f}",
+                    f"{c['us_per_request']:.1f}",
+                    f"{c['ratio_to_baseline']:.3f} ({c['ratio_min']:.2f}-{c['ratio_max']:.2f})",
+                ]
+                for c in hot["contenders"].values()
+            ],
+        )
+    cold = scenarios.get("cold_burst")
+    if cold:
+        lines += [
+            "## 2. Cold burst",
+            "",
+            f"N concurrent first calls; `fn` sleeps {cold['fn_sleep_s'] * 1000:.0f} ms. Busy loop: "
+            f"{cold['busy_tasks']} other tasks looping `await asyncio.sleep(0)`. Drain: from `fn` "
+            f"returning to the last caller resuming. Median of {cold['rounds']} rounds.",
+            "",
+        ]
+        rows = []
+        for c in cold["contenders"].values():
+            for n in cold["callers"]:
+                idle, busy = c["idle"][str(n)], c["busy"][str(n)]
+                rows.append(
+                    [
+                        c["label"],
+                        f"{n:,}",
+                        f"{idle['runs']:g}",
+                        _ms(idle["total_s"]),
+                        _ms(idle["drain_s"]),
+                        f"{busy['runs']:g}",
+                        _ms(busy["total_s"]),
+                        _ms(busy["drain_s"]),
+                    ]
+                )
+        lines += _table(
+            [
+                "contender",
+                "N",
+                "idle: runs of fn",
+                "idle: total",
+                "idle: drain",
+                "busy: runs of fn",
+                "busy: total",
+                "busy: drain",
+            ],
+            rows,
+        )
+    failure = scenarios.get("failure_burst")
+    if failure:
+        lines += [
+            "## 3. Failure burst",
+            "",
+            f"{failure['callers']} concurrent callers; `fn` fails after "
+            f"{failure['fn_fails_after_s'] * 1000:.0f} ms. Median of {failure['rounds']} rounds.",
+            "",
+        ]
+        lines += _table(
+            ["contender", "attempts", "one attempt", "last caller has its error", "ratio"],
+            [
+                [
+                    c["label"],
+                    f"{c['attempts']:g}",
+                    _ms(c["attempt_s"]),
+                    _ms(c["last_error_s"]),
+                    f"{c['last_error_over_attempt']:.2f} x",
+                ]
+                for c in failure["contenders"].values()
+            ],
+        )
+    http = scenarios.get("real_http")
+    if http:
+        lines += [
+            "## 4. Real HTTP",
+            "",
+            f"{http['server']}; load: {http['loadgen']}, {http['connections']} connections, "
+            f"{http['rounds']} alternating rounds of {http['seconds_per_round']:g} s per route; "
+            f"{http['errors']} errors.",
+            "",
+        ]
+        if http["note"]:
+            lines += [f"Note: {http['note']}.", ""]
+        lines += _table(
+            ["dependency", "requests/s", "ratio to baseline"],
+            [
+                [c["label"], f"{c['rps_median']:,.0f}", f"{c['ratio_to_baseline']:.3f}"]
+                for c in http["contenders"].values()
+            ],
+        )
+    memory = scenarios.get("memory")
+    if memory:
+        lines += [
+            "## 5. Memory",
+            "",
+            f"{memory['keys']:,} distinct keys, one `await` each, {memory['value_bytes']}-byte "
+            "values; each store in its own process. Growth: RSS at the end minus RSS after the "
+            "first tenth of the keys.",
+            "",
+        ]
+        rows = []
+        for c in memory["contenders"].values():
+            first = c["checkpoints"][0][1] if c["checkpoints"] else c["rss_before_kib"]
+            rows.append(
+                [
+                    c["label"],
+                    f"{c['values_kept']:,}",
+                    _mib(c["rss_before_kib"]),
+                    _mib(c["rss_after_kib"]),
+                    _mib(c["rss_after_kib"] - first),
+                    f"{c['seconds']:.1f} s",
+                ]
+            )
+        lines += _table(["store", "values kept", "RSS before", "RSS after", "growth", "time"], rows)
+    imports = scenarios.get("import_time")
+    if imports:
+        walls = imports["process_wall_s"]
+        lines += [
+            "## Import time",
+            "",
+            f"Fresh `python -c` processes, {imports['runs']} interleaved runs each, medians.",
+            "",
+        ]
+        lines += _table(
+            ["command", "process wall time"],
+            [
+                ["`import fastapi`", _ms(walls["fastapi"])],
+                ["`import fastapi, fastapi_once`", _ms(walls["fastapi_once"])],
+                ["added by fastapi_once", _ms(imports["added_wall_s"])],
+                [
+                    "added, timed inside one process after `import fastapi`",
+                    _ms(imports["in_process_fastapi_once_added_s"]),
+                ],
+            ],
+        )
+    return "\n".join(lines)
+
+
+# --- plot -----------------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Draw the hot-path ratios, busy-loop drain by N, failure bursts and memory into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = results["scenarios"]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    (ax_hot, ax_drain), (ax_fail, ax_mem) = axes
+
+    hot = scenarios.get("hot_path")
+    if hot:
+        labels = [c["label"] for c in hot["contenders"].values()]
+        ratios = [c["ratio_to_baseline"] for c in hot["contenders"].values()]
+        colors = [
+            "tab:green" if cid.startswith("once") else "tab:gray" for cid in hot["contenders"]
+        ]
+        ax_hot.barh(labels, ratios, color=colors)
+        ax_hot.axvline(1.0, color="black", linewidth=1)
+        ax_hot.axvline(0.97, color="tab:red", linestyle="--", linewidth=1, label="target 0.97")
+        ax_hot.invert_yaxis()
+        ax_hot.set_xlabel("throughput / baseline (median of per-round ratios)")
+        ax_hot.set_title("(a) warm hot path, in-process ASGI")
+        ax_hot.legend(loc="lower right")
+        for y, ratio in enumerate(ratios):
+            ax_hot.text(ratio, y, f" {ratio:.3f}", va="center", fontsize=8)
+
+    cold = scenarios.get("cold_burst")
+    if cold:
+        for cid, c in cold["contenders"].items():
+            ns = cold["callers"]
+            drains = [max(c["busy"][str(n)]["drain_s"], 1e-6) * 1000 for n in ns]
+            ax_drain.plot(
+                ns, drains, marker="o", label=c["label"], linewidth=3 if cid == "once" else 1.5
+            )
+        ax_drain.set_xscale("log")
+        ax_drain.set_yscale("log")
+        ax_drain.set_xlabel("concurrent callers N")
+        ax_drain.set_ylabel("drain time (ms, log)")
+        ax_drain.set_title(f"(b) cold burst on a busy loop ({cold['busy_tasks']} spinning tasks)")
+        ax_drain.legend()
+
+    failure = scenarios.get("failure_burst")
+    if failure:
+        labels = [c["label"] for c in failure["contenders"].values()]
+        last = [c["last_error_s"] * 1000 for c in failure["contenders"].values()]
+        ax_fail.bar(labels, last, color="tab:orange")
+        ax_fail.set_yscale("log")
+        ax_fail.set_ylabel("time until the last caller has its error (ms, log)")
+        ax_fail.set_title(f"(c) failure burst, {failure['callers']} callers")
+        for x, c in enumerate(failure["contenders"].values()):
+            ax_fail.text(
+                x, last[x], f"{c['attempts']:g} attempts", ha="center", va="bottom", fontsize=8
+            )
+
+    memory = scenarios.get("memory")
+    if memory:
+        for c in memory["contenders"].values():
+            keys = [k for k, _ in c["checkpoints"]]
+            rss = [kib / 1024 for _, kib in c["checkpoints"]]
+            ax_mem.plot(keys, rss, marker="o", label=c["label"])
+        ax_mem.set_xlabel("distinct keys requested")
+        ax_mem.set_ylabel("RSS (MiB)")
+        ax_mem.set_title("(d) memory with distinct keys")
+        ax_mem.legend()
+
+    fig.suptitle(
+        f"fastapi_once benchmarks - {results['environment']['machine']['cpu']}, "
+        f"{results['environment']['python']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
