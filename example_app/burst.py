@@ -73,16 +73,9 @@ def serve(app: str = "example_app:app", *, timeout: float = 20.0) -> Iterator[st
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
         }
-        command = [
-            sys.executable,
-            "-m",
-            "example_app.server",
-            "--fd",
-            str(sock.fileno()),
-            "--app",
-            app,
-        ]
-        process = subprocess.Popen(command, pass_fds=[sock.fileno()], env=env)
+        fd = sock.fileno()
+        command = [sys.executable, "-m", "example_app.server", "--fd", str(fd), "--app", app]
+        process = subprocess.Popen(command, pass_fds=[fd], env=env)
     # Only the child holds the socket now: if it dies, connecting fails instead of hanging.
     base_url = f"http://{host}:{port}"
     try:
