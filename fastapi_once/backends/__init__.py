@@ -1,5 +1,50 @@
-"""Backends that make a once run once across worker processes and hosts."""
+"""Backends that make a once run once across worker processes and hosts.
 
-from ._base import Backend
+``FileLockBackend`` needs only the standard library; ``RedisBackend`` needs the ``redis`` extra
+(``pip install 'fastapi-once[redis]'``) and ``PostgresBackend`` the ``postgres`` extra
+(``pip install 'fastapi-once[postgres]'``). They are imported on first use, so importing this
+package imports no driver.
+"""
 
-__all__ = ["Backend"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._base import Backend, BackendError, LeaseLostError, WaitTimeoutError, fencing_token
+
+if TYPE_CHECKING:
+    from ._file import FileLockBackend
+    from ._postgres import PostgresBackend
+    from ._redis import RedisBackend
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "FileLockBackend",
+    "LeaseLostError",
+    "PostgresBackend",
+    "RedisBackend",
+    "WaitTimeoutError",
+    "fencing_token",
+]
+
+_LAZY = {
+    "FileLockBackend": "._file",
+    "PostgresBackend": "._postgres",
+    "RedisBackend": "._redis",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

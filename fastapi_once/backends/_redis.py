@@ -1,0 +1,370 @@
+"""RedisBackend: a leased lock key per once, renewed while the work runs, with fencing tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from ._base import (
+    Backend,
+    BackendError,
+    LeaseLostError,
+    WaitTimeoutError,
+    _fencing_token,
+    encode_result,
+    holder_id,
+    mask_url,
+    seconds,
+)
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.commands.core import AsyncScript
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "RedisBackend needs the redis package: pip install 'fastapi-once[redis]'"
+    ) from exc
+
+# KEYS: done, lock, fence. ARGV: lock value, lease (ms).
+# Returns {1, result} when done, {2, fencing token} when the lock is now ours, {0, lock value}.
+_ACQUIRE = """
+local done = redis.call('GET', KEYS[1])
+if done then return {1, done} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, redis.call('INCR', KEYS[3])}
+end
+return {0, redis.call('GET', KEYS[2]) or ''}
+"""
+
+# KEYS: lock. ARGV: lock value, lease (ms). Extends the lease only if the lock is still ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: lock. ARGV: lock value. Deletes the lock only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: lock, done. ARGV: lock value, result, marker ttl (ms, or '' for none).
+# Records the result and releases the lock in one step, only if the lock is still ours.
+_COMPLETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[2], ARGV[2])
+else
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+class _Client:
+    """One event loop's Redis client and its scripts (redis.asyncio clients are loop-bound)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # One immediate retry replaces a connection that a server restart broke; longer
+            # outages are handled by the backend, which knows the lease and wait_timeout.
+            retry=Retry(NoBackoff(), 1),
+        )
+        self.acquire: AsyncScript = self.redis.register_script(_ACQUIRE)
+        self.renew: AsyncScript = self.redis.register_script(_RENEW)
+        self.release: AsyncScript = self.redis.register_script(_RELEASE)
+        self.complete: AsyncScript = self.redis.register_script(_COMPLETE)
+
+
+class RedisBackend(Backend):
+    """Run a once's work once across every process (and host) that uses one Redis server.
+
+    The fast path reads the marker key. Otherwise a script atomically re-checks the marker and
+    tries ``SET lock value NX PX lease``; the winner draws a fencing token (``INCR``, see
+    :func:`~fastapi_once.backends.fencing_token`) and runs the work as leader while a background
+    task renews the lease every ``lease / 3`` seconds. On success a script records the result and
+    deletes the lock in one step, only if the lock is still the leader's. Followers retry the
+    script every ``poll_interval`` seconds, so they see the result (or take over from a failed
+    leader) within that interval; a leader that died is replaced once its lease expires.
+
+    If renewal finds the lock gone or taken (or Redis unreachable for a whole lease), the work is
+    cancelled and :class:`~fastapi_once.backends.LeaseLostError` is raised; nothing is recorded.
+    If Redis is unreachable, followers keep retrying for one lease, then raise
+    :class:`~fastapi_once.backends.BackendError`.
+
+    Keys (hash-tagged, so one once's keys share a cluster slot): ``<namespace>:{<name>}:done``
+    (the JSON result), ``:lock`` and ``:fence``.
+
+    Limits: asyncio only (redis.asyncio). The lock is efficiency-grade, not a correctness
+    guarantee: a leader paused longer than its lease (GC, swap, a stopped VM) or a Redis failover
+    or restart without persistence lets a second leader start while the first still runs. The
+    first one's result is then refused, but its side effects happen; make the work idempotent,
+    or pass :func:`~fastapi_once.backends.fencing_token` to the stores it writes to.
+
+    Args:
+        url: a Redis URL (``redis://:password@host:6379/0``, ``rediss://`` for TLS); its password
+            never appears in errors, logs or :meth:`describe`.
+        namespace: the prefix of every key.
+        lease: seconds the lock lives without renewal: how long a dead leader blocks the others.
+        wait_timeout: the longest a follower waits for the leader, in seconds; None waits as
+            long as the leader runs.
+        ttl: the default life of a marker in seconds (``run_once(ttl=)`` overrides it); None
+            keeps markers until :meth:`reset`.
+        poll_interval: how often a follower checks, in seconds (default 0.025).
+
+    Raises:
+        ValueError: ``namespace`` is empty or a time is not a positive number.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        namespace: str = "fastapi_once",
+        lease: float = 10.0,
+        wait_timeout: float | None = None,
+        ttl: float | None = None,
+        poll_interval: float = 0.025,
+    ) -> None:
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"RedisBackend(namespace={namespace!r}): give a non-empty string")
+        self._url = url
+        self._shown = mask_url(url)
+        self.namespace = namespace
+        self.lease: float = seconds("lease", lease)
+        self.wait_timeout = seconds("wait_timeout", wait_timeout)
+        self.ttl = seconds("ttl", ttl)
+        self.poll_interval: float = seconds("poll_interval", poll_interval)
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def describe(self) -> str:
+        """Return ``RedisBackend(<url with the password masked>, namespace=...)``."""
+        return f"RedisBackend({self._shown}, namespace={self.namespace})"
+
+    async def aclose(self) -> None:
+        """Close the running event loop's connections (they reopen on next use)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.redis.aclose()
+
+    async def reset(self, name: str) -> None:
+        """Delete ``name``'s marker, so that the next :meth:`run_once` runs the work.
+
+        Args:
+            name: the once's name (``once(...).name``).
+
+        Raises:
+            BackendError: Redis could not be reached or refused the command.
+        """
+        try:
+            await self._client().redis.delete(self._key(name, "done"))
+        except RedisError as exc:
+            raise self._error("deleting the marker", exc) from exc
+
+    async def run_once(
+        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+    ) -> Any:
+        """Return ``name``'s recorded result, running ``work`` first if no process has.
+
+        While ``work`` runs as leader, :func:`~fastapi_once.backends.fencing_token` returns the
+        lock's fencing token.
+
+        Args:
+            name: the once's name, its identity across processes.
+            work: makes the result (runs in this process only if it becomes the leader).
+            ttl: seconds the marker stays valid; default the backend's ``ttl``.
+
+        Raises:
+            TypeError: the result is not JSON-serialisable (nothing is recorded).
+            WaitTimeoutError: a follower waited longer than ``wait_timeout``.
+            LeaseLostError: the lease was lost while ``work`` ran (nothing is recorded).
+            BackendError: Redis could not be reached or refused a command.
+            RuntimeError: not running on asyncio.
+            Exception: what ``work`` raised, in the process that ran it.
+        """
+        ttl = self.ttl if ttl is None else seconds("ttl", ttl)
+        started = time.monotonic()
+        client = self._client()
+        keys = [self._key(name, "done"), self._key(name, "lock"), self._key(name, "fence")]
+        try:
+            found = await client.redis.get(keys[0])
+        except RedisError as exc:
+            raise self._error("reading the marker", exc) from exc
+        if found is not None:
+            return json.loads(found)
+        value = json.dumps({"token": secrets.token_hex(16), "holder": holder_id()})
+        acquired = await self._acquire(client, name, keys, value, started)
+        if isinstance(acquired, str):
+            return json.loads(acquired)
+        fence, acquired_at = acquired
+        return await self._lead(client, name, keys, value, fence, acquired_at, work, ttl)
+
+    async def _acquire(
+        self, client: _Client, name: str, keys: list[str], value: str, started: float
+    ) -> str | tuple[int, float]:
+        """Return the recorded result, or (fencing token, time the lease began) as leader."""
+        lease_ms = _ms(self.lease)
+        unreachable_since: float | None = None
+        holder: str | None = None
+        while True:
+            sent = time.monotonic()
+            try:
+                status, data = await client.acquire(keys=keys, args=[value, lease_ms])
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                unreachable_since = unreachable_since or sent
+                if time.monotonic() - unreachable_since >= self.lease:
+                    raise self._error(f"waiting for {name}", exc) from exc
+            except RedisError as exc:
+                raise self._error(f"waiting for {name}", exc) from exc
+            else:
+                unreachable_since = None
+                if status == 1:
+                    return str(data)
+                if status == 2:
+                    return int(data), sent
+                holder = _holder(str(data))
+            waited = time.monotonic() - started
+            if self.wait_timeout is not None and waited >= self.wait_timeout:
+                raise WaitTimeoutError(name, self.describe(), waited, holder)
+            await anyio.sleep(self.poll_interval)
+
+    async def _lead(
+        self,
+        client: _Client,
+        name: str,
+        keys: list[str],
+        value: str,
+        fence: int,
+        acquired_at: float,
+        work: Callable[[], Awaitable[Any]],
+        ttl: float | None,
+    ) -> Any:
+        lost: str | None = None
+        work_scope = anyio.CancelScope()
+
+        async def renew() -> None:
+            nonlocal lost
+            valid_from = acquired_at  # the lease runs from when its last renewal was sent
+            while True:
+                await anyio.sleep(self.lease / 3)
+                sent = time.monotonic()
+                try:
+                    ok = await client.renew(keys=[keys[1]], args=[value, _ms(self.lease)])
+                except RedisError as exc:
+                    if time.monotonic() - valid_from < self.lease:
+                        continue
+                    lost = f"Redis unreachable for a whole lease of {self.lease:g}s: {exc}"
+                else:
+                    if ok:
+                        valid_from = sent
+                        continue
+                    lost = "the lock expired or another process took it"
+                work_scope.cancel()
+                return
+
+        result: Any = None
+        error: BaseException | None = None
+        token = _fencing_token.set(fence)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(renew)
+                try:
+                    # The work runs in this task, not in the task group, so that its exception
+                    # reaches the caller unchanged rather than inside an exception group.
+                    with work_scope:
+                        result = await work()
+                except BaseException as exc:
+                    error = exc
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            _fencing_token.reset(token)
+        try:
+            if lost is not None:
+                raise LeaseLostError(name, self.describe(), lost) from error
+            if error is not None:
+                raise error
+            text = encode_result(name, result, self.describe())
+            ttl_ms = "" if ttl is None else _ms(ttl)
+            try:
+                done = await client.complete(keys=[keys[1], keys[0]], args=[value, text, ttl_ms])
+            except RedisError as exc:
+                raise self._error(f"recording the result of {name}", exc) from exc
+            if not done:
+                raise LeaseLostError(
+                    name, self.describe(), "the lock expired or another process took it"
+                )
+            return json.loads(text)
+        except BaseException:
+            # Shielded: a cancelled leader still frees the lock; if it cannot, the lease expires.
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(self.lease),
+                contextlib.suppress(RedisError),
+            ):
+                await client.release(keys=[keys[1]], args=[value])
+            raise
+
+    def _client(self) -> _Client:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{self.describe()} runs on asyncio only (redis.asyncio); run the app on asyncio "
+                "or use FileLockBackend"
+            ) from None
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = _Client(self._url, min(self.lease / 2, 5.0))
+        return client
+
+    def _key(self, name: str, what: str) -> str:
+        return f"{self.namespace}:{{{name}}}:{what}"
+
+    def _error(self, doing: str, exc: BaseException) -> BackendError:
+        detail = f"{type(exc).__name__}: {exc}"
+        password = _password(self._url)
+        if password:
+            detail = detail.replace(password, "***")
+        detail = mask_url(detail)
+        return BackendError(f"{self.describe()}: failed {doing}: {detail}")
+
+
+def _ms(duration: float) -> int:
+    return max(1, round(duration * 1000))
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def _holder(lock_value: str) -> str | None:
+    try:
+        holder = json.loads(lock_value)["holder"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return holder if isinstance(holder, str) else None
