@@ -11,7 +11,7 @@ import asyncio
 import gc
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from async_lru import alru_cache
@@ -21,7 +21,7 @@ from fastapi_once import once
 
 from .config import Config
 
-Fn = Callable[[], Awaitable[object]]
+Fn = Callable[[], Coroutine[Any, Any, object]]
 
 
 def lock_recipe(fn: Fn) -> Fn:
@@ -137,9 +137,9 @@ async def _failure_trial(
     }
 
 
-def _trial(coro_fn: Callable[[], Awaitable[dict[str, float]]]) -> dict[str, float]:
+def _trial(coro_fn: Callable[[], Coroutine[Any, Any, dict[str, float]]]) -> dict[str, float]:
     gc.collect()
-    return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    return asyncio.run(coro_fn())
 
 
 def _medians(trials: list[dict[str, float]]) -> dict[str, Any]:

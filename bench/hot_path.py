@@ -19,6 +19,7 @@ from typing import Any
 from async_lru import alru_cache
 from fastapi import Depends, FastAPI, Request
 from fastapi_singleton import singleton
+from starlette.types import Message
 
 from fastapi_once import once
 
@@ -180,14 +181,14 @@ _SCOPE: dict[str, Any] = {
     "client": ("127.0.0.1", 50000),
     "server": ("127.0.0.1", 80),
 }
-_REQUEST = {"type": "http.request", "body": b"", "more_body": False}
+_REQUEST: Message = {"type": "http.request", "body": b"", "more_body": False}
 
 
-async def _receive() -> dict[str, Any]:
+async def _receive() -> Message:
     return _REQUEST
 
 
-async def _discard(message: dict[str, Any]) -> None:
+async def _discard(message: Message) -> None:
     pass
 
 
@@ -200,9 +201,9 @@ class _Served:
 
     async def check(self) -> None:
         """Serve one request and fail unless it answers 200 with the expected body."""
-        sent: list[dict[str, Any]] = []
+        sent: list[Message] = []
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: Message) -> None:
             sent.append(message)
 
         await self.app({**_SCOPE, "state": dict(self.state)}, _receive, send)

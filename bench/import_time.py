@@ -42,7 +42,7 @@ def run(config: Config) -> dict[str, Any]:
         for name in names:
             walls[name].append(_wall(COMMANDS[name]))
         out = subprocess.run(
-            [sys.executable, "-c", _SPLIT], cwd=ROOT, check=True, capture_output=True, text=True
+            [sys.executable, "-c", _SPLIT], cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True
         ).stdout
         split.append(json.loads(out))
     medians = {name: statistics.median(values) for name, values in walls.items()}

@@ -121,7 +121,7 @@ def run(config: Config) -> dict[str, Any]:
                 str(config.memory_maxsize),
             ],
             cwd=ROOT,
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
             check=True,
         ).stdout

@@ -109,7 +109,7 @@ def _python(url: str, seconds: float, connections: int) -> dict[str, float]:
             str(connections),
         ],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
         check=True,
     ).stdout
