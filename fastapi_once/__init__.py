@@ -1,16 +1,22 @@
 """Single-flight, once-only dependencies and lifespan for FastAPI."""
 
-from ._core import Once, reset_all
-from ._errors import OnceCancelledError, OnceCycleError, OnceError
+from ._core import Once, registry, reset_all
+from ._errors import OnceCancelledError, OnceCycleError, OnceError, OnceTimeoutError
 from ._fastapi import once
 from ._lifespan import once_lifespan
+from ._readiness import readiness_router
+from ._status import OnceStatus
 
 __all__ = [
     "Once",
     "OnceCancelledError",
     "OnceCycleError",
     "OnceError",
+    "OnceStatus",
+    "OnceTimeoutError",
     "once",
     "once_lifespan",
+    "readiness_router",
+    "registry",
     "reset_all",
 ]

@@ -33,3 +33,15 @@ class OnceCancelledError(OnceError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"the attempt to make {name} was cancelled; the next call tries again")
+
+
+class OnceTimeoutError(OnceError, TimeoutError):
+    """An attempt took longer than the once's ``timeout=``; it was cancelled and not cached."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        self.name = name
+        self.timeout = timeout
+        super().__init__(
+            f"{name} did not finish within its timeout of {timeout:g} s; the attempt was "
+            "cancelled and the next call tries again"
+        )

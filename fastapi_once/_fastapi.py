@@ -19,7 +19,9 @@ from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature
 from starlette.requests import HTTPConnection
 
-from ._core import Injector, Kind, Once, invoke, kind_of
+from ._core import Injector, Once
+from ._kinds import Kind, invoke, kind_of
+from ._policy import Policy
 
 if sys.version_info >= (3, 12):  # pragma: no cover
     from typing import ParamSpec, TypedDict, Unpack
@@ -226,6 +228,13 @@ class Options(TypedDict, total=False):
     across: Backend
     name: str
     version: str | int
+    timeout: float
+    retries: int
+    backoff: float
+    retry_on: type[BaseException] | tuple[type[BaseException], ...]
+    cooldown: float
+    ttl: float
+    refresh: float
 
 
 @overload
@@ -259,11 +268,22 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             process sharing it (leader runs, followers wait and get its JSON result).
         name: the once's name in messages, logs and backends. Default: module.qualname of fn.
         version: appended to the name (``name@version``), so a new deployment runs it again.
+        timeout: seconds one attempt may take (retries included); past it the attempt is
+            cancelled and its waiters get :class:`OnceTimeoutError`.
+        retries: extra tries of ``fn`` within one attempt, after exponential, jittered sleeps;
+            waiters keep waiting on the one attempt and get the last error if all fail.
+        backoff: with ``retries``, the first sleep's ceiling in seconds (default 0.1), doubling.
+        retry_on: with ``retries``, the exception class(es) worth retrying (default
+            ``Exception``; a cancellation is never retried).
+        cooldown: seconds after a failed attempt during which calls fail fast with its error.
+        ttl: seconds a value lives; the next call after that makes a new one.
+        refresh: seconds (less than ``ttl``) after which the first call starts one background
+            refresh while every caller keeps getting the current value.
 
     Raises:
         TypeError: ``fn`` is not callable; a parameter reads the request; options do not fit.
-        ValueError: ``maxsize`` is not a positive integer; ``fn`` already has a once with other
-            options.
+        ValueError: ``maxsize`` or a timing option is out of range; ``fn`` already has a once
+            with other options.
     """
     if fn is None:
         return lambda f: once(f, **options)
@@ -293,7 +313,22 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
         )
 
 
-_OPTIONS = frozenset({"across", "key", "maxsize", "name", "version"})
+_OPTIONS = frozenset(
+    {
+        "across",
+        "backoff",
+        "cooldown",
+        "key",
+        "maxsize",
+        "name",
+        "refresh",
+        "retries",
+        "retry_on",
+        "timeout",
+        "ttl",
+        "version",
+    }
+)
 
 
 def _check_across(fn: Callable[..., Any], name: str, across: object, keyed: bool) -> None:
@@ -353,6 +388,7 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
         raise TypeError(
             f"once({name}, maxsize=...): maxsize= applies only with key=; pass key= too"
         )
+    policy = Policy.from_options(name, options)
     signature, injector = adapt(fn, name, keyed=key is not None)
     made: Once[Any, Any] = Once(
         fn,
@@ -361,6 +397,7 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
         maxsize=maxsize,
         injector=injector,
         across=across,
+        policy=policy,
         options=options,
     )
     made.__signature__ = signature  # type: ignore[attr-defined]

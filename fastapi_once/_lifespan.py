@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -10,6 +12,8 @@ import anyio
 
 from ._core import Once, reset_all
 from ._fastapi import once
+
+logger = logging.getLogger("fastapi_once")
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
@@ -59,18 +63,28 @@ def once_lifespan(*onces: Callable[..., Any], lifespan: Lifespan | None = None) 
 
 async def _warm(app: Any, onces: list[Once[Any, Any]]) -> None:
     overrides = getattr(app, "dependency_overrides", None) or {}
+    todo = [item for item in onces if item not in overrides]
     failures: list[Exception] = []
+    ready = 0
 
     async def make(item: Once[Any, Any], scope: anyio.CancelScope) -> None:
+        nonlocal ready
+        started = time.monotonic()
         try:
             await item._get(app)
         except Exception as exc:
+            logger.error("warming %s failed with %s", item.name, type(exc).__name__)
             failures.append(exc)
             scope.cancel()
+            return
+        ready += 1
+        took = time.monotonic() - started
+        logger.info("warming %d/%d: %s ready in %.2f s", ready, len(todo), item.name, took)
 
+    if todo:
+        logger.info("warming %d once(s): %s", len(todo), ", ".join(item.name for item in todo))
     async with anyio.create_task_group() as group:
-        for item in onces:
-            if item not in overrides:
-                group.start_soon(make, item, group.cancel_scope)
+        for item in todo:
+            group.start_soon(make, item, group.cancel_scope)
     if failures:
         raise failures[0]

@@ -226,6 +226,6 @@ async def test_library_tasks_are_kept_alive_by_strong_references() -> None:
 
     with anyio.move_on_after(0):
         await make()
-    assert any(t.get_name().startswith("fastapi_once") for t in _core._tasks)
+    assert any(t.get_name().startswith("fastapi_once") for t in _loops._tasks)
     gate.set()
     assert await make() == 1

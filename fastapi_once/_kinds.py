@@ -1,0 +1,102 @@
+"""Calling any kind of function — async def, def, async generator, generator — for its value."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import inspect
+from collections.abc import AsyncGenerator, Callable, Generator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+
+class Kind(enum.Enum):
+    """How a function makes its value."""
+
+    ASYNC = "async def"
+    SYNC = "def"
+    ASYNC_GEN = "async generator"
+    GEN = "generator"
+
+
+def kind_of(call: Callable[..., Any]) -> Kind:
+    """Tell how ``call`` makes its value, seeing through partials and callable instances."""
+    target: Any = call
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not (inspect.isroutine(target) or inspect.isclass(target)):
+        target = getattr(target, "__call__", target)  # noqa: B004
+    if inspect.isasyncgenfunction(target):
+        return Kind.ASYNC_GEN
+    if inspect.isgeneratorfunction(target):
+        return Kind.GEN
+    if inspect.iscoroutinefunction(target) or getattr(target, "_is_coroutine_marker", None):
+        return Kind.ASYNC
+    return Kind.SYNC
+
+
+async def invoke(
+    call: Callable[..., Any],
+    kind: Kind,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    stack: AsyncExitStack | None,
+    name: str,
+    *,
+    abandon_on_cancel: bool = False,
+) -> Any:
+    """Make a value with ``call``; a generator's code after its ``yield`` goes on ``stack``.
+
+    A ``def`` (and a generator's steps) runs in a worker thread, never on the event loop. With
+    ``abandon_on_cancel`` a cancelled caller stops waiting for the thread (which runs on).
+    """
+    if kind is Kind.ASYNC:
+        return await call(*args, **kwargs)
+    if kind is Kind.SYNC:
+        return await anyio.to_thread.run_sync(
+            functools.partial(call, *args, **kwargs), abandon_on_cancel=abandon_on_cancel
+        )
+    assert stack is not None, "a generator needs a stack for its cleanup"
+    if kind is Kind.ASYNC_GEN:
+        agen: AsyncGenerator[Any, None] = call(*args, **kwargs)
+        try:
+            value = await agen.__anext__()
+        except StopAsyncIteration:
+            raise RuntimeError(f"{name} returned without yielding a value") from None
+        stack.push_async_callback(_finish_async_gen, agen, name)
+        return value
+    gen: Generator[Any, None, None] = call(*args, **kwargs)
+    yielded, value = await anyio.to_thread.run_sync(_step, gen, abandon_on_cancel=abandon_on_cancel)
+    if not yielded:
+        raise RuntimeError(f"{name} returned without yielding a value")
+    stack.push_async_callback(_finish_gen, gen, name)
+    return value
+
+
+def _step(gen: Generator[Any, None, None]) -> tuple[bool, Any]:
+    # StopIteration must not cross a coroutine boundary, so it is turned into a flag here.
+    try:
+        return True, next(gen)
+    except StopIteration:
+        return False, None
+
+
+async def _finish_async_gen(agen: AsyncGenerator[Any, None], name: str) -> None:
+    try:
+        await agen.__anext__()
+    except StopAsyncIteration:
+        return
+    await agen.aclose()
+    raise RuntimeError(f"{name} yielded more than once; a once's generator must yield exactly once")
+
+
+async def _finish_gen(gen: Generator[Any, None, None], name: str) -> None:
+    yielded, _ = await anyio.to_thread.run_sync(_step, gen)
+    if yielded:
+        gen.close()
+        raise RuntimeError(
+            f"{name} yielded more than once; a once's generator must yield exactly once"
+        )

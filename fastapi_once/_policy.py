@@ -1,0 +1,128 @@
+"""The failure and freshness policy of a once: timeout, retries, cooldown, ttl, refresh."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from ._errors import OnceTimeoutError
+
+logger = logging.getLogger("fastapi_once")
+
+MAX_BACKOFF = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Validated timing options; every one is off (None or 0) unless given."""
+
+    timeout: float | None = None
+    retries: int = 0
+    backoff: float = 0.1
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    cooldown: float | None = None
+    ttl: float | None = None
+    refresh: float | None = None
+
+    @classmethod
+    def from_options(cls, name: str, options: dict[str, Any]) -> Policy:
+        """Check the timing options of ``once(name, **options)``; raise at the mistake.
+
+        Raises:
+            TypeError: an option has the wrong type.
+            ValueError: an option is out of range, or refresh is not below ttl.
+        """
+        for option in ("timeout", "cooldown", "ttl", "refresh"):
+            _positive_seconds(name, option, options.get(option))
+        _positive_seconds(name, "backoff", options.get("backoff"), zero_ok=True)
+        retries = options.get("retries", 0)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(
+                f"once({name}, retries={retries!r}): retries must be a whole number >= 0, the "
+                "number of extra tries within one attempt"
+            )
+        retry_on = options.get("retry_on", (Exception,))
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        if not (
+            isinstance(retry_on, tuple)
+            and retry_on
+            and all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on)
+        ):
+            raise TypeError(
+                f"once({name}, retry_on={retry_on!r}): retry_on takes an exception class or a "
+                "tuple of them, e.g. retry_on=(ConnectionError, TimeoutError)"
+            )
+        if ("backoff" in options or "retry_on" in options) and not retries:
+            raise TypeError(f"once({name}): backoff= and retry_on= apply only with retries=")
+        ttl, refresh = options.get("ttl"), options.get("refresh")
+        if refresh is not None and ttl is not None and refresh >= ttl:
+            raise ValueError(
+                f"once({name}, ttl={ttl!r}, refresh={refresh!r}): refresh must be shorter than "
+                "ttl, so the value is refreshed before it expires"
+            )
+        return cls(
+            timeout=options.get("timeout"),
+            retries=retries,
+            backoff=options.get("backoff", 0.1),
+            retry_on=retry_on,
+            cooldown=options.get("cooldown"),
+            ttl=ttl,
+            refresh=refresh,
+        )
+
+    def delay(self, retry: int) -> float:
+        """Seconds to sleep before retry number ``retry`` (1-based): exponential, jittered."""
+        ceiling = min(MAX_BACKOFF, self.backoff * 2 ** (retry - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    async def run(self, label: str, make: Callable[[], Awaitable[Any]]) -> Any:
+        """Call ``make`` with this policy's retries, the whole bounded by its timeout.
+
+        Raises:
+            OnceTimeoutError: the attempt took longer than ``timeout``.
+            Exception: the last try's exception when every try failed.
+        """
+        if self.timeout is None:
+            return await self._retry(label, make)
+        with anyio.move_on_after(self.timeout) as scope:
+            return await self._retry(label, make)
+        assert scope.cancelled_caught
+        raise OnceTimeoutError(label, self.timeout)
+
+    async def _retry(self, label: str, make: Callable[[], Awaitable[Any]]) -> Any:
+        cancelled = anyio.get_cancelled_exc_class()
+        retry = 0
+        while True:
+            try:
+                return await make()
+            except self.retry_on as exc:
+                if retry >= self.retries or isinstance(exc, cancelled):
+                    raise
+                retry += 1
+                delay = self.delay(retry)
+                logger.warning(
+                    "%s: try %d of %d failed with %s; retrying in %.2f s",
+                    label,
+                    retry,
+                    self.retries + 1,
+                    type(exc).__name__,
+                    delay,
+                )
+                await anyio.sleep(delay)
+
+
+def _positive_seconds(name: str, option: str, value: object, zero_ok: bool = False) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"once({name}, {option}={value!r}): {option} takes seconds as a number")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(
+            f"once({name}, {option}={value!r}): {option} must be a positive number of seconds"
+        )

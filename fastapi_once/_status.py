@@ -1,0 +1,44 @@
+"""A once's observable state: the typed snapshot that status() returns."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+from typing import Literal
+
+State = Literal["idle", "running", "ready", "failed", "refreshing"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OnceStatus:
+    """A snapshot of one once in one event loop.
+
+    Attributes:
+        name: the once's name.
+        state: ``idle`` (nothing made or tried), ``running`` (an attempt in flight), ``ready``
+            (a value is served), ``failed`` (the last attempt failed, no value), ``refreshing``
+            (a value is served while a background refresh runs). For a keyed once: ``ready`` if
+            any value is kept, else the state of its attempts.
+        made_at: when the current value was made (UTC), or None.
+        last_duration: seconds the last finished attempt took, or None.
+        attempts: attempts started (refreshes included).
+        last_error_type: the type name of the last attempt's exception, if it failed.
+        last_error_message: its message — only when asked for with ``details=True``, since
+            exception text can hold secrets.
+        hits: calls served from a made value.
+        joins: calls that joined an attempt in flight instead of starting one.
+        keys: for a keyed once, how many keys are in each state; None otherwise.
+        size: for a keyed once, how many values it keeps; None otherwise.
+    """
+
+    name: str
+    state: State
+    made_at: datetime | None = None
+    last_duration: float | None = None
+    attempts: int = 0
+    last_error_type: str | None = None
+    last_error_message: str | None = None
+    hits: int = 0
+    joins: int = 0
+    keys: dict[State, int] | None = None
+    size: int | None = None
