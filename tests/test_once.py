@@ -8,7 +8,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from fastapi_once import Once, _core, once
+from fastapi_once import Once, _core, _loops, once
 
 pytestmark = pytest.mark.anyio
 
