@@ -1,0 +1,90 @@
+"""A process that calls a once with ``across=`` when told to; the backend tests start several.
+
+Usage: ``python backend_worker.py CONFIG_JSON``. It builds the backend, prints ``ready``, waits
+for a line on stdin, awaits the once, and prints one JSON line: ``{"ok": result, ...}`` or
+``{"error": type, "message": ...}``. The work appends ``start``/``end`` events to the log file
+(one JSON object a line), from which the tests count the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from fastapi_once import once
+from fastapi_once.backends import Backend, fencing_token
+
+
+def build_backend(spec: dict[str, Any], **options: Any) -> Backend:
+    """Build the backend ``spec`` describes (see the ``spec`` fixture), with extra options."""
+    from fastapi_once.backends import FileLockBackend, PostgresBackend, RedisBackend
+
+    kind = spec["kind"]
+    if kind == "file":
+        return FileLockBackend(spec["directory"], **options)
+    if kind == "redis":
+        options = {"lease": spec["lease"], **options}
+        return RedisBackend(spec["url"], namespace=spec["namespace"], **options)
+    return PostgresBackend(spec["dsn"], table=spec["table"], lock=spec["lock"], **options)
+
+
+def append(log: Path, **event: Any) -> None:
+    """Append one event to ``log`` in a single write, so that processes do not interleave."""
+    line = json.dumps({"pid": os.getpid(), "t": time.time(), **event}) + "\n"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def count_starts(log: Path) -> int:
+    """How many times the work has started, in every process so far."""
+    return sum(1 for line in log.read_text().splitlines() if '"start"' in line)
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    log = Path(config["log"])
+    backend = build_backend(config["spec"], **config.get("options", {}))
+    ran = False
+
+    async def work() -> Any:
+        nonlocal ran
+        ran = True
+        append(log, event="start", fence=fencing_token())
+        starts = count_starts(log)
+        if config.get("fail_first") and starts == 1:
+            append(log, event="fail")
+            raise RuntimeError("the first run fails")
+        first = starts == 1 and "first_sleep" in config
+        await anyio.sleep(config["first_sleep"] if first else config.get("sleep", 0))
+        append(log, event="end")
+        return config.get("result")
+
+    work.__qualname__ = config["name"]
+    shared = once(work, across=backend, name=config["name"])
+
+    async def run() -> dict[str, Any]:
+        try:
+            report: dict[str, Any] = {"ok": await shared()}
+        except Exception as exc:
+            report = {"error": type(exc).__name__, "message": str(exc)}
+        report["t"] = time.time()  # when this process learnt the outcome
+        await backend.aclose()
+        return {**report, "ran": ran}
+
+    print("ready", flush=True)
+    sys.stdin.readline()
+    report = anyio.run(run, backend=config.get("loop", "asyncio"))
+    print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
