@@ -576,10 +576,10 @@ class Once(Generic[P, T]):
                 value = await self._across.run_once(self.name, make, ttl=self._policy.ttl)
         except BaseException:
             if stack is not None:
-                # What the failed try had set up is released; its errors are logged, and the
-                # waiters get the try's own exception.
-                with contextlib.suppress(BaseException):
-                    await _cleanup([_Made(self, None, None, stack, self._policy)])
+                # Release what the failed try had set up; the waiters get the try's own
+                # exception, not one of its cleanup.
+                with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                    await stack.aclose()
             raise
         return value, stack
 

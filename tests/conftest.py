@@ -9,3 +9,26 @@ import pytest
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run each ``@pytest.mark.anyio`` test on both backends."""
     return str(request.param)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """Replace the clock of expiry, refresh and cooldown with one the test moves."""
+    from fastapi_once import _core
+
+    fake = FakeClock()
+    monkeypatch.setattr(_core, "monotonic", fake)
+    return fake

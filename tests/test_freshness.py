@@ -1,0 +1,179 @@
+"""Expiry and refresh: ttl= makes a new value after a while; refresh= does it in the background."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from conftest import FakeClock
+
+from fastapi_once import once
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_value_past_its_ttl_is_made_again_and_the_old_one_cleaned_up(
+    clock: FakeClock,
+) -> None:
+    """ttl=: after ttl seconds the next call makes a new value; the old one's cleanup runs."""
+    made: list[int] = []
+    closed: list[int] = []
+
+    @once(ttl=60)
+    async def get_token() -> AsyncIterator[int]:
+        n = len(made) + 1
+        made.append(n)
+        yield n
+        closed.append(n)
+
+    assert await get_token() == 1
+    clock.advance(59)
+    assert await get_token() == 1
+    clock.advance(1)
+    results = await gather(get_token, 20)
+    assert results == [2] * 20
+    assert made == [1, 2]
+    with anyio.fail_after(5):
+        while not closed:
+            await anyio.sleep(0.001)
+    assert closed == [1]
+
+
+async def gather(fn: object, n: int) -> list[object]:
+    results: list[object] = []
+
+    async def caller() -> None:
+        results.append(await fn())  # type: ignore[operator]
+
+    async with anyio.create_task_group() as group:
+        for _ in range(n):
+            group.start_soon(caller)
+    return results
+
+
+async def test_during_a_slow_refresh_callers_get_the_current_value_without_waiting(
+    clock: FakeClock,
+) -> None:
+    """refresh=: one background refresh; every call meanwhile returns at once; then the new one."""
+    gate = anyio.Event()
+    refreshing = anyio.Event()
+    version = 0
+    closed: list[int] = []
+
+    @once(refresh=10, ttl=100)
+    async def get_jwks() -> AsyncIterator[int]:
+        nonlocal version
+        version += 1
+        mine = version
+        if mine > 1:
+            refreshing.set()
+            await gate.wait()  # a slow refresh
+        yield mine
+        closed.append(mine)
+
+    assert await get_jwks() == 1
+    clock.advance(10)
+    for _ in range(100):
+        call = get_jwks()
+        with pytest.raises(StopIteration) as returned:
+            call.send(None)  # completes without ever suspending: no added latency
+        assert returned.value.value == 1
+        await refreshing.wait()
+    assert version == 2  # one refresh, not one per call
+    assert get_jwks.status().state == "refreshing"
+    gate.set()
+    with anyio.fail_after(5):
+        while await get_jwks() != 2:
+            await anyio.sleep(0.001)
+        while closed != [1]:
+            await anyio.sleep(0.001)
+    assert get_jwks.status().state == "ready"
+
+
+async def test_a_failed_refresh_keeps_the_old_value_logs_and_tries_again_later(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refresh that fails leaves the current value served; a later call refreshes again."""
+    calls = 0
+
+    @once(refresh=10, ttl=100)
+    async def get_config() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ConnectionError("config server down")
+        return f"config {calls}"
+
+    assert await get_config() == "config 1"
+    clock.advance(10)
+    with caplog.at_level(logging.WARNING, logger="fastapi_once"):
+        assert await get_config() == "config 1"
+        with anyio.fail_after(5):
+            while calls < 2 or get_config.status().state == "refreshing":
+                await anyio.sleep(0.001)
+    assert "refresh failed after" in caplog.text
+    assert "keeping the current value" in caplog.text
+    assert await get_config() == "config 1"  # starts the next refresh
+    with anyio.fail_after(5):
+        while await get_config() != "config 3":
+            await anyio.sleep(0.001)
+
+
+async def test_ttl_stays_the_hard_limit_when_refreshes_keep_failing(clock: FakeClock) -> None:
+    """Past ttl the old value is never served, even if no refresh succeeded."""
+    calls = 0
+
+    @once(refresh=10, ttl=30)
+    async def get_config() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise ConnectionError("down")
+        return "config"
+
+    assert await get_config() == "config"
+    clock.advance(30)
+    with pytest.raises(ConnectionError):
+        await get_config()
+
+
+async def test_keyed_values_expire_per_key(clock: FakeClock) -> None:
+    """Each key's value has its own ttl."""
+    runs: list[str] = []
+
+    @once(key=lambda url: url, ttl=10)
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        return url
+
+    await get_stuff("/a")
+    clock.advance(5)
+    await get_stuff("/b")
+    clock.advance(5)
+    await get_stuff("/a")
+    await get_stuff("/b")
+    assert runs == ["/a", "/b", "/a"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ttl": 10, "refresh": 10}, "refresh must be shorter than ttl"),
+        ({"ttl": -1}, "ttl must be a positive number"),
+        ({"timeout": 0}, "timeout must be a positive number"),
+        ({"cooldown": "5"}, "cooldown takes seconds as a number"),
+        ({"retries": -1}, "retries must be a whole number"),
+        ({"retries": 2, "retry_on": "ConnectionError"}, "retry_on takes an exception class"),
+        ({"backoff": 1}, "backoff= and retry_on= apply only with retries="),
+    ],
+)
+def test_timing_options_are_checked_at_once_time(options: dict[str, object], message: str) -> None:
+    """Bad timing options raise at once() with a message naming the option."""
+
+    async def make() -> None:
+        return None
+
+    with pytest.raises((TypeError, ValueError), match=message):
+        once(make, **options)  # type: ignore[arg-type]

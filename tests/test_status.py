@@ -1,0 +1,178 @@
+"""Observability: status() snapshots, the registry, and the log lines an operator sees."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+import anyio
+import pytest
+from asgi_lifespan import LifespanManager
+from conftest import FakeClock
+from fastapi import FastAPI
+
+from fastapi_once import OnceStatus, once, once_lifespan, registry
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_status_follows_idle_running_ready_failed() -> None:
+    """state moves through idle, running, ready; a failure shows failed with its type."""
+    gate = anyio.Event()
+    fail = True
+
+    @once
+    async def get_db() -> str:
+        await gate.wait()
+        if fail:
+            raise ConnectionError("password=hunter2 rejected")
+        return "db"
+
+    assert get_db.status() == OnceStatus(name=get_db.name, state="idle")
+    async with anyio.create_task_group() as group:
+        group.start_soon(get_db)
+        await anyio.wait_all_tasks_blocked()
+        assert get_db.status().state == "running"
+        group.cancel_scope.cancel()
+    gate.set()
+    with anyio.fail_after(5):
+        while get_db.status().state == "running":
+            await anyio.sleep(0.001)
+    failed = get_db.status()
+    assert failed.state == "failed"
+    assert failed.last_error_type == "ConnectionError"
+    assert failed.last_error_message is None  # exception text can hold secrets
+    assert get_db.status(details=True).last_error_message == "password=hunter2 rejected"
+    fail = False
+    assert await get_db() == "db"
+    ready = get_db.status()
+    assert ready.state == "ready"
+    assert ready.last_error_type is None
+    assert ready.attempts == 2
+    assert isinstance(ready.made_at, datetime)
+    assert ready.made_at.tzinfo is timezone.utc
+    assert ready.last_duration is not None
+
+
+async def test_status_counts_hits_and_joins() -> None:
+    """hits: calls served from the value; joins: calls that joined an attempt in flight."""
+    gate = anyio.Event()
+
+    @once
+    async def load() -> int:
+        await gate.wait()
+        return 1
+
+    async with anyio.create_task_group() as group:
+        for _ in range(10):
+            group.start_soon(load)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    for _ in range(5):
+        await load()
+    status = load.status()
+    assert (status.attempts, status.joins, status.hits) == (1, 9, 5)
+
+
+async def test_a_keyed_status_counts_keys_per_state(clock: FakeClock) -> None:
+    """For keyed onces: counts per state and size."""
+
+    @once(key=lambda url: url, cooldown=10)
+    async def get_stuff(url: str) -> str:
+        if url == "/bad":
+            raise ConnectionError
+        return url
+
+    await get_stuff("/a")
+    await get_stuff("/b")
+    with pytest.raises(ConnectionError):
+        await get_stuff("/bad")
+    status = get_stuff.status()
+    assert status.state == "ready"
+    assert status.size == 2
+    assert status.keys == {"ready": 2, "refreshing": 0, "running": 0, "failed": 1}
+
+
+def test_the_registry_lists_every_once() -> None:
+    """registry() returns every once in the process, sorted by name."""
+
+    @once(name="zz.registry.b")
+    async def b() -> None:
+        return None
+
+    @once(name="zz.registry.a")
+    async def a() -> None:
+        return None
+
+    names = [o.name for o in registry()]
+    assert names == sorted(names)
+    assert {a, b} <= set(registry())
+
+
+async def test_the_log_tells_an_operator_what_happens(
+    caplog: pytest.LogCaptureFixture, clock: FakeClock
+) -> None:
+    """Started, ready (with duration), failed, retried, refreshed and cleaned up are logged."""
+    calls = 0
+
+    @once(name="db", retries=1, backoff=0.001, refresh=5, ttl=50)
+    async def get_db() -> AsyncIterator[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("secret-dsn")
+        yield calls
+
+    with caplog.at_level(logging.INFO, logger="fastapi_once"):
+        assert await get_db() == 2
+        clock.advance(5)
+        await get_db()
+        with anyio.fail_after(5):
+            while get_db.status().state == "refreshing":
+                await anyio.sleep(0.001)
+        await get_db.reset()
+    lines = [r.getMessage() for r in caplog.records]
+    assert "db: attempt started" in lines
+    assert "db: try 1 of 2 failed with ConnectionError; retrying in" in " ".join(lines)
+    assert any(line.startswith("db: ready in ") for line in lines)
+    assert "db: refresh started" in lines
+    assert any(line.startswith("db: refreshed in ") for line in lines)
+    assert lines.count("db: cleaned up") == 2
+    assert "secret-dsn" not in caplog.text
+
+
+async def test_the_warm_up_logs_its_progress(caplog: pytest.LogCaptureFixture) -> None:
+    """Startup logs 'warming i/n: name ready in s' for each once."""
+
+    @once(name="cache")
+    async def cache() -> int:
+        return 1
+
+    @once(name="model")
+    async def model() -> int:
+        await anyio.sleep(0.01)
+        return 2
+
+    with caplog.at_level(logging.INFO, logger="fastapi_once"):
+        async with LifespanManager(FastAPI(lifespan=once_lifespan(cache, model))):
+            pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert "warming 2 once(s): cache, model" in lines
+    assert any(line.startswith("warming 1/2: cache ready in ") for line in lines)
+    assert any(line.startswith("warming 2/2: model ready in ") for line in lines)
+
+
+async def test_a_failing_warm_up_is_logged_by_type(caplog: pytest.LogCaptureFixture) -> None:
+    """A warm-up failure names the once and the exception type, not its text."""
+
+    @once(name="db")
+    async def db() -> None:
+        raise ConnectionError("token=abc")
+
+    app = FastAPI(lifespan=once_lifespan(db))
+    with caplog.at_level(logging.INFO, logger="fastapi_once"), pytest.raises(ConnectionError):
+        async with app.router.lifespan_context(app):
+            pass  # pragma: no cover
+    assert "warming db failed with ConnectionError" in caplog.text
+    assert "token=abc" not in caplog.text
