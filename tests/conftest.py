@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+import anyio
 import pytest
 
 
@@ -32,3 +35,15 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(_core, "monotonic", fake)
     return fake
+
+
+async def wait_until(check: Callable[[], Awaitable[bool] | bool]) -> None:
+    """Poll ``check`` until it is true: for work the library does in its own tasks."""
+    with anyio.fail_after(5):
+        while True:
+            result = check()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.001)

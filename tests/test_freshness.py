@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import anyio
 import pytest
-from conftest import FakeClock
+from conftest import FakeClock, wait_until
 
 from fastapi_once import once
 
@@ -35,10 +35,12 @@ async def test_a_value_past_its_ttl_is_made_again_and_the_old_one_cleaned_up(
     results = await gather(get_token, 20)
     assert results == [2] * 20
     assert made == [1, 2]
-    with anyio.fail_after(5):
-        while not closed:
-            await anyio.sleep(0.001)
+    await wait_until(lambda: bool(closed))
     assert closed == [1]
+
+
+async def is_(call: Awaitable[object], expected: object) -> bool:
+    return await call == expected
 
 
 async def gather(fn: object, n: int) -> list[object]:
@@ -84,11 +86,8 @@ async def test_during_a_slow_refresh_callers_get_the_current_value_without_waiti
     assert version == 2  # one refresh, not one per call
     assert get_jwks.status().state == "refreshing"
     gate.set()
-    with anyio.fail_after(5):
-        while await get_jwks() != 2:
-            await anyio.sleep(0.001)
-        while closed != [1]:
-            await anyio.sleep(0.001)
+    await wait_until(lambda: is_(get_jwks(), 2))
+    await wait_until(lambda: closed == [1])
     assert get_jwks.status().state == "ready"
 
 
@@ -110,15 +109,11 @@ async def test_a_failed_refresh_keeps_the_old_value_logs_and_tries_again_later(
     clock.advance(10)
     with caplog.at_level(logging.WARNING, logger="fastapi_once"):
         assert await get_config() == "config 1"
-        with anyio.fail_after(5):
-            while calls < 2 or get_config.status().state == "refreshing":
-                await anyio.sleep(0.001)
+        await wait_until(lambda: calls >= 2 and get_config.status().state != "refreshing")
     assert "refresh failed after" in caplog.text
     assert "keeping the current value" in caplog.text
     assert await get_config() == "config 1"  # starts the next refresh
-    with anyio.fail_after(5):
-        while await get_config() != "config 3":
-            await anyio.sleep(0.001)
+    await wait_until(lambda: is_(get_config(), "config 3"))
 
 
 async def test_ttl_stays_the_hard_limit_when_refreshes_keep_failing(clock: FakeClock) -> None:

@@ -212,9 +212,11 @@ async def test_a_failing_cleanup_is_logged_without_its_message(
         raise OSError("password=hunter2")
 
     await bad()
-    with caplog.at_level(logging.INFO, logger="fastapi_once"):
-        with pytest.raises(OSError, match="hunter2"):
-            await bad.reset()
+    with (
+        caplog.at_level(logging.INFO, logger="fastapi_once"),
+        pytest.raises(OSError, match="hunter2"),
+    ):
+        await bad.reset()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.getMessage() for r in errors] == [f"{bad.name}: cleanup failed with OSError"]
     assert all(r.exc_info is None for r in errors)

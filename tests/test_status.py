@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import anyio
 import pytest
 from asgi_lifespan import LifespanManager
-from conftest import FakeClock
+from conftest import FakeClock, wait_until
 from fastapi import FastAPI
 
 from fastapi_once import OnceStatus, once, once_lifespan, registry
@@ -36,9 +36,7 @@ async def test_status_follows_idle_running_ready_failed() -> None:
         assert get_db.status().state == "running"
         group.cancel_scope.cancel()
     gate.set()
-    with anyio.fail_after(5):
-        while get_db.status().state == "running":
-            await anyio.sleep(0.001)
+    await wait_until(lambda: get_db.status().state != "running")
     failed = get_db.status()
     assert failed.state == "failed"
     assert failed.last_error_type == "ConnectionError"
@@ -128,9 +126,7 @@ async def test_the_log_tells_an_operator_what_happens(
         assert await get_db() == 2
         clock.advance(5)
         await get_db()
-        with anyio.fail_after(5):
-            while get_db.status().state == "refreshing":
-                await anyio.sleep(0.001)
+        await wait_until(lambda: get_db.status().state != "refreshing")
         await get_db.reset()
     lines = [r.getMessage() for r in caplog.records]
     assert "db: attempt started" in lines
