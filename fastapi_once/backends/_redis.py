@@ -209,6 +209,8 @@ class RedisBackend(Backend):
         keys = [self._key(name, "done"), self._key(name, "lock"), self._key(name, "fence")]
         try:
             found = await client.redis.get(keys[0])
+        except (RedisConnectionError, RedisTimeoutError):
+            found = None  # the acquiring loop checks the marker too, and rides out outages
         except RedisError as exc:
             raise self._error("reading the marker", exc) from exc
         if found is not None:

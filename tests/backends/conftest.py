@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import json
 import os
 import pwd
@@ -67,6 +68,17 @@ def _missing(what: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{message}; CI=true requires every backend test to run", pytrace=False)
     pytest.skip(message)
+
+
+def require(module: str) -> Any:
+    """Import ``module`` for a test module: skip it (fail it with CI=true) if it is missing."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        message = f"{module} is not installed: pip install 'fastapi-once[redis,postgres]'"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{message}; CI=true requires every backend test to run", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
 
 
 def free_port() -> int:
