@@ -11,8 +11,8 @@ class Config:
 
     smoke: bool = False
     # 1. warm hot path through FastAPI, in-process ASGI calls
-    hot_rounds: int = 25
-    hot_requests: int = 2000
+    hot_rounds: int = 150
+    hot_requests: int = 300
     # 2. cold burst
     burst_sizes: tuple[int, ...] = (100, 1_000, 10_000)
     burst_rounds: int = 3

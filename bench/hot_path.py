@@ -212,13 +212,13 @@ class _Served:
         if status != 200 or body != b'{"name":"bench"}':
             raise RuntimeError(f"unexpected response {status} {body!r}")
 
-    async def serve(self, requests: int) -> float:
-        """Serve ``requests`` requests one after another; return the seconds taken."""
+    async def serve(self, requests: int) -> tuple[float, float]:
+        """Serve ``requests`` requests one after another; return wall and CPU seconds taken."""
         app, state, scope = self.app, self.state, _SCOPE
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(requests):
             await app({**scope, "state": dict(state)}, _receive, _discard)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def paired_ratio(values: list[float], base: list[float]) -> float:
@@ -237,29 +237,33 @@ async def run(config: Config) -> dict[str, Any]:
             served[cid] = _Served(app, dict(state or {}))
         for item in served.values():
             await item.check()
-            await item.serve(max(config.hot_requests // 4, 10))  # warm-up
-        rps: dict[str, list[float]] = {cid: [] for cid in served}
+            await item.serve(max(config.hot_requests, 10))  # warm-up
+        wall: dict[str, list[float]] = {cid: [] for cid in served}
+        cpu: dict[str, list[float]] = {cid: [] for cid in served}
         order = list(served)
         for round_ in range(config.hot_rounds):
             # Rotate the order each round so no contender always runs right after another.
             shift = round_ % len(order)
+            gc.collect()
             for cid in order[shift:] + order[:shift]:
-                gc.collect()
-                seconds = await served[cid].serve(config.hot_requests)
-                rps[cid].append(config.hot_requests / seconds)
-    base = rps[BASELINE]
-    contenders = {
-        cid: {
+                seconds, cpu_seconds = await served[cid].serve(config.hot_requests)
+                wall[cid].append(config.hot_requests / seconds)
+                cpu[cid].append(config.hot_requests / max(cpu_seconds, 1e-9))
+    contenders = {}
+    for cid in served:
+        ratios = [v / b for v, b in zip(wall[cid], wall[BASELINE], strict=True)]
+        contenders[cid] = {
             "label": CONTENDERS[cid][0],
-            "rps_median": statistics.median(values),
-            "us_per_request": 1e6 / statistics.median(values),
-            "ratio_to_baseline": paired_ratio(values, base),
-            "ratio_min": min(v / b for v, b in zip(values, base, strict=True)),
-            "ratio_max": max(v / b for v, b in zip(values, base, strict=True)),
-            "rps_rounds": values,
+            "rps_median": statistics.median(wall[cid]),
+            "us_per_request": 1e6 / statistics.median(wall[cid]),
+            "ratio_to_baseline": statistics.median(ratios),
+            "ratio_q1": statistics.quantiles(ratios, n=4)[0] if len(ratios) > 1 else ratios[0],
+            "ratio_q3": statistics.quantiles(ratios, n=4)[2] if len(ratios) > 1 else ratios[0],
+            "cpu_rps_median": statistics.median(cpu[cid]),
+            "cpu_ratio_to_baseline": paired_ratio(cpu[cid], cpu[BASELINE]),
+            "rps_rounds": wall[cid],
+            "cpu_rps_rounds": cpu[cid],
         }
-        for cid, values in rps.items()
-    }
     return {
         "baseline": BASELINE,
         "rounds": config.hot_rounds,
