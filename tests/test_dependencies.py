@@ -382,3 +382,16 @@ def test_parameters_fastapi_cannot_read_are_a_type_error() -> None:
 
     with pytest.raises(TypeError, match=r"once\(.*make\): FastAPI cannot read"):
         once(make)
+
+
+def test_a_sub_dependency_taking_the_request_is_refused() -> None:
+    """A sub-dependency with a Request parameter is named in the error."""
+
+    def client_ip(request: Request) -> str:
+        return str(request.client)
+
+    async def make(ip: str = Depends(client_ip)) -> str:
+        return ip
+
+    with pytest.raises(TypeError, match=r"parameter ip depends on .*client_ip.*is a Request"):
+        once(make)

@@ -106,3 +106,14 @@ async def test_an_unhashable_key_names_the_parameter_and_suggests_key() -> None:
 
     with pytest.raises(TypeError, match=r"unhashable list \(parameter 'tags'\).*key="):
         await search(["a", "b"])
+
+
+async def test_an_unhashable_key_from_hashable_arguments_is_explained() -> None:
+    """A key function that builds an unhashable key is told so, without blaming a parameter."""
+
+    @once(key=lambda url: [url])
+    async def get_stuff(url: str) -> str:
+        return url
+
+    with pytest.raises(TypeError, match=r"key of .*get_stuff is an unhashable list; pass key="):
+        await get_stuff("/a")

@@ -192,3 +192,41 @@ async def test_a_callable_object_with_async_call_is_awaited() -> None:
             return "loaded"
 
     assert await once(Loader())() == "loaded"
+
+
+async def test_reset_all_waits_for_attempts_in_flight_and_cleans_up_everything() -> None:
+    """reset_all() awaits attempts in flight, then cleans every value of the loop, newest first."""
+    from fastapi_once import reset_all
+
+    gate = anyio.Event()
+    log: list[str] = []
+
+    @once
+    async def first() -> AsyncIterator[str]:
+        yield "first"
+        log.append("close first")
+
+    @once
+    async def slow() -> AsyncIterator[str]:
+        await gate.wait()
+        yield "slow"
+        log.append("close slow")
+
+    await first()
+    async with anyio.create_task_group() as group:
+        group.start_soon(slow)
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(reset_all)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert log == ["close slow", "close first"]
+
+
+async def test_a_partial_is_called_for_its_kind() -> None:
+    """functools.partial of a generator function is still a generator once."""
+    import functools
+
+    async def connect(dsn: str) -> AsyncIterator[str]:
+        yield dsn
+
+    assert await once(functools.partial(connect, "sqlite://"))() == "sqlite://"

@@ -172,3 +172,58 @@ async def test_a_failing_warm_up_is_logged_by_type(caplog: pytest.LogCaptureFixt
             pass  # pragma: no cover
     assert "warming db failed with ConnectionError" in caplog.text
     assert "token=abc" not in caplog.text
+
+
+def test_status_outside_a_loop_reports_the_last_loop_used() -> None:
+    """From a thread with no running loop (e.g. a sync route), status() reads the last loop."""
+
+    @once
+    async def load() -> int:
+        return 1
+
+    assert anyio.run(load) == 1
+    assert load.status().state == "ready"
+
+
+async def test_a_keyed_once_whose_keys_all_failed_is_failed(clock: FakeClock) -> None:
+    """No value kept and failures in their cooldown: the keyed once is failed."""
+
+    @once(key=lambda url: url, cooldown=5, maxsize=2)
+    async def get_stuff(url: str) -> str:
+        raise ConnectionError(url)
+
+    for url in ["/a", "/b", "/c"]:
+        with pytest.raises(ConnectionError):
+            await get_stuff(url)
+    status = get_stuff.status()
+    assert status.state == "failed"
+    assert status.keys is not None
+    assert status.keys["failed"] == 2  # failures are bounded by maxsize, like values
+    await get_stuff.reset()
+    assert get_stuff.status().state == "failed"  # the last error is still reported
+
+
+async def test_a_probe_kick_respects_the_cooldown_and_replaces_an_expired_value(
+    clock: FakeClock,
+) -> None:
+    """_kick starts nothing inside a cooldown; past ttl it makes a new value."""
+    calls = 0
+
+    @once(ttl=10, cooldown=5)
+    async def load() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise ConnectionError
+        return calls
+
+    assert await load() == 1
+    assert not load._kick(None)  # ready: nothing to do
+    clock.advance(10)
+    assert load._kick(None)  # expired: starts attempt 2, which fails
+    await wait_until(lambda: load.status().state == "failed")
+    assert not load._kick(None)  # in its cooldown
+    clock.advance(5)
+    assert load._kick(None)
+    await wait_until(lambda: load.status().state == "ready")
+    assert await load() == 3

@@ -87,3 +87,44 @@ async def test_a_keyed_once_cannot_be_overridden_whole() -> None:
     with pytest.raises(TypeError, match="keyed"):
         async with override(get_stuff, "x"):
             pass  # pragma: no cover
+
+
+def test_forget_everything_cleans_up_values_of_finished_loops() -> None:
+    """Values made in loops that have ended are forgotten and their cleanups run."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    log: list[str] = []
+
+    @once
+    async def resource() -> AsyncIterator[int]:
+        log.append("made")
+        yield len(log)
+        log.append("cleaned")
+
+    async def use() -> int:
+        return await resource()
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(use()) == 1
+        forget_everything()
+        assert log == ["made", "cleaned"]
+        assert loop.run_until_complete(use()) == 3
+    finally:
+        forget_everything()
+        loop.close()
+
+
+@pytest.mark.anyio
+async def test_override_ends_cleanly_if_the_value_was_replaced_inside() -> None:
+    """A reset inside the block does not make the exit fail."""
+
+    @once
+    async def get_db() -> str:
+        return "real"
+
+    async with override(get_db, "fake"):
+        await get_db.reset()
+        assert await get_db() == "real"
+    assert await get_db() == "real"
