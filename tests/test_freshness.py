@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable
 
 import anyio
 import pytest
-from conftest import FakeClock, wait_until
+from timekeeping import FakeClock, wait_until
 
 from fastapi_once import once
 

@@ -7,9 +7,9 @@ import asyncio
 import anyio
 import httpx
 import pytest
-from conftest import FakeClock
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from timekeeping import FakeClock
 
 from fastapi_once import OnceTimeoutError, once
 from fastapi_once._policy import MAX_BACKOFF, Policy

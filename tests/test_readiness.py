@@ -8,9 +8,9 @@ import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from conftest import FakeClock, wait_until
 from fastapi import FastAPI
 from serving import running
+from timekeeping import FakeClock, wait_until
 
 from fastapi_once import once, once_lifespan, readiness_router
 

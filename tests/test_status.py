@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 import anyio
 import pytest
 from asgi_lifespan import LifespanManager
-from conftest import FakeClock, wait_until
 from fastapi import FastAPI
+from timekeeping import FakeClock, wait_until
 
 from fastapi_once import OnceStatus, once, once_lifespan, registry
 
