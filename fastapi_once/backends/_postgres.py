@@ -55,11 +55,11 @@ class PostgresBackend(Backend):
     """Run a once's work once across every process (and host) that uses one PostgreSQL database.
 
     Each ``run_once`` opens a dedicated connection. It reads the marker table first (the fast
-    path, no lock); otherwise it takes an advisory lock derived from the once's name, re-reads
+    path, no lock); otherwise it tries the advisory lock derived from the once's name, re-reads
     the marker, and as leader runs the work, writes the marker row (with the JSON result), and
-    releases the lock. Followers block on the same advisory lock, so they wake as soon as the
-    leader releases it, whether it finished, failed or died: PostgreSQL ends a dead client's
-    session and its locks with it.
+    releases the lock. Followers block on the same lock in shared mode, so all of them wake as
+    soon as the leader releases it, whether it finished, failed or died (PostgreSQL ends a dead
+    client's session and its locks with it); if no marker was written, they race to lead.
 
     ``lock="session"`` (the default) holds ``pg_advisory_lock`` on the connection's session for
     the length of the work. ``lock="transaction"`` instead holds ``pg_advisory_xact_lock`` in a
@@ -166,16 +166,29 @@ class PostgresBackend(Backend):
         """
         ttl = self.ttl if ttl is None else seconds("ttl", ttl)
         started = time.monotonic()
+        key = _lock_key(self.table, name)
         conn = await self._connect()
         try:
             with self._driver_errors("reading the marker"):
                 await self._ensure_table(conn)
                 found = await conn.fetchval(self._select, name)
+            if found is None:
+                with self._driver_errors("waiting for the lock"):
+                    found = await self._acquire(conn, name, key, started)
             if found is not None:
                 return json.loads(found)
-            if self.lock == "session":
-                return await self._lead_in_session(conn, name, work, ttl, started)
-            return await self._lead_in_transaction(conn, name, work, ttl, started)
+            value = await work()
+            text = encode_result(name, value, self.describe())
+            with self._driver_errors("recording the result"):
+                # Written on the connection that holds the lock: if its session has died (and
+                # the lock with it), the write fails and nothing is recorded.
+                await conn.execute(self._upsert, name, text, ttl, holder_id())
+                if self.lock == "session":
+                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                else:
+                    # The marker becomes visible and the lock is released in one commit.
+                    await conn.execute("COMMIT")
+            return json.loads(text)
         except BaseException:
             # Ending the session rolls back and releases whatever it holds, even when the
             # connection is mid-query (a cancelled lock wait) or broken.
@@ -184,62 +197,39 @@ class PostgresBackend(Backend):
         finally:
             await _close(conn)
 
-    async def _lead_in_session(
-        self,
-        conn: _Connection,
-        name: str,
-        work: Callable[[], Awaitable[Any]],
-        ttl: float | None,
-        started: float,
-    ) -> Any:
-        key = _lock_key(self.table, name)
-        with self._driver_errors("waiting for the lock"):
-            # The session lock outlives the transaction that bounds lock_timeout to this wait.
-            await conn.execute("BEGIN")
-            await self._wait(conn, "SELECT pg_advisory_lock($1)", key, name, started)
-            await conn.execute("COMMIT")
-            found = await conn.fetchval(self._select, name)
-        if found is not None:
-            return json.loads(found)
-        value = await work()
-        text = encode_result(name, value, self.describe())
-        with self._driver_errors("recording the result"):
-            # Written on the session that holds the lock: if that session has died (and the
-            # lock with it), the write fails and nothing is recorded.
-            await conn.execute(self._upsert, name, text, ttl, holder_id())
-            await conn.execute("SELECT pg_advisory_unlock($1)", key)
-        return json.loads(text)
+    async def _acquire(self, conn: _Connection, name: str, key: int, started: float) -> str | None:
+        """Return the recorded result, or None once ``conn`` holds the exclusive lock.
 
-    async def _lead_in_transaction(
-        self,
-        conn: _Connection,
-        name: str,
-        work: Callable[[], Awaitable[Any]],
-        ttl: float | None,
-        started: float,
-    ) -> Any:
-        key = _lock_key(self.table, name)
-        with self._driver_errors("waiting for the lock"):
-            await conn.execute("BEGIN")
-            await self._wait(conn, "SELECT pg_advisory_xact_lock($1)", key, name, started)
-            await conn.execute("SET LOCAL lock_timeout = 0")
+        In transaction mode the lock is held by a transaction left open for the leader.
+        """
+        while True:
+            if self.lock == "session":
+                leading = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
+                if not leading:
+                    await conn.execute("BEGIN")
+            else:
+                await conn.execute("BEGIN")
+                leading = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key)
+            if leading:
+                # A statement after taking the lock sees what the last holder committed.
+                found: str | None = await conn.fetchval(self._select, name)
+                if found is None:
+                    return None
+                if self.lock == "session":
+                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                else:
+                    await conn.execute("COMMIT")
+                return found
+            # Followers wait in shared mode, so that all of them wake together when the leader
+            # releases the lock; if it left no marker (it failed or died), they race to lead.
+            await self._wait_shared(conn, name, key, started)
             found = await conn.fetchval(self._select, name)
-        if found is not None:
-            with self._driver_errors("ending the transaction"):
-                await conn.execute("COMMIT")
-            return json.loads(found)
-        value = await work()
-        text = encode_result(name, value, self.describe())
-        with self._driver_errors("recording the result"):
-            await conn.execute(self._upsert, name, text, ttl, holder_id())
-            # The marker becomes visible and the lock is released in one commit.
             await conn.execute("COMMIT")
-        return json.loads(text)
+            if found is not None:
+                return found
 
-    async def _wait(
-        self, conn: _Connection, query: str, key: int, name: str, started: float
-    ) -> None:
-        """Take the advisory lock inside the open transaction, waiting at most wait_timeout."""
+    async def _wait_shared(self, conn: _Connection, name: str, key: int, started: float) -> None:
+        """In the open transaction, wait for the lock in shared mode, at most wait_timeout."""
         if self.wait_timeout is None:
             limit = 0  # no limit
         else:
@@ -247,7 +237,7 @@ class PostgresBackend(Backend):
             limit = max(1, int(left * 1000))
         await conn.execute(f"SET LOCAL lock_timeout = {limit}")
         try:
-            await conn.execute(query, key)
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", key)
         except asyncpg.exceptions.LockNotAvailableError:
             await conn.execute("ROLLBACK")
             holder = await self._holder(conn, key)
@@ -261,7 +251,8 @@ class PostgresBackend(Backend):
             row = await conn.fetchrow(
                 "SELECT a.pid, a.application_name FROM pg_locks l "
                 "JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+                "WHERE l.locktype = 'advisory' AND l.mode = 'ExclusiveLock' AND l.granted "
+                "AND l.objsubid = 1 "
                 "AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid",
                 unsigned >> 32,
                 unsigned & 0xFFFF_FFFF,
