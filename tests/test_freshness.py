@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable
 
 import anyio
 import pytest
+from crowd import crowd
 from timekeeping import FakeClock, wait_until
 
 from fastapi_once import once
@@ -32,7 +33,7 @@ async def test_a_value_past_its_ttl_is_made_again_and_the_old_one_cleaned_up(
     clock.advance(59)
     assert await get_token() == 1
     clock.advance(1)
-    results = await gather(get_token, 20)
+    results = await crowd(get_token, 20)
     assert results == [2] * 20
     assert made == [1, 2]
     await wait_until(lambda: bool(closed))
@@ -41,18 +42,6 @@ async def test_a_value_past_its_ttl_is_made_again_and_the_old_one_cleaned_up(
 
 async def is_(call: Awaitable[object], expected: object) -> bool:
     return await call == expected
-
-
-async def gather(fn: object, n: int) -> list[object]:
-    results: list[object] = []
-
-    async def caller() -> None:
-        results.append(await fn())  # type: ignore[operator]
-
-    async with anyio.create_task_group() as group:
-        for _ in range(n):
-            group.start_soon(caller)
-    return results
 
 
 async def test_during_a_slow_refresh_callers_get_the_current_value_without_waiting(

@@ -9,6 +9,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 import trio
+from crowd import crowd
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
@@ -168,12 +169,5 @@ async def test_within_one_loop_the_value_is_shared_by_every_task() -> None:
     async def make() -> object:
         return object()
 
-    values: list[object] = []
-
-    async def caller() -> None:
-        values.append(await make())
-
-    async with anyio.create_task_group() as group:
-        for _ in range(10):
-            group.start_soon(caller)
+    values = await crowd(make, 10)
     assert all(v is values[0] for v in values)

@@ -7,6 +7,7 @@ import asyncio
 import anyio
 import anyio.lowlevel
 import pytest
+from crowd import crowd
 
 from fastapi_once import Once, _core, _loops, once
 
@@ -24,14 +25,7 @@ async def test_ten_thousand_cold_callers_run_fn_once_and_share_one_object() -> N
         await anyio.sleep(0.01)
         return object()
 
-    results: list[object] = []
-
-    async def caller() -> None:
-        results.append(await load_model())
-
-    async with anyio.create_task_group() as group:
-        for _ in range(10_000):
-            group.start_soon(caller)
+    results = await crowd(load_model, 10_000)
     assert runs == 1
     assert len(results) == 10_000
     assert all(r is results[0] for r in results)

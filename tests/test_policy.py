@@ -7,6 +7,7 @@ import asyncio
 import anyio
 import httpx
 import pytest
+from crowd import crowd
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from timekeeping import FakeClock
@@ -81,22 +82,10 @@ async def test_failed_tries_are_retried_within_one_attempt() -> None:
             raise ConnectionError(f"refused {calls}")
         return f"connected on try {calls}"
 
-    results = await asyncio_free_gather(connect, 50)
+    results = await crowd(connect, 50)
     assert results == ["connected on try 3"] * 50
     assert calls == 3
     assert connect.status().attempts == 1
-
-
-async def asyncio_free_gather(fn: object, n: int) -> list[object]:
-    results: list[object] = []
-
-    async def caller() -> None:
-        results.append(await fn())  # type: ignore[operator]
-
-    async with anyio.create_task_group() as group:
-        for _ in range(n):
-            group.start_soon(caller)
-    return results
 
 
 async def test_when_every_try_fails_waiters_see_the_last_error() -> None:
