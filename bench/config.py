@@ -23,7 +23,7 @@ class Config:
     failure_after_s: float = 0.02
     failure_rounds: int = 3
     # 4. real HTTP through uvicorn
-    http_rounds: int = 6
+    http_rounds: int = 10
     http_seconds: float = 2.0
     http_connections: int = 32
     # 5. memory of a keyed once

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import re
 import shutil
 import socket
@@ -46,8 +47,20 @@ def _answers(port: int) -> bool:
         connection.close()
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) the process has used so far, where /proc tells it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def _server() -> Iterator[int]:
+def _server() -> Iterator[tuple[int, int]]:
+    """Start uvicorn on a free port; yield (port, pid) once it answers."""
     port = _free_port()
     command = [
         sys.executable,
@@ -69,7 +82,7 @@ def _server() -> Iterator[int]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"uvicorn did not start: {' '.join(command)}")
             time.sleep(0.05)
-        yield port
+        yield port, process.pid
     finally:
         process.terminate()
         try:
@@ -89,11 +102,16 @@ def _wrk(url: str, seconds: float, connections: int) -> dict[str, float]:
         text=True,
         check=True,
     ).stdout
-    match = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    if match is None:
+    done = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)\b", out)
+    if done is None:
         raise RuntimeError(f"cannot read wrk's output:\n{out}")
+    seconds = float(done.group(2)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[done.group(3)]
     errors = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
-    return {"rps": float(match.group(1)), "errors": int(errors.group(1)) if errors else 0}
+    return {
+        "rps": int(done.group(1)) / seconds,
+        "seconds": seconds,
+        "errors": int(errors.group(1)) if errors else 0,
+    }
 
 
 def _python(url: str, seconds: float, connections: int) -> dict[str, float]:
@@ -114,7 +132,11 @@ def _python(url: str, seconds: float, connections: int) -> dict[str, float]:
         check=True,
     ).stdout
     result = json.loads(out)
-    return {"rps": result["requests"] / result["seconds"], "errors": result["errors"]}
+    return {
+        "rps": result["requests"] / result["seconds"],
+        "seconds": result["seconds"],
+        "errors": result["errors"],
+    }
 
 
 def run(config: Config, loadgen: str = "auto") -> dict[str, Any]:
@@ -128,18 +150,25 @@ def run(config: Config, loadgen: str = "auto") -> dict[str, Any]:
         raise RuntimeError("--loadgen wrk: wrk is not installed (Debian: apt-get install -y wrk)")
     measure = _wrk if loadgen == "wrk" else _python
     rps: dict[str, list[float]] = {cid: [] for cid in ROUTES}
+    # Requests per CPU-second of the server process: less disturbed by other processes.
+    cpu_rps: dict[str, list[float]] = {cid: [] for cid in ROUTES}
     errors = 0
-    with _server() as port:
+    with _server() as (port, pid):
         urls = {cid: f"http://127.0.0.1:{port}{path}" for cid, path in ROUTES.items()}
         for url in urls.values():  # warm-up
             measure(url, min(config.http_seconds, 1.0), config.http_connections)
         for round_ in range(config.http_rounds):
             order = list(ROUTES) if round_ % 2 == 0 else list(reversed(ROUTES))
             for cid in order:
+                cpu_before = _cpu_seconds(pid)
                 result = measure(urls[cid], config.http_seconds, config.http_connections)
+                cpu_after = _cpu_seconds(pid)
                 rps[cid].append(result["rps"])
+                if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before:
+                    served = result["rps"] * result["seconds"]
+                    cpu_rps[cid].append(served / (cpu_after - cpu_before))
                 errors += int(result["errors"])
-    base = rps["baseline"]
+    base, cpu_base = rps["baseline"], cpu_rps["baseline"]
     return {
         "loadgen": loadgen,
         "note": note,
@@ -155,7 +184,13 @@ def run(config: Config, loadgen: str = "auto") -> dict[str, Any]:
                 "ratio_to_baseline": statistics.median(
                     v / b for v, b in zip(values, base, strict=True)
                 ),
+                "cpu_ratio_to_baseline": (
+                    statistics.median(v / b for v, b in zip(cpu_rps[cid], cpu_base, strict=True))
+                    if cpu_rps[cid] and len(cpu_rps[cid]) == len(cpu_base)
+                    else None
+                ),
                 "rps_rounds": values,
+                "cpu_rps_rounds": cpu_rps[cid],
             }
             for cid, values in rps.items()
         },

@@ -283,15 +283,23 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             f"{http['server']}; load: {http['loadgen']}, {http['connections']} connections, "
             f"{http['rounds']} alternating rounds of {http['seconds_per_round']:g} s per route; "
-            f"{http['errors']} errors.",
+            f"{http['errors']} errors. Ratio: median of the per-round ratios. Server CPU ratio: "
+            "requests per CPU-second of the uvicorn process, relative to the baseline's.",
             "",
         ]
         if http["note"]:
             lines += [f"Note: {http['note']}.", ""]
         lines += _table(
-            ["dependency", "requests/s", "ratio to baseline"],
+            ["dependency", "requests/s", "ratio to baseline", "server CPU ratio"],
             [
-                [c["label"], f"{c['rps_median']:,.0f}", f"{c['ratio_to_baseline']:.3f}"]
+                [
+                    c["label"],
+                    f"{c['rps_median']:,.0f}",
+                    f"{c['ratio_to_baseline']:.3f}",
+                    "n/a"
+                    if c["cpu_ratio_to_baseline"] is None
+                    else f"{c['cpu_ratio_to_baseline']:.3f}",
+                ]
                 for c in http["contenders"].values()
             ],
         )
