@@ -1,35 +1,32 @@
-"""Real servers for the backend tests: redis-server and PostgreSQL, started on free ports.
+"""Fixtures of the backend tests: the real servers, backend specs, worker processes, timings.
 
-Without the binaries (or the drivers) these tests skip, saying how to get them; with ``CI=true``
-a missing server fails instead.
+The servers (redis-server, PostgreSQL) are started by the suite itself on free ports; see
+backend_servers.py. Tests parametrised by ``kind`` run on every backend, and under trio too
+where the backend supports it (the file backend).
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import importlib
 import json
 import os
-import pwd
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-HERE = Path(__file__).parent
-WORKER = HERE / "backend_worker.py"
-ROOT = HERE.parent.parent
+from backend_servers import (
+    ROOT,
+    WORKER,
+    PostgresServer,
+    RedisServer,
+    Worker,
+    start_postgres,
+    start_redis,
+)
 
 KINDS = ["file", "redis", "postgres", "postgres-xact"]
 # Only the file backend runs on trio; redis.asyncio and asyncpg are asyncio-only.
@@ -60,98 +57,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "kinds(*kinds): run only on these backend kinds")
 
 
-def _missing(what: str) -> None:
-    message = (
-        f"{what} is not installed: apt-get install redis-server postgresql "
-        "(and pip install 'fastapi-once[redis,postgres]')"
-    )
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message}; CI=true requires every backend test to run", pytrace=False)
-    pytest.skip(message)
-
-
-def require(module: str) -> Any:
-    """Import ``module`` for a test module: skip it (fail it with CI=true) if it is missing."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        message = f"{module} is not installed: pip install 'fastapi-once[redis,postgres]'"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{message}; CI=true requires every backend test to run", pytrace=False)
-        pytest.skip(message, allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not listen on {port}: {log.read_text()[-2000:]}")
-
-
-# --- redis-server ---------------------------------------------------------------------------------
-
-
-@dataclass
-class RedisServer:
-    """A redis-server of the test suite's own, with a password, on a free port."""
-
-    directory: Path
-    port: int = field(default_factory=free_port)
-    password: str = field(default_factory=lambda: "rpw-" + secrets.token_hex(8))
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        log = self.directory / "redis.log"
-        args = [
-            *("--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", self.password),
-            *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
-            *("--logfile", str(log)),
-        ]
-        self.proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
-        _wait_for_port(self.port, self.proc, "redis-server", log)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
-
-    def restart(self) -> None:
-        """Kill the server (losing every key, as without persistence) and start it again."""
-        self.stop()
-        self.start()
-
-
-def _start_redis() -> RedisServer:
-    try:
-        import redis  # noqa: F401
-    except ImportError:
-        _missing("the redis Python package")
-    if shutil.which("redis-server") is None:
-        _missing("redis-server")
-    server = RedisServer(Path(tempfile.mkdtemp(prefix="fastapi-once-redis-")))
-    server.start()
-    return server
-
-
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     """One redis-server for the session (tests keep apart by namespace)."""
-    server = _start_redis()
+    server = start_redis()
     yield server
     server.stop()
     shutil.rmtree(server.directory, ignore_errors=True)
@@ -160,89 +69,18 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of the test's own, which the test may kill and restart."""
-    server = _start_redis()
+    server = start_redis()
     yield server
     server.stop()
     shutil.rmtree(server.directory, ignore_errors=True)
 
 
-# --- PostgreSQL -----------------------------------------------------------------------------------
-
-
-@dataclass
-class PostgresServer:
-    """A PostgreSQL instance of the test suite's own (initdb in a temp dir), with a password."""
-
-    directory: Path
-    proc: subprocess.Popen[bytes]
-    port: int
-    password: str
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://fastapi_once:{self.password}@127.0.0.1:{self.port}/postgres"
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the session (tests keep apart by marker table)."""
-    try:
-        import asyncpg  # type: ignore[import-untyped]  # noqa: F401
-    except ImportError:
-        _missing("the asyncpg Python package")
-    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))
-    bindirs = [d for d in bindirs if os.path.exists(f"{d}/initdb")]
-    if not bindirs:
-        _missing("PostgreSQL (initdb, postgres)")
-    bindir = bindirs[-1]
-    directory = Path(tempfile.mkdtemp(prefix="fastapi-once-pg-"))
-    # initdb refuses to run as root: run the server as the postgres user when we are root.
-    user: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        pw = pwd.getpwnam("postgres")
-        os.chown(directory, pw.pw_uid, pw.pw_gid)
-        user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-    password = "pgpw-" + secrets.token_hex(8)
-    pwfile = directory / "pwfile"
-    pwfile.write_text(password + "\n")
-    if user:
-        os.chown(pwfile, user["user"], user["group"])
-    data = directory / "data"
-    log = directory / "postgres.log"
-    subprocess.run(
-        [
-            f"{bindir}/initdb",
-            *("-D", str(data), "-U", "fastapi_once", f"--pwfile={pwfile}"),
-            *("--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8"),
-        ],
-        check=True,
-        capture_output=True,
-        cwd=directory,
-        **user,
-    )
-    port = free_port()
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [
-                f"{bindir}/postgres",
-                *("-D", str(data), "-p", str(port), "-k", str(directory)),
-                *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"),
-                *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
-            ],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-            **user,
-        )
-    _wait_for_port(port, proc, "postgres", log)
-    yield PostgresServer(directory, proc, port, password)
-    proc.send_signal(signal.SIGINT)  # fast shutdown
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(directory, ignore_errors=True)
+    server = start_postgres()
+    yield server
+    server.stop()
 
 
 # --- backends -------------------------------------------------------------------------------------
@@ -262,45 +100,7 @@ def spec(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str,
     return {"kind": kind, "dsn": pg.dsn, "table": unique, "lock": lock}
 
 
-def secret_of(spec: dict[str, Any]) -> str | None:
-    """The password in ``spec``'s URL, which must never show."""
-    from urllib.parse import urlsplit
-
-    url = spec.get("url") or spec.get("dsn")
-    return urlsplit(url).password if url else None
-
-
 # --- worker processes -----------------------------------------------------------------------------
-
-
-@dataclass
-class Worker:
-    """A process running ``backend_worker.py``: it calls a once with ``across=`` on a signal."""
-
-    proc: subprocess.Popen[str]
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def wait_ready(self) -> None:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line.strip() == "ready", f"worker said {line!r}, stderr: {self._stderr()}"
-
-    def outcome(self, timeout: float = 30) -> dict[str, Any]:
-        """The worker's one-line JSON report: {"ok": result} or {"error": type, "message": ...}."""
-        out, err = self.proc.communicate(timeout=timeout)
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        assert lines, f"worker reported nothing (exit {self.proc.returncode}), stderr: {err}"
-        report: dict[str, Any] = json.loads(lines[-1])
-        report["pid"] = self.proc.pid
-        return report
-
-    def _stderr(self) -> str:
-        self.proc.kill()
-        return self.proc.communicate()[1]
 
 
 @pytest.fixture
@@ -333,21 +133,6 @@ def start_workers(tmp_path: Path) -> Iterator[Callable[..., list[Worker]]]:
         if worker.proc.poll() is None:
             worker.proc.kill()
         worker.proc.communicate()
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """The events the workers' work appended to ``path`` (one JSON object a line)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 # --- measured figures, printed at the end -------------------------------------------------------

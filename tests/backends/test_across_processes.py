@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Worker, read_log, wait_for
+from backend_servers import Worker, read_log, wait_for
 
 RESULT = {"migrated": 3, "tables": ["a", "b"], "note": None}
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import anyio
 import pytest
+from backend_servers import secret_of
 from backend_worker import build_backend
-from conftest import secret_of
 
 from fastapi_once import OnceError, once
 from fastapi_once.backends import Backend, WaitTimeoutError

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from backend_servers import require
 
 import fastapi_once.backends
 
@@ -16,6 +17,8 @@ def run(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_importing_the_backends_imports_no_driver() -> None:
     """redis and asyncpg are imported only with RedisBackend and PostgresBackend."""
+    require("redis")
+    require("asyncpg")
     result = run(
         "import sys, fastapi_once.backends as b\n"
         "b.FileLockBackend\n"

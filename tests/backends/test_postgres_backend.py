@@ -6,7 +6,7 @@ import secrets
 
 import anyio
 import pytest
-from conftest import PostgresServer, free_port, require
+from backend_servers import PostgresServer, free_port, require
 
 from fastapi_once.backends import BackendError
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import RedisServer, Worker, free_port, read_log, require, wait_for
+from backend_servers import RedisServer, Worker, free_port, read_log, require, wait_for
 
 from fastapi_once.backends import BackendError, LeaseLostError, fencing_token
 

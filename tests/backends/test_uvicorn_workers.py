@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HERE, ROOT, free_port, read_log
+from backend_servers import HERE, ROOT, free_port, read_log
 
 WORKERS = 4
 
