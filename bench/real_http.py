@@ -146,6 +146,7 @@ def run(config: Config, loadgen: str = "auto") -> dict[str, Any]:
         loadgen = "wrk" if shutil.which("wrk") else "python"
         if loadgen == "python":
             note = "wrk is not installed: used the bench's asyncio load generator instead"
+            print(f"[bench] {note}", file=sys.stderr)
     elif loadgen == "wrk" and not shutil.which("wrk"):
         raise RuntimeError("--loadgen wrk: wrk is not installed (Debian: apt-get install -y wrk)")
     measure = _wrk if loadgen == "wrk" else _python
