@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import weakref
+from asyncio import get_running_loop
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from contextlib import AsyncExitStack
@@ -379,10 +380,13 @@ class Once(Generic[P, T]):
             OnceCancelledError: the attempt was cancelled from inside.
             OnceTimeoutError: the attempt took longer than ``timeout``.
         """
-        loop = current_loop()
+        # The running loop, inline: this is the hot path (current_loop() handles trio).
+        try:
+            loop: object = get_running_loop()
+        except RuntimeError:
+            loop = current_loop()
         last = self._last
-        state = last[1] if last[0] is loop else self._state_for(loop)
-        assert state is not None
+        state: _State = last[1] if last[0] is loop else self._state_for(loop)  # type: ignore[assignment]
         if self._key is None:
             made = state.made
             if made is not None and (made.stale_at is None or monotonic() < made.stale_at):
@@ -614,7 +618,9 @@ class Once(Generic[P, T]):
         """Clean up and forget this once's value(s) in the running event loop.
 
         Attempts and refreshes in flight are awaited first and their values cleaned up too; a
-        failure's cooldown is forgotten. The next call runs the function again.
+        failure's cooldown is forgotten. With ``across=``, the backend's record is cleared too,
+        so the next call in any process runs the function again. (``reset_all()`` and lifespan
+        shutdown forget values in this process only.)
 
         Raises:
             Exception: what a cleanup raised, after every cleanup has run.
@@ -628,7 +634,11 @@ class Once(Generic[P, T]):
         for item in made:
             state.forget(item)
         state.failures.clear()
-        await _cleanup(reversed(made))
+        try:
+            await _cleanup(reversed(made))
+        finally:
+            if self._across is not None:
+                await self._across.reset(self.name)
 
     def status(self, *, details: bool = False) -> OnceStatus:
         """Return a snapshot of this once in the running event loop (or the last one used).

@@ -72,3 +72,35 @@ async def test_a_result_recorded_by_another_process_is_returned_without_running(
         raise AssertionError("ran although another process had done it")  # pragma: no cover
 
     assert await seed() == "done elsewhere"
+
+
+async def test_reset_clears_the_backends_record_so_every_process_runs_it_again() -> None:
+    """o.reset() forgets the value here and the marker in the backend."""
+    backend = MemoryBackend()
+    runs = 0
+
+    @once(across=backend, name="seed-reset")
+    async def seed() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    assert await seed() == 1
+    await seed.reset()
+    assert backend.results == {}
+    assert await seed() == 2
+
+
+async def test_reset_all_keeps_the_backends_record() -> None:
+    """Shutting one process down (reset_all) must not make the work run again elsewhere."""
+    from fastapi_once import reset_all
+
+    backend = MemoryBackend()
+
+    @once(across=backend, name="seed-keep")
+    async def seed() -> str:
+        return "seeded"
+
+    await seed()
+    await reset_all()
+    assert backend.results == {"seed-keep": '"seeded"'}
