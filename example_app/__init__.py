@@ -7,6 +7,11 @@ Run it with ``uvicorn example_app:app``, or mount it::
 
 Without the host's ``once_lifespan`` it still works: each once is made on first use.
 
+With several worker processes (``uvicorn example_app:app --workers 4``) they must share the
+database file, ``$EXAMPLE_DB``. Each worker opens its own connection, HTTP client and model, once;
+the schema migration (:func:`~example_app.service.schema`) runs once per deployment in total,
+across a backend that ``$EXAMPLE_BACKEND`` selects (see :mod:`example_app.deployment`).
+
 Why not an ``asyncio.Lock``?
 ----------------------------
 The usual recipe for "load the model once" is a global and a lock::

@@ -1,8 +1,12 @@
-"""``python -m example_app``: start the example under uvicorn and fire a burst of cold requests.
+"""``python -m example_app``: serve the example with uvicorn workers and fire cold requests at it.
 
-The burst hits the routes whose onces are not made yet (the model, and the keyed fetch over a
-handful of URLs) all at once, then asks ``GET /stats`` how many times each setup ran. Single-flight
-means once per setup (once per distinct URL for the keyed fetch), whatever the concurrency.
+The workers (``--workers``, default 2) share one socket and one SQLite file. Each calls the
+once-per-deployment migration at startup, and one of them runs it. The burst hits the routes whose
+onces are not made yet (the model, and the keyed fetch over a handful of URLs) all at once. Then
+``GET /migrations`` says how many times the migration ran in total, and ``GET /worker``, asked on
+new connections until every worker has answered, how many times each setup ran in that worker.
+Single-flight means once per setup in each worker (once per distinct URL for the keyed fetch),
+whatever the concurrency, and once in total for the migration.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +33,15 @@ import example_app
 PREDICT = "/predict?text=a+good+day"
 URLS = tuple(f"/items/{i}" for i in range(1, 6))
 
+#: How many uvicorn worker processes ``python -m example_app`` starts by default.
+DEFAULT_WORKERS = 2
+
 #: The unkeyed setups each route needs; ``database`` and ``schema`` are made at startup.
 STARTUP_SETUPS = ("database", "schema")
 ROUTE_SETUPS = {"/predict": ("sentiment_model",), "/stuff": ("http_client",)}
+
+#: The setup that runs once per deployment (in one worker); the others run once in each worker.
+DEPLOYMENT_SETUP = "schema"
 
 
 def paths(n: int) -> list[str]:
@@ -39,7 +50,10 @@ def paths(n: int) -> list[str]:
 
 
 def expected_stats(sent: Sequence[str]) -> dict[str, dict[str, int]]:
-    """What ``GET /stats`` must say after a burst of ``sent``: every setup that ran, once."""
+    """What ``GET /stats`` must say after a burst of ``sent`` in one process: every setup, once.
+
+    With several workers it is what :attr:`Result.stats` must say.
+    """
     setups = dict.fromkeys(STARTUP_SETUPS, 1)
     fetches = {}
     for path in sent:
@@ -54,11 +68,23 @@ def expected_stats(sent: Sequence[str]) -> dict[str, dict[str, int]]:
 
 
 @contextmanager
-def serve(app: str = "example_app:app", *, timeout: float = 20.0) -> Iterator[str]:
+def serve(
+    app: str = "example_app:app",
+    *,
+    workers: int = 1,
+    environ: Mapping[str, str] | None = None,
+    timeout: float = 20.0,
+) -> Iterator[str]:
     """Run ``app`` under uvicorn in a child process on a free port; yield its base URL.
 
-    Returns once the app answers ``GET /healthz``; stops the server (SIGTERM, so its lifespan's
-    shutdown runs) on exit.
+    Returns once the app answers ``GET /healthz``; stops the server (SIGTERM, so each worker's
+    lifespan shutdown runs) on exit.
+
+    Args:
+        app: the app's import string.
+        workers: how many worker processes serve the one socket.
+        environ: variables to set for the server, on top of this process's environment.
+        timeout: the longest to wait for the first answer, in seconds.
 
     Raises:
         RuntimeError: the server exited or did not answer within ``timeout`` seconds.
@@ -71,10 +97,14 @@ def serve(app: str = "example_app:app", *, timeout: float = 20.0) -> Iterator[st
         root = os.path.dirname(os.path.dirname(os.path.abspath(example_app.__file__)))
         env = {
             **os.environ,
+            **(environ or {}),
             "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
         }
         fd = sock.fileno()
-        command = [sys.executable, "-m", "example_app.server", "--fd", str(fd), "--app", app]
+        command = [
+            *(sys.executable, "-m", "example_app.server", "--fd", str(fd), "--app", app),
+            *("--workers", str(workers)),
+        ]
         process = subprocess.Popen(command, pass_fds=[fd], env=env)
     # Only the child holds the socket now: if it dies, connecting fails instead of hanging.
     base_url = f"http://{host}:{port}"
@@ -130,31 +160,87 @@ def raise_open_files_limit() -> int | None:
 # --- the burst ------------------------------------------------------------------------------------
 
 
+#: What ``GET /stats`` says: ``{"setups": {name: runs}, "fetches": {url: fetches}}``.
+Stats = dict[str, dict[str, int]]
+
+
 @dataclass
 class Result:
     """What a burst saw."""
 
     base_url: str
     sent: list[str]
+    workers: int = 1
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     bodies: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Each worker's ``GET /stats``, by pid.
+    processes: dict[int, Stats] = field(default_factory=dict)
+    #: The migration's runs that the shared database logged (``GET /migrations``).
+    migrations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def expected(self) -> dict[str, dict[str, int]]:
-        """What ``GET /stats`` should say."""
+    def expected(self) -> Stats:
+        """What :attr:`stats` should say."""
         return expected_stats(self.sent)
 
     @property
-    def ok(self) -> bool:
-        """Whether every request succeeded, shared one value per path, and each setup ran once."""
-        return (
-            not self.errors
-            and all(len(bodies) == 1 for bodies in self.bodies.values())
-            and self.stats == self.expected
+    def stats(self) -> Stats:
+        """The deployment's counts: the migration's runs in total, as the database logged them;
+        every other setup's, and each URL's fetches, the most in any one worker."""
+        setups: dict[str, int] = dict.fromkeys(STARTUP_SETUPS, 0)
+        fetches: dict[str, int] = {}
+        for stats in self.processes.values():
+            for name, count in stats.get("setups", {}).items():
+                setups[name] = max(setups.get(name, 0), count)
+            for url, count in stats.get("fetches", {}).items():
+                fetches[url] = max(fetches.get(url, 0), count)
+        setups[DEPLOYMENT_SETUP] = len(self.migrations)
+        return {"setups": setups, "fetches": dict(sorted(fetches.items()))}
+
+    @property
+    def problems(self) -> list[str]:
+        """What went wrong, one line each; empty if all went as it should."""
+        problems = []
+        if self.errors:
+            problems.append(f"{len(self.errors)} of {len(self.sent)} requests failed")
+        if len(self.processes) != self.workers:
+            problems.append(f"{len(self.processes)} of {self.workers} workers answered GET /worker")
+        runs = len(self.migrations)
+        if runs != 1:
+            problems.append(f"the migration ran {runs} times in total")
+        counted = sum(s.get("setups", {}).get(DEPLOYMENT_SETUP, 0) for s in self.processes.values())
+        if len(self.processes) == self.workers and counted != runs:
+            problems.append(
+                f"the workers' counts of the migration add up to {counted}, its log to {runs}"
+            )
+        for pid, stats in sorted(self.processes.items()):
+            for name, count in stats.get("setups", {}).items():
+                if count > 1:
+                    problems.append(f"pid {pid} ran {name} {count} times")
+            for url, count in stats.get("fetches", {}).items():
+                if count > 1:
+                    problems.append(f"pid {pid} fetched {url} {count} times")
+        if self.stats != self.expected:
+            problems.append(
+                f"expected setups {_counts(self.expected['setups'])}, fetches "
+                f"{_counts(self.expected['fetches'])}; got setups {_counts(self.stats['setups'])}, "
+                f"fetches {_counts(self.stats['fetches'])}"
+            )
+        # Each worker has its own model and fetches: one value per path in each worker.
+        problems.extend(
+            f"{len(bodies)} different responses to {path} from {self.workers} workers"
+            for path, bodies in self.bodies.items()
+            if len(bodies) > self.workers
         )
+        return problems
+
+    @property
+    def ok(self) -> bool:
+        """Whether every request succeeded, each worker shared one value per path, every worker
+        ran each setup once, and the migration ran once in total."""
+        return not self.problems
 
 
 #: Connections per client: httpcore scans its whole pool for each request, so a burst spreads over
@@ -162,9 +248,13 @@ class Result:
 POOL_SIZE = 50
 
 
-async def burst(base_url: str, sent: list[str], concurrency: int) -> Result:
-    """Send ``sent`` at once (at most ``concurrency`` in flight), then read ``GET /stats``."""
-    result = Result(base_url, sent)
+async def burst(base_url: str, sent: list[str], concurrency: int, workers: int = 1) -> Result:
+    """Send ``sent`` at once (at most ``concurrency`` in flight), then read what the app counted.
+
+    Waits first until every one of ``workers`` serves, so that the burst reaches them all.
+    """
+    result = Result(base_url, sent, workers)
+    await ask_workers(base_url, workers)
     limit = anyio.Semaphore(concurrency)
     pools = math.ceil(min(concurrency, len(sent)) / POOL_SIZE)
     limits = httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
@@ -195,10 +285,40 @@ async def burst(base_url: str, sent: list[str], concurrency: int) -> Result:
             for i, path in enumerate(sent):
                 group.start_soon(one, clients[i % pools], path)
         result.seconds = time.perf_counter() - start
-        response = await clients[0].get("/stats")
+        response = await clients[0].get("/migrations")
         response.raise_for_status()
-        result.stats = response.json()
+        result.migrations = response.json()["runs"]
+    result.processes = await ask_workers(base_url, workers)
     return result
+
+
+async def ask_workers(base_url: str, workers: int, within: float = 20.0) -> dict[int, Stats]:
+    """Return each worker's ``GET /stats`` by pid, once all ``workers`` answered or ``within`` s.
+
+    Asks ``GET /worker`` in rounds of concurrent requests, each on a new connection, so that the
+    kernel hands them to whichever workers accept.
+    """
+    seen: dict[int, Stats] = {}
+    deadline = time.monotonic() + within
+    limits = httpx.Limits(max_keepalive_connections=0)
+
+    async def ask(client: httpx.AsyncClient) -> None:
+        try:
+            response = await client.get("/worker")
+        except httpx.HTTPError:
+            return
+        if response.status_code == 200:
+            body = response.json()
+            seen[body["pid"]] = {"setups": body["setups"], "fetches": body["fetches"]}
+
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=5.0) as client:
+        while len(seen) < workers and time.monotonic() < deadline:
+            async with anyio.create_task_group() as group:
+                for _ in range(4 * workers):
+                    group.start_soon(ask, client)
+            if len(seen) < workers:
+                await anyio.sleep(0.05)
+    return seen
 
 
 # --- the report -----------------------------------------------------------------------------------
@@ -215,16 +335,16 @@ def _counts(counts: dict[str, Any]) -> str:
 
 
 def report(result: Result) -> str:
-    """A few lines: setups, fetches, requests, latency, and the verdict."""
-    expected = result.expected
-    got_setups = result.stats.get("setups", {})
-    got_fetches = dict(sorted(result.stats.get("fetches", {}).items()))
+    """A few lines: setups, fetches, requests, latency, the migration, each worker, the verdict."""
+    stats = result.stats
     ok_requests = len(result.sent) - len(result.errors)
     distinct = sum(len(bodies) for bodies in result.bodies.values())
+    workers = f"{result.workers} worker{'s' if result.workers != 1 else ''}"
     lines = [
-        f"{len(result.sent)} concurrent cold requests to uvicorn at {result.base_url}",
-        f"  setups    {_counts(got_setups)}  (expected 1 each)",
-        f"  fetches   {_counts(got_fetches)}  (expected 1 per URL)",
+        f"{len(result.sent)} concurrent cold requests to uvicorn at {result.base_url} ({workers})",
+        f"  setups    {_counts(stats['setups'])}  (expected 1 each: {DEPLOYMENT_SETUP} in total, "
+        "the others in each worker)",
+        f"  fetches   {_counts(stats['fetches'])}  (expected 1 per URL in each worker)",
         f"  requests  {ok_requests} ok, {len(result.errors)} errors, {distinct} distinct "
         f"responses over {len(result.bodies)} paths, in {result.seconds:.2f} s",
     ]
@@ -233,16 +353,30 @@ def report(result: Result) -> str:
         points = [("min", ms[0]), *((f"p{p}", percentile(ms, p)) for p in (50, 90, 99))]
         spread = "  ".join(f"{label} {value:.0f}" for label, value in [*points, ("max", ms[-1])])
         lines.append(f"  latency   {spread}  (ms)")
+    runs = len(result.migrations)
+    by = ", ".join(f"pid {run['pid']}" for run in result.migrations)
+    lines.append(
+        f"  migration ran {runs} time{'s' if runs != 1 else ''} in total"
+        + (f", in {by}" if by else "")
+        + " (migrations_log in the shared database)"
+    )
+    for pid, process in sorted(result.processes.items()):
+        lines.append(
+            f"  pid {pid}  setups {_counts(process.get('setups', {}))}  "
+            f"fetches {_counts(dict(sorted(process.get('fetches', {}).items())))}"
+        )
     lines.extend(f"  error     {error}" for error in result.errors[:5])
     if len(result.errors) > 5:
         lines.append(f"  ...       and {len(result.errors) - 5} more errors")
-    if result.ok:
-        lines.append("OK: every setup ran once, every request shared its value")
-    else:
+    problems = result.problems
+    if not problems:
         lines.append(
-            f"FAILED: expected setups {_counts(expected['setups'])}, fetches "
-            f"{_counts(expected['fetches'])}, no errors, one distinct response per path"
+            f"OK: the migration ran once in total; in each of the {workers} every setup ran once, "
+            "and every request shared its worker's value"
         )
+    else:
+        lines.extend(f"  problem   {problem}" for problem in problems)
+        lines.append(f"FAILED: {len(problems)} problem{'s' if len(problems) != 1 else ''} above")
     return "\n".join(lines)
 
 
@@ -253,12 +387,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="most in flight at once (default: all)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"uvicorn worker processes (default {DEFAULT_WORKERS})",
+    )
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be at least 1")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     concurrency = args.concurrency or args.requests
     raise_open_files_limit()
-    with serve() as base_url:
-        result = anyio.run(burst, base_url, paths(args.requests), concurrency)
+    # The workers share one database file: a fresh one, as for a new deployment.
+    with tempfile.TemporaryDirectory(prefix="example_app-") as directory:
+        environ = {"EXAMPLE_DB": os.path.join(directory, "example.db")}
+        with serve(workers=args.workers, environ=environ) as base_url:
+            result = anyio.run(burst, base_url, paths(args.requests), concurrency, args.workers)
     print(report(result))
     return 0 if result.ok else 1

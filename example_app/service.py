@@ -2,12 +2,16 @@
 
 - ``database``: a generator ``def``; a shared resource whose code after ``yield`` closes it.
 - ``http_client``: an async generator; a shared ``httpx.AsyncClient``, closed after ``yield``.
-- ``schema``: an ``async def`` startup task, warmed by ``once_lifespan`` (and on first use).
+- ``schema``: the once-per-deployment migration, warmed by ``once_lifespan`` (and on first use);
+  ``across=`` a backend (see :mod:`example_app.deployment`), so however many worker processes
+  start, one of them migrates the shared database and the others wait for it. Each real run is
+  recorded in the ``migrations_log`` table, which ``GET /migrations`` lists.
 - ``sentiment_model``: a slow ``async def`` load, paid once however many requests wait for it.
 - ``get_stuff``: keyed by ``url``; one fetch per distinct URL, the last 64 kept.
 
 Each once's function counts its runs in :data:`setups` (keyed fetches in :data:`fetches`), which
-``GET /stats`` reports: under any burst of requests each count stays at one.
+``GET /stats`` reports for the process that answers (``GET /worker`` adds its pid): under any burst
+of requests each count stays at one, and ``schema`` runs in one process only.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -26,9 +31,13 @@ import httpx
 from fastapi import Depends, FastAPI, HTTPException, Query
 from pydantic import BaseModel
 
-from fastapi_once import Once, once, once_lifespan
+from fastapi_once import Once, once, once_lifespan, readiness_router
 
+from .deployment import DeploymentBackend
 from .upstream import upstream
+
+#: The schema's version: a new one is a new deployment task, which runs once more.
+SCHEMA_VERSION = 1
 
 #: How long loading the model takes, in seconds.
 MODEL_LOAD_SECONDS = 0.2
@@ -56,8 +65,9 @@ def reset_stats() -> None:
 def database() -> Iterator[sqlite3.Connection]:
     """Open the process's one SQLite connection; close it (and drop its temporary file) at shutdown.
 
-    The file is ``$EXAMPLE_DB`` when set, otherwise a file in a fresh temporary directory. A
-    generator ``def`` runs in a worker thread, hence ``check_same_thread=False``.
+    The file is ``$EXAMPLE_DB`` when set (worker processes that share a database must set it),
+    otherwise a file in a fresh temporary directory. A generator ``def`` runs in a worker thread,
+    hence ``check_same_thread=False``.
     """
     setups["database"] += 1
     path = os.environ.get("EXAMPLE_DB")
@@ -77,20 +87,45 @@ def database() -> Iterator[sqlite3.Connection]:
 Database = Annotated[sqlite3.Connection, Depends(database)]
 
 
-@once
-async def schema(db: Database) -> int:
-    """Create the tables; return the schema version. Runs at startup, or on first use if mounted."""
+def database_file(db: sqlite3.Connection) -> str:
+    """Return the path of the file behind ``db``'s main database."""
+    row = db.execute("PRAGMA database_list").fetchone()
+    return str(row[2])
+
+
+async def _database_file() -> str:
+    # The migration's sub-dependency made this process's connection before the backend asks.
+    return database_file(await database())
+
+
+@once(across=DeploymentBackend(_database_file), version=SCHEMA_VERSION)
+async def schema(db: Database) -> dict[str, int]:
+    """Migrate the database once per deployment; return the schema version and who migrated it.
+
+    Every process calls it at startup (or on first use if mounted); one process runs it, the
+    others wait and get its result. Each run is recorded in ``migrations_log``.
+    """
     setups["schema"] += 1
     db.executescript(
-        """
+        f"""
         CREATE TABLE IF NOT EXISTS notes (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             text TEXT NOT NULL
         );
-        PRAGMA user_version = 1;
+        CREATE TABLE IF NOT EXISTS migrations_log (
+            pid INTEGER NOT NULL,
+            at REAL NOT NULL,
+            version INTEGER NOT NULL
+        );
+        PRAGMA user_version = {SCHEMA_VERSION};
         """
     )
-    return 1
+    with db:
+        db.execute(
+            "INSERT INTO migrations_log (pid, at, version) VALUES (?, ?, ?)",
+            (os.getpid(), time.time(), SCHEMA_VERSION),
+        )
+    return {"version": SCHEMA_VERSION, "pid": os.getpid()}
 
 
 @once
@@ -151,6 +186,7 @@ STARTUP: tuple[Once[..., Any], ...] = (schema,)
 # --- the app --------------------------------------------------------------------------------------
 
 app = FastAPI(title="fastapi_once example", lifespan=once_lifespan(*STARTUP))
+app.include_router(readiness_router(*STARTUP, path="/ready"))
 
 
 class NoteIn(BaseModel):
@@ -163,6 +199,21 @@ class Note(NoteIn):
     """A stored note."""
 
     id: int
+
+
+class Migration(BaseModel):
+    """One real run of the migration, from ``migrations_log``."""
+
+    pid: int
+    at: float
+    version: int
+
+
+class Migrations(BaseModel):
+    """The schema version the processes share, and every run of its migration in this database."""
+
+    version: int
+    runs: list[Migration]
 
 
 class Prediction(BaseModel):
@@ -218,3 +269,17 @@ async def add_note(note: NoteIn, db: Database) -> Note:
 async def stats() -> dict[str, dict[str, int]]:
     """Say how many times each setup ran in this process, and each URL was fetched."""
     return {"setups": dict(setups), "fetches": dict(fetches)}
+
+
+@app.get("/migrations")
+async def migrations(db: Database, done: Annotated[dict[str, int], Depends(schema)]) -> Migrations:
+    """List every run of the migration recorded in the database: one per deployment."""
+    rows = db.execute("SELECT pid, at, version FROM migrations_log ORDER BY rowid").fetchall()
+    runs = [Migration(pid=pid, at=at, version=version) for pid, at, version in rows]
+    return Migrations(version=done["version"], runs=runs)
+
+
+@app.get("/worker")
+async def worker() -> dict[str, Any]:
+    """Say which process answered, and its :func:`stats`."""
+    return {"pid": os.getpid(), **await stats()}

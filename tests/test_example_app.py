@@ -1,14 +1,20 @@
-"""The example app: its routes, a cold burst in-process, mounting, and ``python -m example_app``."""
+"""The example app: its routes, a cold burst in-process, mounting, the once-per-deployment
+migration across processes and backends, and ``python -m example_app``."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -17,16 +23,28 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 import example_app
-from example_app import burst
+from example_app import burst, deployment
 from fastapi_once import once_lifespan, reset_all
+from fastapi_once.backends import FileLockBackend
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: The variables that configure the example; tests start without them.
+EXAMPLE_VARIABLES = (
+    "EXAMPLE_DB",
+    "EXAMPLE_BACKEND",
+    "EXAMPLE_LOCK_DIR",
+    "EXAMPLE_REDIS_URL",
+    "EXAMPLE_POSTGRES_DSN",
+)
 
 
 @pytest.fixture(autouse=True)
 def fresh_stats(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Zero the example's counters; use a temporary database unless a test sets one."""
-    monkeypatch.delenv("EXAMPLE_DB", raising=False)
+    """Zero the example's counters; use a temporary database and the file backend unless a test
+    sets others."""
+    for name in EXAMPLE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     example_app.reset_stats()
     yield
     example_app.reset_stats()
@@ -167,6 +185,187 @@ async def test_each_lifespan_starts_afresh() -> None:
     assert example_app.setups["database"] == 2
 
 
+@pytest.mark.anyio
+async def test_ready_answers_200_after_startup() -> None:
+    """GET /ready, the readiness probe over the startup onces, says ready once the app serves."""
+    async with serving(example_app.app) as client:
+        response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ready"
+
+
+@pytest.mark.anyio
+async def test_worker_says_which_process_answered() -> None:
+    """GET /worker gives the answering process's pid along with its stats."""
+    async with serving(example_app.app) as client:
+        body = (await client.get("/worker")).json()
+    assert body == {"pid": os.getpid(), "setups": {"database": 1, "schema": 1}, "fetches": {}}
+
+
+# --- the once-per-deployment migration ------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_migrations_lists_the_one_run_after_startup() -> None:
+    """GET /migrations shows the schema version and the one logged run, by this process."""
+    async with serving(example_app.app) as client:
+        body = (await client.get("/migrations")).json()
+    assert body["version"] == example_app.service.SCHEMA_VERSION
+    assert [(run["pid"], run["version"]) for run in body["runs"]] == [(os.getpid(), 1)]
+
+
+@pytest.mark.anyio
+async def test_a_restart_on_the_same_database_does_not_migrate_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The migration's marker outlives the app: a second start on one database file skips it."""
+    monkeypatch.setenv("EXAMPLE_DB", str(tmp_path / "kept.db"))
+    for _ in range(2):
+        async with serving(example_app.app) as client:
+            runs = (await client.get("/migrations")).json()["runs"]
+            assert len(runs) == 1
+    assert dict(example_app.setups) == {"database": 2, "schema": 1}
+    assert (tmp_path / deployment.LOCK_DIR_NAME).is_dir()
+
+
+@pytest.mark.anyio
+async def test_resetting_the_migration_runs_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """schema.reset() clears the backend's marker too, so the next request migrates once more."""
+    monkeypatch.setenv("EXAMPLE_DB", str(tmp_path / "app.db"))
+    async with serving(example_app.app) as client:
+        await example_app.schema.reset()
+        runs = (await client.get("/migrations")).json()["runs"]
+    assert len(runs) == 2
+    assert example_app.setups["schema"] == 2
+
+
+MIGRATE = """
+import json
+
+import anyio
+
+import example_app
+from fastapi_once import reset_all
+
+
+async def main() -> None:
+    try:
+        print(json.dumps(await example_app.schema()))
+    finally:
+        await reset_all()
+
+
+anyio.run(main)
+"""
+
+
+def test_the_migration_runs_once_across_processes_with_the_file_backend(tmp_path: Path) -> None:
+    """Four processes migrating one database file at once: one runs it, all get its result."""
+    path = tmp_path / "shared.db"
+    env = {**os.environ, "EXAMPLE_DB": str(path), "PYTHONPATH": str(ROOT)}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATE],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=30) for process in processes]
+    assert [process.returncode for process in processes] == [0] * 4, outputs
+    results = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute("SELECT pid FROM migrations_log").fetchall()
+    connection.close()
+    assert len(rows) == 1
+    assert rows[0][0] in {process.pid for process in processes}
+    assert results == [{"version": 1, "pid": rows[0][0]}] * 4
+
+
+# --- choosing the backend -------------------------------------------------------------------------
+
+
+def test_the_default_backend_is_a_file_lock_next_to_the_database(tmp_path: Path) -> None:
+    """Without EXAMPLE_BACKEND the migration locks files in fastapi_once-locks beside the db."""
+    backend = deployment.build_backend(str(tmp_path / "app.db"), {})
+    assert isinstance(backend, FileLockBackend)
+    assert backend.directory == str(tmp_path / "fastapi_once-locks")
+
+
+def test_example_lock_dir_chooses_the_lock_directory(tmp_path: Path) -> None:
+    """EXAMPLE_BACKEND=file with EXAMPLE_LOCK_DIR puts the lock files there."""
+    environ = {"EXAMPLE_BACKEND": "file", "EXAMPLE_LOCK_DIR": str(tmp_path / "locks")}
+    backend = deployment.build_backend(str(tmp_path / "app.db"), environ)
+    assert isinstance(backend, FileLockBackend)
+    assert backend.directory == str(tmp_path / "locks")
+    assert not (tmp_path / "fastapi_once-locks").exists()
+
+
+def test_example_backend_redis_builds_a_redis_backend_at_example_redis_url() -> None:
+    """EXAMPLE_BACKEND=redis gives a RedisBackend at EXAMPLE_REDIS_URL, its password masked."""
+    backend_servers().require("redis")
+    from fastapi_once.backends import RedisBackend
+
+    environ = {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": "redis://:s3cret@127.0.0.1:6390/2"}
+    backend = deployment.build_backend("/srv/app.db", environ)
+    assert isinstance(backend, RedisBackend)
+    assert "127.0.0.1:6390/2" in backend.describe()
+    assert "s3cret" not in backend.describe()
+
+
+def test_example_backend_postgres_builds_a_postgres_backend_at_example_postgres_dsn() -> None:
+    """EXAMPLE_BACKEND=postgres gives a PostgresBackend at EXAMPLE_POSTGRES_DSN."""
+    backend_servers().require("asyncpg")
+    from fastapi_once.backends import PostgresBackend
+
+    dsn = "postgresql://app:s3cret@127.0.0.1:5433/app"
+    environ = {"EXAMPLE_BACKEND": "postgres", "EXAMPLE_POSTGRES_DSN": dsn}
+    backend = deployment.build_backend("/srv/app.db", environ)
+    assert isinstance(backend, PostgresBackend)
+    assert "127.0.0.1:5433/app" in backend.describe()
+    assert "s3cret" not in backend.describe()
+
+
+def test_example_backend_postgres_without_a_dsn_is_refused() -> None:
+    """EXAMPLE_BACKEND=postgres alone raises a ValueError that names EXAMPLE_POSTGRES_DSN."""
+    with pytest.raises(ValueError, match="needs EXAMPLE_POSTGRES_DSN"):
+        deployment.build_backend("/srv/app.db", {"EXAMPLE_BACKEND": "postgres"})
+
+
+def test_an_unknown_example_backend_is_refused() -> None:
+    """EXAMPLE_BACKEND=memcached raises a ValueError that lists the backends there are."""
+    with pytest.raises(ValueError, match="one of file, redis, postgres"):
+        deployment.build_backend("/srv/app.db", {"EXAMPLE_BACKEND": "memcached"})
+
+
+def test_the_migration_marker_names_the_database_file() -> None:
+    """Two database files get two markers; one file gets one, however its path is spelled."""
+    first = deployment.marker_name("schema@1", "/srv/a/app.db")
+    assert first.startswith("schema@1/")
+    assert first == deployment.marker_name("schema@1", "/srv/b/../a/app.db")
+    assert first != deployment.marker_name("schema@1", "/srv/b/app.db")
+
+
+def test_importing_the_example_imports_no_backend_driver() -> None:
+    """Even with EXAMPLE_BACKEND=redis, importing the app imports neither redis nor asyncpg."""
+    code = "import sys, example_app; print([m for m in ('redis', 'asyncpg') if m in sys.modules])"
+    completed = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "EXAMPLE_BACKEND": "redis", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert completed.stdout.strip() == "[]"
+
+
 # --- a cold burst ---------------------------------------------------------------------------------
 
 
@@ -232,31 +431,82 @@ async def test_mounted_app_is_warmed_and_cleaned_up_by_the_host() -> None:
 # --- python -m example_app ------------------------------------------------------------------------
 
 
-def test_burst_result_fails_when_a_setup_ran_twice() -> None:
-    """The report's verdict is FAILED when /stats shows a setup that ran more than once."""
-    sent = burst.paths(4)
-    result = burst.Result("http://127.0.0.1:1", sent, latencies=[0.1, 0.2])
+def worker_stats(sent: list[str], *, migrated: bool) -> burst.Stats:
+    """One worker's /stats after serving ``sent``: each setup once; the migration if it ran it."""
+    stats = burst.expected_stats(sent)
+    if not migrated:
+        del stats["setups"]["schema"]
+    return stats
+
+
+def healthy_result(sent: list[str], workers: int = 2) -> burst.Result:
+    """A burst's Result in which all went well: worker 100 migrated, each setup ran once in each."""
+    result = burst.Result("http://127.0.0.1:1", sent, workers, latencies=[0.1, 0.2])
     for path in sent:
         result.bodies[path].add("same")
-    result.stats = burst.expected_stats(sent)
+    result.processes = {100 + i: worker_stats(sent, migrated=i == 0) for i in range(workers)}
+    result.migrations = [{"pid": 100, "at": 0.0, "version": 1}]
+    return result
+
+
+def test_burst_result_fails_when_a_setup_ran_twice() -> None:
+    """The report's verdict is FAILED when a worker's /stats shows a setup that ran twice."""
+    result = healthy_result(burst.paths(4))
     assert result.ok
-    result.stats["setups"]["sentiment_model"] = 2
+    result.processes[101]["setups"]["sentiment_model"] = 2
     assert not result.ok
-    assert burst.report(result).splitlines()[-1].startswith("FAILED")
+    text = burst.report(result)
+    assert "pid 101 ran sentiment_model 2 times" in text
+    assert text.splitlines()[-1].startswith("FAILED")
 
 
 def test_burst_result_fails_when_a_request_failed_or_values_differ() -> None:
-    """Any failed request, or two different answers for one path, make the verdict FAILED."""
+    """Any failed request, or two different answers for one path from one worker, fail it."""
     sent = burst.paths(2)
-    result = burst.Result("http://127.0.0.1:1", sent, stats=burst.expected_stats(sent))
-    for path in sent:
-        result.bodies[path].add("same")
+    result = healthy_result(sent, workers=1)
     assert result.ok
     result.bodies[sent[0]].add("different")
     assert not result.ok
     result.bodies[sent[0]].discard("different")
     result.errors.append("GET /predict: 500")
     assert not result.ok
+
+
+def test_burst_result_allows_one_value_per_path_in_each_worker() -> None:
+    """Two workers may answer a path with two values (each its own model), never with three."""
+    sent = burst.paths(2)
+    result = healthy_result(sent, workers=2)
+    result.bodies[sent[0]].add("the other worker's")
+    assert result.ok
+    result.bodies[sent[0]].add("a third")
+    assert "3 different responses to /predict?text=a+good+day from 2 workers" in result.problems
+
+
+def test_burst_result_fails_when_the_migration_ran_twice() -> None:
+    """Two runs in the migration log (one in each worker) make the verdict FAILED."""
+    result = healthy_result(burst.paths(4))
+    result.migrations.append({"pid": 101, "at": 1.0, "version": 1})
+    result.processes[101]["setups"]["schema"] = 1
+    assert result.stats["setups"]["schema"] == 2
+    assert "the migration ran 2 times in total" in result.problems
+    assert burst.report(result).splitlines()[-1].startswith("FAILED")
+
+
+def test_burst_result_fails_when_the_log_and_the_workers_disagree() -> None:
+    """A migration that the workers counted but the shared database did not log fails it."""
+    result = healthy_result(burst.paths(4))
+    result.migrations.clear()
+    assert result.problems[:2] == [
+        "the migration ran 0 times in total",
+        "the workers' counts of the migration add up to 1, its log to 0",
+    ]
+
+
+def test_burst_result_fails_when_a_worker_did_not_answer() -> None:
+    """A worker whose stats were never collected (so unchecked) makes the verdict FAILED."""
+    result = healthy_result(burst.paths(4), workers=3)
+    del result.processes[102]
+    assert result.problems == ["2 of 3 workers answered GET /worker"]
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -284,3 +534,82 @@ def test_python_m_example_app_reports_one_setup_each_and_exits_0() -> None:
     assert "/items/1=1 /items/2=1 /items/3=1 /items/4=1 /items/5=1" in lines[2]
     assert "300 ok, 0 errors" in lines[3]
     assert lines[-1].startswith("OK")
+
+
+def run_example(*args: str, env: Mapping[str, str] | None = None) -> str:
+    """Run ``python -m example_app *args``; return its output, after checking it exited 0."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "example_app", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    return output
+
+
+def assert_migrated_once(output: str, workers: int) -> None:
+    """The report says the migration ran once in total and each worker set up once."""
+    lines = output.splitlines()
+    assert any(line.startswith("  migration ran 1 time in total, in pid ") for line in lines)
+    per_worker = [line for line in lines if line.startswith("  pid ")]
+    assert len(per_worker) == workers, output
+    assert all("database=1" in line and "=2" not in line for line in per_worker), output
+    assert sum("schema=1" in line for line in per_worker) == 1, output
+    assert lines[-1].startswith(f"OK: the migration ran once in total; in each of the {workers}")
+
+
+def test_python_m_example_app_with_two_workers_migrates_once_in_total() -> None:
+    """Two uvicorn workers on the file backend: one migration in all, one setup each per worker."""
+    output = run_example("--requests", "300", "--workers", "2")
+    assert "300 concurrent cold requests to uvicorn at http://127.0.0.1:" in output
+    assert "(2 workers)" in output
+    assert_migrated_once(output, workers=2)
+
+
+def backend_servers() -> Any:
+    """tests/backends/backend_servers.py, which starts the backend tests' own servers."""
+    directory = str(ROOT / "tests" / "backends")
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    return importlib.import_module("backend_servers")
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """The URL (with its password) of a redis-server of this module's own."""
+    server = backend_servers().start_redis()
+    yield server.url
+    server.stop()
+    shutil.rmtree(server.directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_dsn() -> Iterator[str]:
+    """The DSN (with its password) of a PostgreSQL server of this module's own."""
+    server = backend_servers().start_postgres()
+    yield server.dsn
+    server.stop()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_python_m_example_app_migrates_once_across_a_server_backend(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """With EXAMPLE_BACKEND=redis or postgres two workers migrate once; no password is shown."""
+    if kind == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        env = {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": url}
+    else:
+        url = request.getfixturevalue("postgres_dsn")
+        env = {"EXAMPLE_BACKEND": "postgres", "EXAMPLE_POSTGRES_DSN": url}
+    output = run_example("--requests", "200", "--workers", "2", env=env)
+    assert_migrated_once(output, workers=2)
+    password = urlsplit(url).password
+    assert password
+    assert password not in output
