@@ -42,8 +42,6 @@ if sys.version_info >= (3, 12):  # pragma: no cover
 else:  # pragma: no cover
     from typing_extensions import ParamSpec, final
 
-__all__ = ["Injector", "Kind", "Once", "current_loop", "invoke", "kind_of", "registry", "reset_all"]
-
 P = ParamSpec("P")
 T = TypeVar("T")
 
