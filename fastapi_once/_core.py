@@ -390,7 +390,8 @@ class Once(Generic[P, T]):
             if made is not None and (made.stale_at is None or monotonic() < made.stale_at):
                 state.hits += 1
                 return made.value  # type: ignore[no-any-return]
-            return await self._slow(loop, state, None, made, args, kwargs)  # type: ignore[no-any-return]
+            context = kwargs.pop(self._param, None) if self._param is not None else None
+            return await self._slow(loop, state, None, made, args, kwargs, context)  # type: ignore[no-any-return]
         context = kwargs.pop(self._param, None) if self._param is not None else None
         key = self._key(*args, **kwargs)
         try:
@@ -401,9 +402,7 @@ class Once(Generic[P, T]):
             state.values.move_to_end(key)
             state.hits += 1
             return made.value  # type: ignore[no-any-return]
-        if self._param is not None:
-            kwargs[self._param] = context
-        return await self._slow(loop, state, key, made, args, kwargs)  # type: ignore[no-any-return]
+        return await self._slow(loop, state, key, made, args, kwargs, context)  # type: ignore[no-any-return]
 
     def _state_for(self, loop: object) -> _State:
         with _loops_lock:
@@ -442,8 +441,8 @@ class Once(Generic[P, T]):
         made: _Made | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        context: object,
     ) -> Any:
-        context = kwargs.pop(self._param, None) if self._param is not None else None
         if self._key is None and (args or kwargs):
             raise TypeError(
                 f"{self.name} takes no arguments: it has no key=, so it makes one value for "

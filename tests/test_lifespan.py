@@ -306,14 +306,26 @@ async def test_warm_up_honours_overrides_of_sub_dependencies() -> None:
         assert await get_db() == "db for test"
 
 
-def test_plain_functions_are_taken_as_their_once() -> None:
-    """once_lifespan(fn) uses once(fn): the same once routes use."""
+async def test_plain_functions_are_taken_as_their_once() -> None:
+    """once_lifespan(fn) warms once(fn): the same once the routes depend on."""
+    runs = 0
 
     async def get_db() -> str:
+        nonlocal runs
+        runs += 1
         return "db"
 
-    once_lifespan(get_db)
-    assert once(get_db) is once(get_db)
+    app = FastAPI(lifespan=once_lifespan(get_db))
+
+    @app.get("/")
+    async def root(db: str = Depends(once(get_db))) -> str:
+        return db
+
+    async with LifespanManager(app) as manager:
+        assert runs == 1
+        async with client(manager.app) as http:
+            assert (await http.get("/")).json() == "db"
+    assert runs == 1
 
 
 def test_a_keyed_once_cannot_be_warmed() -> None:
