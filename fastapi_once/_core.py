@@ -1,41 +1,59 @@
-"""The single-flight primitive: make a value once per event loop and share it with every caller.
+"""The single-flight primitive: make a value once per event loop and key; share it with every caller.
 
-This module knows nothing of FastAPI; it depends on anyio only.
+This module knows nothing of FastAPI; it depends on anyio only. One record per (once, event
+loop, key) holds a stored state; an unkeyed once is the key-less case of the same store. Every
+transition is a method of ``_Record`` below, and every entry point (a call's slow path, the
+readiness kick, reset, teardown, the task keeping a value) goes through them:
+
+    state       event                      next         side effect
+    idle        call, kick                 running      start one attempt in a library task
+    running     call                       running      join it (closing a cycle raises instead)
+    running     attempt succeeds           ready        serve the value; wake the waiters
+    running     attempt fails              failed/idle  wake the waiters with the error; failed
+                                                        while cooldown= lasts, else idle
+    ready       call, due for refresh      refreshing   start one refresh (not within a failed
+                                                        refresh's cooldown); serve the value
+    ready       ttl ends                   idle         retire the value
+    refreshing  call                       refreshing   serve the value
+    refreshing  refresh succeeds           ready        serve the new value; retire the old
+    refreshing  refresh fails              ready        keep serving; no refresh before cooldown
+    refreshing  ttl ends                   running      retire the value; calls join the refresh
+    failed      call                       failed       raise the attempt's error
+    failed      cooldown ends              idle         forget the error
+    any         reset, eviction, teardown  idle         after work in flight settles: retire
+
+An idle record is dropped from its store. The time rows are applied by ``_Record.advance`` when
+an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
+A retired value's cleanup runs exactly once in the task that made it; the store lists retired
+values until then, and reset and teardown await them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-import inspect
-import logging
 import sys
-import threading
 import time
 import weakref
 from asyncio import get_running_loop
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import AsyncExitStack
-from datetime import datetime, timezone
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import anyio
 
-from ._errors import OnceCancelledError, OnceCycleError
-from ._kinds import Kind, invoke, kind_of
-from ._loops import current_loop, spawn
+from ._attempts import Attempt, raise_again, wait, working
+from ._errors import OnceCancelledError, OnceClosedError
+from ._kinds import Kind, as_coroutine_function, invoke, kind_of
+from ._logs import label, logger
+from ._loops import LoopState, current_loop, drain, spawn, state_of, thread_proof
 from ._policy import Policy
-from ._status import OnceStatus, State
+from ._status import OnceStatus, State, project
+from ._values import Value
 
 if TYPE_CHECKING:
     from .backends import Backend
-
-if sys.version_info >= (3, 11):  # pragma: no cover
-    from builtins import BaseExceptionGroup
-else:  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
 
 if sys.version_info >= (3, 12):  # pragma: no cover
     from typing import ParamSpec, final
@@ -45,275 +63,275 @@ else:  # pragma: no cover
 P = ParamSpec("P")
 T = TypeVar("T")
 
-logger = logging.getLogger("fastapi_once")
-
 # The clock of expiry, refresh and cooldown; a module attribute so tests can move time.
 monotonic = time.monotonic
 
+IDLE: State = "idle"
+RUNNING: State = "running"
+READY: State = "ready"
+REFRESHING: State = "refreshing"
+FAILED: State = "failed"
 
-# --- attempts and values --------------------------------------------------------------------------
+NOKEY: Any = type("NoKey", (), {"__repr__": lambda self: "<no key>"})()  # the unkeyed record's key
 
-# The attempt whose work the current task is doing; child tasks inherit it through the context.
-_working: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
-    "fastapi_once_working", default=None
-)
-
-
-class _Attempt:
-    """One run of a once's function, shared by every caller that joins it before it settles."""
-
-    __slots__ = ("done", "error", "label", "traceback", "value", "waiting_on")
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.done = anyio.Event()  # set exactly once, after value or error is filled in
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.traceback: Any = None
-        # The attempts this attempt's work is waiting for: the edges of the wait-for graph that
-        # cycle detection walks.
-        self.waiting_on: list[_Attempt] = []
-
-    def result(self) -> Any:
-        if self.error is not None:
-            # Every waiter raises the one exception with the attempt's own traceback, so the
-            # traceback does not grow with each waiter that re-raises it.
-            raise self.error.with_traceback(self.traceback)
-        return self.value
+Resolve = Callable[[AsyncExitStack], Awaitable[dict[str, Any]]]
 
 
-def _path(start: _Attempt, goal: _Attempt) -> list[_Attempt] | None:
-    """Return a chain of waits from ``start`` to ``goal``, if there is one."""
-    todo = [[start]]
-    seen: set[int] = set()
-    while todo:
-        path = todo.pop()
-        node = path[-1]
-        if node is goal:
-            return path
-        if id(node) not in seen:
-            seen.add(id(node))
-            todo.extend([*path, nxt] for nxt in node.waiting_on)
-    return None
+class Injector(Protocol):
+    """Supplies extra keyword arguments (sub-dependencies) when a value is made."""
+
+    param: str  # the hidden keyword argument through which a caller passes its context
+
+    def bind(self, context: object) -> Resolve:
+        """Return what resolves the keyword arguments for ``context`` (e.g. the app)."""
 
 
-class _Made:
-    """A value a once made, with its deadlines and the cleanup that runs when it is retired."""
+class _Record:
+    """One key's life in one loop; all of a once's transitions (see the table above)."""
+
+    __slots__ = ("attempt", "failure", "key", "made", "retry_at", "state", "store", "until")
+
+    def __init__(self, store: _Store, key: Hashable) -> None:
+        self.store, self.key = store, key
+        self.state: State = IDLE
+        self.made: Value | None = None  # the served value: set exactly in ready and refreshing
+        self.attempt: Attempt | None = None  # set exactly in running and refreshing
+        self.failure: tuple[BaseException, Any, BaseException | None, float] | None = None
+        self.retry_at: float | None = None  # after a failed refresh: no refresh before this
+        self.until: float | None = None  # the hot path serves ``made`` before this (None: ever)
+
+    def _to(self, state: State) -> None:
+        self.state, made = state, self.made
+        if made is None:
+            self.until = None
+        elif state == REFRESHING:
+            self.until = made.expires_at
+        else:
+            fresh = made.refresh_at
+            if fresh is not None and self.retry_at is not None:
+                fresh = max(fresh, self.retry_at)
+            ends = [t for t in (fresh, made.expires_at) if t is not None]
+            self.until = min(ends) if ends else None
+
+    def due(self, now: float) -> State:
+        """The state that time has brought this record to (the table's time rows)."""
+        made, state = self.made, self.state
+        if made is not None and made.expires_at is not None and now >= made.expires_at:
+            return RUNNING if self.attempt is not None else IDLE
+        if state == FAILED and self.failure is not None and now >= self.failure[3]:
+            return IDLE
+        return state
+
+    def advance(self, now: float) -> None:
+        """Apply the time rows: retire an expired value, forget an error whose cooldown ended."""
+        state = self.due(now)
+        if state != self.state:
+            self._retire()
+            self.drop() if state == IDLE else self._to(state)
+
+    def _retire(self, now: bool = True) -> None:
+        made, self.made = self.made, None
+        if made is not None:
+            if now:
+                made.retire()
+            if made.stack is not None:
+                self.store.retired.append(made)
+
+    def drop(self, now: bool = True) -> None:
+        """Retire the value and forget the record (reset, eviction, teardown, time).
+
+        With ``now=False`` the value's cleanup waits for the store's owner to start it.
+        """
+        self._retire(now)
+        self.failure, self.attempt = None, None
+        self._to(IDLE)
+        if self.store.records.get(self.key) is self:
+            del self.store.records[self.key]
+
+    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None) -> None:
+        """Start an attempt (idle -> running) or a refresh (ready -> refreshing)."""
+        store = self.store
+        if store.loop_state.closed:
+            raise OnceClosedError(store.once.name)
+        self.attempt = attempt = Attempt(label(store.once.name, self.key, unkeyed=NOKEY))
+        self._to(RUNNING if self.made is None else REFRESHING)
+        store.tries += 1
+        logger.info(
+            "%s: %s started",
+            attempt.label,
+            "refresh" if self.made else "attempt",
+            extra={"once": store.once.name, "event": "start"},
+        )
+        run = functools.partial(store.once._run, self, attempt, args, kwargs, resolve)
+        spawn(store.loop, run, f"fastapi_once: {attempt.label}")
+        if store.once._policy.timeout is not None:
+            spawn(store.loop, functools.partial(self._watch, attempt), "fastapi_once: timeout")
+
+    async def _watch(self, attempt: Attempt) -> None:
+        policy = self.store.once._policy
+        with anyio.move_on_after(cast(float, policy.timeout)):
+            await attempt.done.wait()
+        if not attempt.settled:
+            self.settle(attempt, None, policy.timed_out(attempt.label), None)
+            if attempt.scope is not None:
+                attempt.scope.cancel()
+
+    def settle(
+        self, attempt: Attempt, made: Value | None, error: BaseException | None, traceback: Any
+    ) -> bool:
+        """Deliver an attempt's outcome; apply it here if the attempt is still this record's.
+
+        Returns False when it no longer is (timed out, reset, torn down): ``made`` must then be
+        cleaned up by its maker.
+        """
+        if attempt.settled:
+            return False
+        store, mine = self.store, self.attempt is attempt
+        if error is not None:
+            attempt.fail(error, traceback)
+            store.last_error = (type(error).__name__, str(error))
+        else:
+            attempt.succeed(cast(Value, made).value)
+            store.last_error = None
+        if not mine:
+            return False
+        self.attempt, now = None, monotonic()
+        if error is None:
+            self._retire()
+            self.made, self.retry_at = made, None
+            self._to(READY)
+        elif self.made is not None:
+            self.retry_at = store.once._policy.cooldown_until(now, error)
+            self._to(READY)
+        else:
+            until = store.once._policy.cooldown_until(now, error)
+            if until is None:
+                self.drop()
+                return True
+            self.failure = (error, traceback, error.__context__, until)
+            self._to(FAILED)
+        store.evict()
+        return True
+
+    async def keep(self, made: Value) -> None:
+        """Park the making task on ``made`` until it is retired; its cleanup then runs here."""
+
+        def due() -> float | None:
+            now = monotonic()
+            if self.made is made and made.expires_at is not None and now >= made.expires_at:
+                self.advance(now)
+            if self.made is not made:
+                made.retire()
+                return None
+            return None if made.expires_at is None else made.expires_at - now
+
+        def abandoned() -> None:
+            warned = self.store.loop_state.warned
+            if self.store.once.name not in warned:
+                warned.add(self.store.once.name)
+                warn_left_to_loop_end(self.store.once.name)
+
+        await made.keep(due, abandoned)
+
+
+def warn_left_to_loop_end(name: str) -> None:
+    """Report a value whose cleanup ran only because its event loop ended."""
+    import warnings
+
+    try:
+        warnings.warn(
+            f"{name}: a value was still in service when its event loop ended, so its cleanup "
+            "ran at loop shutdown, not at a teardown. Use `with TestClient(app)` (not a bare "
+            "TestClient(app), which runs each request in a new loop), once_lifespan, or "
+            "await reset_all() before the loop ends",
+            ResourceWarning,
+            stacklevel=1,
+        )
+    except Warning:
+        pass  # warnings turned into errors cannot be raised from the library's own task
+
+
+class _Store:
+    """What one once keeps in one event loop. Only that loop's thread touches it."""
 
     __slots__ = (
-        "expires_at",
-        "key",
-        "made_at",
-        "once",
-        "refresh_at",
-        "stack",
-        "stale_at",
-        "value",
-        "wall_time",
-    )
+        "hits", "joins", "last_duration", "last_error", "loop", "loop_state", "once", "records",
+        "retired", "tries",
+    )  # fmt: skip
 
-    def __init__(
-        self,
-        once: Once[Any, Any],
-        key: Hashable,
-        value: Any,
-        stack: AsyncExitStack | None,
-        policy: Policy,
-    ) -> None:
-        self.once = once
-        self.key = key
-        self.value = value
-        self.stack = stack
-        self.made_at = monotonic()
-        self.wall_time = time.time()
-        self.expires_at = None if policy.ttl is None else self.made_at + policy.ttl
-        self.refresh_at = None if policy.refresh is None else self.made_at + policy.refresh
-        # The hot path's one deadline: past it the value is due for refresh or expired.
-        self.stale_at = self.refresh_at if self.refresh_at is not None else self.expires_at
-
-    def expired(self, now: float) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
-
-
-class _Failure:
-    """A failed attempt remembered for the cooldown, so calls fail fast instead of retrying."""
-
-    __slots__ = ("error", "traceback", "until")
-
-    def __init__(self, error: BaseException, traceback: Any, until: float) -> None:
-        self.error, self.traceback, self.until = error, traceback, until
-
-
-class _Loop:
-    """What the onces keep for one event loop. Only that loop's thread touches it."""
-
-    __slots__ = ("made", "states")
-
-    def __init__(self) -> None:
-        self.states: dict[Once[Any, Any], _State] = {}
-        # Every value made in this loop and not retired yet, in order of creation.
-        self.made: dict[_Made, None] = {}
-
-
-class _State:
-    """What one once keeps for one event loop. Only that loop's thread touches it."""
-
-    __slots__ = (
-        "attempts",
-        "failures",
-        "hits",
-        "joins",
-        "last_duration",
-        "last_error",
-        "made",
-        "refreshing",
-        "registry",
-        "tries",
-        "values",
-    )
-
-    def __init__(self, registry: _Loop) -> None:
-        self.registry = registry
-        self.made: _Made | None = None  # the value of an unkeyed once
-        self.values: OrderedDict[Hashable, _Made] = OrderedDict()  # keyed: least recent first
-        # In flight, by key (None when unkeyed): first attempts, and refreshes of a served value.
-        self.attempts: dict[Hashable, _Attempt] = {}
-        self.refreshing: dict[Hashable, _Attempt] = {}
-        self.failures: OrderedDict[Hashable, _Failure] = OrderedDict()  # in their cooldown
-        self.hits = 0
-        self.joins = 0
-        self.tries = 0
+    def __init__(self, once: Once[Any, Any], loop: object, loop_state: LoopState) -> None:
+        self.once, self.loop, self.loop_state = once, loop, loop_state
+        self.records: OrderedDict[Hashable, _Record] = OrderedDict()  # least recent first
+        self.retired: list[Value] = []  # retired values with a cleanup, until it has run
+        self.hits = self.joins = self.tries = 0
         self.last_duration: float | None = None
-        self.last_error: BaseException | None = None
+        self.last_error: tuple[str, str] | None = None  # type name and message, no frames
 
-    def current(self, key: Hashable) -> _Made | None:
-        return self.made if key is None else self.values.get(key)
+    def record(self, key: Hashable, now: float) -> _Record:
+        """The record of ``key`` as of ``now`` (time rows applied), created idle if absent."""
+        rec = self.records.get(key)
+        if rec is not None:
+            rec.advance(now)  # may drop it
+        if rec is None or rec.state == IDLE:
+            rec = self.records[key] = _Record(self, key)
+        return rec
 
-    def forget(self, made: _Made) -> None:
-        if self.made is made:
-            self.made = None
-        elif self.values.get(made.key) is made:
-            del self.values[made.key]
-        self.registry.made.pop(made, None)
+    def evict(self) -> None:
+        """Drop least recently used records, none in flight, down to ``maxsize``."""
+        over = len(self.records) - self.once._maxsize
+        for rec in [r for r in self.records.values() if r.attempt is None][: max(over, 0)]:
+            rec.drop()
 
-    def in_flight(self) -> list[_Attempt]:
-        return [*self.attempts.values(), *self.refreshing.values()]
+    def busy(self) -> list[Attempt]:
+        return [r.attempt for r in self.records.values() if r.attempt is not None]
+
+    def retire_all(self) -> None:
+        for rec in list(self.records.values()):
+            rec.drop(now=False)
+        self.last_error = None
+
+    def cleanups(self) -> list[Value]:
+        self.retired = [v for v in self.retired if v.pending]
+        return list(self.retired)
+
+    def forget(self) -> list[Value]:
+        kept = [r.made for r in self.records.values() if r.made is not None]
+        self.records.clear()
+        self.once._hot = _NOWHERE
+        return [v for v in [*self.retired, *kept] if v.pending]
 
 
-# Weak keys: a closed and dropped loop takes its state with it.
-_loops: weakref.WeakKeyDictionary[object, _Loop] = weakref.WeakKeyDictionary()
-_loops_lock = threading.Lock()
+class _Keys:
+    """A store seen through some of its keys, for a per-key reset."""
+
+    def __init__(self, store: _Store, key: Hashable) -> None:
+        self.store, self.key = store, key
+
+    def _records(self) -> list[_Record]:
+        rec = self.store.records.get(self.key)
+        return [] if rec is None else [rec]
+
+    def busy(self) -> list[Attempt]:
+        return [r.attempt for r in self._records() if r.attempt is not None]
+
+    def retire_all(self) -> None:
+        for rec in self._records():
+            rec.drop(now=False)
+
+    def cleanups(self) -> list[Value]:
+        return self.store.cleanups()
+
+    def forget(self) -> list[Value]:  # pragma: no cover - teardown forgets whole stores
+        return []
+
+
+_NOWHERE = (object(), None, None, None)  # the hot cell before any call
 _all: weakref.WeakSet[Once[Any, Any]] = weakref.WeakSet()
 
 
 def registry() -> list[Once[Any, Any]]:
     """Return every once in the process, sorted by name (for readiness views and tests)."""
     return sorted(_all, key=lambda o: o.name)
-
-
-# --- cleanup --------------------------------------------------------------------------------------
-
-
-async def _cleanup(made: Iterable[_Made]) -> None:
-    """Run each value's cleanup once, shielded, and raise what failed after all have run."""
-    errors: list[BaseException] = []
-    for item in made:
-        if item.stack is None:
-            continue
-        with anyio.CancelScope(shield=True):
-            try:
-                await item.stack.aclose()
-            except BaseException as exc:
-                # The type only: exception text can hold secrets; DEBUG has the details.
-                logger.error("%s: cleanup failed with %s", item.once.name, type(exc).__name__)
-                logger.debug("%s: cleanup failure", item.once.name, exc_info=exc)
-                errors.append(exc)
-            else:
-                logger.info("%s: cleaned up", item.once.name)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise BaseExceptionGroup("cleanup of several once values failed", errors)
-
-
-async def _cleanup_quietly(made: _Made) -> None:
-    # Logged by _cleanup; a library task must not raise.
-    with contextlib.suppress(BaseException):
-        await _cleanup([made])
-
-
-def _retire(loop: object, state: _State, made: _Made) -> None:
-    """Forget ``made`` (nothing can get it any more) and clean it up in a library task."""
-    state.forget(made)
-    if made.stack is not None:
-        spawn(loop, functools.partial(_cleanup_quietly, made), f"fastapi_once: clean {made.once}")
-
-
-async def reset_all() -> None:
-    """Clean up and forget every value made in the running event loop, newest first.
-
-    Attempts in flight are awaited first, so what they make is cleaned up too. Each cleanup runs
-    exactly once, shielded from cancellation; the next call of any once makes its value anew.
-
-    Raises:
-        Exception: the cleanup's exception, after every other cleanup has run (a
-            ``BaseExceptionGroup`` when several failed).
-    """
-    registry = _loops.get(current_loop())
-    if registry is None:
-        return
-    for attempt in [a for state in registry.states.values() for a in state.in_flight()]:
-        await attempt.done.wait()
-    made = list(registry.made)
-    for item in made:
-        registry.states[item.once].forget(item)
-    for state in registry.states.values():
-        state.failures.clear()
-    await _cleanup(reversed(made))
-
-
-def forget_everything() -> None:
-    """Forget every once's values in every event loop; run their cleanups in a fresh loop.
-
-    For test teardown, outside any event loop: cleanup errors are logged, not raised.
-
-    Raises:
-        RuntimeError: an event loop is running in this thread (use ``await reset_all()``).
-    """
-    try:
-        current_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError("forget_everything() runs outside event loops; use await reset_all()")
-    with _loops_lock:
-        registries = list(_loops.values())
-    made: list[_Made] = []
-    for registry in registries:
-        made.extend(registry.made)
-        registry.made.clear()
-        for state in registry.states.values():
-            state.__init__(registry)  # type: ignore[misc]
-    if any(item.stack is not None for item in made):
-        with contextlib.suppress(BaseException):
-            anyio.run(_cleanup, reversed(made))
-
-
-# --- the primitive --------------------------------------------------------------------------------
-
-
-class Injector(Protocol):
-    """Supplies extra keyword arguments (sub-dependencies) when a value is made."""
-
-    @property
-    def param(self) -> str:
-        """The hidden keyword argument through which a caller passes its context."""
-
-    async def __call__(self, context: object, stack: AsyncExitStack) -> dict[str, Any]:
-        """Return the keyword arguments; cleanups of what they made go on ``stack``."""
-
-
-_NO_STATE: tuple[object, Any] = (object(), None)
 
 
 @final
@@ -338,7 +356,11 @@ class Once(Generic[P, T]):
         policy: Policy | None = None,
         options: dict[str, Any] | None = None,
     ) -> None:
-        self.fn = fn
+        # A bound method is held weakly, so that a once does not keep its object alive.
+        self._fn: Callable[[], Any] = (
+            weakref.WeakMethod(fn) if hasattr(fn, "__self__") and hasattr(fn, "__func__")
+            else lambda: fn
+        )  # fmt: skip
         self.name = name
         self.options: dict[str, Any] = dict(options or {})
         self._kind = kind_of(fn)
@@ -349,19 +371,30 @@ class Once(Generic[P, T]):
         self._policy = policy or Policy()
         self._param = injector.param if injector is not None else None
         self._needs_stack = injector is not None or self._kind in (Kind.ASYNC_GEN, Kind.GEN)
-        # (loop, state) of the loop that called last: the hot path's one-read cache. A tuple so
-        # that a reader in another thread never pairs one loop with another loop's state.
-        self._last: tuple[object, _State | None] = _NO_STATE
+        # (loop, thread proof, store, unkeyed record) of the loop that called last: the hot
+        # path's one read. A tuple, so a reader in another thread never mixes two loops' parts.
+        self._hot: tuple[Any, int | None, _Store | None, _Record | None] = _NOWHERE
         self.__name__ = getattr(fn, "__name__", name)
         self.__qualname__ = getattr(fn, "__qualname__", name)
         self.__module__ = getattr(fn, "__module__", None) or __name__
         self.__doc__ = getattr(fn, "__doc__", None)
-        if sys.version_info >= (3, 12):  # pragma: no cover
-            inspect.markcoroutinefunction(self)
+        as_coroutine_function(self)
         _all.add(self)
 
     def __repr__(self) -> str:
         return f"<Once {self.name}>"
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        """The function that makes the value.
+
+        Raises:
+            ReferenceError: it was a bound method whose object is gone.
+        """
+        fn = self._fn()
+        if fn is None:
+            raise ReferenceError(f"{self.name}: the object of this bound method no longer exists")
+        return cast(Callable[..., Any], fn)
 
     @property
     def keyed(self) -> bool:
@@ -372,59 +405,77 @@ class Once(Generic[P, T]):
         """Return the value, making it first if no call in this event loop has made it yet.
 
         Raises:
+            TypeError: arguments given to an unkeyed once, or an unhashable key.
             Exception: whatever the shared attempt raised; the next call tries again (or, within
                 a ``cooldown``, fails fast with the same exception).
-            OnceCycleError: the value is being made by a chain of calls that awaits it.
-            OnceCancelledError: the attempt was cancelled from inside.
-            OnceTimeoutError: the attempt took longer than ``timeout``.
         """
-        # The running loop, inline: this is the hot path (current_loop() handles trio).
+        loop, proof, store, rec = self._hot
+        # The hot path: proven the current loop without a system call where possible.
+        if proof != get_ident() or loop._thread_id != proof:
+            loop, proof, store, rec = self._find()
+        if self._key is None:
+            if (
+                rec is not None
+                and (made := rec.made) is not None
+                and not args
+                and (not kwargs or (self._param in kwargs and len(kwargs) == 1))
+                and (rec.until is None or monotonic() < rec.until)
+            ):
+                rec.store.hits += 1
+                return made.value  # type: ignore[no-any-return]
+            key: Hashable = NOKEY
+            if args or [k for k in kwargs if k != self._param]:
+                raise TypeError(
+                    f"{self.name} takes no arguments: it has no key=, so it makes one value for "
+                    "every caller; pass key= to keep one value per argument"
+                )
+        else:
+            assert store is not None
+            hidden = kwargs.pop(self._param, None) if self._param is not None else None
+            key = self._key(*args, **kwargs)
+            try:
+                rec = store.records.get(key)
+            except TypeError:
+                raise self._unhashable(key, args, kwargs) from None
+            if (
+                rec is not None
+                and (made := rec.made) is not None
+                and (rec.until is None or monotonic() < rec.until)
+            ):
+                store.records.move_to_end(key)
+                store.hits += 1
+                return made.value  # type: ignore[no-any-return]
+            if hidden is not None:
+                kwargs[self._param] = hidden  # type: ignore[index]
+        return cast(T, await self._slow(cast(_Store, store), key, args, kwargs))
+
+    def _find(self) -> tuple[Any, int | None, _Store, _Record | None]:
         try:
             loop: object = get_running_loop()
         except RuntimeError:
             loop = current_loop()
-        last = self._last
-        state: _State = last[1] if last[0] is loop else self._state_for(loop)  # type: ignore[assignment]
-        if self._key is None:
-            made = state.made
-            if made is not None and (made.stale_at is None or monotonic() < made.stale_at):
-                state.hits += 1
-                return made.value  # type: ignore[no-any-return]
-            context = kwargs.pop(self._param, None) if self._param is not None else None
-            return await self._slow(loop, state, None, made, args, kwargs, context)  # type: ignore[no-any-return]
-        context = kwargs.pop(self._param, None) if self._param is not None else None
-        key = self._key(*args, **kwargs)
-        try:
-            made = state.values.get(key)
-        except TypeError:
-            raise self._unhashable(key, args, kwargs) from None
-        if made is not None and (made.stale_at is None or monotonic() < made.stale_at):
-            state.values.move_to_end(key)
-            state.hits += 1
-            return made.value  # type: ignore[no-any-return]
-        return await self._slow(loop, state, key, made, args, kwargs, context)  # type: ignore[no-any-return]
+        hot = self._hot
+        if hot[0] is loop:
+            return cast(tuple[Any, int | None, _Store, _Record | None], hot)
+        state = state_of(loop)
+        store = state.stores.get(self)
+        if store is None:
+            store = state.stores[self] = _Store(self, loop, state)
+        self._hot = (loop, thread_proof(loop), store, store.records.get(NOKEY))
+        return self._hot  # type: ignore[return-value]
 
-    def _state_for(self, loop: object) -> _State:
-        with _loops_lock:
-            registry = _loops.get(loop)
-            if registry is None:
-                registry = _loops[loop] = _Loop()
-            state = registry.states.get(self)
-            if state is None:
-                state = registry.states[self] = _State(registry)
-        self._last = (loop, state)
-        return state
-
-    def _existing_state(self) -> _State | None:
-        """The state of the running loop (or, outside any loop, of the last one), if any."""
+    def _existing_store(self) -> _Store | None:
+        """The running loop's store (or, outside any loop, the last one used), if any."""
         try:
             loop = current_loop()
         except RuntimeError:
-            return self._last[1]
-        registry = _loops.get(loop)
-        return registry.states.get(self) if registry is not None else None
+            return self._hot[2]
+        state = state_of(loop)
+        return cast("_Store | None", state.stores.get(self))
 
     def _unhashable(self, key: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TypeError:
+        import inspect
+
         bound = inspect.signature(self.fn).bind_partial(*args, **kwargs).arguments
         culprits = [name for name, value in bound.items() if not _hashable(value)]
         where = f" (parameter {', '.join(map(repr, culprits))})" if culprits else ""
@@ -434,133 +485,99 @@ class Once(Generic[P, T]):
         )
 
     async def _slow(
-        self,
-        loop: object,
-        state: _State,
-        key: Hashable,
-        made: _Made | None,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        context: object,
+        self, store: _Store, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        if self._key is None and (args or kwargs):
-            raise TypeError(
-                f"{self.name} takes no arguments: it has no key=, so it makes one value for "
-                "every caller; pass key= to keep one value per argument"
-            )
+        context = kwargs.pop(self._param, None) if self._param is not None else None
         now = monotonic()
-        if made is not None:
-            if not made.expired(now):
-                # Due for refresh, not expired: serve it while one background refresh runs.
-                if key not in state.refreshing:
-                    self._start(loop, state, key, args, kwargs, context, replacing=made)
-                state.hits += 1
-                return made.value
-            _retire(loop, state, made)
-        failure = state.failures.get(key)
-        if failure is not None:
-            if now < failure.until:
-                raise failure.error.with_traceback(failure.traceback)
-            del state.failures[key]
-        me = _working.get()
-        attempt = state.attempts.get(key)
-        if attempt is None:
-            attempt = self._start(loop, state, key, args, kwargs, context, replacing=None)
-        else:
-            state.joins += 1
-            if me is not None:
-                # attempt -> ... -> me already wait on each other; me waiting on attempt would
-                # close the loop, and nothing in it could ever finish.
-                path = _path(attempt, me)
-                if path is not None:
-                    raise OnceCycleError([*(a.label for a in path), attempt.label])
-        if me is None:
-            await attempt.done.wait()
-        else:
-            me.waiting_on.append(attempt)
+        rec = store.record(key, now)
+        if key is NOKEY:
+            self._hot = (store.loop, thread_proof(store.loop), store, rec)
+        if rec.made is not None:
+            due = rec.made.refresh_at
+            if rec.state == READY and due is not None and now >= due:
+                if rec.retry_at is None or now >= rec.retry_at:
+                    rec.start(args, kwargs, self._bind(context))
+            store.hits += 1
+            if key is not NOKEY:
+                store.records.move_to_end(key)
+            return rec.made.value
+        if rec.failure is not None:
+            raise_again(*rec.failure[:3])
+        if rec.attempt is None:
             try:
-                await attempt.done.wait()
-            finally:
-                me.waiting_on.remove(attempt)
+                rec.start(args, kwargs, self._bind(context))
+            except OnceClosedError:
+                rec.drop()
+                raise
+        else:
+            store.joins += 1
+        attempt = cast(Attempt, rec.attempt)
+        await wait(attempt)
         return attempt.result()
 
-    def _start(
-        self,
-        loop: object,
-        state: _State,
-        key: Hashable,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        context: object,
-        replacing: _Made | None,
-    ) -> _Attempt:
-        label = self.name if self._key is None else f"{self.name}[{key!r}]"
-        attempt = _Attempt(label)
-        (state.attempts if replacing is None else state.refreshing)[key] = attempt
-        state.tries += 1
-        logger.info("%s: %s started", label, "attempt" if replacing is None else "refresh")
-        work = functools.partial(self._run, loop, state, key, attempt, args, kwargs, context)
-        spawn(loop, functools.partial(work, replacing), f"fastapi_once: {label}")
-        return attempt
+    def _bind(self, context: object) -> Resolve | None:
+        return None if self._injector is None else self._injector.bind(context)
 
     async def _run(
         self,
-        loop: object,
-        state: _State,
-        key: Hashable,
-        attempt: _Attempt,
+        rec: _Record,
+        attempt: Attempt,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        context: object,
-        replacing: _Made | None,
+        resolve: Resolve | None,
     ) -> None:
-        """Make the value in the library's task and settle ``attempt``; never raises."""
-        _working.set(attempt)
-        in_flight = state.attempts if replacing is None else state.refreshing
-        started = monotonic()
-        make = functools.partial(self._make, args, kwargs, context)
-        try:
-            value, stack = await self._policy.run(attempt.label, make)
-        except BaseException as exc:
-            state.last_duration = monotonic() - started
-            # Forget the failed attempt before waking its waiters, so that any of them that calls
-            # again starts a fresh attempt instead of joining this one.
-            in_flight.pop(key, None)
-            self._failed(state, key, attempt, exc, refresh=replacing is not None)
-            attempt.done.set()
-            return
-        in_flight.pop(key, None)
-        made = _Made(self, key, value, stack, self._policy)
-        state.last_duration = made.made_at - started
-        state.last_error = None
-        old = state.current(key)
-        if old is not None:
-            _retire(loop, state, old)
-        state.registry.made[made] = None
-        if self._key is None:
-            state.made = made
-        else:
-            state.values[key] = made
-            if len(state.values) > self._maxsize:
-                _retire(loop, state, next(iter(state.values.values())))
-        logger.info(
-            "%s: %s in %.2f s",
-            attempt.label,
-            "ready" if replacing is None else "refreshed",
-            state.last_duration,
-        )
-        attempt.value = value
-        attempt.done.set()
+        """Make the value in the library's task, settle ``attempt``, keep the value; never raises."""
+        working.set(attempt)
+        store, started = rec.store, monotonic()
+        with anyio.CancelScope() as attempt.scope:
+            make = functools.partial(self._make, args, kwargs, resolve)
+            try:
+                value, stack = await self._policy.run(attempt.label, make)
+            except BaseException as exc:
+                store.last_duration = monotonic() - started
+                error, traceback = exc, exc.__traceback__
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    error, traceback = OnceCancelledError(attempt.label), None
+                    error.__cause__ = exc
+                if rec.settle(attempt, None, error, traceback):
+                    refresh = rec.made is not None
+                    logger.warning(
+                        "%s: %s failed after %.2f s with %s%s",
+                        attempt.label,
+                        "refresh" if refresh else "attempt",
+                        store.last_duration,
+                        type(error).__name__,
+                        "; keeping the current value" if refresh else "",
+                        extra={"once": self.name, "event": "failed"},
+                    )
+                    logger.debug("%s: failure", attempt.label, exc_info=error)
+                return
+            now = monotonic()
+            made = Value(attempt.label, value, stack, now, time.time(), self._policy.deadlines(now))
+            store.last_duration = now - started
+            refresh = rec.state == REFRESHING
+            if not rec.settle(attempt, made, None, None):
+                await made.clean_here()  # made too late: nobody can get it
+                return
+            logger.info(
+                "%s: %s in %.2f s",
+                attempt.label,
+                "refreshed" if refresh else "ready",
+                store.last_duration,
+                extra={"once": self.name, "event": "ready"},
+            )
+            if stack is not None:
+                await rec.keep(made)
 
     async def _make(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], context: object
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None
     ) -> tuple[Any, AsyncExitStack | None]:
         """One try: resolve sub-dependencies, call fn (through the backend, if any)."""
         stack = AsyncExitStack() if self._needs_stack else None
         try:
-            if self._injector is not None:
+            if resolve is not None:
                 assert stack is not None
-                kwargs = {**kwargs, **await self._injector(context, stack)}
+                kwargs = {**kwargs, **await resolve(stack)}
             make = functools.partial(
                 invoke,
                 self.fn,
@@ -569,7 +586,7 @@ class Once(Generic[P, T]):
                 kwargs,
                 stack,
                 self.name,
-                abandon_on_cancel=self._policy.timeout is not None,
+                abandon_on_cancel=self._across is not None,
             )
             if self._across is None:
                 value = await make()
@@ -579,60 +596,34 @@ class Once(Generic[P, T]):
             if stack is not None:
                 # Release what the failed try had set up; the waiters get the try's own
                 # exception, not one of its cleanup.
-                with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
-                    await stack.aclose()
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await stack.aclose()
+                    except BaseException:  # noqa: S110 - the try's own error wins
+                        pass
             raise
         return value, stack
 
-    def _failed(
-        self, state: _State, key: Hashable, attempt: _Attempt, exc: BaseException, refresh: bool
-    ) -> None:
-        error, traceback = exc, exc.__traceback__
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
-            error, traceback = OnceCancelledError(attempt.label), None
-            error.__cause__ = exc
-        state.last_error = error
-        what = "refresh" if refresh else "attempt"
-        # The type only: exception text can hold secrets (a DSN, a token); DEBUG has the details.
-        logger.warning(
-            "%s: %s failed after %.2f s with %s%s",
-            attempt.label,
-            what,
-            state.last_duration,
-            type(error).__name__,
-            "; keeping the current value" if refresh else "",
-        )
-        logger.debug("%s: %s failure", attempt.label, what, exc_info=error)
-        cooldown = self._policy.cooldown
-        countable = isinstance(error, Exception) and not isinstance(error, OnceCancelledError)
-        if not refresh and cooldown is not None and countable:
-            state.failures[key] = _Failure(error, traceback, monotonic() + cooldown)
-            if len(state.failures) > self._maxsize:
-                state.failures.popitem(last=False)
-        attempt.error, attempt.traceback = error, traceback
-
-    async def reset(self) -> None:
+    async def reset(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Clean up and forget this once's value(s) in the running event loop.
 
-        Attempts and refreshes in flight are awaited first and their values cleaned up too; a
-        failure's cooldown is forgotten. With ``across=``, the backend's record is cleared too,
-        so the next call in any process runs the function again. (``reset_all()`` and lifespan
-        shutdown forget values in this process only.)
+        With arguments (a keyed once), only the key they map to. Work in flight is awaited first
+        and what it makes is cleaned up too; a failure's cooldown and the last error are
+        forgotten; the counters in :meth:`status` are kept. With ``across=``, the backend's
+        record is cleared too, so the next call in any process runs the function again.
 
         Raises:
+            TypeError: arguments given to an unkeyed once.
+            OnceCycleError: called from inside the work it would wait for.
             Exception: what a cleanup raised, after every cleanup has run.
         """
-        state = self._existing_state()
-        if state is None:
-            return
-        for attempt in state.in_flight():
-            await attempt.done.wait()
-        made = [state.made] if state.made is not None else list(state.values.values())
-        for item in made:
-            state.forget(item)
-        state.failures.clear()
+        if (args or kwargs) and self._key is None:
+            raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
+        store = self._existing_store()
         try:
-            await _cleanup(reversed(made))
+            if store is not None:
+                view = store if not (args or kwargs) else _Keys(store, self._key(*args, **kwargs))  # type: ignore[misc]
+                await drain(lambda: [view], f"{self.name}.reset()")
         finally:
             if self._across is not None:
                 await self._across.reset(self.name)
@@ -643,88 +634,62 @@ class Once(Generic[P, T]):
         Args:
             details: include the last error's message (off by default: it can hold secrets).
         """
-        state = self._existing_state()
-        if state is None:
-            return OnceStatus(name=self.name, state="idle")
+        store = self._existing_store()
+        if store is None:
+            return OnceStatus(name=self.name, state=IDLE)
         now = monotonic()
-        error = state.last_error
-        keys: dict[State, int] | None = None
-        size: int | None = None
-        if self._key is None:
-            made = state.made if state.made is not None and not state.made.expired(now) else None
-            current: State
-            if state.refreshing:
-                current = "refreshing"
-            elif made is not None:
-                current = "ready"
-            elif state.attempts:
-                current = "running"
-            elif error is not None:
-                current = "failed"
-            else:
-                current = "idle"
-        else:
-            live = [m for m in state.values.values() if not m.expired(now)]
-            made = max(live, key=lambda m: m.made_at) if live else None
-            failed = sum(1 for f in state.failures.values() if now < f.until)
-            counts: dict[State, int] = {
-                "ready": len(live) - len(state.refreshing),
-                "refreshing": len(state.refreshing),
-                "running": len(state.attempts),
-                "failed": failed,
-            }
-            keys, size = counts, len(state.values)
-            current = next((s for s in ("ready", "refreshing", "running") if counts[s]), "idle")
-            if current == "idle" and (failed or error is not None):
-                current = "failed"
-        return OnceStatus(
-            name=self.name,
-            state=current,
-            made_at=None
-            if made is None
-            else datetime.fromtimestamp(made.wall_time, tz=timezone.utc),
-            last_duration=state.last_duration,
-            attempts=state.tries,
-            last_error_type=None if error is None else type(error).__name__,
-            last_error_message=str(error) if details and error is not None else None,
-            hits=state.hits,
-            joins=state.joins,
-            keys=keys,
-            size=size,
+        records = list(store.records.values())
+        return project(
+            self.name,
+            self.keyed,
+            [(r.due(now), None if r.made is None else r.made.wall_time) for r in records],
+            store.last_error,
+            details,
+            attempts=store.tries,
+            hits=store.hits,
+            joins=store.joins,
+            last_duration=store.last_duration,
         )
 
-    def _kick(self, context: object) -> bool:
-        """Start making an unkeyed value in the background unless it is there or on its way.
 
-        Returns whether an attempt was started. Used by readiness probes: nothing waits.
-        """
-        loop = current_loop()
-        state = self._state_for(loop)
-        made, now = state.made, monotonic()
-        if (made is not None and not made.expired(now)) or None in state.attempts:
-            return False
-        failure = state.failures.get(None)
-        if failure is not None and now < failure.until:
-            return False
-        if made is not None:
-            _retire(loop, state, made)
-        self._start(loop, state, None, (), {}, context, replacing=None)
-        return True
+def kick(target: Once[Any, Any], context: object) -> bool:
+    """Start making an unkeyed once's value in the background unless it is there or on its way.
 
-    def _set(self, value: Any) -> None:
-        """Serve ``value`` in the running loop until :meth:`_unset` (tests only)."""
-        self._state_for(current_loop()).made = _Made(self, None, value, None, Policy())
+    Returns whether an attempt was started. For readiness probes: nothing waits.
+    """
+    store = target._find()[2]
+    rec = store.record(NOKEY, monotonic())
+    if rec.state != IDLE:
+        return False
+    try:
+        rec.start((), {}, target._bind(context))
+    except OnceClosedError:
+        rec.drop()
+        return False
+    return True
 
-    def _unset(self, value: Any) -> None:
-        state = self._existing_state()
-        if state is not None and state.made is not None and state.made.value is value:
-            state.made = None
 
-    async def _get(self, context: object) -> T:
-        """Return an unkeyed once's value, making it with ``context`` (e.g. the app) if needed."""
-        kwargs: dict[str, Any] = {self._param: context} if self._param is not None else {}
-        call: Any = self
-        return cast(T, await call(**kwargs))
+def pin(target: Once[Any, T], value: T) -> None:
+    """Serve ``value`` from an unkeyed once in the running loop until :func:`unpin` (tests)."""
+    rec = target._find()[2].record(NOKEY, monotonic())
+    rec.made = Value(target.name, value, None, monotonic(), time.time(), (None, None))
+    rec._to(READY)
+
+
+def unpin(target: Once[Any, T], value: T) -> None:
+    """Stop serving a pinned ``value`` (nothing is cleaned up: it belongs to the caller)."""
+    store = target._existing_store()
+    rec = None if store is None else store.records.get(NOKEY)
+    if rec is not None and rec.made is not None and rec.made.value is value:
+        rec.made = None
+        rec.drop()
+
+
+async def make_with(target: Once[Any, T], context: object) -> T:
+    """Return an unkeyed once's value, making it with ``context`` (e.g. the app) if needed."""
+    kwargs: dict[str, Any] = {target._param: context} if target._param is not None else {}
+    call: Any = target
+    return cast(T, await call(**kwargs))
 
 
 def _hashable(value: object) -> bool:
@@ -733,3 +698,14 @@ def _hashable(value: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _forget_hot_cells() -> None:
+    # A forked child has none of its parent's loops running: no cell may prove one.
+    for item in list(_all):
+        item._hot = _NOWHERE
+
+
+import os  # noqa: E402
+
+os.register_at_fork(after_in_child=_forget_hot_cells)

@@ -15,13 +15,17 @@ class OnceCycleError(OnceError, RuntimeError):
     Waiting would deadlock, so the call that closes the cycle raises this instead.
     """
 
-    def __init__(self, cycle: Sequence[str]) -> None:
+    def __init__(self, cycle: Sequence[str], action: str | None = None) -> None:
         self.cycle = tuple(cycle)
+        self.action = action
         chain = " -> ".join(self.cycle)
-        super().__init__(
-            f"once cycle: {chain}: {self.cycle[-1]} is awaited while it is being made, which "
-            "would wait forever; break the cycle so that no once depends on itself"
-        )
+        if action is None:
+            what = f"{self.cycle[-1]} is awaited while it is being made"
+            fix = "break the cycle so that no once depends on itself"
+        else:
+            what = f"{action} waits for {self.cycle[-1]} to finish, from inside its own work"
+            fix = f"call {action} outside the once's function (e.g. in a route or the lifespan)"
+        super().__init__(f"once cycle: {chain}: {what}, which would wait forever; {fix}")
 
 
 class OnceCancelledError(OnceError):
@@ -33,6 +37,21 @@ class OnceCancelledError(OnceError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"the attempt to make {name} was cancelled; the next call tries again")
+
+
+class OnceClosedError(OnceError, RuntimeError):
+    """A once was called in an event loop whose teardown (``once_lifespan`` shutdown) has begun.
+
+    A value made then would outlive the cleanup that promised to close everything.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"{name} cannot be made: the app's once_lifespan has shut down in this event loop, so "
+            "its value would never be cleaned up; finish requests before shutdown, or start the "
+            "lifespan again"
+        )
 
 
 class OnceTimeoutError(OnceError, TimeoutError):

@@ -19,7 +19,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature
 from starlette.requests import HTTPConnection
 
-from ._core import Injector, Once
+from ._core import Once, Resolve, make_with
 from ._kinds import Kind, invoke, kind_of
 from ._policy import Policy
 
@@ -110,7 +110,7 @@ def _analyse(fn: Callable[..., Any], name: str) -> Dependant:
 
 def adapt(
     fn: Callable[..., Any], name: str, keyed: bool
-) -> tuple[inspect.Signature, Injector | None]:
+) -> tuple[inspect.Signature, SubDependencies | None]:
     """Check ``fn``'s parameters; return its signature as a dependency and its injector.
 
     The signature FastAPI sees holds only request-data parameters (for keyed onces) and, when
@@ -162,10 +162,15 @@ class SubDependencies:
     def __init__(self, dependant: Dependant) -> None:
         self._dependant = dependant
 
-    async def __call__(self, context: object, stack: AsyncExitStack) -> dict[str, Any]:
+    def bind(self, context: object) -> Resolve:
+        """Return what resolves the sub-dependencies for a connection (or an app)."""
         app = context.scope.get("app") if isinstance(context, HTTPConnection) else context
         overrides = getattr(app, "dependency_overrides", None) or {}
-        return await _solve(self._dependant, app, overrides, stack, {})
+
+        async def resolve(stack: AsyncExitStack) -> dict[str, Any]:
+            return await _solve(self._dependant, app, overrides, stack, {})
+
+        return resolve
 
 
 async def _solve(
@@ -184,7 +189,7 @@ async def _solve(
             values[name] = cache[call]
             continue
         if isinstance(call, Once):
-            value = await call._get(app)
+            value = await make_with(call, app)
         else:
             if call is not sub.call:
                 sub = get_dependant(path="", call=call, name=sub.name, use_cache=sub.use_cache)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import sys
 from collections.abc import AsyncGenerator, Callable, Generator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -23,19 +24,61 @@ class Kind(enum.Enum):
 
 
 def kind_of(call: Callable[..., Any]) -> Kind:
-    """Tell how ``call`` makes its value, seeing through partials and callable instances."""
+    """Tell how ``call`` makes its value, seeing through wrappers.
+
+    Partials, ``staticmethod``/``classmethod`` objects, bound methods, decorators that set
+    ``__wrapped__`` (``functools.wraps``) and callable instances are looked through.
+    """
     target: Any = call
-    while isinstance(target, functools.partial):
-        target = target.func
-    if not (inspect.isroutine(target) or inspect.isclass(target)):
-        target = getattr(target, "__call__", target)  # noqa: B004
+    while True:
+        if isinstance(target, (functools.partial, functools.partialmethod)):
+            target = target.func
+        elif isinstance(target, (staticmethod, classmethod)) or inspect.ismethod(target):
+            target = target.__func__
+        elif getattr(target, "__wrapped__", None) is not None and not _marked(target):
+            target = target.__wrapped__
+        elif not (inspect.isroutine(target) or inspect.isclass(target)) and hasattr(
+            type(target), "__call__"
+        ):
+            nxt = type(target).__call__
+            if nxt is target or _marked(target):
+                break
+            target = nxt
+        else:
+            break
     if inspect.isasyncgenfunction(target):
         return Kind.ASYNC_GEN
     if inspect.isgeneratorfunction(target):
         return Kind.GEN
-    if inspect.iscoroutinefunction(target) or getattr(target, "_is_coroutine_marker", None):
+    if _marked(target) or inspect.iscoroutinefunction(target):
         return Kind.ASYNC
     return Kind.SYNC
+
+
+def _marked(target: object) -> bool:
+    """Whether ``target`` is marked as a coroutine function without being one (3.12's marker)."""
+    return getattr(target, "_is_coroutine_marker", None) is not None
+
+
+async def _coroutine_template() -> None:  # pragma: no cover - never called
+    """Lends its code object's coroutine flag to :func:`as_coroutine_function`."""
+
+
+def as_coroutine_function(obj: Any) -> None:
+    """Make ``inspect`` and ``asyncio`` see the callable instance ``obj`` as a coroutine function.
+
+    Python 3.12+ has ``inspect.markcoroutinefunction``. Before it, ``inspect`` accepts any
+    function-like object whose ``__code__`` carries the coroutine flag, and ``asyncio`` also
+    checks the ``_is_coroutine`` marker.
+    """
+    if sys.version_info >= (3, 12):  # pragma: no cover
+        inspect.markcoroutinefunction(obj)
+        return
+    import asyncio.coroutines  # pragma: no cover
+
+    obj.__code__ = _coroutine_template.__code__  # pragma: no cover
+    obj.__defaults__ = obj.__kwdefaults__ = None  # pragma: no cover
+    obj._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]  # pragma: no cover
 
 
 async def invoke(
@@ -56,9 +99,11 @@ async def invoke(
     if kind is Kind.ASYNC:
         return await call(*args, **kwargs)
     if kind is Kind.SYNC:
-        return await anyio.to_thread.run_sync(
+        value = await anyio.to_thread.run_sync(
             functools.partial(call, *args, **kwargs), abandon_on_cancel=abandon_on_cancel
         )
+        # A wrapper that hides an async def (no __wrapped__) still returns a coroutine.
+        return await value if inspect.iscoroutine(value) else value
     assert stack is not None, "a generator needs a stack for its cleanup"
     if kind is Kind.ASYNC_GEN:
         agen: AsyncGenerator[Any, None] = call(*args, **kwargs)

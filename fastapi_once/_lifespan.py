@@ -10,29 +10,38 @@ from typing import Any
 
 import anyio
 
-from ._core import Once, reset_all
+from ._core import Once, make_with
 from ._fastapi import once
+from ._loops import close, current_loop, state_of
 
 logger = logging.getLogger("fastapi_once")
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
 
-def once_lifespan(*onces: Callable[..., Any], lifespan: Lifespan | None = None) -> Lifespan:
+def once_lifespan(
+    *onces: Callable[..., Any], lifespan: Lifespan | None = None, shutdown_timeout: float = 10.0
+) -> Lifespan:
     """Return a FastAPI lifespan that warms ``onces`` at startup and cleans up at shutdown.
 
     Startup makes the values of ``onces`` concurrently (onces that depend on each other wait for
     each other through single-flight), skipping any that ``app.dependency_overrides`` replaces,
     then enters ``lifespan`` (its state still reaches ``request.state``). Shutdown exits
-    ``lifespan``, then runs the cleanup of every value made in this event loop, lazily or at
-    startup, exactly once and newest first, and forgets them: the next lifespan starts fresh.
+    ``lifespan``, then closes this event loop's onces: new attempts are refused with
+    :class:`OnceClosedError`, work in flight is awaited, and every value made in the loop, lazily
+    or at startup, is cleaned up exactly once and forgotten: the next lifespan starts fresh. A
+    startup that fails or is cancelled half-way cleans up what it made (shielded).
 
     Args:
         *onces: onces (or functions, taken as ``once(fn)``) to make before the app serves.
         lifespan: the app's own lifespan, wrapped inside this one.
+        shutdown_timeout: seconds shutdown waits for work in flight and cleanups, so that a
+            hung function cannot hold the process past the server's grace period (default 10;
+            Kubernetes gives a pod 30 s by default). What still runs then is logged.
 
     Raises:
         TypeError: an item is not callable, or is keyed (a keyed once has no single value).
+        ValueError: ``shutdown_timeout`` is not a positive finite number.
         Exception: at startup, the original exception of the first once that failed (what the
             others made is cleaned up first).
     """
@@ -45,9 +54,15 @@ def once_lifespan(*onces: Callable[..., Any], lifespan: Lifespan | None = None) 
                 "nothing to warm; list only unkeyed onces"
             )
         warm.append(made)
+    if not (isinstance(shutdown_timeout, (int, float)) and 0 < shutdown_timeout < float("inf")):
+        raise ValueError(
+            f"once_lifespan(shutdown_timeout={shutdown_timeout!r}): give a positive, finite "
+            "number of seconds"
+        )
 
     @asynccontextmanager
     async def run(app: Any) -> AsyncIterator[Any]:
+        state_of(current_loop()).closed = False
         try:
             await _warm(app, warm)
             if lifespan is None:
@@ -56,7 +71,7 @@ def once_lifespan(*onces: Callable[..., Any], lifespan: Lifespan | None = None) 
                 async with lifespan(app) as state:
                     yield state
         finally:
-            await reset_all()
+            await close(shutdown_timeout)
 
     return run
 
@@ -64,15 +79,20 @@ def once_lifespan(*onces: Callable[..., Any], lifespan: Lifespan | None = None) 
 async def _warm(app: Any, onces: list[Once[Any, Any]]) -> None:
     overrides = getattr(app, "dependency_overrides", None) or {}
     todo = [item for item in onces if item not in overrides]
-    failures: list[Exception] = []
+    failures: list[BaseException] = []
+    cancelled = anyio.get_cancelled_exc_class()
     ready = 0
 
     async def make(item: Once[Any, Any], scope: anyio.CancelScope) -> None:
         nonlocal ready
         started = time.monotonic()
         try:
-            await item._get(app)
-        except Exception as exc:
+            await make_with(item, app)
+        except cancelled:
+            raise
+        except BaseException as exc:
+            # Caught here, raised after the group: KeyboardInterrupt or SystemExit reaches the
+            # server as itself, not inside an exception group.
             logger.error("warming %s failed with %s", item.name, type(exc).__name__)
             failures.append(exc)
             scope.cancel()

@@ -1,11 +1,29 @@
-"""Which event loop is running, and the tasks the library owns in it (asyncio or trio)."""
+"""Event loops: which one is running, the tasks the library owns in it, and its teardown.
+
+Each event loop has a :class:`LoopState` holding every once's store for that loop. Locking:
+``_lock`` guards only the ``_states`` mapping (any thread may look up its loop); a
+``LoopState`` and everything in it is touched only by its own loop's thread, so it has no lock.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import logging
+import os
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import anyio
+
+from ._attempts import Attempt, check_wait, wait
+from ._values import Value, raise_all
+
+logger = logging.getLogger("fastapi_once")
 
 
 def current_loop() -> object:
@@ -30,6 +48,19 @@ def current_loop() -> object:
     )
 
 
+def thread_proof(loop: object) -> int | None:
+    """The thread id that proves ``loop`` is the running loop, where a cheap proof exists.
+
+    An asyncio ``BaseEventLoop`` records the thread that runs it, and a thread runs at most one
+    loop at a time: while ``loop._thread_id == threading.get_ident()``, ``loop`` is the running
+    loop, with no system call (``get_running_loop()`` calls ``getpid()`` before Python 3.12).
+    None for loops without that record (uvloop, trio): the caller asks the slow way.
+    """
+    if isinstance(loop, asyncio.BaseEventLoop):
+        return threading.get_ident()
+    return None
+
+
 # asyncio keeps only weak references to tasks: these strong ones keep the library's work alive
 # after every caller has left.
 _tasks: set[asyncio.Task[None]] = set()
@@ -38,7 +69,8 @@ _tasks: set[asyncio.Task[None]] = set()
 def spawn(loop: object, fn: Callable[[], Awaitable[None]], name: str) -> None:
     """Run ``fn()`` in a task owned by the library, not by the caller, in the caller's context.
 
-    ``fn`` must never raise: it delivers what happened to whoever waits for it.
+    ``fn`` must never raise: it delivers what happened to whoever waits for it. When the loop
+    ends, the task is cancelled (``asyncio.run`` and trio both do that) and may clean up.
     """
     if isinstance(loop, asyncio.AbstractEventLoop):
 
@@ -54,3 +86,152 @@ def spawn(loop: object, fn: Callable[[], Awaitable[None]], name: str) -> None:
         # A system task lives as long as the run and belongs to no request; trio turns an
         # exception escaping it into a crash of the whole run, hence fn's promise not to raise.
         trio.lowlevel.spawn_system_task(fn, name=name, context=contextvars.copy_context())
+
+
+class Store(Protocol):
+    """What a once keeps in one event loop, as teardown sees it."""
+
+    def busy(self) -> list[Attempt]:
+        """The attempts in flight."""
+
+    def retire_all(self) -> None:
+        """Take every value out of service and forget every record (nothing in flight).
+
+        The values' cleanups wait in :meth:`cleanups` for the caller to start them.
+        """
+
+    def cleanups(self) -> list[Value]:
+        """The values out of service whose cleanup has not finished."""
+
+    def forget(self) -> list[Value]:
+        """Forget everything without waiting (the loop is gone); return what is not cleaned up."""
+
+
+class LoopState:
+    """What the onces keep for one event loop. Only that loop's thread touches it."""
+
+    __slots__ = ("__weakref__", "closed", "stores", "warned")
+
+    def __init__(self) -> None:
+        self.stores: dict[Any, Store] = {}  # by once
+        # Set when once_lifespan shuts down: new attempts are refused, so nothing is made that
+        # the teardown would miss. Cleared when a lifespan starts again in this loop.
+        self.closed = False
+        self.warned: set[str] = set()  # onces already reported for values left to loop end
+
+
+_states: weakref.WeakKeyDictionary[object, LoopState] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def state_of(loop: object) -> LoopState:
+    """Return ``loop``'s state, creating it on first use (any thread)."""
+    with _lock:
+        state = _states.get(loop)
+        if state is None:
+            state = _states[loop] = LoopState()
+        return state
+
+
+def running_state() -> LoopState | None:
+    """Return the running loop's state if any once has used it, else None."""
+    return _states.get(current_loop())
+
+
+async def drain(stores: Callable[[], Iterable[Store]], action: str) -> None:
+    """Settle work in flight, retire every value and await every cleanup; repeat until none left.
+
+    Repeating catches what work in flight made meanwhile, so nothing made before ``drain``
+    returns escapes it.
+
+    Raises:
+        OnceCycleError: called from inside the work it would wait for.
+        Exception: what a cleanup raised, after every cleanup has run.
+    """
+    errors: list[BaseException] = []
+    while True:
+        busy = [attempt for store in stores() for attempt in store.busy()]
+        for attempt in busy:
+            check_wait(attempt, action)
+        for attempt in busy:
+            await wait(attempt, action)
+        if busy:
+            continue
+        for store in stores():
+            store.retire_all()
+        pending = [value for store in stores() for value in store.cleanups()]
+        if not pending:
+            break
+        for value in sorted(pending, key=lambda v: v.serial, reverse=True):  # newest first
+            value.retire()
+            errors.extend(await value.cleaned())
+    raise_all(errors)
+
+
+async def reset_all() -> None:
+    """Clean up and forget every value made in the running event loop.
+
+    Attempts in flight are awaited first and what they make is cleaned up too; it repeats until
+    nothing is left. Each cleanup runs exactly once, shielded from cancellation; the next call of
+    any once makes its value anew.
+
+    Raises:
+        OnceCycleError: called from inside a once's function that it would wait for.
+        Exception: the cleanup's exception, after every other cleanup has run (a
+            ``BaseExceptionGroup`` when several failed).
+    """
+    state = running_state()
+    if state is not None:
+        await drain(lambda: list(state.stores.values()), "reset_all()")
+
+
+async def close(timeout: float) -> None:
+    """Tear down the running loop's onces for good: refuse new attempts, then drain.
+
+    Waits at most ``timeout`` seconds; what is still running then is logged and left to finish
+    (what it makes is cleaned up as soon as it settles).
+    """
+    state = state_of(current_loop())
+    state.closed = True
+    with anyio.CancelScope(shield=True), anyio.move_on_after(timeout) as scope:
+        await drain(lambda: list(state.stores.values()), "shutdown")
+    if scope.cancelled_caught:
+        logger.warning(
+            "shutdown stopped waiting after %.1f s; still running: %s",
+            timeout,
+            ", ".join(a.label for s in state.stores.values() for a in s.busy()) or "cleanups",
+        )
+
+
+def forget_everything() -> None:
+    """Forget every once's values in every event loop; run cleanups that never ran.
+
+    For test teardown, outside any event loop: cleanup errors are logged, not raised. A value's
+    cleanup normally runs in the task that made it, also when its loop ends; one whose loop was
+    closed without cancelling its tasks is cleaned up here, in a fresh loop.
+
+    Raises:
+        RuntimeError: an event loop is running in this thread (use ``await reset_all()``).
+    """
+    try:
+        current_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("forget_everything() runs outside event loops; use await reset_all()")
+    with _lock:
+        states = list(_states.values())
+        _states.clear()
+    orphans = [v for s in states for store in s.stores.values() for v in store.forget()]
+    if orphans:
+        with contextlib.suppress(BaseException):
+            anyio.run(_clean_orphans, orphans)
+
+
+async def _clean_orphans(values: list[Value]) -> None:
+    for value in values:
+        await value.clean_here()
+
+
+# A child process starts with its parent's loops gone: drop what it inherited.
+os.register_at_fork(after_in_child=_states.clear)

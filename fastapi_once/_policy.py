@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -76,26 +77,39 @@ class Policy:
             refresh=refresh,
         )
 
+    def deadlines(self, made_at: float) -> tuple[float | None, float | None]:
+        """When a value made at ``made_at`` is due for refresh, and when it expires."""
+        refresh_at = None if self.refresh is None else made_at + self.refresh
+        expires_at = None if self.ttl is None else made_at + self.ttl
+        return refresh_at, expires_at
+
+    def cooldown_until(self, now: float, error: BaseException) -> float | None:
+        """Until when calls fail fast with ``error`` (or a failed refresh waits), if at all.
+
+        Only ordinary failures cool down; a cancellation or ``KeyboardInterrupt`` does not.
+        """
+        if self.cooldown is None or not isinstance(error, Exception):
+            return None
+        return now + self.cooldown
+
     def delay(self, retry: int) -> float:
         """Seconds to sleep before retry number ``retry`` (1-based): exponential, jittered."""
-        ceiling = min(MAX_BACKOFF, self.backoff * 2 ** (retry - 1))
+        # Past 64 doublings the ceiling is MAX_BACKOFF anyway; capping the exponent keeps
+        # any retries= clear of float overflow.
+        ceiling = min(MAX_BACKOFF, self.backoff * 2 ** min(retry - 1, 64))
         return random.uniform(ceiling / 2, ceiling)
 
+    def timed_out(self, label: str) -> OnceTimeoutError:
+        """The error that waiters get when an attempt outlives ``timeout``."""
+        assert self.timeout is not None
+        return OnceTimeoutError(label, self.timeout)
+
     async def run(self, label: str, make: Callable[[], Awaitable[Any]]) -> Any:
-        """Call ``make`` with this policy's retries, the whole bounded by its timeout.
+        """Call ``make`` with this policy's retries (``timeout`` is the caller's to enforce).
 
         Raises:
-            OnceTimeoutError: the attempt took longer than ``timeout``.
             Exception: the last try's exception when every try failed.
         """
-        if self.timeout is None:
-            return await self._retry(label, make)
-        with anyio.move_on_after(self.timeout) as scope:
-            return await self._retry(label, make)
-        assert scope.cancelled_caught
-        raise OnceTimeoutError(label, self.timeout)
-
-    async def _retry(self, label: str, make: Callable[[], Awaitable[Any]]) -> Any:
         cancelled = anyio.get_cancelled_exc_class()
         retry = 0
         while True:
@@ -122,6 +136,11 @@ def _positive_seconds(name: str, option: str, value: object, zero_ok: bool = Fal
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"once({name}, {option}={value!r}): {option} takes seconds as a number")
+    if not math.isfinite(value):
+        raise ValueError(
+            f"once({name}, {option}={value!r}): {option} must be a finite number of seconds; "
+            f"leave {option} out to turn it off"
+        )
     if value < 0 or (value == 0 and not zero_ok):
         raise ValueError(
             f"once({name}, {option}={value!r}): {option} must be a positive number of seconds"

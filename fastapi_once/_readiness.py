@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ._core import Once
+from ._core import Once, kick
 from ._fastapi import once
 
 _SERVING = ("ready", "refreshing")
@@ -65,7 +65,7 @@ def readiness_router(
                 report[item.name] = {"state": "overridden"}
                 continue
             status = item.status(details=details)
-            if warm and status.state in ("idle", "failed") and item._kick(app):
+            if warm and status.state in ("idle", "failed") and kick(item, app):
                 status = item.status(details=details)
             entry: dict[str, Any] = {"state": status.state}
             if details:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Literal
 
 State = Literal["idle", "running", "ready", "failed", "refreshing"]
@@ -42,3 +42,39 @@ class OnceStatus:
     joins: int = 0
     keys: dict[State, int] | None = None
     size: int | None = None
+
+
+def project(
+    name: str,
+    keyed: bool,
+    records: list[tuple[State, float | None]],
+    last_error: tuple[str, str] | None,
+    details: bool,
+    *,
+    attempts: int,
+    hits: int,
+    joins: int,
+    last_duration: float | None,
+) -> OnceStatus:
+    """Project a once's records (each one's current state and its value's wall-clock birth)."""
+    counts: dict[State, int] = {"ready": 0, "refreshing": 0, "running": 0, "failed": 0}
+    for state, _ in records:
+        if state != "idle":
+            counts[state] += 1
+    served = [made for state, made in records if state in ("ready", "refreshing") and made]
+    state: State = next((s for s in ("ready", "refreshing", "running") if counts[s]), "idle")
+    if state == "idle" and (counts["failed"] or last_error is not None):
+        state = "failed"
+    return OnceStatus(
+        name=name,
+        state=state,
+        made_at=datetime.fromtimestamp(max(served), tz=timezone.utc) if served else None,
+        last_duration=last_duration,
+        attempts=attempts,
+        last_error_type=None if last_error is None else last_error[0],
+        last_error_message=last_error[1] if details and last_error is not None else None,
+        hits=hits,
+        joins=joins,
+        keys=counts if keyed else None,
+        size=sum(1 for s, _ in records if s in ("ready", "refreshing")) if keyed else None,
+    )

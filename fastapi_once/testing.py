@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from ._core import Once, forget_everything
+from ._core import Once, pin, unpin
+from ._loops import forget_everything
 
 T = TypeVar("T")
 
@@ -45,8 +46,8 @@ async def override(target: Once[Any, T], value: T) -> AsyncIterator[T]:
     if target.keyed:
         raise TypeError(f"override({target.name}): a keyed once cannot be overridden as a whole")
     await target.reset()
-    target._set(value)
+    pin(target, value)
     try:
         yield value
     finally:
-        target._unset(value)
+        unpin(target, value)

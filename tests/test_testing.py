@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from fastapi_once import once
-from fastapi_once._core import forget_everything
+from fastapi_once._loops import forget_everything
 from fastapi_once.testing import override
 
 pytest_plugins = ["pytester"]

@@ -1,0 +1,120 @@
+"""Attempts in flight and the wait-for graph between them, which turns a deadlock into an error.
+
+An attempt is one run of a once's function, shared by every caller that joins it before it
+settles. A task doing an attempt's work knows it through the ``working`` context variable (child
+tasks inherit it), and every wait it makes on another attempt is an edge of the wait-for graph.
+A wait that would close a cycle raises instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+import anyio
+
+from ._errors import OnceCycleError
+
+# The attempt whose work the current task is doing; child tasks inherit it through the context.
+working: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
+    "fastapi_once_working", default=None
+)
+
+
+class Attempt:
+    """One run of a once's function and its outcome, delivered to every waiter.
+
+    ``value``, ``error``, ``traceback`` and ``context`` are written once, before ``done`` is
+    set, and only read after. Only the loop's thread touches an attempt.
+    """
+
+    __slots__ = ("context", "done", "error", "label", "scope", "traceback", "value", "waiting_on")
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.traceback: Any = None
+        self.context: BaseException | None = None
+        # The cancel scope around the work, so that a timeout can stop it from another task.
+        self.scope: anyio.CancelScope | None = None
+        # The attempts this attempt's work waits for: the edges that cycle detection walks.
+        self.waiting_on: list[Attempt] = []
+
+    @property
+    def settled(self) -> bool:
+        """Whether the outcome is in (waiters are being or have been woken)."""
+        return self.done.is_set()
+
+    def succeed(self, value: Any) -> None:
+        """Deliver ``value`` to every waiter."""
+        self.value = value
+        self.done.set()
+
+    def fail(self, error: BaseException, traceback: Any) -> None:
+        """Deliver ``error`` (raised with ``traceback``) to every waiter."""
+        self.error, self.traceback, self.context = error, traceback, error.__context__
+        self.done.set()
+
+    def result(self) -> Any:
+        """Return the value, or raise the error as the attempt raised it."""
+        error = self.error
+        if error is None:
+            return self.value
+        # Every waiter raises the one exception object. Raising sets its traceback and, inside
+        # an ``except`` block, its context to the raiser's own: both are put back first, so that
+        # no waiter sees another's frames or exception and the traceback does not grow.
+        error.__context__ = self.context
+        raise error.with_traceback(self.traceback)
+
+
+def raise_again(error: BaseException, traceback: Any, context: BaseException | None) -> None:
+    """Raise a remembered error as it was first raised (see :meth:`Attempt.result`)."""
+    error.__context__ = context
+    raise error.with_traceback(traceback)
+
+
+def _path(start: Attempt, goal: Attempt) -> list[Attempt] | None:
+    """Return a chain of waits from ``start`` to ``goal``, if there is one."""
+    todo = [[start]]
+    seen: set[int] = set()
+    while todo:
+        path = todo.pop()
+        node = path[-1]
+        if node is goal:
+            return path
+        if id(node) not in seen:
+            seen.add(id(node))
+            todo.extend([*path, nxt] for nxt in node.waiting_on)
+    return None
+
+
+def check_wait(attempt: Attempt, action: str | None = None) -> None:
+    """Raise :class:`OnceCycleError` if the current task waiting for ``attempt`` would deadlock.
+
+    Args:
+        attempt: the attempt about to be awaited.
+        action: what waits, e.g. ``"reset()"``; None when a call joins the attempt.
+    """
+    me = working.get()
+    if me is None:
+        return
+    # attempt -> ... -> me already wait on each other; me waiting on attempt closes the loop.
+    path = _path(attempt, me)
+    if path is not None:
+        raise OnceCycleError([*(a.label for a in path), attempt.label], action)
+
+
+async def wait(attempt: Attempt, action: str | None = None) -> None:
+    """Wait until ``attempt`` settles, recording the wait in the wait-for graph."""
+    check_wait(attempt, action)
+    me = working.get()
+    if me is None:
+        await attempt.done.wait()
+        return
+    me.waiting_on.append(attempt)
+    try:
+        await attempt.done.wait()
+    finally:
+        me.waiting_on.remove(attempt)

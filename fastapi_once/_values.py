@@ -1,0 +1,134 @@
+"""A value a once made, its deadlines, and its retirement: cleanup exactly once, where it was made.
+
+A value with a cleanup (the code after a generator's ``yield``, or of its sub-dependencies) is
+kept by the library task that made it: that task parks until the value is retired (by ttl,
+refresh, eviction, reset or teardown), then runs the cleanup itself, so a generator that holds a
+task group or cancel scope across its ``yield`` exits it in the task that entered it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import sys
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+
+if sys.version_info >= (3, 11):  # pragma: no cover
+    from builtins import BaseExceptionGroup
+else:  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+logger = logging.getLogger("fastapi_once")
+
+_serials = itertools.count()  # creation order, for cleanup newest first
+
+
+class Value:
+    """A made value, when it stops being fresh and servable, and its cleanup.
+
+    Only the loop's thread touches it. ``retired`` is set once, by :meth:`retire`; the cleanup
+    runs once, in :meth:`clean_here`, after which ``done`` is set.
+    """
+
+    __slots__ = (
+        "_cleaning",
+        "_done",
+        "_errors",
+        "_retired",
+        "expires_at",
+        "label",
+        "made_at",
+        "refresh_at",
+        "serial",
+        "stack",
+        "value",
+        "wall_time",
+    )
+
+    def __init__(
+        self,
+        label: str,
+        value: Any,
+        stack: AsyncExitStack | None,
+        made_at: float,
+        wall_time: float,
+        deadlines: tuple[float | None, float | None],
+    ) -> None:
+        self.label = label
+        self.serial = next(_serials)
+        self.value = value
+        self.stack = stack
+        self.made_at, self.wall_time = made_at, wall_time
+        self.refresh_at, self.expires_at = deadlines
+        self._cleaning = False
+        self._errors: list[BaseException] = []
+        self._retired = anyio.Event() if stack is not None else None
+        self._done = anyio.Event() if stack is not None else None
+
+    @property
+    def pending(self) -> bool:
+        """Whether the value has a cleanup that has not finished."""
+        return self._done is not None and not self._done.is_set()
+
+    def retire(self) -> None:
+        """Take the value out of service: its keeper runs the cleanup."""
+        if self._retired is not None:
+            self._retired.set()
+
+    async def keep(self, due: Callable[[], float | None], abandoned: Callable[[], None]) -> None:
+        """Park the task that made the value until it is retired; then clean it up here.
+
+        Args:
+            due: seconds until time retires the value (None: never); called again when they
+                have passed, it retires the value itself.
+            abandoned: called when the event loop ends first (its tasks are cancelled).
+        """
+        assert self._retired is not None, "only a value with a cleanup is kept"
+        try:
+            while not self._retired.is_set():
+                delay = due()
+                with anyio.move_on_after(float("inf") if delay is None else max(delay, 0)):
+                    await self._retired.wait()
+        except anyio.get_cancelled_exc_class():
+            abandoned()
+            self._retired.set()
+            raise
+        finally:
+            await self.clean_here()
+
+    async def clean_here(self) -> None:
+        """Run the cleanup in the current task, once, shielded from cancellation."""
+        if self.stack is None or self._cleaning:
+            return
+        self._cleaning = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.stack.aclose()
+            except BaseException as exc:
+                # The type only: exception text can hold secrets; DEBUG has the details.
+                logger.error("%s: cleanup failed with %s", self.label, type(exc).__name__)
+                logger.debug("%s: cleanup failure", self.label, exc_info=exc)
+                self._errors.append(exc)
+            else:
+                logger.info("%s: cleaned up", self.label)
+        assert self._done is not None
+        self._done.set()
+
+    async def cleaned(self) -> list[BaseException]:
+        """Wait until the cleanup has run; return its error for the first one to ask."""
+        if self._done is not None:
+            await self._done.wait()
+        errors, self._errors = self._errors, []
+        return errors
+
+
+def raise_all(errors: list[BaseException]) -> None:
+    """Raise the one error, or a group of several; nothing when there are none."""
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise BaseExceptionGroup("cleanup of several once values failed", errors)
