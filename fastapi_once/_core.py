@@ -1,55 +1,34 @@
-"""The single-flight primitive: make a value once per event loop and key; share it with every caller.
+"""The single-flight primitive: make a value once per event loop (and key), share it with all.
 
-This module knows nothing of FastAPI; it depends on anyio only. One record per (once, event
-loop, key) holds a stored state; an unkeyed once is the key-less case of the same store. Every
-transition is a method of ``_Record`` below, and every entry point (a call's slow path, the
-readiness kick, reset, teardown, the task keeping a value) goes through them:
-
-    state       event                      next         side effect
-    idle        call, kick                 running      start one attempt in a library task
-    running     call                       running      join it (closing a cycle raises instead)
-    running     attempt succeeds           ready        serve the value; wake the waiters
-    running     attempt fails              failed/idle  wake the waiters with the error; failed
-                                                        while cooldown= lasts, else idle
-    ready       call, due for refresh      refreshing   start one refresh (not within a failed
-                                                        refresh's cooldown); serve the value
-    ready       ttl ends                   idle         retire the value
-    refreshing  call                       refreshing   serve the value
-    refreshing  refresh succeeds           ready        serve the new value; retire the old
-    refreshing  refresh fails              ready        keep serving; no refresh before cooldown
-    refreshing  ttl ends                   running      retire the value; calls join the refresh
-    failed      call                       failed       raise the attempt's error
-    failed      cooldown ends              idle         forget the error
-    any         reset, eviction, teardown  idle         after work in flight settles: retire
-
-An idle record is dropped from its store. The time rows are applied by ``_Record.advance`` when
-an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
-A retired value's cleanup runs exactly once in the task that made it; the store lists retired
-values until then, and reset and teardown await them.
+This module knows nothing of FastAPI; it depends on anyio only. ``Once.__call__`` serves a made
+value on its hot path; everything else goes through the state machine in ``_records``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
+import os
 import sys
 import time
 import weakref
 from asyncio import get_running_loop
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Callable, Hashable
 from contextlib import AsyncExitStack
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 
 import anyio
 
-from ._attempts import Attempt, raise_again, wait, working
+from ._attempts import Attempt, wait, working
 from ._errors import OnceCancelledError, OnceClosedError
+from ._keys import NOKEY, unhashable
 from ._kinds import Kind, as_coroutine_function, invoke, kind_of
-from ._logs import label, logger
-from ._loops import LoopState, current_loop, drain, spawn, state_of, thread_proof
+from ._loops import current_loop, drain, state_of, thread_proof
 from ._policy import Policy
-from ._status import OnceStatus, State, project
+from ._records import IDLE, READY, REFRESHING, KeyView, Record, Resolve, Store
+from ._status import OnceStatus, project
 from ._values import Value
 
 if TYPE_CHECKING:
@@ -63,18 +42,10 @@ else:  # pragma: no cover
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# The clock of expiry, refresh and cooldown; a module attribute so tests can move time.
+# The clock of the hot path's deadline check; tests move it together with _records.monotonic.
 monotonic = time.monotonic
 
-IDLE: State = "idle"
-RUNNING: State = "running"
-READY: State = "ready"
-REFRESHING: State = "refreshing"
-FAILED: State = "failed"
-
-NOKEY: Any = type("NoKey", (), {"__repr__": lambda self: "<no key>"})()  # the unkeyed record's key
-
-Resolve = Callable[[AsyncExitStack], Awaitable[dict[str, Any]]]
+logger = logging.getLogger("fastapi_once")
 
 
 class Injector(Protocol):
@@ -84,245 +55,6 @@ class Injector(Protocol):
 
     def bind(self, context: object) -> Resolve:
         """Return what resolves the keyword arguments for ``context`` (e.g. the app)."""
-
-
-class _Record:
-    """One key's life in one loop; all of a once's transitions (see the table above)."""
-
-    __slots__ = ("attempt", "failure", "key", "made", "retry_at", "state", "store", "until")
-
-    def __init__(self, store: _Store, key: Hashable) -> None:
-        self.store, self.key = store, key
-        self.state: State = IDLE
-        self.made: Value | None = None  # the served value: set exactly in ready and refreshing
-        self.attempt: Attempt | None = None  # set exactly in running and refreshing
-        self.failure: tuple[BaseException, Any, BaseException | None, float] | None = None
-        self.retry_at: float | None = None  # after a failed refresh: no refresh before this
-        self.until: float | None = None  # the hot path serves ``made`` before this (None: ever)
-
-    def _to(self, state: State) -> None:
-        self.state, made = state, self.made
-        if made is None:
-            self.until = None
-        elif state == REFRESHING:
-            self.until = made.expires_at
-        else:
-            fresh = made.refresh_at
-            if fresh is not None and self.retry_at is not None:
-                fresh = max(fresh, self.retry_at)
-            ends = [t for t in (fresh, made.expires_at) if t is not None]
-            self.until = min(ends) if ends else None
-
-    def due(self, now: float) -> State:
-        """The state that time has brought this record to (the table's time rows)."""
-        made, state = self.made, self.state
-        if made is not None and made.expires_at is not None and now >= made.expires_at:
-            return RUNNING if self.attempt is not None else IDLE
-        if state == FAILED and self.failure is not None and now >= self.failure[3]:
-            return IDLE
-        return state
-
-    def advance(self, now: float) -> None:
-        """Apply the time rows: retire an expired value, forget an error whose cooldown ended."""
-        state = self.due(now)
-        if state != self.state:
-            self._retire()
-            self.drop() if state == IDLE else self._to(state)
-
-    def _retire(self, now: bool = True) -> None:
-        made, self.made = self.made, None
-        if made is not None:
-            if now:
-                made.retire()
-            if made.stack is not None:
-                self.store.retired.append(made)
-
-    def drop(self, now: bool = True) -> None:
-        """Retire the value and forget the record (reset, eviction, teardown, time).
-
-        With ``now=False`` the value's cleanup waits for the store's owner to start it.
-        """
-        self._retire(now)
-        self.failure, self.attempt = None, None
-        self._to(IDLE)
-        if self.store.records.get(self.key) is self:
-            del self.store.records[self.key]
-
-    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None) -> None:
-        """Start an attempt (idle -> running) or a refresh (ready -> refreshing)."""
-        store = self.store
-        if store.loop_state.closed:
-            raise OnceClosedError(store.once.name)
-        self.attempt = attempt = Attempt(label(store.once.name, self.key, unkeyed=NOKEY))
-        self._to(RUNNING if self.made is None else REFRESHING)
-        store.tries += 1
-        logger.info(
-            "%s: %s started",
-            attempt.label,
-            "refresh" if self.made else "attempt",
-            extra={"once": store.once.name, "event": "start"},
-        )
-        run = functools.partial(store.once._run, self, attempt, args, kwargs, resolve)
-        spawn(store.loop, run, f"fastapi_once: {attempt.label}")
-        if store.once._policy.timeout is not None:
-            spawn(store.loop, functools.partial(self._watch, attempt), "fastapi_once: timeout")
-
-    async def _watch(self, attempt: Attempt) -> None:
-        policy = self.store.once._policy
-        with anyio.move_on_after(cast(float, policy.timeout)):
-            await attempt.done.wait()
-        if not attempt.settled:
-            self.settle(attempt, None, policy.timed_out(attempt.label), None)
-            if attempt.scope is not None:
-                attempt.scope.cancel()
-
-    def settle(
-        self, attempt: Attempt, made: Value | None, error: BaseException | None, traceback: Any
-    ) -> bool:
-        """Deliver an attempt's outcome; apply it here if the attempt is still this record's.
-
-        Returns False when it no longer is (timed out, reset, torn down): ``made`` must then be
-        cleaned up by its maker.
-        """
-        if attempt.settled:
-            return False
-        store, mine = self.store, self.attempt is attempt
-        if error is not None:
-            attempt.fail(error, traceback)
-            store.last_error = (type(error).__name__, str(error))
-        else:
-            attempt.succeed(cast(Value, made).value)
-            store.last_error = None
-        if not mine:
-            return False
-        self.attempt, now = None, monotonic()
-        if error is None:
-            self._retire()
-            self.made, self.retry_at = made, None
-            self._to(READY)
-        elif self.made is not None:
-            self.retry_at = store.once._policy.cooldown_until(now, error)
-            self._to(READY)
-        else:
-            until = store.once._policy.cooldown_until(now, error)
-            if until is None:
-                self.drop()
-                return True
-            self.failure = (error, traceback, error.__context__, until)
-            self._to(FAILED)
-        store.evict()
-        return True
-
-    async def keep(self, made: Value) -> None:
-        """Park the making task on ``made`` until it is retired; its cleanup then runs here."""
-
-        def due() -> float | None:
-            now = monotonic()
-            if self.made is made and made.expires_at is not None and now >= made.expires_at:
-                self.advance(now)
-            if self.made is not made:
-                made.retire()
-                return None
-            return None if made.expires_at is None else made.expires_at - now
-
-        def abandoned() -> None:
-            warned = self.store.loop_state.warned
-            if self.store.once.name not in warned:
-                warned.add(self.store.once.name)
-                warn_left_to_loop_end(self.store.once.name)
-
-        await made.keep(due, abandoned)
-
-
-def warn_left_to_loop_end(name: str) -> None:
-    """Report a value whose cleanup ran only because its event loop ended."""
-    import warnings
-
-    try:
-        warnings.warn(
-            f"{name}: a value was still in service when its event loop ended, so its cleanup "
-            "ran at loop shutdown, not at a teardown. Use `with TestClient(app)` (not a bare "
-            "TestClient(app), which runs each request in a new loop), once_lifespan, or "
-            "await reset_all() before the loop ends",
-            ResourceWarning,
-            stacklevel=1,
-        )
-    except Warning:
-        pass  # warnings turned into errors cannot be raised from the library's own task
-
-
-class _Store:
-    """What one once keeps in one event loop. Only that loop's thread touches it."""
-
-    __slots__ = (
-        "hits", "joins", "last_duration", "last_error", "loop", "loop_state", "once", "records",
-        "retired", "tries",
-    )  # fmt: skip
-
-    def __init__(self, once: Once[Any, Any], loop: object, loop_state: LoopState) -> None:
-        self.once, self.loop, self.loop_state = once, loop, loop_state
-        self.records: OrderedDict[Hashable, _Record] = OrderedDict()  # least recent first
-        self.retired: list[Value] = []  # retired values with a cleanup, until it has run
-        self.hits = self.joins = self.tries = 0
-        self.last_duration: float | None = None
-        self.last_error: tuple[str, str] | None = None  # type name and message, no frames
-
-    def record(self, key: Hashable, now: float) -> _Record:
-        """The record of ``key`` as of ``now`` (time rows applied), created idle if absent."""
-        rec = self.records.get(key)
-        if rec is not None:
-            rec.advance(now)  # may drop it
-        if rec is None or rec.state == IDLE:
-            rec = self.records[key] = _Record(self, key)
-        return rec
-
-    def evict(self) -> None:
-        """Drop least recently used records, none in flight, down to ``maxsize``."""
-        over = len(self.records) - self.once._maxsize
-        for rec in [r for r in self.records.values() if r.attempt is None][: max(over, 0)]:
-            rec.drop()
-
-    def busy(self) -> list[Attempt]:
-        return [r.attempt for r in self.records.values() if r.attempt is not None]
-
-    def retire_all(self) -> None:
-        for rec in list(self.records.values()):
-            rec.drop(now=False)
-        self.last_error = None
-
-    def cleanups(self) -> list[Value]:
-        self.retired = [v for v in self.retired if v.pending]
-        return list(self.retired)
-
-    def forget(self) -> list[Value]:
-        kept = [r.made for r in self.records.values() if r.made is not None]
-        self.records.clear()
-        self.once._hot = _NOWHERE
-        return [v for v in [*self.retired, *kept] if v.pending]
-
-
-class _Keys:
-    """A store seen through some of its keys, for a per-key reset."""
-
-    def __init__(self, store: _Store, key: Hashable) -> None:
-        self.store, self.key = store, key
-
-    def _records(self) -> list[_Record]:
-        rec = self.store.records.get(self.key)
-        return [] if rec is None else [rec]
-
-    def busy(self) -> list[Attempt]:
-        return [r.attempt for r in self._records() if r.attempt is not None]
-
-    def retire_all(self) -> None:
-        for rec in self._records():
-            rec.drop(now=False)
-
-    def cleanups(self) -> list[Value]:
-        return self.store.cleanups()
-
-    def forget(self) -> list[Value]:  # pragma: no cover - teardown forgets whole stores
-        return []
 
 
 _NOWHERE = (object(), None, None, None)  # the hot cell before any call
@@ -373,7 +105,7 @@ class Once(Generic[P, T]):
         self._needs_stack = injector is not None or self._kind in (Kind.ASYNC_GEN, Kind.GEN)
         # (loop, thread proof, store, unkeyed record) of the loop that called last: the hot
         # path's one read. A tuple, so a reader in another thread never mixes two loops' parts.
-        self._hot: tuple[Any, int | None, _Store | None, _Record | None] = _NOWHERE
+        self._hot: tuple[Any, int | None, Store | None, Record | None] = _NOWHERE
         self.__name__ = getattr(fn, "__name__", name)
         self.__qualname__ = getattr(fn, "__qualname__", name)
         self.__module__ = getattr(fn, "__module__", None) or __name__
@@ -436,7 +168,7 @@ class Once(Generic[P, T]):
             try:
                 rec = store.records.get(key)
             except TypeError:
-                raise self._unhashable(key, args, kwargs) from None
+                raise unhashable(self.name, self.fn, key, args, kwargs) from None
             if (
                 rec is not None
                 and (made := rec.made) is not None
@@ -447,86 +179,63 @@ class Once(Generic[P, T]):
                 return made.value  # type: ignore[no-any-return]
             if hidden is not None:
                 kwargs[self._param] = hidden  # type: ignore[index]
-        return cast(T, await self._slow(cast(_Store, store), key, args, kwargs))
+        return cast(T, await self._slow(cast(Store, store), key, args, kwargs))
 
-    def _find(self) -> tuple[Any, int | None, _Store, _Record | None]:
+    def _find(self) -> tuple[Any, int | None, Store, Record | None]:
         try:
             loop: object = get_running_loop()
         except RuntimeError:
             loop = current_loop()
         hot = self._hot
         if hot[0] is loop:
-            return cast(tuple[Any, int | None, _Store, _Record | None], hot)
+            return cast(tuple[Any, int | None, Store, Record | None], hot)
         state = state_of(loop)
-        store = state.stores.get(self)
+        store = cast("Store | None", state.stores.get(self))
         if store is None:
-            store = state.stores[self] = _Store(self, loop, state)
+            store = state.stores[self] = Store(
+                self.name, self._policy, self._maxsize, self._run, self._forget_cell, loop, state
+            )
         self._hot = (loop, thread_proof(loop), store, store.records.get(NOKEY))
-        return self._hot  # type: ignore[return-value]
+        return self._hot
 
-    def _existing_store(self) -> _Store | None:
+    def _forget_cell(self) -> None:
+        self._hot = _NOWHERE
+
+    def _existing_store(self) -> Store | None:
         """The running loop's store (or, outside any loop, the last one used), if any."""
         try:
             loop = current_loop()
         except RuntimeError:
             return self._hot[2]
         state = state_of(loop)
-        return cast("_Store | None", state.stores.get(self))
-
-    def _unhashable(self, key: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TypeError:
-        import inspect
-
-        bound = inspect.signature(self.fn).bind_partial(*args, **kwargs).arguments
-        culprits = [name for name, value in bound.items() if not _hashable(value)]
-        where = f" (parameter {', '.join(map(repr, culprits))})" if culprits else ""
-        return TypeError(
-            f"the key of {self.name} is an unhashable {type(key).__name__}{where}; pass key= a "
-            "function that returns a hashable value, e.g. key=lambda items: tuple(items)"
-        )
+        return cast("Store | None", state.stores.get(self))
 
     async def _slow(
-        self, store: _Store, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, store: Store, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         context = kwargs.pop(self._param, None) if self._param is not None else None
         now = monotonic()
         rec = store.record(key, now)
         if key is NOKEY:
             self._hot = (store.loop, thread_proof(store.loop), store, rec)
-        if rec.made is not None:
-            due = rec.made.refresh_at
-            if rec.state == READY and due is not None and now >= due:
-                if rec.retry_at is None or now >= rec.retry_at:
-                    rec.start(args, kwargs, self._bind(context))
-            store.hits += 1
-            if key is not NOKEY:
-                store.records.move_to_end(key)
-            return rec.made.value
-        if rec.failure is not None:
-            raise_again(*rec.failure[:3])
-        if rec.attempt is None:
-            try:
-                rec.start(args, kwargs, self._bind(context))
-            except OnceClosedError:
-                rec.drop()
-                raise
-        else:
-            store.joins += 1
-        attempt = cast(Attempt, rec.attempt)
-        await wait(attempt)
-        return attempt.result()
+        got = rec.enter(now, lambda: rec.start(args, kwargs, self._bind(context)))
+        if isinstance(got, Value):
+            return got.value
+        await wait(got)
+        return got.result()
 
     def _bind(self, context: object) -> Resolve | None:
         return None if self._injector is None else self._injector.bind(context)
 
     async def _run(
         self,
-        rec: _Record,
+        rec: Record,
         attempt: Attempt,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         resolve: Resolve | None,
     ) -> None:
-        """Make the value in the library's task, settle ``attempt``, keep the value; never raises."""
+        """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
         working.set(attempt)
         store, started = rec.store, monotonic()
         with anyio.CancelScope() as attempt.scope:
@@ -596,11 +305,8 @@ class Once(Generic[P, T]):
             if stack is not None:
                 # Release what the failed try had set up; the waiters get the try's own
                 # exception, not one of its cleanup.
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await stack.aclose()
-                    except BaseException:  # noqa: S110 - the try's own error wins
-                        pass
+                with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                    await stack.aclose()
             raise
         return value, stack
 
@@ -622,7 +328,7 @@ class Once(Generic[P, T]):
         store = self._existing_store()
         try:
             if store is not None:
-                view = store if not (args or kwargs) else _Keys(store, self._key(*args, **kwargs))  # type: ignore[misc]
+                view = store if not (args or kwargs) else KeyView(store, self._key(*args, **kwargs))  # type: ignore[misc]
                 await drain(lambda: [view], f"{self.name}.reset()")
         finally:
             if self._across is not None:
@@ -664,7 +370,6 @@ def kick(target: Once[Any, Any], context: object) -> bool:
     try:
         rec.start((), {}, target._bind(context))
     except OnceClosedError:
-        rec.drop()
         return False
     return True
 
@@ -692,20 +397,10 @@ async def make_with(target: Once[Any, T], context: object) -> T:
     return cast(T, await call(**kwargs))
 
 
-def _hashable(value: object) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
-
-
 def _forget_hot_cells() -> None:
     # A forked child has none of its parent's loops running: no cell may prove one.
     for item in list(_all):
         item._hot = _NOWHERE
 
-
-import os  # noqa: E402
 
 os.register_at_fork(after_in_child=_forget_hot_cells)

@@ -19,9 +19,10 @@ from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature
 from starlette.requests import HTTPConnection
 
-from ._core import Once, Resolve, make_with
+from ._core import Once, make_with
 from ._kinds import Kind, invoke, kind_of
 from ._policy import Policy
+from ._records import Resolve
 
 if sys.version_info >= (3, 12):  # pragma: no cover
     from typing import ParamSpec, TypedDict, Unpack

@@ -37,9 +37,7 @@ def kind_of(call: Callable[..., Any]) -> Kind:
             target = target.__func__
         elif getattr(target, "__wrapped__", None) is not None and not _marked(target):
             target = target.__wrapped__
-        elif not (inspect.isroutine(target) or inspect.isclass(target)) and hasattr(
-            type(target), "__call__"
-        ):
+        elif callable(target) and not (inspect.isroutine(target) or inspect.isclass(target)):
             nxt = type(target).__call__
             if nxt is target or _marked(target):
                 break

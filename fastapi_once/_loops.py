@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
@@ -88,7 +89,7 @@ def spawn(loop: object, fn: Callable[[], Awaitable[None]], name: str) -> None:
         trio.lowlevel.spawn_system_task(fn, name=name, context=contextvars.copy_context())
 
 
-class Store(Protocol):
+class Drainable(Protocol):
     """What a once keeps in one event loop, as teardown sees it."""
 
     def busy(self) -> list[Attempt]:
@@ -113,11 +114,27 @@ class LoopState:
     __slots__ = ("__weakref__", "closed", "stores", "warned")
 
     def __init__(self) -> None:
-        self.stores: dict[Any, Store] = {}  # by once
+        self.stores: dict[Any, Drainable] = {}  # by once
         # Set when once_lifespan shuts down: new attempts are refused, so nothing is made that
         # the teardown would miss. Cleared when a lifespan starts again in this loop.
         self.closed = False
         self.warned: set[str] = set()  # onces already reported for values left to loop end
+
+    def report_left_to_loop_end(self, name: str) -> None:
+        """Warn, once per once and loop, that a value was cleaned up only as its loop ended."""
+        if name in self.warned:
+            return
+        self.warned.add(name)
+        # Warnings turned into errors cannot be raised from the library's own task.
+        with contextlib.suppress(Warning):
+            warnings.warn(
+                f"{name}: a value was still in service when its event loop ended, so its cleanup "
+                "ran at loop shutdown rather than at a teardown. Use `with TestClient(app)` (a "
+                "bare TestClient(app) runs each request in a new loop), once_lifespan, or await "
+                "reset_all() before the loop ends",
+                ResourceWarning,
+                stacklevel=1,
+            )
 
 
 _states: weakref.WeakKeyDictionary[object, LoopState] = weakref.WeakKeyDictionary()
@@ -138,7 +155,7 @@ def running_state() -> LoopState | None:
     return _states.get(current_loop())
 
 
-async def drain(stores: Callable[[], Iterable[Store]], action: str) -> None:
+async def drain(stores: Callable[[], Iterable[Drainable]], action: str) -> None:
     """Settle work in flight, retire every value and await every cleanup; repeat until none left.
 
     Repeating catches what work in flight made meanwhile, so nothing made before ``drain``
@@ -185,7 +202,7 @@ async def reset_all() -> None:
         await drain(lambda: list(state.stores.values()), "reset_all()")
 
 
-async def close(timeout: float) -> None:
+async def close(timeout: float) -> None:  # noqa: ASYNC109 - a bound, not the caller's deadline
     """Tear down the running loop's onces for good: refuse new attempts, then drain.
 
     Waits at most ``timeout`` seconds; what is still running then is logged and left to finish

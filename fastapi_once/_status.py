@@ -58,10 +58,10 @@ def project(
 ) -> OnceStatus:
     """Project a once's records (each one's current state and its value's wall-clock birth)."""
     counts: dict[State, int] = {"ready": 0, "refreshing": 0, "running": 0, "failed": 0}
-    for state, _ in records:
-        if state != "idle":
-            counts[state] += 1
-    served = [made for state, made in records if state in ("ready", "refreshing") and made]
+    for each, _ in records:
+        if each != "idle":
+            counts[each] += 1
+    served = [made for each, made in records if each in ("ready", "refreshing") and made]
     state: State = next((s for s in ("ready", "refreshing", "running") if counts[s]), "idle")
     if state == "idle" and (counts["failed"] or last_error is not None):
         state = "failed"

@@ -15,8 +15,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Replace the clock of expiry, refresh and cooldown with one the test moves."""
-    from fastapi_once import _core
+    from fastapi_once import _core, _records
 
     fake = FakeClock()
     monkeypatch.setattr(_core, "monotonic", fake)
+    monkeypatch.setattr(_records, "monotonic", fake)
     return fake

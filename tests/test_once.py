@@ -9,7 +9,7 @@ import anyio.lowlevel
 import pytest
 from crowd import crowd
 
-from fastapi_once import Once, _core, _loops, once
+from fastapi_once import Once, _attempts, _core, _loops, _records, once
 
 pytestmark = pytest.mark.anyio
 
@@ -111,8 +111,8 @@ async def test_a_made_value_is_returned_without_suspending_or_spawning(
     def no_spawn(*args: object, **kwargs: object) -> None:
         raise AssertionError("the hot path spawned a task")
 
-    monkeypatch.setattr(_core, "spawn", no_spawn)
-    monkeypatch.setattr(_core.anyio, "Event", no_spawn)
+    monkeypatch.setattr(_records, "spawn", no_spawn)
+    monkeypatch.setattr(_attempts.anyio, "Event", no_spawn)
     for _ in range(3):
         call = make()
         with pytest.raises(StopIteration) as done:

@@ -1,0 +1,327 @@
+"""A once's state machine: one record per (once, event loop, key), its state and transitions.
+
+An unkeyed once is the key-less case of the same store. Every transition is a method of
+``Record``, and every entry point (a call's slow path, the readiness kick, reset, teardown, the
+task keeping a value) goes through them:
+
+    state       event                      next         side effect
+    idle        call, kick                 running      start one attempt in a library task
+    running     call                       running      join it (closing a cycle raises instead)
+    running     attempt succeeds           ready        serve the value; wake the waiters
+    running     attempt fails              failed/idle  wake the waiters with the error; failed
+                                                        while cooldown= lasts, else idle
+    ready       call, due for refresh      refreshing   start one refresh (not within a failed
+                                                        refresh's cooldown); serve the value
+    ready       ttl ends                   idle         retire the value
+    refreshing  call                       refreshing   serve the value
+    refreshing  refresh succeeds           ready        serve the new value; retire the old
+    refreshing  refresh fails              ready        keep serving; no refresh before cooldown
+    refreshing  ttl ends                   running      retire the value; calls join the refresh
+    failed      call                       failed       raise the attempt's error
+    failed      cooldown ends              idle         forget the error
+    any         reset, eviction, teardown  idle         after work in flight settles: retire
+
+An idle record is dropped from its store. The time rows are applied by ``_Record.advance`` when
+an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
+A retired value's cleanup runs exactly once in the task that made it; the store lists retired
+values until then, and reset and teardown await them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from contextlib import AsyncExitStack
+from typing import Any, cast
+
+import anyio
+
+from ._attempts import Attempt, raise_again
+from ._errors import OnceClosedError
+from ._keys import label
+from ._loops import LoopState, spawn
+from ._policy import Policy
+from ._status import State
+from ._values import Value
+
+logger = logging.getLogger("fastapi_once")
+
+# The clock of expiry, refresh and cooldown; a module attribute so tests can move time.
+monotonic = time.monotonic
+
+IDLE: State = "idle"
+RUNNING: State = "running"
+READY: State = "ready"
+REFRESHING: State = "refreshing"
+FAILED: State = "failed"
+
+Resolve = Callable[[AsyncExitStack], Awaitable[dict[str, Any]]]
+# What runs an attempt: (record, attempt, args, kwargs, resolve) -> never raises.
+Work = Callable[
+    ["Record", Attempt, tuple[Any, ...], dict[str, Any], "Resolve | None"], Awaitable[None]
+]
+
+
+class Record:
+    """One key's life in one loop; all of a once's transitions (see the table above)."""
+
+    __slots__ = ("attempt", "failure", "key", "made", "retry_at", "state", "store", "until")
+
+    def __init__(self, store: Store, key: Hashable) -> None:
+        self.store, self.key = store, key
+        self.state: State = IDLE
+        self.made: Value | None = None  # the served value: set exactly in ready and refreshing
+        self.attempt: Attempt | None = None  # set exactly in running and refreshing
+        self.failure: tuple[BaseException, Any, BaseException | None, float] | None = None
+        self.retry_at: float | None = None  # after a failed refresh: no refresh before this
+        self.until: float | None = None  # the hot path serves ``made`` before this (None: ever)
+
+    def _to(self, state: State) -> None:
+        self.state, made = state, self.made
+        if made is None:
+            self.until = None
+        elif state == REFRESHING:
+            self.until = made.expires_at
+        else:
+            fresh = made.refresh_at
+            if fresh is not None and self.retry_at is not None:
+                fresh = max(fresh, self.retry_at)
+            ends = [t for t in (fresh, made.expires_at) if t is not None]
+            self.until = min(ends) if ends else None
+
+    def due(self, now: float) -> State:
+        """The state that time has brought this record to (the table's time rows)."""
+        made, state = self.made, self.state
+        if made is not None and made.expires_at is not None and now >= made.expires_at:
+            return RUNNING if self.attempt is not None else IDLE
+        if state == FAILED and self.failure is not None and now >= self.failure[3]:
+            return IDLE
+        return state
+
+    def advance(self, now: float) -> None:
+        """Apply the time rows: retire an expired value, forget an error whose cooldown ended."""
+        state = self.due(now)
+        if state != self.state:
+            self._retire()
+            self.drop() if state == IDLE else self._to(state)
+
+    def _retire(self, now: bool = True) -> None:
+        made, self.made = self.made, None
+        if made is not None:
+            if now:
+                made.retire()
+            if made.stack is not None:
+                self.store.retired.append(made)
+
+    def drop(self, now: bool = True) -> None:
+        """Retire the value and forget the record (reset, eviction, teardown, time).
+
+        With ``now=False`` the value's cleanup waits for the store's owner to start it.
+        """
+        self._retire(now)
+        self.failure, self.attempt = None, None
+        self._to(IDLE)
+        if self.store.records.get(self.key) is self:
+            del self.store.records[self.key]
+
+    def enter(self, now: float, begin: Callable[[], None]) -> Value | Attempt:
+        """A call's rows of the table: return the value to serve or the attempt to wait for.
+
+        ``begin`` starts this record's attempt (see :meth:`start`) when one is needed.
+
+        Raises:
+            Exception: the failure whose cooldown is on.
+            OnceClosedError: an attempt is needed and the loop's teardown has begun.
+        """
+        store, made = self.store, self.made
+        if made is not None:
+            if (
+                self.state == READY
+                and made.refresh_at is not None
+                and now >= made.refresh_at
+                and (self.retry_at is None or now >= self.retry_at)
+            ):
+                begin()
+            store.hits += 1
+            if self.key in store.records:
+                store.records.move_to_end(self.key)
+            return made
+        if self.failure is not None:
+            raise_again(*self.failure[:3])
+        if self.attempt is None:
+            begin()
+        else:
+            store.joins += 1
+        return cast(Attempt, self.attempt)
+
+    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None) -> None:
+        """Start an attempt (idle -> running) or a refresh (ready -> refreshing)."""
+        store = self.store
+        if store.loop_state.closed:
+            self.drop()
+            raise OnceClosedError(store.name)
+        self.attempt = attempt = Attempt(label(store.name, self.key))
+        self._to(RUNNING if self.made is None else REFRESHING)
+        store.tries += 1
+        logger.info(
+            "%s: %s started",
+            attempt.label,
+            "refresh" if self.made else "attempt",
+            extra={"once": store.name, "event": "start"},
+        )
+        run = functools.partial(store.work, self, attempt, args, kwargs, resolve)
+        spawn(store.loop, run, f"fastapi_once: {attempt.label}")
+        if store.policy.timeout is not None:
+            spawn(store.loop, functools.partial(self._watch, attempt), "fastapi_once: timeout")
+
+    async def _watch(self, attempt: Attempt) -> None:
+        policy = self.store.policy
+        with anyio.move_on_after(cast(float, policy.timeout)):
+            await attempt.done.wait()
+        if not attempt.settled:
+            self.settle(attempt, None, policy.timed_out(attempt.label), None)
+            if attempt.scope is not None:
+                attempt.scope.cancel()
+
+    def settle(
+        self, attempt: Attempt, made: Value | None, error: BaseException | None, traceback: Any
+    ) -> bool:
+        """Deliver an attempt's outcome; apply it here if the attempt is still this record's.
+
+        Returns False when it no longer is (timed out, reset, torn down): ``made`` must then be
+        cleaned up by its maker.
+        """
+        if attempt.settled:
+            return False
+        store, mine = self.store, self.attempt is attempt
+        if error is not None:
+            attempt.fail(error, traceback)
+            store.last_error = (type(error).__name__, str(error))
+        else:
+            attempt.succeed(cast(Value, made).value)
+            store.last_error = None
+        if not mine:
+            return False
+        self.attempt, now = None, monotonic()
+        if error is None:
+            self._retire()
+            self.made, self.retry_at = made, None
+            self._to(READY)
+        elif self.made is not None:
+            self.retry_at = store.policy.cooldown_until(now, error)
+            self._to(READY)
+        else:
+            until = store.policy.cooldown_until(now, error)
+            if until is None:
+                self.drop()
+                return True
+            self.failure = (error, traceback, error.__context__, until)
+            self._to(FAILED)
+        store.evict()
+        return True
+
+    async def keep(self, made: Value) -> None:
+        """Park the making task on ``made`` until it is retired; its cleanup then runs here."""
+
+        def due() -> float | None:
+            now = monotonic()
+            if self.made is made and made.expires_at is not None and now >= made.expires_at:
+                self.advance(now)
+            if self.made is not made:
+                made.retire()
+                return None
+            return None if made.expires_at is None else made.expires_at - now
+
+        def abandoned() -> None:
+            self.store.loop_state.report_left_to_loop_end(self.store.name)
+
+        await made.keep(due, abandoned)
+
+
+class Store:
+    """What one once keeps in one event loop. Only that loop's thread touches it."""
+
+    __slots__ = (
+        "hits", "joins", "last_duration", "last_error", "loop", "loop_state", "maxsize", "name",
+        "on_forget", "policy", "records", "retired", "tries", "work",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        name: str,
+        policy: Policy,
+        maxsize: int,
+        work: Work,
+        on_forget: Callable[[], None],
+        loop: object,
+        loop_state: LoopState,
+    ) -> None:
+        self.name, self.policy, self.maxsize = name, policy, maxsize
+        self.work = work  # runs an attempt in a library task: makes, settles, keeps the value
+        self.on_forget = on_forget  # the once forgets its hot cell
+        self.loop, self.loop_state = loop, loop_state
+        self.records: OrderedDict[Hashable, Record] = OrderedDict()  # least recent first
+        self.retired: list[Value] = []  # retired values with a cleanup, until it has run
+        self.hits = self.joins = self.tries = 0
+        self.last_duration: float | None = None
+        self.last_error: tuple[str, str] | None = None  # type name and message, no frames
+
+    def record(self, key: Hashable, now: float) -> Record:
+        """The record of ``key`` as of ``now`` (time rows applied), created idle if absent."""
+        rec = self.records.get(key)
+        if rec is not None:
+            rec.advance(now)  # may drop it
+        if rec is None or rec.state == IDLE:
+            rec = self.records[key] = Record(self, key)
+        return rec
+
+    def evict(self) -> None:
+        """Drop least recently used records, none in flight, down to ``maxsize``."""
+        over = len(self.records) - self.maxsize
+        for rec in [r for r in self.records.values() if r.attempt is None][: max(over, 0)]:
+            rec.drop()
+
+    def busy(self) -> list[Attempt]:
+        return [r.attempt for r in self.records.values() if r.attempt is not None]
+
+    def retire_all(self) -> None:
+        for rec in list(self.records.values()):
+            rec.drop(now=False)
+        self.last_error = None
+
+    def cleanups(self) -> list[Value]:
+        self.retired = [v for v in self.retired if v.pending]
+        return list(self.retired)
+
+    def forget(self) -> list[Value]:
+        kept = [r.made for r in self.records.values() if r.made is not None]
+        self.records.clear()
+        self.on_forget()
+        return [v for v in [*self.retired, *kept] if v.pending]
+
+
+class KeyView:
+    """A store seen through some of its keys, for a per-key reset."""
+
+    def __init__(self, store: Store, key: Hashable) -> None:
+        self.store, self.key = store, key
+
+    def _records(self) -> list[Record]:
+        rec = self.store.records.get(self.key)
+        return [] if rec is None else [rec]
+
+    def busy(self) -> list[Attempt]:
+        return [r.attempt for r in self._records() if r.attempt is not None]
+
+    def retire_all(self) -> None:
+        for rec in self._records():
+            rec.drop(now=False)
+
+    def cleanups(self) -> list[Value]:
+        return self.store.cleanups()
+
+    def forget(self) -> list[Value]:  # pragma: no cover - teardown forgets whole stores
+        return []
