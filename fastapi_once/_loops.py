@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import sys
 import threading
@@ -155,25 +156,35 @@ def running_state() -> LoopState | None:
     return _states.get(current_loop())
 
 
-async def drain(stores: Callable[[], Iterable[Drainable]], action: str) -> None:
+async def drain(
+    stores: Callable[[], Iterable[Drainable]],
+    action: str,
+    timeout: float = math.inf,  # noqa: ASYNC109 - bounds one phase, not the whole call
+) -> list[Attempt]:
     """Settle work in flight, retire every value and await every cleanup; repeat until none left.
 
     Repeating catches what work in flight made meanwhile, so nothing made before ``drain``
-    returns escapes it.
+    returns escapes it. Past ``timeout`` seconds it stops waiting for work in flight (which
+    cleans up what it makes as soon as it settles), cleans up the rest, and returns the
+    attempts it left. Cleanups are always awaited.
 
     Raises:
         OnceCycleError: called from inside the work it would wait for.
         Exception: what a cleanup raised, after every cleanup has run.
     """
     errors: list[BaseException] = []
+    deadline = anyio.current_time() + timeout
+    left: list[Attempt] = []
     while True:
         busy = [attempt for store in stores() for attempt in store.busy()]
         for attempt in busy:
             check_wait(attempt, action)
-        for attempt in busy:
-            await wait(attempt, action)
-        if busy:
-            continue
+        if busy and not left:
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                for attempt in busy:
+                    await wait(attempt, action)
+                continue
+            left = busy
         for store in stores():
             store.retire_all()
         pending = [value for store in stores() for value in store.cleanups()]
@@ -183,6 +194,7 @@ async def drain(stores: Callable[[], Iterable[Drainable]], action: str) -> None:
             value.retire()
             errors.extend(await value.cleaned())
     raise_all(errors)
+    return left
 
 
 async def reset_all() -> None:
@@ -203,20 +215,20 @@ async def reset_all() -> None:
 
 
 async def close(timeout: float) -> None:  # noqa: ASYNC109 - a bound, not the caller's deadline
-    """Tear down the running loop's onces for good: refuse new attempts, then drain.
+    """Tear down the running loop's onces for good: refuse new attempts, then drain, shielded.
 
-    Waits at most ``timeout`` seconds; what is still running then is logged and left to finish
-    (what it makes is cleaned up as soon as it settles).
+    Waits at most ``timeout`` seconds for work in flight; what is still running then is logged
+    and left to finish (what it makes is cleaned up as soon as it settles).
     """
     state = state_of(current_loop())
     state.closed = True
-    with anyio.CancelScope(shield=True), anyio.move_on_after(timeout) as scope:
-        await drain(lambda: list(state.stores.values()), "shutdown")
-    if scope.cancelled_caught:
+    with anyio.CancelScope(shield=True):
+        left = await drain(lambda: list(state.stores.values()), "shutdown", timeout)
+    if left:
         logger.warning(
             "shutdown stopped waiting after %.1f s; still running: %s",
             timeout,
-            ", ".join(a.label for s in state.stores.values() for a in s.busy()) or "cleanups",
+            ", ".join(attempt.label for attempt in left),
         )
 
 

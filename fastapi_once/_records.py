@@ -191,12 +191,14 @@ class Record:
     ) -> bool:
         """Deliver an attempt's outcome; apply it here if the attempt is still this record's.
 
-        Returns False when it no longer is (timed out, reset, torn down): ``made`` must then be
-        cleaned up by its maker.
+        Returns False when it no longer is (timed out, or dropped by a teardown that stopped
+        waiting): ``made`` must then be cleaned up by its maker, and is given to nobody.
         """
         if attempt.settled:
             return False
         store, mine = self.store, self.attempt is attempt
+        if not mine and error is None:
+            error, traceback = OnceClosedError(store.name), None
         if error is not None:
             attempt.fail(error, traceback)
             store.last_error = (type(error).__name__, str(error))

@@ -161,3 +161,108 @@ def test_timing_options_are_checked_at_once_time(options: dict[str, object], mes
 
     with pytest.raises((TypeError, ValueError), match=message):
         once(make, **options)  # type: ignore[arg-type]
+
+
+async def test_a_call_that_finds_the_value_expired_during_its_refresh_joins_the_refresh(
+    clock: FakeClock,
+) -> None:
+    """Past ttl while the refresh runs: callers wait for that refresh; fn never runs twice."""
+    started: list[int] = []
+    in_flight = 0
+    most = 0
+    release = anyio.Event()
+
+    @once(refresh=5, ttl=10)
+    async def load() -> int:
+        nonlocal in_flight, most
+        started.append(len(started) + 1)
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            if len(started) > 1:
+                await release.wait()
+            return len(started)
+        finally:
+            in_flight -= 1
+
+    assert await load() == 1
+    clock.advance(6)
+    assert await load() == 1  # due: starts the refresh, serves the old value
+    clock.advance(5)  # past ttl while the refresh still runs
+    async with anyio.create_task_group() as group:
+        results: list[int] = []
+
+        async def call() -> None:
+            results.append(await load())
+
+        for _ in range(10):
+            group.start_soon(call)
+        await wait_until(lambda: load.status().joins >= 10)
+        release.set()
+    assert results == [2] * 10
+    assert started == [1, 2]
+    assert most == 1
+
+
+async def test_a_failed_refresh_waits_out_the_cooldown_and_serves_the_old_value_until_ttl(
+    clock: FakeClock,
+) -> None:
+    """cooldown= after a failed refresh: no refresh before it ends; the old value is served."""
+    runs = 0
+
+    @once(refresh=5, ttl=60, cooldown=20)
+    async def load() -> int:
+        nonlocal runs
+        runs += 1
+        if runs == 2:
+            raise ConnectionError
+        return runs
+
+    assert await load() == 1
+    clock.advance(6)
+    assert await load() == 1  # starts refresh 2, which fails
+    await wait_until(lambda: load.status().state == "ready" and load.status().attempts == 2)
+    for _ in range(5):
+        clock.advance(3)  # still within the 20 s cooldown
+        assert await load() == 1
+    await anyio.sleep(0.01)
+    assert runs == 2  # no refresh within the cooldown
+    clock.advance(10)  # the cooldown is over (and the value is not yet past its ttl)
+    assert await load() == 1  # serves the old value, starts refresh 3
+    await wait_until(lambda: runs == 3)
+    await wait_until(lambda: load.status().state == "ready" and load.status().attempts == 3)
+    assert await load() == 3
+
+
+async def test_a_value_with_a_ttl_is_cleaned_up_on_time_without_traffic() -> None:
+    """A value is retired when its ttl ends, not at the next call: its cleanup runs unasked."""
+    closed: list[str] = []
+
+    @once(ttl=0.05)
+    async def pool() -> AsyncIterator[str]:
+        yield "pool"
+        closed.append("pool")
+
+    assert await pool() == "pool"
+    await wait_until(lambda: closed == ["pool"])
+    assert pool.status().state == "idle"
+
+
+async def test_a_refreshed_value_expires_on_time_too() -> None:
+    """After a refresh, the new value's own ttl retires it; each cleanup runs once."""
+    closed: list[int] = []
+    made: list[int] = []
+
+    @once(refresh=0.02, ttl=0.2)
+    async def token() -> AsyncIterator[int]:
+        made.append(len(made) + 1)
+        n = made[-1]
+        yield n
+        closed.append(n)
+
+    assert await token() == 1
+    await anyio.sleep(0.03)
+    assert await token() == 1  # starts the refresh
+    await wait_until(lambda: closed == [1])
+    await wait_until(lambda: closed == [1, 2])
+    assert made == [1, 2]

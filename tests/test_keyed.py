@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from timekeeping import wait_until
 
 from fastapi_once import once
 
@@ -117,3 +118,54 @@ async def test_an_unhashable_key_from_hashable_arguments_is_explained() -> None:
 
     with pytest.raises(TypeError, match=r"key of .*get_stuff is an unhashable list; pass key="):
         await get_stuff("/a")
+
+
+async def test_the_key_none_is_refreshed_evicted_and_reset_like_any_other_key() -> None:
+    """key None (an optional query parameter) is an ordinary key: every retired value is cleaned."""
+    made: list[str | None] = []
+    closed: list[str | None] = []
+
+    @once(key=lambda q: q, maxsize=2, refresh=0.01, ttl=60)
+    async def search(q: str | None = None) -> AsyncIterator[str]:
+        made.append(q)
+        yield f"results for {q}"
+        closed.append(q)
+
+    assert await search(None) == "results for None"
+    await anyio.sleep(0.02)
+    assert await search(None) == "results for None"  # due: one refresh replaces it
+    await wait_until(lambda: closed == [None])  # the replaced None value is cleaned up
+    assert await search("a") == "results for a"
+    assert await search("b") == "results for b"  # evicts the least recent: None
+    await wait_until(lambda: closed == [None, None])
+    assert await search(None) == "results for None"  # made again, evicting "a"
+    await search.reset()
+    assert sorted(closed, key=str) == sorted([None, None, "a", "b", None], key=str)
+    assert made.count(None) == 3
+
+
+async def test_reset_with_arguments_resets_only_that_key() -> None:
+    """reset(url) cleans up and forgets one key's value; the others stay."""
+    closed: list[str] = []
+
+    @once(key=lambda url: url)
+    async def get_stuff(url: str) -> AsyncIterator[str]:
+        yield url
+        closed.append(url)
+
+    await get_stuff("/a")
+    await get_stuff("/b")
+    await get_stuff.reset("/a")
+    assert closed == ["/a"]
+    keys = get_stuff.status().keys
+    assert keys is not None
+    assert keys["ready"] == 1
+    await get_stuff.reset("/never-made")  # nothing to do
+    assert closed == ["/a"]
+
+    @once
+    async def plain() -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="only for a keyed once"):
+        await plain.reset("x")  # type: ignore[call-arg]

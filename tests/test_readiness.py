@@ -165,3 +165,21 @@ def test_readiness_under_a_real_uvicorn_server() -> None:
     assert seen[0] == (503, "5")
     assert seen[-1] == (200, None)
     assert {code for code, _ in seen} == {200, 503}
+
+
+async def test_the_probe_answers_503_when_the_value_is_past_its_ttl(clock: FakeClock) -> None:
+    """No value would be served (past ttl): 503, whatever was made before."""
+
+    @once(ttl=10)
+    async def get_token() -> str:
+        return "token"
+
+    app = FastAPI()
+    app.include_router(readiness_router(get_token, warm=False))
+    async with client(app) as http:
+        await get_token()
+        assert (await http.get("/ready")).status_code == 200
+        clock.advance(10)
+        response = await http.get("/ready")
+        assert response.status_code == 503
+        assert response.json()["onces"][get_token.name]["state"] == "idle"

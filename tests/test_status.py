@@ -228,3 +228,71 @@ async def test_a_probe_kick_respects_the_cooldown_and_replaces_an_expired_value(
     assert kick(load, None)
     await wait_until(lambda: load.status().state == "ready")
     assert await load() == 3
+
+
+async def test_status_never_calls_a_value_past_its_ttl_ready_or_refreshing(
+    clock: FakeClock,
+) -> None:
+    """Past ttl with a refresh in flight: running (calls would wait), not refreshing or ready."""
+    gate = anyio.Event()
+    runs = 0
+
+    @once(refresh=5, ttl=10)
+    async def load() -> int:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            await gate.wait()
+        return runs
+
+    assert await load() == 1
+    clock.advance(6)
+    assert await load() == 1
+    assert load.status().state == "refreshing"
+    clock.advance(5)
+    status = load.status()
+    assert status.state == "running"
+    assert status.made_at is None
+    gate.set()
+    await wait_until(lambda: load.status().state == "ready")
+
+
+async def test_keyed_counts_are_never_negative_when_a_refreshing_value_expires(
+    clock: FakeClock,
+) -> None:
+    """A keyed value that expires during its refresh counts as running; no count below zero."""
+    gate = anyio.Event()
+    runs = 0
+
+    @once(key=lambda url: url, refresh=5, ttl=10)
+    async def get_stuff(url: str) -> str:
+        nonlocal runs
+        runs += 1
+        if runs > 1:
+            await gate.wait()
+        return url
+
+    await get_stuff("/a")
+    clock.advance(6)
+    await get_stuff("/a")  # starts the refresh
+    clock.advance(5)
+    status = get_stuff.status()
+    assert status.keys == {"ready": 0, "refreshing": 0, "running": 1, "failed": 0}
+    assert status.size == 0
+    assert status.state == "running"
+    gate.set()
+    await wait_until(lambda: get_stuff.status().state == "ready")
+
+
+async def test_status_of_an_expired_value_says_idle_like_the_next_call_would(
+    clock: FakeClock,
+) -> None:
+    """Past ttl with no refresh: idle (the next call makes a new value)."""
+
+    @once(ttl=10)
+    async def load() -> int:
+        return 1
+
+    await load()
+    clock.advance(10)
+    assert load.status().state == "idle"
