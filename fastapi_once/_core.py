@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
 import anyio
 
 from ._attempts import Attempt, wait, working
-from ._errors import OnceCancelledError, OnceClosedError
+from ._errors import OnceClosedError
 from ._keys import NOKEY, unhashable
 from ._kinds import Kind, as_coroutine_function, invoke, kind_of
 from ._loops import current_loop, drain, state_of, thread_proof
 from ._policy import Policy
-from ._records import IDLE, READY, REFRESHING, KeyView, Record, Resolve, Store
+from ._records import IDLE, READY, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
 from ._values import Value
 
@@ -236,46 +236,21 @@ class Once(Generic[P, T]):
         resolve: Resolve | None,
     ) -> None:
         """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
-        working.set(attempt)
-        store, started = rec.store, monotonic()
+        token, started = working.set(attempt), monotonic()
         with anyio.CancelScope() as attempt.scope:
-            make = functools.partial(self._make, args, kwargs, resolve)
             try:
+                make = functools.partial(self._make, args, kwargs, resolve)
                 value, stack = await self._policy.run(attempt.label, make)
             except BaseException as exc:
-                store.last_duration = monotonic() - started
-                error, traceback = exc, exc.__traceback__
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
-                    error, traceback = OnceCancelledError(attempt.label), None
-                    error.__cause__ = exc
-                if rec.settle(attempt, None, error, traceback):
-                    refresh = rec.made is not None
-                    logger.warning(
-                        "%s: %s failed after %.2f s with %s%s",
-                        attempt.label,
-                        "refresh" if refresh else "attempt",
-                        store.last_duration,
-                        type(error).__name__,
-                        "; keeping the current value" if refresh else "",
-                        extra={"once": self.name, "event": "failed"},
-                    )
-                    logger.debug("%s: failure", attempt.label, exc_info=error)
+                working.reset(token)  # the task's context must not keep the attempt alive
+                rec.fail(attempt, exc, monotonic() - started)
                 return
+            working.reset(token)
             now = monotonic()
             made = Value(attempt.label, value, stack, now, time.time(), self._policy.deadlines(now))
-            store.last_duration = now - started
-            refresh = rec.state == REFRESHING
-            if not rec.settle(attempt, made, None, None):
+            if not rec.succeed(attempt, made, now - started):
                 await made.clean_here()  # made too late: nobody can get it
-                return
-            logger.info(
-                "%s: %s in %.2f s",
-                attempt.label,
-                "refreshed" if refresh else "ready",
-                store.last_duration,
-                extra={"once": self.name, "event": "ready"},
-            )
-            if stack is not None:
+            elif stack is not None:
                 await rec.keep(made)
 
     async def _make(

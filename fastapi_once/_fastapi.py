@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
+import weakref
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -161,7 +162,9 @@ class SubDependencies:
     param = CONNECTION_PARAM
 
     def __init__(self, dependant: Dependant) -> None:
-        self._dependant = dependant
+        # Only the sub-dependencies: the dependant's own call may be a bound method, which
+        # must not be kept alive through here.
+        self._dependencies = dependant.dependencies
 
     def bind(self, context: object) -> Resolve:
         """Return what resolves the sub-dependencies for a connection (or an app)."""
@@ -169,20 +172,20 @@ class SubDependencies:
         overrides = getattr(app, "dependency_overrides", None) or {}
 
         async def resolve(stack: AsyncExitStack) -> dict[str, Any]:
-            return await _solve(self._dependant, app, overrides, stack, {})
+            return await _solve(self._dependencies, app, overrides, stack, {})
 
         return resolve
 
 
 async def _solve(
-    dependant: Dependant,
+    dependencies: list[Dependant],
     app: object,
     overrides: dict[Any, Any],
     stack: AsyncExitStack,
     cache: dict[Any, Any],
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for sub in dependant.dependencies:
+    for sub in dependencies:
         assert sub.call is not None
         assert sub.name is not None
         name, call = sub.name, overrides.get(sub.call, sub.call)
@@ -200,7 +203,7 @@ async def _solve(
                         f"the override {_call_name(call)} of a once's sub-dependency reads the "
                         f"request ({reason}); a once's sub-dependencies are shared by every request"
                     )
-            kwargs = await _solve(sub, app, overrides, stack, cache)
+            kwargs = await _solve(sub.dependencies, app, overrides, stack, cache)
             value = await invoke(call, kind_of(call), (), kwargs, stack, _call_name(call))
         cache[call] = value
         values[name] = value
@@ -209,8 +212,21 @@ async def _solve(
 
 # --- once() ---------------------------------------------------------------------------------------
 
-_onces: dict[Callable[..., Any], Once[Any, Any]] = {}
+# Interned onces, held weakly: a once lives as long as someone uses it (a route, a loop's store),
+# and a bound method's once does not keep its object alive.
+_onces: weakref.WeakValueDictionary[Hashable, Once[Any, Any]] = weakref.WeakValueDictionary()
 _onces_lock = threading.Lock()
+
+
+def _intern_key(fn: Callable[..., Any]) -> Hashable:
+    """What identifies ``fn`` for interning: a bound method by (its object, weakly; function)."""
+    owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+    if owner is None or func is None or isinstance(owner, type):
+        return fn
+    try:
+        return (weakref.ref(owner), func)
+    except TypeError:  # an object without weak references: interned by the method itself
+        return fn
 
 
 class _Decorator(Protocol):
@@ -302,11 +318,11 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             f"{type(fn).__name__} {fn!r}; use @once on the function that makes the value"
         )
     with _onces_lock:
-        existing = _onces.get(fn)
+        existing = _onces.get(_intern_key(fn))
         if existing is not None:
             _check_same_options(existing, options)
             return existing
-        made = _onces[fn] = _make(fn, options)
+        made = _onces[_intern_key(fn)] = _make(fn, options)
         return made
 
 

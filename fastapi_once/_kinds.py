@@ -97,10 +97,11 @@ async def invoke(
     if kind is Kind.ASYNC:
         return await call(*args, **kwargs)
     if kind is Kind.SYNC:
-        value = await anyio.to_thread.run_sync(
-            functools.partial(call, *args, **kwargs), abandon_on_cancel=abandon_on_cancel
+        # Boxed in a tuple, so that trio accepts a coroutine as the thread's result: a wrapper
+        # that hides an async def (no __wrapped__) returns one, and it is awaited here.
+        (value,) = await anyio.to_thread.run_sync(
+            lambda: (call(*args, **kwargs),), abandon_on_cancel=abandon_on_cancel
         )
-        # A wrapper that hides an async def (no __wrapped__) still returns a coroutine.
         return await value if inspect.iscoroutine(value) else value
     assert stack is not None, "a generator needs a stack for its cleanup"
     if kind is Kind.ASYNC_GEN:

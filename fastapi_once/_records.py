@@ -40,7 +40,7 @@ from typing import Any, cast
 import anyio
 
 from ._attempts import Attempt, raise_again
-from ._errors import OnceClosedError
+from ._errors import OnceCancelledError, OnceClosedError
 from ._keys import label
 from ._loops import LoopState, spawn
 from ._policy import Policy
@@ -185,6 +185,42 @@ class Record:
             self.settle(attempt, None, policy.timed_out(attempt.label), None)
             if attempt.scope is not None:
                 attempt.scope.cancel()
+
+    def succeed(self, attempt: Attempt, made: Value, took: float) -> bool:
+        """The attempt made ``made`` in ``took`` seconds: serve it (see :meth:`settle`)."""
+        refresh = self.state == REFRESHING
+        self.store.last_duration = took
+        if not self.settle(attempt, made, None, None):
+            return False
+        logger.info(
+            "%s: %s in %.2f s",
+            attempt.label,
+            "refreshed" if refresh else "ready",
+            took,
+            extra={"once": self.store.name, "event": "ready", "duration_s": took},
+        )
+        return True
+
+    def fail(self, attempt: Attempt, exc: BaseException, took: float) -> None:
+        """The attempt raised ``exc`` after ``took`` seconds: share it (see :meth:`settle`)."""
+        error, traceback = exc, exc.__traceback__
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            error, traceback = OnceCancelledError(attempt.label), None
+            error.__cause__ = exc
+        self.store.last_duration = took
+        if self.settle(attempt, None, error, traceback):
+            refresh = self.made is not None
+            # The type only: exception text can hold secrets (a DSN, a token); DEBUG has it.
+            logger.warning(
+                "%s: %s failed after %.2f s with %s%s",
+                attempt.label,
+                "refresh" if refresh else "attempt",
+                took,
+                type(error).__name__,
+                "; keeping the current value" if refresh else "",
+                extra={"once": self.store.name, "event": "failed", "duration_s": took},
+            )
+            logger.debug("%s: failure", attempt.label, exc_info=error)
 
     def settle(
         self, attempt: Attempt, made: Value | None, error: BaseException | None, traceback: Any

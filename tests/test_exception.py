@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import traceback
+import weakref
 
 import anyio
 import pytest
+from timekeeping import FakeClock
 
 from fastapi_once import OnceCancelledError, once
 
@@ -165,3 +169,98 @@ async def test_a_sync_function_that_fails_shares_its_exception() -> None:
 
     with pytest.raises(FileNotFoundError, match=r"settings\.toml"):
         await read_config()
+
+
+async def test_the_shared_exception_carries_no_callers_context() -> None:
+    """Caller A raises it inside an except block; caller B does not see A's exception as context."""
+    gate = anyio.Event()
+
+    @once
+    async def connect() -> None:
+        await gate.wait()
+        raise ConnectionError("down")
+
+    seen: dict[str, BaseException | None] = {}
+
+    async def caller_a() -> None:
+        try:
+            raise KeyError("caller A's own trouble")
+        except KeyError:
+            try:
+                await connect()
+            except ConnectionError as exc:
+                seen["a"] = exc.__context__
+
+    async def caller_b() -> None:
+        await anyio.sleep(0.01)  # raises after A
+        try:
+            await connect()
+        except ConnectionError as exc:
+            seen["b"] = exc.__context__
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(caller_a)
+        group.start_soon(caller_b)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    assert isinstance(seen["a"], KeyError)
+    assert seen["b"] is None
+
+
+class _Marker:
+    pass
+
+
+async def test_a_failed_requests_frames_are_not_kept_by_the_once() -> None:
+    """Without a cooldown nothing of a failure stays: not fn's frames, not the caller's."""
+    refs: list[weakref.ref[_Marker]] = []
+
+    @once
+    async def load() -> None:
+        inside = _Marker()
+        refs.append(weakref.ref(inside))
+        raise ConnectionError("down")
+
+    async def request() -> None:
+        mine = _Marker()
+        refs.append(weakref.ref(mine))
+        try:
+            await load()
+        except ConnectionError:
+            pass
+
+    await request()
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+    assert load.status().last_error_type == "ConnectionError"
+
+
+async def test_reset_and_success_release_the_last_error_and_its_frames(clock: FakeClock) -> None:
+    """With a cooldown the error is kept until reset() or the next success, then released."""
+    refs: list[weakref.ref[_Marker]] = []
+    fail = True
+
+    @once(cooldown=30)
+    async def load() -> str:
+        inside = _Marker()
+        refs.append(weakref.ref(inside))
+        if fail:
+            raise ConnectionError("down")
+        return "ok"
+
+    async def request() -> None:
+        with contextlib.suppress(ConnectionError):
+            await load()
+
+    await request()
+    await request()  # fails fast within the cooldown
+    await load.reset()
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert load.status().state == "idle"
+    await request()
+    fail = False
+    clock.advance(30)
+    assert await load() == "ok"
+    gc.collect()
+    assert all(ref() is None for ref in refs)

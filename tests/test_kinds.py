@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import anyio
 import pytest
@@ -230,3 +232,50 @@ async def test_a_partial_is_called_for_its_kind() -> None:
         yield dsn
 
     assert await once(functools.partial(connect, "sqlite://"))() == "sqlite://"
+
+
+class Service:
+    """Methods of every binding, each an async def."""
+
+    @staticmethod
+    async def static() -> str:
+        return "static"
+
+    @classmethod
+    async def klass(cls) -> str:
+        return f"class {cls.__name__}"
+
+
+def _wrapped(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _hidden(fn: Any) -> Any:
+    def wrapper() -> Any:  # no functools.wraps: nothing says it hides an async def
+        return fn()
+
+    return wrapper
+
+
+async def _plain() -> str:
+    return "plain"
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: Service.__dict__["static"], "static"),
+        (lambda: Service.klass, "class Service"),
+        (lambda: functools.partial(_plain), "plain"),
+        (lambda: _wrapped(_plain), "plain"),
+        (lambda: _hidden(_plain), "plain"),
+    ],
+    ids=["staticmethod", "classmethod", "partial", "functools.wraps", "plain-wrapper"],
+)
+async def test_a_wrapped_async_def_is_awaited(make: Any, expected: str) -> None:
+    """staticmethod, classmethod, partial and other wrappers of an async def: the value is awaited."""
+    assert await once(make())() == expected

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
+import sys
+import weakref
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -223,3 +228,50 @@ async def test_library_tasks_are_kept_alive_by_strong_references() -> None:
     assert any(t.get_name().startswith("fastapi_once") for t in _loops._tasks)
     gate.set()
     assert await make() == 1
+
+
+async def test_an_unkeyed_once_refuses_arguments_cold_and_warm() -> None:
+    """Arguments to an unkeyed once are a TypeError on every call, not silently ignored."""
+
+    @once
+    async def settings() -> str:
+        return "settings"
+
+    call: Any = settings
+    with pytest.raises(TypeError, match="takes no arguments"):
+        await call("cold")
+    assert await settings() == "settings"
+    with pytest.raises(TypeError, match="takes no arguments"):
+        await call("warm")
+    with pytest.raises(TypeError, match="takes no arguments"):
+        await call(x=1)
+
+
+async def test_once_of_a_bound_method_does_not_keep_its_object_alive() -> None:
+    """Interning holds a bound method's object weakly; once(obj.m) is once(obj.m) while it lives."""
+
+    class Client:
+        async def connect(self) -> str:
+            return "connected"
+
+    obj = Client()
+    first = once(obj.connect)
+    assert once(obj.connect) is first
+    assert await first() == "connected"
+    gone = weakref.ref(obj)
+    del obj
+    gc.collect()
+    assert gone() is None
+
+
+def test_a_once_is_a_coroutine_function_to_inspect_and_asyncio() -> None:
+    """inspect and asyncio see a once as the async callable it is (Python 3.10+)."""
+
+    @once
+    async def load() -> int:
+        return 1
+
+    assert inspect.iscoroutinefunction(load)
+    if sys.version_info < (3, 14):  # asyncio.iscoroutinefunction is deprecated from 3.14
+        assert asyncio.iscoroutinefunction(load)
+    assert inspect.signature(load).parameters == {}

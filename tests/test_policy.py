@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import anyio
 import httpx
@@ -228,3 +229,73 @@ async def test_a_retry_storm_is_held_to_one_attempt_per_cooldown(clock: FakeCloc
     assert attempts == 2  # at t=0 and at t=1.05; the other eight waves failed fast
     status = get_db.status()
     assert (status.attempts, status.joins) == (2, 198)
+
+
+async def test_timeout_abandons_a_blocking_def_sub_dependency() -> None:
+    """timeout= bounds sub-dependencies too: a blocking def sub-dependency times out."""
+    import threading
+
+    unblock = threading.Event()
+
+    def get_settings() -> str:
+        unblock.wait(10)
+        return "settings"
+
+    @once(timeout=0.1)
+    async def get_db(settings: str = Depends(get_settings)) -> str:
+        return f"db with {settings}"
+
+    try:
+        with anyio.fail_after(5), pytest.raises(OnceTimeoutError):
+            await get_db()
+    finally:
+        unblock.set()
+
+
+async def test_a_sync_generator_that_yields_after_its_timeout_is_still_closed() -> None:
+    """The attempt timed out; the generator yields later: its cleanup still runs."""
+    import threading
+
+    unblock = threading.Event()
+    closed = threading.Event()
+
+    @once(timeout=0.05)
+    def client() -> Iterator[str]:
+        unblock.wait(10)
+        yield "client"
+        closed.set()
+
+    with pytest.raises(OnceTimeoutError):
+        await client()
+    unblock.set()
+    with anyio.fail_after(5):
+        while not closed.is_set():
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("option", ["timeout", "cooldown", "ttl", "refresh", "backoff"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_are_refused_naming_the_option(option: str, value: float) -> None:
+    """A non-finite number of seconds is a ValueError that names the option."""
+
+    async def fn() -> int:
+        return 1
+
+    extra = {"retries": 1} if option == "backoff" else {}
+    with pytest.raises(ValueError, match=f"{option}=.*finite"):
+        once(fn, **{option: value, **extra})  # type: ignore[arg-type]
+
+
+async def test_any_number_of_retries_ends_with_the_last_error() -> None:
+    """retries= far past the backoff's doublings still ends with the last try's error."""
+    tries = 0
+
+    @once(retries=1500, backoff=0)
+    async def connect() -> None:
+        nonlocal tries
+        tries += 1
+        raise ConnectionError(f"try {tries}")
+
+    with pytest.raises(ConnectionError, match="try 1501"):
+        await connect()
+    assert Policy(retries=10**6, backoff=0.1).delay(10**6) <= MAX_BACKOFF
