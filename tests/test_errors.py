@@ -36,10 +36,11 @@ def test_asking_again_with_other_options_names_both_option_sets() -> None:
     def first_key(url: str) -> str:
         return url
 
-    once(get_stuff, key=first_key, maxsize=10)
+    first = once(get_stuff, key=first_key, maxsize=10)
     with pytest.raises(ValueError, match=r"maxsize=10.*maxsize=20") as info:
         once(get_stuff, key=first_key, maxsize=20)
     assert "first_key" in str(info.value)
+    assert once(get_stuff) is first
 
 
 def test_options_on_an_existing_once_object_must_match_too() -> None:

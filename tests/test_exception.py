@@ -224,10 +224,8 @@ async def test_a_failed_requests_frames_are_not_kept_by_the_once() -> None:
     async def request() -> None:
         mine = _Marker()
         refs.append(weakref.ref(mine))
-        try:
+        with contextlib.suppress(ConnectionError):
             await load()
-        except ConnectionError:
-            pass
 
     await request()
     gc.collect()

@@ -277,5 +277,5 @@ async def _plain() -> str:
     ids=["staticmethod", "classmethod", "partial", "functools.wraps", "plain-wrapper"],
 )
 async def test_a_wrapped_async_def_is_awaited(make: Any, expected: str) -> None:
-    """staticmethod, classmethod, partial and other wrappers of an async def: the value is awaited."""
+    """staticmethod, classmethod, partial, other wrappers of an async def: its value is awaited."""
     assert await once(make())() == expected

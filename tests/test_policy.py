@@ -269,8 +269,7 @@ async def test_a_sync_generator_that_yields_after_its_timeout_is_still_closed() 
         await client()
     unblock.set()
     with anyio.fail_after(5):
-        while not closed.is_set():
-            await anyio.sleep(0.01)
+        await anyio.to_thread.run_sync(closed.wait)
 
 
 @pytest.mark.parametrize("option", ["timeout", "cooldown", "ttl", "refresh", "backoff"])
