@@ -1,0 +1,203 @@
+"""The whole state machine, driven by Hypothesis through random sequences of events.
+
+A real once (unkeyed or keyed with maxsize=2, with ttl/refresh/cooldown, a generator value with a
+cleanup) runs in an event loop in a background thread (asyncio or trio). Rules make calls, finish
+or fail the runs of fn in flight, cancel callers, move the fake clock, reset one key or all.
+After every step: never two runs of fn for one key at once, no cleanup twice; a probe call
+behaves as status() said; at the end, after reset_all(), every value made was cleaned up once.
+Hypothesis prints a failing sequence of steps, which replays it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from timekeeping import FakeClock
+
+from fastapi_once import _core, _records, once, reset_all
+
+CONFIGS: list[dict[str, float]] = [
+    {},
+    {"ttl": 10},
+    {"refresh": 5, "ttl": 10},
+    {"cooldown": 4},
+    {"refresh": 5, "ttl": 10, "cooldown": 3},
+]
+KEYS = [None, "a", "b"]
+_names = itertools.count()
+
+
+class OnceMachine(RuleBasedStateMachine):
+    """Random sequences of calls, outcomes, cancellations, time and resets on one once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.portal: BlockingPortal | None = None
+        self.calls: list[concurrent.futures.Future[Any]] = []
+        self.resets: list[concurrent.futures.Future[Any]] = []
+        self.gates: list[tuple[anyio.Event, list[bool]]] = []
+        self.running: Counter[object] = Counter()
+        self.started = 0
+        self.made: list[int] = []
+        self.cleaned: list[int] = []
+        self.violations: list[str] = []
+
+    @initialize(
+        config=st.sampled_from(CONFIGS),
+        keyed=st.booleans(),
+        backend=st.sampled_from(["asyncio", "trio"]),
+    )
+    def start(self, config: dict[str, float], keyed: bool, backend: str) -> None:
+        self.clock = FakeClock()
+        self.saved = (_core.monotonic, _records.monotonic)
+        _core.monotonic = _records.monotonic = self.clock
+        self.portal_cm = start_blocking_portal(backend)
+        self.portal = self.portal_cm.__enter__()
+        self.keyed = keyed
+
+        async def make(key: object) -> AsyncIterator[int]:
+            self.started += 1
+            self.running[key] += 1
+            if self.running[key] > 1:
+                self.violations.append(f"two runs of fn for key {key!r}")
+            gate, outcome = anyio.Event(), [True]
+            self.gates.append((gate, outcome))
+            try:
+                await gate.wait()
+            finally:
+                self.running[key] -= 1
+            if not outcome[0]:
+                raise ConnectionError("fn failed")
+            n = len(self.made) + 1
+            self.made.append(n)
+            yield n
+            if n in self.cleaned:
+                self.violations.append(f"value {n} cleaned up twice")
+            self.cleaned.append(n)
+
+        name = f"machine.{next(_names)}"
+        if keyed:
+
+            async def keyed_fn(k: str | None = None) -> AsyncIterator[int]:
+                async for n in make(k):
+                    yield n
+
+            self.once: Any = once(keyed_fn, key=lambda k=None: k, maxsize=2, name=name, **config)
+        else:
+
+            async def fn() -> AsyncIterator[int]:
+                async for n in make(None):
+                    yield n
+
+            self.once = once(fn, name=name, **config)
+
+    def settle(self) -> None:
+        assert self.portal is not None
+        self.portal.call(anyio.wait_all_tasks_blocked)
+
+    def call(self, key: object) -> concurrent.futures.Future[Any]:
+        assert self.portal is not None
+        fut = self.portal.start_task_soon(self.once, key) if self.keyed else None
+        if fut is None:
+            fut = self.portal.start_task_soon(self.once)
+        self.calls.append(fut)
+        return fut
+
+    @rule(key=st.sampled_from(KEYS))
+    def make_a_call(self, key: object) -> None:
+        self.call(key)
+        self.settle()
+
+    @precondition(lambda self: bool(self.gates))
+    @rule(succeed=st.booleans())
+    def finish_the_oldest_run(self, succeed: bool) -> None:
+        assert self.portal is not None
+        gate, outcome = self.gates.pop(0)
+        outcome[0] = succeed
+        self.portal.call(gate.set)
+        self.settle()
+
+    @precondition(lambda self: any(not f.done() for f in self.calls))
+    @rule(data=st.data())
+    def cancel_a_caller(self, data: st.DataObject) -> None:
+        pending = [f for f in self.calls if not f.done()]
+        data.draw(st.sampled_from(pending)).cancel()
+        self.settle()
+
+    @rule(seconds=st.sampled_from([1, 3, 6, 11]))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+
+    @rule(key=st.sampled_from([*KEYS, "all"]))
+    def reset(self, key: object) -> None:
+        assert self.portal is not None
+        if key == "all":
+            self.resets.append(self.portal.start_task_soon(reset_all))
+        elif self.keyed:
+            self.resets.append(self.portal.start_task_soon(self.once.reset, key))
+        else:
+            self.resets.append(self.portal.start_task_soon(self.once.reset))
+        self.settle()
+
+    @precondition(lambda self: not self.keyed and all(f.done() for f in self.resets))
+    @rule()
+    def probe_agrees_with_status(self) -> None:
+        """What status() says is what the next call does."""
+        state = self.once.status().state
+        started = self.started
+        fut = self.call(None)
+        self.settle()
+        if state in ("ready", "refreshing"):
+            assert fut.done() and fut.exception() is None, state
+        elif state == "running":
+            assert not fut.done() and self.started == started, state
+        elif state == "idle":
+            assert self.started == started + 1, state
+        else:  # failed: within a cooldown it fails fast, otherwise it tries again
+            fast = fut.done() and isinstance(fut.exception(), ConnectionError)
+            assert fast or self.started == started + 1, state
+
+    @invariant()
+    def nothing_runs_twice_or_is_cleaned_up_twice(self) -> None:
+        assert not self.violations
+        assert set(self.cleaned) <= set(self.made)
+
+    def teardown(self) -> None:
+        if self.portal is None:
+            return
+        try:
+            for _ in range(200):
+                while self.gates:
+                    gate, _outcome = self.gates.pop(0)
+                    self.portal.call(gate.set)
+                self.settle()
+                if all(f.done() for f in [*self.calls, *self.resets]) and not self.gates:
+                    break
+            assert all(f.done() for f in [*self.calls, *self.resets]), "a call or reset hangs"
+            for fut in self.resets:
+                assert fut.cancelled() or fut.exception() is None
+            self.portal.call(reset_all)
+            assert sorted(self.cleaned) == sorted(self.made)
+            assert not self.violations
+        finally:
+            self.portal_cm.__exit__(None, None, None)
+            _core.monotonic, _records.monotonic = self.saved
+
+
+OnceMachine.TestCase.settings = settings(
+    max_examples=60,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_the_state_machine = pytest.mark.timeout(240)(OnceMachine.TestCase)
