@@ -9,11 +9,15 @@ A wait that would close a cycle raises instead of waiting forever.
 from __future__ import annotations
 
 import contextvars
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ._errors import OnceCycleError
+from ._keys import label
+
+if TYPE_CHECKING:
+    from ._loops import Event
 
 # The attempt whose work the current task is doing; child tasks inherit it through the context.
 working: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
@@ -28,11 +32,15 @@ class Attempt:
     set, and only read after. Only the loop's thread touches an attempt.
     """
 
-    __slots__ = ("context", "done", "error", "label", "scope", "traceback", "value", "waiting_on")
+    __slots__ = (
+        "_label", "context", "done", "error", "key", "name", "scope", "traceback", "value",
+        "waiting_on",
+    )  # fmt: skip
 
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.done = anyio.Event()
+    def __init__(self, name: str, key: object, done: Event) -> None:
+        self.name, self.key = name, key
+        self._label: str | None = None
+        self.done = done  # set once the outcome is in
         self.value: Any = None
         self.error: BaseException | None = None
         self.traceback: Any = None
@@ -41,6 +49,16 @@ class Attempt:
         self.scope: anyio.CancelScope | None = None
         # The attempts this attempt's work waits for: the edges that cycle detection walks.
         self.waiting_on: list[Attempt] = []
+
+    @property
+    def label(self) -> str:
+        """How logs and errors name this attempt (a key by its digest, computed when needed)."""
+        if self._label is None:
+            self._label = label(self.name, self.key)
+        return self._label
+
+    def __str__(self) -> str:
+        return self.label
 
     @property
     def settled(self) -> bool:

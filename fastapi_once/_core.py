@@ -126,7 +126,7 @@ class Once(Generic[P, T]):
         fn = self._fn()
         if fn is None:
             raise ReferenceError(f"{self.name}: the object of this bound method no longer exists")
-        return cast(Callable[..., Any], fn)
+        return cast("Callable[..., Any]", fn)
 
     @property
     def keyed(self) -> bool:
@@ -188,7 +188,7 @@ class Once(Generic[P, T]):
             loop = current_loop()
         hot = self._hot
         if hot[0] is loop:
-            return cast(tuple[Any, int | None, Store, Record | None], hot)
+            return cast("tuple[Any, int | None, Store, Record | None]", hot)
         state = state_of(loop)
         store = cast("Store | None", state.stores.get(self))
         if store is None:
@@ -236,22 +236,37 @@ class Once(Generic[P, T]):
         resolve: Resolve | None,
     ) -> None:
         """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
-        token, started = working.set(attempt), monotonic()
+        if self._policy.timeout is None:
+            await self._attempt(rec, attempt, args, kwargs, resolve)
+            return
+        # The scope a timeout cancels stays open while the value is kept, so that scopes a
+        # generator opened before its yield are closed inside it.
         with anyio.CancelScope() as attempt.scope:
-            try:
-                make = functools.partial(self._make, args, kwargs, resolve)
-                value, stack = await self._policy.run(attempt.label, make)
-            except BaseException as exc:
-                working.reset(token)  # the task's context must not keep the attempt alive
-                rec.fail(attempt, exc, monotonic() - started)
-                return
-            working.reset(token)
-            now = monotonic()
-            made = Value(attempt.label, value, stack, now, time.time(), self._policy.deadlines(now))
-            if not rec.succeed(attempt, made, now - started):
-                await made.clean_here()  # made too late: nobody can get it
-            elif stack is not None:
-                await rec.keep(made)
+            await self._attempt(rec, attempt, args, kwargs, resolve)
+
+    async def _attempt(
+        self,
+        rec: Record,
+        attempt: Attempt,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        resolve: Resolve | None,
+    ) -> None:
+        token, started = working.set(attempt), monotonic()
+        try:
+            make = functools.partial(self._make, args, kwargs, resolve)
+            value, stack = await self._policy.run(attempt, make)
+        except BaseException as exc:
+            working.reset(token)  # the task's context must not keep the attempt alive
+            rec.fail(attempt, exc, monotonic() - started)
+            return
+        working.reset(token)
+        now = monotonic()
+        made = Value(attempt, value, stack, now, time.time(), self._policy.deadlines(now))
+        if not rec.succeed(attempt, made, now - started):
+            await made.clean_here()  # made too late: nobody can get it
+        elif stack is not None:
+            await rec.keep(made)
 
     async def _make(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None

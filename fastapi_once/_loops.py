@@ -17,7 +17,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 import anyio
@@ -68,26 +68,47 @@ def thread_proof(loop: object) -> int | None:
 _tasks: set[asyncio.Task[None]] = set()
 
 
-def spawn(loop: object, fn: Callable[[], Awaitable[None]], name: str) -> None:
-    """Run ``fn()`` in a task owned by the library, not by the caller, in the caller's context.
+def spawn(loop: object, work: Coroutine[Any, Any, None], name: str) -> None:
+    """Run ``work`` in a task owned by the library, not by the caller, in the caller's context.
 
-    ``fn`` must never raise: it delivers what happened to whoever waits for it. When the loop
+    ``work`` must never raise: it delivers what happened to whoever waits for it. When the loop
     ends, the task is cancelled (``asyncio.run`` and trio both do that) and may clean up.
     """
     if isinstance(loop, asyncio.AbstractEventLoop):
-
-        async def main() -> None:
-            await fn()
-
-        task = loop.create_task(main(), name=name)
+        task = loop.create_task(work, name=name)
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
     else:
         import trio
 
+        async def main() -> None:
+            await work
+
         # A system task lives as long as the run and belongs to no request; trio turns an
-        # exception escaping it into a crash of the whole run, hence fn's promise not to raise.
-        trio.lowlevel.spawn_system_task(fn, name=name, context=contextvars.copy_context())
+        # exception escaping it into a crash of the whole run, hence work's promise not to raise.
+        trio.lowlevel.spawn_system_task(main, name=name, context=contextvars.copy_context())
+
+
+class Event(Protocol):
+    """An event of the running loop's own library (asyncio or trio)."""
+
+    def set(self) -> object:
+        """Wake every waiter."""
+
+    def is_set(self) -> bool:
+        """Whether it is set."""
+
+    async def wait(self) -> object:
+        """Wait until it is set."""
+
+
+def new_event(loop: object) -> Event:
+    """An event for ``loop``: its library's own, without anyio's per-event dispatch."""
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return asyncio.Event()
+    import trio
+
+    return trio.Event()
 
 
 class Drainable(Protocol):

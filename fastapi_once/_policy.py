@@ -104,12 +104,14 @@ class Policy:
         assert self.timeout is not None
         return OnceTimeoutError(label, self.timeout)
 
-    async def run(self, label: str, make: Callable[[], Awaitable[Any]]) -> Any:
+    async def run(self, label: object, make: Callable[[], Awaitable[Any]]) -> Any:
         """Call ``make`` with this policy's retries (``timeout`` is the caller's to enforce).
 
         Raises:
             Exception: the last try's exception when every try failed.
         """
+        if not self.retries:
+            return await make()
         cancelled = anyio.get_cancelled_exc_class()
         retry = 0
         while True:

@@ -29,11 +29,10 @@ values until then, and reset and teardown await them.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from contextlib import AsyncExitStack
 from typing import Any, cast
 
@@ -41,8 +40,7 @@ import anyio
 
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
-from ._keys import label
-from ._loops import LoopState, spawn
+from ._loops import LoopState, new_event, spawn
 from ._policy import Policy
 from ._status import State
 from ._values import Value
@@ -61,7 +59,8 @@ FAILED: State = "failed"
 Resolve = Callable[[AsyncExitStack], Awaitable[dict[str, Any]]]
 # What runs an attempt: (record, attempt, args, kwargs, resolve) -> never raises.
 Work = Callable[
-    ["Record", Attempt, tuple[Any, ...], dict[str, Any], "Resolve | None"], Awaitable[None]
+    ["Record", Attempt, tuple[Any, ...], dict[str, Any], "Resolve | None"],
+    Coroutine[Any, Any, None],
 ]
 
 
@@ -163,19 +162,19 @@ class Record:
         if store.loop_state.closed:
             self.drop()
             raise OnceClosedError(store.name)
-        self.attempt = attempt = Attempt(label(store.name, self.key))
+        self.attempt = attempt = Attempt(store.name, self.key, new_event(store.loop))
         self._to(RUNNING if self.made is None else REFRESHING)
         store.tries += 1
-        logger.info(
-            "%s: %s started",
-            attempt.label,
-            "refresh" if self.made else "attempt",
-            extra={"once": store.name, "event": "start"},
-        )
-        run = functools.partial(store.work, self, attempt, args, kwargs, resolve)
-        spawn(store.loop, run, f"fastapi_once: {attempt.label}")
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "%s: %s started",
+                attempt.label,
+                "refresh" if self.made else "attempt",
+                extra={"once": store.name, "event": "start"},
+            )
+        spawn(store.loop, store.work(self, attempt, args, kwargs, resolve), "fastapi_once: attempt")
         if store.policy.timeout is not None:
-            spawn(store.loop, functools.partial(self._watch, attempt), "fastapi_once: timeout")
+            spawn(store.loop, self._watch(attempt), "fastapi_once: timeout")
 
     async def _watch(self, attempt: Attempt) -> None:
         policy = self.store.policy
@@ -192,13 +191,14 @@ class Record:
         self.store.last_duration = took
         if not self.settle(attempt, made, None, None):
             return False
-        logger.info(
-            "%s: %s in %.2f s",
-            attempt.label,
-            "refreshed" if refresh else "ready",
-            took,
-            extra={"once": self.store.name, "event": "ready", "duration_s": took},
-        )
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "%s: %s in %.2f s",
+                attempt.label,
+                "refreshed" if refresh else "ready",
+                took,
+                extra={"once": self.store.name, "event": "ready", "duration_s": took},
+            )
         return True
 
     def fail(self, attempt: Attempt, exc: BaseException, took: float) -> None:
@@ -319,7 +319,15 @@ class Store:
     def evict(self) -> None:
         """Drop least recently used records, none in flight, down to ``maxsize``."""
         over = len(self.records) - self.maxsize
-        for rec in [r for r in self.records.values() if r.attempt is None][: max(over, 0)]:
+        if over <= 0:
+            return
+        victims: list[Record] = []
+        for rec in self.records.values():  # least recent first: usually the first few
+            if rec.attempt is None:
+                victims.append(rec)
+                if len(victims) == over:
+                    break
+        for rec in victims:
             rec.drop()
 
     def busy(self) -> list[Attempt]:

@@ -51,14 +51,14 @@ class Value:
 
     def __init__(
         self,
-        label: str,
+        label: object,
         value: Any,
         stack: AsyncExitStack | None,
         made_at: float,
         wall_time: float,
         deadlines: tuple[float | None, float | None],
     ) -> None:
-        self.label = label
+        self.label = label  # formatted with %s only when logged (a key's digest costs)
         self.serial = next(_serials)
         self.value = value
         self.stack = stack
