@@ -11,10 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import burst, hot_path, import_time, memory, real_http, report
+from . import burst, hot_path, import_time, keyed, memory, real_http, report
 from .config import FULL, SMOKE, Config
 
-SCENARIOS = ("hot_path", "cold_burst", "failure_burst", "real_http", "memory", "import_time")
+SCENARIOS = (
+    "hot_path",
+    "cold_burst",
+    "failure_burst",
+    "keyed",
+    "real_http",
+    "memory",
+    "import_time",
+)
 
 
 def _runners(config: Config, loadgen: str) -> dict[str, Callable[[], dict[str, Any]]]:
@@ -22,6 +30,7 @@ def _runners(config: Config, loadgen: str) -> dict[str, Callable[[], dict[str, A
         "hot_path": lambda: asyncio.run(hot_path.run(config)),
         "cold_burst": lambda: burst.run_cold(config),
         "failure_burst": lambda: burst.run_failure(config),
+        "keyed": lambda: keyed.run(config),
         "real_http": lambda: real_http.run(config, loadgen),
         "memory": lambda: memory.run(config),
         "import_time": lambda: import_time.run(config),

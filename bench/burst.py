@@ -2,7 +2,8 @@
 
 Each contender is a function that wraps ``fn`` (an ``async def`` with no parameters) the way its
 library or recipe would, and returns what a caller awaits. Every trial runs in a fresh event loop
-with freshly wrapped functions, as in a freshly started process.
+with freshly wrapped functions, as in a freshly started process. The cold burst also runs a bare
+``asyncio.Event``, the least a single flight can do: its drain is the floor for everyone's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastapi_singleton import singleton
 from fastapi_once import once
 
 from .config import Config
+from .paired import ratios, spread
 
 Fn = Callable[[], Coroutine[Any, Any, object]]
 
@@ -55,11 +57,40 @@ def once_(fn: Fn) -> Fn:
     return once(fn)
 
 
+def bare_event(fn: Fn) -> Fn:
+    """The floor: the first caller starts ``fn`` in a task; every caller awaits one Event.
+
+    No error handling, no cancellation, no reset: it serves the cold burst only.
+    """
+    done = asyncio.Event()
+    work: asyncio.Task[None] | None = None
+    value: object = None
+
+    async def make() -> None:
+        nonlocal value
+        value = await fn()
+        done.set()
+
+    async def get() -> object:
+        nonlocal work
+        if work is None:
+            work = asyncio.create_task(make())
+        await done.wait()
+        return value
+
+    return get
+
+
+# The failure burst's contenders; the cold burst runs these and the bare Event.
 CONTENDERS: dict[str, tuple[str, Callable[[Fn], Fn]]] = {
     "lock_recipe": ("asyncio.Lock recipe", lock_recipe),
     "fastapi_singleton": ("fastapi-singleton", fastapi_singleton),
     "alru_cache": ("async-lru", alru_cache_recipe),
     "once": ("once", once_),
+}
+COLD_CONTENDERS: dict[str, tuple[str, Callable[[Fn], Fn]]] = {
+    "event": ("bare asyncio.Event (floor)", bare_event),
+    **CONTENDERS,
 }
 
 VALUE = object()
@@ -148,8 +179,8 @@ def _medians(trials: list[dict[str, float]]) -> dict[str, Any]:
     return summary
 
 
-def _rotated(round_: int) -> list[str]:
-    order = list(CONTENDERS)
+def _rotated(round_: int, contenders: dict[str, Any]) -> list[str]:
+    order = list(contenders)
     shift = round_ % len(order)
     return order[shift:] + order[:shift]
 
@@ -161,19 +192,25 @@ def run_cold(config: Config) -> dict[str, Any]:
     for round_ in range(config.burst_rounds):
         for n in config.burst_sizes:
             for mode, busy in modes.items():
-                for cid in _rotated(round_):
-                    wrap = CONTENDERS[cid][1]
+                for cid in _rotated(round_, COLD_CONTENDERS):
+                    wrap = COLD_CONTENDERS[cid][1]
                     result = _trial(
                         lambda: _cold_trial(wrap, n, busy, config.burst_sleep_s)  # noqa: B023
                     )
                     trials.setdefault((cid, mode, n), []).append(result)
     contenders: dict[str, Any] = {}
-    for cid, (label, _) in CONTENDERS.items():
+    for cid, (label, _) in COLD_CONTENDERS.items():
         contenders[cid] = {"label": label}
         for mode in modes:
             contenders[cid][mode] = {
                 str(n): _medians(trials[(cid, mode, n)]) for n in config.burst_sizes
             }
+            for n in config.burst_sizes:
+                # Drain over the bare Event's drain in the same round, and its spread.
+                drains = [t["drain_s"] for t in trials[(cid, mode, n)]]
+                floor = [t["drain_s"] for t in trials[("event", mode, n)]]
+                contenders[cid][mode][str(n)]["drain_over_event"] = ratios(drains, floor)
+                contenders[cid][mode][str(n)]["drain_spread"] = spread(drains)
     return {
         "fn_sleep_s": config.burst_sleep_s,
         "busy_tasks": config.busy_tasks,
@@ -187,7 +224,7 @@ def run_failure(config: Config) -> dict[str, Any]:
     """Failure burst: concurrent callers of an ``fn`` that fails; attempts and last error time."""
     trials: dict[str, list[dict[str, float]]] = {cid: [] for cid in CONTENDERS}
     for round_ in range(config.failure_rounds):
-        for cid in _rotated(round_):
+        for cid in _rotated(round_, CONTENDERS):
             wrap = CONTENDERS[cid][1]
             result = _trial(
                 lambda: _failure_trial(wrap, config.failure_callers, config.failure_after_s)  # noqa: B023
@@ -198,6 +235,13 @@ def run_failure(config: Config) -> dict[str, Any]:
         "fn_fails_after_s": config.failure_after_s,
         "rounds": config.failure_rounds,
         "contenders": {
-            cid: {"label": CONTENDERS[cid][0], **_medians(trials[cid])} for cid in CONTENDERS
+            cid: {
+                "label": CONTENDERS[cid][0],
+                **_medians(trials[cid]),
+                "last_error_over_attempt_spread": spread(
+                    [t["last_error_over_attempt"] for t in trials[cid]]
+                ),
+            }
+            for cid in CONTENDERS
         },
     }

@@ -3,7 +3,9 @@
 Every contender is a small function that builds an app with one route, ``GET /``, returning the
 same JSON. The apps are called directly as ASGI applications (no network), round-robin in the
 same event loop, so drift hits every contender alike; throughput is reported as the median over
-rounds and as the median of each round's ratio to the baseline's.
+rounds and as the median of each round's ratio to the baseline's. A second, separately built copy
+of the baseline runs as one more contender: its ratio to the baseline shows how finely the
+harness resolves a difference on this machine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.types import Message
 from fastapi_once import once
 
 from .config import Config
+from .paired import ratios
 
 
 class Settings:
@@ -159,6 +162,7 @@ BASELINE = "baseline"
 CONTENDERS: dict[str, tuple[str, Callable[[], FastAPI]]] = {
     "nothing": ("no dependency", nothing),
     "baseline": ("async def returning a global (baseline)", baseline),
+    "baseline_again": ("the baseline again, a second app (control)", baseline),
     "lru_cache": ("@lru_cache def (FastAPI docs recipe)", lru_cache_recipe),
     "lifespan_state": ("lifespan state via request.state", lifespan_state),
     "fastapi_singleton": ("fastapi-singleton @singleton", fastapi_singleton),
@@ -221,11 +225,6 @@ class _Served:
         return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def paired_ratio(values: list[float], base: list[float]) -> float:
-    """The median over rounds of ``value / base`` measured in the same round."""
-    return statistics.median(v / b for v, b in zip(values, base, strict=True))
-
-
 async def run(config: Config) -> dict[str, Any]:
     """Measure requests/second of every contender, interleaved round-robin."""
     served: dict[str, _Served] = {}
@@ -251,16 +250,18 @@ async def run(config: Config) -> dict[str, Any]:
                 cpu[cid].append(config.hot_requests / max(cpu_seconds, 1e-9))
     contenders = {}
     for cid in served:
-        ratios = [v / b for v, b in zip(wall[cid], wall[BASELINE], strict=True)]
+        wall_ratio, cpu_ratio = ratios(wall[cid], wall[BASELINE]), ratios(cpu[cid], cpu[BASELINE])
         contenders[cid] = {
             "label": CONTENDERS[cid][0],
             "rps_median": statistics.median(wall[cid]),
             "us_per_request": 1e6 / statistics.median(wall[cid]),
-            "ratio_to_baseline": statistics.median(ratios),
-            "ratio_q1": statistics.quantiles(ratios, n=4)[0] if len(ratios) > 1 else ratios[0],
-            "ratio_q3": statistics.quantiles(ratios, n=4)[2] if len(ratios) > 1 else ratios[0],
+            "ratio_to_baseline": wall_ratio["median"],
+            "ratio_q1": wall_ratio["q1"],
+            "ratio_q3": wall_ratio["q3"],
             "cpu_rps_median": statistics.median(cpu[cid]),
-            "cpu_ratio_to_baseline": paired_ratio(cpu[cid], cpu[BASELINE]),
+            "cpu_ratio_to_baseline": cpu_ratio["median"],
+            "cpu_ratio_q1": cpu_ratio["q1"],
+            "cpu_ratio_q3": cpu_ratio["q3"],
             "rps_rounds": wall[cid],
             "cpu_rps_rounds": cpu[cid],
         }

@@ -18,6 +18,7 @@ CONTENDERS = {
     "hot_path": {
         "nothing",
         "baseline",
+        "baseline_again",
         "lru_cache",
         "lifespan_state",
         "fastapi_singleton",
@@ -25,8 +26,9 @@ CONTENDERS = {
         "once",
         "once_subdep",
     },
-    "cold_burst": {"lock_recipe", "fastapi_singleton", "alru_cache", "once"},
+    "cold_burst": {"event", "lock_recipe", "fastapi_singleton", "alru_cache", "once"},
     "failure_burst": {"lock_recipe", "fastapi_singleton", "alru_cache", "once"},
+    "keyed": {"bare", "once_miss", "alru_miss", "once_hit", "alru_hit"},
     "real_http": {"baseline", "once"},
     "memory": {"once", "dict"},
 }
@@ -61,6 +63,8 @@ def test_smoke_run_writes_every_scenario_and_contender(tmp_path: Path) -> None:
     for mode in ("idle", "busy"):
         for contender in scenarios["cold_burst"]["contenders"].values():
             assert set(contender[mode]) == {str(n) for n in scenarios["cold_burst"]["callers"]}
+    assert scenarios["keyed"]["once_over_alru"].keys() == {"miss", "hit"}
+    assert all(c["ns_per_call"] > 0 for c in scenarios["keyed"]["contenders"].values())
     assert scenarios["import_time"]["process_wall_s"].keys() == {"fastapi", "fastapi_once"}
     assert all({"target", "measured", "met"} <= t.keys() for t in results["targets"])
     assert (tmp_path / "results.md").read_text().startswith("# fastapi_once benchmarks")
