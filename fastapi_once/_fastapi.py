@@ -229,23 +229,35 @@ def _intern_key(fn: Callable[..., Any]) -> Hashable:
         return fn
 
 
+# The types of a call: an unkeyed once takes no arguments (whatever fn's sub-dependencies);
+# a keyed once takes what its key= function takes.
 class _Decorator(Protocol):
     @overload
-    def __call__(self, fn: Once[P, T], /) -> Once[P, T]: ...
+    def __call__(self, fn: Once[P, T], /) -> Once[P, T]: ...  # type: ignore[overload-overlap]
     @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, T]], /) -> Once[P, T]: ...
+    def __call__(self, fn: Callable[..., Coroutine[Any, Any, T]], /) -> Once[[], T]: ...
     @overload
-    def __call__(self, fn: Callable[P, AsyncIterator[T]], /) -> Once[P, T]: ...
+    def __call__(self, fn: Callable[..., AsyncIterator[T]], /) -> Once[[], T]: ...
     @overload
-    def __call__(self, fn: Callable[P, Iterator[T]], /) -> Once[P, T]: ...
+    def __call__(self, fn: Callable[..., Iterator[T]], /) -> Once[[], T]: ...
     @overload
-    def __call__(self, fn: Callable[P, T], /) -> Once[P, T]: ...
+    def __call__(self, fn: Callable[..., T], /) -> Once[[], T]: ...
+
+
+class _KeyedDecorator(Protocol[P]):
+    @overload
+    def __call__(self, fn: Callable[..., Coroutine[Any, Any, T]], /) -> Once[P, T]: ...
+    @overload
+    def __call__(self, fn: Callable[..., AsyncIterator[T]], /) -> Once[P, T]: ...
+    @overload
+    def __call__(self, fn: Callable[..., Iterator[T]], /) -> Once[P, T]: ...
+    @overload
+    def __call__(self, fn: Callable[..., T], /) -> Once[P, T]: ...
 
 
 class Options(TypedDict, total=False):
-    """The keyword options of :func:`once` (each documented there)."""
+    """The keyword options of :func:`once` other than ``key`` (each documented there)."""
 
-    key: Callable[..., Hashable]
     maxsize: int
     across: Backend
     name: str
@@ -260,17 +272,51 @@ class Options(TypedDict, total=False):
 
 
 @overload
-def once(fn: Once[P, T], /, **options: Unpack[Options]) -> Once[P, T]: ...
+def once(fn: Once[P, T], /, **options: Unpack[Options]) -> Once[P, T]: ...  # type: ignore[overload-overlap]
 @overload
-def once(fn: Callable[P, Coroutine[Any, Any, T]], /, **options: Unpack[Options]) -> Once[P, T]: ...
+def once(
+    fn: Callable[..., Coroutine[Any, Any, T]], /, *, key: None = None, **options: Unpack[Options]
+) -> Once[[], T]: ...
 @overload
-def once(fn: Callable[P, AsyncIterator[T]], /, **options: Unpack[Options]) -> Once[P, T]: ...
+def once(
+    fn: Callable[..., AsyncIterator[T]], /, *, key: None = None, **options: Unpack[Options]
+) -> Once[[], T]: ...
 @overload
-def once(fn: Callable[P, Iterator[T]], /, **options: Unpack[Options]) -> Once[P, T]: ...
+def once(
+    fn: Callable[..., Iterator[T]], /, *, key: None = None, **options: Unpack[Options]
+) -> Once[[], T]: ...
 @overload
-def once(fn: Callable[P, T], /, **options: Unpack[Options]) -> Once[P, T]: ...
+def once(
+    fn: Callable[..., T], /, *, key: None = None, **options: Unpack[Options]
+) -> Once[[], T]: ...
 @overload
-def once(**options: Unpack[Options]) -> _Decorator: ...
+def once(
+    fn: Callable[..., Coroutine[Any, Any, T]],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: Callable[..., AsyncIterator[T]],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: Callable[..., Iterator[T]], /, *, key: Callable[P, Hashable], **options: Unpack[Options]
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: Callable[..., T], /, *, key: Callable[P, Hashable], **options: Unpack[Options]
+) -> Once[P, T]: ...
+@overload
+def once(*, key: None = None, **options: Unpack[Options]) -> _Decorator: ...
+@overload
+def once(*, key: Callable[P, Hashable], **options: Unpack[Options]) -> _KeyedDecorator[P]: ...
 def once(fn: Any = None, /, **options: Any) -> Any:
     """Make ``fn``'s value once per event loop and share it: a single-flight FastAPI dependency.
 
@@ -335,22 +381,7 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
         )
 
 
-_OPTIONS = frozenset(
-    {
-        "across",
-        "backoff",
-        "cooldown",
-        "key",
-        "maxsize",
-        "name",
-        "refresh",
-        "retries",
-        "retry_on",
-        "timeout",
-        "ttl",
-        "version",
-    }
-)
+_OPTIONS = frozenset({"key", *Options.__optional_keys__})  # the one list is Options
 
 
 def _check_across(fn: Callable[..., Any], name: str, across: object, keyed: bool) -> None:

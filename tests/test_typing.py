@@ -1,0 +1,31 @@
+"""Types of direct calls, checked by mypy --strict against a file of expected passes and errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+CASES = Path(__file__).parent / "typing" / "cases.py"
+
+
+def test_direct_calls_have_exact_types() -> None:
+    """An unkeyed once takes no arguments; a keyed once takes its key function's; T is kept."""
+    api = pytest.importorskip("mypy.api", reason="mypy is part of the test extra")
+    out, _err, _status = api.run(
+        ["--strict", "--no-incremental", "--show-error-codes", "--no-error-summary", str(CASES)]
+    )
+    found: dict[int, str] = {}
+    for line in out.splitlines():
+        match = re.match(r".*cases\.py:(\d+): error: (.*)", line)
+        if match:
+            found[int(match[1])] = found.get(int(match[1]), "") + match[2]
+    expected = {
+        n: text.split("# E: ", 1)[1]
+        for n, text in enumerate(CASES.read_text().splitlines(), start=1)
+        if "# E: " in text
+    }
+    assert sorted(found) == sorted(expected), out
+    for n, fragment in expected.items():
+        assert fragment in found[n], (n, fragment, found[n])

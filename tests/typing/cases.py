@@ -1,0 +1,66 @@
+"""Typed direct calls: a line whose comment starts "E:" must be a mypy error containing the rest."""
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated
+
+from fastapi import Depends
+
+from fastapi_once import Once, once
+
+
+class Settings: ...
+
+
+class Client: ...
+
+
+def get_settings() -> Settings:
+    return Settings()
+
+
+@once
+async def settings() -> Settings:
+    return Settings()
+
+
+@once
+async def client(s: Annotated[Settings, Depends(get_settings)]) -> AsyncIterator[Client]:
+    yield Client()
+
+
+@once(timeout=5)
+async def client_with_default(s: Settings = Depends(get_settings)) -> Client:
+    return Client()
+
+
+@once
+def sync_client() -> Iterator[Client]:
+    yield Client()
+
+
+def url_key(url: str) -> str:
+    return url
+
+
+@once(key=url_key, maxsize=10)
+async def get_stuff(url: str) -> bytes:
+    return url.encode()
+
+
+async def calls() -> None:
+    s: Settings = await settings()
+    c: Client = await client()
+    c = await client_with_default()
+    c = await sync_client()
+    b: bytes = await get_stuff("/a")
+    b = await get_stuff(url="/a")
+    await get_stuff.reset("/a")
+    await client.reset()
+    unkeyed: Once[[], Settings] = settings
+    wrong: int = await settings()  # E: Incompatible types in assignment
+    await client(Settings())  # E: Too many arguments
+    await client_with_default(s=Settings())  # E: Unexpected keyword argument
+    await get_stuff()  # E: Missing positional argument
+    await get_stuff(1)  # E: incompatible type "int"
+    await settings.reset("x")  # E: Too many arguments
+    print(s, c, b, unkeyed, wrong)
