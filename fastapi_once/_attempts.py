@@ -33,13 +33,15 @@ class Attempt:
     """
 
     __slots__ = (
-        "_label", "context", "done", "error", "key", "name", "scope", "traceback", "value",
-        "waiting_on",
+        "_label", "context", "done", "error", "key", "name", "number", "scope", "span", "traceback",
+        "value", "waiting_on",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
         self.name, self.key = name, key
         self._label: str | None = None
+        self.number = 0  # the how-manieth attempt of its once in its loop (status().attempts)
+        self.span: Any = None  # its span's context, when traced: callers that wait link to it
         self.done = done  # set once the outcome is in
         self.value: Any = None
         self.error: BaseException | None = None

@@ -29,6 +29,7 @@ from ._loops import current_loop, drain, state_of, thread_proof
 from ._policy import Policy
 from ._records import IDLE, READY, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
+from ._telemetry import across
 from ._values import Value
 
 if TYPE_CHECKING:
@@ -290,7 +291,7 @@ class Once(Generic[P, T]):
             if self._across is None:
                 value = await make()
             else:
-                value = await self._across.run_once(self.name, make, ttl=self._policy.ttl)
+                value = await across(self._across, self.name, make, self._policy.ttl)
         except BaseException:
             if stack is not None:
                 # Release what the failed try had set up; the waiters get the try's own
@@ -353,9 +354,9 @@ def kick(target: Once[Any, Any], context: object) -> bool:
 
     Returns whether an attempt was started. For readiness probes: nothing waits.
     """
-    store = target._find()[2]
-    rec = store.record(NOKEY, monotonic())
-    if rec.state != IDLE:
+    now = monotonic()
+    rec = target._find()[2].record(NOKEY, now)
+    if rec.state != IDLE and not (rec.state == READY and rec.refresh_due(now)):
         return False
     try:
         rec.start((), {}, target._bind(context))

@@ -13,6 +13,7 @@ import anyio
 from ._core import Once, make_with
 from ._fastapi import once
 from ._loops import close, current_loop, state_of
+from ._telemetry import error_type, fields
 
 logger = logging.getLogger("fastapi_once")
 
@@ -93,16 +94,22 @@ async def _warm(app: Any, onces: list[Once[Any, Any]]) -> None:
         except BaseException as exc:
             # Caught here, raised after the group: KeyboardInterrupt or SystemExit reaches the
             # server as itself, not inside an exception group.
-            logger.error("warming %s failed with %s", item.name, type(exc).__name__)
+            kind, took = error_type(exc), time.monotonic() - started
+            extra = fields(item.name, "warm_failed", duration_s=took, error_type=kind)
+            logger.error("warming %s failed with %s", item.name, kind, extra=extra)
             failures.append(exc)
             scope.cancel()
             return
         ready += 1
         took = time.monotonic() - started
-        logger.info("warming %d/%d: %s ready in %.2f s", ready, len(todo), item.name, took)
+        extra = fields(item.name, "warm_ready", duration_s=took)
+        logger.info(
+            "warming %d/%d: %s ready in %.2f s", ready, len(todo), item.name, took, extra=extra
+        )
 
     if todo:
-        logger.info("warming %d once(s): %s", len(todo), ", ".join(item.name for item in todo))
+        names = ", ".join(item.name for item in todo)
+        logger.info("warming %d once(s): %s", len(todo), names, extra=fields(None, "warm_start"))
     async with anyio.create_task_group() as group:
         for item in todo:
             group.start_soon(make, item, group.cancel_scope)

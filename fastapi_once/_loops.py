@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import anyio
 
 from ._attempts import Attempt, check_wait, wait
+from ._telemetry import fields
 from ._values import Value, raise_all
 
 logger = logging.getLogger("fastapi_once")
@@ -250,6 +251,7 @@ async def close(timeout: float) -> None:  # noqa: ASYNC109 - a bound, not the ca
             "shutdown stopped waiting after %.1f s; still running: %s",
             timeout,
             ", ".join(attempt.label for attempt in left),
+            extra=fields(None, "shutdown_timeout", duration_s=timeout),
         )
 
 

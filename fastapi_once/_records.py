@@ -43,6 +43,7 @@ from ._errors import OnceCancelledError, OnceClosedError
 from ._loops import LoopState, new_event, spawn
 from ._policy import Policy
 from ._status import State
+from ._telemetry import ended, error_type, evicted, fast_failed, fields, traced, waits
 from ._values import Value
 
 logger = logging.getLogger("fastapi_once")
@@ -126,6 +127,16 @@ class Record:
         if self.store.records.get(self.key) is self:
             del self.store.records[self.key]
 
+    def refresh_due(self, now: float) -> bool:
+        """Whether a served value is due for refresh (and no failed refresh's cooldown is on)."""
+        made = self.made
+        return (
+            made is not None
+            and made.refresh_at is not None
+            and now >= made.refresh_at
+            and (self.retry_at is None or now >= self.retry_at)
+        )
+
     def enter(self, now: float, begin: Callable[[], None]) -> Value | Attempt:
         """A call's rows of the table: return the value to serve or the attempt to wait for.
 
@@ -137,23 +148,21 @@ class Record:
         """
         store, made = self.store, self.made
         if made is not None:
-            if (
-                self.state == READY
-                and made.refresh_at is not None
-                and now >= made.refresh_at
-                and (self.retry_at is None or now >= self.retry_at)
-            ):
+            if self.state == READY and self.refresh_due(now):
                 begin()
             store.hits += 1
             if self.key in store.records:
                 store.records.move_to_end(self.key)
             return made
         if self.failure is not None:
+            fast_failed(store)
             raise_again(*self.failure[:3])
-        if self.attempt is None:
-            begin()
-        else:
+        joined = self.attempt is not None
+        if joined:
             store.joins += 1
+        else:
+            begin()
+        waits(cast(Attempt, self.attempt), joined)
         return cast(Attempt, self.attempt)
 
     def start(self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None) -> None:
@@ -165,14 +174,18 @@ class Record:
         self.attempt = attempt = Attempt(store.name, self.key, new_event(store.loop))
         self._to(RUNNING if self.made is None else REFRESHING)
         store.tries += 1
+        attempt.number, refresh = store.tries, self.made is not None
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "%s: %s started",
                 attempt.label,
-                "refresh" if self.made else "attempt",
-                extra={"once": store.name, "event": "start"},
+                "refresh" if refresh else "attempt",
+                extra=fields(
+                    store.name, "refresh_start" if refresh else "start", attempt=attempt.number
+                ),
             )
-        spawn(store.loop, store.work(self, attempt, args, kwargs, resolve), "fastapi_once: attempt")
+        work = traced(attempt, refresh, store.work(self, attempt, args, kwargs, resolve))
+        spawn(store.loop, work, "fastapi_once: attempt")
         if store.policy.timeout is not None:
             spawn(store.loop, self._watch(attempt), "fastapi_once: timeout")
 
@@ -187,19 +200,24 @@ class Record:
 
     def succeed(self, attempt: Attempt, made: Value, took: float) -> bool:
         """The attempt made ``made`` in ``took`` seconds: serve it (see :meth:`settle`)."""
-        refresh = self.state == REFRESHING
-        self.store.last_duration = took
-        if not self.settle(attempt, made, None, None):
-            return False
-        if logger.isEnabledFor(logging.INFO):
+        store, refresh = self.store, self.state == REFRESHING
+        store.last_duration = took
+        mine = self.settle(attempt, made, None, None)
+        ended(store, attempt, took, refresh)
+        if mine and logger.isEnabledFor(logging.INFO):
             logger.info(
                 "%s: %s in %.2f s",
                 attempt.label,
                 "refreshed" if refresh else "ready",
                 took,
-                extra={"once": self.store.name, "event": "ready", "duration_s": took},
+                extra=fields(
+                    store.name,
+                    "refreshed" if refresh else "ready",
+                    duration_s=took,
+                    attempt=attempt.number,
+                ),
             )
-        return True
+        return mine
 
     def fail(self, attempt: Attempt, exc: BaseException, took: float) -> None:
         """The attempt raised ``exc`` after ``took`` seconds: share it (see :meth:`settle`)."""
@@ -207,20 +225,35 @@ class Record:
         if isinstance(exc, anyio.get_cancelled_exc_class()):
             error, traceback = OnceCancelledError(attempt.label), None
             error.__cause__ = exc
-        self.store.last_duration = took
-        if self.settle(attempt, None, error, traceback):
+        store, refresh = self.store, self.state == REFRESHING
+        store.last_duration = took
+        mine = self.settle(attempt, None, error, traceback)
+        ended(store, attempt, took, refresh)
+        if mine:
             refresh = self.made is not None
             # The type only: exception text can hold secrets (a DSN, a token); DEBUG has it.
+            kind = error_type(error)
             logger.warning(
                 "%s: %s failed after %.2f s with %s%s",
                 attempt.label,
                 "refresh" if refresh else "attempt",
                 took,
-                type(error).__name__,
+                kind,
                 "; keeping the current value" if refresh else "",
-                extra={"once": self.store.name, "event": "failed", "duration_s": took},
+                extra=fields(
+                    store.name,
+                    "refresh_failed" if refresh else "failed",
+                    duration_s=took,
+                    error_type=kind,
+                    attempt=attempt.number,
+                ),
             )
-            logger.debug("%s: failure", attempt.label, exc_info=error)
+            logger.debug(
+                "%s: failure",
+                attempt.label,
+                exc_info=error,
+                extra=fields(store.name, "failure_detail", error_type=kind, attempt=attempt.number),
+            )
 
     def settle(
         self, attempt: Attempt, made: Value | None, error: BaseException | None, traceback: Any
@@ -329,6 +362,7 @@ class Store:
                     break
         for rec in victims:
             rec.drop()
+        evicted(self, len(victims))
 
     def busy(self) -> list[Attempt]:
         return [r.attempt for r in self.records.values() if r.attempt is not None]

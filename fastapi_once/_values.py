@@ -11,11 +11,14 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
+
+from ._telemetry import cleanup_span, error_type, fields
 
 if sys.version_info >= (3, 11):  # pragma: no cover
     from builtins import BaseExceptionGroup
@@ -104,17 +107,28 @@ class Value:
         """Run the cleanup in the current task, once, shielded from cancellation."""
         if self.stack is None or self._cleaning:
             return
-        self._cleaning = True
+        self._cleaning, started = True, time.monotonic()
+        name, attempt = (
+            str(getattr(self.label, "name", self.label)),
+            getattr(self.label, "number", None),
+        )
         with anyio.CancelScope(shield=True):
             try:
-                await self.stack.aclose()
+                with cleanup_span(self.label):
+                    await self.stack.aclose()
             except BaseException as exc:
                 # The type only: exception text can hold secrets; DEBUG has the details.
-                logger.error("%s: cleanup failed with %s", self.label, type(exc).__name__)
-                logger.debug("%s: cleanup failure", self.label, exc_info=exc)
+                kind, took = error_type(exc), time.monotonic() - started
+                extra = fields(
+                    name, "cleanup_failed", duration_s=took, error_type=kind, attempt=attempt
+                )
+                logger.error("%s: cleanup failed with %s", self.label, kind, extra=extra)
+                logger.debug("%s: cleanup failure", self.label, exc_info=exc, extra=extra)
                 self._errors.append(exc)
             else:
-                logger.info("%s: cleaned up", self.label)
+                took = time.monotonic() - started
+                extra = fields(name, "cleaned_up", duration_s=took, attempt=attempt)
+                logger.info("%s: cleaned up", self.label, extra=extra)
         assert self._done is not None
         self._done.set()
 
