@@ -269,6 +269,7 @@ class Options(TypedDict, total=False):
     cooldown: float
     ttl: float
     refresh: float
+    ping: Callable[[Any], Any]
 
 
 @overload
@@ -347,6 +348,8 @@ def once(fn: Any = None, /, **options: Any) -> Any:
         ttl: seconds a value lives; the next call after that makes a new one.
         refresh: seconds (less than ``ttl``) after which the first call starts one background
             refresh while every caller keeps getting the current value.
+        ping: ``check(value)``, sync or async, that :func:`readiness_router` runs on the value
+            to see that the dependency still answers; it fails by raising or returning False.
 
     Raises:
         TypeError: ``fn`` is not callable; a parameter reads the request; options do not fit.
@@ -440,6 +443,12 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
     if "maxsize" in options and key is None:
         raise TypeError(
             f"once({name}, maxsize=...): maxsize= applies only with key=; pass key= too"
+        )
+    ping = options.get("ping")
+    if ping is not None and (not callable(ping) or key is not None):
+        raise TypeError(
+            f"once({name}, ping={ping!r}): ping= takes a function check(value) for an unkeyed "
+            "once, e.g. ping=lambda pool: pool.execute('SELECT 1')"
         )
     policy = Policy.from_options(name, options)
     signature, injector = adapt(fn, name, keyed=key is not None)

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 
 from ._errors import OnceTimeoutError
+from ._telemetry import error_type, fields
 
 logger = logging.getLogger("fastapi_once")
 
@@ -129,6 +130,13 @@ class Policy:
                     self.retries + 1,
                     type(exc).__name__,
                     delay,
+                    extra=fields(
+                        str(getattr(label, "name", label)),
+                        "retry",
+                        duration_s=None,
+                        error_type=error_type(exc),
+                        attempt=getattr(label, "number", None),
+                    ),
                 )
                 await anyio.sleep(delay)
 

@@ -1,17 +1,113 @@
-"""A readiness probe for FastAPI: 200 when the given onces are ready, 503 while they are not."""
+"""A readiness probe for FastAPI: 200 when the given onces can serve, 503 while they cannot.
+
+A once can serve when it has a value (``ready``, ``refreshing``) that its ``ping=`` check, if
+any, accepts. A probe never lets an idle once's value lapse for want of traffic: it starts a
+due refresh as a call would, and with ``warm=`` a value that expired (after a success) being
+made again still counts as serving — requests wait for it as they would on any expiry — so
+the probe does not flap once per ``ttl``.
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from . import _records
 from ._core import Once, kick
 from ._fastapi import once
+from ._keys import NOKEY
+from ._kinds import Kind, kind_of
+from ._loops import current_loop
+from ._status import OnceStatus
+from ._telemetry import error_type, fields, ping_failed
+
+logger = logging.getLogger("fastapi_once")
 
 _SERVING = ("ready", "refreshing")
+
+
+class _Ping:
+    """The last ping of one once's value in one loop, and the ping in flight, if any."""
+
+    __slots__ = ("at", "error", "running", "value")
+
+    def __init__(self) -> None:
+        self.value: object = None  # the value pinged (a new value is pinged anew)
+        self.at: float | None = None  # when, on the clock of expiry and refresh
+        self.error: tuple[str, str] | None = None  # type name and message, if it failed
+        self.running: anyio.Event | None = None  # set when the ping in flight ends
+
+
+def _served(item: Once[Any, Any]) -> tuple[bool, Any]:
+    """Whether an unkeyed once serves a value in the running loop, and the value."""
+    store = item._existing_store()
+    rec = None if store is None else store.records.get(NOKEY)
+    if rec is None or rec.made is None or rec.due(_records.monotonic()) not in _SERVING:
+        return False, None
+    return True, rec.made.value
+
+
+async def _check(check: Callable[[Any], Any], value: Any, limit: float) -> None:
+    """Run ``check(value)`` within ``limit`` s (a sync one in a worker thread).
+
+    Raises:
+        TimeoutError: it took longer.
+        Exception: what it raised, or ``ConnectionError`` if it returned False.
+    """
+    with anyio.fail_after(limit):
+        if kind_of(check) is Kind.ASYNC:
+            result = await check(value)
+        else:
+            result = await anyio.to_thread.run_sync(check, value, abandon_on_cancel=True)
+            if inspect.isawaitable(result):
+                result = await result
+    if result is False:
+        raise ConnectionError("the ping returned False")
+
+
+async def _pinged(
+    item: Once[Any, Any],
+    value: Any,
+    pings: dict[Once[Any, Any], _Ping],
+    limit: float,
+    every: float,
+) -> tuple[str, str] | None:
+    """The error of the latest ping of ``value``, pinging if the last is older than ``every``."""
+    state = pings.setdefault(item, _Ping())
+    while True:
+        now = _records.monotonic()
+        if state.value is value and state.at is not None and now - state.at < every:
+            return state.error
+        if state.running is None:
+            break
+        await state.running.wait()  # one ping at a time: a probe storm shares it
+    state.running = done = anyio.Event()
+    try:
+        await _check(item.options["ping"], value, limit)
+    except Exception as exc:
+        kind = "TimeoutError" if isinstance(exc, TimeoutError) else error_type(exc)
+        state.error = (str(kind), str(exc) or f"no answer within {limit} s")
+        ping_failed(item.name, str(kind))
+        logger.warning(
+            "%s: readiness ping failed with %s",
+            item.name,
+            kind,
+            extra=fields(item.name, "ping_failed", error_type=kind),
+        )
+    else:
+        state.error = None
+    finally:
+        state.running = None
+        done.set()
+    state.value, state.at = value, _records.monotonic()
+    return state.error
 
 
 def readiness_router(
@@ -20,27 +116,38 @@ def readiness_router(
     details: bool = False,
     retry_after: int = 5,
     warm: bool = True,
+    ping_timeout: float = 2.0,
+    ping_every: float = 1.0,
 ) -> APIRouter:
     """Return a router with one ``GET path`` route for a readiness probe (e.g. Kubernetes').
 
-    It answers 200 when every listed once has a value, else 503 with ``Retry-After``; the JSON
-    body lists each once's state. By default it shows no exception messages or tracebacks
-    (they can hold secrets). Keep liveness separate: a failing dependency should take a pod out
-    of rotation, not restart it.
+    It answers 200 when every listed once can serve, else 503 with ``Retry-After``; the JSON
+    body lists each once's state (and ``"ping": "ok" | "failed"`` for a once with ``ping=``).
+    By default it shows no exception messages or tracebacks (they can hold secrets). Keep
+    liveness separate: a failing dependency should take a pod out of rotation, not restart it.
+
+    A once can serve when it has a value its ``ping=`` check (if any) accepts. The probe starts
+    a refresh that is due (``refresh=``), as a call would, so an idle pod's value does not
+    expire between probes; with ``warm=True``, a value that expired after a successful attempt
+    and is being made again counts as serving (``"renewing": true``): requests would wait for
+    it as on any expiry, and taking the pod out of rotation for that would make it flap.
 
     Args:
         *onces: the unkeyed onces (or functions, taken as ``once(fn)``) the app needs to serve.
         path: the route's path.
         details: also show each once's last error (type and message), attempt count, last
-            duration and when its value was made.
+            duration, when its value was made, and a failed ping's error.
         retry_after: the ``Retry-After`` seconds sent with a 503.
         warm: a probe starts making any listed once that is idle or failed (outside its
             cooldown), without waiting for it — so a pod that receives no traffic until it is
             ready still becomes ready.
+        ping_timeout: seconds a ``ping=`` check may take before it counts as failed.
+        ping_every: seconds a ping's result is reused, so that a probe storm does not hammer
+            the dependency (concurrent probes share one ping in flight).
 
     Raises:
         TypeError: no onces, or a keyed once (it has no single value to be ready).
-        ValueError: ``retry_after`` is negative.
+        ValueError: ``retry_after`` is negative, or a ping interval is not positive.
     """
     if not onces:
         raise TypeError("readiness_router() needs the onces that must be ready, e.g. (get_db,)")
@@ -53,7 +160,42 @@ def readiness_router(
             )
     if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
         raise ValueError(f"readiness_router(retry_after={retry_after!r}): give whole seconds >= 0")
+    for option, seconds in (("ping_timeout", ping_timeout), ("ping_every", ping_every)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+            raise ValueError(f"readiness_router({option}={seconds!r}): give seconds > 0")
     router = APIRouter()
+    # The pings of each event loop (a value belongs to one loop), dropped with it.
+    pings: weakref.WeakKeyDictionary[object, dict[Once[Any, Any], _Ping]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    async def probe(item: Once[Any, Any], app: object) -> dict[str, Any]:
+        status = item.status(details=details)
+        if warm and kick(item, app):  # an idle or failed once, or a value due for refresh
+            status = item.status(details=details)
+        entry: dict[str, Any] = {"state": status.state}
+        serving = status.state in _SERVING
+        if warm and not serving and _renewing(status):
+            entry["renewing"] = serving = True
+        if serving and "ping" in item.options:
+            has, value = _served(item)
+            if has:
+                loop_pings = pings.setdefault(current_loop(), {})
+                error = await _pinged(item, value, loop_pings, ping_timeout, ping_every)
+                entry["ping"] = "ok" if error is None else "failed"
+                serving = error is None
+                if details and error is not None:
+                    entry.update(ping_error=error[0], ping_message=error[1])
+        if details:
+            entry.update(
+                attempts=status.attempts,
+                last_duration=status.last_duration,
+                made_at=None if status.made_at is None else status.made_at.isoformat(),
+                error=status.last_error_type,
+                message=status.last_error_message,
+            )
+        entry["ok"] = serving
+        return entry
 
     @router.get(path, include_in_schema=False)
     async def readiness(request: Request) -> JSONResponse:
@@ -62,25 +204,23 @@ def readiness_router(
         report: dict[str, dict[str, Any]] = {}
         for item in items:
             if item in overrides:
-                report[item.name] = {"state": "overridden"}
-                continue
-            status = item.status(details=details)
-            if warm and status.state in ("idle", "failed") and kick(item, app):
-                status = item.status(details=details)
-            entry: dict[str, Any] = {"state": status.state}
-            if details:
-                entry.update(
-                    attempts=status.attempts,
-                    last_duration=status.last_duration,
-                    made_at=None if status.made_at is None else status.made_at.isoformat(),
-                    error=status.last_error_type,
-                    message=status.last_error_message,
-                )
-            report[item.name] = entry
-        ok = all(entry["state"] in (*_SERVING, "overridden") for entry in report.values())
+                report[item.name] = {"state": "overridden", "ok": True}
+            else:
+                report[item.name] = await probe(item, app)
+        oks = [entry.pop("ok") for entry in report.values()]  # from every entry
+        ok = all(oks)
         body = {"status": "ready" if ok else "unavailable", "onces": report}
         if ok:
             return JSONResponse(body)
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(retry_after)})
 
     return router
+
+
+def _renewing(status: OnceStatus) -> bool:
+    """An attempt is making a value again after the last one succeeded and then expired."""
+    return (
+        status.state == "running"
+        and status.last_duration is not None
+        and status.last_error_type is None
+    )
