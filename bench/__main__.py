@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     config = SMOKE if args.smoke else FULL
     loadgen = args.loadgen or ("python" if args.smoke else "auto")
     runners = _runners(config, loadgen)
+    # Taken first: the commit and package files the scenarios then load.
+    environment = report.environment(args_list)
     scenarios: dict[str, Any] = {}
     started = time.perf_counter()
     for name in args.only or SCENARIOS:
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios[name] = runners[name]()
         print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     results: dict[str, Any] = {
-        "environment": report.environment(args_list),
+        "environment": environment,
         "config": config.as_dict(),
         "seconds": time.perf_counter() - started,
         "scenarios": scenarios,

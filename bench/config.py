@@ -11,17 +11,17 @@ class Config:
 
     smoke: bool = False
     # 1. warm hot path through FastAPI, in-process ASGI calls
-    hot_rounds: int = 500
+    hot_rounds: int = 200
     hot_requests: int = 300
     # 2. cold burst
     burst_sizes: tuple[int, ...] = (100, 1_000, 10_000)
-    burst_rounds: int = 15
+    burst_rounds: int = 9
     burst_sleep_s: float = 0.05
     busy_tasks: int = 100
     # 3. failure burst
     failure_callers: int = 200
     failure_after_s: float = 0.02
-    failure_rounds: int = 9
+    failure_rounds: int = 7
     # 4. real HTTP through uvicorn
     http_rounds: int = 10
     http_seconds: float = 2.0
@@ -30,7 +30,7 @@ class Config:
     memory_keys: int = 1_000_000
     memory_maxsize: int = 1_000
     # 6. keyed once against async-lru, CPU time per call
-    keyed_rounds: int = 100
+    keyed_rounds: int = 60
     keyed_calls: int = 5_000
     keyed_maxsize: int = 1_000
     # import time
