@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -446,3 +448,37 @@ def test_without_a_configured_sdk_no_span_is_made() -> None:
         """
     )
     assert out.strip() == "[None] None"
+
+
+def test_the_readme_wiring_exports_the_packages_spans_and_metrics() -> None:
+    """The README's setup_telemetry(), in a fresh process: console output names our telemetry."""
+    readme = Path(__file__).parent.parent / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    wiring = next(block for block in blocks if "def setup_telemetry(" in block)
+    out = _python(
+        f"""
+        namespace = {{"__name__": "readme_wiring"}}
+        exec({wiring!r}, namespace)
+        namespace["setup_telemetry"]()
+
+        from fastapi import Depends, FastAPI
+        from fastapi.testclient import TestClient
+        from fastapi_once import once
+
+        @once(name="wired")
+        async def get_db() -> str:
+            return "db"
+
+        app = FastAPI()
+
+        @app.get("/")
+        async def root(db: str = Depends(get_db)) -> str:
+            return db
+
+        with TestClient(app) as http:
+            assert http.get("/").json() == "db"
+        """
+    )
+    assert '"name": "fastapi_once.attempt"' in out
+    assert '"fastapi_once.name": "wired"' in out
+    assert '"name": "fastapi_once.attempts"' in out
