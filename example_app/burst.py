@@ -2,11 +2,17 @@
 
 The workers (``--workers``, default 2) share one socket and one SQLite file. Each calls the
 once-per-deployment migration at startup, and one of them runs it. The burst hits the routes whose
-onces are not made yet (the model, and the keyed fetch over a handful of URLs) all at once. Then
-``GET /migrations`` says how many times the migration ran in total, and ``GET /worker``, asked on
-new connections until every worker has answered, how many times each setup ran in that worker.
-Single-flight means once per setup in each worker (once per distinct URL for the keyed fetch),
-whatever the concurrency, and once in total for the migration.
+onces are not made yet (the model, and the keyed fetch over a handful of URLs) all at once, from
+the raw HTTP/1.1 client of :mod:`example_app.client`, which opens its connections first and then
+writes every request in one loop. Then ``GET /migrations`` says how many times the migration ran in
+total, and ``GET /worker``, asked on new connections until every worker has answered, how many
+times each setup ran in that worker and when each was ready. Single-flight means once per setup in
+each worker (once per distinct URL for the keyed fetch), whatever the concurrency, and once in
+total for the migration.
+
+Each phase is said on stderr as it starts (:class:`Progress`); the report goes to stdout. Each
+response names the worker that answered and when its app received the request, so the report can
+split the requests into those that waited for a setup and those served warm (:func:`classify`).
 """
 
 from __future__ import annotations
@@ -200,6 +206,8 @@ class Result:
     #: ready there, so waited for them; and of those that reached it after, served warm.
     waited: list[float] = field(default_factory=list)
     warm: list[float] = field(default_factory=list)
+    #: How many connections carried the requests (0: not known).
+    connections: int = 0
     #: Seconds to open the connections, and to write every first request on them.
     connect_seconds: float = 0.0
     send_seconds: float = 0.0
@@ -361,11 +369,11 @@ async def burst(
     """
     result = Result(base_url, sent, workers)
     progress = progress or Progress()
-    progress(f"serving at {base_url}; waiting until all {_plural(workers, 'worker')} answer")
+    progress(f"serving at {base_url}; waiting for {_plural(workers, 'worker')} to answer")
     await ask_workers(base_url, workers)
     url = urlsplit(base_url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
-    count = min(concurrency, len(sent))
+    count = result.connections = min(concurrency, len(sent))
     progress(f"{_plural(workers, 'worker')} answered; opening {count} connections")
     start = time.perf_counter()
     connections = await client.open_connections(host, port, count)
@@ -477,8 +485,14 @@ def report(result: Result) -> str:
     ok_requests = len(result.sent) - len(result.errors)
     distinct = sum(len(bodies) for bodies in result.bodies.values())
     workers = f"{result.workers} worker{'s' if result.workers != 1 else ''}"
+    n = len(result.sent)
+    what = (
+        f"{n} cold requests, {result.connections} at a time,"
+        if 0 < result.connections < n
+        else f"{n} concurrent cold requests"
+    )
     lines = [
-        f"{len(result.sent)} concurrent cold requests to uvicorn at {result.base_url} ({workers})",
+        f"{what} to uvicorn at {result.base_url} ({workers})",
         f"  setups    {_counts(stats['setups'])}  (expected 1 each: {DEPLOYMENT_SETUP} in total, "
         "the others in each worker)",
         f"  fetches   {_counts(stats['fetches'])}  (expected 1 per URL in each worker)",

@@ -915,3 +915,12 @@ def test_progress_lines_start_with_the_seconds_since_the_start() -> None:
     burst.Progress(stream)("starting")
     assert stream.getvalue() == "[  0.0 s] starting\n"
     burst.Progress()("nowhere")  # no stream: prints nothing
+
+
+def test_the_report_says_how_many_were_in_flight_at_once() -> None:
+    """With fewer connections than requests, the first line says how many went at a time."""
+    sent = burst.paths(6)
+    result = healthy_result(sent)
+    assert burst.report(result).startswith("6 concurrent cold requests to uvicorn at ")
+    result.connections = 2
+    assert burst.report(result).startswith("6 cold requests, 2 at a time, to uvicorn at ")
