@@ -378,39 +378,45 @@ async def burst(
     start = time.perf_counter()
     connections = await client.open_connections(host, port, count)
     result.connect_seconds = time.perf_counter() - start
-    answered = 0
+    answered = failed = 0
     total = len(sent)
 
+    def count_line() -> str:
+        return f"{answered}/{total} answered" + (f", {failed} failed" if failed else "")
+
     def on_sent() -> None:
-        result.send_seconds = time.perf_counter() - start - result.connect_seconds
+        result.send_seconds = time.perf_counter() - sent_at
         progress(
             f"burst sent: {count} requests written in {1000 * result.send_seconds:.0f} ms "
             f"(connections opened in {result.connect_seconds:.2f} s)"
         )
 
     def on_answer(answer: client.Answer) -> None:
-        nonlocal answered
-        answered += 1
+        nonlocal answered, failed
+        if answer.error:
+            failed += 1
+        else:
+            answered += 1
 
     async def tell() -> None:
-        said = -1
+        said = ""
         while True:
             await asyncio.sleep(PROGRESS_EVERY)
-            if answered != said:
-                progress(f"{answered}/{total} answered")
-                said = answered
+            if count_line() != said:
+                said = count_line()
+                progress(said)
 
     wall_offset = time.time() - time.perf_counter()
     teller = asyncio.ensure_future(tell())
+    sent_at = time.perf_counter()
     try:
-        sent_at = time.perf_counter()
         answers = await client.burst(
             host, port, connections, sent, on_sent=on_sent, on_answer=on_answer
         )
     finally:
         teller.cancel()
     result.seconds = time.perf_counter() - sent_at
-    progress(f"{answered}/{total} answered in {result.seconds:.2f} s; asking each worker")
+    progress(f"{count_line()} in {result.seconds:.2f} s; asking each worker")
     async with httpx.AsyncClient(base_url=base_url, timeout=30.0) as http:
         response = await http.get("/migrations")
         response.raise_for_status()
@@ -597,6 +603,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         except ServerError as exc:
             print(f"python -m example_app: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:  # e.g. more connections than this process may open
+            print(
+                f"python -m example_app: could not open {concurrency} connections ({exc}): "
+                "ask for fewer with --requests or --concurrency",
+                file=sys.stderr,
+            )
             return 1
     print(report(result))
     return 0 if result.ok else 1
