@@ -57,7 +57,8 @@ setups: Counter[str] = Counter()
 #: How many times ``get_stuff`` fetched each URL in this process.
 fetches: Counter[str] = Counter()
 
-#: When each unkeyed once's value was last made in this process, in seconds of ``time.time()``.
+#: When the setups that the burst's routes need (``sentiment_model``, ``http_client``) were last
+#: made in this process, in seconds of ``time.time()``.
 ready_at: dict[str, float] = {}
 
 #: When ``get_stuff`` last fetched each URL in this process, in seconds of ``time.time()``.
