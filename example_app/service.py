@@ -12,6 +12,11 @@
 Each once's function counts its runs in :data:`setups` (keyed fetches in :data:`fetches`), which
 ``GET /stats`` reports for the process that answers (``GET /worker`` adds its pid): under any burst
 of requests each count stays at one, and ``schema`` runs in one process only.
+
+For ``python -m example_app`` to tell the requests that waited for a setup from those served warm,
+each response says which process answered and when the app received the request
+(:class:`StampResponses`), and ``GET /worker`` says when each setup's value was ready
+(:data:`ready_at`, :data:`fetched_at`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import anyio
 import httpx
 from fastapi import Depends, FastAPI, HTTPException, Query
 from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_once import Once, once, once_lifespan, readiness_router
 
@@ -51,11 +57,20 @@ setups: Counter[str] = Counter()
 #: How many times ``get_stuff`` fetched each URL in this process.
 fetches: Counter[str] = Counter()
 
+#: When the setups that the burst's routes need (``sentiment_model``, ``http_client``) were last
+#: made in this process, in seconds of ``time.time()``.
+ready_at: dict[str, float] = {}
+
+#: When ``get_stuff`` last fetched each URL in this process, in seconds of ``time.time()``.
+fetched_at: dict[str, float] = {}
+
 
 def reset_stats() -> None:
-    """Zero :data:`setups` and :data:`fetches`."""
+    """Zero :data:`setups` and :data:`fetches`; forget :data:`ready_at` and :data:`fetched_at`."""
     setups.clear()
     fetches.clear()
+    ready_at.clear()
+    fetched_at.clear()
 
 
 # --- the onces ------------------------------------------------------------------------------------
@@ -135,6 +150,7 @@ async def http_client() -> AsyncIterator[httpx.AsyncClient]:
     # The upstream runs in this process; for a real one, pass base_url="https://..." instead.
     transport = httpx.ASGITransport(app=upstream)
     async with httpx.AsyncClient(transport=transport, base_url="http://upstream") as client:
+        ready_at["http_client"] = time.time()
         yield client
 
 
@@ -157,7 +173,9 @@ async def sentiment_model() -> SentimentModel:
     """Load the model: slow, so every request that arrives meanwhile waits for this one load."""
     setups["sentiment_model"] += 1
     await anyio.sleep(MODEL_LOAD_SECONDS)
-    return SentimentModel({"good": 1.0, "great": 1.0, "love": 1.0, "bad": -1.0, "awful": -1.0})
+    model = SentimentModel({"good": 1.0, "great": 1.0, "love": 1.0, "bad": -1.0, "awful": -1.0})
+    ready_at["sentiment_model"] = time.time()
+    return model
 
 
 @once(key=lambda url: url, maxsize=STUFF_CACHE_SIZE)
@@ -175,6 +193,7 @@ async def get_stuff(
     if response.status_code == 404:
         raise HTTPException(status_code=404, detail=f"the upstream has nothing at {url}")
     response.raise_for_status()
+    fetched_at[url] = time.time()
     return {"url": url, "fetch": fetch, "data": response.json()}
 
 
@@ -185,7 +204,31 @@ STARTUP: tuple[Once[..., Any], ...] = (schema,)
 
 # --- the app --------------------------------------------------------------------------------------
 
+
+class StampResponses:
+    """ASGI middleware: every HTTP response says which process answered (``x-worker``, its pid)
+    and when the app received the request (``x-received-at``, seconds of ``time.time()``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = f"{time.time():.6f}".encode()
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                stamps = [(b"x-worker", str(os.getpid()).encode()), (b"x-received-at", received)]
+                message = {**message, "headers": [*message.get("headers", ()), *stamps]}
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+
+
 app = FastAPI(title="fastapi_once example", lifespan=once_lifespan(*STARTUP))
+app.add_middleware(StampResponses)
 app.include_router(readiness_router(*STARTUP, path="/ready"))
 
 
@@ -281,5 +324,10 @@ async def migrations(db: Database, done: Annotated[dict[str, int], Depends(schem
 
 @app.get("/worker")
 async def worker() -> dict[str, Any]:
-    """Say which process answered, and its :func:`stats`."""
-    return {"pid": os.getpid(), **await stats()}
+    """Say which process answered, its :func:`stats`, and when each setup's value was ready."""
+    return {
+        "pid": os.getpid(),
+        **await stats(),
+        "ready_at": dict(ready_at),
+        "fetched_at": dict(fetched_at),
+    }

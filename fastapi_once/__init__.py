@@ -1,5 +1,7 @@
 """Single-flight, once-only dependencies and lifespan for FastAPI."""
 
+import importlib.metadata
+
 from ._core import Once, registry
 from ._errors import (
     OnceCancelledError,
@@ -28,3 +30,9 @@ __all__ = [
     "registry",
     "reset_all",
 ]
+
+#: The installed distribution's version (``pip show fastapi-once``), read from its metadata.
+try:
+    __version__: str = importlib.metadata.version("fastapi-once")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree never installed
+    __version__ = "0+unknown"

@@ -1,35 +1,21 @@
-"""Test helpers, also a pytest plugin: the ``once_reset`` fixture and ``override()``.
+"""Test helpers that need no test framework: ``override()``.
 
-Installed with the package, pytest loads this module as a plugin (entry point ``fastapi_once``):
-a test that asks for ``once_reset`` leaves no once values behind.
+This module does not import pytest, so ``override()`` works in any test runner, a script or a
+notebook. The ``once_reset`` fixture lives in :mod:`fastapi_once.pytest_plugin`, which pytest
+loads by itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import pytest
-
 from ._core import Once, pin, unpin
-from ._loops import forget_everything
 
 T = TypeVar("T")
 
-__all__ = ["once_reset", "override"]
-
-
-@pytest.fixture
-def once_reset() -> Iterator[None]:
-    """After the test, forget every once's values in every event loop and run their cleanups.
-
-    Cleanups run in a fresh event loop (the test's own has ended); their errors are logged,
-    not raised. An app tested with ``with TestClient(app)`` and ``once_lifespan`` is already
-    reset by its shutdown.
-    """
-    yield
-    forget_everything()
+__all__ = ["override"]
 
 
 @asynccontextmanager

@@ -36,12 +36,10 @@ CONTENDERS = {
 
 @pytest.fixture
 def bench_packages() -> None:
-    """Skip unless the packages of the bench extra are installed."""
+    """Skip unless the packages of the bench group are installed."""
     missing = [name for name in BENCH_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        pytest.skip(
-            f"the bench needs {', '.join(missing)}: pip install -e '.[bench]' (or '.[test]')"
-        )
+        pytest.skip(f"the bench needs {', '.join(missing)}: pip install -e . --group bench")
 
 
 @pytest.mark.usefixtures("bench_packages")

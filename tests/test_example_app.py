@@ -3,13 +3,18 @@ migration across processes and backends, and ``python -m example_app``."""
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.base_events
 import importlib
+import io
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +28,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 import example_app
-from example_app import burst, deployment
+from example_app import burst, client, deployment, preflight
 from fastapi_once import once_lifespan, reset_all
 from fastapi_once.backends import FileLockBackend
 
@@ -199,7 +204,28 @@ async def test_worker_says_which_process_answered() -> None:
     """GET /worker gives the answering process's pid along with its stats."""
     async with serving(example_app.app) as client:
         body = (await client.get("/worker")).json()
-    assert body == {"pid": os.getpid(), "setups": {"database": 1, "schema": 1}, "fetches": {}}
+    assert body == {
+        "pid": os.getpid(),
+        "setups": {"database": 1, "schema": 1},
+        "fetches": {},
+        "ready_at": {},
+        "fetched_at": {},
+    }
+
+
+@pytest.mark.anyio
+async def test_responses_say_which_worker_and_when_it_received_them() -> None:
+    """Each response names its process and receipt time; /worker says when setups were ready."""
+    async with serving(example_app.app) as client:
+        before = time.time()
+        response = await client.get("/predict", params={"text": "good"})
+        worker = (await client.get("/worker")).json()
+        await client.get("/stuff", params={"url": "/items/2"})
+        fetched = (await client.get("/worker")).json()["fetched_at"]
+    assert response.headers["x-worker"] == str(os.getpid())
+    received = float(response.headers["x-received-at"])
+    assert before <= received <= worker["ready_at"]["sentiment_model"]
+    assert set(fetched) == {"/items/2"}
 
 
 # --- the once-per-deployment migration ------------------------------------------------------------
@@ -516,7 +542,8 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_python_m_example_app_reports_one_setup_each_and_exits_0() -> None:
-    """The main job runs uvicorn, bursts 300 cold requests, and reports each setup ran once."""
+    """The main job runs uvicorn, bursts 300 cold requests, reports each setup ran once, and says
+    each phase on stderr as it goes."""
     completed = subprocess.run(
         [sys.executable, "-m", "example_app", "--requests", "300"],
         cwd=ROOT,
@@ -533,11 +560,23 @@ def test_python_m_example_app_reports_one_setup_each_and_exits_0() -> None:
     assert "http_client=1" in lines[1]
     assert "/items/1=1 /items/2=1 /items/3=1 /items/4=1 /items/5=1" in lines[2]
     assert "300 ok, 0 errors" in lines[3]
+    assert lines[4].startswith("  latency   min ")
+    assert any(line.startswith("    waiting for the setup  p50 ") for line in lines)
+    (waited,) = [line for line in lines if line.startswith("  waited    ")]
+    (warm,) = [line for line in lines if line.startswith("  warm      ")]
+    counts = [int(line.split()[1]) for line in (waited, warm)]
+    assert sum(counts) == 300
     assert lines[-1].startswith("OK")
+    phases = [line.partition("] ")[2] for line in completed.stderr.splitlines()]
+    assert phases[0] == "starting 2 uvicorn workers"
+    assert any(phase.startswith("burst sent: 300 requests") for phase in phases)
+    assert any(phase.startswith("300/300 answered") for phase in phases)
+    assert "Traceback" not in completed.stderr
 
 
 def run_example(*args: str, env: Mapping[str, str] | None = None) -> str:
-    """Run ``python -m example_app *args``; return its output, after checking it exited 0."""
+    """Run ``python -m example_app *args``; return its output (the progress on stderr, then the
+    report on stdout), after checking it exited 0."""
     completed = subprocess.run(
         [sys.executable, "-m", "example_app", *args],
         cwd=ROOT,
@@ -547,7 +586,7 @@ def run_example(*args: str, env: Mapping[str, str] | None = None) -> str:
         timeout=50,
         check=False,
     )
-    output = completed.stdout + completed.stderr
+    output = completed.stderr + completed.stdout
     assert completed.returncode == 0, output
     return output
 
@@ -613,3 +652,275 @@ def test_python_m_example_app_migrates_once_across_a_server_backend(
     password = urlsplit(url).password
     assert password
     assert password not in output
+
+
+# --- the main job's errors ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (it was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_failing_example(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m example_app`` with ``env`` added, expecting it to fail."""
+    return subprocess.run(
+        [sys.executable, "-m", "example_app", "--requests", "10"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        pytest.param(
+            {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": "redis://127.0.0.1:{port}/0"},
+            "EXAMPLE_REDIS_URL",
+            id="redis-not-listening",
+        ),
+        pytest.param(
+            {
+                "EXAMPLE_BACKEND": "postgres",
+                "EXAMPLE_POSTGRES_DSN": "postgresql://app:s3cret@127.0.0.1:{port}/app",
+            },
+            "EXAMPLE_POSTGRES_DSN",
+            id="postgres-not-listening",
+        ),
+        pytest.param({"EXAMPLE_BACKEND": "postgres"}, "EXAMPLE_POSTGRES_DSN", id="postgres-no-dsn"),
+        pytest.param({"EXAMPLE_BACKEND": "mongo"}, "EXAMPLE_BACKEND", id="unknown-backend"),
+    ],
+)
+def test_python_m_example_app_without_its_backend_says_what_to_set_and_exits_2(
+    env: dict[str, str], variable: str
+) -> None:
+    """No server for the chosen backend (or no way to find one): one line naming the variable to
+    set, exit status 2, no traceback, and no worker started."""
+    port = free_port()
+    completed = run_failing_example({k: v.format(port=port) for k, v in env.items()})
+    assert completed.returncode == 2, completed.stdout + completed.stderr
+    assert completed.stdout == ""
+    (line,) = completed.stderr.splitlines()
+    assert line.startswith("python -m example_app: ")
+    assert variable in line
+    assert "s3cret" not in line
+
+
+def test_preflight_finds_nothing_wrong_with_a_listening_server() -> None:
+    """A Redis URL or DSN where something accepts connections passes; so does the file backend."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert preflight.problem({}) is None
+        assert preflight.problem({"EXAMPLE_BACKEND": "file"}) is None
+        redis = {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+        assert preflight.problem(redis) is None
+        dsn = f"postgresql://u:p@127.0.0.1:{port}/db"
+        assert (
+            preflight.problem({"EXAMPLE_BACKEND": "postgres", "EXAMPLE_POSTGRES_DSN": dsn}) is None
+        )
+
+
+def test_preflight_leaves_unix_sockets_and_many_hosts_to_the_driver() -> None:
+    """Addresses that are not one host and port are not checked here."""
+    sockets = {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": "unix:///run/redis.sock"}
+    assert preflight.problem(sockets) is None
+    dsn = "postgresql://u@h1:5432,h2:5432/db"
+    assert preflight.problem({"EXAMPLE_BACKEND": "postgres", "EXAMPLE_POSTGRES_DSN": dsn}) is None
+
+
+def test_preflight_masks_passwords() -> None:
+    """masked() replaces the password of a URL, and leaves a URL without one alone."""
+    assert preflight.masked("redis://:pw@h:1/0") == "redis://:***@h:1/0"
+    assert preflight.masked("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert preflight.masked("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_a_server_that_exits_before_serving_is_a_server_error() -> None:
+    """serve() raises ServerError (which main() prints as one line) if the server dies first."""
+    with (
+        pytest.raises(burst.ServerError, match="exited with code"),
+        burst.serve("example_app:nope"),
+    ):
+        pass  # pragma: no cover
+
+
+# --- the burst's client ---------------------------------------------------------------------------
+
+
+async def tiny_server(
+    handler: Any,
+) -> tuple[asyncio.base_events.Server, int]:
+    """An HTTP/1.1 server on 127.0.0.1 whose connections ``handler(reader, writer)`` serves."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def echo_paths(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer each request on the connection with its path, keeping the connection open."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            path = head.split(b" ")[1]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+    except asyncio.IncompleteReadError:
+        pass
+    finally:
+        writer.close()
+
+
+def test_the_client_sends_every_request_and_keeps_their_order() -> None:
+    """Over fewer connections than requests, each connection carries several, in order."""
+
+    async def main() -> tuple[list[client.Answer], int]:
+        server, port = await tiny_server(echo_paths)
+        async with server:
+            connections = await client.open_connections("127.0.0.1", port, 3)
+            seen: list[client.Answer] = []
+            sent: list[bool] = []
+            paths = [f"/{i}" for i in range(10)]
+            answers = await client.burst(
+                "127.0.0.1",
+                port,
+                connections,
+                paths,
+                on_sent=lambda: sent.append(True),
+                on_answer=seen.append,
+            )
+        return answers, len(seen) * len(sent)
+
+    answers, calls = asyncio.run(main())
+    assert [a.body.decode() for a in answers] == [f"/{i}" for i in range(10)]
+    assert all(a.status == 200 and not a.error and a.latency >= 0 for a in answers)
+    assert calls == 10
+
+
+def test_the_client_reports_a_closed_connection_as_failed_requests() -> None:
+    """A server that hangs up fails the connection's requests, each with a reason; none raises."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    async def main() -> list[client.Answer]:
+        server, port = await tiny_server(hang_up)
+        async with server:
+            connections = await client.open_connections("127.0.0.1", port, 2)
+            return await client.burst("127.0.0.1", port, connections, ["/a", "/b", "/c"])
+
+    answers = asyncio.run(main())
+    assert [a.path for a in answers] == ["/a", "/b", "/c"]
+    assert all(a.error.startswith(f"GET {a.path}: IncompleteReadError") for a in answers)
+
+
+def test_the_client_cannot_connect_to_nothing() -> None:
+    """open_connections raises the OSError of a connection that could not be opened."""
+    with pytest.raises(ConnectionRefusedError):
+        asyncio.run(client.open_connections("127.0.0.1", free_port(), 2))
+
+
+def test_the_client_refuses_what_it_does_not_speak() -> None:
+    """A response with no Content-Length, or not HTTP/1.x, fails its request with ValueError."""
+
+    def answering(response: bytes) -> Any:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(response)
+            await writer.drain()
+            writer.close()
+
+        return handler
+
+    async def main(response: bytes) -> client.Answer:
+        server, port = await tiny_server(answering(response))
+        async with server:
+            connections = await client.open_connections("127.0.0.1", port, 1)
+            (answer,) = await client.burst("127.0.0.1", port, connections, ["/"])
+            return answer
+
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    assert "ValueError: a response without Content-Length" in asyncio.run(main(chunked)).error
+    assert "not an HTTP/1.x response" in asyncio.run(main(b"SSH-2.0-x\r\n\r\n")).error
+
+
+# --- the burst's split: waited for a setup, or served warm ----------------------------------------
+
+
+def answer(path: str, pid: int, received: float) -> client.Answer:
+    """A 200 answer to ``path`` from ``pid``, received by its app at ``received``."""
+    return client.Answer(
+        path,
+        sent=received - 0.01,
+        answered=received + 0.5,
+        status=200,
+        headers={"x-worker": str(pid), "x-received-at": str(received)},
+        body=b"{}",
+    )
+
+
+def test_requests_received_before_their_setup_was_ready_waited_for_it() -> None:
+    """Requests that reached their worker before its setups were ready waited; later ones warm."""
+    predict, stuff = "/predict?text=a", "/stuff?url=/items/1"
+    workers = {
+        7: {"ready_at": {"sentiment_model": 10.0, "http_client": 9.0}, "fetched_at": {}},
+        8: {
+            "ready_at": {"sentiment_model": 20.0, "http_client": 5.0},
+            "fetched_at": {"/items/1": 12.0},
+        },
+    }
+    answers = [
+        answer(predict, 7, 9.5),  # waited 0.5 s
+        answer(predict, 7, 10.5),  # warm
+        answer(stuff, 8, 11.0),  # the fetch was ready at 12: waited 1 s
+        answer(stuff, 8, 13.0),  # warm
+        answer(stuff, 7, 11.0),  # worker 7 never fetched /items/1: counted as waiting
+    ]
+    result = burst.Result("http://127.0.0.1:1", [a.path for a in answers])
+    burst.classify(result, answers, workers, wall_offset=0.0)
+    assert len(result.waited) == 3
+    assert len(result.warm) == 2
+    assert result.parts[burst.WAITING] == pytest.approx([0.5, 0.0, 1.0, 0.0])
+    assert result.parts[burst.TO_THE_APP] == pytest.approx([0.01] * 4)
+    text = burst.report(result)
+    assert "  waited    3 requests reached their worker before its setup was ready" in text
+    assert "  warm      2 requests reached their worker after it, served warm" in text
+    assert "    waiting for the setup  p50 " in text
+
+
+def test_failed_and_refused_requests_are_errors_not_latencies_of_a_group() -> None:
+    """An answer with an error, or a status other than 200, goes to the errors only."""
+    failed = client.Answer("/predict?text=a", sent=1.0)
+    failed.fail("ConnectionResetError")
+    refused = answer("/predict?text=a", 7, 1.0)
+    refused.status = 500
+    result = burst.Result("http://127.0.0.1:1", ["/predict?text=a"] * 2)
+    burst.classify(result, [failed, refused], {}, wall_offset=0.0)
+    assert result.errors == [
+        "GET /predict?text=a: ConnectionResetError",
+        "GET /predict?text=a: 500 {}",
+    ]
+    assert result.waited == result.warm == []
+
+
+def test_progress_lines_start_with_the_seconds_since_the_start() -> None:
+    """Progress prints "[  0.0 s] text" to its stream, and nothing without one."""
+    stream = io.StringIO()
+    burst.Progress(stream)("starting")
+    assert stream.getvalue() == "[  0.0 s] starting\n"
+    burst.Progress()("nowhere")  # no stream: prints nothing
+
+
+def test_the_report_says_how_many_were_in_flight_at_once() -> None:
+    """With fewer connections than requests, the first line says how many went at a time."""
+    sent = burst.paths(6)
+    result = healthy_result(sent)
+    assert burst.report(result).startswith("6 concurrent cold requests to uvicorn at ")
+    result.connections = 2
+    assert burst.report(result).startswith("6 cold requests, 2 at a time, to uvicorn at ")

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import importlib.metadata
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Iterator
+
 import anyio
 import pytest
 
@@ -9,7 +16,116 @@ from fastapi_once import once
 from fastapi_once._loops import forget_everything
 from fastapi_once.testing import override
 
-pytest_plugins = ["pytester"]
+# This suite runs with the entry point off (-p no:fastapi_once, see pyproject.toml); the plugin is
+# loaded here by module name, as a project that turned automatic loading off would load it.
+pytest_plugins = ["pytester", "fastapi_once.pytest_plugin"]
+
+#: A module-level once that the in-process once_reset test makes and expects cleaned up.
+cleanups: list[str] = []
+
+
+@once
+async def resource_with_cleanup() -> AsyncIterator[str]:
+    cleanups.append("made")
+    yield "value"
+    cleanups.append("cleaned")
+
+
+@pytest.fixture
+def loop_checked_after_once_reset() -> Iterator[asyncio.AbstractEventLoop]:
+    """A loop for the test. Set up before once_reset, so torn down after it: sees what its
+    teardown did, then closes the loop."""
+    cleanups.clear()
+    loop = asyncio.new_event_loop()
+    yield loop
+    try:
+        assert cleanups == ["made", "cleaned"]
+    finally:
+        loop.close()
+
+
+# Fixtures are set up in the order listed and torn down in reverse: once_reset's teardown runs
+# first, then the loop fixture's checks it.
+@pytest.mark.usefixtures("loop_checked_after_once_reset", "once_reset")
+def test_once_reset_cleans_up_after_the_test(request: pytest.FixtureRequest) -> None:
+    """The fixture's teardown runs the cleanup of a value the test made."""
+    loop = request.getfixturevalue("loop_checked_after_once_reset")
+    assert loop.run_until_complete(resource_with_cleanup()) == "value"
+    assert cleanups == ["made"]
+
+
+def test_the_entry_point_loads_the_plugin_module() -> None:
+    """pytest11's fastapi_once entry point names fastapi_once.pytest_plugin."""
+    (entry,) = [
+        entry
+        for entry in importlib.metadata.entry_points(group="pytest11")
+        if entry.name == "fastapi_once"
+    ]
+    assert entry.value == "fastapi_once.pytest_plugin"
+    assert hasattr(entry.load(), "once_reset")
+
+
+def test_override_works_without_pytest() -> None:
+    """fastapi_once.testing imports no pytest: override() works where pytest cannot be imported."""
+    script = textwrap.dedent(
+        """
+        import sys
+
+        sys.modules["pytest"] = None  # any "import pytest" now raises ImportError
+
+        import anyio
+
+        from fastapi_once import once
+        from fastapi_once.testing import override
+
+
+        @once
+        async def get_db():
+            return "real"
+
+
+        async def main():
+            async with override(get_db, "fake"):
+                assert await get_db() == "fake"
+            assert await get_db() == "real"
+
+
+        anyio.run(main)
+        assert sys.modules["pytest"] is None
+        print("ok")
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == "ok\n"
+
+
+def test_the_plugin_is_off_with_p_no_fastapi_once(pytester: pytest.Pytester) -> None:
+    """-p no:fastapi_once turns the plugin off: once_reset is then an unknown fixture."""
+    pytester.makepyfile(
+        """
+        def test_uses_it(once_reset):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:fastapi_once")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'once_reset' not found*"])
+
+
+def test_the_plugin_can_be_loaded_by_name_when_turned_off(pytester: pytest.Pytester) -> None:
+    """With the entry point off, pytest_plugins in the root conftest.py brings once_reset back."""
+    pytester.makeconftest('pytest_plugins = ["fastapi_once.pytest_plugin"]')
+    pytester.makepyfile(
+        """
+        def test_uses_it(once_reset):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:fastapi_once")
+    result.assert_outcomes(passed=1)
 
 
 def test_the_once_reset_fixture_forgets_values_between_tests(pytester: pytest.Pytester) -> None:
@@ -91,9 +207,6 @@ async def test_a_keyed_once_cannot_be_overridden_whole() -> None:
 
 def test_forget_everything_cleans_up_values_of_finished_loops() -> None:
     """Values made in loops that have ended are forgotten and their cleanups run."""
-    import asyncio
-    from collections.abc import AsyncIterator
-
     log: list[str] = []
 
     @once
