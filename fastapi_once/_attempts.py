@@ -33,13 +33,14 @@ class Attempt:
     """
 
     __slots__ = (
-        "_label", "context", "done", "error", "key", "name", "number", "scope", "span", "traceback",
-        "value", "waiting_on",
+        "_label", "context", "done", "error", "key", "name", "number", "scope", "show_key", "span",
+        "traceback", "value", "waiting_on",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
         self.name, self.key = name, key
         self._label: str | None = None
+        self.show_key = False  # name the key verbatim (once(..., log_keys=True)), not by digest
         self.number = 0  # the how-manieth attempt of its once in its loop (status().attempts)
         self.span: Any = None  # its span's context, when traced: callers that wait link to it
         self.done = done  # set once the outcome is in
@@ -56,7 +57,7 @@ class Attempt:
     def label(self) -> str:
         """How logs and errors name this attempt (a key by its digest, computed when needed)."""
         if self._label is None:
-            self._label = label(self.name, self.key)
+            self._label = label(self.name, self.key, verbatim=self.show_key)
         return self._label
 
     def __str__(self) -> str:

@@ -270,6 +270,7 @@ class Options(TypedDict, total=False):
     ttl: float
     refresh: float
     ping: Callable[[Any], Any]
+    log_keys: bool
 
 
 @overload
@@ -348,6 +349,8 @@ def once(fn: Any = None, /, **options: Any) -> Any:
         ttl: seconds a value lives; the next call after that makes a new one.
         refresh: seconds (less than ``ttl``) after which the first call starts one background
             refresh while every caller keeps getting the current value.
+        log_keys: with ``key=``, show keys verbatim in logs, errors and spans (by default a key
+            is shown as a short digest, since keys often come from request data).
         ping: ``check(value)``, sync or async, that :func:`readiness_router` runs on the value
             to see that the dependency still answers; it fails by raising or returning False.
 
@@ -443,6 +446,12 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
     if "maxsize" in options and key is None:
         raise TypeError(
             f"once({name}, maxsize=...): maxsize= applies only with key=; pass key= too"
+        )
+    log_keys = options.get("log_keys")
+    if log_keys is not None and (not isinstance(log_keys, bool) or key is None):
+        raise TypeError(
+            f"once({name}, log_keys={log_keys!r}): log_keys= takes True or False and applies "
+            "only with key="
         )
     ping = options.get("ping")
     if ping is not None and (not callable(ping) or key is not None):

@@ -27,9 +27,14 @@ def key_digest(key: object) -> str:
     return hashlib.blake2b(repr(key).encode(), digest_size=4).hexdigest()
 
 
-def label(name: str, key: object) -> str:
-    """How logs and errors name the attempt of once ``name`` for ``key``."""
-    return name if key is NOKEY else f"{name}[#{key_digest(key)}]"
+def label(name: str, key: object, verbatim: bool = False) -> str:
+    """How logs and errors name the attempt of once ``name`` for ``key``.
+
+    By its digest, unless the once opted in to show its keys (``verbatim``).
+    """
+    if key is NOKEY:
+        return name
+    return f"{name}[{key!r}]" if verbatim else f"{name}[#{key_digest(key)}]"
 
 
 def unhashable(

@@ -30,6 +30,7 @@ class Policy:
     cooldown: float | None = None
     ttl: float | None = None
     refresh: float | None = None
+    log_keys: bool = False  # not timing, but fixed per once and read where attempts start
 
     @classmethod
     def from_options(cls, name: str, options: dict[str, Any]) -> Policy:
@@ -76,6 +77,7 @@ class Policy:
             cooldown=options.get("cooldown"),
             ttl=ttl,
             refresh=refresh,
+            log_keys=options.get("log_keys", False),
         )
 
     def deadlines(self, made_at: float) -> tuple[float | None, float | None]:

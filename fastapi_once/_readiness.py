@@ -9,7 +9,6 @@ the probe does not flap once per ``ttl``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
 from collections.abc import Callable
@@ -66,8 +65,6 @@ async def _check(check: Callable[[Any], Any], value: Any, limit: float) -> None:
             result = await check(value)
         else:
             result = await anyio.to_thread.run_sync(check, value, abandon_on_cancel=True)
-            if inspect.isawaitable(result):
-                result = await result
     if result is False:
         raise ConnectionError("the ping returned False")
 

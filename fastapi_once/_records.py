@@ -172,6 +172,7 @@ class Record:
             self.drop()
             raise OnceClosedError(store.name)
         self.attempt = attempt = Attempt(store.name, self.key, new_event(store.loop))
+        attempt.show_key = store.policy.log_keys
         self._to(RUNNING if self.made is None else REFRESHING)
         store.tries += 1
         attempt.number, refresh = store.tries, self.made is not None

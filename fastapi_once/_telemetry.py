@@ -21,10 +21,10 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ._attempts import Attempt
 from ._keys import NOKEY, key_digest
 
 if TYPE_CHECKING:
-    from ._attempts import Attempt
     from ._records import Store
 
 try:
@@ -42,6 +42,7 @@ SCOPE = "fastapi_once"
 
 NAME = "fastapi_once.name"
 KEY = "fastapi_once.key_digest"
+KEY_SHOWN = "fastapi_once.key"  # only for a once made with log_keys=True
 ATTEMPT = "fastapi_once.attempt"
 REFRESH = "fastapi_once.refresh"
 OUTCOME = "fastapi_once.outcome"
@@ -115,6 +116,8 @@ def _named(attempt: Attempt) -> dict[str, Any]:
     attributes: dict[str, Any] = {NAME: attempt.name}
     if attempt.key is not NOKEY:
         attributes[KEY] = key_digest(attempt.key)
+        if attempt.show_key:
+            attributes[KEY_SHOWN] = repr(attempt.key)
     return attributes
 
 
@@ -171,11 +174,8 @@ def _ended_span(attempt: Attempt, error: BaseException | None) -> None:
 
 @contextlib.contextmanager
 def _cleanup_span(label: object) -> Iterator[None]:
-    name = getattr(label, "name", label)
-    key = getattr(label, "key", NOKEY)
-    attributes: dict[str, Any] = {NAME: str(name)}
-    if key is not NOKEY:
-        attributes[KEY] = key_digest(key)
+    # A value's label is the attempt that made it, or (a pinned value) the once's name.
+    attributes = _named(label) if isinstance(label, Attempt) else {NAME: str(label)}
     span = _root("fastapi_once.cleanup", attributes)
     try:
         yield

@@ -189,11 +189,13 @@ async def test_a_probe_refreshes_a_due_value_so_an_idle_pod_never_expires(
 
 
 async def test_an_expired_value_being_renewed_does_not_flap_the_probe(clock: FakeClock) -> None:
-    """ttl= without refresh=: past expiry the probe renews it and stays 200 (renewing)."""
+    """ttl= without refresh=: past expiry the probe renews it and stays 200 (renewing, unpinged)."""
     gate = anyio.Event()
     runs = 0
 
-    @once(name="token", ttl=10)
+    pinged: list[int] = []
+
+    @once(name="token", ttl=10, ping=pinged.append)
     async def get_token() -> int:
         nonlocal runs
         runs += 1
@@ -211,7 +213,9 @@ async def test_an_expired_value_being_renewed_does_not_flap_the_probe(clock: Fak
         assert response.json()["onces"]["token"] == {"state": "running", "renewing": True}
         gate.set()
         await wait_until(lambda: get_token.status().state == "ready")
-        assert (await http.get("/ready")).json()["onces"]["token"] == {"state": "ready"}
+        ready = (await http.get("/ready")).json()["onces"]["token"]
+        assert ready == {"state": "ready", "ping": "ok"}
+    assert pinged == [2]  # nothing to ping while renewing; then the new value
 
 
 async def test_a_renewal_that_fails_is_unavailable(clock: FakeClock) -> None:

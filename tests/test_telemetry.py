@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from timekeeping import FakeClock, wait_until
 
-from fastapi_once import once, once_lifespan
+from fastapi_once import once, once_lifespan, readiness_router
 from fastapi_once._keys import key_digest
 from fastapi_once.backends import FileLockBackend
 
@@ -382,6 +382,80 @@ async def test_every_log_record_carries_the_same_fields(
     assert failed.error_type == "PermissionError"  # type: ignore[attr-defined]
     shown = [r.getMessage() for r in records if r.levelno > logging.DEBUG]
     assert not any("token-abc" in line or "secret-dsn" in line for line in shown)
+
+
+async def test_failures_of_a_leader_a_cleanup_and_a_ping_are_recorded_by_type(
+    otel: Otel, tmp_path: Any
+) -> None:
+    """The across span of a failing leader, a failing cleanup, a failing ping: error types."""
+    name = unique("failures")
+
+    async def migrate() -> int:
+        raise ValueError("secret")
+
+    with pytest.raises(ValueError, match="secret"):
+        await once(migrate, name=name, across=FileLockBackend(tmp_path))()
+    (lead,) = otel.finished("fastapi_once.across", name)
+    assert lead.attributes is not None
+    assert (lead.attributes["fastapi_once.role"], lead.attributes["error.type"]) == (
+        "leader",
+        "ValueError",
+    )
+
+    @once(name=name + ".keyed", key=lambda token: token)
+    async def get_session(token: str) -> AsyncIterator[str]:
+        yield token
+        raise OSError("secret")
+
+    await get_session("abc")
+    with pytest.raises(OSError, match="secret"):
+        await get_session.reset()
+    (cleanup,) = otel.finished("fastapi_once.cleanup", name + ".keyed")
+    assert cleanup.attributes is not None
+    assert cleanup.attributes["error.type"] == "OSError"
+    assert cleanup.attributes["fastapi_once.key_digest"] == key_digest("abc")
+    assert "secret" not in cleanup.to_json()
+
+    @once(name=name + ".pinged", ping=lambda value: False)
+    async def get_db() -> str:
+        return "db"
+
+    app = FastAPI()
+    app.include_router(readiness_router(get_db))
+    await get_db()
+    async with client(app) as http:
+        assert (await http.get("/ready")).status_code == 503
+    assert otel.total("fastapi_once.ping.failures", name + ".pinged") == 1
+
+
+async def test_log_keys_shows_keys_verbatim_only_for_the_once_that_asks(
+    otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """log_keys=True: the key in log labels and a fastapi_once.key attribute; else a digest."""
+    name = unique("log_keys")
+
+    @once(name=name + ".shown", key=lambda region: region, log_keys=True)
+    async def get_region(region: str) -> str:
+        return region
+
+    @once(name=name + ".hidden", key=lambda token: token)
+    async def get_user(token: str) -> str:
+        return token
+
+    with caplog.at_level(logging.INFO, logger="fastapi_once"):
+        await get_region("eu-west")
+        await get_user("token-abc")
+    assert f"{name}.shown['eu-west']: attempt started" in caplog.messages
+    assert f"{name}.hidden[#{key_digest('token-abc')}]: attempt started" in caplog.messages
+    assert "token-abc" not in caplog.text
+    (shown,) = otel.finished("fastapi_once.attempt", name + ".shown")
+    (hidden,) = otel.finished("fastapi_once.attempt", name + ".hidden")
+    assert shown.attributes is not None
+    assert hidden.attributes is not None
+    assert shown.attributes["fastapi_once.key"] == "'eu-west'"
+    assert "fastapi_once.key" not in hidden.attributes
+    with pytest.raises(TypeError, match="log_keys= takes True or False and applies only with key="):
+        once(lambda: None, log_keys=True)
 
 
 def _python(code: str) -> str:
