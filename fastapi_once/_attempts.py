@@ -33,8 +33,8 @@ class Attempt:
     """
 
     __slots__ = (
-        "_label", "context", "done", "error", "key", "name", "number", "scope", "show_key", "span",
-        "traceback", "value", "waiting_on",
+        "_label", "context", "done", "ended", "error", "key", "name", "number", "picked", "scope",
+        "show_key", "span", "traceback", "value", "waiters", "waiting_on",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
@@ -44,6 +44,12 @@ class Attempt:
         self.number = 0  # the how-manieth attempt of its once in its loop (status().attempts)
         self.span: Any = None  # its span's context, when traced: callers that wait link to it
         self.done = done  # set once the outcome is in
+        # Set when the run itself ends, where that is later than its outcome (it timed out).
+        self.ended: Event | None = None
+        # Calls waiting for the outcome; ``picked``, if someone asks, is set when none is left,
+        # so that a value is not cleaned up before the calls it was made for have it.
+        self.waiters = 0
+        self.picked: Event | None = None
         self.value: Any = None
         self.error: BaseException | None = None
         self.traceback: Any = None
@@ -128,14 +134,25 @@ def check_wait(attempt: Attempt, action: str | None = None) -> None:
 
 
 async def wait(attempt: Attempt, action: str | None = None) -> None:
-    """Wait until ``attempt`` settles, recording the wait in the wait-for graph."""
+    """Wait until ``attempt`` settles, recording the wait in the wait-for graph.
+
+    A teardown (``action`` given) waits until the run has ended, also when its waiters were
+    released earlier by a timeout.
+    """
     check_wait(attempt, action)
+    if action is not None:
+        event = attempt.ended if attempt.ended is not None else attempt.done
+    else:
+        event, attempt.waiters = attempt.done, attempt.waiters + 1
     me = working.get()
-    if me is None:
-        await attempt.done.wait()
-        return
-    me.waiting_on.append(attempt)
+    if me is not None:
+        me.waiting_on.append(attempt)
     try:
-        await attempt.done.wait()
+        await event.wait()
     finally:
-        me.waiting_on.remove(attempt)
+        if me is not None:
+            me.waiting_on.remove(attempt)
+        if action is None:
+            attempt.waiters -= 1
+            if not attempt.waiters and attempt.picked is not None:
+                attempt.picked.set()

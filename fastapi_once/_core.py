@@ -242,8 +242,12 @@ class Once(Generic[P, T]):
             return
         # The scope a timeout cancels stays open while the value is kept, so that scopes a
         # generator opened before its yield are closed inside it.
-        with anyio.CancelScope() as attempt.scope:
-            await self._attempt(rec, attempt, args, kwargs, resolve)
+        try:
+            with anyio.CancelScope() as attempt.scope:
+                await self._attempt(rec, attempt, args, kwargs, resolve)
+        finally:
+            if attempt.ended is not None:  # timed out: teardown waits for this
+                attempt.ended.set()
 
     async def _attempt(
         self,
@@ -253,21 +257,22 @@ class Once(Generic[P, T]):
         kwargs: dict[str, Any],
         resolve: Resolve | None,
     ) -> None:
-        token, started = working.set(attempt), monotonic()
+        started = monotonic()
+        working.set(attempt)
         try:
             make = functools.partial(self._make, args, kwargs, resolve)
             value, stack = await self._policy.run(attempt, make)
         except BaseException as exc:
-            working.reset(token)  # the task's context must not keep the attempt alive
+            working.set(None)  # done with the attempt; its context must not keep it alive
             rec.fail(attempt, exc, monotonic() - started)
             return
-        working.reset(token)
+        working.set(None)
         now = monotonic()
         made = Value(attempt, value, stack, now, time.time(), self._policy.deadlines(now))
         if not rec.succeed(attempt, made, now - started):
             await made.clean_here()  # made too late: nobody can get it
         elif stack is not None:
-            await rec.keep(made)
+            await rec.keep(made, attempt)
 
     async def _make(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None

@@ -5,13 +5,17 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import logging
 import sys
+import threading
 from collections.abc import AsyncGenerator, Callable, Generator
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 import anyio.to_thread
+
+logger = logging.getLogger("fastapi_once")
 
 
 class Kind(enum.Enum):
@@ -112,12 +116,59 @@ async def invoke(
             raise RuntimeError(f"{name} returned without yielding a value") from None
         stack.push_async_callback(_finish_async_gen, agen, name)
         return value
-    gen: Generator[Any, None, None] = call(*args, **kwargs)
-    yielded, value = await anyio.to_thread.run_sync(_step, gen, abandon_on_cancel=abandon_on_cancel)
+    first = _FirstStep(call(*args, **kwargs), name)
+    try:
+        yielded, value = await anyio.to_thread.run_sync(
+            first.run, abandon_on_cancel=abandon_on_cancel
+        )
+    except BaseException:
+        first.abandon()
+        raise
+    gen = first.gen
     if not yielded:
         raise RuntimeError(f"{name} returned without yielding a value")
     stack.push_async_callback(_finish_gen, gen, name)
     return value
+
+
+class _FirstStep:
+    """A sync generator's first step, in a worker thread, handed over to whoever still waits.
+
+    If the waiting task stops waiting (a cancellation that went through, as when asyncio's loop
+    ends), the generator is finished where it is: the thread runs its cleanup, so a value made
+    for nobody is still cleaned up. ``_lock`` guards ``_state``.
+    """
+
+    def __init__(self, gen: Generator[Any, None, None], name: str) -> None:
+        self.gen, self.name = gen, name
+        self._lock = threading.Lock()
+        self._state = "running"  # then "stepped" (result handed over) or "abandoned"
+
+    def run(self) -> tuple[bool, Any]:
+        yielded, value = _step(self.gen)
+        with self._lock:
+            if self._state == "running":
+                self._state = "stepped"
+                return yielded, value
+        if yielded:
+            _finish_here(self.gen, self.name)
+        return False, None
+
+    def abandon(self) -> None:
+        """The waiter is gone: the thread finishes the generator (or, if it has, a new one)."""
+        with self._lock:
+            state, self._state = self._state, "abandoned"
+        if state == "stepped":  # stepped, but the value never reached the waiter
+            threading.Thread(target=_finish_here, args=(self.gen, self.name), daemon=True).start()
+
+
+def _finish_here(gen: Generator[Any, None, None], name: str) -> None:
+    """Run a sync generator's cleanup in this thread; its failure can only be logged."""
+    try:
+        if _step(gen)[0]:
+            gen.close()
+    except BaseException as exc:
+        logger.error("%s: cleanup failed with %s", name, type(exc).__name__)
 
 
 def _step(gen: Generator[Any, None, None]) -> tuple[bool, Any]:

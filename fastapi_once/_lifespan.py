@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -71,8 +72,13 @@ def once_lifespan(
             else:
                 async with lifespan(app) as state:
                     yield state
-        finally:
-            await close(shutdown_timeout)
+        except BaseException:
+            # The startup's (or the app's) own exception goes on: a cleanup that fails now is
+            # logged by the cleanup, not raised in its place.
+            with contextlib.suppress(Exception):
+                await close(shutdown_timeout)
+            raise
+        await close(shutdown_timeout)
 
     return run
 

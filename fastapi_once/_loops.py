@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import math
 import os
@@ -17,7 +16,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import anyio
@@ -62,32 +61,6 @@ def thread_proof(loop: object) -> int | None:
     if isinstance(loop, asyncio.BaseEventLoop):
         return threading.get_ident()
     return None
-
-
-# asyncio keeps only weak references to tasks: these strong ones keep the library's work alive
-# after every caller has left.
-_tasks: set[asyncio.Task[None]] = set()
-
-
-def spawn(loop: object, work: Coroutine[Any, Any, None], name: str) -> None:
-    """Run ``work`` in a task owned by the library, not by the caller, in the caller's context.
-
-    ``work`` must never raise: it delivers what happened to whoever waits for it. When the loop
-    ends, the task is cancelled (``asyncio.run`` and trio both do that) and may clean up.
-    """
-    if isinstance(loop, asyncio.AbstractEventLoop):
-        task = loop.create_task(work, name=name)
-        _tasks.add(task)
-        task.add_done_callback(_tasks.discard)
-    else:
-        import trio
-
-        async def main() -> None:
-            await work
-
-        # A system task lives as long as the run and belongs to no request; trio turns an
-        # exception escaping it into a crash of the whole run, hence work's promise not to raise.
-        trio.lowlevel.spawn_system_task(main, name=name, context=contextvars.copy_context())
 
 
 class Event(Protocol):
@@ -212,9 +185,15 @@ async def drain(
         pending = [value for store in stores() for value in store.cleanups()]
         if not pending:
             break
-        for value in sorted(pending, key=lambda v: v.serial, reverse=True):  # newest first
-            value.retire()
-            errors.extend(await value.cleaned())
+        try:
+            for value in sorted(pending, key=lambda v: v.serial, reverse=True):  # newest first
+                value.retire()
+                assert value.node is not None
+                await wait(value.node, action)
+                errors.extend(value.take_errors())
+        finally:
+            for value in pending:  # cancelled or failed half-way: the rest go on their own
+                value.retire()
     raise_all(errors)
     return left
 

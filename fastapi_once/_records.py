@@ -40,9 +40,10 @@ import anyio
 
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
-from ._loops import LoopState, new_event, spawn
+from ._loops import LoopState, new_event
 from ._policy import Policy
 from ._status import State
+from ._tasks import spawn
 from ._telemetry import ended, error_type, evicted, fast_failed, fields, traced, waits
 from ._values import Value
 
@@ -114,7 +115,10 @@ class Record:
             if now:
                 made.retire()
             if made.stack is not None:
-                self.store.retired.append(made)
+                retired = self.store.retired
+                retired.append(made)
+                if len(retired) > 64:  # cleaned-up values leave the list, not only at teardown
+                    self.store.retired = [v for v in retired if v.pending]
 
     def drop(self, now: bool = True) -> None:
         """Retire the value and forget the record (reset, eviction, teardown, time).
@@ -191,13 +195,24 @@ class Record:
             spawn(store.loop, self._watch(attempt), "fastapi_once: timeout")
 
     async def _watch(self, attempt: Attempt) -> None:
-        policy = self.store.policy
+        """Past ``timeout=``: release the waiters with OnceTimeoutError and cancel the run.
+
+        The run may go on (a thread cannot be interrupted): it stays this record's attempt, so
+        no second run starts, later calls get the same error at once, and teardown waits for
+        it; its outcome is then applied as the timeout (see :meth:`settle`).
+        """
+        store, policy = self.store, self.store.policy
         with anyio.move_on_after(cast(float, policy.timeout)):
             await attempt.done.wait()
-        if not attempt.settled:
-            self.settle(attempt, None, policy.timed_out(attempt.label), None)
-            if attempt.scope is not None:
-                attempt.scope.cancel()
+        if attempt.settled:
+            return
+        attempt.ended = new_event(store.loop)
+        error = policy.timed_out(attempt.label)
+        attempt.fail(error, None)
+        if self.attempt is attempt:
+            store.last_error = (type(error).__name__, str(error))
+        if attempt.scope is not None:
+            attempt.scope.cancel()
 
     def succeed(self, attempt: Attempt, made: Value, took: float) -> bool:
         """The attempt made ``made`` in ``took`` seconds: serve it (see :meth:`settle`)."""
@@ -261,24 +276,30 @@ class Record:
     ) -> bool:
         """Deliver an attempt's outcome; apply it here if the attempt is still this record's.
 
-        Returns False when it no longer is (timed out, or dropped by a teardown that stopped
-        waiting): ``made`` must then be cleaned up by its maker, and is given to nobody.
+        Returns whether ``made`` (or ``error``) was applied as given. A run that timed out has
+        its waiters released already: the timeout is its outcome. A run that a teardown stopped
+        waiting for is no longer this record's: its waiters get :class:`OnceClosedError`. In
+        both cases ``made`` is given to nobody and its maker must clean it up.
         """
-        if attempt.settled:
-            return False
-        store, mine = self.store, self.attempt is attempt
-        if not mine and error is None:
-            error, traceback = OnceClosedError(store.name), None
-        if error is not None:
-            attempt.fail(error, traceback)
-            store.last_error = (type(error).__name__, str(error))
-        else:
-            attempt.succeed(cast(Value, made).value)
-            store.last_error = None
+        store, mine, applied = self.store, self.attempt is attempt, True
+        if attempt.ended is not None:  # timed out: its waiters were released then
+            made, error, traceback, applied = None, attempt.error, attempt.traceback, False
+        elif not mine and error is None:
+            made, error, traceback, applied = None, OnceClosedError(store.name), None, False
+        if not attempt.settled:
+            if error is not None:
+                attempt.fail(error, traceback)
+            else:
+                attempt.succeed(cast(Value, made).value)
         if not mine:
             return False
-        self.attempt, now = None, monotonic()
+        store.last_error = None if error is None else (type(error).__name__, str(error))
+        now = monotonic()
+        self.advance(now)  # the ttl may have ended while the run went on
+        self.attempt = None
         if error is None:
+            if self.key in store.records:
+                store.records.move_to_end(self.key)  # the newest value is the last to go
             self._retire()
             self.made, self.retry_at = made, None
             self._to(READY)
@@ -289,14 +310,23 @@ class Record:
             until = store.policy.cooldown_until(now, error)
             if until is None:
                 self.drop()
-                return True
+                return applied
             self.failure = (error, traceback, error.__context__, until)
             self._to(FAILED)
-        store.evict()
-        return True
+        store.evict(keep=self)
+        return applied
 
-    async def keep(self, made: Value) -> None:
-        """Park the making task on ``made`` until it is retired; its cleanup then runs here."""
+    async def keep(self, made: Value, attempt: Attempt) -> None:
+        """Park the making task on ``made`` until it is retired; its cleanup then runs here.
+
+        Not before every call that waited on ``attempt`` has the value, though: retired at
+        once (evicted by a concurrent key), it must not be closed under its first callers.
+        """
+
+        async def handed_out() -> None:
+            if attempt.waiters:
+                attempt.picked = new_event(self.store.loop)
+                await attempt.picked.wait()
 
         def due() -> float | None:
             now = monotonic()
@@ -310,7 +340,7 @@ class Record:
         def abandoned() -> None:
             self.store.loop_state.report_left_to_loop_end(self.store.name)
 
-        await made.keep(due, abandoned)
+        await made.keep(due, abandoned, handed_out)
 
 
 class Store:
@@ -350,14 +380,17 @@ class Store:
             rec = self.records[key] = Record(self, key)
         return rec
 
-    def evict(self) -> None:
-        """Drop least recently used records, none in flight, down to ``maxsize``."""
+    def evict(self, keep: Record) -> None:
+        """Drop least recently used records down to ``maxsize``, never ``keep`` or one in flight.
+
+        Records in flight hold no new value yet, so the store may exceed ``maxsize`` by them.
+        """
         over = len(self.records) - self.maxsize
         if over <= 0:
             return
         victims: list[Record] = []
         for rec in self.records.values():  # least recent first: usually the first few
-            if rec.attempt is None:
+            if rec.attempt is None and rec is not keep:
                 victims.append(rec)
                 if len(victims) == over:
                     break

@@ -12,12 +12,15 @@ import itertools
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
 
+from ._attempts import Attempt, working
+from ._keys import NOKEY
+from ._tasks import cancelling_retires
 from ._telemetry import cleanup_span, error_type, fields
 
 if sys.version_info >= (3, 11):  # pragma: no cover
@@ -45,6 +48,7 @@ class Value:
         "expires_at",
         "label",
         "made_at",
+        "node",
         "refresh_at",
         "serial",
         "stack",
@@ -71,6 +75,12 @@ class Value:
         self._errors: list[BaseException] = []
         self._retired = anyio.Event() if stack is not None else None
         self._done = anyio.Event() if stack is not None else None
+        # The cleanup as a node of the wait-for graph: a reset that waits for it from inside
+        # the cleanup itself (or from work the cleanup waits for) raises instead of hanging.
+        self.node: Attempt | None = None
+        if self._done is not None:
+            name = getattr(label, "name", label)
+            self.node = Attempt(f"{name} (cleanup)", NOKEY, self._done)
 
     @property
     def pending(self) -> bool:
@@ -82,26 +92,42 @@ class Value:
         if self._retired is not None:
             self._retired.set()
 
-    async def keep(self, due: Callable[[], float | None], abandoned: Callable[[], None]) -> None:
+    async def keep(
+        self,
+        due: Callable[[], float | None],
+        abandoned: Callable[[], None],
+        handed_out: Callable[[], Awaitable[None]],
+    ) -> None:
         """Park the task that made the value until it is retired; then clean it up here.
 
         Args:
             due: seconds until time retires the value (None: never); called again when they
                 have passed, it retires the value itself.
             abandoned: called when the event loop ends first (its tasks are cancelled).
+            handed_out: waits until the calls the value was made for have it.
         """
-        assert self._retired is not None, "only a value with a cleanup is kept"
-        try:
-            while not self._retired.is_set():
-                delay = due()
-                with anyio.move_on_after(float("inf") if delay is None else max(delay, 0)):
-                    await self._retired.wait()
-        except anyio.get_cancelled_exc_class():
-            abandoned()
-            self._retired.set()
-            raise
-        finally:
-            await self.clean_here()
+        retired = self._retired
+        assert retired is not None, "only a value with a cleanup is kept"
+
+        def loop_ends() -> None:
+            if not retired.is_set():
+                abandoned()
+                retired.set()
+
+        working.set(self.node)
+        with cancelling_retires(loop_ends):
+            try:
+                while not retired.is_set():
+                    delay = due()
+                    with anyio.move_on_after(float("inf") if delay is None else max(delay, 0)):
+                        await retired.wait()
+                with anyio.CancelScope(shield=True):
+                    await handed_out()
+            except anyio.get_cancelled_exc_class():
+                loop_ends()
+                raise
+            finally:
+                await self.clean_here()
 
     async def clean_here(self) -> None:
         """Run the cleanup in the current task, once, shielded from cancellation."""
@@ -132,10 +158,8 @@ class Value:
         assert self._done is not None
         self._done.set()
 
-    async def cleaned(self) -> list[BaseException]:
-        """Wait until the cleanup has run; return its error for the first one to ask."""
-        if self._done is not None:
-            await self._done.wait()
+    def take_errors(self) -> list[BaseException]:
+        """What the cleanup raised, for the first one to ask."""
         errors, self._errors = self._errors, []
         return errors
 

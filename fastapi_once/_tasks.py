@@ -1,0 +1,69 @@
+"""The tasks the library owns: the work of an attempt, which then keeps the value it made.
+
+A library task belongs to no request, so no caller's cancellation reaches it. What does reach it
+is its event loop ending: ``asyncio.run`` and trio cancel every task left. A task that keeps a
+value must then still run that value's cleanup to the end. trio's shielded scopes hold against
+that; asyncio's native ``Task.cancel()`` goes through anyio's shields, so on asyncio a keeping
+task turns the cancellation into a retirement of its value instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+# asyncio keeps only weak references to tasks: these strong ones keep the library's work alive
+# after every caller has left.
+_tasks: set[asyncio.Task[None]] = set()
+
+
+class _LibraryTask(asyncio.Task):  # type: ignore[type-arg]
+    """An asyncio task of the library's; while it keeps a value, cancelling it retires the value."""
+
+    on_cancel: Callable[[], None] | None = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self.on_cancel is not None:
+            self.on_cancel()
+            return False
+        return super().cancel(msg)
+
+
+def spawn(loop: object, work: Coroutine[Any, Any, None], name: str) -> None:
+    """Run ``work`` in a task owned by the library, not by the caller, in the caller's context.
+
+    ``work`` must never raise: it delivers what happened to whoever waits for it.
+    """
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        task = _LibraryTask(work, loop=loop, name=name)
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
+    else:
+        import trio
+
+        async def main() -> None:
+            await work
+
+        # A system task lives as long as the run and belongs to no request; trio turns an
+        # exception escaping it into a crash of the whole run, hence work's promise not to raise.
+        trio.lowlevel.spawn_system_task(main, name=name, context=contextvars.copy_context())
+
+
+@contextlib.contextmanager
+def cancelling_retires(retire: Callable[[], None]) -> Iterator[None]:
+    """Inside the block, cancelling the current library task (on asyncio) calls ``retire``."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # trio: its cancellation is shielded where it matters
+        task = None
+    if not isinstance(task, _LibraryTask):
+        yield
+        return
+    task.on_cancel = retire
+    try:
+        yield
+    finally:
+        task.on_cancel = None
