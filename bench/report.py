@@ -570,8 +570,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax_keyed.set_xlim(right=max(us) * 8)
         ax_keyed.set_xlabel("process CPU time per call (us, log; median, IQR)")
         ax_keyed.set_title(f"(e) keyed calls, maxsize={keyed['maxsize']:,}")
-        for y, value in enumerate(us):
-            ax_keyed.text(value, y, f"  {value:.2f} us", va="center", fontsize=8)
+        for y, (value, c) in enumerate(zip(us, cs, strict=True)):
+            ax_keyed.text(
+                c["ns_spread"]["q3"] / 1000, y, f"  {value:.2f} us", va="center", fontsize=8
+            )
 
     # (f) every target measured as a ratio, against its limit
     bars: list[tuple[str, dict[str, Any], float]] = []
@@ -603,6 +605,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for y, (_, spread, limit) in enumerate(bars):
             ax_ratio.plot([limit, limit], [y - 0.4, y + 0.4], color="tab:red", linewidth=2)
             ax_ratio.text(spread["q3"], y, f"  {spread['median']:.3f}", va="center", fontsize=8)
+        ax_ratio.set_xlim(0, max(b[1]["q3"] for b in bars) * 1.15)
         ax_ratio.invert_yaxis()
         ax_ratio.set_xlabel("ratio (median, IQR); red: the target's limit, lower is better")
         ax_ratio.set_title("(f) the targets as ratios")
