@@ -30,7 +30,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from timekeeping import FakeClock, wait_until
 
-from fastapi_once import once, once_lifespan, readiness_router
+from fastapi_once import OnceTimeoutError, once, once_lifespan, readiness_router
 from fastapi_once._keys import key_digest
 from fastapi_once.backends import FileLockBackend
 
@@ -237,6 +237,27 @@ async def test_metric_counters_equal_the_status_counts(otel: Otel, clock: FakeCl
     assert otel.total("fastapi_once.state", name, state="failed") == 0
     durations = otel.points("fastapi_once.attempt.duration", name)
     assert sum(point.count for point in durations) == status.attempts
+
+
+async def test_a_timed_out_attempt_is_one_failure_whose_span_ends_with_its_run(
+    otel: Otel,
+) -> None:
+    """timeout=: waiters get OnceTimeoutError; the span and the count follow the run's end."""
+    name = unique("timeout")
+
+    @once(name=name, timeout=0.01)
+    async def load() -> int:
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    with anyio.fail_after(10), pytest.raises(OnceTimeoutError):
+        await load()
+    await wait_until(lambda: bool(otel.finished("fastapi_once.attempt", name)))
+    (attempt,) = otel.finished("fastapi_once.attempt", name)
+    assert attempt.attributes is not None
+    assert attempt.attributes["error.type"] == "OnceTimeoutError"
+    assert otel.total("fastapi_once.attempts", name, outcome="failure") == 1
+    assert otel.total("fastapi_once.attempts", name) == load.status().attempts
 
 
 async def test_keyed_evictions_and_key_digests(otel: Otel) -> None:
@@ -463,7 +484,7 @@ def _python(code: str) -> str:
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=50,
         check=False,
     )
     assert run.returncode == 0, run.stderr
