@@ -269,6 +269,7 @@ class Options(TypedDict, total=False):
     cooldown: float
     ttl: float
     refresh: float
+    jitter: float
     ping: Callable[[Any], Any]
     log_keys: bool
 
@@ -349,6 +350,8 @@ def once(fn: Any = None, /, **options: Any) -> Any:
         ttl: seconds a value lives; the next call after that makes a new one.
         refresh: seconds (less than ``ttl``) after which the first call starts one background
             refresh while every caller keeps getting the current value.
+        jitter: with ``ttl`` or ``refresh``, up to this many seconds (uniform, one draw per
+            value) added to both, so that values made together do not expire together.
         log_keys: with ``key=``, show keys verbatim in logs, errors and spans (by default a key
             is shown as a short digest, since keys often come from request data).
         ping: ``check(value)``, sync or async, that :func:`readiness_router` runs on the value

@@ -30,6 +30,7 @@ class Policy:
     cooldown: float | None = None
     ttl: float | None = None
     refresh: float | None = None
+    jitter: float | None = None
     log_keys: bool = False  # not timing, but fixed per once and read where attempts start
 
     @classmethod
@@ -64,6 +65,9 @@ class Policy:
         if ("backoff" in options or "retry_on" in options) and not retries:
             raise TypeError(f"once({name}): backoff= and retry_on= apply only with retries=")
         ttl, refresh = options.get("ttl"), options.get("refresh")
+        _positive_seconds(name, "jitter", options.get("jitter"))
+        if options.get("jitter") is not None and ttl is None and refresh is None:
+            raise TypeError(f"once({name}, jitter=...): jitter= applies only with ttl= or refresh=")
         if refresh is not None and ttl is not None and refresh >= ttl:
             raise ValueError(
                 f"once({name}, ttl={ttl!r}, refresh={refresh!r}): refresh must be shorter than "
@@ -75,13 +79,20 @@ class Policy:
             backoff=options.get("backoff", 0.1),
             retry_on=retry_on,
             cooldown=options.get("cooldown"),
+            jitter=options.get("jitter"),
             ttl=ttl,
             refresh=refresh,
             log_keys=options.get("log_keys", False),
         )
 
     def deadlines(self, made_at: float) -> tuple[float | None, float | None]:
-        """When a value made at ``made_at`` is due for refresh, and when it expires."""
+        """When a value made at ``made_at`` is due for refresh, and when it expires.
+
+        With ``jitter``, one uniform draw in [0, jitter) per value is added to both, so values
+        made together do not expire together (and refresh stays before expiry).
+        """
+        if self.jitter is not None:
+            made_at += random.uniform(0, self.jitter)
         refresh_at = None if self.refresh is None else made_at + self.refresh
         expires_at = None if self.ttl is None else made_at + self.ttl
         return refresh_at, expires_at

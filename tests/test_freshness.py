@@ -266,3 +266,33 @@ async def test_a_refreshed_value_expires_on_time_too() -> None:
     await wait_until(lambda: closed == [1])
     await wait_until(lambda: closed == [1, 2])
     assert made == [1, 2]
+
+
+async def test_jitter_spreads_the_expiry_of_values_made_together(clock: FakeClock) -> None:
+    """jitter=: keys made at one moment expire at different moments, within ttl + jitter."""
+
+    @once(key=lambda k: k, ttl=10, jitter=5, maxsize=1000)
+    async def get(k: int) -> int:
+        return k
+
+    for k in range(200):
+        await get(k)
+    expired_at: list[float] = []
+    for _ in range(160):
+        clock.advance(0.1)
+        keys = get.status().keys
+        assert keys is not None
+        expired_at.extend([clock.now] * (200 - keys["ready"] - len(expired_at)))
+    assert len(expired_at) == 200  # all gone by ttl + jitter
+    assert min(expired_at) >= 1010.0  # none before ttl
+    assert len(set(expired_at)) > 20  # spread over the jitter window, not one herd
+
+
+def test_jitter_needs_a_ttl_or_refresh() -> None:
+    """jitter= alone has nothing to spread: a TypeError at once() time."""
+
+    async def fn() -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="jitter= applies only with ttl= or refresh="):
+        once(fn, jitter=1)

@@ -272,7 +272,7 @@ async def test_a_sync_generator_that_yields_after_its_timeout_is_still_closed() 
         await anyio.to_thread.run_sync(closed.wait)
 
 
-@pytest.mark.parametrize("option", ["timeout", "cooldown", "ttl", "refresh", "backoff"])
+@pytest.mark.parametrize("option", ["timeout", "cooldown", "ttl", "refresh", "backoff", "jitter"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nan_and_infinity_are_refused_naming_the_option(option: str, value: float) -> None:
     """A non-finite number of seconds is a ValueError that names the option."""
@@ -280,7 +280,7 @@ def test_nan_and_infinity_are_refused_naming_the_option(option: str, value: floa
     async def fn() -> int:
         return 1
 
-    extra = {"retries": 1} if option == "backoff" else {}
+    extra = {"retries": 1} if option == "backoff" else {"ttl": 10} if option == "jitter" else {}
     with pytest.raises(ValueError, match=f"{option}=.*finite"):
         once(fn, **{option: value, **extra})  # type: ignore[arg-type]
 
