@@ -6,11 +6,11 @@ counts, as before, and the counts are read by observable instruments when a read
 OpenTelemetry is used through ``opentelemetry-api`` when it can be imported; without it every
 hook does nothing. Spans are made only while a real tracer provider is set: the provider is
 looked up at each use, so one set after this module was imported is seen, and with the API's
-default provider an attempt costs one ``isinstance`` check. Metric instruments are created at
+default provider an attempt costs a look-up and a comparison. Metric instruments are created at
 import on the API's meter, which forwards to a provider set later and does nothing until then.
 
-Spans (instrumentation scope ``fastapi_once``) never carry a key or an exception message: a key
-is named by its digest, an exception by its type (see :mod:`fastapi_once._keys`).
+Spans (instrumentation scope ``fastapi_once``) never carry an exception message, only its type,
+nor a key, only its digest (see :mod:`fastapi_once._keys`), unless the once has ``log_keys=True``.
 """
 
 from __future__ import annotations
@@ -112,6 +112,13 @@ def _root(name: str, attributes: dict[str, Any]) -> Any:
     )
 
 
+def _current(span: Any) -> contextlib.AbstractContextManager[Any]:
+    # Made current, but left to the caller to end; an exception is recorded by its type only.
+    return otel_trace.use_span(
+        span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+    )
+
+
 def _named(attempt: Attempt) -> dict[str, Any]:
     attributes: dict[str, Any] = {NAME: attempt.name}
     if attempt.key is not NOKEY:
@@ -178,7 +185,8 @@ def _cleanup_span(label: object) -> Iterator[None]:
     attributes = _named(label) if isinstance(label, Attempt) else {NAME: str(label)}
     span = _root("fastapi_once.cleanup", attributes)
     try:
-        yield
+        with _current(span):  # spans of the cleanup code are its children
+            yield
     except BaseException as exc:
         kind = error_type(exc)
         span.set_attributes({OUTCOME: "failure", ERROR_TYPE: kind})
@@ -219,7 +227,7 @@ async def across(
         span.set_attribute(BACKEND, backend.describe())
     started, error = time.monotonic(), None
     try:
-        with otel_trace.use_span(span, end_on_exit=False) if span else contextlib.nullcontext():
+        with _current(span) if span else contextlib.nullcontext():
             return await backend.run_once(name, lead, ttl=ttl)
     except BaseException as exc:
         error = exc

@@ -418,6 +418,7 @@ async def test_failures_of_a_leader_a_cleanup_and_a_ping_are_recorded_by_type(
         await once(migrate, name=name, across=FileLockBackend(tmp_path))()
     (lead,) = otel.finished("fastapi_once.across", name)
     assert lead.attributes is not None
+    assert "secret" not in lead.to_json()
     assert (lead.attributes["fastapi_once.role"], lead.attributes["error.type"]) == (
         "leader",
         "ValueError",
@@ -426,6 +427,8 @@ async def test_failures_of_a_leader_a_cleanup_and_a_ping_are_recorded_by_type(
     @once(name=name + ".keyed", key=lambda token: token)
     async def get_session(token: str) -> AsyncIterator[str]:
         yield token
+        with trace.get_tracer("test").start_as_current_span("closing"):
+            pass
         raise OSError("secret")
 
     await get_session("abc")
@@ -436,6 +439,9 @@ async def test_failures_of_a_leader_a_cleanup_and_a_ping_are_recorded_by_type(
     assert cleanup.attributes["error.type"] == "OSError"
     assert cleanup.attributes["fastapi_once.key_digest"] == key_digest("abc")
     assert "secret" not in cleanup.to_json()
+    (closing,) = [s for s in otel.spans.get_finished_spans() if s.name == "closing"]
+    assert closing.parent is not None
+    assert closing.parent.span_id == cleanup.context.span_id
 
     @once(name=name + ".pinged", ping=lambda value: False)
     async def get_db() -> str:
