@@ -17,7 +17,7 @@ from asyncio import get_running_loop
 from collections.abc import Callable, Hashable
 from contextlib import AsyncExitStack
 from threading import get_ident
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 
@@ -27,7 +27,7 @@ from ._keys import NOKEY, unhashable
 from ._kinds import Kind, as_coroutine_function, invoke, kind_of
 from ._loops import current_loop, drain, state_of, thread_proof
 from ._policy import Policy
-from ._records import IDLE, READY, KeyView, Record, Resolve, Store
+from ._records import IDLE, READY, Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
 from ._telemetry import across
 from ._values import Value
@@ -47,15 +47,6 @@ T = TypeVar("T")
 monotonic = time.monotonic
 
 logger = logging.getLogger("fastapi_once")
-
-
-class Injector(Protocol):
-    """Supplies extra keyword arguments (sub-dependencies) when a value is made."""
-
-    param: str  # the hidden keyword argument through which a caller passes its context
-
-    def bind(self, context: object) -> Resolve:
-        """Return what resolves the keyword arguments for ``context`` (e.g. the app)."""
 
 
 _NOWHERE = (object(), None, None, None)  # the hot cell before any call
@@ -104,6 +95,8 @@ class Once(Generic[P, T]):
         self._policy = policy or Policy()
         self._param = injector.param if injector is not None else None
         self._needs_stack = injector is not None or self._kind in (Kind.ASYNC_GEN, Kind.GEN)
+        # An async def with no sub-dependencies and no backend: the attempt just awaits it.
+        self._plain = self._kind is Kind.ASYNC and injector is None and across is None
         # (loop, thread proof, store, unkeyed record) of the loop that called last: the hot
         # path's one read. A tuple, so a reader in another thread never mixes two loops' parts.
         self._hot: tuple[Any, int | None, Store | None, Record | None] = _NOWHERE
@@ -193,8 +186,10 @@ class Once(Generic[P, T]):
         state = state_of(loop)
         store = cast("Store | None", state.stores.get(self))
         if store is None:
+            # Without a timeout there is no scope to open around the attempt: it runs as is.
+            work = self._attempt if self._policy.timeout is None else self._run
             store = state.stores[self] = Store(
-                self.name, self._policy, self._maxsize, self._run, self._forget_cell, loop, state
+                self.name, self._policy, self._maxsize, work, self._forget_cell, loop, state
             )
         self._hot = (loop, thread_proof(loop), store, store.records.get(NOKEY))
         return self._hot
@@ -236,10 +231,7 @@ class Once(Generic[P, T]):
         kwargs: dict[str, Any],
         resolve: Resolve | None,
     ) -> None:
-        """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
-        if self._policy.timeout is None:
-            await self._attempt(rec, attempt, args, kwargs, resolve)
-            return
+        """Run an attempt that has a timeout: inside the scope the timeout cancels."""
         # The scope a timeout cancels stays open while the value is kept, so that scopes a
         # generator opened before its yield are closed inside it.
         try:
@@ -257,11 +249,17 @@ class Once(Generic[P, T]):
         kwargs: dict[str, Any],
         resolve: Resolve | None,
     ) -> None:
+        """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
         started = monotonic()
         working.set(attempt)
         try:
-            make = functools.partial(self._make, args, kwargs, resolve)
-            value, stack = await self._policy.run(attempt, make)
+            if self._policy.retries:
+                make = functools.partial(self._make, args, kwargs, resolve)
+                value, stack = await self._policy.run(attempt, make)
+            elif self._plain:  # the common case, without the layers it does not need
+                value, stack = await self.fn(*args, **kwargs), None
+            else:
+                value, stack = await self._make(args, kwargs, resolve)
         except BaseException as exc:
             working.set(None)  # done with the attempt; its context must not keep it alive
             rec.fail(attempt, exc, monotonic() - started)
@@ -372,18 +370,18 @@ def kick(target: Once[Any, Any], context: object) -> bool:
 
 def pin(target: Once[Any, T], value: T) -> None:
     """Serve ``value`` from an unkeyed once in the running loop until :func:`unpin` (tests)."""
-    rec = target._find()[2].record(NOKEY, monotonic())
-    rec.made = Value(target.name, value, None, monotonic(), time.time(), (None, None))
-    rec._to(READY)
+    now = monotonic()
+    target._find()[2].record(NOKEY, now).pin(
+        Value(target.name, value, None, now, time.time(), (None, None))
+    )
 
 
 def unpin(target: Once[Any, T], value: T) -> None:
     """Stop serving a pinned ``value`` (nothing is cleaned up: it belongs to the caller)."""
     store = target._existing_store()
     rec = None if store is None else store.records.get(NOKEY)
-    if rec is not None and rec.made is not None and rec.made.value is value:
-        rec.made = None
-        rec.drop()
+    if rec is not None:
+        rec.unpin(value)
 
 
 async def make_with(target: Once[Any, T], context: object) -> T:

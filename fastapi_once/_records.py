@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from contextlib import AsyncExitStack
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import anyio
 
@@ -59,6 +59,17 @@ REFRESHING: State = "refreshing"
 FAILED: State = "failed"
 
 Resolve = Callable[[AsyncExitStack], Awaitable[dict[str, Any]]]
+
+
+class Injector(Protocol):
+    """Supplies extra keyword arguments (sub-dependencies) when a value is made."""
+
+    param: str  # the hidden keyword argument through which a caller passes its context
+
+    def bind(self, context: object) -> Resolve:
+        """Return what resolves the keyword arguments for ``context`` (e.g. the app)."""
+
+
 # What runs an attempt: (record, attempt, args, kwargs, resolve) -> never raises.
 Work = Callable[
     ["Record", Attempt, tuple[Any, ...], dict[str, Any], "Resolve | None"],
@@ -119,6 +130,18 @@ class Record:
                 retired.append(made)
                 if len(retired) > 64:  # cleaned-up values leave the list, not only at teardown
                     self.store.retired = [v for v in retired if v.pending]
+
+    def pin(self, made: Value) -> None:
+        """Serve ``made``, a stand-in from a test, as if an attempt had made it."""
+        self._retire()
+        self.made = made
+        self._to(READY)
+
+    def unpin(self, value: object) -> None:
+        """Stop serving a pinned ``value``; nothing is cleaned up (it belongs to the test)."""
+        if self.made is not None and self.made.value is value:
+            self.made = None
+            self.drop()
 
     def drop(self, now: bool = True) -> None:
         """Retire the value and forget the record (reset, eviction, teardown, time).
