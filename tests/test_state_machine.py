@@ -158,9 +158,11 @@ class OnceMachine(RuleBasedStateMachine):
         fut = self.call(None)
         self.settle()
         if state in ("ready", "refreshing"):
-            assert fut.done() and fut.exception() is None, state
+            assert fut.done(), state
+            assert fut.exception() is None, state
         elif state == "running":
-            assert not fut.done() and self.started == started, state
+            assert not fut.done(), state
+            assert self.started == started, state
         elif state == "idle":
             assert self.started == started + 1, state
         else:  # failed: within a cooldown it fails fast, otherwise it tries again
