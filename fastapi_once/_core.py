@@ -569,7 +569,9 @@ class Once(Generic[P, T]):
                 kwargs,
                 stack,
                 self.name,
-                abandon_on_cancel=self._policy.timeout is not None,
+                # With across=, a lost lock cancels the work: a def's thread cannot be
+                # interrupted, so it is abandoned and its late result dropped.
+                abandon_on_cancel=self._policy.timeout is not None or self._across is not None,
             )
             if self._across is None:
                 value = await make()
@@ -624,6 +626,9 @@ class Once(Generic[P, T]):
         """
         state = self._existing_state()
         if state is None:
+            # Nothing made here, but another process may have recorded a value: clear it.
+            if self._across is not None:
+                await self._across.reset(self.name)
             return
         for attempt in state.in_flight():
             await attempt.done.wait()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._base import Backend, BackendError, LeaseLostError, WaitTimeoutError, fencing_token
+from .._errors import BackendError, LeaseLostError, WaitTimeoutError
+from ._base import Backend, fencing_token
+from ._codec import ResultCodec
+from ._late import backend_from_url
 
 if TYPE_CHECKING:
     from ._file import FileLockBackend
@@ -24,7 +27,9 @@ __all__ = [
     "LeaseLostError",
     "PostgresBackend",
     "RedisBackend",
+    "ResultCodec",
     "WaitTimeoutError",
+    "backend_from_url",
     "fencing_token",
 ]
 

@@ -5,24 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal, Protocol, cast
-from urllib.parse import urlsplit
 
 import anyio
 
+from .._errors import BackendError, LeaseLostError, WaitTimeoutError
 from ._base import (
+    DEFAULT_WAIT_TIMEOUT,
     Backend,
-    BackendError,
-    WaitTimeoutError,
-    encode_result,
+    Scrubber,
+    _fencing_token,
+    backoff,
     holder_id,
-    mask_url,
     seconds,
+    time_left,
 )
+from ._codec import JSON, ResultCodec
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -36,7 +37,7 @@ class _Connection(Protocol):
     """The part of ``asyncpg.Connection`` this module uses (asyncpg ships no type hints)."""
 
     async def execute(self, query: str, *args: object) -> str: ...
-    async def fetchval(self, query: str, *args: object) -> Any: ...
+    async def fetchval(self, query: str, *args: object, timeout: float | None = None) -> Any: ...  # noqa: ASYNC109
     async def fetchrow(self, query: str, *args: object) -> Any: ...
     async def close(self, *, timeout: float | None = None) -> None: ...  # noqa: ASYNC109
     def terminate(self) -> None: ...
@@ -47,8 +48,36 @@ class _Connection(Protocol):
 # (asyncio.TimeoutError is not TimeoutError before Python 3.11).
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# What a server restart or a broken network looks like: worth reconnecting and waiting on.
+_OUTAGE_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for the sequence's "_fence"
 _APPLICATION = "fastapi_once "  # application_name prefix: tells followers who holds a lock
+
+# libpq connection keywords and the asyncpg.connect() arguments they become.
+_KEYWORDS = {
+    "host": "host",
+    "hostaddr": "host",
+    "port": "port",
+    "user": "user",
+    "password": "password",
+    "passfile": "passfile",
+    "dbname": "database",
+    "sslmode": "ssl",
+    "service": "service",
+    "servicefile": "servicefile",
+    "target_session_attrs": "target_session_attrs",
+    "krbsrvname": "krbsrvname",
+    "gsslib": "gsslib",
+}
+_CONNINFO = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']+)\s*")
 
 
 class PostgresBackend(Backend):
@@ -56,10 +85,18 @@ class PostgresBackend(Backend):
 
     Each ``run_once`` opens a dedicated connection. It reads the marker table first (the fast
     path, no lock); otherwise it tries the advisory lock derived from the once's name, re-reads
-    the marker, and as leader runs the work, writes the marker row (with the JSON result), and
-    releases the lock. Followers block on the same lock in shared mode, so all of them wake as
-    soon as the leader releases it, whether it finished, failed or died (PostgreSQL ends a dead
-    client's session and its locks with it); if no marker was written, they race to lead.
+    the marker, and as leader draws a fencing token from the ``<table>_fence`` sequence, runs the
+    work, writes the marker row (with the result), and releases the lock. Followers block on the
+    same lock in shared mode, so all of them wake together as soon as the leader releases it,
+    whether it finished, failed or died (PostgreSQL ends a dead client's session and its locks
+    with it); if no marker was written, they race to lead.
+
+    While the work runs, the leader checks its lock's session every ``check_interval`` seconds:
+    if the session has ended (a server restart, a terminated backend, a broken network), the lock
+    is gone, so the work is cancelled and :class:`~fastapi_once.backends.LeaseLostError` raised,
+    with nothing recorded. A follower whose connection breaks (e.g. the server restarts)
+    reconnects with backoff and keeps waiting, up to ``wait_timeout``; an unreachable server at
+    the first contact fails at once with :class:`~fastapi_once.backends.BackendError`.
 
     ``lock="session"`` (the default) holds ``pg_advisory_lock`` on the connection's session for
     the length of the work. ``lock="transaction"`` instead holds ``pg_advisory_xact_lock`` in a
@@ -67,32 +104,36 @@ class PostgresBackend(Backend):
     release; use it behind PgBouncer in transaction pooling mode, which breaks session locks (a
     session lock would stay on a server connection that other clients then use).
 
-    The marker table (default ``fastapi_once``) is created on first use if missing::
+    The marker table (default ``fastapi_once``) and its sequence are created on first use if
+    missing::
 
         CREATE TABLE fastapi_once (
             name text PRIMARY KEY, result text NOT NULL, expires_at timestamptz,
-            done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL)
+            done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL);
+        CREATE SEQUENCE fastapi_once_fence;
 
-    Limits: asyncio only (asyncpg). The leader's connection is idle while the work runs, so
-    ``idle_session_timeout`` (session mode) or ``idle_in_transaction_session_timeout``
-    (transaction mode) must exceed the work's duration. A leader cut off from the server by the
-    network keeps its lock until the server notices (TCP keepalive); if its session ends first,
-    its marker write fails and nothing is recorded.
+    Limits: asyncio only (asyncpg). ``idle_session_timeout`` (session mode) or
+    ``idle_in_transaction_session_timeout`` (transaction mode) must exceed ``check_interval``.
 
     Args:
-        dsn: a libpq connection URL or string (``postgresql://user:password@host/db``); its
-            password never appears in errors, logs or :meth:`describe`.
+        dsn: a connection URL (``postgresql://user:password@host:5432/db``, also
+            ``postgres://``) or a libpq ``key=value`` string (``host=db user=app password=...
+            dbname=app``, with the keywords host, hostaddr, port, user, password, passfile,
+            dbname, sslmode, service, servicefile, target_session_attrs, krbsrvname, gsslib);
+            its password never appears in errors, logs or :meth:`describe`.
         table: the marker table, optionally schema-qualified (``schema.table``).
         lock: ``"session"`` or ``"transaction"`` (for PgBouncer transaction pooling).
-        wait_timeout: the longest a follower waits for the leader, in seconds; None waits as
-            long as the leader runs.
+        wait_timeout: the longest a follower waits for the leader, in seconds (default
+            300 s), outages included; None waits as long as the leader runs.
         ttl: the default life of a marker in seconds (``run_once(ttl=)`` overrides it); None
             keeps markers until :meth:`reset`.
         connect_timeout: seconds allowed to connect.
+        check_interval: how often the leader checks that its lock's session is alive, in
+            seconds: how long a leader whose lock is gone may go on (default 1).
 
     Raises:
-        ValueError: ``table`` is not an identifier, ``lock`` is unknown, or a timeout is not a
-            positive number.
+        ValueError: ``table`` is not an identifier, ``lock`` is unknown, a time is not a
+            positive number, or a ``key=value`` DSN has a keyword this backend does not know.
     """
 
     def __init__(
@@ -101,35 +142,38 @@ class PostgresBackend(Backend):
         *,
         table: str = "fastapi_once",
         lock: Literal["session", "transaction"] = "session",
-        wait_timeout: float | None = None,
+        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
         ttl: float | None = None,
         connect_timeout: float = 10.0,
+        check_interval: float = 1.0,
     ) -> None:
         parts = table.split(".")
         if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
             raise ValueError(
                 f"PostgresBackend(table={table!r}): give a table name, optionally "
-                "schema-qualified, of letters, digits and underscores (e.g. 'fastapi_once')"
+                "schema-qualified, of at most 57 letters, digits and underscores (e.g. "
+                "'fastapi_once')"
             )
         if lock not in ("session", "transaction"):
             raise ValueError(
                 f"PostgresBackend(lock={lock!r}): lock is 'session' or 'transaction' (for "
                 "PgBouncer transaction pooling)"
             )
-        self._dsn = dsn
-        self._password = _password(dsn)
-        self._shown = mask_url(dsn)
+        self._scrub = Scrubber(dsn)
+        self._connect_args = _connect_args(dsn, self._scrub)
         self.table = table
         self.lock = lock
         self.wait_timeout = seconds("wait_timeout", wait_timeout)
         self.ttl = seconds("ttl", ttl)
         self.connect_timeout: float = seconds("connect_timeout", connect_timeout)
+        self.check_interval: float = seconds("check_interval", check_interval)
         self._quoted = ".".join(f'"{p}"' for p in parts)
+        self._sequence = ".".join(f'"{p}"' for p in [*parts[:-1], parts[-1] + "_fence"])
         self._table_ready = False
 
     def describe(self) -> str:
         """Return ``PostgresBackend(<dsn with the password masked>, table=..., lock=...)``."""
-        return f"PostgresBackend({self._shown}, table={self.table}, lock={self.lock})"
+        return f"PostgresBackend({self._scrub.shown}, table={self.table}, lock={self.lock})"
 
     async def reset(self, name: str) -> None:
         """Delete ``name``'s marker row, so that the next :meth:`run_once` runs the work.
@@ -149,18 +193,28 @@ class PostgresBackend(Backend):
             await _close(conn)
 
     async def run_once(
-        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+        self,
+        name: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float | None = None,
+        codec: ResultCodec = JSON,
     ) -> Any:
         """Return ``name``'s recorded result, running ``work`` first if no process has.
+
+        While ``work`` runs as leader, :func:`~fastapi_once.backends.fencing_token` returns a
+        number drawn from the ``<table>_fence`` sequence for this leader.
 
         Args:
             name: the once's name, its identity across processes.
             work: makes the result (runs in this process only if it becomes the leader).
             ttl: seconds the marker stays valid; default the backend's ``ttl``.
+            codec: how the result is written and read back (default: plain JSON).
 
         Raises:
-            TypeError: the result is not JSON-serialisable (nothing is recorded).
+            TypeError: ``codec`` cannot encode the result (nothing is recorded).
             WaitTimeoutError: a follower waited longer than ``wait_timeout``.
+            LeaseLostError: the session holding the lock ended while ``work`` ran.
             BackendError: the database could not be reached or refused a query.
             Exception: what ``work`` raised, in the process that ran it.
         """
@@ -173,12 +227,13 @@ class PostgresBackend(Backend):
                 await self._ensure_table(conn)
                 found = await conn.fetchval(self._select, name)
             if found is None:
-                with self._driver_errors("waiting for the lock"):
-                    found = await self._acquire(conn, name, key, started)
+                found, conn = await self._acquire(conn, name, key, started)
             if found is not None:
-                return json.loads(found)
-            value = await work()
-            text = encode_result(name, value, self.describe())
+                return codec.decode(found)
+            with self._driver_errors("drawing a fencing token"):
+                fence = int(await conn.fetchval(f"SELECT nextval('{self._sequence}')"))
+            value = await self._lead(conn, name, fence, work)
+            text = codec.encode(name, value, self.describe())
             with self._driver_errors("recording the result"):
                 # Written on the connection that holds the lock: if its session has died (and
                 # the lock with it), the write fails and nothing is recorded.
@@ -188,7 +243,7 @@ class PostgresBackend(Backend):
                 else:
                     # The marker becomes visible and the lock is released in one commit.
                     await conn.execute("COMMIT")
-            return json.loads(text)
+            return codec.decode(text)
         except BaseException:
             # Ending the session rolls back and releases whatever it holds, even when the
             # connection is mid-query (a cancelled lock wait) or broken.
@@ -197,7 +252,90 @@ class PostgresBackend(Backend):
         finally:
             await _close(conn)
 
-    async def _acquire(self, conn: _Connection, name: str, key: int, started: float) -> str | None:
+    async def _lead(
+        self, conn: _Connection, name: str, fence: int, work: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Run ``work`` under the lock, cancelling it if the lock's session ends."""
+        lost: str | None = None
+        work_scope = anyio.CancelScope()
+        done = anyio.Event()
+
+        async def watch() -> None:
+            nonlocal lost
+            while not done.is_set():
+                with anyio.move_on_after(self.check_interval):
+                    await done.wait()
+                if done.is_set():
+                    return
+                # Shielded and bounded, so that the query is never cut off half-way: the
+                # connection goes back to the leader in a usable state.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await conn.fetchval("SELECT 1", timeout=self.check_interval)
+                    except _DRIVER_ERRORS as exc:
+                        lost = self._scrub(f"its session ended: {type(exc).__name__}: {exc}")
+                if lost is not None:
+                    work_scope.cancel()
+                    return
+
+        result: Any = None
+        error: BaseException | None = None
+        token = _fencing_token.set(fence)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                try:
+                    # In this task, not the task group, so that its exception reaches the caller
+                    # unchanged rather than inside an exception group.
+                    with work_scope:
+                        result = await work()
+                except BaseException as exc:
+                    error = exc
+                finally:
+                    done.set()
+        finally:
+            _fencing_token.reset(token)
+        if lost is not None:
+            raise LeaseLostError(name, self.describe(), lost) from error
+        if error is not None:
+            raise error
+        return result
+
+    async def _acquire(
+        self, conn: _Connection, name: str, key: int, started: float
+    ) -> tuple[str | None, _Connection]:
+        """Return (the recorded result, or None as leader holding the lock; the connection).
+
+        A connection lost while waiting (a server restart) is replaced, with backoff, as long
+        as ``wait_timeout`` allows; the returned connection is the one holding the lock.
+        """
+        failures = 0
+        while True:
+            try:
+                with self._driver_errors("waiting for the lock"):
+                    return await self._try_acquire(conn, name, key, started), conn
+            except BackendError as exc:
+                cause = exc.__cause__
+                outage = isinstance(cause, _OUTAGE_ERRORS) or conn.is_closed()
+                if not outage or isinstance(cause, WaitTimeoutError):
+                    raise
+                conn.terminate()
+                while True:
+                    left = time_left(self.wait_timeout, time.monotonic() - started)
+                    if left <= 0:
+                        raise exc
+                    await anyio.sleep(min(backoff(failures), left))
+                    failures += 1
+                    try:
+                        conn = await self._connect()
+                    except BackendError as again:
+                        exc = again
+                        continue
+                    break
+
+    async def _try_acquire(
+        self, conn: _Connection, name: str, key: int, started: float
+    ) -> str | None:
         """Return the recorded result, or None once ``conn`` holds the exclusive lock.
 
         In transaction mode the lock is held by a transaction left open for the leader.
@@ -269,7 +407,7 @@ class PostgresBackend(Backend):
     async def _connect(self) -> _Connection:
         with self._driver_errors("connecting"):
             conn = await asyncpg.connect(
-                self._dsn,
+                **self._connect_args,
                 timeout=self.connect_timeout,
                 # Transaction pooling cannot keep prepared statements between transactions.
                 statement_cache_size=0 if self.lock == "transaction" else 100,
@@ -280,14 +418,20 @@ class PostgresBackend(Backend):
     async def _ensure_table(self, conn: _Connection) -> None:
         if self._table_ready:
             return
-        if await conn.fetchval("SELECT to_regclass($1)", self._quoted) is None:
+        exists = await conn.fetchval(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            self._quoted,
+            self._sequence,
+        )
+        if not exists:
             # One multi-statement query is one transaction: the transaction lock keeps
-            # concurrent first uses from racing on CREATE TABLE.
+            # concurrent first uses from racing on CREATE.
             await conn.execute(
                 f"SELECT pg_advisory_xact_lock({_lock_key(self.table, '')}); "
                 f"CREATE TABLE IF NOT EXISTS {self._quoted} ("
                 "name text PRIMARY KEY, result text NOT NULL, expires_at timestamptz, "
-                "done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL)"
+                "done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL); "
+                f"CREATE SEQUENCE IF NOT EXISTS {self._sequence}"
             )
         self._table_ready = True
 
@@ -312,18 +456,11 @@ class PostgresBackend(Backend):
         """Turn the driver's errors into BackendError, with any password scrubbed out."""
         try:
             yield
-        except (
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            OSError,
-            asyncio.TimeoutError,
-        ) as exc:
+        except _DRIVER_ERRORS as exc:
             if isinstance(exc, WaitTimeoutError):
                 raise
-            detail = f"{type(exc).__name__}: {exc}"
-            if self._password:
-                detail = detail.replace(self._password, "***")
-            raise BackendError(f"{self.describe()}: failed {doing}: {mask_url(detail)}") from exc
+            detail = self._scrub(f"{type(exc).__name__}: {exc}")
+            raise BackendError(f"{self.describe()}: failed {doing}: {detail}") from exc
 
 
 async def _close(conn: _Connection) -> None:
@@ -342,12 +479,35 @@ def _lock_key(table: str, name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def _password(dsn: str) -> str | None:
-    """The password in ``dsn``, to scrub from the driver's messages."""
-    match = re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]+)", dsn, re.IGNORECASE)
-    if match:
-        return match.group(1).strip("'")
-    try:
-        return urlsplit(dsn).password
-    except ValueError:
-        return None
+def _connect_args(dsn: str, scrub: Scrubber) -> dict[str, Any]:
+    """asyncpg.connect()'s arguments for ``dsn``: a URL as it is, a libpq string parsed.
+
+    Raises:
+        ValueError: a ``key=value`` string that cannot be parsed or has an unknown keyword.
+    """
+    if "://" in dsn or not dsn.strip():
+        return {"dsn": dsn}
+    args: dict[str, Any] = {}
+    position = 0
+    while position < len(dsn):
+        match = _CONNINFO.match(dsn, position)
+        if match is None:
+            raise ValueError(
+                f"PostgresBackend({scrub.shown!r}): cannot read the connection string at "
+                f"character {position}; write key=value pairs separated by spaces, quoting "
+                "values with spaces as key='a value'"
+            )
+        keyword, value = match.group(1).lower(), match.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if keyword == "connect_timeout" or keyword == "application_name":
+            pass  # the backend sets these itself
+        elif keyword not in _KEYWORDS:
+            raise ValueError(
+                f"PostgresBackend(...): the connection keyword {keyword!r} is not supported; "
+                f"use {', '.join(sorted(_KEYWORDS))}, or a postgresql:// URL"
+            )
+        else:
+            args[_KEYWORDS[keyword]] = int(value) if keyword == "port" else value
+        position = match.end()
+    return args

@@ -22,15 +22,22 @@ from fastapi_once.backends import Backend, fencing_token
 
 
 def build_backend(spec: dict[str, Any], **options: Any) -> Backend:
-    """Build the backend ``spec`` describes (see the ``spec`` fixture), with extra options."""
-    from fastapi_once.backends import FileLockBackend, PostgresBackend, RedisBackend
+    """Build the backend ``spec`` describes (see the ``spec`` fixture), with extra options.
 
+    Only that backend's driver is imported, so the file backend needs neither.
+    """
     kind = spec["kind"]
     if kind == "file":
+        from fastapi_once.backends import FileLockBackend
+
         return FileLockBackend(spec["directory"], **options)
     if kind == "redis":
+        from fastapi_once.backends import RedisBackend
+
         options = {"lease": spec["lease"], **options}
         return RedisBackend(spec["url"], namespace=spec["namespace"], **options)
+    from fastapi_once.backends import PostgresBackend
+
     return PostgresBackend(spec["dsn"], table=spec["table"], lock=spec["lock"], **options)
 
 

@@ -20,7 +20,8 @@ from backend_servers import secret_of
 from backend_worker import build_backend
 
 from fastapi_once import OnceError, once
-from fastapi_once.backends import Backend, WaitTimeoutError
+from fastapi_once.backends import Backend, ResultCodec, WaitTimeoutError
+from fastapi_once.backends._codec import JSON
 
 pytestmark = pytest.mark.anyio
 
@@ -281,11 +282,16 @@ async def test_concurrent_callers_in_one_process_share_one_run_once_call(
 
     class Counting(Backend):
         async def run_once(
-            self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+            self,
+            name: str,
+            work: Callable[[], Awaitable[Any]],
+            *,
+            ttl: float | None = None,
+            codec: ResultCodec = JSON,
         ) -> Any:
             nonlocal calls
             calls += 1
-            return await backend.run_once(name, work, ttl=ttl)
+            return await backend.run_once(name, work, ttl=ttl, codec=codec)
 
         async def reset(self, name: str) -> None:
             await backend.reset(name)

@@ -1,0 +1,187 @@
+"""Backends bound late: built from a URL or a factory at first use, and bound to one once."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+from urllib.parse import unquote, urlsplit
+
+from ._base import Backend, Scrubber
+from ._codec import JSON, ResultCodec
+
+#: What ``once(across=)`` takes: a backend, a backend URL, or a function returning either.
+Across: TypeAlias = Backend | str | Callable[[], Backend | str]
+
+_SCHEMES = ("file", "redis", "rediss", "postgresql", "postgres")
+
+
+def backend_from_url(url: str, **options: Any) -> Backend:
+    """Build the backend that ``url`` names; nothing is connected or created until first use.
+
+    - ``file:///var/lib/myapp/locks``: :class:`~fastapi_once.backends.FileLockBackend` in that
+      directory; ``file://`` alone: its default private directory under the system temp dir.
+    - ``redis://[:password@]host[:port][/db]``, ``rediss://...`` (TLS):
+      :class:`~fastapi_once.backends.RedisBackend`.
+    - ``postgresql://user:password@host[:port]/db``, ``postgres://...``:
+      :class:`~fastapi_once.backends.PostgresBackend`.
+
+    Args:
+        url: the backend's URL; its password never appears in errors, logs or ``describe()``.
+        options: keyword arguments for the backend's constructor (``wait_timeout=``, ``ttl=``,
+            ``namespace=``, ``table=``...).
+
+    Raises:
+        ValueError: the URL's scheme is none of the above, or a ``file:`` URL names a host.
+        ImportError: the backend's driver is not installed (the message names the extra).
+    """
+    scheme = _scheme(url)
+    if scheme == "file":
+        from ._file import FileLockBackend
+
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"backend URL {url!r}: a file: URL names a local directory, "
+                "file:///absolute/path (three slashes), not a host"
+            )
+        return FileLockBackend(unquote(parts.path) or None, **options)
+    if scheme in ("redis", "rediss"):
+        from ._redis import RedisBackend
+
+        return RedisBackend(url, **options)
+    from ._postgres import PostgresBackend
+
+    return PostgresBackend(url, **options)
+
+
+def _scheme(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in _SCHEMES:
+        raise ValueError(
+            f"backend URL {Scrubber(url).shown!r}: unknown scheme; give file:///path, "
+            "redis://host:6379/0, rediss://host:6380/0 or postgresql://user@host/db"
+        )
+    return scheme.lower()
+
+
+class BoundBackend(Backend):
+    """The backend of one once: built at first use when given as a URL or factory, and decoding
+    results into the type the once's function is annotated to return.
+
+    ``once(fn, across=...)`` wraps whatever it is given in one of these. A URL's scheme is
+    checked at once, but the backend itself is built at the first call of the once (or of its
+    :meth:`reset`) — e.g. in the lifespan, after configuration is loaded. Every once given the
+    same URL string or factory shares one backend, built once.
+
+    Args:
+        across: a :class:`Backend`, a backend URL (see :func:`backend_from_url`), or a function
+            of no arguments returning either.
+        fn: the once's function, whose return annotation types the shared result.
+        name: the once's name, for messages.
+
+    Raises:
+        TypeError: ``across`` is none of these, or the annotation is not one pydantic serialises.
+        ValueError: a URL with an unknown scheme.
+    """
+
+    def __init__(self, across: Across, *, fn: Callable[..., Any], name: str) -> None:
+        if isinstance(across, str):
+            _scheme(across)
+        elif not isinstance(across, Backend) and not callable(across):
+            raise TypeError(
+                f"once({name}, across={across!r}): across= takes a backend from "
+                "fastapi_once.backends (e.g. FileLockBackend()), a backend URL "
+                "('redis://host:6379/0'), or a function of no arguments returning either"
+            )
+        self._source = across
+        self._name = name
+        self.codec = ResultCodec.for_function(fn, name)
+
+    @property
+    def backend(self) -> Backend:
+        """The backend itself, built now if it was given as a URL or a factory.
+
+        Raises:
+            TypeError: the factory returned something else than a backend or a URL.
+        """
+        if isinstance(self._source, Backend):
+            return self._source
+        return _resolve(self._source, self._name)
+
+    async def run_once(
+        self,
+        name: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float | None = None,
+        codec: ResultCodec = JSON,
+    ) -> Any:
+        """Run the backend's ``run_once`` with this once's result codec.
+
+        Raises:
+            TypeError: the result is typed, and the backend's ``run_once`` takes no ``codec=``.
+        """
+        backend = self.backend
+        codec = self.codec if codec is JSON else codec
+        if codec is JSON:  # what a backend written without codec= does anyway
+            return await backend.run_once(name, work, ttl=ttl)
+        if "codec" not in inspect.signature(backend.run_once).parameters:
+            raise TypeError(
+                f"once({self._name}, across={backend.describe()}): the result is typed by the "
+                f"return annotation, but {type(backend).__qualname__}.run_once() takes no "
+                "codec= argument; accept codec: ResultCodec and use its encode() and decode(), "
+                "or remove the annotation to share plain JSON"
+            )
+        return await backend.run_once(name, work, ttl=ttl, codec=codec)
+
+    async def reset(self, name: str) -> None:
+        """Clear ``name``'s record in the backend."""
+        await self.backend.reset(name)
+
+    async def aclose(self) -> None:
+        """Close the backend, if it has been built."""
+        if isinstance(self._source, Backend):
+            await self._source.aclose()
+        elif self._source in _built:
+            await _built[self._source].aclose()
+
+    def describe(self) -> str:
+        """The backend's description; before it is built, where it will come from."""
+        source = self._source
+        if isinstance(source, Backend):
+            return source.describe()
+        if source in _built:
+            return _built[source].describe()
+        if isinstance(source, str):
+            return f"backend at {Scrubber(source).shown} (built at first use)"
+        what = getattr(source, "__qualname__", type(source).__qualname__)
+        return f"backend from {what}() (built at first use)"
+
+
+# Backends built from a URL or a factory, by that URL or factory: onces that share one share
+# its backend. Written under _lock; a built backend is never replaced.
+_built: dict[object, Backend] = {}
+_lock = threading.Lock()
+
+
+def _resolve(source: str | Callable[[], Backend | str], name: str) -> Backend:
+    backend = _built.get(source)
+    if backend is not None:
+        return backend
+    with _lock:
+        backend = _built.get(source)
+        if backend is None:
+            made = source() if callable(source) else source
+            if isinstance(made, str):
+                made = backend_from_url(made)
+            if not isinstance(made, Backend):
+                what = getattr(source, "__qualname__", repr(source))
+                raise TypeError(
+                    f"once({name}, across={what}): the factory returned a "
+                    f"{type(made).__qualname__}; it must return a backend from "
+                    "fastapi_once.backends or a backend URL string"
+                )
+            backend = _built[source] = made
+    return backend
