@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import BackendError, LeaseLostError, WaitTimeoutError
 from ._base import Backend, fencing_token
-from ._codec import ResultCodec
 from ._late import backend_from_url
 
 if TYPE_CHECKING:
@@ -27,7 +26,6 @@ __all__ = [
     "LeaseLostError",
     "PostgresBackend",
     "RedisBackend",
-    "ResultCodec",
     "WaitTimeoutError",
     "backend_from_url",
     "fencing_token",

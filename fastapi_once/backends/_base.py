@@ -12,8 +12,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, overload
 from urllib.parse import unquote, urlsplit
 
-from ._codec import JSON, ResultCodec
-
 #: How long a follower waits for the leader by default, in seconds (``wait_timeout=``).
 DEFAULT_WAIT_TIMEOUT = 300.0
 
@@ -32,19 +30,19 @@ class Backend(abc.ABC):
         work: Callable[[], Awaitable[Any]],
         *,
         ttl: float | None = None,
-        codec: ResultCodec = JSON,
     ) -> Any:
         """Return the recorded result of ``name``, running ``work`` first if no process has.
 
         A fast "already done?" check comes before any lock. Otherwise take the lock, re-check
-        the marker, run ``work()`` as leader, record its result as ``codec`` encodes it and the
+        the marker, run ``work()`` as leader, record its (JSON-serialisable) result and the
         marker (expiring after ``ttl`` seconds if given), release the lock, and return the
-        result as ``codec`` decodes it. Followers wait (never skip) and return the leader's
-        recorded result; when a leader fails or dies, no marker is written and one follower
-        becomes leader. Every process gets the same decoded result, the leader included.
+        result as JSON decodes it. Followers wait (never skip) and return the leader's recorded
+        result; when a leader fails or dies, no marker is written and one follower becomes
+        leader. Every process gets the same JSON-decoded result, the leader included.
+        (``once()`` turns typed results into JSON data before, and back after.)
 
         Raises:
-            TypeError: ``codec`` cannot encode the result.
+            TypeError: the result is not JSON-serialisable.
             TimeoutError: a follower waited longer than the backend's ``wait_timeout``.
             Exception: what ``work`` raised, in the process that ran it.
         """

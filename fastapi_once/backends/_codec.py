@@ -15,13 +15,14 @@ from typing import Any
 
 
 class ResultCodec:
-    """Turns a result into JSON text and back.
+    """Turns a once's result into JSON data for a backend, and the backend's JSON data back.
 
-    The plain codec (:data:`JSON`) is ``json.dumps``/``json.loads``: followers get what JSON
-    decodes (a tuple comes back as a list, a datetime is refused). :meth:`for_function` builds a
-    typed codec from a function's return annotation instead: pydantic's ``TypeAdapter`` encodes
-    the result and decodes it back into the annotated type (tuples, datetimes, enums, models,
-    dataclasses...), for every process, the leader included.
+    The plain codec (:data:`JSON`) passes values through: backends store them with
+    :func:`encode_json` and followers get what JSON decodes (a tuple comes back as a list, a
+    datetime is refused). :meth:`for_function` builds a typed codec from a function's return
+    annotation instead: pydantic's ``TypeAdapter`` turns the result into JSON data before the
+    backend stores it, and the data the backend returns back into the annotated type (tuples,
+    datetimes, enums, models, dataclasses...), for every process, the leader included.
     """
 
     def __init__(self, annotation: Any = Any, *, owner: str = "") -> None:
@@ -56,20 +57,19 @@ class ResultCodec:
         """Whether results are decoded into an annotated type (not plain JSON)."""
         return self._typed
 
-    def encode(self, name: str, value: object, backend: str) -> str:
-        """Return ``value`` as JSON text.
+    def to_data(self, name: str, value: object, backend: str) -> Any:
+        """Return ``value`` as JSON data (dicts, lists, strings, numbers, booleans, None).
 
         Raises:
             TypeError: ``value`` cannot be encoded, or does not match the annotation (naming the
                 once, the backend, and the offending type, never the value).
         """
         if not self._typed:
-            return _encode_plain(name, value, backend)
+            return value
         from pydantic_core import PydanticSerializationError
 
         try:
-            text: str = self._adapter().dump_json(value, warnings="error").decode()
-            return text
+            return self._adapter().dump_python(value, mode="json", warnings="error")
         except PydanticSerializationError:
             raise TypeError(
                 f"{name}'s result is not JSON-serialisable as its return annotation "
@@ -79,19 +79,21 @@ class ResultCodec:
                 "TypedDicts, tuples, datetimes, enums, plain data)"
             ) from None
 
-    def decode(self, text: str) -> Any:
-        """Return the result ``text`` encodes, as the annotated type.
+    def from_data(self, data: Any) -> Any:
+        """Return the result ``data`` (as JSON decoded it) holds, as the annotated type.
 
         Raises:
             TypeError: the recorded result does not match the annotation (it was recorded by a
                 version of the function with another annotation).
         """
         if not self._typed:
-            return json.loads(text)
+            return data
         from pydantic import ValidationError
 
         try:
-            return self._adapter().validate_json(text)
+            # Through JSON text, so that JSON's rules apply (a string is a datetime), also for
+            # models in strict mode.
+            return self._adapter().validate_json(json.dumps(data))
         except ValidationError as exc:
             where = ", ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'result'}: {e['msg']}"
@@ -153,7 +155,13 @@ class _Deferred:
         return typing.get_type_hints(self.fn, include_extras=True)["return"]
 
 
-def _encode_plain(name: str, value: object, backend: str) -> str:
+def encode_json(name: str, value: object, backend: str) -> str:
+    """Return ``value`` as JSON text, for a backend to store.
+
+    Raises:
+        TypeError: ``value`` is not JSON-serialisable (naming the once, the backend and the
+            offending type, never the value).
+    """
     try:
         return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_refuse)
     except (TypeError, ValueError) as exc:

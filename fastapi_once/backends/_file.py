@@ -23,7 +23,7 @@ import anyio.to_thread
 
 from .._errors import WaitTimeoutError
 from ._base import DEFAULT_WAIT_TIMEOUT, Backend, holder_id, seconds
-from ._codec import JSON, ResultCodec
+from ._codec import encode_json
 
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -108,7 +108,6 @@ class FileLockBackend(Backend):
         work: Callable[[], Awaitable[Any]],
         *,
         ttl: float | None = None,
-        codec: ResultCodec = JSON,
     ) -> Any:
         """Return ``name``'s recorded result, running ``work`` first if no process has.
 
@@ -116,10 +115,9 @@ class FileLockBackend(Backend):
             name: the once's name, its identity across processes.
             work: makes the result (runs in this process only if it becomes the leader).
             ttl: seconds the marker stays valid; default the backend's ``ttl``.
-            codec: how the result is written and read back (default: plain JSON).
 
         Raises:
-            TypeError: ``codec`` cannot encode the result (nothing is recorded).
+            TypeError: the result is not JSON-serialisable (nothing is recorded).
             WaitTimeoutError: a follower waited longer than ``wait_timeout``.
             PermissionError: the directory or a file in it is not private (see above).
             Exception: what ``work`` raised, in the process that ran it.
@@ -129,16 +127,16 @@ class FileLockBackend(Backend):
         key = _file_key(name)
         found = await anyio.to_thread.run_sync(self._read_marker, key, name)
         if found is not None:
-            return codec.decode(found)
+            return json.loads(found)
         fd = await anyio.to_thread.run_sync(self._open_lock, key)
         try:
             found = await self._lead_or_follow(fd, key, name, started)
             if found is not None:
-                return codec.decode(found)
+                return json.loads(found)
             value = await work()
-            text = codec.encode(name, value, self.describe())
+            text = encode_json(name, value, self.describe())
             await anyio.to_thread.run_sync(self._write_marker, key, name, text, ttl)
-            return codec.decode(text)
+            return json.loads(text)
         finally:
             # LOCK_UN releases the lock even if a child forked by the work still shares the file.
             fcntl.flock(fd, fcntl.LOCK_UN)

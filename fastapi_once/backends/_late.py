@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 from ._base import Backend, Scrubber
-from ._codec import JSON, ResultCodec
+from ._codec import ResultCodec
 
 #: What ``once(across=)`` takes: a backend, a backend URL, or a function returning either.
 Across: TypeAlias = Backend | str | Callable[[], Backend | str]
@@ -111,30 +110,27 @@ class BoundBackend(Backend):
         return _resolve(self._source, self._name)
 
     async def run_once(
-        self,
-        name: str,
-        work: Callable[[], Awaitable[Any]],
-        *,
-        ttl: float | None = None,
-        codec: ResultCodec = JSON,
+        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
     ) -> Any:
-        """Run the backend's ``run_once`` with this once's result codec.
+        """Run ``work`` once across processes; return its result as the annotated type.
+
+        A typed result is turned into JSON data before the backend stores it, and the data the
+        backend returns is turned back into the annotated type, so that any backend (its own
+        encoding is plain JSON) shares typed results.
 
         Raises:
-            TypeError: the result is typed, and the backend's ``run_once`` takes no ``codec=``.
+            TypeError: the result does not match the annotation or cannot be encoded, or the
+                recorded result does not match the annotation.
         """
         backend = self.backend
-        codec = self.codec if codec is JSON else codec
-        if codec is JSON:  # what a backend written without codec= does anyway
+        codec = self.codec
+        if not codec.typed:
             return await backend.run_once(name, work, ttl=ttl)
-        if "codec" not in inspect.signature(backend.run_once).parameters:
-            raise TypeError(
-                f"once({self._name}, across={backend.describe()}): the result is typed by the "
-                f"return annotation, but {type(backend).__qualname__}.run_once() takes no "
-                "codec= argument; accept codec: ResultCodec and use its encode() and decode(), "
-                "or remove the annotation to share plain JSON"
-            )
-        return await backend.run_once(name, work, ttl=ttl, codec=codec)
+
+        async def as_data() -> Any:
+            return codec.to_data(name, await work(), backend.describe())
+
+        return codec.from_data(await backend.run_once(name, as_data, ttl=ttl))
 
     async def reset(self, name: str) -> None:
         """Clear ``name``'s record in the backend."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,7 +24,7 @@ from ._base import (
     seconds,
     time_left,
 )
-from ._codec import JSON, ResultCodec
+from ._codec import encode_json
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -198,7 +199,6 @@ class PostgresBackend(Backend):
         work: Callable[[], Awaitable[Any]],
         *,
         ttl: float | None = None,
-        codec: ResultCodec = JSON,
     ) -> Any:
         """Return ``name``'s recorded result, running ``work`` first if no process has.
 
@@ -209,10 +209,9 @@ class PostgresBackend(Backend):
             name: the once's name, its identity across processes.
             work: makes the result (runs in this process only if it becomes the leader).
             ttl: seconds the marker stays valid; default the backend's ``ttl``.
-            codec: how the result is written and read back (default: plain JSON).
 
         Raises:
-            TypeError: ``codec`` cannot encode the result (nothing is recorded).
+            TypeError: the result is not JSON-serialisable (nothing is recorded).
             WaitTimeoutError: a follower waited longer than ``wait_timeout``.
             LeaseLostError: the session holding the lock ended while ``work`` ran.
             BackendError: the database could not be reached or refused a query.
@@ -229,11 +228,11 @@ class PostgresBackend(Backend):
             if found is None:
                 found, conn = await self._acquire(conn, name, key, started)
             if found is not None:
-                return codec.decode(found)
+                return json.loads(found)
             with self._driver_errors("drawing a fencing token"):
                 fence = int(await conn.fetchval(f"SELECT nextval('{self._sequence}')"))
             value = await self._lead(conn, name, fence, work)
-            text = codec.encode(name, value, self.describe())
+            text = encode_json(name, value, self.describe())
             with self._driver_errors("recording the result"):
                 # Written on the connection that holds the lock: if its session has died (and
                 # the lock with it), the write fails and nothing is recorded.
@@ -243,7 +242,7 @@ class PostgresBackend(Backend):
                 else:
                     # The marker becomes visible and the lock is released in one commit.
                     await conn.execute("COMMIT")
-            return codec.decode(text)
+            return json.loads(text)
         except BaseException:
             # Ending the session rolls back and releases whatever it holds, even when the
             # connection is mid-query (a cancelled lock wait) or broken.

@@ -24,7 +24,7 @@ from ._base import (
     seconds,
     time_left,
 )
-from ._codec import JSON, ResultCodec
+from ._codec import encode_json
 
 try:
     import redis.asyncio as aioredis
@@ -201,7 +201,6 @@ class RedisBackend(Backend):
         work: Callable[[], Awaitable[Any]],
         *,
         ttl: float | None = None,
-        codec: ResultCodec = JSON,
     ) -> Any:
         """Return ``name``'s recorded result, running ``work`` first if no process has.
 
@@ -212,10 +211,9 @@ class RedisBackend(Backend):
             name: the once's name, its identity across processes.
             work: makes the result (runs in this process only if it becomes the leader).
             ttl: seconds the marker stays valid; default the backend's ``ttl``.
-            codec: how the result is written and read back (default: plain JSON).
 
         Raises:
-            TypeError: ``codec`` cannot encode the result (nothing is recorded).
+            TypeError: the result is not JSON-serialisable (nothing is recorded).
             WaitTimeoutError: a follower waited longer than ``wait_timeout``.
             LeaseLostError: the lease was lost while ``work`` ran (nothing is recorded).
             BackendError: Redis could not be reached or refused a command.
@@ -231,19 +229,19 @@ class RedisBackend(Backend):
         except RedisError as exc:
             raise self._error("reading the marker", exc) from exc
         if found is not None:
-            return codec.decode(str(found))
+            return json.loads(found)
         lock = _Lock(json.dumps({"token": secrets.token_hex(16), "holder": holder_id()}))
         found = await self._acquire(client, name, keys, lock, started)
         if found is not None:
-            return codec.decode(found)
+            return json.loads(found)
         try:
             value = await self._run_renewing(client, name, keys, lock, work)
-            text = codec.encode(name, value, self.describe())
+            text = encode_json(name, value, self.describe())
             await self._record(client, name, keys, lock, text, ttl)
         except BaseException:
             await self._release(client, keys, lock)
             raise
-        return codec.decode(text)
+        return json.loads(text)
 
     async def _acquire(
         self, client: _Client, name: str, keys: _Keys, lock: _Lock, started: float

@@ -83,6 +83,14 @@ def postgres_server() -> Iterator[PostgresServer]:
     server.stop()
 
 
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, which the test may stop and restart."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
 # --- backends -------------------------------------------------------------------------------------
 
 

@@ -20,8 +20,7 @@ from backend_servers import secret_of
 from backend_worker import build_backend
 
 from fastapi_once import OnceError, once
-from fastapi_once.backends import Backend, ResultCodec, WaitTimeoutError
-from fastapi_once.backends._codec import JSON
+from fastapi_once.backends import Backend, WaitTimeoutError
 
 pytestmark = pytest.mark.anyio
 
@@ -282,16 +281,11 @@ async def test_concurrent_callers_in_one_process_share_one_run_once_call(
 
     class Counting(Backend):
         async def run_once(
-            self,
-            name: str,
-            work: Callable[[], Awaitable[Any]],
-            *,
-            ttl: float | None = None,
-            codec: ResultCodec = JSON,
+            self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
         ) -> Any:
             nonlocal calls
             calls += 1
-            return await backend.run_once(name, work, ttl=ttl, codec=codec)
+            return await backend.run_once(name, work, ttl=ttl)
 
         async def reset(self, name: str) -> None:
             await backend.reset(name)

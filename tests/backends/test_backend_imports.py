@@ -53,7 +53,6 @@ def test_the_exported_names() -> None:
         "LeaseLostError",
         "PostgresBackend",
         "RedisBackend",
-        "ResultCodec",
         "WaitTimeoutError",
         "backend_from_url",
         "fencing_token",
