@@ -156,6 +156,13 @@ class PostgresServer:
                 **self.user,
             )
         _wait_for_port(self.port, self.proc, "postgres", log)
+        # Listening is not accepting: wait until it has finished starting up (or recovering).
+        deadline = time.monotonic() + 30
+        ready = [f"{self.bindir}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        while subprocess.run(ready, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not become ready: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
 
     def halt(self) -> None:
         """Stop the server (a fast shutdown: sessions are ended), keeping its data."""

@@ -214,3 +214,38 @@ def test_options_are_checked() -> None:
         RedisBackend(lease=0)
     with pytest.raises(ValueError, match="namespace"):
         RedisBackend(namespace="")
+
+
+async def test_names_with_braces_and_percent_signs_never_share_keys(
+    make: Callable[..., RedisBackend], side: Any, namespace: str
+) -> None:
+    """Braces are percent-encoded in the hash tag: each name has its own keys, one slot."""
+    backend = make()
+    names = ["a}:{b", "a%7D:%7Bb", "{a}", "%7Ba%7D"]
+    for i, name in enumerate(names):
+
+        async def work(i: int = i) -> int:
+            return i
+
+        assert await backend.run_once(name, work) == i
+    done = sorted(await side.keys(f"{namespace}:*:done"))
+    assert len(done) == 4
+    for key in done:
+        tag = key[key.index("{") + 1 : key.index("}")]
+        assert key == f"{namespace}:{{{tag}}}:done"
+
+
+def test_a_namespace_with_braces_is_refused() -> None:
+    """A brace in the namespace would make keys ambiguous (and move the hash tag)."""
+    with pytest.raises(ValueError, match="without braces"):
+        RedisBackend(namespace="app:{x}")
+
+
+def test_a_percent_encoded_password_is_masked_as_written_and_decoded() -> None:
+    """The one scrubber masks the password in both spellings."""
+    from fastapi_once.backends._base import Scrubber
+
+    scrub = Scrubber("redis://:p%40ss%3Aword@cache:6379/0")
+    assert scrub.shown == "redis://:***@cache:6379/0"
+    assert scrub("AuthenticationError: p@ss:word refused") == "AuthenticationError: *** refused"
+    assert "p%40ss" not in scrub("bad url redis://:p%40ss%3Aword@cache")
