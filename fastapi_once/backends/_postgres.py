@@ -342,11 +342,11 @@ class PostgresBackend(Backend):
         while True:
             if self.lock == "session":
                 leading = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
-                if not leading:
-                    await conn.execute("BEGIN")
             else:
                 await conn.execute("BEGIN")
                 leading = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key)
+                if not leading:
+                    await conn.execute("ROLLBACK")
             if leading:
                 # A statement after taking the lock sees what the last holder committed.
                 found: str | None = await conn.fetchval(self._select, name)
@@ -360,23 +360,30 @@ class PostgresBackend(Backend):
             # Followers wait in shared mode, so that all of them wake together when the leader
             # releases the lock; if it left no marker (it failed or died), they race to lead.
             await self._wait_shared(conn, name, key, started)
+            # One round trip after waking: the leader committed its marker before unlocking.
             found = await conn.fetchval(self._select, name)
-            await conn.execute("COMMIT")
             if found is not None:
                 return found
 
     async def _wait_shared(self, conn: _Connection, name: str, key: int, started: float) -> None:
-        """In the open transaction, wait for the lock in shared mode, at most wait_timeout."""
+        """Wait until the lock is free (or only shared), at most wait_timeout.
+
+        One statement, in its own transaction: the shared lock is taken once the leader lets
+        go and dropped when the statement ends, so the next statement sees the leader's marker,
+        and the connection is idle (no transaction open) when the caller is done with it.
+        """
         if self.wait_timeout is None:
             limit = 0  # no limit
         else:
             left = self.wait_timeout - (time.monotonic() - started)
             limit = max(1, int(left * 1000))
-        await conn.execute(f"SET LOCAL lock_timeout = {limit}")
         try:
-            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", key)
+            await conn.fetchval(
+                "SELECT set_config('lock_timeout', $2, true), pg_advisory_xact_lock_shared($1)",
+                key,
+                str(limit),
+            )
         except asyncpg.exceptions.LockNotAvailableError:
-            await conn.execute("ROLLBACK")
             holder = await self._holder(conn, key)
             waited = time.monotonic() - started
             raise WaitTimeoutError(name, self.describe(), waited, holder) from None
@@ -463,13 +470,10 @@ class PostgresBackend(Backend):
 
 
 async def _close(conn: _Connection) -> None:
-    if conn.is_closed():
-        return
-    with anyio.CancelScope(shield=True):
-        try:
-            await conn.close(timeout=5)
-        except Exception:
-            conn.terminate()
+    # Outside a transaction, closing the socket is a clean end for the server; waiting for it
+    # to end the session (a graceful close) would delay every caller, and 16 processes woken
+    # together by a round trip and a server process exit each.
+    conn.terminate()
 
 
 def _lock_key(table: str, name: str) -> int:
