@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
+from .._loops import current_loop
 from ._base import Backend, Scrubber
 from ._codec import ResultCodec
 
@@ -71,8 +73,10 @@ class BoundBackend(Backend):
 
     ``once(fn, across=...)`` wraps whatever it is given in one of these. A URL's scheme is
     checked at once, but the backend itself is built at the first call of the once (or of its
-    :meth:`reset`) — e.g. in the lifespan, after configuration is loaded. Every once given the
-    same URL string or factory shares one backend, built once.
+    :meth:`reset`) in each event loop — e.g. in the lifespan, after configuration is loaded; in
+    a server process that is once. Every once given the same URL string or factory shares the
+    backend built from it in that loop; a new loop (a test's new ``TestClient``) builds a new
+    one, reading the configuration again.
 
     Args:
         across: a :class:`Backend`, a backend URL (see :func:`backend_from_url`), or a function
@@ -107,7 +111,7 @@ class BoundBackend(Backend):
         """
         if isinstance(self._source, Backend):
             return self._source
-        return _resolve(self._source, self._name)
+        return _resolve(self._source, self._name, current_loop())
 
     async def run_once(
         self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
@@ -137,37 +141,39 @@ class BoundBackend(Backend):
         await self.backend.reset(name)
 
     async def aclose(self) -> None:
-        """Close the backend, if it has been built."""
+        """Close the backend, if it has been built (in the running event loop)."""
         if isinstance(self._source, Backend):
             await self._source.aclose()
-        elif self._source in _built:
-            await _built[self._source].aclose()
+        else:
+            built = _built.get(current_loop(), {}).get(self._source)
+            if built is not None:
+                await built.aclose()
 
     def describe(self) -> str:
         """The backend's description; before it is built, where it will come from."""
         source = self._source
         if isinstance(source, Backend):
             return source.describe()
-        if source in _built:
-            return _built[source].describe()
         if isinstance(source, str):
             return f"backend at {Scrubber(source).shown} (built at first use)"
         what = getattr(source, "__qualname__", type(source).__qualname__)
         return f"backend from {what}() (built at first use)"
 
 
-# Backends built from a URL or a factory, by that URL or factory: onces that share one share
-# its backend. Written under _lock; a built backend is never replaced.
-_built: dict[object, Backend] = {}
+# Backends built from a URL or a factory, by event loop and by that URL or factory: onces that
+# share one share its backend. Written under _lock; a built backend is never replaced.
+_built: weakref.WeakKeyDictionary[object, dict[object, Backend]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
-def _resolve(source: str | Callable[[], Backend | str], name: str) -> Backend:
-    backend = _built.get(source)
+def _resolve(source: str | Callable[[], Backend | str], name: str, loop: object) -> Backend:
+    built = _built.get(loop)
+    backend = None if built is None else built.get(source)
     if backend is not None:
         return backend
     with _lock:
-        backend = _built.get(source)
+        built = _built.setdefault(loop, {})
+        backend = built.get(source)
         if backend is None:
             made = source() if callable(source) else source
             if isinstance(made, str):
@@ -179,5 +185,5 @@ def _resolve(source: str | Callable[[], Backend | str], name: str) -> Backend:
                     f"{type(made).__qualname__}; it must return a backend from "
                     "fastapi_once.backends or a backend URL string"
                 )
-            backend = _built[source] = made
+            backend = built[source] = made
     return backend

@@ -142,3 +142,31 @@ def test_describe_before_first_use_says_where_the_backend_will_come_from() -> No
     assert by_url.describe() == "backend at redis://:***@cache:6379/0 (built at first use)"
     by_factory = BoundBackend(make_backend, fn=fn, name="t")
     assert "make_backend()" in by_factory.describe()
+
+
+def test_each_event_loop_calls_the_factory_again(tmp_path: Path) -> None:
+    """A new loop (a test's new TestClient, a second asyncio.run) reads the configuration anew;
+    within one loop the factory runs once."""
+    import anyio
+
+    directories = iter([tmp_path / "first", tmp_path / "second"])
+    calls: list[Path] = []
+
+    def backend() -> Backend:
+        calls.append(next(directories))
+        return FileLockBackend(calls[-1])
+
+    async def job() -> str:
+        return "done"
+
+    done = once(job, across=backend, name=f"t.loops@{secrets.token_hex(4)}")
+
+    async def twice() -> None:
+        assert await done() == "done"
+        await done.reset()
+        assert await done() == "done"
+
+    anyio.run(twice)
+    anyio.run(twice)
+    assert calls == [tmp_path / "first", tmp_path / "second"]
+    assert (tmp_path / "second").is_dir()
