@@ -3,7 +3,11 @@
 ``FileLockBackend`` needs only the standard library; ``RedisBackend`` needs the ``redis`` extra
 (``pip install 'fastapi-once[redis]'``) and ``PostgresBackend`` the ``postgres`` extra
 (``pip install 'fastapi-once[postgres]'``). They are imported on first use, so importing this
-package imports no driver.
+package imports no driver. :func:`backend_from_url` builds one from a URL (``file:///dir``,
+``redis://...``, ``rediss://...``, ``postgresql://...``); ``once(across=)`` also takes the URL
+itself, or a function returning a backend or a URL, and builds it at first use.
+
+The exceptions are defined with the package's others and re-exported here.
 """
 
 from __future__ import annotations

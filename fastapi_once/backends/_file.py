@@ -153,15 +153,18 @@ class FileLockBackend(Backend):
                 # The lock is ours: a leader before us may have finished while we waited.
                 return await anyio.to_thread.run_sync(self._read_marker_and_claim, fd, key, name)
             await self._wait_shared(fd, name, started)
+            # Let go at once: a shared lock held while the marker is read would make the other
+            # followers' attempts to lead fail, over and over, if the leader left no marker.
+            fcntl.flock(fd, fcntl.LOCK_UN)
             # The leader is gone; it wrote its marker before unlocking, if it succeeded.
             found = await anyio.to_thread.run_sync(self._read_marker, key, name)
-            fcntl.flock(fd, fcntl.LOCK_UN)
             if found is not None:
                 return found
             # It failed or died: race the other followers to lead.
 
     async def _wait_shared(self, fd: int, name: str, started: float) -> None:
-        """Wait until ``fd`` holds the lock in shared mode, at most ``wait_timeout``.
+        """Wait until ``fd`` gets the lock in shared mode (no leader holds it), at most
+        ``wait_timeout``.
 
         Followers share the lock, so none of them delays another: all of them get it as soon
         as the leader lets go. LOCK_NB never blocks, so polling runs on the event loop and stays

@@ -309,28 +309,36 @@ class PostgresBackend(Backend):
         as ``wait_timeout`` allows; the returned connection is the one holding the lock.
         """
         failures = 0
+        try:
+            while True:
+                try:
+                    with self._driver_errors("waiting for the lock"):
+                        return await self._try_acquire(conn, name, key, started), conn
+                except BackendError as exc:
+                    cause = exc.__cause__
+                    outage = isinstance(cause, _OUTAGE_ERRORS) or conn.is_closed()
+                    if not outage or isinstance(cause, WaitTimeoutError):
+                        raise
+                    conn.terminate()
+                    conn, failures = await self._reconnect(exc, started, failures)
+        except BaseException:
+            conn.terminate()  # it may be a replacement, which the caller does not know of
+            raise
+
+    async def _reconnect(
+        self, exc: BackendError, started: float, failures: int
+    ) -> tuple[_Connection, int]:
+        """Connect again, with backoff, while ``wait_timeout`` allows; else raise ``exc``."""
         while True:
+            left = time_left(self.wait_timeout, time.monotonic() - started)
+            if left <= 0:
+                raise exc
+            await anyio.sleep(min(backoff(failures), left))
+            failures += 1
             try:
-                with self._driver_errors("waiting for the lock"):
-                    return await self._try_acquire(conn, name, key, started), conn
-            except BackendError as exc:
-                cause = exc.__cause__
-                outage = isinstance(cause, _OUTAGE_ERRORS) or conn.is_closed()
-                if not outage or isinstance(cause, WaitTimeoutError):
-                    raise
-                conn.terminate()
-                while True:
-                    left = time_left(self.wait_timeout, time.monotonic() - started)
-                    if left <= 0:
-                        raise exc
-                    await anyio.sleep(min(backoff(failures), left))
-                    failures += 1
-                    try:
-                        conn = await self._connect()
-                    except BackendError as again:
-                        exc = again
-                        continue
-                    break
+                return await self._connect(), failures
+            except BackendError as again:
+                exc = again
 
     async def _try_acquire(
         self, conn: _Connection, name: str, key: int, started: float

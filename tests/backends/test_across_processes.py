@@ -151,3 +151,23 @@ def test_every_process_gets_the_type_the_function_is_annotated_to_return(
     typed = [True, "Release", "tuple", "datetime", "Channel"]
     assert [o.get("ok") for o in outcomes] == [typed] * 3, outcomes
     assert [o["ran"] for o in outcomes].count(True) == 1
+
+
+@pytest.mark.kinds("file", "postgres")
+def test_when_the_leader_dies_among_many_followers_exactly_one_takes_over(
+    kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
+) -> None:
+    """Twelve processes wake at once to no marker: they race, one leads, none goes round in
+    circles (the suite's timeout would catch that), and all get the second leader's result."""
+    cfg = config(spec, tmp_path, first_sleep=60)
+    workers = start_workers(12, cfg)
+    for worker in workers:
+        worker.go()
+    log = Path(cfg["log"])
+    wait_for(lambda: bool(starts(log)), what="the leader to start")
+    time.sleep(0.3)  # every follower is waiting
+    leader_pid = starts(log)[0]["pid"]
+    os.kill(leader_pid, signal.SIGKILL)
+    outcomes = [w.outcome() for w in workers if w.proc.pid != leader_pid]
+    assert [o.get("ok") for o in outcomes] == [RESULT] * 11, outcomes
+    assert len(starts(log)) == 2
