@@ -63,6 +63,13 @@ def _go(procs: list[subprocess.Popen[str]]) -> None:
         proc.stdin.flush()
 
 
+def _kill(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def _report(proc: subprocess.Popen[str]) -> dict[str, Any]:
     out, _ = proc.communicate(timeout=60)
     lines = [line for line in out.splitlines() if line.startswith("{")]
@@ -76,8 +83,11 @@ def follower_latencies(spec: dict[str, Any], processes: int, work: float) -> lis
         name = f"bench.followers@{secrets.token_hex(4)}"
         config = {"spec": spec, "log": str(log), "name": name, "result": 1, "sleep": work}
         procs = _start(processes, config)
-        _go(procs)
-        reports = [_report(proc) for proc in procs]
+        try:
+            _go(procs)
+            reports = [_report(proc) for proc in procs]
+        finally:
+            _kill(procs)
         bad = [r for r in reports if r.get("ok") != 1]
         if bad:
             raise RuntimeError(f"{spec['kind']}: a worker failed: {bad[0]}")
@@ -92,20 +102,21 @@ def takeover_after_sigkill(spec: dict[str, Any], processes: int) -> float:
         name = f"bench.takeover@{secrets.token_hex(4)}"
         config = {"spec": spec, "log": str(log), "name": name, "result": 1, "first_sleep": 60}
         procs = _start(processes, config)
-        _go(procs)
-        deadline = time.monotonic() + 30
-        while not read_log(log):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{spec['kind']}: no leader started")
-            time.sleep(0.002)
-        leader = read_log(log)[0]["pid"]
-        killed = time.time()
-        os.kill(leader, signal.SIGKILL)
-        for proc in procs:
-            if proc.pid != leader:
-                _report(proc)
-            else:
-                proc.wait()
+        try:
+            _go(procs)
+            deadline = time.monotonic() + 30
+            while not read_log(log):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{spec['kind']}: no leader started")
+                time.sleep(0.002)
+            leader = read_log(log)[0]["pid"]
+            killed = time.time()
+            os.kill(leader, signal.SIGKILL)
+            for proc in procs:
+                if proc.pid != leader:
+                    _report(proc)
+        finally:
+            _kill(procs)
         starts = [e for e in read_log(log) if e["event"] == "start"]
         return (starts[1]["t"] - killed) * 1000
 
