@@ -139,9 +139,6 @@ class ResultCodec:
             return annotation.__qualname__
         return repr(annotation).replace("typing.", "")
 
-    def __repr__(self) -> str:
-        return "<ResultCodec JSON>" if not self._typed else f"<ResultCodec {self._shown()}>"
-
 
 class _Deferred:
     """A return annotation to evaluate (``from __future__ import annotations`` leaves text)."""

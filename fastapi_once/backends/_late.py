@@ -150,10 +150,16 @@ class BoundBackend(Backend):
                 await built.aclose()
 
     def describe(self) -> str:
-        """The backend's description; before it is built, where it will come from."""
+        """The backend's description; before it is built (in this loop), where it comes from."""
         source = self._source
         if isinstance(source, Backend):
             return source.describe()
+        try:
+            built = _built.get(current_loop(), {}).get(source)
+        except RuntimeError:  # no event loop running
+            built = None
+        if built is not None:
+            return built.describe()
         if isinstance(source, str):
             return f"backend at {Scrubber(source).shown} (built at first use)"
         what = getattr(source, "__qualname__", type(source).__qualname__)

@@ -170,3 +170,34 @@ def test_each_event_loop_calls_the_factory_again(tmp_path: Path) -> None:
     anyio.run(twice)
     assert calls == [tmp_path / "first", tmp_path / "second"]
     assert (tmp_path / "second").is_dir()
+
+
+@pytest.mark.anyio
+async def test_aclose_closes_the_backend_built_in_this_loop_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """Closing a late-bound backend before first use does nothing; after, it closes the one
+    built in the running loop."""
+    from fastapi_once.backends._late import BoundBackend
+
+    closed: list[str] = []
+
+    class Closing(FileLockBackend):
+        async def aclose(self) -> None:
+            closed.append(self.directory)
+
+    def make() -> Backend:
+        return Closing(tmp_path / "late")
+
+    async def fn() -> None:
+        return None
+
+    late = BoundBackend(make, fn=fn, name="t.close")
+    await late.aclose()
+    assert closed == []
+    await late.run_once("t.close", fn)
+    assert late.describe() == f"FileLockBackend({tmp_path / 'late'})"
+    await late.aclose()
+    given = BoundBackend(Closing(tmp_path / "given"), fn=fn, name="t.close")
+    await given.aclose()
+    assert closed == [str(tmp_path / "late"), str(tmp_path / "given")]

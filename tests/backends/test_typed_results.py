@@ -151,3 +151,46 @@ async def test_a_record_of_another_shape_says_to_change_the_version(tmp_path: Pa
     await once(old, across=FileLockBackend(tmp_path), name=name)()
     with pytest.raises(TypeError, match="give the once a new version="):
         await once(new, across=FileLockBackend(tmp_path), name=name)()
+
+
+def test_the_annotation_is_found_through_partials_and_callable_objects() -> None:
+    """``functools.partial`` and objects with an annotated ``__call__`` are typed too; ``Any``
+    and no annotation share plain JSON."""
+    import functools
+
+    from fastapi_once.backends._codec import JSON, ResultCodec
+
+    async def pair(n: int) -> tuple[int, int]:
+        return n, n
+
+    class Maker:
+        async def __call__(self) -> tuple[int, int]:
+            return 1, 1
+
+    async def anything() -> Any:
+        return 1
+
+    async def bare():  # type: ignore[no-untyped-def]
+        return 1
+
+    for fn in (functools.partial(pair, 1), Maker()):
+        codec = ResultCodec.for_function(fn, "t")
+        assert codec.typed
+        assert codec.from_data(codec.to_data("t", (1, 2), "b")) == (1, 2)
+    assert ResultCodec.for_function(anything, "t") is JSON
+    assert ResultCodec.for_function(bare, "t") is JSON
+    assert JSON.to_data("t", (1, 2), "b") == (1, 2)
+    assert JSON.from_data([1, 2]) == [1, 2]
+
+
+async def test_an_annotation_that_never_resolves_is_a_type_error_at_first_use(
+    tmp_path: Path,
+) -> None:
+    """A name that is still undefined when the once runs: the error says how to fix it."""
+
+    async def make() -> Undefined:  # type: ignore[name-defined]  # noqa: F821
+        return 1
+
+    made = once(make, across=FileLockBackend(tmp_path), name=f"t.undef@{secrets.token_hex(4)}")
+    with pytest.raises(TypeError, match="Undefined cannot be resolved"):
+        await made()
