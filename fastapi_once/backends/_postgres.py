@@ -47,7 +47,13 @@ class _Connection(Protocol):
 
 # What the driver raises when the server is unreachable, the connection breaks, or a query fails
 # (asyncio.TimeoutError is not TimeoutError before Python 3.11).
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 # What a server restart or a broken network looks like: worth reconnecting and waiting on.
 _OUTAGE_ERRORS = (
@@ -57,6 +63,9 @@ _OUTAGE_ERRORS = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.CrashShutdownError,
+    # The server ended the session while the connection was idle: the next query finds the
+    # connection in a state it cannot leave.
+    asyncpg.exceptions.InternalClientError,
 )
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for the sequence's "_fence"
@@ -87,10 +96,11 @@ class PostgresBackend(Backend):
     Each ``run_once`` opens a dedicated connection. It reads the marker table first (the fast
     path, no lock); otherwise it tries the advisory lock derived from the once's name, re-reads
     the marker, and as leader draws a fencing token from the ``<table>_fence`` sequence, runs the
-    work, writes the marker row (with the result), and releases the lock. Followers block on the
-    same lock in shared mode, so all of them wake together as soon as the leader releases it,
-    whether it finished, failed or died (PostgreSQL ends a dead client's session and its locks
-    with it); if no marker was written, they race to lead.
+    work, writes the marker row (with the result), and releases the lock. Followers check every
+    ``poll_interval`` seconds, in one statement, for the marker and for whether the lock is still
+    held, so they see the leader's end within that interval whether it finished, failed or died
+    (PostgreSQL ends a dead client's session and its locks with it); if no marker was written,
+    they race to lead.
 
     While the work runs, the leader checks its lock's session every ``check_interval`` seconds:
     if the session has ended (a server restart, a terminated backend, a broken network), the lock
@@ -131,6 +141,8 @@ class PostgresBackend(Backend):
         connect_timeout: seconds allowed to connect.
         check_interval: how often the leader checks that its lock's session is alive, in
             seconds: how long a leader whose lock is gone may go on (default 1).
+        poll_interval: how often a follower checks for the leader's marker, and whether the
+            leader still holds the lock, in seconds (default 0.025).
 
     Raises:
         ValueError: ``table`` is not an identifier, ``lock`` is unknown, a time is not a
@@ -147,6 +159,7 @@ class PostgresBackend(Backend):
         ttl: float | None = None,
         connect_timeout: float = 10.0,
         check_interval: float = 1.0,
+        poll_interval: float = 0.025,
     ) -> None:
         parts = table.split(".")
         if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
@@ -168,6 +181,7 @@ class PostgresBackend(Backend):
         self.ttl = seconds("ttl", ttl)
         self.connect_timeout: float = seconds("connect_timeout", connect_timeout)
         self.check_interval: float = seconds("check_interval", check_interval)
+        self.poll_interval: float = seconds("poll_interval", poll_interval)
         self._quoted = ".".join(f'"{p}"' for p in parts)
         self._sequence = ".".join(f'"{p}"' for p in [*parts[:-1], parts[-1] + "_fence"])
         self._table_ready = False
@@ -365,36 +379,29 @@ class PostgresBackend(Backend):
                 else:
                     await conn.execute("COMMIT")
                 return found
-            # Followers wait in shared mode, so that all of them wake together when the leader
-            # releases the lock; if it left no marker (it failed or died), they race to lead.
-            await self._wait_shared(conn, name, key, started)
-            # One round trip after waking: the leader committed its marker before unlocking.
-            found = await conn.fetchval(self._select, name)
+            found = await self._follow(conn, name, key, started)
             if found is not None:
                 return found
+            # No marker and no leader: it failed or died; race the other followers to lead.
 
-    async def _wait_shared(self, conn: _Connection, name: str, key: int, started: float) -> None:
-        """Wait until the lock is free (or only shared), at most wait_timeout.
+    async def _follow(self, conn: _Connection, name: str, key: int, started: float) -> str | None:
+        """Poll until the leader's marker appears (return it) or no one holds the lock (None).
 
-        One statement, in its own transaction: the shared lock is taken once the leader lets
-        go and dropped when the statement ends, so the next statement sees the leader's marker,
-        and the connection is idle (no transaction open) when the caller is done with it.
+        One indexed read per ``poll_interval``, outside any transaction. Followers that poll
+        are spread in time, so a leader's end does not wake them all at the same instant
+        (waiting on the lock did: with many processes on few cores, the last woke late).
         """
-        if self.wait_timeout is None:
-            limit = 0  # no limit
-        else:
-            left = self.wait_timeout - (time.monotonic() - started)
-            limit = max(1, int(left * 1000))
-        try:
-            await conn.fetchval(
-                "SELECT set_config('lock_timeout', $2, true), pg_advisory_xact_lock_shared($1)",
-                key,
-                str(limit),
-            )
-        except asyncpg.exceptions.LockNotAvailableError:
-            holder = await self._holder(conn, key)
+        while True:
+            row = await conn.fetchrow(self._peek, name, key)
+            if row["result"] is not None:
+                return str(row["result"])
+            if row["free"]:
+                return None
             waited = time.monotonic() - started
-            raise WaitTimeoutError(name, self.describe(), waited, holder) from None
+            if self.wait_timeout is not None and waited >= self.wait_timeout:
+                holder = await self._holder(conn, key)
+                raise WaitTimeoutError(name, self.describe(), waited, holder)
+            await anyio.sleep(self.poll_interval)
 
     async def _holder(self, conn: _Connection, key: int) -> str | None:
         """Say who holds the advisory lock ``key``: the leader's pid and host, if it can tell."""
@@ -455,6 +462,12 @@ class PostgresBackend(Backend):
             f"SELECT result FROM {self._quoted} "
             "WHERE name = $1 AND (expires_at IS NULL OR expires_at > now())"
         )
+
+    @property
+    def _peek(self) -> str:
+        # The shared transaction lock is taken and dropped within the statement: it is free
+        # only when no leader holds the exclusive one.
+        return f"SELECT ({self._select}) AS result, pg_try_advisory_xact_lock_shared($2) AS free"
 
     @property
     def _upsert(self) -> str:
