@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "work_s": args.work,
             "cpus": os.cpu_count(),
+            "load_average_before": os.getloadavg()[0],
             "backends": {},
             "skipped": skipped,
         }
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_ms": max(latencies),
                 "takeover_after_sigkill_ms": takeover,
             }
+        results["load_average_after"] = os.getloadavg()[0]
     finally:
         for server in servers:
             server.stop()
@@ -197,8 +199,9 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as a Markdown table."""
     lines = [
         f"{results['processes']} processes ({results['processes'] - 1} followers), "
-        f"{results['rounds']} rounds, {results['cpus']} CPUs; from the leader's work returning "
-        "to each follower's call returning:",
+        f"{results['rounds']} rounds, {results['cpus']} CPUs, 1-minute load average "
+        f"{results['load_average_before']:.1f} before and {results['load_average_after']:.1f} "
+        "after; from the leader's work returning to each follower's call returning:",
         "",
         "| backend | followers | p50 | p99 | max | takeover after SIGKILL |",
         "|---|---|---|---|---|---|",
