@@ -562,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Start the server, run the burst, print the report; return 0 if all went as it should.
 
     Says each phase on stderr as it starts. Returns 2, after one line on stderr, if the backend
-    that ``EXAMPLE_BACKEND`` selects cannot be used (see :func:`example_app.preflight.problem`).
+    that ``EXAMPLE_BACKEND_URL`` names cannot be used (see :func:`example_app.preflight.problem`).
     """
     parser = argparse.ArgumentParser(prog="python -m example_app", description=__doc__)
     parser.add_argument("--requests", type=int, default=1000, help="how many (default 1000)")

@@ -1,9 +1,9 @@
-"""Before the main job starts its workers: can the backend that ``EXAMPLE_BACKEND`` selects work?
+"""Before the main job starts its workers: can the backend ``EXAMPLE_BACKEND_URL`` names work?
 
 A worker whose once-per-deployment migration cannot reach its backend fails its startup, and with
 several workers uvicorn's supervisor reports that only after its timeouts, with a traceback from
-each worker. :func:`problem` finds the usual causes first — an unknown backend, a missing driver,
-a missing DSN, no server listening — and says in one line which variable to set.
+each worker. :func:`problem` finds the usual causes first — a URL that names no backend, a missing
+driver, no server listening — and says so in one line naming the variable to set.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ import importlib.util
 import socket
 from collections.abc import Mapping
 from urllib.parse import SplitResult, urlsplit
-
-#: The Redis server ``EXAMPLE_BACKEND=redis`` uses unless ``EXAMPLE_REDIS_URL`` says otherwise
-#: (the same default as :mod:`example_app.deployment`).
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 #: How long to wait for a backend's server to accept a connection, in seconds.
 CONNECT_TIMEOUT = 2.0
@@ -48,39 +44,30 @@ def _unreachable(parts: SplitResult, default_port: int) -> str | None:
 
 
 def problem(environ: Mapping[str, str]) -> str | None:
-    """Return what stops the selected backend from working, in one line naming the variable to
-    set; None if nothing does (as far as can be told without logging in)."""
-    kind = environ.get("EXAMPLE_BACKEND", "").strip().lower() or "file"
-    if kind == "file":
+    """Return what stops the backend ``EXAMPLE_BACKEND_URL`` names from working, in one line
+    naming the variable; None if nothing does (as far as can be told without logging in)."""
+    url = environ.get("EXAMPLE_BACKEND_URL", "").strip()
+    scheme = urlsplit(url).scheme.lower() if url else "file"
+    if scheme == "file":
         return None
-    if kind == "redis":
-        if importlib.util.find_spec("redis") is None:
-            return "EXAMPLE_BACKEND=redis needs redis-py: pip install 'fastapi-once[redis]'"
-        url = environ.get("EXAMPLE_REDIS_URL") or DEFAULT_REDIS_URL
-        parts = urlsplit(url)
-        why = _unreachable(parts, 6379) if parts.scheme in ("redis", "rediss") else None
-        if why:
-            return (
-                f"EXAMPLE_BACKEND=redis but no Redis server answers at {masked(url)} ({why}): "
-                "start one, or set EXAMPLE_REDIS_URL to the URL of a running one"
-            )
-        return None
-    if kind == "postgres":
-        if importlib.util.find_spec("asyncpg") is None:
-            return "EXAMPLE_BACKEND=postgres needs asyncpg: pip install 'fastapi-once[postgres]'"
-        dsn = environ.get("EXAMPLE_POSTGRES_DSN")
-        if not dsn:
-            return (
-                "EXAMPLE_BACKEND=postgres needs EXAMPLE_POSTGRES_DSN: set it to a database's DSN, "
-                "e.g. postgresql://user:password@127.0.0.1:5432/dbname"
-            )
-        why = _unreachable(urlsplit(dsn), 5432)
-        if why:
-            return (
-                f"EXAMPLE_BACKEND=postgres but no PostgreSQL server answers at {masked(dsn)} "
-                f"({why}): start one, or set EXAMPLE_POSTGRES_DSN to a running one's DSN"
-            )
-        return None
-    return (
-        f"EXAMPLE_BACKEND={kind!r} is not a backend: set EXAMPLE_BACKEND to file, redis or postgres"
-    )
+    if scheme in ("redis", "rediss"):
+        driver, default_port, what = "redis", 6379, "Redis"
+        extra = "redis"
+    elif scheme in ("postgresql", "postgres"):
+        driver, default_port, what = "asyncpg", 5432, "PostgreSQL"
+        extra = "postgres"
+    else:
+        return (
+            f"EXAMPLE_BACKEND_URL={masked(url)!r} names no backend: set it to file:///dir, "
+            "redis://host:6379/0 or postgresql://user:password@host:5432/dbname"
+        )
+    if importlib.util.find_spec(driver) is None:
+        install = f"pip install 'fastapi-once[{extra}]'"
+        return f"EXAMPLE_BACKEND_URL={masked(url)} needs {driver}: {install}"
+    why = _unreachable(urlsplit(url), default_port)
+    if why:
+        return (
+            f"EXAMPLE_BACKEND_URL={masked(url)} but no {what} server answers there ({why}): start "
+            "one, or set EXAMPLE_BACKEND_URL to a running one's URL"
+        )
+    return None

@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_once import Once, once, once_lifespan, readiness_router
 
-from .deployment import DeploymentBackend
+from . import deployment
 from .upstream import upstream
 
 #: The schema's version: a new one is a new deployment task, which runs once more.
@@ -108,12 +108,7 @@ def database_file(db: sqlite3.Connection) -> str:
     return str(row[2])
 
 
-async def _database_file() -> str:
-    # The migration's sub-dependency made this process's connection before the backend asks.
-    return database_file(await database())
-
-
-@once(across=DeploymentBackend(_database_file), version=SCHEMA_VERSION)
+@once(across=deployment.backend, version=SCHEMA_VERSION)
 async def schema(db: Database) -> dict[str, int]:
     """Migrate the database once per deployment; return the schema version and who migrated it.
 

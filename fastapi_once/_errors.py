@@ -64,3 +64,54 @@ class OnceTimeoutError(OnceError, TimeoutError):
             f"{name} did not finish within its timeout of {timeout:g} s; the attempt was "
             "cancelled and the next call tries again"
         )
+
+
+# --- raised by the cross-process backends (fastapi_once.backends re-exports them) ---------------
+
+
+class WaitTimeoutError(OnceError, TimeoutError):
+    """A follower waited longer than the backend's ``wait_timeout`` for the leader.
+
+    Attributes:
+        name: the once's name.
+        backend: the backend's ``describe()``.
+        waited: seconds waited.
+        holder: who holds the lock (e.g. ``"pid 1234 on web-1"``), or None if unknown.
+    """
+
+    def __init__(self, name: str, backend: str, waited: float, holder: str | None) -> None:
+        self.name = name
+        self.backend = backend
+        self.waited = waited
+        self.holder = holder
+        by = f"held by {holder}" if holder else "held by another process"
+        super().__init__(
+            f"waited {waited:.1f}s for {name} on {backend}: the lock is {by}, still running it; "
+            "raise wait_timeout=, or check that process"
+        )
+
+
+class BackendError(OnceError):
+    """A backend's store failed (unreachable, connection lost, server error).
+
+    The driver's exception is the ``__cause__``; the message never includes credentials.
+    """
+
+
+class LeaseLostError(OnceError):
+    """The leader lost its lock while its work ran, so its result was not recorded.
+
+    Raised when the lock's lease could not be renewed or was found taken (Redis), or the session
+    holding the lock ended (PostgreSQL): another process may already be running the work. The
+    work is cancelled; a ``def`` running in a thread cannot be interrupted, so its thread is
+    abandoned and whatever it returns later is dropped.
+    """
+
+    def __init__(self, name: str, backend: str, why: str) -> None:
+        self.name = name
+        self.backend = backend
+        super().__init__(
+            f"{name} lost its lock on {backend} while running ({why}); its result was not "
+            "recorded and another process may run it. Make the work idempotent or check "
+            "fastapi_once.backends.fencing_token() before each write"
+        )

@@ -31,7 +31,7 @@ else:  # pragma: no cover
     from typing_extensions import ParamSpec, TypedDict, Unpack
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from .backends._late import Across, BoundBackend
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -259,7 +259,7 @@ class Options(TypedDict, total=False):
     """The keyword options of :func:`once` other than ``key`` (each documented there)."""
 
     maxsize: int
-    across: Backend
+    across: Across
     name: str
     version: str | int
     timeout: float
@@ -335,8 +335,11 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             ``fn`` has request-data parameters.
         maxsize: with ``key=``, how many values to keep (least recently used go first; their
             cleanup runs). Default 128.
-        across: a backend from :mod:`fastapi_once.backends`: run ``fn`` once across every
-            process sharing it (leader runs, followers wait and get its JSON result).
+        across: a backend from :mod:`fastapi_once.backends`, a backend URL
+            (``"redis://host:6379/0"``, see :func:`~fastapi_once.backends.backend_from_url`), or
+            a function of no arguments returning either (called at first use): run ``fn`` once
+            across every process sharing it (leader runs, followers wait and get its result, as
+            JSON typed by ``fn``'s return annotation).
         name: the once's name in messages, logs and backends. Default: module.qualname of fn.
         version: appended to the name (``name@version``), so a new deployment runs it again.
         timeout: seconds one attempt may take (retries included); past it the attempt is
@@ -393,14 +396,10 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
 _OPTIONS = frozenset({"key", *Options.__optional_keys__})  # the one list is Options
 
 
-def _check_across(fn: Callable[..., Any], name: str, across: object, keyed: bool) -> None:
-    from .backends import Backend
+def _check_across(fn: Callable[..., Any], name: str, across: object, keyed: bool) -> BoundBackend:
+    """Return the once's backend: ``across`` (a backend, URL or factory) bound to ``fn``."""
+    from .backends._late import BoundBackend
 
-    if not isinstance(across, Backend):
-        raise TypeError(
-            f"once({name}, across={across!r}): across= takes a backend from "
-            "fastapi_once.backends, e.g. FileLockBackend(directory)"
-        )
     if keyed:
         raise TypeError(
             f"once({name}, across=..., key=...): a keyed once cannot run across processes"
@@ -410,6 +409,7 @@ def _check_across(fn: Callable[..., Any], name: str, across: object, keyed: bool
             f"once({name}, across=...): a generator's cleanup would run in one process only; "
             "across= takes an async def or def whose JSON result every process shares"
         )
+    return BoundBackend(across, fn=fn, name=name)  # type: ignore[arg-type]  # it checks across
 
 
 def _show(options: dict[str, Any]) -> str:
@@ -433,7 +433,7 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
         name = f"{name}@{version}"
     across = options.get("across")
     if across is not None:
-        _check_across(fn, name, across, keyed=options.get("key") is not None)
+        across = _check_across(fn, name, across, keyed=options.get("key") is not None)
     key = options.get("key")
     if key is not None and not callable(key):
         raise TypeError(

@@ -104,3 +104,17 @@ async def test_reset_all_keeps_the_backends_record() -> None:
     await seed()
     await reset_all()
     assert backend.results == {"seed-keep": '"seeded"'}
+
+
+async def test_reset_clears_the_record_even_when_this_loop_never_made_the_value() -> None:
+    """A reset from a process (or loop) that never called the once still reaches the backend."""
+    backend = MemoryBackend()
+    backend.results["admin.job"] = json.dumps({"done": True})
+
+    @once(across=backend, name="admin.job")
+    async def job() -> dict[str, bool]:
+        return {"done": False}
+
+    await job.reset()
+    assert backend.results == {}
+    assert await job() == {"done": False}

@@ -124,14 +124,17 @@ class _Stub(Backend):
         return "stub"
 
 
-def test_across_takes_a_backend() -> None:
-    """across= with something that is not a backend names the fix."""
+def test_across_takes_a_backend_a_url_or_a_factory() -> None:
+    """across= with something else, or a URL of an unknown scheme, names the fix."""
 
     async def migrate() -> None:
         return None
 
     with pytest.raises(TypeError, match="across= takes a backend"):
-        once(migrate, across="redis://localhost")  # type: ignore[arg-type]
+        once(migrate, across=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown scheme; give file:///path") as info:
+        once(migrate, across="mysql://root:hunter2@db/app", name="tests.errors.url")
+    assert "hunter2" not in str(info.value)
 
 
 def test_across_refuses_keyed_and_generator_functions() -> None:

@@ -35,13 +35,7 @@ from fastapi_once.backends import FileLockBackend
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The variables that configure the example; tests start without them.
-EXAMPLE_VARIABLES = (
-    "EXAMPLE_DB",
-    "EXAMPLE_BACKEND",
-    "EXAMPLE_LOCK_DIR",
-    "EXAMPLE_REDIS_URL",
-    "EXAMPLE_POSTGRES_DSN",
-)
+EXAMPLE_VARIABLES = ("EXAMPLE_DB", "EXAMPLE_BACKEND_URL")
 
 
 @pytest.fixture(autouse=True)
@@ -317,73 +311,72 @@ def test_the_migration_runs_once_across_processes_with_the_file_backend(tmp_path
 
 
 def test_the_default_backend_is_a_file_lock_next_to_the_database(tmp_path: Path) -> None:
-    """Without EXAMPLE_BACKEND the migration locks files in fastapi_once-locks beside the db."""
-    backend = deployment.build_backend(str(tmp_path / "app.db"), {})
+    """Without EXAMPLE_BACKEND_URL the migration locks files in fastapi_once-locks beside the
+    db; without EXAMPLE_DB either, in a private directory of its own."""
+    backend = deployment.backend({"EXAMPLE_DB": str(tmp_path / "app.db")})
     assert isinstance(backend, FileLockBackend)
     assert backend.directory == str(tmp_path / "fastapi_once-locks")
+    one, two = deployment.backend({}), deployment.backend({})
+    assert isinstance(one, FileLockBackend)
+    assert isinstance(two, FileLockBackend)
+    assert one.directory != two.directory
 
 
-def test_example_lock_dir_chooses_the_lock_directory(tmp_path: Path) -> None:
-    """EXAMPLE_BACKEND=file with EXAMPLE_LOCK_DIR puts the lock files there."""
-    environ = {"EXAMPLE_BACKEND": "file", "EXAMPLE_LOCK_DIR": str(tmp_path / "locks")}
-    backend = deployment.build_backend(str(tmp_path / "app.db"), environ)
+def test_a_file_url_chooses_the_lock_directory(tmp_path: Path) -> None:
+    """EXAMPLE_BACKEND_URL=file:///dir puts the lock files there."""
+    environ = {
+        "EXAMPLE_DB": str(tmp_path / "app.db"),
+        "EXAMPLE_BACKEND_URL": f"file://{tmp_path}/l",
+    }
+    backend = deployment.backend(environ)
     assert isinstance(backend, FileLockBackend)
-    assert backend.directory == str(tmp_path / "locks")
-    assert not (tmp_path / "fastapi_once-locks").exists()
+    assert backend.directory == str(tmp_path / "l")
 
 
-def test_example_backend_redis_builds_a_redis_backend_at_example_redis_url() -> None:
-    """EXAMPLE_BACKEND=redis gives a RedisBackend at EXAMPLE_REDIS_URL, its password masked."""
+def test_a_redis_url_gives_a_redis_backend_scoped_to_the_database() -> None:
+    """EXAMPLE_BACKEND_URL=redis://... gives a RedisBackend, its password masked, its namespace
+    that of the database file."""
     backend_servers().require("redis")
     from fastapi_once.backends import RedisBackend
 
-    environ = {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": "redis://:s3cret@127.0.0.1:6390/2"}
-    backend = deployment.build_backend("/srv/app.db", environ)
-    assert isinstance(backend, RedisBackend)
-    assert "127.0.0.1:6390/2" in backend.describe()
-    assert "s3cret" not in backend.describe()
+    url = "redis://:s3cret@127.0.0.1:6390/2"
+    first = deployment.backend({"EXAMPLE_BACKEND_URL": url, "EXAMPLE_DB": "/srv/a/app.db"})
+    again = deployment.backend({"EXAMPLE_BACKEND_URL": url, "EXAMPLE_DB": "/srv/b/../a/app.db"})
+    other = deployment.backend({"EXAMPLE_BACKEND_URL": url, "EXAMPLE_DB": "/srv/b/app.db"})
+    assert isinstance(first, RedisBackend)
+    assert isinstance(again, RedisBackend)
+    assert isinstance(other, RedisBackend)
+    assert "127.0.0.1:6390/2" in first.describe()
+    assert "s3cret" not in first.describe()
+    assert first.namespace == again.namespace != other.namespace
 
 
-def test_example_backend_postgres_builds_a_postgres_backend_at_example_postgres_dsn() -> None:
-    """EXAMPLE_BACKEND=postgres gives a PostgresBackend at EXAMPLE_POSTGRES_DSN."""
+def test_a_postgres_url_gives_a_postgres_backend_with_a_table_of_the_database() -> None:
+    """EXAMPLE_BACKEND_URL=postgresql://... gives a PostgresBackend."""
     backend_servers().require("asyncpg")
     from fastapi_once.backends import PostgresBackend
 
-    dsn = "postgresql://app:s3cret@127.0.0.1:5433/app"
-    environ = {"EXAMPLE_BACKEND": "postgres", "EXAMPLE_POSTGRES_DSN": dsn}
-    backend = deployment.build_backend("/srv/app.db", environ)
+    environ = {"EXAMPLE_BACKEND_URL": "postgres://app:s3cret@127.0.0.1:5433/app"}
+    backend = deployment.backend(environ)
     assert isinstance(backend, PostgresBackend)
     assert "127.0.0.1:5433/app" in backend.describe()
     assert "s3cret" not in backend.describe()
+    assert backend.table.startswith("example_app_")
 
 
-def test_example_backend_postgres_without_a_dsn_is_refused() -> None:
-    """EXAMPLE_BACKEND=postgres alone raises a ValueError that names EXAMPLE_POSTGRES_DSN."""
-    with pytest.raises(ValueError, match="needs EXAMPLE_POSTGRES_DSN"):
-        deployment.build_backend("/srv/app.db", {"EXAMPLE_BACKEND": "postgres"})
-
-
-def test_an_unknown_example_backend_is_refused() -> None:
-    """EXAMPLE_BACKEND=memcached raises a ValueError that lists the backends there are."""
-    with pytest.raises(ValueError, match="one of file, redis, postgres"):
-        deployment.build_backend("/srv/app.db", {"EXAMPLE_BACKEND": "memcached"})
-
-
-def test_the_migration_marker_names_the_database_file() -> None:
-    """Two database files get two markers; one file gets one, however its path is spelled."""
-    first = deployment.marker_name("schema@1", "/srv/a/app.db")
-    assert first.startswith("schema@1/")
-    assert first == deployment.marker_name("schema@1", "/srv/b/../a/app.db")
-    assert first != deployment.marker_name("schema@1", "/srv/b/app.db")
+def test_an_unknown_backend_url_is_refused() -> None:
+    """EXAMPLE_BACKEND_URL=memcached://... raises a ValueError that lists the URLs there are."""
+    with pytest.raises(ValueError, match="unknown scheme; give file:///path"):
+        deployment.backend({"EXAMPLE_BACKEND_URL": "memcached://cache:11211"})
 
 
 def test_importing_the_example_imports_no_backend_driver() -> None:
-    """Even with EXAMPLE_BACKEND=redis, importing the app imports neither redis nor asyncpg."""
+    """Even with a Redis URL, importing the app imports neither redis nor asyncpg."""
     code = "import sys, example_app; print([m for m in ('redis', 'asyncpg') if m in sys.modules])"
     completed = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env={**os.environ, "EXAMPLE_BACKEND": "redis", "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "EXAMPLE_BACKEND_URL": "redis://cache", "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         timeout=30,
@@ -640,13 +633,12 @@ def postgres_dsn() -> Iterator[str]:
 def test_python_m_example_app_migrates_once_across_a_server_backend(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
-    """With EXAMPLE_BACKEND=redis or postgres two workers migrate once; no password is shown."""
-    if kind == "redis":
-        url: str = request.getfixturevalue("redis_url")
-        env = {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": url}
-    else:
-        url = request.getfixturevalue("postgres_dsn")
-        env = {"EXAMPLE_BACKEND": "postgres", "EXAMPLE_POSTGRES_DSN": url}
+    """With EXAMPLE_BACKEND_URL=redis://... or postgresql://... two workers migrate once, run
+    after run (each on a fresh database); no password is shown."""
+    url: str = request.getfixturevalue("redis_url" if kind == "redis" else "postgres_dsn")
+    env = {"EXAMPLE_BACKEND_URL": url}
+    output = run_example("--requests", "200", "--workers", "2", env=env)
+    assert_migrated_once(output, workers=2)
     output = run_example("--requests", "200", "--workers", "2", env=env)
     assert_migrated_once(output, workers=2)
     password = urlsplit(url).password
@@ -681,20 +673,20 @@ def run_failing_example(env: Mapping[str, str]) -> subprocess.CompletedProcess[s
     ("env", "variable"),
     [
         pytest.param(
-            {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": "redis://127.0.0.1:{port}/0"},
-            "EXAMPLE_REDIS_URL",
+            {"EXAMPLE_BACKEND_URL": "redis://127.0.0.1:{port}/0"},
+            "EXAMPLE_BACKEND_URL",
             id="redis-not-listening",
         ),
         pytest.param(
-            {
-                "EXAMPLE_BACKEND": "postgres",
-                "EXAMPLE_POSTGRES_DSN": "postgresql://app:s3cret@127.0.0.1:{port}/app",
-            },
-            "EXAMPLE_POSTGRES_DSN",
+            {"EXAMPLE_BACKEND_URL": "postgresql://app:s3cret@127.0.0.1:{port}/app"},
+            "EXAMPLE_BACKEND_URL",
             id="postgres-not-listening",
         ),
-        pytest.param({"EXAMPLE_BACKEND": "postgres"}, "EXAMPLE_POSTGRES_DSN", id="postgres-no-dsn"),
-        pytest.param({"EXAMPLE_BACKEND": "mongo"}, "EXAMPLE_BACKEND", id="unknown-backend"),
+        pytest.param(
+            {"EXAMPLE_BACKEND_URL": "mongodb://app:s3cret@127.0.0.1:{port}/app"},
+            "EXAMPLE_BACKEND_URL",
+            id="unknown-backend",
+        ),
     ],
 )
 def test_python_m_example_app_without_its_backend_says_what_to_set_and_exits_2(
@@ -719,21 +711,17 @@ def test_preflight_finds_nothing_wrong_with_a_listening_server() -> None:
         listening.listen()
         port = listening.getsockname()[1]
         assert preflight.problem({}) is None
-        assert preflight.problem({"EXAMPLE_BACKEND": "file"}) is None
-        redis = {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": f"redis://127.0.0.1:{port}/0"}
-        assert preflight.problem(redis) is None
+        assert preflight.problem({"EXAMPLE_BACKEND_URL": "file:///tmp/locks"}) is None
+        assert preflight.problem({"EXAMPLE_BACKEND_URL": f"redis://127.0.0.1:{port}/0"}) is None
         dsn = f"postgresql://u:p@127.0.0.1:{port}/db"
-        assert (
-            preflight.problem({"EXAMPLE_BACKEND": "postgres", "EXAMPLE_POSTGRES_DSN": dsn}) is None
-        )
+        assert preflight.problem({"EXAMPLE_BACKEND_URL": dsn}) is None
 
 
 def test_preflight_leaves_unix_sockets_and_many_hosts_to_the_driver() -> None:
     """Addresses that are not one host and port are not checked here."""
-    sockets = {"EXAMPLE_BACKEND": "redis", "EXAMPLE_REDIS_URL": "unix:///run/redis.sock"}
-    assert preflight.problem(sockets) is None
+    assert preflight.problem({"EXAMPLE_BACKEND_URL": "redis:///run/redis.sock"}) is None
     dsn = "postgresql://u@h1:5432,h2:5432/db"
-    assert preflight.problem({"EXAMPLE_BACKEND": "postgres", "EXAMPLE_POSTGRES_DSN": dsn}) is None
+    assert preflight.problem({"EXAMPLE_BACKEND_URL": dsn}) is None
 
 
 def test_preflight_masks_passwords() -> None:

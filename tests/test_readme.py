@@ -58,3 +58,14 @@ def test_the_lifespan_example_passes_state_to_requests() -> None:
     with TestClient(app) as http:
         http.get("/state")
     assert seen == [True]
+
+
+def test_the_across_example_builds_its_backend_from_the_environment_at_startup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The once-per-deployment example reads ONCE_BACKEND_URL when the lifespan first needs it."""
+    namespace = run(_block_defining("migrate"), "readme_across")
+    monkeypatch.setenv("ONCE_BACKEND_URL", f"file://{tmp_path}/locks")
+    with TestClient(namespace["app"]):
+        pass
+    assert [p.suffix for p in sorted((tmp_path / "locks").iterdir())] == [".json", ".lock"]

@@ -3,14 +3,20 @@
 ``FileLockBackend`` needs only the standard library; ``RedisBackend`` needs the ``redis`` extra
 (``pip install 'fastapi-once[redis]'``) and ``PostgresBackend`` the ``postgres`` extra
 (``pip install 'fastapi-once[postgres]'``). They are imported on first use, so importing this
-package imports no driver.
+package imports no driver. :func:`backend_from_url` builds one from a URL (``file:///dir``,
+``redis://...``, ``rediss://...``, ``postgresql://...``); ``once(across=)`` also takes the URL
+itself, or a function returning a backend or a URL, and builds it at first use.
+
+The exceptions are defined with the package's others and re-exported here.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._base import Backend, BackendError, LeaseLostError, WaitTimeoutError, fencing_token
+from .._errors import BackendError, LeaseLostError, WaitTimeoutError
+from ._base import Backend, fencing_token
+from ._late import backend_from_url
 
 if TYPE_CHECKING:
     from ._file import FileLockBackend
@@ -25,6 +31,7 @@ __all__ = [
     "PostgresBackend",
     "RedisBackend",
     "WaitTimeoutError",
+    "backend_from_url",
     "fencing_token",
 ]
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import abc
 import contextvars
-import json
 import os
+import random
 import re
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any, overload
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
-from .._errors import OnceError
+#: How long a follower waits for the leader by default, in seconds (``wait_timeout=``).
+DEFAULT_WAIT_TIMEOUT = 300.0
 
 
 class Backend(abc.ABC):
@@ -24,7 +25,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def run_once(
-        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+        self,
+        name: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float | None = None,
     ) -> Any:
         """Return the recorded result of ``name``, running ``work`` first if no process has.
 
@@ -34,6 +39,7 @@ class Backend(abc.ABC):
         result as JSON decodes it. Followers wait (never skip) and return the leader's recorded
         result; when a leader fails or dies, no marker is written and one follower becomes
         leader. Every process gets the same JSON-decoded result, the leader included.
+        (``once()`` turns typed results into JSON data before, and back after.)
 
         Raises:
             TypeError: the result is not JSON-serialisable.
@@ -56,55 +62,6 @@ class Backend(abc.ABC):
         return f"<{self.describe()}>"
 
 
-# --- errors ---------------------------------------------------------------------------------------
-
-
-class WaitTimeoutError(OnceError, TimeoutError):
-    """A follower waited longer than the backend's ``wait_timeout`` for the leader.
-
-    Attributes:
-        name: the once's name.
-        backend: the backend's :meth:`Backend.describe`.
-        waited: seconds waited.
-        holder: who holds the lock (e.g. ``"pid 1234 on web-1"``), or None if unknown.
-    """
-
-    def __init__(self, name: str, backend: str, waited: float, holder: str | None) -> None:
-        self.name = name
-        self.backend = backend
-        self.waited = waited
-        self.holder = holder
-        by = f"held by {holder}" if holder else "held by another process"
-        super().__init__(
-            f"waited {waited:.1f}s for {name} on {backend}: the lock is {by}, still running it; "
-            "raise wait_timeout=, or check that process"
-        )
-
-
-class BackendError(OnceError):
-    """The backend's store failed (unreachable, connection lost, server error).
-
-    The driver's exception is the ``__cause__``; the message never includes credentials.
-    """
-
-
-class LeaseLostError(OnceError):
-    """The leader lost its lock while its work ran, so its result was not recorded.
-
-    Raised by :class:`~fastapi_once.backends.RedisBackend` when renewing or releasing the lease
-    finds another owner (or none): another process may already be running the work.
-    """
-
-    def __init__(self, name: str, backend: str, why: str) -> None:
-        self.name = name
-        self.backend = backend
-        super().__init__(
-            f"{name} lost its lock on {backend} while running ({why}); its result was not "
-            "recorded and another process may run it. Make the work idempotent or check "
-            "fastapi_once.backends.fencing_token() before each write"
-        )
-
-
 # --- what the backends share ----------------------------------------------------------------------
 
 # The fencing token of the lock held by the work running in this context; None outside one.
@@ -116,43 +73,21 @@ _fencing_token: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 def fencing_token() -> int | None:
     """Return the fencing token of the lock under which the current work runs, or None.
 
-    A :class:`~fastapi_once.backends.RedisBackend` leader draws a token from a per-name counter
-    that only grows, so a leader that took over after another one's lease expired has a larger
-    token. Pass it along with each write the work makes to a store that can compare it (e.g.
-    ``UPDATE ... WHERE fence < :token``), so that writes from a paused, superseded leader are
-    refused. Other backends do not set it (their locks end with the holder's process or session).
+    Pass it along with each write the work makes to a store that can compare it (e.g.
+    ``UPDATE ... SET fence = :token WHERE fence < :token``), so that writes from a paused,
+    superseded leader are refused. What it guarantees depends on the backend:
+
+    - :class:`~fastapi_once.backends.RedisBackend`: each leader draws a token greater than every
+      token drawn before it for that name, also after Redis restarts and loses its data: the
+      counter never falls below the server's clock in microseconds. (It can go backwards only
+      if the server's clock is set back further than the time since the last leader started.)
+    - :class:`~fastapi_once.backends.PostgresBackend`: the token comes from a sequence in the
+      database (``<table>_fence``), so it grows with every leader of every name and survives
+      restarts and crashes (not restoring an older backup of the database).
+    - :class:`~fastapi_once.backends.FileLockBackend`: None; its lock ends with the holder's
+      process, so no second leader can start while the first still runs.
     """
     return _fencing_token.get()
-
-
-class _Refused(TypeError):
-    def __init__(self, obj: object) -> None:
-        self.what = type(obj).__qualname__
-
-
-def _refuse(obj: object) -> object:
-    raise _Refused(obj)
-
-
-def encode_result(name: str, value: object, backend: str) -> str:
-    """Return ``value`` as JSON text.
-
-    Raises:
-        TypeError: ``value`` is not JSON-serialisable (naming the once and the offending type).
-    """
-    try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_refuse)
-    except (TypeError, ValueError) as exc:
-        what = type(value).__qualname__
-        if isinstance(exc, _Refused):
-            detail = what if exc.what == what else f"{what} containing a {exc.what} value"
-        else:  # e.g. a non-string key, NaN, a circular reference
-            detail = f"{what} ({exc})"
-        raise TypeError(
-            f"{name}'s result is not JSON-serialisable: type {detail}; a once with across= "
-            f"shares its result with other processes through {backend} as JSON. Return plain "
-            "data (dict, list, str, int, float, bool, None)"
-        ) from None
 
 
 @overload
@@ -177,18 +112,56 @@ def holder_id() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
 
 
+def backoff(attempt: int, *, first: float = 0.05, cap: float = 1.0) -> float:
+    """Seconds to sleep before reconnecting after ``attempt`` failures: doubling, jittered."""
+    ceiling: float = min(cap, first * 2 ** min(attempt, 16))
+    return random.uniform(0.5, 1.0) * ceiling
+
+
+def time_left(wait_timeout: float | None, waited: float) -> float:
+    """Seconds a follower may still wait (``inf`` without a ``wait_timeout``)."""
+    return float("inf") if wait_timeout is None else wait_timeout - waited
+
+
+# --- secrets --------------------------------------------------------------------------------------
+
 _PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
 
 
-def mask_url(url: str) -> str:
-    """Return ``url`` (a URL or a libpq ``key=value`` string) with any password replaced by ***."""
-    masked = _PASSWORD_PARAM.sub(r"\1***", url)
-    try:
-        parts = urlsplit(masked)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
-        return masked
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+class Scrubber:
+    """Masks the password of one connection string wherever it shows in a text.
+
+    The backends build one from their URL or DSN and pass every text that could quote it —
+    their description, a driver's error message — through :meth:`__call__`.
+
+    Args:
+        connection: a URL (``redis://:pw@host``, ``postgresql://user:pw@host/db``) or a libpq
+            ``key=value`` string (``host=db password=pw``).
+    """
+
+    def __init__(self, connection: str) -> None:
+        self._passwords = _passwords_of(connection)
+        self.shown = self(connection)
+
+    def __call__(self, text: str) -> str:
+        """Return ``text`` with the password, and any URL or ``password=`` value, as ``***``."""
+        for password in self._passwords:
+            text = text.replace(password, "***")
+        text = _PASSWORD_PARAM.sub(r"\1***", text)
+        return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def _passwords_of(connection: str) -> list[str]:
+    """The password in ``connection``, as written and as decoded, longest first."""
+    match = _PASSWORD_PARAM.search(connection)
+    if match:
+        value = match.group(2)
+        found = {value, re.sub(r"\\(.)", r"\1", value[1:-1])} if value[0] == "'" else {value}
+    else:
+        try:
+            password = urlsplit(connection).password
+        except ValueError:
+            return []
+        found = {password, unquote(password)} if password else set()
+    return sorted((p for p in found if p), key=len, reverse=True)

@@ -11,6 +11,8 @@ import os
 import re
 import secrets
 import stat
+import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -19,7 +21,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from ._base import Backend, WaitTimeoutError, encode_result, holder_id, seconds
+from .._errors import WaitTimeoutError
+from ._base import DEFAULT_WAIT_TIMEOUT, Backend, holder_id, seconds
+from ._codec import encode_json
 
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -28,16 +32,18 @@ class FileLockBackend(Backend):
     """Run a once's work once across the processes of one host, with a lock file per once.
 
     The leader holds an exclusive ``flock`` on ``<directory>/<name>.lock`` while the work runs and
-    then writes ``<name>.json`` (the marker, with the JSON result) atomically before unlocking.
-    The kernel drops the lock when the leader's process dies, so a follower takes over at once.
-    Followers poll the lock without blocking every ``poll_interval`` seconds, so they notice the
-    leader's end within that interval. Works on asyncio and trio; needs only the standard
-    library and a POSIX system.
+    then writes ``<name>.json`` (the marker, with the result) atomically before unlocking. The
+    kernel drops the lock when the leader's process dies, so a follower takes over at once.
+    Followers wait for the lock in shared mode, trying it without blocking every
+    ``poll_interval`` seconds, so all of them see the leader's end within that interval, together
+    (not one after another); if the leader left no marker (it failed or died), they race to lead.
+    Works on asyncio and trio; needs only the standard library and a POSIX system.
 
     The directory is private: created with mode 0700 if missing, refused if it is a symlink,
     owned by another user, or writable by group or others; files are created 0600 and opened
     without following symlinks. Lock files are never deleted (deleting a lock file that another
-    process has open would let two processes lock two different files).
+    process has open would let two processes lock two different files). The constructor touches
+    nothing: the directory is created and checked at first use.
 
     Limits: processes on one host only, or a shared filesystem whose ``flock`` works across
     hosts (not NFS as commonly mounted). A leader that forks a child which outlives it keeps the
@@ -45,34 +51,44 @@ class FileLockBackend(Backend):
 
     Args:
         directory: where the lock and marker files live; created (mode 0700) if missing.
-        wait_timeout: the longest a follower waits for the leader, in seconds; None waits as
-            long as the leader runs.
+            Default: ``fastapi_once-<uid>`` in the system temp dir (``$TMPDIR``, ``/tmp``), private
+            to this user.
+        wait_timeout: the longest a follower waits for the leader, in seconds (default
+            300 s); None waits as long as the leader runs.
         ttl: the default life of a marker in seconds (``run_once(ttl=)`` overrides it); None
             keeps markers until :meth:`reset`.
         poll_interval: how often a follower tries the lock, in seconds (default 0.01).
 
     Raises:
-        PermissionError: the directory is a symlink, owned by another user, or writable by
-            group or others.
         ValueError: a timeout or interval is not a positive number.
+        PermissionError: (at first use) the directory is a symlink, owned by another user, or
+            writable by group or others.
     """
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | None = None,
         *,
-        wait_timeout: float | None = None,
+        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
         ttl: float | None = None,
         poll_interval: float = 0.01,
     ) -> None:
-        self.directory = os.path.abspath(os.fspath(directory))
+        self._directory = None if directory is None else os.path.abspath(os.fspath(directory))
         self.wait_timeout = seconds("wait_timeout", wait_timeout)
         self.ttl = seconds("ttl", ttl)
         self.poll_interval: float = seconds("poll_interval", poll_interval)
-        self._dir_fd = _open_private_directory(self.directory)
-        # Every file is opened relative to this descriptor, so the directory checked here is the
-        # one used, even if its path is later replaced. It is closed with the backend.
-        weakref.finalize(self, os.close, self._dir_fd)
+        # Every file is opened relative to this descriptor, so the directory checked once is the
+        # one used, even if its path is later replaced. Set once under _opening, closed with the
+        # backend.
+        self._dir_fd: int | None = None
+        self._opening = threading.Lock()
+
+    @property
+    def directory(self) -> str:
+        """The directory of the lock and marker files."""
+        if self._directory is None:
+            self._directory = os.path.join(tempfile.gettempdir(), f"fastapi_once-{os.geteuid()}")
+        return self._directory
 
     def describe(self) -> str:
         """Return ``FileLockBackend(<directory>)``."""
@@ -87,7 +103,11 @@ class FileLockBackend(Backend):
         await anyio.to_thread.run_sync(self._unlink_marker, _file_key(name))
 
     async def run_once(
-        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+        self,
+        name: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float | None = None,
     ) -> Any:
         """Return ``name``'s recorded result, running ``work`` first if no process has.
 
@@ -99,6 +119,7 @@ class FileLockBackend(Backend):
         Raises:
             TypeError: the result is not JSON-serialisable (nothing is recorded).
             WaitTimeoutError: a follower waited longer than ``wait_timeout``.
+            PermissionError: the directory or a file in it is not private (see above).
             Exception: what ``work`` raised, in the process that ran it.
         """
         ttl = self.ttl if ttl is None else seconds("ttl", ttl)
@@ -109,13 +130,11 @@ class FileLockBackend(Backend):
             return json.loads(found)
         fd = await anyio.to_thread.run_sync(self._open_lock, key)
         try:
-            await self._lock(fd, name, started)
-            # The lock is ours: a leader before us may have finished while we waited.
-            found = await anyio.to_thread.run_sync(self._read_marker_and_claim, fd, key, name)
+            found = await self._lead_or_follow(fd, key, name, started)
             if found is not None:
                 return json.loads(found)
             value = await work()
-            text = encode_result(name, value, self.describe())
+            text = encode_json(name, value, self.describe())
             await anyio.to_thread.run_sync(self._write_marker, key, name, text, ttl)
             return json.loads(text)
         finally:
@@ -123,11 +142,37 @@ class FileLockBackend(Backend):
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    async def _lock(self, fd: int, name: str, started: float) -> None:
-        # LOCK_NB never blocks, so polling runs on the event loop and stays cancellable.
+    async def _lead_or_follow(self, fd: int, key: str, name: str, started: float) -> str | None:
+        """Return the recorded result, or None once ``fd`` holds the exclusive lock (leader)."""
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                # The lock is ours: a leader before us may have finished while we waited.
+                return await anyio.to_thread.run_sync(self._read_marker_and_claim, fd, key, name)
+            await self._wait_shared(fd, name, started)
+            # Let go at once: a shared lock held while the marker is read would make the other
+            # followers' attempts to lead fail, over and over, if the leader left no marker.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            # The leader is gone; it wrote its marker before unlocking, if it succeeded.
+            found = await anyio.to_thread.run_sync(self._read_marker, key, name)
+            if found is not None:
+                return found
+            # It failed or died: race the other followers to lead.
+
+    async def _wait_shared(self, fd: int, name: str, started: float) -> None:
+        """Wait until ``fd`` gets the lock in shared mode (no leader holds it), at most
+        ``wait_timeout``.
+
+        Followers share the lock, so none of them delays another: all of them get it as soon
+        as the leader lets go. LOCK_NB never blocks, so polling runs on the event loop and stays
+        cancellable.
+        """
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 return
             except BlockingIOError:
                 pass
@@ -139,9 +184,17 @@ class FileLockBackend(Backend):
 
     # --- blocking file operations, run in a worker thread -----------------------------------------
 
+    def _dir(self) -> int:
+        """The directory's descriptor, opening (and creating, and checking) it at first use."""
+        with self._opening:
+            if self._dir_fd is None:
+                self._dir_fd = _open_private_directory(self.directory)
+                weakref.finalize(self, os.close, self._dir_fd)
+            return self._dir_fd
+
     def _open(self, filename: str, flags: int) -> int:
         try:
-            return os.open(filename, flags | _OPEN, 0o600, dir_fd=self._dir_fd)
+            return os.open(filename, flags | _OPEN, 0o600, dir_fd=self._dir())
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
@@ -202,17 +255,17 @@ class FileLockBackend(Backend):
                 f.flush()
                 os.fsync(fd)
         except BaseException:
-            os.unlink(tmp, dir_fd=self._dir_fd)
+            os.unlink(tmp, dir_fd=self._dir())
             raise
         finally:
             os.close(fd)
         # Readers see the old marker or the whole new one, never a partial file.
-        os.replace(tmp, f"{key}.json", src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-        os.fsync(self._dir_fd)
+        os.replace(tmp, f"{key}.json", src_dir_fd=self._dir(), dst_dir_fd=self._dir())
+        os.fsync(self._dir())
 
     def _unlink_marker(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{key}.json", dir_fd=self._dir_fd)
+            os.unlink(f"{key}.json", dir_fd=self._dir())
 
 
 def _file_key(name: str) -> str:

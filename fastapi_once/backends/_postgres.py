@@ -10,19 +10,21 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal, Protocol, cast
-from urllib.parse import urlsplit
 
 import anyio
 
+from .._errors import BackendError, LeaseLostError, WaitTimeoutError
 from ._base import (
+    DEFAULT_WAIT_TIMEOUT,
     Backend,
-    BackendError,
-    WaitTimeoutError,
-    encode_result,
+    Scrubber,
+    _fencing_token,
+    backoff,
     holder_id,
-    mask_url,
     seconds,
+    time_left,
 )
+from ._codec import encode_json
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -36,7 +38,7 @@ class _Connection(Protocol):
     """The part of ``asyncpg.Connection`` this module uses (asyncpg ships no type hints)."""
 
     async def execute(self, query: str, *args: object) -> str: ...
-    async def fetchval(self, query: str, *args: object) -> Any: ...
+    async def fetchval(self, query: str, *args: object, timeout: float | None = None) -> Any: ...  # noqa: ASYNC109
     async def fetchrow(self, query: str, *args: object) -> Any: ...
     async def close(self, *, timeout: float | None = None) -> None: ...  # noqa: ASYNC109
     def terminate(self) -> None: ...
@@ -45,10 +47,47 @@ class _Connection(Protocol):
 
 # What the driver raises when the server is unreachable, the connection breaks, or a query fails
 # (asyncio.TimeoutError is not TimeoutError before Python 3.11).
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# What a server restart or a broken network looks like: worth reconnecting and waiting on.
+_OUTAGE_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.CrashShutdownError,
+    # The server ended the session while the connection was idle: the next query finds the
+    # connection in a state it cannot leave.
+    asyncpg.exceptions.InternalClientError,
+)
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for the sequence's "_fence"
 _APPLICATION = "fastapi_once "  # application_name prefix: tells followers who holds a lock
+
+# libpq connection keywords and the asyncpg.connect() arguments they become.
+_KEYWORDS = {
+    "host": "host",
+    "hostaddr": "host",
+    "port": "port",
+    "user": "user",
+    "password": "password",
+    "passfile": "passfile",
+    "dbname": "database",
+    "sslmode": "ssl",
+    "service": "service",
+    "servicefile": "servicefile",
+    "target_session_attrs": "target_session_attrs",
+    "krbsrvname": "krbsrvname",
+    "gsslib": "gsslib",
+}
+_CONNINFO = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']+)\s*")
 
 
 class PostgresBackend(Backend):
@@ -56,10 +95,19 @@ class PostgresBackend(Backend):
 
     Each ``run_once`` opens a dedicated connection. It reads the marker table first (the fast
     path, no lock); otherwise it tries the advisory lock derived from the once's name, re-reads
-    the marker, and as leader runs the work, writes the marker row (with the JSON result), and
-    releases the lock. Followers block on the same lock in shared mode, so all of them wake as
-    soon as the leader releases it, whether it finished, failed or died (PostgreSQL ends a dead
-    client's session and its locks with it); if no marker was written, they race to lead.
+    the marker, and as leader draws a fencing token from the ``<table>_fence`` sequence, runs the
+    work, writes the marker row (with the result), and releases the lock. Followers check every
+    ``poll_interval`` seconds, in one statement, for the marker and for whether the lock is still
+    held, so they see the leader's end within that interval whether it finished, failed or died
+    (PostgreSQL ends a dead client's session and its locks with it); if no marker was written,
+    they race to lead.
+
+    While the work runs, the leader checks its lock's session every ``check_interval`` seconds:
+    if the session has ended (a server restart, a terminated backend, a broken network), the lock
+    is gone, so the work is cancelled and :class:`~fastapi_once.backends.LeaseLostError` raised,
+    with nothing recorded. A follower whose connection breaks (e.g. the server restarts)
+    reconnects with backoff and keeps waiting, up to ``wait_timeout``; an unreachable server at
+    the first contact fails at once with :class:`~fastapi_once.backends.BackendError`.
 
     ``lock="session"`` (the default) holds ``pg_advisory_lock`` on the connection's session for
     the length of the work. ``lock="transaction"`` instead holds ``pg_advisory_xact_lock`` in a
@@ -67,32 +115,38 @@ class PostgresBackend(Backend):
     release; use it behind PgBouncer in transaction pooling mode, which breaks session locks (a
     session lock would stay on a server connection that other clients then use).
 
-    The marker table (default ``fastapi_once``) is created on first use if missing::
+    The marker table (default ``fastapi_once``) and its sequence are created on first use if
+    missing::
 
         CREATE TABLE fastapi_once (
             name text PRIMARY KEY, result text NOT NULL, expires_at timestamptz,
-            done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL)
+            done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL);
+        CREATE SEQUENCE fastapi_once_fence;
 
-    Limits: asyncio only (asyncpg). The leader's connection is idle while the work runs, so
-    ``idle_session_timeout`` (session mode) or ``idle_in_transaction_session_timeout``
-    (transaction mode) must exceed the work's duration. A leader cut off from the server by the
-    network keeps its lock until the server notices (TCP keepalive); if its session ends first,
-    its marker write fails and nothing is recorded.
+    Limits: asyncio only (asyncpg). ``idle_session_timeout`` (session mode) or
+    ``idle_in_transaction_session_timeout`` (transaction mode) must exceed ``check_interval``.
 
     Args:
-        dsn: a libpq connection URL or string (``postgresql://user:password@host/db``); its
-            password never appears in errors, logs or :meth:`describe`.
+        dsn: a connection URL (``postgresql://user:password@host:5432/db``, also
+            ``postgres://``) or a libpq ``key=value`` string (``host=db user=app password=...
+            dbname=app``, with the keywords host, hostaddr, port, user, password, passfile,
+            dbname, sslmode, service, servicefile, target_session_attrs, krbsrvname, gsslib);
+            its password never appears in errors, logs or :meth:`describe`.
         table: the marker table, optionally schema-qualified (``schema.table``).
         lock: ``"session"`` or ``"transaction"`` (for PgBouncer transaction pooling).
-        wait_timeout: the longest a follower waits for the leader, in seconds; None waits as
-            long as the leader runs.
+        wait_timeout: the longest a follower waits for the leader, in seconds (default
+            300 s), outages included; None waits as long as the leader runs.
         ttl: the default life of a marker in seconds (``run_once(ttl=)`` overrides it); None
             keeps markers until :meth:`reset`.
         connect_timeout: seconds allowed to connect.
+        check_interval: how often the leader checks that its lock's session is alive, in
+            seconds: how long a leader whose lock is gone may go on (default 1).
+        poll_interval: how often a follower checks for the leader's marker, and whether the
+            leader still holds the lock, in seconds (default 0.025).
 
     Raises:
-        ValueError: ``table`` is not an identifier, ``lock`` is unknown, or a timeout is not a
-            positive number.
+        ValueError: ``table`` is not an identifier, ``lock`` is unknown, a time is not a
+            positive number, or a ``key=value`` DSN has a keyword this backend does not know.
     """
 
     def __init__(
@@ -101,35 +155,40 @@ class PostgresBackend(Backend):
         *,
         table: str = "fastapi_once",
         lock: Literal["session", "transaction"] = "session",
-        wait_timeout: float | None = None,
+        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
         ttl: float | None = None,
         connect_timeout: float = 10.0,
+        check_interval: float = 1.0,
+        poll_interval: float = 0.025,
     ) -> None:
         parts = table.split(".")
         if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
             raise ValueError(
                 f"PostgresBackend(table={table!r}): give a table name, optionally "
-                "schema-qualified, of letters, digits and underscores (e.g. 'fastapi_once')"
+                "schema-qualified, of at most 57 letters, digits and underscores (e.g. "
+                "'fastapi_once')"
             )
         if lock not in ("session", "transaction"):
             raise ValueError(
                 f"PostgresBackend(lock={lock!r}): lock is 'session' or 'transaction' (for "
                 "PgBouncer transaction pooling)"
             )
-        self._dsn = dsn
-        self._password = _password(dsn)
-        self._shown = mask_url(dsn)
+        self._scrub = Scrubber(dsn)
+        self._connect_args = _connect_args(dsn, self._scrub)
         self.table = table
         self.lock = lock
         self.wait_timeout = seconds("wait_timeout", wait_timeout)
         self.ttl = seconds("ttl", ttl)
         self.connect_timeout: float = seconds("connect_timeout", connect_timeout)
+        self.check_interval: float = seconds("check_interval", check_interval)
+        self.poll_interval: float = seconds("poll_interval", poll_interval)
         self._quoted = ".".join(f'"{p}"' for p in parts)
+        self._sequence = ".".join(f'"{p}"' for p in [*parts[:-1], parts[-1] + "_fence"])
         self._table_ready = False
 
     def describe(self) -> str:
         """Return ``PostgresBackend(<dsn with the password masked>, table=..., lock=...)``."""
-        return f"PostgresBackend({self._shown}, table={self.table}, lock={self.lock})"
+        return f"PostgresBackend({self._scrub.shown}, table={self.table}, lock={self.lock})"
 
     async def reset(self, name: str) -> None:
         """Delete ``name``'s marker row, so that the next :meth:`run_once` runs the work.
@@ -149,9 +208,16 @@ class PostgresBackend(Backend):
             await _close(conn)
 
     async def run_once(
-        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+        self,
+        name: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float | None = None,
     ) -> Any:
         """Return ``name``'s recorded result, running ``work`` first if no process has.
+
+        While ``work`` runs as leader, :func:`~fastapi_once.backends.fencing_token` returns a
+        number drawn from the ``<table>_fence`` sequence for this leader.
 
         Args:
             name: the once's name, its identity across processes.
@@ -161,6 +227,7 @@ class PostgresBackend(Backend):
         Raises:
             TypeError: the result is not JSON-serialisable (nothing is recorded).
             WaitTimeoutError: a follower waited longer than ``wait_timeout``.
+            LeaseLostError: the session holding the lock ended while ``work`` ran.
             BackendError: the database could not be reached or refused a query.
             Exception: what ``work`` raised, in the process that ran it.
         """
@@ -173,12 +240,13 @@ class PostgresBackend(Backend):
                 await self._ensure_table(conn)
                 found = await conn.fetchval(self._select, name)
             if found is None:
-                with self._driver_errors("waiting for the lock"):
-                    found = await self._acquire(conn, name, key, started)
+                found, conn = await self._acquire(conn, name, key, started)
             if found is not None:
                 return json.loads(found)
-            value = await work()
-            text = encode_result(name, value, self.describe())
+            with self._driver_errors("drawing a fencing token"):
+                fence = int(await conn.fetchval(f"SELECT nextval('{self._sequence}')"))
+            value = await self._lead(conn, name, fence, work)
+            text = encode_json(name, value, self.describe())
             with self._driver_errors("recording the result"):
                 # Written on the connection that holds the lock: if its session has died (and
                 # the lock with it), the write fails and nothing is recorded.
@@ -197,7 +265,98 @@ class PostgresBackend(Backend):
         finally:
             await _close(conn)
 
-    async def _acquire(self, conn: _Connection, name: str, key: int, started: float) -> str | None:
+    async def _lead(
+        self, conn: _Connection, name: str, fence: int, work: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Run ``work`` under the lock, cancelling it if the lock's session ends."""
+        lost: str | None = None
+        work_scope = anyio.CancelScope()
+        done = anyio.Event()
+
+        async def watch() -> None:
+            nonlocal lost
+            while not done.is_set():
+                with anyio.move_on_after(self.check_interval):
+                    await done.wait()
+                if done.is_set():
+                    return
+                # Shielded and bounded, so that the query is never cut off half-way: the
+                # connection goes back to the leader in a usable state.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await conn.fetchval("SELECT 1", timeout=self.check_interval)
+                    except _DRIVER_ERRORS as exc:
+                        lost = self._scrub(f"its session ended: {type(exc).__name__}: {exc}")
+                if lost is not None:
+                    work_scope.cancel()
+                    return
+
+        result: Any = None
+        error: BaseException | None = None
+        token = _fencing_token.set(fence)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                try:
+                    # In this task, not the task group, so that its exception reaches the caller
+                    # unchanged rather than inside an exception group.
+                    with work_scope:
+                        result = await work()
+                except BaseException as exc:
+                    error = exc
+                finally:
+                    done.set()
+        finally:
+            _fencing_token.reset(token)
+        if lost is not None:
+            raise LeaseLostError(name, self.describe(), lost) from error
+        if error is not None:
+            raise error
+        return result
+
+    async def _acquire(
+        self, conn: _Connection, name: str, key: int, started: float
+    ) -> tuple[str | None, _Connection]:
+        """Return (the recorded result, or None as leader holding the lock; the connection).
+
+        A connection lost while waiting (a server restart) is replaced, with backoff, as long
+        as ``wait_timeout`` allows; the returned connection is the one holding the lock.
+        """
+        failures = 0
+        try:
+            while True:
+                try:
+                    with self._driver_errors("waiting for the lock"):
+                        return await self._try_acquire(conn, name, key, started), conn
+                except BackendError as exc:
+                    cause = exc.__cause__
+                    outage = isinstance(cause, _OUTAGE_ERRORS) or conn.is_closed()
+                    if not outage or isinstance(cause, WaitTimeoutError):
+                        raise
+                    conn.terminate()
+                    conn, failures = await self._reconnect(exc, started, failures)
+        except BaseException:
+            conn.terminate()  # it may be a replacement, which the caller does not know of
+            raise
+
+    async def _reconnect(
+        self, exc: BackendError, started: float, failures: int
+    ) -> tuple[_Connection, int]:
+        """Connect again, with backoff, while ``wait_timeout`` allows; else raise ``exc``."""
+        while True:
+            left = time_left(self.wait_timeout, time.monotonic() - started)
+            if left <= 0:
+                raise exc
+            await anyio.sleep(min(backoff(failures), left))
+            failures += 1
+            try:
+                return await self._connect(), failures
+            except BackendError as again:
+                exc = again
+
+    async def _try_acquire(
+        self, conn: _Connection, name: str, key: int, started: float
+    ) -> str | None:
         """Return the recorded result, or None once ``conn`` holds the exclusive lock.
 
         In transaction mode the lock is held by a transaction left open for the leader.
@@ -205,11 +364,11 @@ class PostgresBackend(Backend):
         while True:
             if self.lock == "session":
                 leading = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
-                if not leading:
-                    await conn.execute("BEGIN")
             else:
                 await conn.execute("BEGIN")
                 leading = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", key)
+                if not leading:
+                    await conn.execute("ROLLBACK")
             if leading:
                 # A statement after taking the lock sees what the last holder committed.
                 found: str | None = await conn.fetchval(self._select, name)
@@ -220,29 +379,29 @@ class PostgresBackend(Backend):
                 else:
                     await conn.execute("COMMIT")
                 return found
-            # Followers wait in shared mode, so that all of them wake together when the leader
-            # releases the lock; if it left no marker (it failed or died), they race to lead.
-            await self._wait_shared(conn, name, key, started)
-            found = await conn.fetchval(self._select, name)
-            await conn.execute("COMMIT")
+            found = await self._follow(conn, name, key, started)
             if found is not None:
                 return found
+            # No marker and no leader: it failed or died; race the other followers to lead.
 
-    async def _wait_shared(self, conn: _Connection, name: str, key: int, started: float) -> None:
-        """In the open transaction, wait for the lock in shared mode, at most wait_timeout."""
-        if self.wait_timeout is None:
-            limit = 0  # no limit
-        else:
-            left = self.wait_timeout - (time.monotonic() - started)
-            limit = max(1, int(left * 1000))
-        await conn.execute(f"SET LOCAL lock_timeout = {limit}")
-        try:
-            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", key)
-        except asyncpg.exceptions.LockNotAvailableError:
-            await conn.execute("ROLLBACK")
-            holder = await self._holder(conn, key)
+    async def _follow(self, conn: _Connection, name: str, key: int, started: float) -> str | None:
+        """Poll until the leader's marker appears (return it) or no one holds the lock (None).
+
+        One indexed read per ``poll_interval``, outside any transaction. Followers that poll
+        are spread in time, so a leader's end does not wake them all at the same instant
+        (waiting on the lock did: with many processes on few cores, the last woke late).
+        """
+        while True:
+            row = await conn.fetchrow(self._peek, name, key)
+            if row["result"] is not None:
+                return str(row["result"])
+            if row["free"]:
+                return None
             waited = time.monotonic() - started
-            raise WaitTimeoutError(name, self.describe(), waited, holder) from None
+            if self.wait_timeout is not None and waited >= self.wait_timeout:
+                holder = await self._holder(conn, key)
+                raise WaitTimeoutError(name, self.describe(), waited, holder)
+            await anyio.sleep(self.poll_interval)
 
     async def _holder(self, conn: _Connection, key: int) -> str | None:
         """Say who holds the advisory lock ``key``: the leader's pid and host, if it can tell."""
@@ -269,7 +428,7 @@ class PostgresBackend(Backend):
     async def _connect(self) -> _Connection:
         with self._driver_errors("connecting"):
             conn = await asyncpg.connect(
-                self._dsn,
+                **self._connect_args,
                 timeout=self.connect_timeout,
                 # Transaction pooling cannot keep prepared statements between transactions.
                 statement_cache_size=0 if self.lock == "transaction" else 100,
@@ -280,14 +439,20 @@ class PostgresBackend(Backend):
     async def _ensure_table(self, conn: _Connection) -> None:
         if self._table_ready:
             return
-        if await conn.fetchval("SELECT to_regclass($1)", self._quoted) is None:
+        exists = await conn.fetchval(
+            "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL",
+            self._quoted,
+            self._sequence,
+        )
+        if not exists:
             # One multi-statement query is one transaction: the transaction lock keeps
-            # concurrent first uses from racing on CREATE TABLE.
+            # concurrent first uses from racing on CREATE.
             await conn.execute(
                 f"SELECT pg_advisory_xact_lock({_lock_key(self.table, '')}); "
                 f"CREATE TABLE IF NOT EXISTS {self._quoted} ("
                 "name text PRIMARY KEY, result text NOT NULL, expires_at timestamptz, "
-                "done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL)"
+                "done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL); "
+                f"CREATE SEQUENCE IF NOT EXISTS {self._sequence}"
             )
         self._table_ready = True
 
@@ -297,6 +462,12 @@ class PostgresBackend(Backend):
             f"SELECT result FROM {self._quoted} "
             "WHERE name = $1 AND (expires_at IS NULL OR expires_at > now())"
         )
+
+    @property
+    def _peek(self) -> str:
+        # The shared transaction lock is taken and dropped within the statement: it is free
+        # only when no leader holds the exclusive one.
+        return f"SELECT ({self._select}) AS result, pg_try_advisory_xact_lock_shared($2) AS free"
 
     @property
     def _upsert(self) -> str:
@@ -312,28 +483,18 @@ class PostgresBackend(Backend):
         """Turn the driver's errors into BackendError, with any password scrubbed out."""
         try:
             yield
-        except (
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            OSError,
-            asyncio.TimeoutError,
-        ) as exc:
+        except _DRIVER_ERRORS as exc:
             if isinstance(exc, WaitTimeoutError):
                 raise
-            detail = f"{type(exc).__name__}: {exc}"
-            if self._password:
-                detail = detail.replace(self._password, "***")
-            raise BackendError(f"{self.describe()}: failed {doing}: {mask_url(detail)}") from exc
+            detail = self._scrub(f"{type(exc).__name__}: {exc}")
+            raise BackendError(f"{self.describe()}: failed {doing}: {detail}") from exc
 
 
 async def _close(conn: _Connection) -> None:
-    if conn.is_closed():
-        return
-    with anyio.CancelScope(shield=True):
-        try:
-            await conn.close(timeout=5)
-        except Exception:
-            conn.terminate()
+    # Outside a transaction, closing the socket is a clean end for the server; waiting for it
+    # to end the session (a graceful close) would delay every caller, and 16 processes woken
+    # together by a round trip and a server process exit each.
+    conn.terminate()
 
 
 def _lock_key(table: str, name: str) -> int:
@@ -342,12 +503,35 @@ def _lock_key(table: str, name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def _password(dsn: str) -> str | None:
-    """The password in ``dsn``, to scrub from the driver's messages."""
-    match = re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]+)", dsn, re.IGNORECASE)
-    if match:
-        return match.group(1).strip("'")
-    try:
-        return urlsplit(dsn).password
-    except ValueError:
-        return None
+def _connect_args(dsn: str, scrub: Scrubber) -> dict[str, Any]:
+    """asyncpg.connect()'s arguments for ``dsn``: a URL as it is, a libpq string parsed.
+
+    Raises:
+        ValueError: a ``key=value`` string that cannot be parsed or has an unknown keyword.
+    """
+    if "://" in dsn or not dsn.strip():
+        return {"dsn": dsn}
+    args: dict[str, Any] = {}
+    position = 0
+    while position < len(dsn):
+        match = _CONNINFO.match(dsn, position)
+        if match is None:
+            raise ValueError(
+                f"PostgresBackend({scrub.shown!r}): cannot read the connection string at "
+                f"character {position}; write key=value pairs separated by spaces, quoting "
+                "values with spaces as key='a value'"
+            )
+        keyword, value = match.group(1).lower(), match.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if keyword == "connect_timeout" or keyword == "application_name":
+            pass  # the backend sets these itself
+        elif keyword not in _KEYWORDS:
+            raise ValueError(
+                f"PostgresBackend(...): the connection keyword {keyword!r} is not supported; "
+                f"use {', '.join(sorted(_KEYWORDS))}, or a postgresql:// URL"
+            )
+        else:
+            args[_KEYWORDS[keyword]] = int(value) if keyword == "port" else value
+        position = match.end()
+    return args

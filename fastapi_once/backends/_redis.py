@@ -9,22 +9,22 @@ import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NamedTuple
 
 import anyio
 
+from .._errors import BackendError, LeaseLostError, WaitTimeoutError
 from ._base import (
+    DEFAULT_WAIT_TIMEOUT,
     Backend,
-    BackendError,
-    LeaseLostError,
-    WaitTimeoutError,
+    Scrubber,
     _fencing_token,
-    encode_result,
+    backoff,
     holder_id,
-    mask_url,
     seconds,
+    time_left,
 )
+from ._codec import encode_json
 
 try:
     import redis.asyncio as aioredis
@@ -41,11 +41,20 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 # KEYS: done, lock, fence. ARGV: lock value, lease (ms).
 # Returns {1, result} when done, {2, fencing token} when the lock is now ours, {0, lock value}.
+# The token is the counter's next value, floored at the server's clock in microseconds: after a
+# restart that lost the counter it still exceeds every token drawn before (the clock moved on).
 _ACQUIRE = """
 local done = redis.call('GET', KEYS[1])
 if done then return {1, done} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {2, redis.call('INCR', KEYS[3])}
+  local fence = redis.call('INCR', KEYS[3])
+  local now = redis.call('TIME')
+  local floor = now[1] .. string.rep('0', 6 - #now[2]) .. now[2]
+  if fence < tonumber(floor) then
+    redis.call('SET', KEYS[3], floor)
+    return {2, floor}
+  end
+  return {2, fence}
 end
 return {0, redis.call('GET', KEYS[2]) or ''}
 """
@@ -99,7 +108,7 @@ class RedisBackend(Backend):
     """Run a once's work once across every process (and host) that uses one Redis server.
 
     The fast path reads the marker key. Otherwise a script atomically re-checks the marker and
-    tries ``SET lock value NX PX lease``; the winner draws a fencing token (``INCR``, see
+    tries ``SET lock value NX PX lease``; the winner draws a fencing token (see
     :func:`~fastapi_once.backends.fencing_token`) and runs the work as leader while a background
     task renews the lease every ``lease / 3`` seconds. On success a script records the result and
     deletes the lock in one step, only if the lock is still the leader's. Followers retry the
@@ -107,12 +116,14 @@ class RedisBackend(Backend):
     leader) within that interval; a leader that died is replaced once its lease expires.
 
     If renewal finds the lock gone or taken (or Redis unreachable for a whole lease), the work is
-    cancelled and :class:`~fastapi_once.backends.LeaseLostError` is raised; nothing is recorded.
-    If Redis is unreachable, followers keep retrying for one lease, then raise
-    :class:`~fastapi_once.backends.BackendError`.
+    cancelled at once and :class:`~fastapi_once.backends.LeaseLostError` is raised; nothing is
+    recorded. A follower that loses Redis (a restart, a failover) reconnects with backoff and
+    keeps waiting, up to ``wait_timeout``; Redis unreachable at the first contact fails at once
+    with :class:`~fastapi_once.backends.BackendError`.
 
-    Keys (hash-tagged, so one once's keys share a cluster slot): ``<namespace>:{<name>}:done``
-    (the JSON result), ``:lock`` and ``:fence``.
+    Keys: ``<namespace>:{<name>}:done`` (the result), ``:lock`` and ``:fence``, where ``<name>``
+    has ``%``, ``{`` and ``}`` percent-encoded, so that no two (namespace, name) pairs share a
+    key and one once's keys share a cluster slot.
 
     Limits: asyncio only (redis.asyncio). The lock is efficiency-grade, not a correctness
     guarantee: a leader paused longer than its lease (GC, swap, a stopped VM) or a Redis failover
@@ -123,16 +134,16 @@ class RedisBackend(Backend):
     Args:
         url: a Redis URL (``redis://:password@host:6379/0``, ``rediss://`` for TLS); its password
             never appears in errors, logs or :meth:`describe`.
-        namespace: the prefix of every key.
+        namespace: the prefix of every key (no braces).
         lease: seconds the lock lives without renewal: how long a dead leader blocks the others.
-        wait_timeout: the longest a follower waits for the leader, in seconds; None waits as
-            long as the leader runs.
+        wait_timeout: the longest a follower waits for the leader, in seconds (default
+            300 s), outages included; None waits as long as the leader runs.
         ttl: the default life of a marker in seconds (``run_once(ttl=)`` overrides it); None
             keeps markers until :meth:`reset`.
         poll_interval: how often a follower checks, in seconds (default 0.025).
 
     Raises:
-        ValueError: ``namespace`` is empty or a time is not a positive number.
+        ValueError: ``namespace`` is empty or has braces, or a time is not a positive number.
     """
 
     def __init__(
@@ -141,14 +152,16 @@ class RedisBackend(Backend):
         *,
         namespace: str = "fastapi_once",
         lease: float = 10.0,
-        wait_timeout: float | None = None,
+        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
         ttl: float | None = None,
         poll_interval: float = 0.025,
     ) -> None:
-        if not isinstance(namespace, str) or not namespace:
-            raise ValueError(f"RedisBackend(namespace={namespace!r}): give a non-empty string")
+        if not isinstance(namespace, str) or not namespace or "{" in namespace or "}" in namespace:
+            raise ValueError(
+                f"RedisBackend(namespace={namespace!r}): give a non-empty string without braces"
+            )
         self._url = url
-        self._shown = mask_url(url)
+        self._scrub = Scrubber(url)
         self.namespace = namespace
         self.lease: float = seconds("lease", lease)
         self.wait_timeout = seconds("wait_timeout", wait_timeout)
@@ -160,7 +173,7 @@ class RedisBackend(Backend):
 
     def describe(self) -> str:
         """Return ``RedisBackend(<url with the password masked>, namespace=...)``."""
-        return f"RedisBackend({self._shown}, namespace={self.namespace})"
+        return f"RedisBackend({self._scrub.shown}, namespace={self.namespace})"
 
     async def aclose(self) -> None:
         """Close the running event loop's connections (they reopen on next use)."""
@@ -178,12 +191,16 @@ class RedisBackend(Backend):
             BackendError: Redis could not be reached or refused the command.
         """
         try:
-            await self._client().redis.delete(self._key(name, "done"))
+            await self._client().redis.delete(self._keys(name).done)
         except RedisError as exc:
             raise self._error("deleting the marker", exc) from exc
 
     async def run_once(
-        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+        self,
+        name: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float | None = None,
     ) -> Any:
         """Return ``name``'s recorded result, running ``work`` first if no process has.
 
@@ -206,88 +223,85 @@ class RedisBackend(Backend):
         ttl = self.ttl if ttl is None else seconds("ttl", ttl)
         started = time.monotonic()
         client = self._client()
-        keys = [self._key(name, "done"), self._key(name, "lock"), self._key(name, "fence")]
+        keys = self._keys(name)
         try:
-            found = await client.redis.get(keys[0])
-        except (RedisConnectionError, RedisTimeoutError):
-            found = None  # the acquiring loop checks the marker too, and rides out outages
+            found = await client.redis.get(keys.done)
         except RedisError as exc:
             raise self._error("reading the marker", exc) from exc
         if found is not None:
             return json.loads(found)
-        value = json.dumps({"token": secrets.token_hex(16), "holder": holder_id()})
-        acquired = await self._acquire(client, name, keys, value, started)
-        if isinstance(acquired, str):
-            return json.loads(acquired)
-        fence, acquired_at = acquired
-        return await self._lead(client, name, keys, value, fence, acquired_at, work, ttl)
+        lock = _Lock(json.dumps({"token": secrets.token_hex(16), "holder": holder_id()}))
+        found = await self._acquire(client, name, keys, lock, started)
+        if found is not None:
+            return json.loads(found)
+        try:
+            value = await self._run_renewing(client, name, keys, lock, work)
+            text = encode_json(name, value, self.describe())
+            await self._record(client, name, keys, lock, text, ttl)
+        except BaseException:
+            await self._release(client, keys, lock)
+            raise
+        return json.loads(text)
 
     async def _acquire(
-        self, client: _Client, name: str, keys: list[str], value: str, started: float
-    ) -> str | tuple[int, float]:
-        """Return the recorded result, or (fencing token, time the lease began) as leader."""
+        self, client: _Client, name: str, keys: _Keys, lock: _Lock, started: float
+    ) -> str | None:
+        """Return the recorded result, or None as leader (``lock`` then holds the token).
+
+        Redis going away while waiting (a restart) is ridden out with backoff until
+        ``wait_timeout``.
+        """
         lease_ms = _ms(self.lease)
-        unreachable_since: float | None = None
+        failures = 0
         holder: str | None = None
         while True:
             sent = time.monotonic()
             try:
-                status, data = await client.acquire(keys=keys, args=[value, lease_ms])
+                status, data = await client.acquire(
+                    keys=[keys.done, keys.lock, keys.fence], args=[lock.value, lease_ms]
+                )
             except (RedisConnectionError, RedisTimeoutError) as exc:
-                unreachable_since = unreachable_since or sent
-                if time.monotonic() - unreachable_since >= self.lease:
-                    raise self._error(f"waiting for {name}", exc) from exc
+                waited = time.monotonic() - started
+                left = time_left(self.wait_timeout, waited)
+                if left <= 0:
+                    raise self._error(f"waiting for {name} (unreachable)", exc) from exc
+                await anyio.sleep(min(backoff(failures), left))
+                failures += 1
+                continue
             except RedisError as exc:
                 raise self._error(f"waiting for {name}", exc) from exc
-            else:
-                unreachable_since = None
-                if status == 1:
-                    return str(data)
-                if status == 2:
-                    return int(data), sent
-                holder = _holder(str(data))
+            failures = 0
+            if status == 1:
+                return str(data)
+            if status == 2:
+                lock.fence, lock.renewed_at = int(data), sent
+                return None
+            holder = _holder(str(data))
             waited = time.monotonic() - started
             if self.wait_timeout is not None and waited >= self.wait_timeout:
                 raise WaitTimeoutError(name, self.describe(), waited, holder)
             await anyio.sleep(self.poll_interval)
 
-    async def _lead(
+    async def _run_renewing(
         self,
         client: _Client,
         name: str,
-        keys: list[str],
-        value: str,
-        fence: int,
-        acquired_at: float,
+        keys: _Keys,
+        lock: _Lock,
         work: Callable[[], Awaitable[Any]],
-        ttl: float | None,
     ) -> Any:
+        """Run ``work`` while renewing the lease; cancel it and raise if the lease is lost."""
         lost: str | None = None
         work_scope = anyio.CancelScope()
 
         async def renew() -> None:
             nonlocal lost
-            valid_from = acquired_at  # the lease runs from when its last renewal was sent
-            while True:
-                await anyio.sleep(self.lease / 3)
-                sent = time.monotonic()
-                try:
-                    ok = await client.renew(keys=[keys[1]], args=[value, _ms(self.lease)])
-                except RedisError as exc:
-                    if time.monotonic() - valid_from < self.lease:
-                        continue
-                    lost = f"Redis unreachable for a whole lease of {self.lease:g}s: {exc}"
-                else:
-                    if ok:
-                        valid_from = sent
-                        continue
-                    lost = "the lock expired or another process took it"
-                work_scope.cancel()
-                return
+            lost = await self._renew_until_lost(client, keys, lock)
+            work_scope.cancel()
 
         result: Any = None
         error: BaseException | None = None
-        token = _fencing_token.set(fence)
+        token = _fencing_token.set(lock.fence)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(renew)
@@ -302,31 +316,53 @@ class RedisBackend(Backend):
                     tg.cancel_scope.cancel()
         finally:
             _fencing_token.reset(token)
-        try:
-            if lost is not None:
-                raise LeaseLostError(name, self.describe(), lost) from error
-            if error is not None:
-                raise error
-            text = encode_result(name, result, self.describe())
-            ttl_ms = "" if ttl is None else _ms(ttl)
+        if lost is not None:
+            raise LeaseLostError(name, self.describe(), lost) from error
+        if error is not None:
+            raise error
+        return result
+
+    async def _renew_until_lost(self, client: _Client, keys: _Keys, lock: _Lock) -> str:
+        """Renew the lease every lease/3 seconds; return why it was lost (never, if cancelled)."""
+        while True:
+            await anyio.sleep(self.lease / 3)
+            sent = time.monotonic()
             try:
-                done = await client.complete(keys=[keys[1], keys[0]], args=[value, text, ttl_ms])
+                ok = await client.renew(keys=[keys.lock], args=[lock.value, _ms(self.lease)])
             except RedisError as exc:
-                raise self._error(f"recording the result of {name}", exc) from exc
-            if not done:
-                raise LeaseLostError(
-                    name, self.describe(), "the lock expired or another process took it"
-                )
-            return json.loads(text)
-        except BaseException:
-            # Shielded: a cancelled leader still frees the lock; if it cannot, the lease expires.
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(self.lease),
-                contextlib.suppress(RedisError),
-            ):
-                await client.release(keys=[keys[1]], args=[value])
-            raise
+                # The lease runs from when its last renewal was sent.
+                if time.monotonic() - lock.renewed_at < self.lease:
+                    continue
+                return self._scrub(f"Redis unreachable for a whole lease of {self.lease:g}s: {exc}")
+            if not ok:
+                return "the lock expired or another process took it"
+            lock.renewed_at = sent
+
+    async def _record(
+        self, client: _Client, name: str, keys: _Keys, lock: _Lock, text: str, ttl: float | None
+    ) -> None:
+        """Record the result and free the lock in one step, if the lock is still ours."""
+        ttl_ms = "" if ttl is None else _ms(ttl)
+        try:
+            done = await client.complete(
+                keys=[keys.lock, keys.done], args=[lock.value, text, ttl_ms]
+            )
+        except RedisError as exc:
+            raise self._error(f"recording the result of {name}", exc) from exc
+        if not done:
+            raise LeaseLostError(
+                name, self.describe(), "the lock expired or another process took it"
+            )
+
+    async def _release(self, client: _Client, keys: _Keys, lock: _Lock) -> None:
+        """Free the lock if it is still ours; if Redis cannot be told, the lease expires."""
+        # Shielded: a cancelled leader still frees the lock.
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(self.lease),
+            contextlib.suppress(RedisError),
+        ):
+            await client.release(keys=[keys.lock], args=[lock.value])
 
     def _client(self) -> _Client:
         try:
@@ -341,27 +377,35 @@ class RedisBackend(Backend):
             client = self._clients[loop] = _Client(self._url, min(self.lease / 2, 5.0))
         return client
 
-    def _key(self, name: str, what: str) -> str:
-        return f"{self.namespace}:{{{name}}}:{what}"
+    def _keys(self, name: str) -> _Keys:
+        # Percent-encoding keeps the name's braces out of the hash tag, and makes the mapping
+        # from (namespace, name) to keys one-to-one (the namespace has no braces).
+        tag = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+        prefix = f"{self.namespace}:{{{tag}}}:"
+        return _Keys(prefix + "done", prefix + "lock", prefix + "fence")
 
     def _error(self, doing: str, exc: BaseException) -> BackendError:
-        detail = f"{type(exc).__name__}: {exc}"
-        password = _password(self._url)
-        if password:
-            detail = detail.replace(password, "***")
-        detail = mask_url(detail)
+        detail = self._scrub(f"{type(exc).__name__}: {exc}")
         return BackendError(f"{self.describe()}: failed {doing}: {detail}")
+
+
+class _Keys(NamedTuple):
+    done: str
+    lock: str
+    fence: str
+
+
+class _Lock:
+    """The leader's hold on a once's lock key."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value  # the lock key's value: a random token and who holds it
+        self.fence = 0  # the fencing token drawn with the lock
+        self.renewed_at = 0.0  # monotonic time the last successful (re)acquire was sent
 
 
 def _ms(duration: float) -> int:
     return max(1, round(duration * 1000))
-
-
-def _password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
 
 
 def _holder(lock_value: str) -> str | None:

@@ -129,21 +129,60 @@ class PostgresServer:
     """A PostgreSQL instance of the test suite's own (initdb in a temp dir), with a password."""
 
     directory: Path
-    proc: subprocess.Popen[bytes]
+    bindir: str
     port: int
     password: str
+    user: dict[str, Any]
+    proc: subprocess.Popen[bytes] | None = None
 
     @property
     def dsn(self) -> str:
         return f"postgresql://fastapi_once:{self.password}@127.0.0.1:{self.port}/postgres"
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)  # fast shutdown
+    def start(self) -> None:
+        log = self.directory / "postgres.log"
+        with open(log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [
+                    f"{self.bindir}/postgres",
+                    *("-D", str(self.directory / "data"), "-p", str(self.port)),
+                    *("-k", str(self.directory), "-c", "listen_addresses=127.0.0.1"),
+                    *("-c", "fsync=off", "-c", "synchronous_commit=off"),
+                    *("-c", "full_page_writes=off"),
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                **self.user,
+            )
+        _wait_for_port(self.port, self.proc, "postgres", log)
+        # Listening is not accepting: wait until it has finished starting up (or recovering).
+        deadline = time.monotonic() + 30
+        ready = [f"{self.bindir}/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        while subprocess.run(ready, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not become ready: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+    def halt(self) -> None:
+        """Stop the server (a fast shutdown: sessions are ended), keeping its data."""
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop the server, ending every session and lock, and start it again on its data."""
+        self.halt()
+        self.start()
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -170,12 +209,10 @@ def start_postgres() -> PostgresServer:
     pwfile.write_text(password + "\n")
     if user:
         os.chown(pwfile, user["user"], user["group"])
-    data = directory / "data"
-    log = directory / "postgres.log"
     subprocess.run(
         [
             f"{bindir}/initdb",
-            *("-D", str(data), "-U", "fastapi_once", f"--pwfile={pwfile}"),
+            *("-D", str(directory / "data"), "-U", "fastapi_once", f"--pwfile={pwfile}"),
             *("--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8"),
         ],
         check=True,
@@ -183,22 +220,9 @@ def start_postgres() -> PostgresServer:
         cwd=directory,
         **user,
     )
-    port = free_port()
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(
-            [
-                f"{bindir}/postgres",
-                *("-D", str(data), "-p", str(port), "-k", str(directory)),
-                *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"),
-                *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
-            ],
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=directory,
-            **user,
-        )
-    _wait_for_port(port, proc, "postgres", log)
-    return PostgresServer(directory, proc, port, password)
+    server = PostgresServer(directory, bindir, free_port(), password, user)
+    server.start()
+    return server
 
 
 def secret_of(spec: dict[str, Any]) -> str | None:

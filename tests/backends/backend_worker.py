@@ -8,6 +8,9 @@ for a line on stdin, awaits the once, and prints one JSON line: ``{"ok": result,
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import enum
 import json
 import os
 import sys
@@ -22,15 +25,22 @@ from fastapi_once.backends import Backend, fencing_token
 
 
 def build_backend(spec: dict[str, Any], **options: Any) -> Backend:
-    """Build the backend ``spec`` describes (see the ``spec`` fixture), with extra options."""
-    from fastapi_once.backends import FileLockBackend, PostgresBackend, RedisBackend
+    """Build the backend ``spec`` describes (see the ``spec`` fixture), with extra options.
 
+    Only that backend's driver is imported, so the file backend needs neither.
+    """
     kind = spec["kind"]
     if kind == "file":
+        from fastapi_once.backends import FileLockBackend
+
         return FileLockBackend(spec["directory"], **options)
     if kind == "redis":
+        from fastapi_once.backends import RedisBackend
+
         options = {"lease": spec["lease"], **options}
         return RedisBackend(spec["url"], namespace=spec["namespace"], **options)
+    from fastapi_once.backends import PostgresBackend
+
     return PostgresBackend(spec["dsn"], table=spec["table"], lock=spec["lock"], **options)
 
 
@@ -47,6 +57,25 @@ def append(log: Path, **event: Any) -> None:
 def count_starts(log: Path) -> int:
     """How many times the work has started, in every process so far."""
     return sum(1 for line in log.read_text().splitlines() if '"start"' in line)
+
+
+class Channel(enum.Enum):
+    STABLE = "stable"
+    BETA = "beta"
+
+
+@dataclasses.dataclass
+class Release:
+    """A typed result: followers must get this class back, not a dict."""
+
+    version: tuple[int, int]
+    at: datetime.datetime
+    channel: Channel
+
+
+RELEASE = Release(
+    (1, 2), datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.timezone.utc), Channel.STABLE
+)
 
 
 def main() -> None:
@@ -68,12 +97,29 @@ def main() -> None:
         append(log, event="end")
         return config.get("result")
 
-    work.__qualname__ = config["name"]
-    shared = once(work, across=backend, name=config["name"])
+    async def release() -> Release:
+        nonlocal ran
+        ran = True
+        append(log, event="start", fence=fencing_token())
+        await anyio.sleep(config.get("sleep", 0))
+        append(log, event="end")
+        return RELEASE
+
+    fn = release if config.get("typed") else work
+    fn.__qualname__ = config["name"]
+    shared = once(fn, across=backend, name=config["name"])
 
     async def run() -> dict[str, Any]:
         try:
-            report: dict[str, Any] = {"ok": await shared()}
+            if config.get("action") == "reset":
+                await shared.reset()
+                report: dict[str, Any] = {"ok": "reset"}
+            elif config.get("typed"):
+                got = await shared()
+                parts = (got, got.version, got.at, got.channel)
+                report = {"ok": [got == RELEASE, *(type(p).__name__ for p in parts)]}
+            else:
+                report = {"ok": await shared()}
         except Exception as exc:
             report = {"error": type(exc).__name__, "message": str(exc)}
         report["t"] = time.time()  # when this process learnt the outcome

@@ -28,6 +28,11 @@ from backend_servers import (
     start_redis,
 )
 
+# FASTAPI_ONCE_TEST_WITHOUT=redis,asyncpg runs the suite as if those drivers were not installed
+# (test_backend_imports.py checks that the tests then skip, or fail under CI=true).
+for _driver in filter(None, os.environ.get("FASTAPI_ONCE_TEST_WITHOUT", "").split(",")):
+    sys.modules[_driver] = None  # type: ignore[assignment]
+
 KINDS = ["file", "redis", "postgres", "postgres-xact"]
 # Only the file backend runs on trio; redis.asyncio and asyncpg are asyncio-only.
 KINDS_AND_LOOPS = [
@@ -78,6 +83,14 @@ def private_redis() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """One PostgreSQL server for the session (tests keep apart by marker table)."""
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, which the test may stop and restart."""
     server = start_postgres()
     yield server
     server.stop()

@@ -120,3 +120,54 @@ def test_a_killed_leader_is_replaced_by_a_follower(
     takeover = runs[1]["t"] - killed_at
     record_figure(f"{kind}: a follower took over {takeover * 1000:.0f} ms after SIGKILL")
     assert takeover < (spec.get("lease", 0) + 2)
+
+
+def test_a_reset_from_a_process_that_never_made_the_value_makes_the_next_call_run_it_again(
+    kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
+) -> None:
+    """An admin process calls ``await o.reset()`` without ever calling ``o``: the record is
+    cleared, so the next call in a new process runs the work again."""
+    cfg = config(spec, tmp_path)
+    assert run_all(start_workers(1, cfg))[0]["ok"] == RESULT
+    assert run_all(start_workers(1, {**cfg, "action": "reset"}))[0] == {
+        "ok": "reset",
+        "ran": False,
+        "t": pytest.approx(time.time(), abs=60),
+        "pid": pytest.approx(0, abs=1 << 31),
+    }
+    again = run_all(start_workers(1, cfg))[0]
+    assert again["ok"] == RESULT
+    assert again["ran"]
+    assert len(starts(Path(cfg["log"]))) == 2
+
+
+def test_every_process_gets_the_type_the_function_is_annotated_to_return(
+    kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
+) -> None:
+    """A dataclass of a tuple, an aware datetime and an enum reaches the followers as itself,
+    not as the dicts, lists and strings JSON would give."""
+    cfg = config(spec, tmp_path, typed=True, sleep=0.3)
+    outcomes = run_all(start_workers(3, cfg))
+    typed = [True, "Release", "tuple", "datetime", "Channel"]
+    assert [o.get("ok") for o in outcomes] == [typed] * 3, outcomes
+    assert [o["ran"] for o in outcomes].count(True) == 1
+
+
+@pytest.mark.kinds("file", "postgres")
+def test_when_the_leader_dies_among_many_followers_exactly_one_takes_over(
+    kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
+) -> None:
+    """Twelve processes wake at once to no marker: they race, one leads, none goes round in
+    circles (the suite's timeout would catch that), and all get the second leader's result."""
+    cfg = config(spec, tmp_path, first_sleep=60)
+    workers = start_workers(12, cfg)
+    for worker in workers:
+        worker.go()
+    log = Path(cfg["log"])
+    wait_for(lambda: bool(starts(log)), what="the leader to start")
+    time.sleep(0.3)  # every follower is waiting
+    leader_pid = starts(log)[0]["pid"]
+    os.kill(leader_pid, signal.SIGKILL)
+    outcomes = [w.outcome() for w in workers if w.proc.pid != leader_pid]
+    assert [o.get("ok") for o in outcomes] == [RESULT] * 11, outcomes
+    assert len(starts(log)) == 2

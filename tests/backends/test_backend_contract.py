@@ -324,3 +324,9 @@ async def test_describe_and_repr_never_show_the_password(
         assert type(backend).__name__ in shown
     if secret is not None:
         assert "***" in backend.describe()
+
+
+def test_the_default_wait_timeout_is_finite(spec: dict[str, Any]) -> None:
+    """A follower never waits forever unless asked to: 300 s by default."""
+    assert build_backend(spec).wait_timeout == 300  # type: ignore[attr-defined]
+    assert build_backend(spec, wait_timeout=None).wait_timeout is None  # type: ignore[attr-defined]

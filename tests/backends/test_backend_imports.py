@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from backend_servers import require
@@ -54,9 +56,53 @@ def test_the_exported_names() -> None:
         "PostgresBackend",
         "RedisBackend",
         "WaitTimeoutError",
+        "backend_from_url",
         "fencing_token",
     ]
     for name in names:
         assert getattr(fastapi_once.backends, name) is not None
     with pytest.raises(AttributeError, match="NoSuchBackend"):
         fastapi_once.backends.NoSuchBackend  # type: ignore[attr-defined]  # noqa: B018
+
+
+def run_tests_without_drivers(ci: bool) -> subprocess.CompletedProcess[str]:
+    """Run the file, Redis and PostgreSQL tests as if redis and asyncpg were not installed."""
+    here = Path(__file__).parent
+    env = {**os.environ, "FASTAPI_ONCE_TEST_WITHOUT": "redis,asyncpg", "CI": str(ci).lower()}
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--no-cov"),
+            str(here / "test_file_backend.py"),
+            str(here / "test_redis_backend.py"),
+            str(here / "test_postgres_backend.py"),
+            *("-k", "not another_user"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=here.parent.parent,
+        check=False,
+        timeout=100,
+    )
+
+
+@pytest.mark.timeout(120)
+def test_without_the_drivers_the_file_tests_run_and_the_others_skip_saying_what_to_install() -> (
+    None
+):
+    """A missing driver skips its backend's tests with the pip command; the rest still run."""
+    result = run_tests_without_drivers(ci=False)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout
+    assert "redis.asyncio is not installed: pip install 'fastapi-once[redis,postgres]'" in (
+        result.stdout
+    )
+    assert "asyncpg is not installed" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_under_ci_a_missing_driver_fails_the_run() -> None:
+    """With CI=true the same run fails, saying that every backend test must run."""
+    result = run_tests_without_drivers(ci=True)
+    assert result.returncode != 0
+    assert "CI=true requires every backend test to run" in result.stdout

@@ -1,10 +1,12 @@
-"""FileLockBackend's own behaviour: a private directory, private files, no symlinks."""
+"""FileLockBackend's own behaviour: a private directory, private files, no symlinks, no I/O
+before first use."""
 
 from __future__ import annotations
 
 import os
 import pwd
 import stat
+import tempfile
 import threading
 from pathlib import Path
 
@@ -27,26 +29,51 @@ async def test_the_directory_is_created_private_and_its_files_are_0600(tmp_path:
     """A missing directory is made 0700 (parents too); lock and marker files are 0600."""
     directory = tmp_path / "a" / "locks"
     backend = FileLockBackend(directory)
-    assert mode(directory) == 0o700
     assert await backend.run_once("tests.file.job", nothing) == "ok"
+    assert mode(directory) == 0o700
     files = sorted(directory.iterdir())
     assert [p.suffix for p in files] == [".json", ".lock"]
     assert all(mode(p) == 0o600 for p in files)
     assert all(p.name.startswith("tests.file.job-") for p in files)
 
 
+def test_the_constructor_touches_nothing(tmp_path: Path) -> None:
+    """Building the backend (at import time, say) creates no directory and opens no file."""
+    directory = tmp_path / "a" / "locks"
+    FileLockBackend(directory)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.anyio
+async def test_without_a_directory_it_uses_a_private_one_in_the_system_temp_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``FileLockBackend()`` works: ``fastapi_once-<uid>`` under the temp dir, mode 0700."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    backend = FileLockBackend()
+    assert await backend.run_once("tests.file.default", nothing) == "ok"
+    directory = tmp_path / f"fastapi_once-{os.geteuid()}"
+    assert backend.directory == str(directory)
+    assert mode(directory) == 0o700
+    assert str(directory) in backend.describe()
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("bits", [0o770, 0o707, 0o777])
-def test_a_directory_writable_by_group_or_others_is_refused(tmp_path: Path, bits: int) -> None:
+async def test_a_directory_writable_by_group_or_others_is_refused(
+    tmp_path: Path, bits: int
+) -> None:
     """Others could plant or hold its files: the error says so and how to fix it."""
     directory = tmp_path / "shared"
     directory.mkdir()
     directory.chmod(bits)
     with pytest.raises(PermissionError, match="writable by group or others") as info:
-        FileLockBackend(directory)
+        await FileLockBackend(directory).run_once("tests.file.job", nothing)
     assert f"chmod 700 {directory}" in str(info.value)
 
 
-def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     """Only a directory owned by the process's own user will do."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to give the directory to another user")
@@ -55,17 +82,18 @@ def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     os.chown(directory, nobody.pw_uid, nobody.pw_gid)
     with pytest.raises(PermissionError, match=f"owned by uid {nobody.pw_uid}"):
-        FileLockBackend(directory)
+        await FileLockBackend(directory).run_once("tests.file.job", nothing)
 
 
-def test_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_a_symlinked_directory_is_refused(tmp_path: Path) -> None:
     """The directory itself is opened without following symlinks."""
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     link = tmp_path / "link"
     link.symlink_to(real)
     with pytest.raises(PermissionError, match="is a symlink"):
-        FileLockBackend(link)
+        await FileLockBackend(link).run_once("tests.file.job", nothing)
 
 
 @pytest.mark.anyio
@@ -78,6 +106,7 @@ async def test_a_symlink_planted_in_the_directory_is_not_followed(
 
     directory = tmp_path / "locks"
     backend = FileLockBackend(directory)
+    await backend.reset("tests.file.job")  # creates the directory
     target = tmp_path / "target"
     target.write_text("{}")
     (directory / f"{_file_key('tests.file.job')}{suffix}").symlink_to(target)

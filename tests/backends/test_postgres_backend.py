@@ -109,3 +109,44 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="'session' or 'transaction'"):
         PostgresBackend("postgresql://h/db", lock="advisory")  # type: ignore[arg-type]
     assert "schema.t" in PostgresBackend("postgresql://h/db", table="schema.t").describe()
+
+
+async def test_a_libpq_keyword_dsn_connects(postgres_server: PostgresServer, table: str) -> None:
+    """``host=... port=... user=... password='...' dbname=...`` works like the URL."""
+    dsn = (
+        f"host=127.0.0.1 port={postgres_server.port} user=fastapi_once "
+        f"password='{postgres_server.password}' dbname = postgres sslmode=disable"
+    )
+    backend = PostgresBackend(dsn, table=table)
+    assert await backend.run_once("tests.pg.keywords", answer) == 42
+    assert postgres_server.password not in backend.describe()
+    assert "password=***" in backend.describe()
+
+
+def test_a_keyword_dsn_with_an_unknown_keyword_names_it_and_what_works() -> None:
+    """A typo in a keyword is a ValueError at construction, not a confusing driver error."""
+    with pytest.raises(ValueError, match=r"'hots' is not supported; use dbname, .*host"):
+        PostgresBackend("hots=db user=app password=s3cret")
+    with pytest.raises(ValueError, match="cannot read the connection string") as info:
+        PostgresBackend("host=db password='s3cret")
+    assert "s3cret" not in str(info.value)
+
+
+async def test_a_leader_draws_its_fencing_token_from_the_tables_sequence(
+    postgres_server: PostgresServer, table: str
+) -> None:
+    """Each leader's token is the next value of ``<table>_fence``, so it only grows."""
+    from fastapi_once.backends import fencing_token
+
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    tokens: list[int | None] = []
+
+    async def work() -> None:
+        tokens.append(fencing_token())
+
+    await backend.run_once("tests.pg.fence", work)
+    await backend.reset("tests.pg.fence")
+    await backend.run_once("tests.pg.fence", work)
+    await backend.run_once("tests.pg.other", work)
+    assert tokens == [1, 2, 3]
+    assert fencing_token() is None

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from backend_servers import RedisServer, Worker, free_port, read_log, require, wait_for
+from backend_servers import RedisServer, free_port, require
 
 from fastapi_once.backends import BackendError, LeaseLostError, fencing_token
 
@@ -190,69 +189,6 @@ async def test_the_fencing_token_is_set_only_inside_the_work_and_grows_with_each
     assert second > first
 
 
-async def test_followers_fail_clearly_when_redis_goes_away(
-    private_redis: RedisServer, name: str
-) -> None:
-    """Redis stops mid-run: the follower raises BackendError, the leader LeaseLostError; no
-    hang, no password in either message."""
-    leader = RedisBackend(private_redis.url, lease=0.5)
-    follower = RedisBackend(private_redis.url, lease=0.5)
-    started = anyio.Event()
-    errors: dict[str, BaseException] = {}
-
-    async def work() -> str:
-        started.set()
-        await anyio.sleep(30)
-        return "never"
-
-    async def lead() -> None:
-        with pytest.raises(LeaseLostError) as info:
-            await leader.run_once(name, work)
-        errors["leader"] = info.value
-
-    with anyio.fail_after(15):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(lead)
-            await started.wait()
-
-            async def follow() -> None:
-                with pytest.raises(BackendError) as info:
-                    await follower.run_once(name, work)
-                errors["follower"] = info.value
-
-            tg.start_soon(follow)
-            await anyio.sleep(0.2)
-            private_redis.stop()
-    for error in errors.values():
-        assert private_redis.password not in str(error)
-    assert "unreachable" in str(errors["leader"])
-    assert follower.describe() in str(errors["follower"])
-    await leader.aclose()
-    await follower.aclose()
-
-
-def test_processes_waiting_through_a_redis_restart_finish_or_fail_clearly(
-    private_redis: RedisServer, tmp_path: Path, start_workers: Callable[..., list[Worker]]
-) -> None:
-    """Redis restarts (losing every key) while a leader runs and followers wait: a follower
-    leads anew and everyone gets its result, except the first leader, whose lease is lost."""
-    spec = {"kind": "redis", "url": private_redis.url, "namespace": "restart", "lease": 1.0}
-    log = tmp_path / "events.log"
-    cfg = {"spec": spec, "log": str(log), "name": "tests.restart", "result": 7, "first_sleep": 3}
-    workers = start_workers(3, cfg)
-    for worker in workers:
-        worker.go()
-    wait_for(lambda: any(e["event"] == "start" for e in read_log(log)), what="the leader")
-    private_redis.restart()
-    outcomes = [worker.outcome(timeout=30) for worker in workers]
-    for outcome in outcomes:
-        assert outcome.get("ok") == 7 or outcome.get("error") in ("LeaseLostError", "BackendError")
-        assert private_redis.password not in outcome.get("message", "")
-    first = read_log(log)[0]["pid"]
-    assert next(o for o in outcomes if o["pid"] == first)["error"] == "LeaseLostError"
-    assert any(o.get("ok") == 7 for o in outcomes), outcomes
-
-
 async def test_an_unreachable_redis_raises_backend_error_without_the_password(name: str) -> None:
     """The URL's password is masked in the error; the driver's exception is the cause."""
     backend = RedisBackend(f"redis://:hunter2secret@127.0.0.1:{free_port()}/0", lease=0.5)
@@ -278,3 +214,38 @@ def test_options_are_checked() -> None:
         RedisBackend(lease=0)
     with pytest.raises(ValueError, match="namespace"):
         RedisBackend(namespace="")
+
+
+async def test_names_with_braces_and_percent_signs_never_share_keys(
+    make: Callable[..., RedisBackend], side: Any, namespace: str
+) -> None:
+    """Braces are percent-encoded in the hash tag: each name has its own keys, one slot."""
+    backend = make()
+    names = ["a}:{b", "a%7D:%7Bb", "{a}", "%7Ba%7D"]
+    for i, name in enumerate(names):
+
+        async def work(i: int = i) -> int:
+            return i
+
+        assert await backend.run_once(name, work) == i
+    done = sorted(await side.keys(f"{namespace}:*:done"))
+    assert len(done) == 4
+    for key in done:
+        tag = key[key.index("{") + 1 : key.index("}")]
+        assert key == f"{namespace}:{{{tag}}}:done"
+
+
+def test_a_namespace_with_braces_is_refused() -> None:
+    """A brace in the namespace would make keys ambiguous (and move the hash tag)."""
+    with pytest.raises(ValueError, match="without braces"):
+        RedisBackend(namespace="app:{x}")
+
+
+def test_a_percent_encoded_password_is_masked_as_written_and_decoded() -> None:
+    """The one scrubber masks the password in both spellings."""
+    from fastapi_once.backends._base import Scrubber
+
+    scrub = Scrubber("redis://:p%40ss%3Aword@cache:6379/0")
+    assert scrub.shown == "redis://:***@cache:6379/0"
+    assert scrub("AuthenticationError: p@ss:word refused") == "AuthenticationError: *** refused"
+    assert "p%40ss" not in scrub("bad url redis://:p%40ss%3Aword@cache")

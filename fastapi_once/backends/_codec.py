@@ -1,0 +1,188 @@
+"""How a once's result travels between processes: JSON text, typed by the function's annotation.
+
+Never pickle: other processes (and whoever else can write to the store) hand the text back, and
+decoding it must not run code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import typing
+from collections.abc import Callable
+from typing import Any
+
+
+class ResultCodec:
+    """Turns a once's result into JSON data for a backend, and the backend's JSON data back.
+
+    The plain codec (:data:`JSON`) passes values through: backends store them with
+    :func:`encode_json` and followers get what JSON decodes (a tuple comes back as a list, a
+    datetime is refused). :meth:`for_function` builds a typed codec from a function's return
+    annotation instead: pydantic's ``TypeAdapter`` turns the result into JSON data before the
+    backend stores it, and the data the backend returns back into the annotated type (tuples,
+    datetimes, enums, models, dataclasses...), for every process, the leader included.
+    """
+
+    def __init__(self, annotation: Any = Any, *, owner: str = "") -> None:
+        self._annotation = annotation
+        self._owner = owner
+        self._typed = annotation is not Any
+        self._type_adapter: Any = None
+
+    @classmethod
+    def for_function(cls, fn: Callable[..., Any], name: str) -> ResultCodec:
+        """Return the codec for ``fn``'s return annotation (plain JSON without one).
+
+        An annotation that names a class defined later in its module is resolved at first use.
+
+        Raises:
+            TypeError: pydantic cannot serialise the annotated type.
+        """
+        target: Any = fn
+        while isinstance(target, functools.partial):
+            target = target.func
+        if not (inspect.isroutine(target) or inspect.isclass(target)):
+            target = getattr(target, "__call__", target)  # noqa: B004
+        raw = getattr(target, "__annotations__", {}).get("return", inspect.Signature.empty)
+        if raw is inspect.Signature.empty or raw is Any or raw in ("Any", "typing.Any"):
+            return JSON
+        codec = cls(_Deferred(target), owner=name)
+        codec._adapter(lenient=True)  # a forward reference is resolved at first use
+        return JSON if codec._annotation is Any else codec
+
+    @property
+    def typed(self) -> bool:
+        """Whether results are decoded into an annotated type (not plain JSON)."""
+        return self._typed
+
+    def to_data(self, name: str, value: object, backend: str) -> Any:
+        """Return ``value`` as JSON data (dicts, lists, strings, numbers, booleans, None).
+
+        Raises:
+            TypeError: ``value`` cannot be encoded, or does not match the annotation (naming the
+                once, the backend, and the offending type, never the value).
+        """
+        if not self._typed:
+            return value
+        from pydantic_core import PydanticSerializationError
+
+        try:
+            return self._adapter().dump_python(value, mode="json", warnings="error")
+        except PydanticSerializationError:
+            raise TypeError(
+                f"{name}'s result is not JSON-serialisable as its return annotation "
+                f"{self._shown()}: got a {type(value).__qualname__}; a once with across= shares "
+                f"its result with other processes through {backend} as JSON. Return a value of "
+                "the annotated type, made of what pydantic serialises (models, dataclasses, "
+                "TypedDicts, tuples, datetimes, enums, plain data)"
+            ) from None
+
+    def from_data(self, data: Any) -> Any:
+        """Return the result ``data`` (as JSON decoded it) holds, as the annotated type.
+
+        Raises:
+            TypeError: the recorded result does not match the annotation (it was recorded by a
+                version of the function with another annotation).
+        """
+        if not self._typed:
+            return data
+        from pydantic import ValidationError
+
+        try:
+            # Through JSON text, so that JSON's rules apply (a string is a datetime), also for
+            # models in strict mode.
+            return self._adapter().validate_json(json.dumps(data))
+        except ValidationError as exc:
+            where = ", ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'result'}: {e['msg']}"
+                for e in exc.errors(include_input=False, include_url=False)[:3]
+            )
+            raise TypeError(
+                f"the recorded result of {self._owner} does not match its return annotation "
+                f"{self._shown()} ({where}); it was recorded by a version with another "
+                "annotation: give the once a new version= (or reset it)"
+            ) from None
+
+    def _adapter(self, *, lenient: bool = False) -> Any:
+        if self._type_adapter is None:
+            from pydantic import PydanticSchemaGenerationError, TypeAdapter
+
+            if isinstance(self._annotation, _Deferred):
+                try:
+                    self._annotation = self._annotation.evaluate()
+                except NameError as exc:
+                    if lenient:
+                        return None
+                    raise TypeError(
+                        f"once({self._owner}, across=...): its return annotation "
+                        f"{self._shown()} cannot be resolved ({exc}); define the type at module "
+                        "level, or remove the annotation to share plain JSON"
+                    ) from None
+            try:
+                self._type_adapter = TypeAdapter(self._annotation)
+            except PydanticSchemaGenerationError:
+                raise TypeError(
+                    f"once({self._owner}, across=...): the result is shared as JSON typed by "
+                    f"the return annotation {self._shown()}, which pydantic cannot serialise; "
+                    "annotate a type it can (a model, dataclass, TypedDict, tuple, datetime, "
+                    "enum, plain data), or remove the annotation to share plain JSON"
+                ) from None
+        return self._type_adapter
+
+    def _shown(self) -> str:
+        annotation = self._annotation
+        if isinstance(annotation, _Deferred):
+            return annotation.text
+        if isinstance(annotation, type):
+            return annotation.__qualname__
+        return repr(annotation).replace("typing.", "")
+
+
+class _Deferred:
+    """A return annotation to evaluate (``from __future__ import annotations`` leaves text)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        raw = fn.__annotations__["return"]
+        self.text = raw if isinstance(raw, str) else getattr(raw, "__qualname__", repr(raw))
+
+    def evaluate(self) -> Any:
+        return typing.get_type_hints(self.fn, include_extras=True)["return"]
+
+
+def encode_json(name: str, value: object, backend: str) -> str:
+    """Return ``value`` as JSON text, for a backend to store.
+
+    Raises:
+        TypeError: ``value`` is not JSON-serialisable (naming the once, the backend and the
+            offending type, never the value).
+    """
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_refuse)
+    except (TypeError, ValueError) as exc:
+        what = type(value).__qualname__
+        if isinstance(exc, _Refused):
+            detail = what if exc.what == what else f"{what} containing a {exc.what} value"
+        else:  # e.g. a non-string key, NaN, a circular reference
+            detail = f"{what} ({exc})"
+        raise TypeError(
+            f"{name}'s result is not JSON-serialisable: type {detail}; a once with across= "
+            f"shares its result with other processes through {backend} as JSON. Return plain "
+            "data (dict, list, str, int, float, bool, None), or annotate the function's return "
+            "type to share typed values"
+        ) from None
+
+
+class _Refused(TypeError):
+    def __init__(self, obj: object) -> None:
+        self.what = type(obj).__qualname__
+
+
+def _refuse(obj: object) -> object:
+    raise _Refused(obj)
+
+
+#: The plain JSON codec: what a function without a return annotation uses.
+JSON = ResultCodec()

@@ -1,0 +1,195 @@
+"""Backends bound late: built from a URL or a factory at first use, and bound to one once."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+from urllib.parse import unquote, urlsplit
+
+from .._loops import current_loop
+from ._base import Backend, Scrubber
+from ._codec import ResultCodec
+
+#: What ``once(across=)`` takes: a backend, a backend URL, or a function returning either.
+Across: TypeAlias = Backend | str | Callable[[], Backend | str]
+
+_SCHEMES = ("file", "redis", "rediss", "postgresql", "postgres")
+
+
+def backend_from_url(url: str, **options: Any) -> Backend:
+    """Build the backend that ``url`` names; nothing is connected or created until first use.
+
+    - ``file:///var/lib/myapp/locks``: :class:`~fastapi_once.backends.FileLockBackend` in that
+      directory; ``file://`` alone: its default private directory under the system temp dir.
+    - ``redis://[:password@]host[:port][/db]``, ``rediss://...`` (TLS):
+      :class:`~fastapi_once.backends.RedisBackend`.
+    - ``postgresql://user:password@host[:port]/db``, ``postgres://...``:
+      :class:`~fastapi_once.backends.PostgresBackend`.
+
+    Args:
+        url: the backend's URL; its password never appears in errors, logs or ``describe()``.
+        options: keyword arguments for the backend's constructor (``wait_timeout=``, ``ttl=``,
+            ``namespace=``, ``table=``...).
+
+    Raises:
+        ValueError: the URL's scheme is none of the above, or a ``file:`` URL names a host.
+        ImportError: the backend's driver is not installed (the message names the extra).
+    """
+    scheme = _scheme(url)
+    if scheme == "file":
+        from ._file import FileLockBackend
+
+        parts = urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(
+                f"backend URL {url!r}: a file: URL names a local directory, "
+                "file:///absolute/path (three slashes), not a host"
+            )
+        return FileLockBackend(unquote(parts.path) or None, **options)
+    if scheme in ("redis", "rediss"):
+        from ._redis import RedisBackend
+
+        return RedisBackend(url, **options)
+    from ._postgres import PostgresBackend
+
+    return PostgresBackend(url, **options)
+
+
+def _scheme(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in _SCHEMES:
+        raise ValueError(
+            f"backend URL {Scrubber(url).shown!r}: unknown scheme; give file:///path, "
+            "redis://host:6379/0, rediss://host:6380/0 or postgresql://user@host/db"
+        )
+    return scheme.lower()
+
+
+class BoundBackend(Backend):
+    """The backend of one once: built at first use when given as a URL or factory, and decoding
+    results into the type the once's function is annotated to return.
+
+    ``once(fn, across=...)`` wraps whatever it is given in one of these. A URL's scheme is
+    checked at once, but the backend itself is built at the first call of the once (or of its
+    :meth:`reset`) in each event loop — e.g. in the lifespan, after configuration is loaded; in
+    a server process that is once. Every once given the same URL string or factory shares the
+    backend built from it in that loop; a new loop (a test's new ``TestClient``) builds a new
+    one, reading the configuration again.
+
+    Args:
+        across: a :class:`Backend`, a backend URL (see :func:`backend_from_url`), or a function
+            of no arguments returning either.
+        fn: the once's function, whose return annotation types the shared result.
+        name: the once's name, for messages.
+
+    Raises:
+        TypeError: ``across`` is none of these, or the annotation is not one pydantic serialises.
+        ValueError: a URL with an unknown scheme.
+    """
+
+    def __init__(self, across: Across, *, fn: Callable[..., Any], name: str) -> None:
+        if isinstance(across, str):
+            _scheme(across)
+        elif not isinstance(across, Backend) and not callable(across):
+            raise TypeError(
+                f"once({name}, across={across!r}): across= takes a backend from "
+                "fastapi_once.backends (e.g. FileLockBackend()), a backend URL "
+                "('redis://host:6379/0'), or a function of no arguments returning either"
+            )
+        self._source = across
+        self._name = name
+        self.codec = ResultCodec.for_function(fn, name)
+
+    @property
+    def backend(self) -> Backend:
+        """The backend itself, built now if it was given as a URL or a factory.
+
+        Raises:
+            TypeError: the factory returned something else than a backend or a URL.
+        """
+        if isinstance(self._source, Backend):
+            return self._source
+        return _resolve(self._source, self._name, current_loop())
+
+    async def run_once(
+        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+    ) -> Any:
+        """Run ``work`` once across processes; return its result as the annotated type.
+
+        A typed result is turned into JSON data before the backend stores it, and the data the
+        backend returns is turned back into the annotated type, so that any backend (its own
+        encoding is plain JSON) shares typed results.
+
+        Raises:
+            TypeError: the result does not match the annotation or cannot be encoded, or the
+                recorded result does not match the annotation.
+        """
+        backend = self.backend
+        codec = self.codec
+        if not codec.typed:
+            return await backend.run_once(name, work, ttl=ttl)
+
+        async def as_data() -> Any:
+            return codec.to_data(name, await work(), backend.describe())
+
+        return codec.from_data(await backend.run_once(name, as_data, ttl=ttl))
+
+    async def reset(self, name: str) -> None:
+        """Clear ``name``'s record in the backend."""
+        await self.backend.reset(name)
+
+    async def aclose(self) -> None:
+        """Close the backend, if it has been built (in the running event loop)."""
+        if isinstance(self._source, Backend):
+            await self._source.aclose()
+        else:
+            built = _built.get(current_loop(), {}).get(self._source)
+            if built is not None:
+                await built.aclose()
+
+    def describe(self) -> str:
+        """The backend's description; before it is built (in this loop), where it comes from."""
+        source = self._source
+        if isinstance(source, Backend):
+            return source.describe()
+        try:
+            built = _built.get(current_loop(), {}).get(source)
+        except RuntimeError:  # no event loop running
+            built = None
+        if built is not None:
+            return built.describe()
+        if isinstance(source, str):
+            return f"backend at {Scrubber(source).shown} (built at first use)"
+        what = getattr(source, "__qualname__", type(source).__qualname__)
+        return f"backend from {what}() (built at first use)"
+
+
+# Backends built from a URL or a factory, by event loop and by that URL or factory: onces that
+# share one share its backend. Written under _lock; a built backend is never replaced.
+_built: weakref.WeakKeyDictionary[object, dict[object, Backend]] = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+
+
+def _resolve(source: str | Callable[[], Backend | str], name: str, loop: object) -> Backend:
+    built = _built.get(loop)
+    backend = None if built is None else built.get(source)
+    if backend is not None:
+        return backend
+    with _lock:
+        built = _built.setdefault(loop, {})
+        backend = built.get(source)
+        if backend is None:
+            made = source() if callable(source) else source
+            if isinstance(made, str):
+                made = backend_from_url(made)
+            if not isinstance(made, Backend):
+                what = getattr(source, "__qualname__", repr(source))
+                raise TypeError(
+                    f"once({name}, across={what}): the factory returned a "
+                    f"{type(made).__qualname__}; it must return a backend from "
+                    "fastapi_once.backends or a backend URL string"
+                )
+            backend = built[source] = made
+    return backend
