@@ -25,9 +25,9 @@ from ._attempts import Attempt, wait, working
 from ._errors import OnceClosedError
 from ._keys import NOKEY, unhashable
 from ._kinds import Kind, as_coroutine_function, invoke, kind_of
-from ._loops import current_loop, drain, state_of, thread_proof
+from ._loops import current_loop, drain, running_state, state_of, thread_proof
 from ._policy import Policy
-from ._records import IDLE, READY, Injector, KeyView, Record, Resolve, Store
+from ._records import IDLE, READY, REFRESHING, Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
 from ._telemetry import across
 from ._values import Value
@@ -200,11 +200,10 @@ class Once(Generic[P, T]):
     def _existing_store(self) -> Store | None:
         """The running loop's store (or, outside any loop, the last one used), if any."""
         try:
-            loop = current_loop()
+            state = running_state()
         except RuntimeError:
             return self._hot[2]
-        state = state_of(loop)
-        return cast("Store | None", state.stores.get(self))
+        return None if state is None else cast("Store | None", state.stores.get(self))
 
     async def _slow(
         self, store: Store, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -223,20 +222,13 @@ class Once(Generic[P, T]):
     def _bind(self, context: object) -> Resolve | None:
         return None if self._injector is None else self._injector.bind(context)
 
-    async def _run(
-        self,
-        rec: Record,
-        attempt: Attempt,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        resolve: Resolve | None,
-    ) -> None:
+    async def _run(self, rec: Record, attempt: Attempt, *call: Any) -> None:
         """Run an attempt that has a timeout: inside the scope the timeout cancels."""
         # The scope a timeout cancels stays open while the value is kept, so that scopes a
         # generator opened before its yield are closed inside it.
         try:
             with anyio.CancelScope() as attempt.scope:
-                await self._attempt(rec, attempt, args, kwargs, resolve)
+                await self._attempt(rec, attempt, *call)
         finally:
             if attempt.ended is not None:  # timed out: teardown waits for this
                 attempt.ended.set()
@@ -368,6 +360,15 @@ def kick(target: Once[Any, Any], context: object) -> bool:
     return True
 
 
+def served(target: Once[Any, Any]) -> tuple[bool, Any]:
+    """Whether an unkeyed once serves a value in the running loop now, and that value."""
+    store = target._existing_store()
+    rec = None if store is None else store.records.get(NOKEY)
+    if rec is None or rec.made is None or rec.due(monotonic()) not in (READY, REFRESHING):
+        return False, None
+    return True, rec.made.value
+
+
 def pin(target: Once[Any, T], value: T) -> None:
     """Serve ``value`` from an unkeyed once in the running loop until :func:`unpin` (tests)."""
     now = monotonic()
@@ -387,8 +388,7 @@ def unpin(target: Once[Any, T], value: T) -> None:
 async def make_with(target: Once[Any, T], context: object) -> T:
     """Return an unkeyed once's value, making it with ``context`` (e.g. the app) if needed."""
     kwargs: dict[str, Any] = {target._param: context} if target._param is not None else {}
-    call: Any = target
-    return cast(T, await call(**kwargs))
+    return cast(T, await cast(Any, target)(**kwargs))
 
 
 def _forget_hot_cells() -> None:

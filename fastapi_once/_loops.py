@@ -146,6 +146,12 @@ def state_of(loop: object) -> LoopState:
         return state
 
 
+def every_state() -> list[LoopState]:
+    """A snapshot of every live loop's state (any thread; each is read at the reader's risk)."""
+    with _lock:
+        return list(_states.values())
+
+
 def running_state() -> LoopState | None:
     """Return the running loop's state if any once has used it, else None."""
     return _states.get(current_loop())

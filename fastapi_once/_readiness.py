@@ -19,9 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from . import _records
-from ._core import Once, kick
+from ._core import Once, kick, served
 from ._fastapi import once
-from ._keys import NOKEY
 from ._kinds import Kind, kind_of
 from ._loops import current_loop
 from ._status import OnceStatus
@@ -42,15 +41,6 @@ class _Ping:
         self.at: float | None = None  # when, on the clock of expiry and refresh
         self.error: tuple[str, str] | None = None  # type name and message, if it failed
         self.running: anyio.Event | None = None  # set when the ping in flight ends
-
-
-def _served(item: Once[Any, Any]) -> tuple[bool, Any]:
-    """Whether an unkeyed once serves a value in the running loop, and the value."""
-    store = item._existing_store()
-    rec = None if store is None else store.records.get(NOKEY)
-    if rec is None or rec.made is None or rec.due(_records.monotonic()) not in _SERVING:
-        return False, None
-    return True, rec.made.value
 
 
 async def _check(check: Callable[[Any], Any], value: Any, limit: float) -> None:
@@ -175,7 +165,7 @@ def readiness_router(
         if warm and not serving and _renewing(status):
             entry["renewing"] = serving = True
         if serving and "ping" in item.options:
-            has, value = _served(item)
+            has, value = served(item)
             if has:
                 loop_pings = pings.setdefault(current_loop(), {})
                 error = await _pinged(item, value, loop_pings, ping_timeout, ping_every)

@@ -259,11 +259,9 @@ async def across(
 
 def _stores() -> Iterable[Store]:
     """Every once's store in every event loop alive (read from any thread, so copied first)."""
-    from ._loops import _lock, _states
+    from ._loops import every_state
 
-    with _lock:
-        states = list(_states.values())
-    for state in states:
+    for state in every_state():
         try:
             stores = list(state.stores.values())
         except RuntimeError:  # pragma: no cover - its loop added a store meanwhile: next time

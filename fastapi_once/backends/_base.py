@@ -12,6 +12,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, overload
 from urllib.parse import unquote, urlsplit
 
+import anyio
+
+from .._errors import LeaseLostError
+
 #: How long a follower waits for the leader by default, in seconds (``wait_timeout=``).
 DEFAULT_WAIT_TIMEOUT = 300.0
 
@@ -88,6 +92,54 @@ def fencing_token() -> int | None:
       process, so no second leader can start while the first still runs.
     """
     return _fencing_token.get()
+
+
+async def run_guarded(
+    name: str,
+    backend: str,
+    fence: int | None,
+    work: Callable[[], Awaitable[Any]],
+    until_lost: Callable[[], Awaitable[str]],
+) -> Any:
+    """Run ``work`` with ``fence`` as its fencing token while ``until_lost()`` watches the lock.
+
+    ``until_lost`` returns why the lock was lost, or runs until cancelled once the work is done.
+    When it returns, the work is cancelled and :class:`LeaseLostError` raised.
+
+    Raises:
+        LeaseLostError: the lock was lost while the work ran.
+        Exception: what ``work`` raised, unchanged (not in an exception group).
+    """
+    lost: str | None = None
+    work_scope = anyio.CancelScope()
+
+    async def watch() -> None:
+        nonlocal lost
+        lost = await until_lost()
+        work_scope.cancel()
+
+    result: Any = None
+    error: BaseException | None = None
+    token = _fencing_token.set(fence)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            try:
+                # The work runs in this task, not in the task group, so that its exception
+                # reaches the caller unchanged rather than inside an exception group.
+                with work_scope:
+                    result = await work()
+            except BaseException as exc:
+                error = exc
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        _fencing_token.reset(token)
+    if lost is not None:
+        raise LeaseLostError(name, backend, lost) from error
+    if error is not None:
+        raise error
+    return result
 
 
 @overload

@@ -13,14 +13,14 @@ from typing import Any, Literal, Protocol, cast
 
 import anyio
 
-from .._errors import BackendError, LeaseLostError, WaitTimeoutError
+from .._errors import BackendError, WaitTimeoutError
 from ._base import (
     DEFAULT_WAIT_TIMEOUT,
     Backend,
     Scrubber,
-    _fencing_token,
     backoff,
     holder_id,
+    run_guarded,
     seconds,
     time_left,
 )
@@ -269,50 +269,19 @@ class PostgresBackend(Backend):
         self, conn: _Connection, name: str, fence: int, work: Callable[[], Awaitable[Any]]
     ) -> Any:
         """Run ``work`` under the lock, cancelling it if the lock's session ends."""
-        lost: str | None = None
-        work_scope = anyio.CancelScope()
-        done = anyio.Event()
 
-        async def watch() -> None:
-            nonlocal lost
-            while not done.is_set():
-                with anyio.move_on_after(self.check_interval):
-                    await done.wait()
-                if done.is_set():
-                    return
+        async def until_lost() -> str:
+            while True:
+                await anyio.sleep(self.check_interval)
                 # Shielded and bounded, so that the query is never cut off half-way: the
                 # connection goes back to the leader in a usable state.
                 with anyio.CancelScope(shield=True):
                     try:
                         await conn.fetchval("SELECT 1", timeout=self.check_interval)
                     except _DRIVER_ERRORS as exc:
-                        lost = self._scrub(f"its session ended: {type(exc).__name__}: {exc}")
-                if lost is not None:
-                    work_scope.cancel()
-                    return
+                        return self._scrub(f"its session ended: {type(exc).__name__}: {exc}")
 
-        result: Any = None
-        error: BaseException | None = None
-        token = _fencing_token.set(fence)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch)
-                try:
-                    # In this task, not the task group, so that its exception reaches the caller
-                    # unchanged rather than inside an exception group.
-                    with work_scope:
-                        result = await work()
-                except BaseException as exc:
-                    error = exc
-                finally:
-                    done.set()
-        finally:
-            _fencing_token.reset(token)
-        if lost is not None:
-            raise LeaseLostError(name, self.describe(), lost) from error
-        if error is not None:
-            raise error
-        return result
+        return await run_guarded(name, self.describe(), fence, work, until_lost)
 
     async def _acquire(
         self, conn: _Connection, name: str, key: int, started: float

@@ -18,9 +18,9 @@ from ._base import (
     DEFAULT_WAIT_TIMEOUT,
     Backend,
     Scrubber,
-    _fencing_token,
     backoff,
     holder_id,
+    run_guarded,
     seconds,
     time_left,
 )
@@ -291,36 +291,13 @@ class RedisBackend(Backend):
         work: Callable[[], Awaitable[Any]],
     ) -> Any:
         """Run ``work`` while renewing the lease; cancel it and raise if the lease is lost."""
-        lost: str | None = None
-        work_scope = anyio.CancelScope()
-
-        async def renew() -> None:
-            nonlocal lost
-            lost = await self._renew_until_lost(client, keys, lock)
-            work_scope.cancel()
-
-        result: Any = None
-        error: BaseException | None = None
-        token = _fencing_token.set(lock.fence)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(renew)
-                try:
-                    # The work runs in this task, not in the task group, so that its exception
-                    # reaches the caller unchanged rather than inside an exception group.
-                    with work_scope:
-                        result = await work()
-                except BaseException as exc:
-                    error = exc
-                finally:
-                    tg.cancel_scope.cancel()
-        finally:
-            _fencing_token.reset(token)
-        if lost is not None:
-            raise LeaseLostError(name, self.describe(), lost) from error
-        if error is not None:
-            raise error
-        return result
+        return await run_guarded(
+            name,
+            self.describe(),
+            lock.fence,
+            work,
+            lambda: self._renew_until_lost(client, keys, lock),
+        )
 
     async def _renew_until_lost(self, client: _Client, keys: _Keys, lock: _Lock) -> str:
         """Renew the lease every lease/3 seconds; return why it was lost (never, if cancelled)."""
