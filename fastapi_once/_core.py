@@ -13,7 +13,6 @@ import os
 import sys
 import time
 import weakref
-from asyncio import get_running_loop
 from collections.abc import Callable, Hashable
 from contextlib import AsyncExitStack
 from threading import get_ident
@@ -150,7 +149,8 @@ class Once(Generic[P, T]):
                 rec.store.hits += 1
                 return made.value  # type: ignore[no-any-return]
             key: Hashable = NOKEY
-            if args or [k for k in kwargs if k != self._param]:
+            hidden = kwargs.pop(self._param, None) if self._param is not None else None
+            if args or kwargs:
                 raise TypeError(
                     f"{self.name} takes no arguments: it has no key=, so it makes one value for "
                     "every caller; pass key= to keep one value per argument"
@@ -171,15 +171,10 @@ class Once(Generic[P, T]):
                 store.records.move_to_end(key)
                 store.hits += 1
                 return made.value  # type: ignore[no-any-return]
-            if hidden is not None:
-                kwargs[self._param] = hidden  # type: ignore[index]
-        return cast(T, await self._slow(cast(Store, store), key, args, kwargs))
+        return cast(T, await self._slow(cast(Store, store), key, args, kwargs, hidden))
 
     def _find(self) -> tuple[Any, int | None, Store, Record | None]:
-        try:
-            loop: object = get_running_loop()
-        except RuntimeError:
-            loop = current_loop()
+        loop = current_loop()
         hot = self._hot
         if hot[0] is loop:
             return cast("tuple[Any, int | None, Store, Record | None]", hot)
@@ -206,9 +201,13 @@ class Once(Generic[P, T]):
         return None if state is None else cast("Store | None", state.stores.get(self))
 
     async def _slow(
-        self, store: Store, key: Hashable, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        store: Store,
+        key: Hashable,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        context: object,
     ) -> Any:
-        context = kwargs.pop(self._param, None) if self._param is not None else None
         now = monotonic()
         rec = store.record(key, now)
         if key is NOKEY:
