@@ -24,7 +24,18 @@ from ._attempts import Attempt, wait, working
 from ._errors import OnceClosedError
 from ._keys import NOKEY, unhashable
 from ._kinds import Kind, as_coroutine_function, invoke, kind_of
-from ._loops import current_loop, drain, running_state, state_of, thread_proof
+from ._loops import (
+    call_blocking,
+    current_loop,
+    drain,
+    hop,
+    in_process_loop,
+    refuse_in_loop,
+    run_in_process_loop,
+    running_state,
+    state_of,
+    thread_proof,
+)
 from ._policy import Policy
 from ._records import IDLE, READY, REFRESHING, Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
@@ -59,7 +70,7 @@ def registry() -> list[Once[Any, Any]]:
 
 @final
 class Once(Generic[P, T]):
-    """A function whose value is made once per event loop and shared with every caller.
+    """A function whose value is made once per event loop (or process) and shared with every caller.
 
     Create it with :func:`fastapi_once.once`. ``await o(...)`` returns the value: the first
     callers start one attempt in a task the library owns, everyone else waits for that same
@@ -78,6 +89,7 @@ class Once(Generic[P, T]):
         across: Backend | None = None,
         policy: Policy | None = None,
         options: dict[str, Any] | None = None,
+        scope: str = "loop",
     ) -> None:
         # A bound method is held weakly, so that a once does not keep its object alive.
         self._fn: Callable[[], Any] = (
@@ -93,6 +105,9 @@ class Once(Generic[P, T]):
         self._across = across
         self._policy = policy or Policy()
         self._param = injector.param if injector is not None else None
+        # scope="process": the values live in the process scope's loop only (so _hot, once
+        # set, is that loop's, written in its thread); other threads read it or hop there.
+        self._process = scope == "process"
         self._needs_stack = injector is not None or self._kind in (Kind.ASYNC_GEN, Kind.GEN)
         # An async def with no sub-dependencies and no backend: the attempt just awaits it.
         self._plain = self._kind is Kind.ASYNC and injector is None and across is None
@@ -129,6 +144,9 @@ class Once(Generic[P, T]):
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
         """Return the value, making it first if no call in this event loop has made it yet.
 
+        With ``scope="process"``, the value is the process's: a call from any loop waits (without
+        blocking its loop) for the one attempt, which runs in the process scope's own loop.
+
         Raises:
             TypeError: arguments given to an unkeyed once, or an unhashable key.
             Exception: whatever the shared attempt raised; the next call tries again (or, within
@@ -137,6 +155,8 @@ class Once(Generic[P, T]):
         loop, proof, store, rec = self._hot
         # The hot path: proven the current loop without a system call where possible.
         if proof != get_ident() or loop._thread_id != proof:
+            if self._process and not in_process_loop():
+                return cast(T, await self._elsewhere(args, kwargs))
             loop, proof, store, rec = self._find()
         if self._key is None:
             if (
@@ -192,8 +212,62 @@ class Once(Generic[P, T]):
     def _forget_cell(self) -> None:
         self._hot = _NOWHERE
 
+    async def _elsewhere(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Process scope, outside its loop: serve the made value, or call in the loop."""
+        made = self._peek(args, kwargs)
+        if made is not None:
+            return made.value
+        return await hop(self(*args, **kwargs))
+
+    def _peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Value | None:
+        """Process scope: the value a call in its loop would serve at once, or None.
+
+        Only reads: the process scope's records change in its loop's thread alone, and a read
+        sees a record's value whole or not at all. Anything but a plain hit is left to the loop.
+        """
+        store, rec = self._hot[2], self._hot[3]
+        if store is None:
+            return None
+        if self._key is not None:
+            named = {k: v for k, v in kwargs.items() if k != self._param}
+            try:
+                rec = store.records.get(self._key(*args, **named))
+            except TypeError:  # unhashable, or arguments that do not fit: the loop says which
+                return None
+        elif args or kwargs.keys() - {self._param}:
+            return None
+        if rec is None or (made := rec.made) is None:
+            return None
+        if rec.until is not None and monotonic() >= rec.until:
+            return None
+        store.hits += 1
+        return made
+
+    def get_sync(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Return the value from sync code (a worker thread, a script) for ``scope="process"``.
+
+        Blocks the calling thread while the value is made; a made value is returned at once.
+
+        Raises:
+            TypeError: the once has ``scope="loop"`` (its values live in an event loop).
+            RuntimeError: an event loop runs in this thread (``await`` the once there).
+            Exception: whatever the shared attempt raised, as ``await o()`` would.
+        """
+        if not self._process:
+            raise TypeError(
+                f"{self.name}.get_sync(): a once of scope='loop' keeps its values in each event "
+                f"loop; await {self.name}() inside one, or make it with scope='process'"
+            )
+        refuse_in_loop(f"{self.name}.get_sync()")
+        made = self._peek(args, kwargs)
+        if made is not None:
+            return made.value  # type: ignore[no-any-return]
+        return call_blocking(lambda: self(*args, **kwargs))
+
     def _existing_store(self) -> Store | None:
         """The running loop's store (or, outside any loop, the last one used), if any."""
+        if self._process:
+            return self._hot[2]
         try:
             state = running_state()
         except RuntimeError:
@@ -310,6 +384,8 @@ class Once(Generic[P, T]):
         """
         if (args or kwargs) and self._key is None:
             raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
+        if self._process and not in_process_loop():
+            return await hop(self.reset(*args, **kwargs))
         store = self._existing_store()
         try:
             if store is not None:
@@ -348,6 +424,8 @@ def kick(target: Once[Any, Any], context: object) -> bool:
 
     Returns whether an attempt was started. For readiness probes: nothing waits.
     """
+    if target._process and not in_process_loop():
+        return run_in_process_loop(lambda: kick(target, context))
     now = monotonic()
     rec = target._find()[2].record(NOKEY, now)
     if rec.state != IDLE and not (rec.state == READY and rec.refresh_due(now)):
@@ -370,6 +448,8 @@ def served(target: Once[Any, Any]) -> tuple[bool, Any]:
 
 def pin(target: Once[Any, T], value: T) -> None:
     """Serve ``value`` from an unkeyed once in the running loop until :func:`unpin` (tests)."""
+    if target._process and not in_process_loop():
+        return run_in_process_loop(lambda: pin(target, value))
     now = monotonic()
     target._find()[2].record(NOKEY, now).pin(
         Value(target.name, value, None, now, time.time(), (None, None))
@@ -378,6 +458,8 @@ def pin(target: Once[Any, T], value: T) -> None:
 
 def unpin(target: Once[Any, T], value: T) -> None:
     """Stop serving a pinned ``value`` (nothing is cleaned up: it belongs to the caller)."""
+    if target._process and not in_process_loop():
+        return run_in_process_loop(lambda: unpin(target, value))
     store = target._existing_store()
     rec = None if store is None else store.records.get(NOKEY)
     if rec is not None:

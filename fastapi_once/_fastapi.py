@@ -14,7 +14,7 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature
@@ -272,6 +272,7 @@ class Options(TypedDict, total=False):
     jitter: float
     ping: Callable[[Any], Any]
     log_keys: bool
+    scope: Literal["loop", "process"]
 
 
 @overload
@@ -359,6 +360,10 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             is shown as a short digest, since keys often come from request data).
         ping: ``check(value)``, sync or async, that :func:`readiness_router` runs on the value
             to see that the dependency still answers; it fails by raising or returning False.
+        scope: ``"loop"`` (default): one value per event loop, right for loop-bound resources
+            (clients, pools). ``"process"``: one value per process, shared by every event loop
+            and thread, for loop-independent ones (a model, parsed settings, a lookup table);
+            sync code gets it with :meth:`Once.get_sync`. Not for async generators.
 
     Raises:
         TypeError: ``fn`` is not callable; a parameter reads the request; options do not fit.
@@ -462,6 +467,18 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
             f"once({name}, ping={ping!r}): ping= takes a function check(value) for an unkeyed "
             "once, e.g. ping=lambda pool: pool.execute('SELECT 1')"
         )
+    scope = options.get("scope", "loop")
+    if scope not in ("loop", "process"):
+        raise ValueError(
+            f"once({name}, scope={scope!r}): scope= is 'loop' (one value per event loop, the "
+            "default) or 'process' (one value shared by every loop and thread)"
+        )
+    if scope == "process" and kind_of(fn) is Kind.ASYNC_GEN:
+        raise TypeError(
+            f"once({name}, scope='process'): an async generator's value and cleanup belong to "
+            "the event loop that made it, which other loops cannot use; make it a def generator "
+            "or an async def, or keep scope='loop'"
+        )
     policy = Policy.from_options(name, options)
     signature, injector = adapt(fn, name, keyed=key is not None)
     made: Once[Any, Any] = Once(
@@ -473,6 +490,7 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
         across=across,
         policy=policy,
         options=options,
+        scope=scope,
     )
     made.__signature__ = signature  # type: ignore[attr-defined]
     return made

@@ -22,7 +22,10 @@ Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 
 
 def once_lifespan(
-    *onces: Callable[..., Any], lifespan: Lifespan | None = None, shutdown_timeout: float = 10.0
+    *onces: Callable[..., Any],
+    lifespan: Lifespan | None = None,
+    shutdown_timeout: float = 10.0,
+    reset_process_scope: bool = False,
 ) -> Lifespan:
     """Return a FastAPI lifespan that warms ``onces`` at startup and cleans up at shutdown.
 
@@ -40,6 +43,9 @@ def once_lifespan(
         shutdown_timeout: seconds shutdown waits for work in flight and cleanups, so that a
             hung function cannot hold the process past the server's grace period (default 10;
             Kubernetes gives a pod 30 s by default). What still runs then is logged.
+        reset_process_scope: also reset, at shutdown, the ``scope="process"`` onces among
+            ``onces``. Off by default: their values outlive the app (other event loops of the
+            process may use them) and are cleaned up at interpreter exit.
 
     Raises:
         TypeError: an item is not callable, or is keyed (a keyed once has no single value).
@@ -62,6 +68,9 @@ def once_lifespan(
             "number of seconds"
         )
 
+    # The process-scope onces this lifespan resets at shutdown: none unless asked.
+    process_scope = [o for o in warm if reset_process_scope and o.options.get("scope") == "process"]
+
     @asynccontextmanager
     async def run(app: Any) -> AsyncIterator[Any]:
         state_of(current_loop()).closed = False
@@ -76,9 +85,15 @@ def once_lifespan(
             # The startup's (or the app's) own exception goes on: a cleanup that fails now is
             # logged by the cleanup, not raised in its place.
             with contextlib.suppress(Exception):
-                await close(shutdown_timeout)
+                await shut()
             raise
+        await shut()
+
+    async def shut() -> None:
         await close(shutdown_timeout)
+        with anyio.CancelScope(shield=True):
+            for item in process_scope:
+                await item.reset()
 
     return run
 

@@ -3,12 +3,19 @@
 Each event loop has a :class:`LoopState` holding every once's store for that loop. Locking:
 ``_lock`` guards only the ``_states`` mapping (any thread may look up its loop); a
 ``LoopState`` and everything in it is touched only by its own loop's thread, so it has no lock.
+
+The process scope has a loop of its own: one asyncio loop in a daemon thread, started on first
+use, where ``scope="process"`` onces keep their values so that every loop and thread of the
+process shares them. Other loops reach it with :func:`hop`, sync code with :func:`call_blocking`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -16,8 +23,8 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
@@ -26,6 +33,8 @@ from ._telemetry import fields
 from ._values import Value, raise_all
 
 logger = logging.getLogger("fastapi_once")
+
+T = TypeVar("T")
 
 
 def current_loop() -> object:
@@ -256,9 +265,15 @@ def forget_everything() -> None:
         pass
     else:
         raise RuntimeError("forget_everything() runs outside event loops; use await reset_all()")
+    here = _process_loop
+    if here is not None:
+        with contextlib.suppress(BaseException):  # a cleanup's error: logged by the cleanup
+            call_blocking(reset_all)
     with _lock:
-        states = list(_states.values())
+        states = [state for loop, state in _states.items() if loop is not here]
         _states.clear()
+        if here is not None and (kept := _process_state) is not None:
+            _states[here] = kept
     orphans = [v for s in states for store in s.stores.values() for v in store.forget()]
     if orphans:
         with contextlib.suppress(BaseException):
@@ -270,5 +285,143 @@ async def _clean_orphans(values: list[Value]) -> None:
         await value.clean_here()
 
 
-# A child process starts with its parent's loops gone: drop what it inherited.
-os.register_at_fork(after_in_child=_states.clear)
+# --- the process scope's loop ---------------------------------------------------------------------
+
+# The loop, its thread's id and its state; set together under _process_lock, read without it
+# (a reader that sees None starts the loop under the lock, which checks again).
+_process_loop: asyncio.AbstractEventLoop | None = None
+_process_thread: int | None = None
+_process_state: LoopState | None = None
+_process_lock = threading.Lock()
+
+#: Seconds the interpreter's exit waits for process-scope work in flight before cleaning up.
+PROCESS_EXIT_TIMEOUT = 10.0
+
+
+def process_loop() -> asyncio.AbstractEventLoop:
+    """Return the process scope's loop, starting its thread on first use."""
+    global _process_loop, _process_thread, _process_state
+    loop = _process_loop
+    if loop is not None:
+        return loop
+    with _process_lock:
+        if _process_loop is None:
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                loop.run_forever()
+
+            thread = threading.Thread(target=run, name="fastapi_once process scope", daemon=True)
+            thread.start()
+            started.wait()
+            _process_thread, _process_state = thread.ident, state_of(loop)
+            _process_loop = loop
+        return _process_loop
+
+
+def in_process_loop() -> bool:
+    """Whether this thread runs the process scope's loop."""
+    return threading.get_ident() == _process_thread
+
+
+async def hop(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` in the process scope's loop and await it from the running loop.
+
+    The running loop keeps running meanwhile. Cancelling the caller cancels ``work`` (a caller
+    of a once that leaves, which never cancels the once's attempt for others).
+    """
+    done = _submit(work)
+    caller = current_loop()
+    if isinstance(caller, asyncio.AbstractEventLoop):
+        return await asyncio.wrap_future(done)  # its cancellation cancels ``done``
+    import trio
+
+    woken = trio.Event()
+
+    def wake(_: object) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            caller.run_sync_soon(woken.set)  # type: ignore[attr-defined]
+
+    done.add_done_callback(wake)
+    try:
+        await woken.wait()
+    except BaseException:
+        done.cancel()
+        raise
+    return done.result()
+
+
+def refuse_in_loop(action: str) -> None:
+    """Refuse a call that may block its thread where an event loop runs.
+
+    Raises:
+        RuntimeError: an event loop runs in this thread (it would stall; in the process scope's
+            own thread, it would wait for itself).
+    """
+    try:
+        current_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        f"{action} blocks its thread, and an event loop runs in this one; await the once "
+        "instead (or call this from a worker thread, e.g. in a def route)"
+    )
+
+
+def call_blocking(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work()`` in the process scope's loop, blocking this thread until it ends.
+
+    Call :func:`refuse_in_loop` first: in a thread with a running loop this would stall it.
+    """
+    return _submit(work()).result()
+
+
+def run_in_process_loop(action: Callable[[], T]) -> T:
+    """Call ``action`` in the process scope's loop thread and return its result."""
+    if in_process_loop():
+        return action()
+    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def call() -> None:
+        try:
+            result.set_result(action())
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    process_loop().call_soon_threadsafe(call, context=contextvars.Context())
+    return result.result()
+
+
+def _submit(work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    # In a context of its own: the caller's (its async library, the attempt it runs in) would
+    # otherwise follow the work into the process scope's loop.
+    return contextvars.Context().run(asyncio.run_coroutine_threadsafe, work, process_loop())
+
+
+@atexit.register
+def _stop_process_loop() -> None:
+    """At interpreter exit: close the process scope (cleanups run), then stop its loop."""
+    global _process_loop
+    with _process_lock:
+        loop, _process_loop = _process_loop, None
+    if loop is None:
+        return
+    closing = asyncio.run_coroutine_threadsafe(close(PROCESS_EXIT_TIMEOUT), loop)
+    try:
+        closing.result()
+    except BaseException:
+        logger.exception("cleaning up the process-scope onces at exit failed")
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def _forget_in_child() -> None:
+    # A child process starts with its parent's loops gone, the process scope's too.
+    global _process_loop, _process_thread, _process_state
+    _states.clear()
+    _process_loop = _process_thread = _process_state = None
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

@@ -47,6 +47,25 @@ async def get_stuff(url: str) -> bytes:
     return url.encode()
 
 
+@once(scope="process")
+def model() -> Iterator[Settings]:
+    yield Settings()
+
+
+@once(key=url_key, scope="process")
+def parsed(url: str) -> Settings:
+    return Settings()
+
+
+def sync_calls() -> None:
+    m: Settings = model.get_sync()
+    p: Settings = parsed.get_sync("/a")
+    model.get_sync(1)  # E: Too many arguments
+    parsed.get_sync(2)  # E: incompatible type "int"
+    once(model, scope="thread")  # E: No overload variant of "once" matches
+    print(m, p)
+
+
 async def calls() -> None:
     s: Settings = await settings()
     c: Client = await client()
