@@ -254,7 +254,8 @@ def forget_everything() -> None:
 
     For test teardown, outside any event loop: cleanup errors are logged, not raised. A value's
     cleanup normally runs in the task that made it, also when its loop ends; one whose loop was
-    closed without cancelling its tasks is cleaned up here, in a fresh loop.
+    closed without cancelling its tasks is cleaned up here, in a fresh loop. The process scope
+    is reset in its own loop, waiting at most ``PROCESS_EXIT_TIMEOUT`` for work in flight.
 
     Raises:
         RuntimeError: an event loop is running in this thread (use ``await reset_all()``).
@@ -268,7 +269,7 @@ def forget_everything() -> None:
     here = _process_loop
     if here is not None:
         with contextlib.suppress(BaseException):  # a cleanup's error: logged by the cleanup
-            call_blocking(reset_all)
+            call_blocking(_reset_process_scope)
     with _lock:
         states = [state for loop, state in _states.items() if loop is not here]
         _states.clear()
@@ -278,6 +279,12 @@ def forget_everything() -> None:
     if orphans:
         with contextlib.suppress(BaseException):
             anyio.run(_clean_orphans, orphans)
+
+
+async def _reset_process_scope() -> None:
+    # Like reset_all() in the process scope's loop, but a hung function cannot hang the caller.
+    state = state_of(current_loop())
+    await drain(lambda: list(state.stores.values()), "forget_everything()", PROCESS_EXIT_TIMEOUT)
 
 
 async def _clean_orphans(values: list[Value]) -> None:

@@ -18,7 +18,15 @@ import uvloop
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from fastapi_once import Once, OnceCycleError, once, once_lifespan, readiness_router
+from fastapi_once import (
+    Once,
+    OnceClosedError,
+    OnceCycleError,
+    _loops,
+    once,
+    once_lifespan,
+    readiness_router,
+)
 from fastapi_once._loops import forget_everything
 from fastapi_once.testing import override
 
@@ -316,6 +324,31 @@ def test_forget_everything_cleans_up_the_process_scope() -> None:
     assert table.get_sync() == 1
     forget_everything()
     assert events == ["cleaned"]
+
+
+def test_forget_everything_stops_waiting_for_a_hung_process_scope_function(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A function that never returns cannot hang the test teardown; what it makes is cleaned up."""
+    monkeypatch.setattr(_loops, "PROCESS_EXIT_TIMEOUT", 0.05)
+    gate, events = Gate(), list[str]()
+
+    @once(scope="process")
+    def table() -> Iterator[int]:
+        gate.release.wait()
+        yield 1
+        events.append("cleaned")
+
+    waiter: list[Any] = []
+    started = threading.Thread(target=lambda: waiter.extend(in_threads(table.get_sync)))
+    started.start()
+    until(lambda: table.status().state == "running")
+    forget_everything()
+    assert events == []
+    gate.release.set()
+    started.join(10)
+    until(lambda: events == ["cleaned"])
+    assert isinstance(waiter[0], OnceClosedError), "made after the reset: given to nobody"
 
 
 @pytest.mark.anyio
