@@ -270,6 +270,7 @@ class Options(TypedDict, total=False):
     ttl: float
     refresh: float
     jitter: float
+    stale_if_error: float
     ping: Callable[[Any], Any]
     log_keys: bool
 
@@ -355,6 +356,10 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             refresh while every caller keeps getting the current value.
         jitter: with ``ttl`` or ``refresh``, up to this many seconds (uniform, one draw per
             value) added to both, so that values made together do not expire together.
+        stale_if_error: with ``ttl``, seconds past the ttl during which the old value is still
+            served if making a new one fails (the first call past the ttl waits for one attempt
+            as usual; if it fails, its callers and later ones get the old value while one
+            attempt at a time runs in the background). Past them the old value is retired.
         log_keys: with ``key=``, show keys verbatim in logs, errors and spans (by default a key
             is shown as a short digest, since keys often come from request data).
         ping: ``check(value)``, sync or async, that :func:`readiness_router` runs on the value
