@@ -22,6 +22,7 @@ from starlette.requests import HTTPConnection
 
 from ._core import Once, make_with
 from ._kinds import Kind, invoke, kind_of
+from ._methods import OnceMethod, is_method, method_once
 from ._policy import Policy
 from ._records import Resolve
 
@@ -375,6 +376,10 @@ def once(fn: Any = None, /, **options: Any) -> Any:
     if isinstance(fn, Once):
         _check_same_options(fn, options)
         return fn
+    if isinstance(fn, OnceMethod):
+        return fn.again(options)
+    if is_method(fn):  # before callable(): a partialmethod is not callable
+        return method_once(fn, options, _make)
     if not callable(fn):
         raise TypeError(
             f"once() takes a function (async def, def, or generator function), got "
