@@ -193,9 +193,9 @@ class Record:
         state, made = self.due(now), self.made
         if made is None:
             return state, None, None
-        stale = None
-        if state != IDLE and made.expires_at is not None and now >= made.expires_at:
-            stale = made.wall_time + cast(float, self._ends(made)) - made.made_at
+        stale, ends = None, self._ends(made)
+        if made.expires_at is not None and made.expires_at <= now < cast(float, ends):
+            stale = made.wall_time + cast(float, ends) - made.made_at
         return state, made.wall_time, stale
 
     def _retire(self, now: bool = True) -> None:

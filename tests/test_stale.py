@@ -304,6 +304,7 @@ async def test_without_stale_if_error_a_failure_past_the_ttl_reaches_the_callers
     get = once(source.make, ttl=10)
     assert await get() == 1
     clock.advance(11)
+    assert not get.status().stale
     source.failing = True
     with pytest.raises(ConnectionError):
         await get()
