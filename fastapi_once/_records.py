@@ -27,6 +27,7 @@ record is then *failing*). These rows take the place of the ttl rows above:
 
     state       event                      next         side effect
     ready       ttl ends                   ready        keep the value, stale: not served
+                                                        (status() says idle, and stale)
     ready       call, kick (stale, not     running      start one attempt; calls join it as on
                 failing)                                any expiry; the stale value is kept
     running     attempt fails (stale       ready        wake the waiters with the stale value;
@@ -196,6 +197,8 @@ class Record:
         stale, ends = None, self._ends(made)
         if made.expires_at is not None and made.expires_at <= now < cast(float, ends):
             stale = made.wall_time + cast(float, ends) - made.made_at
+            if state == READY and not self.failing:
+                state = IDLE  # kept but not served: the next call starts an attempt
         return state, made.wall_time, stale
 
     def _retire(self, now: bool = True) -> None:

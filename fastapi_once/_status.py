@@ -29,8 +29,10 @@ class OnceStatus:
         joins: calls that joined an attempt in flight instead of starting one.
         keys: for a keyed once, how many keys are in each state; None otherwise.
         size: for a keyed once, how many values it keeps; None otherwise.
-        stale: whether a value past its ttl is kept under ``stale_if_error=`` (served while
-            making a new one fails; while an attempt runs, kept for its waiters in case it does).
+        stale: whether a value past its ttl is kept under ``stale_if_error=``: served (state
+            ``ready`` or ``refreshing``) once making a new one has failed; before that, kept for
+            the callers of the next attempt in case it fails (state ``idle``: the next call
+            starts it, or ``running``).
         stale_until: when that value is retired (UTC), the soonest for a keyed once, or None.
     """
 

@@ -157,7 +157,7 @@ async def test_past_the_ttl_the_first_call_waits_for_a_new_value_when_nothing_fa
     assert await get() == 1
     clock.advance(11)
     status = get.status()
-    assert (status.state, status.stale) == ("ready", True)
+    assert (status.state, status.stale) == ("idle", True)  # not served: a call starts an attempt
     results = await crowd(get, 10)
     assert results == [2] * 10
     await wait_until(lambda: source.closed == [1])
@@ -342,6 +342,29 @@ async def test_readiness_counts_a_stale_value_as_ready_and_says_it_is_stale(
         response = await client.get("/ready")
     assert response.status_code == 200
     assert response.json()["onces"][get.name] == {"state": "ready", "stale": True}
+
+
+async def test_readiness_renews_a_stale_value_before_any_failure(clock: FakeClock) -> None:
+    """Past the ttl, nothing failed yet: a warming probe starts the attempt and says renewing."""
+    source = Source()
+    get = once(source.make, ttl=10, stale_if_error=30)
+    app = FastAPI()
+    app.include_router(readiness_router(get))
+    assert await get() == 1
+    clock.advance(11)
+    source.gate = anyio.Event()
+    async with AsyncClient(transport=ASGITransport(app), base_url="http://test") as client:
+        response = await client.get("/ready")
+        assert response.status_code == 200
+        assert response.json()["onces"][get.name] == {
+            "state": "running",
+            "stale": True,
+            "renewing": True,
+        }
+        await wait_until(lambda: source.runs == 2)
+        source.gate.set()
+        await wait_until(lambda: get.status().state == "ready")
+    assert await get() == 2
 
 
 @pytest.mark.parametrize(
