@@ -356,6 +356,7 @@ class Record:
         ended(store, attempt, took, refresh)
         if mine:
             refresh = self.made is not None
+            stale = refresh and attempt.stale  # its waiters got the value past its ttl
             # The type only: exception text can hold secrets (a DSN, a token); DEBUG has it.
             kind = error_type(error)
             logger.warning(
@@ -364,7 +365,11 @@ class Record:
                 "refresh" if refresh else "attempt",
                 took,
                 kind,
-                "; keeping the current value" if refresh else "",
+                "; serving the stale value (stale_if_error=)"
+                if stale
+                else "; keeping the current value"
+                if refresh
+                else "",
                 extra=fields(
                     store.name,
                     "refresh_failed" if refresh else "failed",
@@ -434,9 +439,10 @@ class Record:
         made = self.made
         if (
             made is not None
+            and made.expires_at is not None
             and self.attempt is attempt
             and self.store.policy.stale_if_error is not None
-            and now < cast(float, self._ends(made))
+            and made.expires_at <= now < cast(float, self._ends(made))
         ):
             attempt.fall_back(made.value, error, traceback)
         else:
