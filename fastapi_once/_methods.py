@@ -115,6 +115,12 @@ class OnceMethod:
         if isinstance(fn, functools.partialmethod):
             func, self.args, self.keywords = fn.func, tuple(fn.args), dict(fn.keywords)
         self.func: Callable[..., Any] = func
+        if options.get("across") is not None:
+            raise TypeError(
+                f"once({getattr(func, '__qualname__', func)}, across=...): across= shares one "
+                "result under one name, but a method makes one value per instance; put the "
+                "shared work in a module-level function with across= and call it from the method"
+            )
         self.options = dict(options)
         self._make = make
         # The signature without self and what a partialmethod fixed (None takes self's place:

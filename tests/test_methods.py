@@ -208,6 +208,16 @@ def test_bad_options_on_a_method_are_refused_when_the_class_is_defined() -> None
                 return 1
 
 
+def test_across_on_a_method_is_refused_with_the_fix() -> None:
+    """across= shares one result by name; a method's value is per instance: refused at once."""
+    with pytest.raises(TypeError, match="module-level function with across="):
+
+        class Migrations:
+            @once(across="file:///tmp/never-used")
+            async def run(self) -> None:
+                return None
+
+
 def test_asking_again_with_other_options_is_refused() -> None:
     """once(method, **other_options) names both option sets, as for functions."""
 
