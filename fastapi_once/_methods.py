@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from ._core import Once
     from ._loops import Drainable, LoopState
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
 Make = Callable[[Callable[..., Any], dict[str, Any]], "Once[Any, Any]"]
 
 
@@ -49,15 +51,7 @@ def is_method(fn: object) -> bool:
         first = next(iter(inspect.signature(fn).parameters.values()), None)
     except (TypeError, ValueError):  # pragma: no cover - a function always has a signature
         return False
-    return (
-        first is not None
-        and first.name == "self"
-        and first.kind
-        in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        )
-    )
+    return first is not None and first.name == "self" and first.kind in _POSITIONAL
 
 
 class BoundMethod:

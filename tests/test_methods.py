@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from timekeeping import FakeClock, wait_until
 
-from fastapi_once import Once, once, reset_all
+from fastapi_once import Once, once, registry, reset_all
 
 pytestmark = pytest.mark.anyio
 
@@ -84,6 +84,20 @@ async def test_the_attribute_is_the_instances_once_for_as_long_as_it_lives() -> 
     assert a.client.name == f"{__name__}.Service.client"
     assert Service.__dict__["client"] is Service.client
     assert once(Service.client) is Service.client
+
+
+def test_the_registry_lists_an_instances_once_only_once_it_is_bound() -> None:
+    """Defining the class checks the options but leaves no once behind; binding makes one."""
+
+    class Lazy:
+        @once(ttl=5)
+        async def value(self) -> int:
+            return 1
+
+    assert [o for o in registry() if ".Lazy." in o.name] == []
+    lazy = Lazy()
+    bound = lazy.value
+    assert [o for o in registry() if ".Lazy." in o.name] == [bound]
 
 
 async def test_calling_through_the_class_serves_the_instances_value() -> None:
