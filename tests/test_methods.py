@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 from crowd import crowd
 from fastapi import Depends, FastAPI
@@ -154,6 +155,19 @@ async def test_a_collected_instance_has_its_value_cleaned_up_once() -> None:
     await reset_all()
     await anyio.sleep(0.01)
     assert sorted(closed) == ["handle", "pool"]
+
+
+async def test_an_instance_collected_in_another_thread_is_cleaned_up_in_its_loop() -> None:
+    """A collection in a worker thread hands the cleanup to the loop that made the value."""
+    a = Service("a")
+    a.myself = a  # type: ignore[attr-defined]  # a cycle: only the collector frees it
+    closed = a.closed
+    assert await a.pool() == "pool of a"
+    gone = weakref.ref(a)
+    del a
+    await anyio.to_thread.run_sync(gc.collect)
+    assert gone() is None
+    await wait_until(lambda: closed == ["pool"])
 
 
 async def test_a_collected_instance_leaves_no_once_behind() -> None:
