@@ -341,3 +341,14 @@ async def test_a_generator_method_gets_a_weak_proxy_as_self() -> None:
     assert await holder.value() == 1
     assert seen == [weakref.ProxyType]
     await reset_all()
+
+
+async def test_a_call_on_a_temporary_instance_says_to_keep_a_reference() -> None:
+    """Service(dsn).client(): the instance is gone before the work runs; ReferenceError says why."""
+    with pytest.raises(ReferenceError, match="keep a reference to the instance"):
+        await Service("temporary").client()
+
+
+def test_the_descriptor_names_its_method() -> None:
+    """repr(Class.method) names the method, for debugging."""
+    assert repr(Service.client) == f"<OnceMethod {__name__}.Service.client>"

@@ -261,6 +261,34 @@ async def test_with_refresh_a_refresh_failed_before_the_ttl_serves_the_value_pas
     await wait_until(lambda: source.closed == [1])
 
 
+async def test_a_refresh_still_running_at_the_ttls_end_is_joined_and_its_failure_is_covered(
+    clock: FakeClock,
+) -> None:
+    """refresh=: calls past the ttl join the refresh in flight; if it fails they get the stale
+    value, as the first attempt past the ttl would give it."""
+    source = Source()
+    get = once(source.make, refresh=5, ttl=10, stale_if_error=30)
+    assert await get() == 1
+    clock.advance(6)
+    source.gate, source.failing = anyio.Event(), True
+    assert at_once(get) == 1  # starts refresh 2, which hangs
+    await wait_until(lambda: source.runs == 2)
+    clock.advance(5)  # past the ttl, nothing has failed yet
+    assert (get.status().state, get.status().stale) == ("running", True)
+    async with anyio.create_task_group() as group:
+        results: list[int] = []
+
+        async def call() -> None:
+            results.append(await get())
+
+        for _ in range(5):
+            group.start_soon(call)
+        await wait_until(lambda: get.status().joins >= 5)
+        source.gate.set()
+    assert results == [1] * 5
+    assert source.runs == 2
+
+
 async def test_with_cooldown_no_attempt_starts_while_it_lasts_and_the_stale_value_is_served(
     clock: FakeClock,
 ) -> None:
