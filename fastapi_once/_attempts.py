@@ -34,7 +34,7 @@ class Attempt:
 
     __slots__ = (
         "_label", "context", "done", "ended", "error", "key", "name", "number", "picked", "scope",
-        "show_key", "span", "traceback", "value", "waiters", "waiting_on",
+        "show_key", "span", "stale", "traceback", "value", "waiters", "waiting_on",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
@@ -54,6 +54,8 @@ class Attempt:
         self.error: BaseException | None = None
         self.traceback: Any = None
         self.context: BaseException | None = None
+        # The attempt failed, but its waiters get ``value``: one kept past its ttl for that.
+        self.stale = False
         # The cancel scope around the work, so that a timeout can stop it from another task.
         self.scope: anyio.CancelScope | None = None
         # The attempts this attempt's work waits for: the edges that cycle detection walks.
@@ -84,10 +86,19 @@ class Attempt:
         self.error, self.traceback, self.context = error, traceback, error.__context__
         self.done.set()
 
+    def fall_back(self, value: Any, error: BaseException, traceback: Any) -> None:
+        """Deliver ``value`` to every waiter, though the attempt failed with ``error``.
+
+        For a value kept past its ttl (``stale_if_error=``); ``error`` stays the outcome that
+        logs, spans and ``status()`` report.
+        """
+        self.value, self.stale = value, True
+        self.fail(error, traceback)
+
     def result(self) -> Any:
         """Return the value, or raise the error as the attempt raised it."""
         error = self.error
-        if error is None:
+        if error is None or self.stale:
             return self.value
         # Every waiter raises the one exception object. Raising sets its traceback and, inside
         # an ``except`` block, its context to the raiser's own: both are put back first, so that

@@ -409,7 +409,7 @@ class Once(Generic[P, T]):
         return project(
             self.name,
             self.keyed,
-            [(r.due(now), None if r.made is None else r.made.wall_time) for r in records],
+            [r.view(now) for r in records],
             store.last_error,
             details,
             attempts=store.tries,

@@ -22,6 +22,7 @@ from starlette.requests import HTTPConnection
 
 from ._core import Once, make_with
 from ._kinds import Kind, invoke, kind_of
+from ._methods import OnceMethod, is_method, method_once
 from ._policy import Policy
 from ._records import Resolve
 
@@ -270,6 +271,7 @@ class Options(TypedDict, total=False):
     ttl: float
     refresh: float
     jitter: float
+    stale_if_error: float
     ping: Callable[[Any], Any]
     log_keys: bool
     scope: Literal["loop", "process"]
@@ -356,6 +358,10 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             refresh while every caller keeps getting the current value.
         jitter: with ``ttl`` or ``refresh``, up to this many seconds (uniform, one draw per
             value) added to both, so that values made together do not expire together.
+        stale_if_error: with ``ttl``, seconds past the ttl during which the old value is still
+            served if making a new one fails (the first call past the ttl waits for one attempt
+            as usual; if it fails, its callers and later ones get the old value while one
+            attempt at a time runs in the background). Past them the old value is retired.
         log_keys: with ``key=``, show keys verbatim in logs, errors and spans (by default a key
             is shown as a short digest, since keys often come from request data).
         ping: ``check(value)``, sync or async, that :func:`readiness_router` runs on the value
@@ -375,6 +381,10 @@ def once(fn: Any = None, /, **options: Any) -> Any:
     if isinstance(fn, Once):
         _check_same_options(fn, options)
         return fn
+    if isinstance(fn, OnceMethod):
+        return fn.again(options)
+    if is_method(fn):  # before callable(): a partialmethod is not callable
+        return method_once(fn, options, _make)
     if not callable(fn):
         raise TypeError(
             f"once() takes a function (async def, def, or generator function), got "

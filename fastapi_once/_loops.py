@@ -143,7 +143,9 @@ class LoopState:
 
 
 _states: weakref.WeakKeyDictionary[object, LoopState] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+# Reentrant: a collection that runs inside it may call a weakref callback that reads the
+# states (a collected instance's once forgets its values, see _methods).
+_lock = threading.RLock()
 
 
 def state_of(loop: object) -> LoopState:

@@ -1,4 +1,4 @@
-"""The failure and freshness policy of a once: timeout, retries, cooldown, ttl, refresh."""
+"""The failure and freshness policy of a once: timeout, retries, cooldown, ttl, refresh, stale."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Policy:
     ttl: float | None = None
     refresh: float | None = None
     jitter: float | None = None
+    stale_if_error: float | None = None  # seconds past ttl a value is kept for failed refreshes
     log_keys: bool = False  # not timing, but fixed per once and read where attempts start
 
     @classmethod
@@ -41,7 +42,7 @@ class Policy:
             TypeError: an option has the wrong type.
             ValueError: an option is out of range, or refresh is not below ttl.
         """
-        for option in ("timeout", "cooldown", "ttl", "refresh"):
+        for option in ("timeout", "cooldown", "ttl", "refresh", "stale_if_error"):
             _positive_seconds(name, option, options.get(option))
         _positive_seconds(name, "backoff", options.get("backoff"), zero_ok=True)
         retries = options.get("retries", 0)
@@ -68,6 +69,12 @@ class Policy:
         _positive_seconds(name, "jitter", options.get("jitter"))
         if options.get("jitter") is not None and ttl is None and refresh is None:
             raise TypeError(f"once({name}, jitter=...): jitter= applies only with ttl= or refresh=")
+        if options.get("stale_if_error") is not None and ttl is None:
+            raise TypeError(
+                f"once({name}, stale_if_error=...): stale_if_error= is how long a value may be "
+                "served past its ttl while making a new one fails, so it applies only with ttl=; "
+                "pass ttl= too"
+            )
         if refresh is not None and ttl is not None and refresh >= ttl:
             raise ValueError(
                 f"once({name}, ttl={ttl!r}, refresh={refresh!r}): refresh must be shorter than "
@@ -82,6 +89,7 @@ class Policy:
             jitter=options.get("jitter"),
             ttl=ttl,
             refresh=refresh,
+            stale_if_error=options.get("stale_if_error"),
             log_keys=options.get("log_keys", False),
         )
 
@@ -96,6 +104,12 @@ class Policy:
         refresh_at = None if self.refresh is None else made_at + self.refresh
         expires_at = None if self.ttl is None else made_at + self.ttl
         return refresh_at, expires_at
+
+    def retires(self, expires_at: float | None) -> float | None:
+        """When a value that expires at ``expires_at`` is retired: its ttl plus stale_if_error."""
+        if expires_at is None or self.stale_if_error is None:
+            return expires_at
+        return expires_at + self.stale_if_error
 
     def cooldown_until(self, now: float, error: BaseException) -> float | None:
         """Until when calls fail fast with ``error`` (or a failed refresh waits), if at all.

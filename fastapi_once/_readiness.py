@@ -4,7 +4,8 @@ A once can serve when it has a value (``ready``, ``refreshing``) that its ``ping
 any, accepts. A probe never lets an idle once's value lapse for want of traffic: it starts a
 due refresh as a call would, and with ``warm=`` a value that expired (after a success) being
 made again still counts as serving — requests wait for it as they would on any expiry — so
-the probe does not flap once per ``ttl``.
+the probe does not flap once per ``ttl``. A value kept past its ttl under ``stale_if_error=``
+counts as serving too (requests get it, or the new one): the probe marks it ``"stale": true``.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ def readiness_router(
         if warm and kick(item, app):  # an idle or failed once, or a value due for refresh
             status = item.status(details=details)
         entry: dict[str, Any] = {"state": status.state}
+        if status.stale:
+            entry["stale"] = True
         serving = status.state in _SERVING
         if warm and not serving and _renewing(status):
             entry["renewing"] = serving = True

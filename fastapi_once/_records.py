@@ -21,6 +21,38 @@ task keeping a value) goes through them:
     failed      cooldown ends              idle         forget the error
     any         reset, eviction, teardown  idle         after work in flight settles: retire
 
+With ``stale_if_error=`` (S seconds) the end of a value's ttl no longer retires it: the value
+is kept, *stale*, until ttl + S, and served only once a try to replace it has failed (the
+record is then *failing*). These rows take the place of the ttl rows above:
+
+    state       event                      next         side effect
+    ready       ttl ends                   ready        keep the value, stale: not served
+                                                        (status() says idle, and stale)
+    ready       call, kick (stale, not     running      start one attempt; calls join it as on
+                failing)                                any expiry; the stale value is kept
+    running     attempt fails (stale       ready        wake the waiters with the stale value;
+                value kept)                             failing; no attempt before cooldown
+    running     attempt succeeds           ready        serve the new value; retire the stale one
+    ready       call (stale, failing)      refreshing   serve the stale value at once; start one
+                                                        attempt in the background (not within
+                                                        cooldown)
+    refreshing  ttl ends, not failing      running      keep the value; calls join the refresh
+    refreshing  ttl ends, failing          refreshing   keep serving the value
+    refreshing  refresh fails              ready        keep serving; failing (before the ttl
+                                                        ends too: a refresh= that failed)
+    any         ttl + S ends               idle/running retire the stale value; the next failure
+                                                        reaches the callers
+
+Where options meet it: a failed ``refresh=`` before the ttl makes the value failing, so past
+the ttl it is served at once; ``cooldown=`` spaces the attempts made while a stale value is
+served; ``jitter=`` moves the ttl and so ttl + S; ``retries=`` are tries within one attempt,
+whose final failure is the one that counts; a ``timeout=`` is a failure (the waiters get the
+stale value when it strikes). Reset, eviction and teardown retire a stale value like any
+other (its cleanup runs once); each key of a keyed once (``None`` included) has its own
+record, so its own stale value. ``status()`` reports the states above, plus ``stale`` and
+``stale_until`` while a stale value is kept; after shutdown a due attempt is refused with
+``OnceClosedError`` as any refresh is.
+
 An idle record is dropped from its store. The time rows are applied by ``_Record.advance`` when
 an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
 A retired value's cleanup runs exactly once in the task that made it; the store lists retired
@@ -30,6 +62,7 @@ values until then, and reset and teardown await them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
@@ -80,35 +113,68 @@ Work = Callable[
 class Record:
     """One key's life in one loop; all of a once's transitions (see the table above)."""
 
-    __slots__ = ("attempt", "failure", "key", "made", "retry_at", "state", "store", "until")
+    __slots__ = (
+        "attempt", "failing", "failure", "key", "made", "retry_at", "state", "store", "until",
+    )  # fmt: skip
 
     def __init__(self, store: Store, key: Hashable) -> None:
         self.store, self.key = store, key
         self.state: State = IDLE
-        self.made: Value | None = None  # the served value: set exactly in ready and refreshing
+        # The value: served in ready and refreshing; in running, kept past its ttl
+        # (stale_if_error=) for the waiters in case the attempt fails.
+        self.made: Value | None = None
         self.attempt: Attempt | None = None  # set exactly in running and refreshing
         self.failure: tuple[BaseException, Any, BaseException | None, float] | None = None
         self.retry_at: float | None = None  # after a failed refresh: no refresh before this
+        # A try to replace ``made`` failed: past its ttl it is served until retired.
+        self.failing = False
         self.until: float | None = None  # the hot path serves ``made`` before this (None: ever)
 
     def _to(self, state: State) -> None:
         self.state, made = state, self.made
         if made is None:
             self.until = None
-        elif state == REFRESHING:
-            self.until = made.expires_at
+        elif state == RUNNING:  # a stale value kept for the waiters: not served
+            self.until = -math.inf
         else:
-            fresh = made.refresh_at
-            if fresh is not None and self.retry_at is not None:
-                fresh = max(fresh, self.retry_at)
-            ends = [t for t in (fresh, made.expires_at) if t is not None]
-            self.until = min(ends) if ends else None
+            ends = self.store.policy.retires(made.expires_at) if self.failing else made.expires_at
+            if state == REFRESHING:
+                self.until = ends
+                return
+            wants = self._wants(made)
+            if wants is not None and self.retry_at is not None:
+                wants = max(wants, self.retry_at)
+            times = [t for t in (wants, ends) if t is not None]
+            self.until = min(times) if times else None
+
+    def _wants(self, made: Value) -> float | None:
+        """When a served value wants replacing: due for refresh, or (stale_if_error=) expired."""
+        if made.refresh_at is not None or self.store.policy.stale_if_error is None:
+            return made.refresh_at
+        return made.expires_at
+
+    def _ends(self, made: Value) -> float | None:
+        """When ``made`` is retired: at its ttl's end, or that plus stale_if_error."""
+        return self.store.policy.retires(made.expires_at)
+
+    def serves(self, now: float) -> bool:
+        """Whether calls get the value at once: fresh, or stale after a failed try to replace it."""
+        made = self.made
+        if made is None or self.state == RUNNING:
+            return False
+        expires = made.expires_at
+        if expires is None or now < expires:
+            return True
+        return self.failing and now < cast(float, self._ends(made))
 
     def due(self, now: float) -> State:
         """The state that time has brought this record to (the table's time rows)."""
         made, state = self.made, self.state
-        if made is not None and made.expires_at is not None and now >= made.expires_at:
-            return RUNNING if self.attempt is not None else IDLE
+        if made is not None and made.expires_at is not None:
+            if now >= cast(float, self._ends(made)):
+                return RUNNING if self.attempt is not None else IDLE
+            if state == REFRESHING and now >= made.expires_at and not self.failing:
+                return RUNNING  # stale: calls join the refresh; the value is kept for them
         if state == FAILED and self.failure is not None and now >= self.failure[3]:
             return IDLE
         return state
@@ -117,11 +183,27 @@ class Record:
         """Apply the time rows: retire an expired value, forget an error whose cooldown ended."""
         state = self.due(now)
         if state != self.state:
-            self._retire()
+            made = self.made
+            if made is not None and now >= cast(float, self._ends(made)):
+                self._retire()
             self.drop() if state == IDLE else self._to(state)
+
+    def view(self, now: float) -> tuple[State, float | None, float | None]:
+        """This record as ``status()`` shows it: its state, when its value was made (wall
+        clock), and, for a value kept past its ttl, when it is retired (wall clock)."""
+        state, made = self.due(now), self.made
+        if made is None:
+            return state, None, None
+        stale, ends = None, self._ends(made)
+        if made.expires_at is not None and made.expires_at <= now < cast(float, ends):
+            stale = made.wall_time + cast(float, ends) - made.made_at
+            if state == READY and not self.failing:
+                state = IDLE  # kept but not served: the next call starts an attempt
+        return state, made.wall_time, stale
 
     def _retire(self, now: bool = True) -> None:
         made, self.made = self.made, None
+        self.failing, self.retry_at = False, None
         if made is not None:
             if now:
                 made.retire()
@@ -155,13 +237,16 @@ class Record:
             del self.store.records[self.key]
 
     def refresh_due(self, now: float) -> bool:
-        """Whether a served value is due for refresh (and no failed refresh's cooldown is on)."""
+        """Whether a value is due for refresh (and no failed refresh's cooldown is on).
+
+        With stale_if_error=, a value past its ttl is due too: it wants replacing.
+        """
         made = self.made
+        if made is None:
+            return False
+        wants = self._wants(made)
         return (
-            made is not None
-            and made.refresh_at is not None
-            and now >= made.refresh_at
-            and (self.retry_at is None or now >= self.retry_at)
+            wants is not None and now >= wants and (self.retry_at is None or now >= self.retry_at)
         )
 
     def enter(self, now: float, begin: Callable[[], None]) -> Value | Attempt:
@@ -174,7 +259,7 @@ class Record:
             OnceClosedError: an attempt is needed and the loop's teardown has begun.
         """
         store, made = self.store, self.made
-        if made is not None:
+        if made is not None and self.serves(now):
             if self.state == READY and self.refresh_due(now):
                 begin()
             store.hits += 1
@@ -198,11 +283,12 @@ class Record:
         if store.loop_state.closed:
             self.drop()
             raise OnceClosedError(store.name)
+        serves = self.serves(monotonic())
         self.attempt = attempt = Attempt(store.name, self.key, new_event(store.loop))
         attempt.show_key = store.policy.log_keys
-        self._to(RUNNING if self.made is None else REFRESHING)
+        self._to(REFRESHING if serves else RUNNING)
         store.tries += 1
-        attempt.number, refresh = store.tries, self.made is not None
+        attempt.number, refresh = store.tries, serves
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "%s: %s started",
@@ -231,7 +317,7 @@ class Record:
             return
         attempt.ended = new_event(store.loop)
         error = policy.timed_out(attempt.label)
-        attempt.fail(error, None)
+        self._release(attempt, error, None, monotonic())
         if self.attempt is attempt:
             store.last_error = (type(error).__name__, str(error))
         if attempt.scope is not None:
@@ -270,6 +356,7 @@ class Record:
         ended(store, attempt, took, refresh)
         if mine:
             refresh = self.made is not None
+            stale = refresh and attempt.stale  # its waiters got the value past its ttl
             # The type only: exception text can hold secrets (a DSN, a token); DEBUG has it.
             kind = error_type(error)
             logger.warning(
@@ -278,7 +365,11 @@ class Record:
                 "refresh" if refresh else "attempt",
                 took,
                 kind,
-                "; keeping the current value" if refresh else "",
+                "; serving the stale value (stale_if_error=)"
+                if stale
+                else "; keeping the current value"
+                if refresh
+                else "",
                 extra=fields(
                     store.name,
                     "refresh_failed" if refresh else "failed",
@@ -309,15 +400,15 @@ class Record:
             made, error, traceback, applied = None, attempt.error, attempt.traceback, False
         elif not mine and error is None:
             made, error, traceback, applied = None, OnceClosedError(store.name), None, False
+        now = monotonic()
         if not attempt.settled:
             if error is not None:
-                attempt.fail(error, traceback)
+                self._release(attempt, error, traceback, now)
             else:
                 attempt.succeed(cast(Value, made).value)
         if not mine:
             return False
         store.last_error = None if error is None else (type(error).__name__, str(error))
-        now = monotonic()
         self.advance(now)  # the ttl may have ended while the run went on
         self.attempt = None
         if error is None:
@@ -326,8 +417,9 @@ class Record:
             self._retire()
             self.made, self.retry_at = made, None
             self._to(READY)
-        elif self.made is not None:
+        elif self.made is not None:  # a failed refresh, or a stale value served instead
             self.retry_at = store.policy.cooldown_until(now, error)
+            self.failing = True
             self._to(READY)
         else:
             until = store.policy.cooldown_until(now, error)
@@ -338,6 +430,23 @@ class Record:
             self._to(FAILED)
         store.evict(keep=self)
         return applied
+
+    def _release(self, attempt: Attempt, error: BaseException, traceback: Any, now: float) -> None:
+        """Wake ``attempt``'s waiters with ``error``, or with the stale value kept for them.
+
+        A value is kept for them past its ttl, until ttl + stale_if_error (see the table).
+        """
+        made = self.made
+        if (
+            made is not None
+            and made.expires_at is not None
+            and self.attempt is attempt
+            and self.store.policy.stale_if_error is not None
+            and made.expires_at <= now < cast(float, self._ends(made))
+        ):
+            attempt.fall_back(made.value, error, traceback)
+        else:
+            attempt.fail(error, traceback)
 
     async def keep(self, made: Value, attempt: Attempt) -> None:
         """Park the making task on ``made`` until it is retired; its cleanup then runs here.
@@ -352,13 +461,13 @@ class Record:
                 await attempt.picked.wait()
 
         def due() -> float | None:
-            now = monotonic()
-            if self.made is made and made.expires_at is not None and now >= made.expires_at:
+            now, ends = monotonic(), self._ends(made)
+            if self.made is made and ends is not None and now >= ends:
                 self.advance(now)
             if self.made is not made:
                 made.retire()
                 return None
-            return None if made.expires_at is None else made.expires_at - now
+            return None if ends is None else ends - now
 
         def abandoned() -> None:
             self.store.loop_state.report_left_to_loop_end(self.store.name)

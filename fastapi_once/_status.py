@@ -29,6 +29,11 @@ class OnceStatus:
         joins: calls that joined an attempt in flight instead of starting one.
         keys: for a keyed once, how many keys are in each state; None otherwise.
         size: for a keyed once, how many values it keeps; None otherwise.
+        stale: whether a value past its ttl is kept under ``stale_if_error=``: served (state
+            ``ready`` or ``refreshing``) once making a new one has failed; before that, kept for
+            the callers of the next attempt in case it fails (state ``idle``: the next call
+            starts it, or ``running``).
+        stale_until: when that value is retired (UTC), the soonest for a keyed once, or None.
     """
 
     name: str
@@ -42,12 +47,14 @@ class OnceStatus:
     joins: int = 0
     keys: dict[State, int] | None = None
     size: int | None = None
+    stale: bool = False
+    stale_until: datetime | None = None
 
 
 def project(
     name: str,
     keyed: bool,
-    records: list[tuple[State, float | None]],
+    records: list[tuple[State, float | None, float | None]],
     last_error: tuple[str, str] | None,
     details: bool,
     *,
@@ -56,12 +63,14 @@ def project(
     joins: int,
     last_duration: float | None,
 ) -> OnceStatus:
-    """Project a once's records (each one's current state and its value's wall-clock birth)."""
+    """Project a once's records: each one's current state, its value's wall-clock birth and, if
+    that value is stale, the wall-clock time it is retired (see ``Record.view``)."""
     counts: dict[State, int] = {"ready": 0, "refreshing": 0, "running": 0, "failed": 0}
-    for each, _ in records:
+    for each, _, _ in records:
         if each != "idle":
             counts[each] += 1
-    served = [made for each, made in records if each in ("ready", "refreshing") and made]
+    served = [made for each, made, _ in records if each in ("ready", "refreshing") and made]
+    stale = [until for _, _, until in records if until is not None]
     state: State = next((s for s in ("ready", "refreshing", "running") if counts[s]), "idle")
     if state == "idle" and (counts["failed"] or last_error is not None):
         state = "failed"
@@ -76,5 +85,7 @@ def project(
         hits=hits,
         joins=joins,
         keys=counts if keyed else None,
-        size=sum(1 for s, _ in records if s in ("ready", "refreshing")) if keyed else None,
+        size=sum(1 for s, _, _ in records if s in ("ready", "refreshing")) if keyed else None,
+        stale=bool(stale),
+        stale_until=datetime.fromtimestamp(min(stale), tz=timezone.utc) if stale else None,
     )

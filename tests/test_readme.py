@@ -69,3 +69,10 @@ def test_the_across_example_builds_its_backend_from_the_environment_at_startup(
     with TestClient(namespace["app"]):
         pass
     assert [p.suffix for p in sorted((tmp_path / "locks").iterdir())] == [".json", ".lock"]
+
+
+def test_the_methods_example_serves_the_instances_pool() -> None:
+    """The Methods example: Depends(store.pool) serves that instance's value."""
+    namespace = run(_block_defining("_connect"), "readme_methods")
+    with TestClient(namespace["app"]) as http:
+        assert http.get("/pool").json() == "pool for postgresql://db/app"

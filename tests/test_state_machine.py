@@ -1,8 +1,9 @@
 """The whole state machine, driven by Hypothesis through random sequences of events.
 
-A real once (unkeyed or keyed with maxsize=2, with ttl/refresh/cooldown, a generator value with a
-cleanup) runs in an event loop in a background thread (asyncio or trio). Rules make calls, finish
-or fail the runs of fn in flight, cancel callers, move the fake clock, reset one key or all.
+A real once (unkeyed or keyed with maxsize=2, with ttl/refresh/cooldown/stale_if_error, a
+generator value with a cleanup) runs in an event loop in a background thread (asyncio or trio).
+Rules make calls, finish or fail the runs of fn in flight, cancel callers, move the fake clock,
+reset one key or all.
 After every step: never two runs of fn for one key at once, no cleanup twice; a probe call
 behaves as status() said; at the end, after reset_all(), every value made was cleaned up once.
 Hypothesis prints a failing sequence of steps, which replays it.
@@ -32,6 +33,8 @@ CONFIGS: list[dict[str, float]] = [
     {"refresh": 5, "ttl": 10},
     {"cooldown": 4},
     {"refresh": 5, "ttl": 10, "cooldown": 3},
+    {"ttl": 10, "stale_if_error": 12},
+    {"refresh": 5, "ttl": 10, "stale_if_error": 7, "cooldown": 3},
 ]
 KEYS = [None, "a", "b"]
 _names = itertools.count()

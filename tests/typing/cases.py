@@ -66,6 +66,26 @@ def sync_calls() -> None:
     print(m, p)
 
 
+class Service:
+    @once
+    async def client(self) -> Client:
+        return Client()
+
+    @once(key=url_key)
+    async def fetch(self, url: str) -> bytes:
+        return url.encode()
+
+
+async def method_calls(service: Service) -> None:
+    c: Client = await service.client()
+    b: bytes = await service.fetch("/a")
+    await service.fetch.reset("/a")
+    wrong: int = await service.client()  # E: Incompatible types in assignment
+    await service.client(1)  # E: Too many arguments
+    await Service.client(service)  # E: Too many arguments
+    print(c, b, wrong)
+
+
 async def calls() -> None:
     s: Settings = await settings()
     c: Client = await client()
