@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
-from ._attempts import Attempt, check_wait, wait
+from ._attempts import Attempt, check_wait, wait, working
 from ._telemetry import fields
 from ._values import Value, raise_all
 
@@ -403,9 +403,13 @@ def run_in_process_loop(action: Callable[[], T]) -> T:
 
 
 def _submit(work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-    # In a context of its own: the caller's (its async library, the attempt it runs in) would
-    # otherwise follow the work into the process scope's loop.
-    return contextvars.Context().run(asyncio.run_coroutine_threadsafe, work, process_loop())
+    # In a context of its own: the caller's (its async library) would otherwise follow the work
+    # into the process scope's loop. Only the attempt the caller works for goes along, so that
+    # the wait is an edge of the wait-for graph: a def fn that asks get_sync() for a value that
+    # waits on fn itself raises OnceCycleError instead of blocking its thread for ever.
+    context = contextvars.Context()
+    context.run(working.set, working.get())
+    return context.run(asyncio.run_coroutine_threadsafe, work, process_loop())
 
 
 @atexit.register

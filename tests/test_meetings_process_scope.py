@@ -1,0 +1,125 @@
+"""Where scope="process" meets the other features: cycles, lifespan, exit, fork, time, keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fastapi_once import OnceCycleError, once
+
+
+def in_threads(*calls: Callable[[], Any], wait: float = 10) -> list[Any]:
+    """Run each call in a daemon thread; return results or exceptions; fail on one that hangs."""
+    results: list[Any] = [None] * len(calls)
+
+    def run(i: int, call: Callable[[], Any]) -> None:
+        try:
+            results[i] = call()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(wait)
+        assert not thread.is_alive(), "a caller hung"
+    return results
+
+
+def run_script(script: str, timeout: float = 60) -> list[str]:
+    """Run ``script`` in a fresh interpreter; return its stdout lines."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+# --- cycles through get_sync --------------------------------------------------------------------
+
+
+def test_a_def_function_that_asks_get_sync_for_its_own_value_raises_instead_of_hanging() -> None:
+    """fn -> its own get_sync() (from fn's worker thread) is a cycle: OnceCycleError, no hang."""
+
+    @once(scope="process")
+    def me() -> object:
+        return me.get_sync()
+
+    (got,) = in_threads(me.get_sync)
+    assert isinstance(got, OnceCycleError)
+
+
+def test_two_def_functions_asking_each_other_through_get_sync_raise_instead_of_hanging() -> None:
+    """a -> b.get_sync() -> a.get_sync() closes a cycle across the worker threads: it raises."""
+
+    @once(scope="process")
+    def first() -> object:
+        return second.get_sync()
+
+    @once(scope="process")
+    def second() -> object:
+        return first.get_sync()
+
+    (got,) = in_threads(first.get_sync)
+    assert isinstance(got, OnceCycleError)
+    assert "first" in str(got)
+    assert "second" in str(got)
+
+
+def test_get_sync_of_another_process_once_from_a_def_function_still_works() -> None:
+    """No cycle, no error: a def fn builds on another process-scope value through get_sync."""
+
+    @once(scope="process")
+    def settings() -> dict[str, str]:
+        return {"env": "prod"}
+
+    @once(scope="process")
+    def model() -> str:
+        return f"model for {settings.get_sync()['env']}"
+
+    assert in_threads(model.get_sync, settings.get_sync) == ["model for prod", {"env": "prod"}]
+
+
+@pytest.mark.anyio
+async def test_a_loop_scope_def_and_a_process_scope_once_waiting_on_each_other_raise() -> None:
+    """loop fn -> process.get_sync() -> process fn awaits the loop once -> cycle: it raises."""
+
+    @once
+    def local() -> object:
+        return shared.get_sync()
+
+    @once(scope="process")
+    async def shared() -> object:
+        return await local()
+
+    with pytest.raises(OnceCycleError):
+        await local()
+
+
+@pytest.mark.anyio
+async def test_a_process_scope_once_and_a_loop_scope_once_awaiting_each_other_raise() -> None:
+    """process fn awaits a loop-scope once (made in the library's loop) that awaits it back."""
+
+    @once(scope="process")
+    async def shared() -> object:
+        return await local()
+
+    @once
+    async def local() -> object:
+        return await shared()
+
+    with pytest.raises(OnceCycleError):
+        await local()
+    with pytest.raises(OnceCycleError):
+        await shared()
