@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 
 from ._attempts import Attempt, check_wait, wait, working
-from ._telemetry import fields
+from ._telemetry import carry, fields
 from ._values import Value, raise_all
 
 logger = logging.getLogger("fastapi_once")
@@ -406,9 +406,11 @@ def _submit(work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
     # In a context of its own: the caller's (its async library) would otherwise follow the work
     # into the process scope's loop. Only the attempt the caller works for goes along, so that
     # the wait is an edge of the wait-for graph: a def fn that asks get_sync() for a value that
-    # waits on fn itself raises OnceCycleError instead of blocking its thread for ever.
+    # waits on fn itself raises OnceCycleError instead of blocking its thread for ever. So does
+    # the caller's span, which links to the attempt it waits for.
     context = contextvars.Context()
     context.run(working.set, working.get())
+    carry(context)
     return context.run(asyncio.run_coroutine_threadsafe, work, process_loop())
 
 
