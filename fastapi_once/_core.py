@@ -39,7 +39,7 @@ from ._loops import (
 from ._policy import Policy
 from ._records import IDLE, READY, REFRESHING, Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
-from ._telemetry import across
+from ._telemetry import across, fields
 from ._values import Value
 
 if TYPE_CHECKING:
@@ -416,6 +416,29 @@ class Once(Generic[P, T]):
             hits=store.hits,
             joins=store.joins,
             last_duration=store.last_duration,
+        )
+
+
+async def retire_process_values(target: Once[Any, Any], timeout: float) -> None:  # noqa: ASYNC109
+    """A lifespan's shutdown of a process-scope once: clean up its values in this process only.
+
+    Unlike ``reset()`` it leaves an ``across=`` backend's record (other processes keep theirs),
+    and it waits at most ``timeout`` seconds for work in flight, which then cleans up what it
+    makes as soon as it settles (logged, as a loop's shutdown does).
+    """
+    if not in_process_loop():
+        return await hop(retire_process_values(target, timeout))
+    store = target._existing_store()
+    if store is None:
+        return
+    with anyio.CancelScope(shield=True):
+        left = await drain(lambda: [store], f"{target.name}: shutdown", max(timeout, 0.0))
+    if left:
+        logger.warning(
+            "shutdown stopped waiting after %.1f s; still running: %s",
+            timeout,
+            ", ".join(attempt.label for attempt in left),
+            extra=fields(target.name, "shutdown_timeout", duration_s=timeout),
         )
 
 

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
-from fastapi_once import OnceCycleError, once
+from fastapi_once import OnceClosedError, OnceCycleError, once, once_lifespan
+from fastapi_once.backends import Backend
 
 
 def in_threads(*calls: Callable[[], Any], wait: float = 10) -> list[Any]:
@@ -123,3 +130,82 @@ async def test_a_process_scope_once_and_a_loop_scope_once_awaiting_each_other_ra
         await local()
     with pytest.raises(OnceCycleError):
         await shared()
+
+
+# --- once_lifespan(reset_process_scope=True) ----------------------------------------------------
+
+
+def until(condition: Callable[[], bool]) -> None:
+    """Wait (at most 10 s) for ``condition``, which another thread makes true."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.005)
+
+
+def test_a_lifespan_resetting_the_process_scope_stops_waiting_at_shutdown_timeout() -> None:
+    """A hung process-scope run cannot hold shutdown past shutdown_timeout; its value is cleaned."""
+    release, events = threading.Event(), list[str]()
+    runs = itertools.count(1)
+
+    @once(scope="process")
+    def model() -> Iterator[int]:
+        run = next(runs)
+        if run > 1:
+            release.wait(30)
+        yield run
+        events.append(f"cleaned {run}")
+
+    app = FastAPI(lifespan=once_lifespan(model, reset_process_scope=True, shutdown_timeout=0.1))
+    client = TestClient(app)
+    client.__enter__()
+    assert model.get_sync() == 1
+    in_threads(lambda: asyncio.run(model.reset()))
+    waiter: list[Any] = []
+    second = threading.Thread(target=lambda: waiter.extend(in_threads(model.get_sync, wait=30)))
+    second.start()
+    until(lambda: model.status().state == "running")
+    closing = threading.Thread(target=client.__exit__, args=(None, None, None), daemon=True)
+    closing.start()
+    closing.join(10)
+    hung = closing.is_alive()
+    release.set()
+    closing.join(10)
+    second.join(10)
+    assert not hung, "shutdown waited for the hung run past shutdown_timeout"
+    until(lambda: events == ["cleaned 1", "cleaned 2"])
+    assert isinstance(waiter[0], OnceClosedError), "made after shutdown: given to nobody"
+
+
+class MemoryBackend(Backend):
+    """Records results in a dict, as a cross-process backend would."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, str] = {}
+
+    async def run_once(
+        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
+    ) -> Any:
+        if name not in self.results:
+            self.results[name] = json.dumps(await work())
+        return json.loads(self.results[name])
+
+    async def reset(self, name: str) -> None:
+        self.results.pop(name, None)
+
+    def describe(self) -> str:
+        return "memory"
+
+
+def test_a_lifespan_resetting_the_process_scope_leaves_the_backends_record() -> None:
+    """Shutdown forgets values in this process only: other processes must not run fn again."""
+    backend = MemoryBackend()
+
+    @once(scope="process", across=backend, name="meetings.migrate")
+    def migrate() -> str:
+        return "migrated"
+
+    with TestClient(FastAPI(lifespan=once_lifespan(migrate, reset_process_scope=True))):
+        assert migrate.get_sync() == "migrated"
+    assert migrate.status().state == "idle"
+    assert backend.results == {"meetings.migrate": '"migrated"'}
