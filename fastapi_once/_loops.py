@@ -416,10 +416,14 @@ def _submit(work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
 
 @atexit.register
 def _stop_process_loop() -> None:
-    """At interpreter exit: close the process scope (cleanups run), then stop its loop."""
-    global _process_loop
+    """At interpreter exit: close the process scope (cleanups run), then stop its loop.
+
+    The loop stays the process scope's meanwhile: a call that daemon threads make during the
+    exit's cleanup is refused there (OnceClosedError), instead of starting a second loop whose
+    values nothing would clean up.
+    """
     with _process_lock:
-        loop, _process_loop = _process_loop, None
+        loop = _process_loop
     if loop is None:
         return
     closing = asyncio.run_coroutine_threadsafe(close(PROCESS_EXIT_TIMEOUT), loop)

@@ -209,3 +209,46 @@ def test_a_lifespan_resetting_the_process_scope_leaves_the_backends_record() -> 
         assert migrate.get_sync() == "migrated"
     assert migrate.status().state == "idle"
     assert backend.results == {"meetings.migrate": '"migrated"'}
+
+
+# --- interpreter exit and fork ------------------------------------------------------------------
+
+
+def test_a_call_while_the_interpreter_exits_is_refused_rather_than_starting_a_second_loop() -> None:
+    """A daemon thread's call during the exit's cleanup gets OnceClosedError; nothing leaks."""
+    lines = run_script(
+        """
+        import threading
+        from fastapi_once import OnceClosedError, once, _loops
+
+        answered = threading.Event()
+
+        @once(scope="process")
+        def slow():
+            answered.wait(20)  # in flight when the interpreter exits, until the late call is done
+            yield "slow"
+            print("cleaned-slow", flush=True)
+
+        @once(scope="process")
+        def other():
+            print("made-other", flush=True)
+            yield "other"
+            print("cleaned-other", flush=True)
+
+        def late():
+            while not (_loops._process_state and _loops._process_state.closed):
+                threading.Event().wait(0.005)
+            try:
+                other.get_sync()
+            except OnceClosedError:
+                print("late-refused", flush=True)
+            finally:
+                answered.set()
+
+        threading.Thread(target=slow.get_sync, daemon=True).start()
+        threading.Thread(target=late, daemon=True).start()
+        while slow.status().state != "running":
+            threading.Event().wait(0.005)
+        """
+    )
+    assert lines == ["late-refused", "cleaned-slow"]
