@@ -435,8 +435,10 @@ def _stop_process_loop() -> None:
 
 
 def _forget_in_child() -> None:
-    # A child process starts with its parent's loops gone, the process scope's too.
-    global _process_loop, _process_thread, _process_state
+    # A child process starts with its parent's loops gone, the process scope's too. Its locks
+    # are new: a thread of the parent that held one at the fork does not exist here to release it.
+    global _process_loop, _process_thread, _process_state, _lock, _process_lock
+    _lock, _process_lock = threading.Lock(), threading.Lock()
     _states.clear()
     _process_loop = _process_thread = _process_state = None
 

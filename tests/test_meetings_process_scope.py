@@ -252,3 +252,41 @@ def test_a_call_while_the_interpreter_exits_is_refused_rather_than_starting_a_se
         """
     )
     assert lines == ["late-refused", "cleaned-slow"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("lock", ["_lock", "_process_lock"])
+def test_a_child_forked_while_another_thread_holds_a_loops_lock_does_not_hang(lock: str) -> None:
+    """A fork in the middle of another thread's state_of() (or loop start) leaves no lock held."""
+    lines = run_script(
+        f"""
+        import os, threading
+        from fastapi_once import once, _loops
+
+        @once(scope="process")
+        def table():
+            return os.getpid()
+
+        parent = table.get_sync()
+        held, go = threading.Event(), threading.Event()
+
+        def hold():
+            with _loops.{lock}:  # as a thread would, meeting a new loop at the moment of fork
+                held.set()
+                go.wait()
+
+        threading.Thread(target=hold, daemon=True).start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            got = []
+            t = threading.Thread(target=lambda: got.append(table.get_sync()), daemon=True)
+            t.start()
+            t.join(10)
+            os._exit(0 if got == [os.getpid()] else 4)
+        go.set()
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), parent == os.getpid())
+        """
+    )
+    assert lines == ["0", "True"]
