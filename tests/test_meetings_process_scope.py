@@ -13,12 +13,25 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import anyio
 import pytest
-from fastapi import FastAPI
+import trio
+import uvloop
+from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
+from timekeeping import FakeClock
 
-from fastapi_once import OnceClosedError, OnceCycleError, once, once_lifespan
+from fastapi_once import (
+    OnceClosedError,
+    OnceCycleError,
+    OnceTimeoutError,
+    once,
+    once_lifespan,
+    readiness_router,
+)
+from fastapi_once._loops import forget_everything
 from fastapi_once.backends import Backend
+from fastapi_once.testing import override
 
 
 def in_threads(*calls: Callable[[], Any], wait: float = 10) -> list[Any]:
@@ -290,3 +303,300 @@ def test_a_child_forked_while_another_thread_holds_a_loops_lock_does_not_hang(lo
         """
     )
     assert lines == ["0", "True"]
+
+
+# --- time: ttl, refresh, timeout, cooldown ------------------------------------------------------
+
+
+def in_loop(loop: str, call: Callable[[], Awaitable[Any]]) -> Callable[[], Any]:
+    """A function that runs the coroutine function ``call`` in a new event loop of ``loop``."""
+    if loop == "trio":
+        return lambda: trio.run(call)
+    if loop == "uvloop":
+        return lambda: uvloop.run(call())
+    return lambda: asyncio.run(call())
+
+
+LOOPS = ["asyncio", "trio", "uvloop"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_due_refresh_asked_from_another_loop_serves_the_old_value_and_refreshes_once(
+    loop: str, clock: FakeClock
+) -> None:
+    """The foreign caller is not kept waiting; the refresh runs once; then the new value serves."""
+    release, runs = threading.Event(), itertools.count(1)
+
+    @once(scope="process", refresh=10, ttl=100)
+    def rates() -> int:
+        run = next(runs)
+        if run > 1:
+            release.wait(10)
+        return run
+
+    assert rates.get_sync() == 1
+    clock.advance(11)
+
+    async def twice() -> list[int]:
+        return [await rates(), await rates()]
+
+    assert in_threads(in_loop(loop, twice)) == [[1, 1]]
+    assert rates.status().state == "refreshing"
+    assert rates.get_sync() == 1, "served without a hop while the refresh runs"
+    release.set()
+    until(lambda: rates.status().state == "ready" and rates.get_sync() == 2)
+    assert rates.status().attempts == 2
+
+
+def test_an_expired_value_is_not_served_by_a_read_from_another_thread(clock: FakeClock) -> None:
+    """get_sync() past ttl makes a new value instead of reading the expired one."""
+    runs = itertools.count(1)
+
+    @once(scope="process", ttl=10)
+    def token() -> int:
+        return next(runs)
+
+    assert in_threads(token.get_sync) == [1]
+    clock.advance(10)
+    assert in_threads(token.get_sync, token.get_sync) == [2, 2]
+    assert token.status().attempts == 2
+
+
+def test_a_timed_out_blocking_def_fails_every_loop_fast_and_runs_once_until_it_ends() -> None:
+    """timeout= releases callers in every thread with one error; the thread's run is not doubled."""
+    release, runs = threading.Event(), itertools.count(1)
+
+    @once(scope="process", timeout=0.05)
+    def slow() -> int:
+        run = next(runs)
+        if run == 1:
+            release.wait(10)
+        return run
+
+    async def call() -> object:
+        try:
+            return await slow()
+        except OnceTimeoutError as exc:
+            return exc
+
+    first = in_threads(slow.get_sync, in_loop("trio", call), in_loop("asyncio", call))
+    assert all(isinstance(e, OnceTimeoutError) for e in first)
+    assert len({id(e) for e in first}) == 1
+    (again,) = in_threads(slow.get_sync)
+    assert again is first[0], "the run still goes on: later calls get its error at once"
+    release.set()
+    until(lambda: slow.status().state != "running")
+    assert slow.get_sync() == 2
+
+
+def test_within_cooldown_every_loop_fails_fast_with_the_one_error(clock: FakeClock) -> None:
+    """A failure with cooldown= is raised at once in every loop and thread; fn ran once."""
+    runs = itertools.count(1)
+
+    @once(scope="process", cooldown=30)
+    def db() -> str:
+        next(runs)
+        raise ConnectionError("down")
+
+    async def call() -> object:
+        try:
+            return await db()
+        except ConnectionError as exc:
+            return exc
+
+    errors = in_threads(db.get_sync, *(in_loop(loop, call) for loop in LOOPS))
+    assert all(isinstance(e, ConnectionError) for e in errors)
+    assert len({id(e) for e in errors}) == 1
+    assert next(runs) == 2, "fn ran once"
+    clock.advance(30)
+    (after,) = in_threads(db.get_sync)
+    assert isinstance(after, ConnectionError)
+    assert after is not errors[0]
+
+
+# --- reset meeting work in flight -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_reset_from_another_loop_during_a_run_waits_for_it_and_cleans_up_its_value(
+    loop: str,
+) -> None:
+    """The run's waiter gets the value; reset() returns after that value's cleanup."""
+    release, events = threading.Event(), list[str]()
+
+    @once(scope="process")
+    def table() -> Iterator[str]:
+        release.wait(10)
+        events.append("made")
+        yield "table"
+        events.append("cleaned")
+
+    async def reset() -> list[str]:
+        await table.reset()
+        return list(events)
+
+    got: list[Any] = []
+    waiting = threading.Thread(target=lambda: got.extend(in_threads(table.get_sync)))
+    waiting.start()
+    until(lambda: table.status().state == "running")
+    resetting: list[Any] = []
+    resetter = threading.Thread(target=lambda: resetting.extend(in_threads(in_loop(loop, reset))))
+    resetter.start()
+    release.set()
+    waiting.join(10)
+    resetter.join(10)
+    assert got == ["table"]
+    assert resetting == [["made", "cleaned"]]
+    assert table.status().state == "idle"
+
+
+@pytest.mark.anyio
+async def test_a_reset_during_a_refresh_cleans_up_the_old_and_the_new_value(
+    clock: FakeClock,
+) -> None:
+    """reset() from this loop waits for the refresh in the library's loop, then cleans up both."""
+    release, events, runs = threading.Event(), list[str](), itertools.count(1)
+
+    @once(scope="process", refresh=10)
+    def table() -> Iterator[int]:
+        run = next(runs)
+        if run > 1:
+            release.wait(10)
+        yield run
+        events.append(f"cleaned {run}")
+
+    assert await table() == 1
+    clock.advance(11)
+    assert await table() == 1
+    assert table.status().state == "refreshing"
+    async with anyio.create_task_group() as group:
+        group.start_soon(table.reset)
+        await anyio.to_thread.run_sync(release.set)
+    assert sorted(events) == ["cleaned 1", "cleaned 2"]
+    assert table.status().state == "idle"
+
+
+@pytest.mark.anyio
+async def test_a_process_scope_function_that_resets_itself_raises_instead_of_hanging() -> None:
+    """reset() from inside fn would wait for fn: OnceCycleError, in the library's loop too."""
+
+    @once(scope="process")
+    async def me() -> object:
+        await me.reset()
+        return object()  # pragma: no cover - never reached
+
+    with pytest.raises(OnceCycleError):
+        await me()
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+def test_a_key_of_none_is_kept_evicted_and_remade_like_any_key_across_threads() -> None:
+    """maxsize=1: keys None and "a" evict each other (with cleanup); None is an ordinary key."""
+    events: list[str] = []
+
+    @once(key=lambda name: name, maxsize=1, scope="process")
+    def fetch(name: str | None) -> Iterator[str]:
+        events.append(f"made {name}")
+        yield f"value {name}"
+        events.append(f"cleaned {name}")
+
+    async def both() -> list[str]:
+        return [await fetch(None), await fetch("a")]
+
+    assert in_threads(lambda: fetch.get_sync(None)) == ["value None"]
+    assert in_threads(in_loop("trio", both)) == [["value None", "value a"]]
+    until(lambda: "cleaned None" in events)
+    assert in_threads(lambda: fetch.get_sync(None)) == ["value None"]
+    until(lambda: "cleaned a" in events)
+    assert events[:3] == ["made None", "made a", "cleaned None"]
+    assert events.count("made None") == 2
+    forget_everything()
+
+
+# --- FastAPI: sub-dependencies, readiness, override -----------------------------------------------
+
+
+@pytest.mark.parametrize("with_block", [False, True])
+def test_sub_dependencies_are_resolved_once_for_the_process_with_the_apps_overrides(
+    with_block: bool,
+) -> None:
+    """Depends(get_settings) in fn: resolved once, honouring overrides; its cleanup on reset."""
+    events: list[str] = []
+
+    def get_settings() -> Iterator[dict[str, str]]:
+        events.append("settings")
+        yield {"env": "real"}
+        events.append("settings closed")
+
+    @once(scope="process")
+    def load_model(settings: dict[str, str] = Depends(get_settings)) -> str:
+        events.append("model")
+        return f"model for {settings['env']}"
+
+    app = FastAPI()
+
+    @app.get("/")
+    def predict(model: str = Depends(load_model)) -> str:
+        return model
+
+    app.dependency_overrides[get_settings] = lambda: {"env": "test"}
+    client = TestClient(app)
+    if with_block:
+        with client:
+            answers = [client.get("/").json() for _ in range(3)]
+    else:
+        answers = [client.get("/").json() for _ in range(3)]
+    assert answers == ["model for test"] * 3
+    assert events == ["model"]
+    assert load_model.get_sync() == "model for test"
+    in_threads(lambda: asyncio.run(load_model.reset()))
+    del app.dependency_overrides[get_settings]
+    assert client.get("/").json() == "model for real"
+    in_threads(lambda: trio.run(load_model.reset))
+    assert events == ["model", "settings", "model", "settings closed"]
+
+
+def test_a_readiness_probe_in_a_bare_testclient_warms_and_pings_the_process_value() -> None:
+    """Each probe runs in a new loop: the warm kick starts one run; the ping sees its value."""
+    release, pinged = threading.Event(), list[object]()
+
+    @once(scope="process", ping=pinged.append)
+    def model() -> str:
+        release.wait(10)
+        return "model"
+
+    app = FastAPI()
+    app.include_router(readiness_router(model))
+    client = TestClient(app)
+    assert client.get("/ready").status_code == 503
+    assert client.get("/ready").status_code == 503
+    assert model.status().attempts == 1
+    release.set()
+    until(lambda: model.status().state == "ready")
+    ready = client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["onces"][model.name]["ping"] == "ok"
+    assert pinged == ["model"]
+
+
+def test_override_pins_the_value_for_every_loop_and_thread_and_then_lets_go() -> None:
+    """override() of a process-scope once is seen by get_sync() and other loops until it exits."""
+
+    @once(scope="process")
+    def model() -> str:
+        return "real"
+
+    async def other_loop() -> str:
+        return await model()
+
+    async def overridden() -> list[Any]:
+        async with override(model, "fake"):
+            seen = await anyio.to_thread.run_sync(
+                lambda: in_threads(model.get_sync, in_loop("uvloop", other_loop))
+            )
+            return [await model(), *seen]
+
+    assert in_threads(in_loop("trio", overridden)) == [["fake", "fake", "fake"]]
+    assert in_threads(model.get_sync, in_loop("asyncio", other_loop)) == ["real", "real"]
