@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -30,7 +32,7 @@ from fastapi_once import (
     readiness_router,
 )
 from fastapi_once._loops import forget_everything
-from fastapi_once.backends import Backend
+from fastapi_once.backends import Backend, FileLockBackend
 from fastapi_once.testing import override
 
 
@@ -600,3 +602,167 @@ def test_override_pins_the_value_for_every_loop_and_thread_and_then_lets_go() ->
 
     assert in_threads(in_loop("trio", overridden)) == [["fake", "fake", "fake"]]
     assert in_threads(model.get_sync, in_loop("asyncio", other_loop)) == ["real", "real"]
+
+
+# --- cancellation, loops that end, threads ------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["before", "waiting", "arriving"])
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_caller_cancelled_at_any_point_leaves_the_run_and_its_cleanup_intact(
+    loop: str, where: str
+) -> None:
+    """Cancelled before the hop, while waiting, or as the value arrives: only the wait ends."""
+    release, events = threading.Event(), list[str]()
+    cancel: list[Callable[[], object]] = []
+
+    @once(scope="process")
+    def table() -> Iterator[str]:
+        release.wait(10)
+        if where == "arriving":
+            cancel[0]()
+        events.append("made")
+        yield "table"
+        events.append("cleaned")
+
+    async def on_trio() -> str:
+        token = trio.lowlevel.current_trio_token()
+        with trio.CancelScope() as scope:
+            cancel.append(lambda: token.run_sync_soon(scope.cancel))
+            if where == "before":
+                scope.cancel()
+            return await table()
+        return "cancelled"
+
+    async def on_asyncio() -> str:
+        task, running = asyncio.current_task(), asyncio.get_running_loop()
+        assert task is not None
+        cancel.append(lambda: running.call_soon_threadsafe(task.cancel))
+        if where == "before":
+            task.cancel()
+        try:
+            return await table()
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    got: list[Any] = []
+    caller = in_loop(loop, on_trio if loop == "trio" else on_asyncio)
+    waiting = threading.Thread(target=lambda: got.extend(in_threads(caller)))
+    waiting.start()
+    if where == "waiting":
+        until(lambda: table.status().state == "running" and bool(cancel))
+        cancel[0]()
+    release.set()
+    waiting.join(10)
+    assert got == ["cancelled"] if where != "arriving" else got[0] in ("table", "cancelled")
+    assert table.get_sync() == "table"
+    in_threads(lambda: asyncio.run(table.reset()))
+    assert events == ["made", "cleaned"]
+
+
+def test_a_caller_whose_loop_ends_while_it_waits_leaves_the_run_to_the_others() -> None:
+    """asyncio.run() cancels a task left waiting as its loop ends; the run goes on for others."""
+    release = threading.Event()
+
+    @once(scope="process")
+    def model() -> str:
+        release.wait(10)
+        return "model"
+
+    async def leave_a_waiter_behind() -> None:
+        left = asyncio.get_running_loop().create_task(model())  # left to the loop's end
+        await asyncio.sleep(0)
+        await anyio.to_thread.run_sync(until, lambda: model.status().state == "running")
+        assert not left.done()
+
+    in_threads(lambda: asyncio.run(leave_a_waiter_behind()))
+    release.set()
+    assert in_threads(model.get_sync) == ["model"]
+    assert model.status().attempts == 1
+
+
+def test_many_threads_calling_get_sync_on_a_cold_value_share_one_run() -> None:
+    """Sixteen threads at once, the value not made yet: fn runs once, all get the same object."""
+    runs, barrier = itertools.count(1), threading.Barrier(16)
+
+    @once(scope="process")
+    def model() -> object:
+        next(runs)
+        return object()
+
+    def call() -> object:
+        barrier.wait(10)
+        return model.get_sync()
+
+    values = in_threads(*[call] * 16)
+    assert len({id(v) for v in values}) == 1
+    assert next(runs) == 2
+
+
+def test_status_read_from_other_threads_follows_a_run_in_the_librarys_loop() -> None:
+    """status() from any thread sees running while the run goes on, then ready with its counts."""
+    release = threading.Event()
+
+    @once(scope="process")
+    def model() -> str:
+        release.wait(10)
+        return "model"
+
+    assert model.status().state == "idle"
+    waiting = threading.Thread(target=lambda: in_threads(model.get_sync, model.get_sync))
+    waiting.start()
+    until(lambda: model.status().joins == 1)
+    assert in_threads(lambda: model.status().state) == ["running"]
+    release.set()
+    waiting.join(10)
+    (status,) = in_threads(model.status)
+    assert (status.state, status.attempts, status.joins) == ("ready", 1, 1)
+
+
+# --- logs, across= ------------------------------------------------------------------------------
+
+
+def test_logs_from_the_librarys_loop_carry_the_fields_and_no_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Records made in the library's thread have the usual fields; no key nor message verbatim."""
+
+    @once(key=lambda token: token, scope="process", name="meetings.user")
+    def user(token: str) -> str:
+        raise PermissionError(f"bad {token}")
+
+    async def call() -> object:
+        try:
+            return await user("token-abc")
+        except PermissionError as exc:
+            return exc
+
+    with caplog.at_level(logging.DEBUG, logger="fastapi_once"):
+        (error,) = in_threads(in_loop("trio", call))
+    assert isinstance(error, PermissionError)
+    records = [r for r in caplog.records if getattr(r, "once", None) == "meetings.user"]
+    assert {r.event for r in records} >= {"start", "failed"}  # type: ignore[attr-defined]
+    assert {r.threadName for r in records} == {"fastapi_once process scope"}
+    failed = next(r for r in records if r.event == "failed")  # type: ignore[attr-defined]
+    assert failed.error_type == "PermissionError"  # type: ignore[attr-defined]
+    shown = [r.getMessage() for r in records if r.levelno > logging.DEBUG]
+    assert not any("token-abc" in line for line in shown)
+
+
+def test_across_a_file_backend_runs_once_for_every_thread_and_reset_clears_the_record(
+    tmp_path: Path,
+) -> None:
+    """get_sync() and other loops share one backend lead; reset() from any loop clears it."""
+    runs = itertools.count(1)
+
+    @once(scope="process", across=FileLockBackend(tmp_path), name="meetings.seed")
+    def seed() -> int:
+        return next(runs)
+
+    async def call() -> int:
+        return await seed()
+
+    assert in_threads(seed.get_sync, in_loop("trio", call), in_loop("uvloop", call)) == [1, 1, 1]
+    in_threads(lambda: trio.run(seed.reset))
+    assert in_threads(seed.get_sync) == [2]
+    in_threads(lambda: asyncio.run(seed.reset()))
