@@ -217,7 +217,7 @@ class Once(Generic[P, T]):
         made = self._peek(args, kwargs)
         if made is not None:
             return made.value
-        return await hop(self(*args, **kwargs))
+        return await hop(lambda: self(*args, **kwargs))
 
     def _peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Value | None:
         """Process scope: the value a call in its loop would serve at once, or None.
@@ -385,7 +385,7 @@ class Once(Generic[P, T]):
         if (args or kwargs) and self._key is None:
             raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
         if self._process and not in_process_loop():
-            return await hop(self.reset(*args, **kwargs))
+            return await hop(lambda: self.reset(*args, **kwargs))
         store = self._existing_store()
         try:
             if store is not None:
@@ -427,7 +427,7 @@ async def retire_process_values(target: Once[Any, Any], timeout: float) -> None:
     makes as soon as it settles (logged, as a loop's shutdown does).
     """
     if not in_process_loop():
-        return await hop(retire_process_values(target, timeout))
+        return await hop(lambda: retire_process_values(target, timeout))
     store = target._existing_store()
     if store is None:
         return

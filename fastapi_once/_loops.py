@@ -334,8 +334,8 @@ def in_process_loop() -> bool:
     return threading.get_ident() == _process_thread
 
 
-async def hop(work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work`` in the process scope's loop and await it from the running loop.
+async def hop(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work()`` in the process scope's loop and await it from the running loop.
 
     The running loop keeps running meanwhile. Cancelling the caller cancels ``work`` (a caller
     of a once that leaves, which never cancels the once's attempt for others).
@@ -343,7 +343,7 @@ async def hop(work: Coroutine[Any, Any, T]) -> T:
     done = _submit(work)
     caller = current_loop()
     if isinstance(caller, asyncio.AbstractEventLoop):
-        return await asyncio.wrap_future(done)  # its cancellation cancels ``done``
+        return _unwrap(await asyncio.wrap_future(done))  # its cancellation cancels ``done``
     import trio
 
     woken = trio.Event()
@@ -358,7 +358,7 @@ async def hop(work: Coroutine[Any, Any, T]) -> T:
     except BaseException:
         done.cancel()
         raise
-    return done.result()
+    return _unwrap(done.result())
 
 
 def refuse_in_loop(action: str) -> None:
@@ -383,7 +383,7 @@ def call_blocking(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     Call :func:`refuse_in_loop` first: in a thread with a running loop this would stall it.
     """
-    return _submit(work()).result()
+    return _unwrap(_submit(work).result())
 
 
 def run_in_process_loop(action: Callable[[], T]) -> T:
@@ -402,7 +402,32 @@ def run_in_process_loop(action: Callable[[], T]) -> T:
     return result.result()
 
 
-def _submit(work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+class _Exit:
+    """SystemExit or KeyboardInterrupt, carried back from the process scope's loop as a value."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _guarded(work: Callable[[], Coroutine[Any, Any, T]]) -> T | _Exit:
+    # Raised out of an asyncio task, these two escape run_forever() and end the process scope's
+    # thread, leaving every caller waiting for ever: the caller raises them instead. ``work`` is
+    # called here, so that a task cancelled before it starts leaves no coroutine un-awaited.
+    try:
+        return await work()
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return _Exit(exc)
+
+
+def _unwrap(result: T | _Exit) -> T:
+    if isinstance(result, _Exit):
+        raise result.exc
+    return result
+
+
+def _submit(work: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T | _Exit]:
     # In a context of its own: the caller's (its async library) would otherwise follow the work
     # into the process scope's loop. Only the attempt the caller works for goes along, so that
     # the wait is an edge of the wait-for graph: a def fn that asks get_sync() for a value that
@@ -411,7 +436,7 @@ def _submit(work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
     context = contextvars.Context()
     context.run(working.set, working.get())
     carry(context)
-    return context.run(asyncio.run_coroutine_threadsafe, work, process_loop())
+    return context.run(asyncio.run_coroutine_threadsafe, _guarded(work), process_loop())
 
 
 @atexit.register

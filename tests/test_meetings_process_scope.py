@@ -766,3 +766,30 @@ def test_across_a_file_backend_runs_once_for_every_thread_and_reset_clears_the_r
     in_threads(lambda: trio.run(seed.reset))
     assert in_threads(seed.get_sync) == [2]
     in_threads(lambda: asyncio.run(seed.reset()))
+
+
+# --- exits raised by fn ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exit_type", [SystemExit, KeyboardInterrupt])
+def test_an_exit_raised_by_fn_reaches_the_callers_and_the_librarys_loop_survives(
+    exit_type: type[BaseException],
+) -> None:
+    """SystemExit/KeyboardInterrupt in fn reach every waiter; the process scope goes on serving."""
+    runs = itertools.count(1)
+
+    @once(scope="process")
+    async def bye() -> int:
+        if next(runs) == 1:
+            raise exit_type(3)
+        return 2
+
+    async def call() -> object:
+        try:
+            return await bye()
+        except exit_type as exc:
+            return exc
+
+    (first,) = in_threads(bye.get_sync)
+    assert isinstance(first, exit_type)
+    assert in_threads(in_loop("trio", call), in_loop("asyncio", call)) == [2, 2]
