@@ -451,9 +451,9 @@ def _stop_process_loop() -> None:
         loop = _process_loop
     if loop is None:
         return
-    closing = asyncio.run_coroutine_threadsafe(close(PROCESS_EXIT_TIMEOUT), loop)
+    closing = _submit(lambda: close(PROCESS_EXIT_TIMEOUT))  # a cleanup's exit comes back here
     try:
-        closing.result()
+        _unwrap(closing.result())
     except BaseException:
         logger.exception("cleaning up the process-scope onces at exit failed")
     loop.call_soon_threadsafe(loop.stop)

@@ -793,3 +793,23 @@ def test_an_exit_raised_by_fn_reaches_the_callers_and_the_librarys_loop_survives
     (first,) = in_threads(bye.get_sync)
     assert isinstance(first, exit_type)
     assert in_threads(in_loop("trio", call), in_loop("asyncio", call)) == [2, 2]
+
+
+def test_a_cleanup_that_raises_systemexit_at_interpreter_exit_does_not_hang_the_exit() -> None:
+    """The exit's cleanup gets the error back (logged) and stops the loop; the process ends."""
+    lines = run_script(
+        """
+        import sys
+        from fastapi_once import once
+
+        @once(scope="process")
+        def table():
+            yield "table"
+            print("cleaning", flush=True)
+            sys.exit(5)
+
+        print(table.get_sync(), flush=True)
+        """,
+        timeout=30,
+    )
+    assert lines == ["table", "cleaning"]
