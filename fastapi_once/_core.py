@@ -370,7 +370,7 @@ class Once(Generic[P, T]):
         return value, stack
 
     async def reset(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Clean up and forget this once's value(s) in the running event loop.
+        """Clean up and forget this once's value(s) in the running event loop (or the process).
 
         With arguments (a keyed once), only the key they map to. Work in flight is awaited first
         and what it makes is cleaned up too; a failure's cooldown and the last error are
@@ -397,6 +397,8 @@ class Once(Generic[P, T]):
 
     def status(self, *, details: bool = False) -> OnceStatus:
         """Return a snapshot of this once in the running event loop (or the last one used).
+
+        A ``scope="process"`` once reports its one store, from any thread.
 
         Args:
             details: include the last error's message (off by default: it can hold secrets).

@@ -813,3 +813,25 @@ def test_a_cleanup_that_raises_systemexit_at_interpreter_exit_does_not_hang_the_
         timeout=30,
     )
     assert lines == ["table", "cleaning"]
+
+
+@pytest.mark.anyio
+async def test_reset_all_and_a_loops_lifespan_shutdown_leave_the_process_value_alone() -> None:
+    """Neither belongs to the running loop: the value stays in service for the other loops."""
+    from fastapi_once import reset_all
+
+    events: list[str] = []
+
+    @once(scope="process")
+    def table() -> Iterator[str]:
+        yield "table"
+        events.append("cleaned")
+
+    first = await table()
+    await reset_all()
+    async with once_lifespan(table)(FastAPI()):
+        assert await table() is first
+    assert events == []
+    assert in_threads(table.get_sync) == [first]
+    await table.reset()
+    assert events == ["cleaned"]
