@@ -250,7 +250,8 @@ class Once(Generic[P, T]):
 
         Raises:
             TypeError: the once has ``scope="loop"`` (its values live in an event loop).
-            RuntimeError: an event loop runs in this thread (``await`` the once there).
+            RuntimeError: an event loop runs in this thread (``await`` the once there), or the
+                interpreter's exit has closed the process scope.
             Exception: whatever the shared attempt raised, as ``await o()`` would.
         """
         if not self._process:

@@ -300,18 +300,28 @@ _process_loop: asyncio.AbstractEventLoop | None = None
 _process_thread: int | None = None
 _process_state: LoopState | None = None
 _process_lock = threading.Lock()
+_exited = False  # set under _process_lock once the exit handler has closed the process scope
 
 #: Seconds the interpreter's exit waits for process-scope work in flight before cleaning up.
 PROCESS_EXIT_TIMEOUT = 10.0
 
 
 def process_loop() -> asyncio.AbstractEventLoop:
-    """Return the process scope's loop, starting its thread on first use."""
+    """Return the process scope's loop, starting its thread on first use.
+
+    Raises:
+        RuntimeError: the interpreter is exiting and the process scope is already closed.
+    """
     global _process_loop, _process_thread, _process_state
     loop = _process_loop
     if loop is not None:
         return loop
     with _process_lock:
+        if _exited:
+            raise RuntimeError(
+                "the process scope is closed: the interpreter is exiting and its values were "
+                "cleaned up; use process-scope onces before exit handlers run"
+            )
         if _process_loop is None:
             loop = asyncio.new_event_loop()
             started = threading.Event()
@@ -447,8 +457,9 @@ def _stop_process_loop() -> None:
     exit's cleanup is refused there (OnceClosedError), instead of starting a second loop whose
     values nothing would clean up.
     """
+    global _process_loop, _exited
     with _process_lock:
-        loop = _process_loop
+        loop, _exited = _process_loop, _process_loop is None
     if loop is None:
         return
     closing = _submit(lambda: close(PROCESS_EXIT_TIMEOUT))  # a cleanup's exit comes back here
@@ -456,16 +467,19 @@ def _stop_process_loop() -> None:
         _unwrap(closing.result())
     except BaseException:
         logger.exception("cleaning up the process-scope onces at exit failed")
+    with _process_lock:  # later calls (exit handlers that run after this one) are refused
+        _process_loop, _exited = None, True
     loop.call_soon_threadsafe(loop.stop)
 
 
 def _forget_in_child() -> None:
     # A child process starts with its parent's loops gone, the process scope's too. Its locks
     # are new: a thread of the parent that held one at the fork does not exist here to release it.
-    global _process_loop, _process_thread, _process_state, _lock, _process_lock
+    global _process_loop, _process_thread, _process_state, _lock, _process_lock, _exited
     _lock, _process_lock = threading.Lock(), threading.Lock()
     _states.clear()
     _process_loop = _process_thread = _process_state = None
+    _exited = False
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

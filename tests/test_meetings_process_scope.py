@@ -835,3 +835,31 @@ async def test_reset_all_and_a_loops_lifespan_shutdown_leave_the_process_value_a
     assert in_threads(table.get_sync) == [first]
     await table.reset()
     assert events == ["cleaned"]
+
+
+def test_a_call_from_an_exit_handler_that_runs_after_the_process_scope_closed_is_refused() -> None:
+    """An atexit handler running after the library's (registered before it) gets an error."""
+    lines = run_script(
+        """
+        import atexit
+
+        def late():
+            try:
+                table.get_sync()
+            except RuntimeError as exc:
+                print("refused:", "interpreter is exiting" in str(exc), flush=True)
+
+        atexit.register(late)  # before the import: runs after the library's own exit handler
+
+        from fastapi_once import once
+
+        @once(scope="process")
+        def table():
+            yield "table"
+            print("cleaned", flush=True)
+
+        print(table.get_sync(), flush=True)
+        """,
+        timeout=30,
+    )
+    assert lines == ["table", "cleaned", "refused:", "True"]
