@@ -863,3 +863,48 @@ def test_a_call_from_an_exit_handler_that_runs_after_the_process_scope_closed_is
         timeout=30,
     )
     assert lines == ["table", "cleaned", "refused:", "True"]
+
+
+def test_callers_in_every_loop_wait_through_the_retries_of_one_run() -> None:
+    """retries= happen in the library's loop; callers elsewhere get the final value, fn ran 3x."""
+    runs, release = itertools.count(1), threading.Event()
+
+    @once(scope="process", retries=2, backoff=0.001)
+    def flaky() -> int:
+        run = next(runs)
+        release.wait(10)
+        if run < 3:
+            raise ConnectionError("not yet")
+        return run
+
+    async def call() -> int:
+        return await flaky()
+
+    done: list[Any] = []
+    waiting = threading.Thread(
+        target=lambda: done.extend(in_threads(*(in_loop(loop, call) for loop in LOOPS)))
+    )
+    waiting.start()
+    until(lambda: flaky.status().joins == 2)
+    release.set()
+    waiting.join(10)
+    assert done == [3, 3, 3]
+    assert next(runs) == 4
+
+
+def test_an_unhashable_key_from_another_loop_gets_the_named_type_error() -> None:
+    """The read without a hop gives up on it; the library's loop raises the usual TypeError."""
+
+    @once(key=lambda tags: tags, scope="process")
+    def fetch(tags: list[str]) -> str:
+        return ",".join(tags)  # pragma: no cover - never made
+
+    async def call() -> object:
+        try:
+            return await fetch(["a"])
+        except TypeError as exc:
+            return exc
+
+    (error,) = in_threads(in_loop("trio", call))
+    assert isinstance(error, TypeError)
+    assert "fetch" in str(error)
