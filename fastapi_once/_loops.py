@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import anyio.to_thread
 
 from ._attempts import Attempt, check_wait, wait, working
 from ._telemetry import carry, fields
@@ -393,7 +394,19 @@ def call_blocking(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     Call :func:`refuse_in_loop` first: in a thread with a running loop this would stall it.
     """
-    return _unwrap(_submit(work).result())
+    return _unwrap(_submit(lambda: _lending(work)).result())
+
+
+async def _lending(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    # The blocked thread lends the loop a worker-thread token while it waits: a def fn calling
+    # get_sync() holds one of that loop's worker threads, and a burst of them would otherwise
+    # take every token (anyio's default is 40) and wait for ever for a fn that needs one.
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens += 1
+    try:
+        return await work()
+    finally:
+        limiter.total_tokens -= 1
 
 
 def run_in_process_loop(action: Callable[[], T]) -> T:

@@ -908,3 +908,39 @@ def test_an_unhashable_key_from_another_loop_gets_the_named_type_error() -> None
     (error,) = in_threads(in_loop("trio", call))
     assert isinstance(error, TypeError)
     assert "fetch" in str(error)
+
+
+def test_a_burst_of_def_functions_calling_get_sync_does_not_exhaust_the_worker_threads() -> None:
+    """Forty def fns (anyio's thread limit) blocked in get_sync() of a cold once still finish."""
+    lines = run_script(
+        """
+        import os, threading, time
+        from fastapi_once import once
+
+        @once(scope="process")
+        def settings():
+            return "prod"
+
+        together = threading.Barrier(40)
+
+        @once(key=lambda i: i, scope="process")
+        def fetch(i):
+            together.wait(10)  # all forty hold a worker thread before any asks for settings
+            return settings.get_sync()
+
+        got = []
+        threads = [
+            threading.Thread(target=lambda i=i: got.append(fetch.get_sync(i)), daemon=True)
+            for i in range(40)
+        ]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 20
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        print(len(got), set(got), flush=True)
+        os._exit(0)
+        """,
+        timeout=40,
+    )
+    assert lines == ["40", "{'prod'}"]
