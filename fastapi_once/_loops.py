@@ -394,13 +394,15 @@ def call_blocking(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     Call :func:`refuse_in_loop` first: in a thread with a running loop this would stall it.
     """
+    if working.get() is None:  # not a once's function: it holds no worker thread of a loop
+        return _unwrap(_submit(work).result())
     return _unwrap(_submit(lambda: _lending(work)).result())
 
 
 async def _lending(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    # The blocked thread lends the loop a worker-thread token while it waits: a def fn calling
-    # get_sync() holds one of that loop's worker threads, and a burst of them would otherwise
-    # take every token (anyio's default is 40) and wait for ever for a fn that needs one.
+    # A once's def fn blocked here lends the loop a worker-thread token while it waits: it holds
+    # a worker thread, and a burst of such fns would otherwise take every token (anyio's default
+    # is 40) and wait for ever for a fn that needs one.
     limiter = anyio.to_thread.current_default_thread_limiter()
     limiter.total_tokens += 1
     try:
