@@ -40,7 +40,7 @@ import anyio
 
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
-from ._loops import LoopState, new_event
+from ._loops import LoopState, in_process_loop, new_event
 from ._policy import Policy
 from ._status import State
 from ._tasks import spawn
@@ -197,7 +197,7 @@ class Record:
         store = self.store
         if store.loop_state.closed:
             self.drop()
-            raise OnceClosedError(store.name)
+            raise OnceClosedError(store.name, process=in_process_loop())
         self.attempt = attempt = Attempt(store.name, self.key, new_event(store.loop))
         attempt.show_key = store.policy.log_keys
         self._to(RUNNING if self.made is None else REFRESHING)
@@ -308,7 +308,8 @@ class Record:
         if attempt.ended is not None:  # timed out: its waiters were released then
             made, error, traceback, applied = None, attempt.error, attempt.traceback, False
         elif not mine and error is None:
-            made, error, traceback, applied = None, OnceClosedError(store.name), None, False
+            closed = OnceClosedError(store.name, process=in_process_loop())
+            made, error, traceback, applied = None, closed, None, False
         if not attempt.settled:
             if error is not None:
                 attempt.fail(error, traceback)
