@@ -200,6 +200,27 @@ async def test_a_process_scope_attempt_links_to_the_caller_in_another_loop_and_b
     await load.reset()
 
 
+async def test_process_scope_metrics_count_reads_from_every_thread_once(otel: Otel) -> None:
+    """Hits read without a hop in other threads count; one attempt, one value, one ready record."""
+    name = unique("process-metrics")
+
+    @once(name=name, scope="process")
+    def load() -> int:
+        return 1
+
+    assert await load() == 1
+    for _ in range(3):
+        assert await anyio.to_thread.run_sync(load.get_sync) == 1
+    assert await load() == 1
+    status = load.status()
+    assert (status.attempts, status.hits) == (1, 4)
+    assert otel.total("fastapi_once.attempts", name) == 1
+    assert otel.total("fastapi_once.hits", name) == status.hits
+    assert otel.total("fastapi_once.values", name) == 1
+    assert otel.total("fastapi_once.state", name, state="ready") == 1
+    await load.reset()
+
+
 async def test_a_failing_attempt_records_its_error_type_and_never_its_message(
     otel: Otel,
 ) -> None:
