@@ -944,3 +944,30 @@ def test_a_burst_of_def_functions_calling_get_sync_does_not_exhaust_the_worker_t
         timeout=40,
     )
     assert lines == ["40", "{'prod'}"]
+
+
+def test_work_in_flight_when_the_interpreter_exits_is_awaited_and_its_value_cleaned_up() -> None:
+    """The main thread ends while a trio caller waits for a run: the run ends, then its cleanup."""
+    lines = run_script(
+        """
+        import threading, trio
+        from fastapi_once import once
+
+        started = threading.Event()
+
+        @once(scope="process")
+        def table():
+            started.set()
+            threading.Event().wait(0.2)  # still running when the main thread ends
+            yield "table"
+            print("cleaned", flush=True)
+
+        async def wait_for_it():
+            print("got", await table(), flush=True)
+
+        threading.Thread(target=trio.run, args=(wait_for_it,), daemon=True).start()
+        started.wait(10)
+        """
+    )
+    assert lines[-1] == "cleaned"
+    assert lines in (["got", "table", "cleaned"], ["cleaned"])
