@@ -29,7 +29,9 @@ class Attempt:
     """One run of a once's function and its outcome, delivered to every waiter.
 
     ``value``, ``error``, ``traceback`` and ``context`` are written once, before ``done`` is
-    set, and only read after. Only the loop's thread touches an attempt.
+    set, and only read after. Only the loop's thread touches an attempt, except ``waiting_on``:
+    work its task hands to the process scope's loop adds and removes its own edges there (single
+    list operations, atomic under the GIL).
     """
 
     __slots__ = (

@@ -39,7 +39,7 @@ from ._loops import (
 from ._policy import Policy
 from ._records import IDLE, READY, REFRESHING, Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
-from ._telemetry import across
+from ._telemetry import across, fields
 from ._values import Value
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class Once(Generic[P, T]):
         made = self._peek(args, kwargs)
         if made is not None:
             return made.value
-        return await hop(self(*args, **kwargs))
+        return await hop(lambda: self(*args, **kwargs))
 
     def _peek(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Value | None:
         """Process scope: the value a call in its loop would serve at once, or None.
@@ -250,7 +250,8 @@ class Once(Generic[P, T]):
 
         Raises:
             TypeError: the once has ``scope="loop"`` (its values live in an event loop).
-            RuntimeError: an event loop runs in this thread (``await`` the once there).
+            RuntimeError: an event loop runs in this thread (``await`` the once there), or the
+                interpreter's exit has closed the process scope.
             Exception: whatever the shared attempt raised, as ``await o()`` would.
         """
         if not self._process:
@@ -370,7 +371,7 @@ class Once(Generic[P, T]):
         return value, stack
 
     async def reset(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        """Clean up and forget this once's value(s) in the running event loop.
+        """Clean up and forget this once's value(s) in the running event loop (or the process).
 
         With arguments (a keyed once), only the key they map to. Work in flight is awaited first
         and what it makes is cleaned up too; a failure's cooldown and the last error are
@@ -385,7 +386,7 @@ class Once(Generic[P, T]):
         if (args or kwargs) and self._key is None:
             raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
         if self._process and not in_process_loop():
-            return await hop(self.reset(*args, **kwargs))
+            return await hop(lambda: self.reset(*args, **kwargs))
         store = self._existing_store()
         try:
             if store is not None:
@@ -397,6 +398,8 @@ class Once(Generic[P, T]):
 
     def status(self, *, details: bool = False) -> OnceStatus:
         """Return a snapshot of this once in the running event loop (or the last one used).
+
+        A ``scope="process"`` once reports its one store, from any thread.
 
         Args:
             details: include the last error's message (off by default: it can hold secrets).
@@ -416,6 +419,29 @@ class Once(Generic[P, T]):
             hits=store.hits,
             joins=store.joins,
             last_duration=store.last_duration,
+        )
+
+
+async def retire_process_values(target: Once[Any, Any], timeout: float) -> None:  # noqa: ASYNC109
+    """A lifespan's shutdown of a process-scope once: clean up its values in this process only.
+
+    Unlike ``reset()`` it leaves an ``across=`` backend's record (other processes keep theirs),
+    and it waits at most ``timeout`` seconds for work in flight, which then cleans up what it
+    makes as soon as it settles (logged, as a loop's shutdown does).
+    """
+    if not in_process_loop():
+        return await hop(lambda: retire_process_values(target, timeout))
+    store = target._existing_store()
+    if store is None:
+        return
+    with anyio.CancelScope(shield=True):
+        left = await drain(lambda: [store], f"{target.name}: shutdown", max(timeout, 0.0))
+    if left:
+        logger.warning(
+            "shutdown stopped waiting after %.1f s; still running: %s",
+            timeout,
+            ", ".join(attempt.label for attempt in left),
+            extra=fields(target.name, "shutdown_timeout", duration_s=timeout),
         )
 
 

@@ -42,11 +42,21 @@ class OnceCancelledError(OnceError):
 class OnceClosedError(OnceError, RuntimeError):
     """A once was called in an event loop whose teardown (``once_lifespan`` shutdown) has begun.
 
+    Also raised for a ``scope="process"`` once while the interpreter exits, and to the callers
+    of a run that a teardown stopped waiting for.
+
     A value made then would outlive the cleanup that promised to close everything.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, process: bool = False) -> None:
         self.name = name
+        if process:
+            super().__init__(
+                f"{name} cannot be made: the process scope is closing (the interpreter is "
+                "exiting, or a teardown stopped waiting for this run), so its value would never "
+                "be cleaned up; finish using process-scope onces before exit or teardown"
+            )
+            return
         super().__init__(
             f"{name} cannot be made: the app's once_lifespan has shut down in this event loop, so "
             "its value would never be cleaned up; finish requests before shutdown, or start the "

@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from ._core import Once, make_with
+from ._core import Once, make_with, retire_process_values
 from ._fastapi import once
 from ._loops import close, current_loop, state_of
 from ._telemetry import error_type, fields
@@ -43,9 +43,11 @@ def once_lifespan(
         shutdown_timeout: seconds shutdown waits for work in flight and cleanups, so that a
             hung function cannot hold the process past the server's grace period (default 10;
             Kubernetes gives a pod 30 s by default). What still runs then is logged.
-        reset_process_scope: also reset, at shutdown, the ``scope="process"`` onces among
-            ``onces``. Off by default: their values outlive the app (other event loops of the
-            process may use them) and are cleaned up at interpreter exit.
+        reset_process_scope: also clean up, at shutdown, the values of the ``scope="process"``
+            onces among ``onces`` (within ``shutdown_timeout``, in this process only: an
+            ``across=`` backend's record is left). Off by default: their values outlive the app
+            (other event loops of the process may use them) and are cleaned up at interpreter
+            exit.
 
     Raises:
         TypeError: an item is not callable, or is keyed (a keyed once has no single value).
@@ -90,10 +92,12 @@ def once_lifespan(
         await shut()
 
     async def shut() -> None:
+        # One deadline for the whole shutdown, read on the caller's clock (trio's is its own).
+        deadline = anyio.current_time() + shutdown_timeout
         await close(shutdown_timeout)
         with anyio.CancelScope(shield=True):
             for item in process_scope:
-                await item.reset()
+                await retire_process_values(item, deadline - anyio.current_time())
 
     return run
 

@@ -27,9 +27,10 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import anyio.to_thread
 
-from ._attempts import Attempt, check_wait, wait
-from ._telemetry import fields
+from ._attempts import Attempt, check_wait, wait, working
+from ._telemetry import carry, fields
 from ._values import Value, raise_all
 
 logger = logging.getLogger("fastapi_once")
@@ -302,18 +303,28 @@ _process_loop: asyncio.AbstractEventLoop | None = None
 _process_thread: int | None = None
 _process_state: LoopState | None = None
 _process_lock = threading.Lock()
+_exited = False  # set under _process_lock once the exit handler has closed the process scope
 
 #: Seconds the interpreter's exit waits for process-scope work in flight before cleaning up.
 PROCESS_EXIT_TIMEOUT = 10.0
 
 
 def process_loop() -> asyncio.AbstractEventLoop:
-    """Return the process scope's loop, starting its thread on first use."""
+    """Return the process scope's loop, starting its thread on first use.
+
+    Raises:
+        RuntimeError: the interpreter is exiting and the process scope is already closed.
+    """
     global _process_loop, _process_thread, _process_state
     loop = _process_loop
     if loop is not None:
         return loop
     with _process_lock:
+        if _exited:
+            raise RuntimeError(
+                "the process scope is closed: the interpreter is exiting and its values were "
+                "cleaned up; use process-scope onces before exit handlers run"
+            )
         if _process_loop is None:
             loop = asyncio.new_event_loop()
             started = threading.Event()
@@ -336,8 +347,8 @@ def in_process_loop() -> bool:
     return threading.get_ident() == _process_thread
 
 
-async def hop(work: Coroutine[Any, Any, T]) -> T:
-    """Run ``work`` in the process scope's loop and await it from the running loop.
+async def hop(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work()`` in the process scope's loop and await it from the running loop.
 
     The running loop keeps running meanwhile. Cancelling the caller cancels ``work`` (a caller
     of a once that leaves, which never cancels the once's attempt for others).
@@ -345,7 +356,7 @@ async def hop(work: Coroutine[Any, Any, T]) -> T:
     done = _submit(work)
     caller = current_loop()
     if isinstance(caller, asyncio.AbstractEventLoop):
-        return await asyncio.wrap_future(done)  # its cancellation cancels ``done``
+        return _unwrap(await asyncio.wrap_future(done))  # its cancellation cancels ``done``
     import trio
 
     woken = trio.Event()
@@ -360,7 +371,7 @@ async def hop(work: Coroutine[Any, Any, T]) -> T:
     except BaseException:
         done.cancel()
         raise
-    return done.result()
+    return _unwrap(done.result())
 
 
 def refuse_in_loop(action: str) -> None:
@@ -385,7 +396,21 @@ def call_blocking(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     Call :func:`refuse_in_loop` first: in a thread with a running loop this would stall it.
     """
-    return _submit(work()).result()
+    if working.get() is None:  # not a once's function: it holds no worker thread of a loop
+        return _unwrap(_submit(work).result())
+    return _unwrap(_submit(lambda: _lending(work)).result())
+
+
+async def _lending(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    # A once's def fn blocked here lends the loop a worker-thread token while it waits: it holds
+    # a worker thread, and a burst of such fns would otherwise take every token (anyio's default
+    # is 40) and wait for ever for a fn that needs one.
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens += 1
+    try:
+        return await work()
+    finally:
+        limiter.total_tokens -= 1
 
 
 def run_in_process_loop(action: Callable[[], T]) -> T:
@@ -404,33 +429,74 @@ def run_in_process_loop(action: Callable[[], T]) -> T:
     return result.result()
 
 
-def _submit(work: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-    # In a context of its own: the caller's (its async library, the attempt it runs in) would
-    # otherwise follow the work into the process scope's loop.
-    return contextvars.Context().run(asyncio.run_coroutine_threadsafe, work, process_loop())
+class _Exit:
+    """SystemExit or KeyboardInterrupt, carried back from the process scope's loop as a value."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _guarded(work: Callable[[], Coroutine[Any, Any, T]]) -> T | _Exit:
+    # Raised out of an asyncio task, these two escape run_forever() and end the process scope's
+    # thread, leaving every caller waiting for ever: the caller raises them instead. ``work`` is
+    # called here, so that a task cancelled before it starts leaves no coroutine un-awaited.
+    try:
+        return await work()
+    except (SystemExit, KeyboardInterrupt) as exc:
+        return _Exit(exc)
+
+
+def _unwrap(result: T | _Exit) -> T:
+    if isinstance(result, _Exit):
+        raise result.exc
+    return result
+
+
+def _submit(work: Callable[[], Coroutine[Any, Any, T]]) -> concurrent.futures.Future[T | _Exit]:
+    # In a context of its own: the caller's (its async library) would otherwise follow the work
+    # into the process scope's loop. Only the attempt the caller works for goes along, so that
+    # the wait is an edge of the wait-for graph: a def fn that asks get_sync() for a value that
+    # waits on fn itself raises OnceCycleError instead of blocking its thread for ever. So does
+    # the caller's span, which links to the attempt it waits for.
+    context = contextvars.Context()
+    context.run(working.set, working.get())
+    carry(context)
+    return context.run(asyncio.run_coroutine_threadsafe, _guarded(work), process_loop())
 
 
 @atexit.register
 def _stop_process_loop() -> None:
-    """At interpreter exit: close the process scope (cleanups run), then stop its loop."""
-    global _process_loop
+    """At interpreter exit: close the process scope (cleanups run), then stop its loop.
+
+    The loop stays the process scope's meanwhile: a call that daemon threads make during the
+    exit's cleanup is refused there (OnceClosedError), instead of starting a second loop whose
+    values nothing would clean up.
+    """
+    global _process_loop, _exited
     with _process_lock:
-        loop, _process_loop = _process_loop, None
+        loop, _exited = _process_loop, _process_loop is None
     if loop is None:
         return
-    closing = asyncio.run_coroutine_threadsafe(close(PROCESS_EXIT_TIMEOUT), loop)
+    closing = _submit(lambda: close(PROCESS_EXIT_TIMEOUT))  # a cleanup's exit comes back here
     try:
-        closing.result()
+        _unwrap(closing.result())
     except BaseException:
         logger.exception("cleaning up the process-scope onces at exit failed")
+    with _process_lock:  # later calls (exit handlers that run after this one) are refused
+        _process_loop, _exited = None, True
     loop.call_soon_threadsafe(loop.stop)
 
 
 def _forget_in_child() -> None:
-    # A child process starts with its parent's loops gone, the process scope's too.
-    global _process_loop, _process_thread, _process_state
+    # A child process starts with its parent's loops gone, the process scope's too. Its locks
+    # are new: a thread of the parent that held one at the fork does not exist here to release it.
+    global _process_loop, _process_thread, _process_state, _lock, _process_lock, _exited
+    _lock, _process_lock = threading.RLock(), threading.Lock()
     _states.clear()
     _process_loop = _process_thread = _process_state = None
+    _exited = False
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

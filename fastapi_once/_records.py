@@ -73,7 +73,7 @@ import anyio
 
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
-from ._loops import LoopState, new_event
+from ._loops import LoopState, in_process_loop, new_event
 from ._policy import Policy
 from ._status import State
 from ._tasks import spawn
@@ -282,7 +282,7 @@ class Record:
         store = self.store
         if store.loop_state.closed:
             self.drop()
-            raise OnceClosedError(store.name)
+            raise OnceClosedError(store.name, process=in_process_loop())
         serves = self.serves(monotonic())
         self.attempt = attempt = Attempt(store.name, self.key, new_event(store.loop))
         attempt.show_key = store.policy.log_keys
@@ -399,7 +399,8 @@ class Record:
         if attempt.ended is not None:  # timed out: its waiters were released then
             made, error, traceback, applied = None, attempt.error, attempt.traceback, False
         elif not mine and error is None:
-            made, error, traceback, applied = None, OnceClosedError(store.name), None, False
+            closed = OnceClosedError(store.name, process=in_process_loop())
+            made, error, traceback, applied = None, closed, None, False
         now = monotonic()
         if not attempt.settled:
             if error is not None:

@@ -16,6 +16,7 @@ nor a key, only its digest (see :mod:`fastapi_once._keys`), unless the once has 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
@@ -153,6 +154,16 @@ async def _within(span: Any, attempt: Attempt, work: Coroutine[Any, Any, None]) 
     finally:
         if span.is_recording():  # the work ended without an outcome (its loop ended)
             span.end()
+
+
+def carry(into: contextvars.Context) -> None:
+    """Make the current span current in ``into`` too (work handed to another loop's task).
+
+    A caller that waits in the process scope's loop then links its span to the attempt's, and
+    an attempt it starts links back to it, as in the caller's own loop.
+    """
+    if OTEL:
+        into.run(otel_context.attach, otel_context.get_current())
 
 
 def waits(attempt: Attempt, joined: bool) -> None:

@@ -22,6 +22,8 @@ __all__ = ["override"]
 async def override(target: Once[Any, T], value: T) -> AsyncIterator[T]:
     """Make ``await target()`` return ``value`` in the running event loop, inside the block.
 
+    A ``scope="process"`` once returns it in every loop and thread (and from ``get_sync()``).
+
     For routes, prefer FastAPI's own ``app.dependency_overrides[target] = lambda: value``,
     which works across event loops. On exit the once forgets ``value`` (nothing is cleaned up:
     it is yours) and makes its own value on the next call.

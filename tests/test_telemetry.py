@@ -176,6 +176,51 @@ async def test_the_functions_own_spans_are_children_of_the_attempt_span(otel: Ot
     assert attempt.links[0].context.span_id == caller.get_span_context().span_id
 
 
+async def test_a_process_scope_attempt_links_to_the_caller_in_another_loop_and_back(
+    otel: Otel,
+) -> None:
+    """Called from the test's loop, the attempt runs in the library's: the links still cross."""
+    name = unique("process")
+    tracer = trace.get_tracer("test")
+
+    @once(name=name, scope="process")
+    async def load() -> int:
+        with tracer.start_as_current_span("inner"):
+            return 1
+
+    with tracer.start_as_current_span("caller") as caller:
+        assert await load() == 1
+    (attempt,) = otel.finished("fastapi_once.attempt", name)
+    (inner,) = [s for s in otel.spans.get_finished_spans() if s.name == "inner"]
+    assert inner.parent is not None
+    assert inner.parent.span_id == attempt.context.span_id
+    assert [link.context.span_id for link in attempt.links] == [caller.get_span_context().span_id]
+    (finished_caller,) = [s for s in otel.spans.get_finished_spans() if s.name == "caller"]
+    assert [link.context.span_id for link in finished_caller.links] == [attempt.context.span_id]
+    await load.reset()
+
+
+async def test_process_scope_metrics_count_reads_from_every_thread_once(otel: Otel) -> None:
+    """Hits read without a hop in other threads count; one attempt, one value, one ready record."""
+    name = unique("process-metrics")
+
+    @once(name=name, scope="process")
+    def load() -> int:
+        return 1
+
+    assert await load() == 1
+    for _ in range(3):
+        assert await anyio.to_thread.run_sync(load.get_sync) == 1
+    assert await load() == 1
+    status = load.status()
+    assert (status.attempts, status.hits) == (1, 4)
+    assert otel.total("fastapi_once.attempts", name) == 1
+    assert otel.total("fastapi_once.hits", name) == status.hits
+    assert otel.total("fastapi_once.values", name) == 1
+    assert otel.total("fastapi_once.state", name, state="ready") == 1
+    await load.reset()
+
+
 async def test_a_failing_attempt_records_its_error_type_and_never_its_message(
     otel: Otel,
 ) -> None:

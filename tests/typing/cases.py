@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import Depends
 
-from fastapi_once import Once, once
+from fastapi_once import Once, once, once_lifespan
 
 
 class Settings: ...
@@ -63,6 +63,16 @@ def sync_calls() -> None:
     model.get_sync(1)  # E: Too many arguments
     parsed.get_sync(2)  # E: incompatible type "int"
     once(model, scope="thread")  # E: No overload variant of "once" matches
+    once_lifespan(model, reset_process_scope=True)
+    once_lifespan(model, reset_process_scope="yes")  # E: incompatible type "str"
+    print(m, p)
+
+
+async def process_calls() -> None:
+    m: Settings = await model()
+    p: Settings = await parsed("/a")
+    await model.reset()
+    await parsed.reset("/a")
     print(m, p)
 
 
