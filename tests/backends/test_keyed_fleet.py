@@ -175,6 +175,28 @@ def test_a_warm_key_is_served_from_memory_without_running_again(
     assert len(starts(log_of(spec, tmp_path), "a")) == 1
 
 
+def test_waiting_processes_are_woken_by_the_leaders_end_not_by_the_recheck(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """With recheck_interval=60 and wait_timeout=10, waiting processes still get the value (a
+    wait_timeout would fail them): the leader's success and failure both wake them."""
+    options = {"recheck_interval": 60, "wait_timeout": 10}
+    leader, *followers = fleet(3, sleep=1.0, backend=options, fail={"flaky": [1]})
+    log = log_of(spec, tmp_path)
+    leader.send({"call": ["k", "flaky"]})
+    wait_for(lambda: len(read_log(log)) >= 2, what="the leader to start both keys")
+    for follower in followers:
+        follower.send({"call": ["k", "flaky"]})
+    k, flaky = leader.reply()["results"]
+    assert ok(k[0])["run"] == 1
+    assert flaky[0]["error"] == "RuntimeError"
+    for follower in followers:
+        k, flaky = follower.reply()["results"]
+        assert ok(k[0])["run"] == 1
+        assert ok(flaky[0])["run"] == 2  # woken by the failure: one of them ran it again
+    assert (len(starts(log, "k")), len(starts(log, "flaky"))) == (1, 2)
+
+
 # --- faults ---------------------------------------------------------------------------------------
 
 
