@@ -140,7 +140,9 @@ class PostgresBackend(Backend):
     each leader's write deletes up to 100 expired rows, so the table holds about one ttl
     window of keys. Followers ``LISTEN`` on the key's channel, on which the leader's
     ``NOTIFY`` announces its end, and check again every ``recheck_interval`` seconds (a leader
-    that died announces nothing; its lock ends with its session)::
+    that died announces nothing; its lock ends with its session). Keyed calls reuse up to 8
+    connections per event loop that a finished call left holding nothing, where an unkeyed
+    call opens its own::
 
         CREATE TABLE fastapi_once_keyed (
             name text, key text, result text, made_at timestamptz, value_until timestamptz,
