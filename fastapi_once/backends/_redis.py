@@ -486,9 +486,11 @@ class RedisBackend(Backend):
                 )
             except RedisError as exc:
                 raise self._error(f"recording the result of {shown}", exc) from exc
+        except (BackendError, LeaseLostError):
+            await self._keyed_release(client, keys, lock, None)  # not the work's failure
+            raise
         except Exception:
-            # A failure of the leader's own (not a lost lease: the lock is not ours then).
-            await self._keyed_release(client, keys, lock, cooldown)
+            await self._keyed_release(client, keys, lock, cooldown)  # the work failed
             raise
         except BaseException:
             await self._keyed_release(client, keys, lock, None)
