@@ -520,6 +520,7 @@ class RedisBackend(Backend):
         args: list[int | str] = [lock.value, _ms(self.lease), refresh_ms]
         pubsub: Any = None
         failures = 0
+        reached = False  # unreachable at the first contact: fail at once, as run_once does
         try:
             while True:
                 sent = time.monotonic()
@@ -527,6 +528,7 @@ class RedisBackend(Backend):
                     status, data, *_ = await client.keyed_acquire(
                         keys=[keys.value, keys.lock, keys.cool], args=args
                     )
+                    reached = True
                     if status == 1:
                         return str(data)
                     if status == 2:
@@ -549,6 +551,8 @@ class RedisBackend(Backend):
                         await _close_quietly(pubsub)
                         pubsub = None
                     left = time_left(self.wait_timeout, time.monotonic() - started)
+                    if not reached:
+                        raise self._error(f"reading the record of {name}", exc) from exc
                     if left <= 0:
                         raise self._error(f"waiting for {name} (unreachable)", exc) from exc
                     await anyio.sleep(min(backoff(failures), left))
