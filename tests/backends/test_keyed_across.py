@@ -139,6 +139,41 @@ def test_a_keyed_once_across_processes_without_ttl_is_refused() -> None:
         once(get_stuff, key=lambda url: url, across=KeyedMemoryBackend(), name="t.nottl")
 
 
+@pytest.mark.parametrize(
+    "across",
+    [
+        "redis://127.0.0.1:1/0",
+        "postgresql://app@127.0.0.1:1/app",
+        "RedisBackend",
+        "PostgresBackend",
+    ],
+)
+def test_keyed_across_on_redis_and_postgres_without_ttl_is_refused_when_the_once_is_made(
+    across: str,
+) -> None:
+    """The same refusal for the real backends, as objects or URLs; nothing is connected."""
+    from backend_servers import require
+
+    if across == "RedisBackend":
+        require("redis")
+        from fastapi_once.backends import RedisBackend
+
+        backend: object = RedisBackend("redis://127.0.0.1:1/0")
+    elif across == "PostgresBackend":
+        require("asyncpg")
+        from fastapi_once.backends import PostgresBackend
+
+        backend = PostgresBackend("postgresql://app@127.0.0.1:1/app")
+    else:
+        backend = across
+
+    async def get_stuff(url: str) -> str:
+        return url  # pragma: no cover
+
+    with pytest.raises(TypeError, match="needs ttl="):
+        once(get_stuff, key=lambda url: url, across=backend, name="t.nottl.real")  # type: ignore[call-overload]
+
+
 def test_the_file_backend_refuses_a_keyed_once(tmp_path: Path) -> None:
     """FileLockBackend, or a file: URL, with key= is a TypeError naming the backends that can."""
 
