@@ -22,7 +22,7 @@ import anyio
 
 from ._attempts import Attempt, wait, working
 from ._errors import OnceClosedError
-from ._keys import NOKEY, unhashable
+from ._keys import NOKEY, shared_key_digest, unhashable
 from ._kinds import Kind, as_coroutine_function, invoke, kind_of
 from ._loops import (
     call_blocking,
@@ -359,8 +359,9 @@ class Once(Generic[P, T]):
             )
             if self._across is None:
                 value = await make()
-            else:
-                value = await across(self._across, self.name, make, self._policy.ttl)
+            else:  # a keyed once's backend keeps one record per key (the attempt's)
+                key = cast(Attempt, working.get()).key
+                value = await across(self._across, self.name, make, self._policy, key)
         except BaseException:
             if stack is not None:
                 # Release what the failed try had set up; the waiters get the try's own
@@ -393,8 +394,12 @@ class Once(Generic[P, T]):
                 view = store if not (args or kwargs) else KeyView(store, self._key(*args, **kwargs))  # type: ignore[misc]
                 await drain(lambda: [view], f"{self.name}.reset()")
         finally:
-            if self._across is not None:
+            if self._across is not None and self._key is None:
                 await self._across.reset(self.name)
+            elif self._across is not None:  # that key's record, or (no arguments) every key's
+                key = self._key(*args, **kwargs) if args or kwargs else NOKEY  # type: ignore[misc]
+                digest = None if key is NOKEY else shared_key_digest(self.name, key)
+                await self._across.reset_keyed(self.name, digest)
 
     def status(self, *, details: bool = False) -> OnceStatus:
         """Return a snapshot of this once in the running event loop (or the last one used).
@@ -496,6 +501,32 @@ async def make_with(target: Once[Any, T], context: object) -> T:
     """Return an unkeyed once's value, making it with ``context`` (e.g. the app) if needed."""
     kwargs: dict[str, Any] = {target._param: context} if target._param is not None else {}
     return cast(T, await cast(Any, target)(**kwargs))
+
+
+async def forget_shared(name: str, digest: str | None) -> None:
+    """Forget, in the running loop only, the keyed across values another process reset.
+
+    Every keyed once named ``name`` retires (and cleans up) its value for the key whose shared
+    digest is ``digest``, or every value if None; the backend's record is already gone.
+    """
+    for target in [o for o in registry() if o.name == name and o.keyed]:
+        store = target._existing_store()
+        if store is None:
+            continue
+        views = [
+            KeyView(store, key)
+            for key in list(store.records)
+            if digest is None or _shared_digest(name, key) == digest
+        ]
+        if views:
+            await drain(lambda views=views: views, f"{name}.reset()")  # type: ignore[misc]
+
+
+def _shared_digest(name: str, key: object) -> str | None:
+    try:
+        return shared_key_digest(name, key)
+    except TypeError:  # a key no backend was given
+        return None
 
 
 def _forget_hot_cells() -> None:

@@ -342,7 +342,8 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             (``"redis://host:6379/0"``, see :func:`~fastapi_once.backends.backend_from_url`), or
             a function of no arguments returning either (called at first use): run ``fn`` once
             across every process sharing it (leader runs, followers wait and get its result, as
-            JSON typed by ``fn``'s return annotation).
+            JSON typed by ``fn``'s return annotation). With ``key=``, once per key (Redis and
+            PostgreSQL; ``ttl=`` is then required).
         name: the once's name in messages, logs and backends. Default: module.qualname of fn.
         version: appended to the name (``name@version``), so a new deployment runs it again.
         timeout: seconds one attempt may take (retries included); past it the attempt is
@@ -411,14 +412,20 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
 _OPTIONS = frozenset({"key", *Options.__optional_keys__})  # the one list is Options
 
 
-def _check_across(fn: Callable[..., Any], name: str, across: object, keyed: bool) -> BoundBackend:
+def _check_across(
+    fn: Callable[..., Any], name: str, across: object, keyed: bool, ttl: object = None
+) -> BoundBackend:
     """Return the once's backend: ``across`` (a backend, URL or factory) bound to ``fn``."""
-    from .backends._late import BoundBackend
+    from .backends._late import BoundBackend, refuse_keyed
 
-    if keyed:
+    if keyed and ttl is None:
         raise TypeError(
-            f"once({name}, across=..., key=...): a keyed once cannot run across processes"
+            f"once({name}, across=..., key=...): a keyed once across processes needs ttl=, so "
+            "that every key's record in the backend expires (keys come from requests: without "
+            "it, distinct keys would grow the store without bound); e.g. ttl=60"
         )
+    if keyed:
+        refuse_keyed(across, name)
     if kind_of(fn) in (Kind.ASYNC_GEN, Kind.GEN):
         raise TypeError(
             f"once({name}, across=...): a generator's cleanup would run in one process only; "
@@ -448,7 +455,8 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
         name = f"{name}@{version}"
     across = options.get("across")
     if across is not None:
-        across = _check_across(fn, name, across, keyed=options.get("key") is not None)
+        keyed = options.get("key") is not None
+        across = _check_across(fn, name, across, keyed=keyed, ttl=options.get("ttl"))
     key = options.get("key")
     if key is not None and not callable(key):
         raise TypeError(
