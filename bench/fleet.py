@@ -271,6 +271,7 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         "seconds": seconds,
         "contenders": {},
         "not_available": {c: {"label": CONTENDERS[c][0], "why": w} for c, w in unavailable.items()},
+        "servers_missing": skipped,
     }
     reference = runs.get("once")
     for contender in contenders:
