@@ -22,7 +22,7 @@ import anyio
 
 from ._attempts import Attempt, wait, working
 from ._errors import OnceClosedError
-from ._keys import NOKEY, unhashable
+from ._keys import NOKEY, shared_key_digest, unhashable
 from ._kinds import Kind, as_coroutine_function, invoke, kind_of
 from ._loops import current_loop, drain, running_state, state_of, thread_proof
 from ._policy import Policy
@@ -284,8 +284,9 @@ class Once(Generic[P, T]):
             )
             if self._across is None:
                 value = await make()
-            else:
-                value = await across(self._across, self.name, make, self._policy.ttl)
+            else:  # a keyed once's backend keeps one record per key (the attempt's)
+                key = cast(Attempt, working.get()).key
+                value = await across(self._across, self.name, make, self._policy, key)
         except BaseException:
             if stack is not None:
                 # Release what the failed try had set up; the waiters get the try's own
@@ -316,8 +317,12 @@ class Once(Generic[P, T]):
                 view = store if not (args or kwargs) else KeyView(store, self._key(*args, **kwargs))  # type: ignore[misc]
                 await drain(lambda: [view], f"{self.name}.reset()")
         finally:
-            if self._across is not None:
+            if self._across is not None and self._key is None:
                 await self._across.reset(self.name)
+            elif self._across is not None:  # that key's record, or (no arguments) every key's
+                key = self._key(*args, **kwargs) if args or kwargs else NOKEY  # type: ignore[misc]
+                digest = None if key is NOKEY else shared_key_digest(self.name, key)
+                await self._across.reset_keyed(self.name, digest)
 
     def status(self, *, details: bool = False) -> OnceStatus:
         """Return a snapshot of this once in the running event loop (or the last one used).

@@ -115,3 +115,24 @@ class LeaseLostError(OnceError):
             "recorded and another process may run it. Make the work idempotent or check "
             "fastapi_once.backends.fencing_token() before each write"
         )
+
+
+class OnceCoolingDownError(OnceError):
+    """A keyed value's last run failed in another process and its ``cooldown=`` still lasts.
+
+    The process that ran it raised the failure itself; the others fail fast with this (the
+    failure's text stays in that process: it could hold secrets) until the cooldown ends.
+
+    Attributes:
+        name: the once's name and the key's digest, ``name[#1a2b3c4d]``.
+        seconds_left: how long the cooldown lasts from when it was read.
+    """
+
+    def __init__(self, name: str, seconds_left: float) -> None:
+        self.name = name
+        self.seconds_left = seconds_left
+        super().__init__(
+            f"{name} failed in another process and is cooling down for {seconds_left:.1f} s "
+            "more (cooldown=); calls fail fast until then, and the next call after that tries "
+            "again. That process's log has the error"
+        )

@@ -396,14 +396,20 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
 _OPTIONS = frozenset({"key", *Options.__optional_keys__})  # the one list is Options
 
 
-def _check_across(fn: Callable[..., Any], name: str, across: object, keyed: bool) -> BoundBackend:
+def _check_across(
+    fn: Callable[..., Any], name: str, across: object, keyed: bool, ttl: object = None
+) -> BoundBackend:
     """Return the once's backend: ``across`` (a backend, URL or factory) bound to ``fn``."""
-    from .backends._late import BoundBackend
+    from .backends._late import BoundBackend, refuse_keyed
 
-    if keyed:
+    if keyed and ttl is None:
         raise TypeError(
-            f"once({name}, across=..., key=...): a keyed once cannot run across processes"
+            f"once({name}, across=..., key=...): a keyed once across processes needs ttl=, so "
+            "that every key's record in the backend expires (keys come from requests: without "
+            "it, distinct keys would grow the store without bound); e.g. ttl=60"
         )
+    if keyed:
+        refuse_keyed(across, name)
     if kind_of(fn) in (Kind.ASYNC_GEN, Kind.GEN):
         raise TypeError(
             f"once({name}, across=...): a generator's cleanup would run in one process only; "
@@ -433,7 +439,8 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
         name = f"{name}@{version}"
     across = options.get("across")
     if across is not None:
-        across = _check_across(fn, name, across, keyed=options.get("key") is not None)
+        keyed = options.get("key") is not None
+        across = _check_across(fn, name, across, keyed=keyed, ttl=options.get("ttl"))
     key = options.get("key")
     if key is not None and not callable(key):
         raise TypeError(

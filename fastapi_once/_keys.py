@@ -27,6 +27,36 @@ def key_digest(key: object) -> str:
     return hashlib.blake2b(repr(key).encode(), digest_size=4).hexdigest()
 
 
+# Key types whose repr is the same in every process (a set's order, an object's id are not).
+_PORTABLE = (str, bytes, int, float, bool, type(None))
+
+
+def shared_key_digest(name: str, key: object) -> str:
+    """The name of ``key``'s record in a cross-process backend: 40 hex digits, no key text.
+
+    It starts with :func:`key_digest` (what logs show), followed by 128 bits that keep distinct
+    keys apart among millions.
+
+    Raises:
+        TypeError: ``key`` is not made of str, bytes, int, float, bool, None and tuples of them
+            (its repr could differ between processes).
+    """
+    if not _portable(key):
+        raise TypeError(
+            f"the key of {name} is a {type(key).__qualname__}; with across= every process must "
+            "name a key the same way, so key= must return str, bytes, int, float, bool, None or "
+            "a tuple of them, e.g. key=lambda url: url"
+        )
+    text = repr(key).encode()
+    return key_digest(key) + hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def _portable(key: object) -> bool:
+    if isinstance(key, tuple):
+        return all(_portable(part) for part in key)
+    return type(key) in _PORTABLE
+
+
 def label(name: str, key: object, verbatim: bool = False) -> str:
     """How logs and errors name the attempt of once ``name`` for ``key``.
 

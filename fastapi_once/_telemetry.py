@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._attempts import Attempt
-from ._keys import NOKEY, key_digest
+from ._keys import NOKEY, key_digest, shared_key_digest
 
 if TYPE_CHECKING:
+    from ._policy import Policy
     from ._records import Store
 
 try:
@@ -206,14 +207,22 @@ def cleanup_span(label: object) -> contextlib.AbstractContextManager[None]:
 
 
 async def across(
-    backend: Any, name: str, work: Callable[[], Awaitable[Any]], ttl: float | None
+    backend: Any,
+    name: str,
+    work: Callable[[], Awaitable[Any]],
+    policy: Policy,
+    key: object = NOKEY,
 ) -> Any:
     """Run ``work`` once across processes through ``backend``; trace, time and log the role.
 
     The span is a child of the attempt's (it runs in the attempt's task). This process led if
     the backend called ``work`` here; otherwise it followed and waited for another's result.
+    The record lives ``policy.ttl``; with a ``key`` (a keyed once) the backend keeps one record
+    per key, named by the key's digest, with the policy's cooldown and refresh too, and the span
+    carries the key's digest.
     """
     led = False
+    shared = None if key is NOKEY else shared_key_digest(name, key)
 
     async def lead() -> Any:
         nonlocal led
@@ -225,10 +234,16 @@ async def across(
     if tracing is not None:
         span = tracing.start_span("fastapi_once.across", attributes={NAME: name})
         span.set_attribute(BACKEND, backend.describe())
+        if shared is not None:
+            span.set_attribute(KEY, key_digest(key))
     started, error = time.monotonic(), None
     try:
         with _current(span) if span else contextlib.nullcontext():
-            return await backend.run_once(name, lead, ttl=ttl)
+            if shared is None:
+                return await backend.run_once(name, lead, ttl=policy.ttl)
+            return await backend.run_keyed(
+                name, shared, lead, ttl=policy.ttl, cooldown=policy.cooldown, refresh=policy.refresh
+            )
     except BaseException as exc:
         error = exc
         raise

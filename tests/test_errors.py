@@ -137,8 +137,8 @@ def test_across_takes_a_backend_a_url_or_a_factory() -> None:
     assert "hunter2" not in str(info.value)
 
 
-def test_across_refuses_keyed_and_generator_functions() -> None:
-    """A cross-process once has one JSON result and no per-process cleanup."""
+def test_across_refuses_keyed_without_ttl_and_generator_functions() -> None:
+    """A keyed cross-process once needs ttl= (its records must expire); no per-process cleanup."""
 
     async def get_stuff(url: str) -> str:
         return url
@@ -146,7 +146,7 @@ def test_across_refuses_keyed_and_generator_functions() -> None:
     async def client() -> Any:
         yield 1
 
-    with pytest.raises(TypeError, match="keyed once cannot run across"):
+    with pytest.raises(TypeError, match="keyed once across processes needs ttl="):
         once(get_stuff, key=lambda url: url, across=_Stub())
     with pytest.raises(TypeError, match="generator's cleanup would run in one process"):
         once(client, across=_Stub())

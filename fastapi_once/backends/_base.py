@@ -19,6 +19,9 @@ from .._errors import LeaseLostError
 #: How long a follower waits for the leader by default, in seconds (``wait_timeout=``).
 DEFAULT_WAIT_TIMEOUT = 300.0
 
+#: The largest value a backend records by default, in bytes of JSON (``max_value_bytes=``).
+DEFAULT_MAX_VALUE_BYTES = 1 << 20
+
 
 class Backend(abc.ABC):
     """Makes a piece of work run once across every process that shares the backend.
@@ -54,6 +57,48 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def reset(self, name: str) -> None:
         """Clear ``name``'s marker and result, so that the next ``run_once`` runs the work."""
+
+    async def run_keyed(
+        self,
+        name: str,
+        key: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float,
+        cooldown: float | None = None,
+        refresh: float | None = None,
+    ) -> Any:
+        """Return the recorded result of ``name`` for ``key``, running ``work`` first if due.
+
+        As :meth:`run_once`, for one key of a keyed once: the record expires after ``ttl``
+        seconds; a failure of ``work`` is recorded (without its text) for ``cooldown`` seconds,
+        during which other processes raise :class:`~fastapi_once.OnceCoolingDownError`; with
+        ``refresh``, a record older than that is made again by one process while the others
+        keep getting it. Backends that cannot keep keyed records refuse.
+
+        Args:
+            name: the once's name.
+            key: the key's digest (``shared_key_digest``), never the key itself.
+            work: makes the result (runs in this process only if it leads).
+            ttl: seconds the record lives.
+            cooldown: seconds a failure is recorded for, or None.
+            refresh: age in seconds after which the record is made again, or None.
+
+        Raises:
+            TypeError: this backend does not keep keyed records.
+        """
+        raise TypeError(
+            f"{self.describe()} does not share keyed values (once(key=..., across=...)); use "
+            "RedisBackend or PostgresBackend"
+        )
+
+    async def reset_keyed(self, name: str, key: str | None) -> None:
+        """Delete ``name``'s record for ``key`` (a digest), or every key's record if None.
+
+        Raises:
+            TypeError: this backend does not keep keyed records.
+        """
+        raise TypeError(f"{self.describe()} does not share keyed values")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections the backend holds."""
@@ -157,6 +202,37 @@ def seconds(option: str, value: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{option}={value!r}: must be a positive number of seconds, or None")
     return float(value)
+
+
+def check_size(name: str, text: str, limit: int | None, backend: str) -> None:
+    """Refuse a result whose JSON text is longer than ``limit`` bytes (None: no limit).
+
+    Raises:
+        ValueError: the text is too long (naming the once, the size and the limit).
+    """
+    if limit is None:
+        return
+    size = len(text.encode())
+    if size > limit:
+        raise ValueError(
+            f"{name}'s result is {size} bytes of JSON, over the limit of {limit} bytes of "
+            f"{backend} (max_value_bytes=); it was not recorded. Return a smaller value, or "
+            "raise max_value_bytes="
+        )
+
+
+def max_bytes(value: int | None) -> int | None:
+    """Check ``max_value_bytes=``: a positive whole number of bytes, or None.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"max_value_bytes={value!r}: give a positive whole number of bytes, or None for no "
+            "limit"
+        )
+    return value
 
 
 def holder_id() -> str:

@@ -67,6 +67,24 @@ def _scheme(url: str) -> str:
     return scheme.lower()
 
 
+def refuse_keyed(across: object, name: str) -> None:
+    """Refuse a keyed once on a backend known now not to keep keyed records (the file backend).
+
+    Raises:
+        TypeError: ``across`` is a :class:`FileLockBackend` or a ``file:`` URL.
+    """
+    from ._file import FileLockBackend
+
+    if isinstance(across, FileLockBackend) or (
+        isinstance(across, str) and _scheme(across) == "file"
+    ):
+        raise TypeError(
+            f"once({name}, key=..., across=...): FileLockBackend does not share keyed values "
+            "(its lock files would grow with the keys); use RedisBackend or PostgresBackend, "
+            "or drop across= to keep one value per key in each process"
+        )
+
+
 class BoundBackend(Backend):
     """The backend of one once: built at first use when given as a URL or factory, and decoding
     results into the type the once's function is annotated to return.
@@ -136,9 +154,39 @@ class BoundBackend(Backend):
 
         return codec.from_data(await backend.run_once(name, as_data, ttl=ttl))
 
+    async def run_keyed(
+        self,
+        name: str,
+        key: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float,
+        cooldown: float | None = None,
+        refresh: float | None = None,
+    ) -> Any:
+        """Run ``work`` once across processes for ``key``; return its result as annotated.
+
+        Raises:
+            TypeError: as :meth:`run_once`, or the backend does not keep keyed records.
+        """
+        backend = self.backend
+        codec = self.codec
+        options: dict[str, Any] = {"ttl": ttl, "cooldown": cooldown, "refresh": refresh}
+        if not codec.typed:
+            return await backend.run_keyed(name, key, work, **options)
+
+        async def as_data() -> Any:
+            return codec.to_data(name, await work(), backend.describe())
+
+        return codec.from_data(await backend.run_keyed(name, key, as_data, **options))
+
     async def reset(self, name: str) -> None:
         """Clear ``name``'s record in the backend."""
         await self.backend.reset(name)
+
+    async def reset_keyed(self, name: str, key: str | None) -> None:
+        """Clear ``name``'s record for ``key`` (every key's, if None) in the backend."""
+        await self.backend.reset_keyed(name, key)
 
     async def aclose(self) -> None:
         """Close the backend, if it has been built (in the running event loop)."""

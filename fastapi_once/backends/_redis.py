@@ -13,13 +13,16 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from .._errors import BackendError, LeaseLostError, WaitTimeoutError
+from .._errors import BackendError, LeaseLostError, OnceCoolingDownError, WaitTimeoutError
 from ._base import (
+    DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_WAIT_TIMEOUT,
     Backend,
     Scrubber,
     backoff,
+    check_size,
     holder_id,
+    max_bytes,
     run_guarded,
     seconds,
     time_left,
@@ -85,6 +88,63 @@ return 1
 """
 
 
+# --- keyed records: KEYS value, lock, fence, cool of one key; the value is "<made ms> <json>" ----
+
+# KEYS: value, lock, fence, cool. ARGV: lock value, lease (ms), refresh age (ms, or ''),
+# fence life (ms). Returns {1, record} to serve, {2, fencing token, record or ''} when the lock is
+# now ours (a record given: its refresh is ours), {3, ms left} while a failure cools down, or
+# {0, lock value} to wait. A record due for refresh is served while another process refreshes it.
+_KEYED_ACQUIRE = """
+local record = redis.call('GET', KEYS[1])
+local now = redis.call('TIME')
+if record then
+  if ARGV[3] == '' or redis.call('PTTL', KEYS[4]) > 0 then return {1, record} end
+  local made = tonumber(string.sub(record, 1, string.find(record, ' ') - 1))
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  if ms - made < tonumber(ARGV[3]) then return {1, record} end
+else
+  local cool = redis.call('PTTL', KEYS[4])
+  if cool > 0 then return {3, cool} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local fence = redis.call('INCR', KEYS[3])
+  local floor = now[1] .. string.rep('0', 6 - #now[2]) .. now[2]
+  if fence < tonumber(floor) then
+    fence = floor
+    redis.call('SET', KEYS[3], floor)
+  end
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  return {2, fence, record or ''}
+end
+if record then return {1, record} end
+return {0, redis.call('GET', KEYS[2]) or ''}
+"""
+
+# KEYS: lock, value, cool. ARGV: lock value, result, ttl (ms), channel.
+# Records the result stamped with the server's time, frees the lock and wakes the waiters, only
+# if the lock is still ours.
+_KEYED_COMPLETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local now = redis.call('TIME')
+local ms = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+redis.call('SET', KEYS[2], ms .. ' ' .. ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('PUBLISH', ARGV[4], 'done')
+return 1
+"""
+
+# KEYS: lock, cool. ARGV: lock value, cooldown (ms, or ''), channel.
+# After a failure: records the cooldown (not the error), frees the lock and wakes the waiters,
+# only if the lock is still ours.
+_KEYED_FAIL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], 'failed')
+return 1
+"""
+
+
 class _Client:
     """One event loop's Redis client and its scripts (redis.asyncio clients are loop-bound)."""
 
@@ -102,6 +162,9 @@ class _Client:
         self.renew: AsyncScript = self.redis.register_script(_RENEW)
         self.release: AsyncScript = self.redis.register_script(_RELEASE)
         self.complete: AsyncScript = self.redis.register_script(_COMPLETE)
+        self.keyed_acquire: AsyncScript = self.redis.register_script(_KEYED_ACQUIRE)
+        self.keyed_complete: AsyncScript = self.redis.register_script(_KEYED_COMPLETE)
+        self.keyed_fail: AsyncScript = self.redis.register_script(_KEYED_FAIL)
 
 
 class RedisBackend(Backend):
@@ -125,6 +188,14 @@ class RedisBackend(Backend):
     has ``%``, ``{`` and ``}`` percent-encoded, so that no two (namespace, name) pairs share a
     key and one once's keys share a cluster slot.
 
+    A keyed once (``once(fn, key=..., ttl=..., across=backend)``) keeps one record per key under
+    ``<namespace>:k:{<name>:<digest>}:v`` (``:lock``, ``:fence``, ``:cool``), where ``<digest>``
+    is the key's 40-digit digest, never its text. Every one of them expires: the value after
+    ``ttl``, the lock after its lease, a failure's cooldown after ``cooldown``, the fencing
+    counter after ``ttl`` plus a lease (its floor keeps tokens growing). Followers wait on the
+    pub/sub channel ``...:ev``, on which the leader announces its end, and check again every
+    ``recheck_interval`` seconds (a leader that died announces nothing).
+
     Limits: asyncio only (redis.asyncio). The lock is efficiency-grade, not a correctness
     guarantee: a leader paused longer than its lease (GC, swap, a stopped VM) or a Redis failover
     or restart without persistence lets a second leader start while the first still runs. The
@@ -141,6 +212,11 @@ class RedisBackend(Backend):
         ttl: the default life of a marker in seconds (``run_once(ttl=)`` overrides it); None
             keeps markers until :meth:`reset`.
         poll_interval: how often a follower checks, in seconds (default 0.025).
+        max_value_bytes: the largest result recorded, in bytes of JSON (default 1 MiB); a
+            leader whose result is larger raises ValueError and records nothing. None: no
+            limit.
+        recheck_interval: how often a follower of a keyed once checks without being woken, in
+            seconds (default 1): how late it learns of a leader that died.
 
     Raises:
         ValueError: ``namespace`` is empty or has braces, or a time is not a positive number.
@@ -155,6 +231,8 @@ class RedisBackend(Backend):
         wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
         ttl: float | None = None,
         poll_interval: float = 0.025,
+        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
+        recheck_interval: float = 1.0,
     ) -> None:
         if not isinstance(namespace, str) or not namespace or "{" in namespace or "}" in namespace:
             raise ValueError(
@@ -167,6 +245,8 @@ class RedisBackend(Backend):
         self.wait_timeout = seconds("wait_timeout", wait_timeout)
         self.ttl = seconds("ttl", ttl)
         self.poll_interval: float = seconds("poll_interval", poll_interval)
+        self.max_value_bytes = max_bytes(max_value_bytes)
+        self.recheck_interval: float = seconds("recheck_interval", recheck_interval)
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = (
             weakref.WeakKeyDictionary()
         )
@@ -235,8 +315,9 @@ class RedisBackend(Backend):
         if found is not None:
             return json.loads(found)
         try:
-            value = await self._run_renewing(client, name, keys, lock, work)
+            value = await self._run_renewing(client, name, keys.lock, lock, work)
             text = encode_json(name, value, self.describe())
+            check_size(name, text, self.max_value_bytes, self.describe())
             await self._record(client, name, keys, lock, text, ttl)
         except BaseException:
             await self._release(client, keys, lock)
@@ -286,7 +367,7 @@ class RedisBackend(Backend):
         self,
         client: _Client,
         name: str,
-        keys: _Keys,
+        lock_key: str,
         lock: _Lock,
         work: Callable[[], Awaitable[Any]],
     ) -> Any:
@@ -296,16 +377,16 @@ class RedisBackend(Backend):
             self.describe(),
             lock.fence,
             work,
-            lambda: self._renew_until_lost(client, keys, lock),
+            lambda: self._renew_until_lost(client, lock_key, lock),
         )
 
-    async def _renew_until_lost(self, client: _Client, keys: _Keys, lock: _Lock) -> str:
+    async def _renew_until_lost(self, client: _Client, lock_key: str, lock: _Lock) -> str:
         """Renew the lease every lease/3 seconds; return why it was lost (never, if cancelled)."""
         while True:
             await anyio.sleep(self.lease / 3)
             sent = time.monotonic()
             try:
-                ok = await client.renew(keys=[keys.lock], args=[lock.value, _ms(self.lease)])
+                ok = await client.renew(keys=[lock_key], args=[lock.value, _ms(self.lease)])
             except RedisError as exc:
                 # The lease runs from when its last renewal was sent.
                 if time.monotonic() - lock.renewed_at < self.lease:
@@ -341,6 +422,197 @@ class RedisBackend(Backend):
         ):
             await client.release(keys=[keys.lock], args=[lock.value])
 
+    # --- keyed records -----------------------------------------------------------------------
+
+    async def run_keyed(
+        self,
+        name: str,
+        key: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float,
+        cooldown: float | None = None,
+        refresh: float | None = None,
+    ) -> Any:
+        """Return ``name``'s recorded result for ``key``, running ``work`` first if due.
+
+        One script call serves a recorded value (or says a failure cools down, or takes the
+        lock). As leader, ``work`` runs under the renewed lease; its result is recorded for
+        ``ttl`` seconds and the followers, waiting on the key's channel, are woken.
+
+        Args:
+            name: the once's name.
+            key: the key's digest.
+            work: makes the result (runs in this process only if it leads).
+            ttl: seconds the record lives.
+            cooldown: seconds a failure of ``work`` makes other processes fail fast, or None.
+            refresh: age in seconds after which one process makes the record again while the
+                others keep getting it, or None.
+
+        Raises:
+            OnceCoolingDownError: another process's run failed within ``cooldown``.
+            ValueError: the result is larger than ``max_value_bytes`` (nothing is recorded).
+            TypeError: the result is not JSON-serialisable (nothing is recorded).
+            WaitTimeoutError: a follower waited longer than ``wait_timeout``.
+            LeaseLostError: the lease was lost while ``work`` ran (nothing is recorded).
+            BackendError: Redis could not be reached or refused a command.
+            Exception: what ``work`` raised, in the process that ran it.
+        """
+        ttl = seconds("ttl", ttl)
+        shown = f"{name}[#{key[:8]}]"  # as logs name the key
+        started = time.monotonic()
+        client = self._client()
+        keys = self._keyed_keys(name, key)
+        lock = _Lock(json.dumps({"token": secrets.token_hex(16), "holder": holder_id()}))
+        found = await self._keyed_acquire(client, shown, keys, lock, ttl, refresh, started)
+        if found is not None:
+            return json.loads(found.partition(" ")[2])
+        try:
+            value = await self._run_renewing(client, shown, keys.lock, lock, work)
+            text = encode_json(shown, value, self.describe())
+            check_size(shown, text, self.max_value_bytes, self.describe())
+            try:
+                done = await client.keyed_complete(
+                    keys=[keys.lock, keys.value, keys.cool],
+                    args=[lock.value, text, _ms(ttl), keys.channel],
+                )
+            except RedisError as exc:
+                raise self._error(f"recording the result of {shown}", exc) from exc
+        except Exception:
+            # A failure of the leader's own (not a lost lease: the lock is not ours then).
+            await self._keyed_release(client, keys, lock, cooldown)
+            raise
+        except BaseException:
+            await self._keyed_release(client, keys, lock, None)
+            raise
+        if not done:
+            raise LeaseLostError(
+                shown, self.describe(), "the lock expired or another process took it"
+            )
+        return json.loads(text)
+
+    async def _keyed_acquire(
+        self,
+        client: _Client,
+        name: str,
+        keys: _KeyedKeys,
+        lock: _Lock,
+        ttl: float,
+        refresh: float | None,
+        started: float,
+    ) -> str | None:
+        """Return the record to serve, or None as leader (``lock`` then holds the token).
+
+        A follower subscribes to the key's channel, checks again (the leader may have ended
+        before), and waits for a message or ``recheck_interval``. Redis going away while
+        waiting is ridden out with backoff until ``wait_timeout``.
+        """
+        refresh_ms: int | str = "" if refresh is None else _ms(refresh)
+        args: list[int | str] = [lock.value, _ms(self.lease), refresh_ms, _ms(ttl + self.lease)]
+        pubsub: Any = None
+        failures = 0
+        try:
+            while True:
+                sent = time.monotonic()
+                try:
+                    status, data, *_ = await client.keyed_acquire(
+                        keys=[keys.value, keys.lock, keys.fence, keys.cool], args=args
+                    )
+                    if status == 1:
+                        return str(data)
+                    if status == 2:
+                        lock.fence, lock.renewed_at = int(data), sent
+                        return None
+                    if status == 3:
+                        raise OnceCoolingDownError(name, int(data) / 1000)
+                    waited = time.monotonic() - started
+                    if self.wait_timeout is not None and waited >= self.wait_timeout:
+                        raise WaitTimeoutError(name, self.describe(), waited, _holder(str(data)))
+                    if pubsub is None:
+                        pubsub = client.redis.pubsub()
+                        await pubsub.subscribe(keys.channel)
+                        continue  # the leader may have ended before the subscription
+                    left = time_left(self.wait_timeout, waited)
+                    await _woken(pubsub, min(self.recheck_interval, left))
+                    failures = 0
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    if pubsub is not None:
+                        await _close_quietly(pubsub)
+                        pubsub = None
+                    left = time_left(self.wait_timeout, time.monotonic() - started)
+                    if left <= 0:
+                        raise self._error(f"waiting for {name} (unreachable)", exc) from exc
+                    await anyio.sleep(min(backoff(failures), left))
+                    failures += 1
+                except RedisError as exc:
+                    raise self._error(f"waiting for {name}", exc) from exc
+        finally:
+            if pubsub is not None:
+                await _close_quietly(pubsub)
+
+    async def _keyed_release(
+        self, client: _Client, keys: _KeyedKeys, lock: _Lock, cooldown: float | None
+    ) -> None:
+        """Free the lock if it is still ours, recording ``cooldown`` if given; wake waiters."""
+        cool = "" if cooldown is None else _ms(cooldown)
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(self.lease),
+            contextlib.suppress(RedisError),
+        ):
+            await client.keyed_fail(
+                keys=[keys.lock, keys.cool], args=[lock.value, cool, keys.channel]
+            )
+
+    async def reset_keyed(self, name: str, key: str | None) -> None:
+        """Delete ``name``'s record for ``key`` (a digest), or every key's record if None.
+
+        A failure's cooldown is deleted with the value; a leader at work keeps its lock.
+
+        Raises:
+            BackendError: Redis could not be reached or refused the command.
+        """
+        client = self._client()
+        try:
+            if key is not None:
+                keys = self._keyed_keys(name, key)
+                await client.redis.delete(keys.value, keys.cool)
+                return
+            # Every key's digest has 40 characters: a longer name that starts with this one
+            # cannot match.
+            prefix = self._keyed_prefix(name)
+            pattern = _glob_escape(prefix) + "?" * 40 + "}:*"
+            doomed: list[str] = []
+            async for found in client.redis.scan_iter(match=pattern, count=1000):
+                if found.endswith((":v", ":cool")):
+                    doomed.append(found)
+                if len(doomed) >= 500:
+                    await self._unlink(client, doomed)
+            await self._unlink(client, doomed)
+        except RedisError as exc:
+            raise self._error("deleting keyed records", exc) from exc
+
+    async def _unlink(self, client: _Client, doomed: list[str]) -> None:
+        # One key per command: a keyed record's keys are in their own cluster slot.
+        if doomed:
+            async with client.redis.pipeline(transaction=False) as pipe:
+                for found in doomed:
+                    pipe.unlink(found)
+                await pipe.execute()
+            doomed.clear()
+
+    def _keyed_prefix(self, name: str) -> str:
+        tag = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+        return f"{self.namespace}:k:{{{tag}:"
+
+    def _keyed_keys(self, name: str, key: str) -> _KeyedKeys:
+        # The hash tag is the name and the key's digest: one key's records share a cluster
+        # slot, and different keys spread over the slots.
+        prefix = f"{self._keyed_prefix(name)}{key}}}:"
+        return _KeyedKeys(
+            prefix + "v", prefix + "lock", prefix + "fence", prefix + "cool", prefix + "ev"
+        )
+
     def _client(self) -> _Client:
         try:
             loop = asyncio.get_running_loop()
@@ -370,6 +642,32 @@ class _Keys(NamedTuple):
     done: str
     lock: str
     fence: str
+
+
+class _KeyedKeys(NamedTuple):
+    value: str
+    lock: str
+    fence: str
+    cool: str
+    channel: str
+
+
+async def _woken(pubsub: Any, longest: float) -> None:
+    """Return at the first message on ``pubsub``, or after ``longest`` seconds."""
+    deadline = time.monotonic() + longest
+    while (left := deadline - time.monotonic()) > 0:
+        if await pubsub.get_message(ignore_subscribe_messages=True, timeout=left) is not None:
+            return
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
+        await pubsub.aclose()
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a Redis glob pattern that matches only itself."""
+    return "".join("\\" + c if c in "\\*?[]^" else c for c in text)
 
 
 class _Lock:
