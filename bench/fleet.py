@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import socket
 import statistics
@@ -92,8 +93,8 @@ def upstream(delay: float, directory: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def workers(n: int, config: dict[str, Any], directory: Path) -> Iterator[list[int]]:
-    """Start ``n`` uvicorn processes serving ``config``'s app, one port each; yield the ports."""
+def workers(n: int, config: dict[str, Any], directory: Path) -> Iterator[list[tuple[int, Path]]]:
+    """Start ``n`` uvicorn processes serving ``config``'s app; yield each one's port and log."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), ENV: json.dumps(config)}
     ports = [free_port() for _ in range(n)]
     procs: list[subprocess.Popen[bytes]] = []
@@ -118,7 +119,7 @@ def workers(n: int, config: dict[str, Any], directory: Path) -> Iterator[list[in
         # uvicorn listens once the app is built and its lifespan has started.
         for port, proc, log in zip(ports, procs, logs, strict=True):
             _wait_listening(port, proc, f"worker {config['contender']}", log)
-        yield ports
+        yield list(zip(ports, logs, strict=True))
     finally:
         _stop(procs)
 
@@ -139,11 +140,24 @@ async def _request(port: int, path: str) -> tuple[float, str | None]:
     return elapsed, value
 
 
-async def _warm(ports: list[int], prefix: str) -> None:
-    for w, port in enumerate(ports):
+class FirstRequestError(RuntimeError):
+    """A worker failed its first request: the contender does not work here (its log says why)."""
+
+
+def _last_error(log: Path) -> str:
+    """The last exception a traceback in ``log`` ended with (its ``Type: message`` line)."""
+    raised = re.compile(r"^[\w.]+(Error|Exception): ")
+    lines = [line for line in log.read_text(errors="replace").splitlines() if raised.match(line)]
+    return lines[-1].strip() if lines else f"see {log}"
+
+
+async def _warm(workers: list[tuple[int, Path]], prefix: str) -> Path | None:
+    """One request per worker, for a URL of its own; the log of the first that fails, if any."""
+    for w, (port, log) in enumerate(workers):
         _, value = await _request(port, f"{prefix}warm/{w}")
         if value is None:
-            raise RuntimeError(f"worker {w} failed its warm-up request")
+            return log
+    return None
 
 
 async def _load(
@@ -176,10 +190,16 @@ def one_run(
 ) -> dict[str, Any]:
     """One contender's run of the load on fresh workers; what it measured."""
     config = {**base, "contender": contender, "name": f"bench.fleet{prefix.replace('/', '.')}"}
-    with workers(args.workers, config, directory) as ports:
-        asyncio.run(_warm(ports, prefix))
-        latencies, seen, errors, run_s = asyncio.run(_load(ports, prefix, args.requests, args.urls))
-        fetched = asyncio.run(counts(base["upstream"], f"{prefix}item/"))
+    with workers(args.workers, config, directory) as started:
+        failed = asyncio.run(_warm(started, prefix))
+        if failed is None:
+            ports = [port for port, _ in started]
+            latencies, seen, errors, run_s = asyncio.run(
+                _load(ports, prefix, args.requests, args.urls)
+            )
+            fetched = asyncio.run(counts(base["upstream"], f"{prefix}item/"))
+    if failed is not None:  # read once the worker has stopped: uvicorn logs after answering
+        raise FirstRequestError(f"the first request failed: {_last_error(failed)}")
     ms = [s * 1000 for s in latencies]
     return {
         "fetches": sum(fetched.values()),
@@ -250,9 +270,15 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
             for round_ in range(args.rounds):
                 shift = round_ % max(1, len(contenders))
                 for contender in contenders[shift:] + contenders[:shift]:
+                    if contender in unavailable:
+                        continue
                     print(f"[bench.fleet] round {round_ + 1}: {contender}", file=sys.stderr)
                     prefix = f"/r{round_}-{secrets.token_hex(3)}/{contender}/"
-                    runs[contender].append(one_run(contender, base, args, prefix, directory))
+                    try:
+                        runs[contender].append(one_run(contender, base, args, prefix, directory))
+                    except FirstRequestError as exc:
+                        unavailable[contender] = str(exc)
+            contenders = [c for c in contenders if c not in unavailable]
             seconds = time.perf_counter() - started
             load_after = os.getloadavg()[0]
     finally:
