@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -39,6 +40,7 @@ from urllib.parse import quote
 from . import report
 from .fleet_app import CONTENDERS, ENV, fetcher
 from .paired import ratios, spread
+from .real_http import cpu_seconds
 from .upstream import counts, get
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,9 +94,18 @@ def upstream(delay: float, directory: Path) -> Iterator[int]:
         _stop([proc])
 
 
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """A uvicorn process of the fleet: where it listens, its process id, where it writes."""
+
+    port: int
+    pid: int
+    log: Path
+
+
 @contextlib.contextmanager
-def workers(n: int, config: dict[str, Any], directory: Path) -> Iterator[list[tuple[int, Path]]]:
-    """Start ``n`` uvicorn processes serving ``config``'s app; yield each one's port and log."""
+def workers(n: int, config: dict[str, Any], directory: Path) -> Iterator[list[Worker]]:
+    """Start ``n`` uvicorn processes serving ``config``'s app; yield them once they listen."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), ENV: json.dumps(config)}
     ports = [free_port() for _ in range(n)]
     procs: list[subprocess.Popen[bytes]] = []
@@ -119,7 +130,7 @@ def workers(n: int, config: dict[str, Any], directory: Path) -> Iterator[list[tu
         # uvicorn listens once the app is built and its lifespan has started.
         for port, proc, log in zip(ports, procs, logs, strict=True):
             _wait_listening(port, proc, f"worker {config['contender']}", log)
-        yield list(zip(ports, logs, strict=True))
+        yield [Worker(*w) for w in zip(ports, (p.pid for p in procs), logs, strict=True)]
     finally:
         _stop(procs)
 
@@ -151,13 +162,24 @@ def _last_error(log: Path) -> str:
     return lines[-1].strip() if lines else f"see {log}"
 
 
-async def _warm(workers: list[tuple[int, Path]], prefix: str) -> Path | None:
+async def _warm(fleet: list[Worker], prefix: str) -> Path | None:
     """One request per worker, for a URL of its own; the log of the first that fails, if any."""
-    for w, (port, log) in enumerate(workers):
-        _, value = await _request(port, f"{prefix}warm/{w}")
+    for w, worker in enumerate(fleet):
+        _, value = await _request(worker.port, f"{prefix}warm/{w}")
         if value is None:
-            return log
+            return worker.log
     return None
+
+
+def _redis_counters(url: str | None) -> tuple[int, float]:
+    """Commands Redis has processed and the CPU seconds it has used so far (0, 0 without it)."""
+    if url is None:
+        return 0, 0.0
+    import redis
+
+    with redis.Redis.from_url(url) as client:
+        stats, cpu = client.info("stats"), client.info("cpu")
+    return int(stats["total_commands_processed"]), cpu["used_cpu_user"] + cpu["used_cpu_sys"]
 
 
 async def _load(
@@ -190,13 +212,18 @@ def one_run(
 ) -> dict[str, Any]:
     """One contender's run of the load on fresh workers; what it measured."""
     config = {**base, "contender": contender, "name": f"bench.fleet{prefix.replace('/', '.')}"}
-    with workers(args.workers, config, directory) as started:
-        failed = asyncio.run(_warm(started, prefix))
+    redis_url = base.get("redis") if CONTENDERS[contender][1] == "redis" else None
+    with workers(args.workers, config, directory) as fleet:
+        failed = asyncio.run(_warm(fleet, prefix))
         if failed is None:
-            ports = [port for port, _ in started]
+            ports = [worker.port for worker in fleet]
+            commands_before, redis_cpu_before = _redis_counters(redis_url)
+            cpu_before = sum(cpu_seconds(worker.pid) or 0.0 for worker in fleet)
             latencies, seen, errors, run_s = asyncio.run(
                 _load(ports, prefix, args.requests, args.urls)
             )
+            cpu = sum(cpu_seconds(worker.pid) or 0.0 for worker in fleet) - cpu_before
+            commands, redis_cpu = _redis_counters(redis_url)
             fetched = asyncio.run(counts(base["upstream"], f"{prefix}item/"))
     if failed is not None:  # read once the worker has stopped: uvicorn logs after answering
         raise FirstRequestError(f"the first request failed: {_last_error(failed)}")
@@ -211,6 +238,10 @@ def one_run(
         "p99_ms": _percentile(ms, 0.99),
         "max_ms": max(ms),
         "run_s": run_s,
+        "workers_cpu_s": cpu,
+        # The load's commands; 1 of them is the INFO that read the count before it.
+        "redis_commands": commands - commands_before,
+        "redis_cpu_s": redis_cpu - redis_cpu_before,
     }
 
 
@@ -227,7 +258,16 @@ def _unavailable(contender: str, base: dict[str, Any], skipped: dict[str, str]) 
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("fetches", "p50_ms", "p99_ms", "max_ms", "run_s")
+    keys = (
+        "fetches",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "run_s",
+        "workers_cpu_s",
+        "redis_commands",
+        "redis_cpu_s",
+    )
     summary: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
     summary["spread"] = {k: spread([r[k] for r in runs]) for k in keys}
     for k in ("errors", "most_fetches_of_a_url", "most_values_of_a_url"):
@@ -321,8 +361,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"load average {results['load_average_before']:.1f} before and "
         f"{results['load_average_after']:.1f} after.",
         "",
-        "| contender | upstream fetches | p50 | p99 | max | run time | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| contender | upstream fetches | p50 | p99 | max | run time | workers' CPU | Redis "
+        "commands | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["contenders"].values():
         fetches, run_s = c["spread"]["fetches"], c["spread"]["run_s"]
@@ -332,10 +373,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {c['label']} | {c['fetches']:g}{fetch_range} | {c['p50_ms']:.0f} ms | "
             f"{c['p99_ms']:.0f} ms | {c['max_ms']:.0f} ms | {c['run_s'] * 1000:.0f} ms "
-            f"({run_s['min'] * 1000:.0f}-{run_s['max'] * 1000:.0f}) | {c['errors']} |"
+            f"({run_s['min'] * 1000:.0f}-{run_s['max'] * 1000:.0f}) | "
+            f"{c['workers_cpu_s']:.1f} s | {c['redis_commands']:,.0f} | {c['errors']} |"
         )
     for c in results["not_available"].values():
-        lines.append(f"| {c['label']} | not available: {c['why']} | | | | | |")
+        lines.append(f"| {c['label']} | not available: {c['why']} | | | | | | | |")
     return "\n".join(lines)
 
 

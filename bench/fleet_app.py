@@ -27,7 +27,7 @@ POOL_SIZE = 1000
 # contender -> (label, the server it needs: None, "redis" or "postgres")
 CONTENDERS: dict[str, tuple[str, str | None]] = {
     "once": ("`once(get_stuff, key=..., ttl=60)`, each process alone", None),
-    "once_redis": ("`once(..., across=RedisBackend)`", "redis"),
+    "once_redis": ('`once(..., across="redis://...?max_connections=1000")`', "redis"),
     "once_postgres": ("`once(..., across=PostgresBackend)`", "postgres"),
     "cashews": ('cashews `@cache(ttl="60s", lock=True)`, Redis', "redis"),
     "aiocache": ("aiocache `@cached(ttl=60, cache=Cache.REDIS, pool_max_size=1000)`", "redis"),
@@ -64,9 +64,13 @@ def fetcher(contender: str, config: dict[str, Any]) -> Fetch:
     name = config["name"]
     if contender == "once":
         return once(get_stuff, key=lambda url: url, ttl=ttl, name=name)
-    if contender in ("once_redis", "once_postgres"):
-        url = config["redis" if contender == "once_redis" else "postgres"]
+    if contender == "once_redis":
+        # redis-py reads the pool's size from the URL; its default (100, not blocking) fails
+        # the 101st concurrent command with MaxConnectionsError, as aiocache's does below.
+        url = f"{config['redis']}?max_connections={POOL_SIZE}"
         return once(get_stuff, key=lambda url: url, ttl=ttl, name=name, across=url)
+    if contender == "once_postgres":
+        return once(get_stuff, key=lambda url: url, ttl=ttl, name=name, across=config["postgres"])
     if contender == "cashews":
         from cashews import cache
 
@@ -88,8 +92,7 @@ def fetcher(contender: str, config: dict[str, Any]) -> Fetch:
             "port": redis.port,
             "password": redis.password,
             "namespace": name,
-            # redis-py's default pool (100 connections, not blocking) fails the 101st concurrent
-            # command with MaxConnectionsError: room for every request a worker gets.
+            # As for once_redis: room for every request a worker gets.
             "pool_max_size": POOL_SIZE,
         }
         if contender == "aiocache_stampede":
