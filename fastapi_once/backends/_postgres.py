@@ -13,13 +13,16 @@ from typing import Any, Literal, Protocol, cast
 
 import anyio
 
-from .._errors import BackendError, WaitTimeoutError
+from .._errors import BackendError, LeaseLostError, OnceCoolingDownError, WaitTimeoutError
 from ._base import (
+    DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_WAIT_TIMEOUT,
     Backend,
     Scrubber,
     backoff,
+    check_size,
     holder_id,
+    max_bytes,
     run_guarded,
     seconds,
     time_left,
@@ -40,6 +43,8 @@ class _Connection(Protocol):
     async def execute(self, query: str, *args: object) -> str: ...
     async def fetchval(self, query: str, *args: object, timeout: float | None = None) -> Any: ...  # noqa: ASYNC109
     async def fetchrow(self, query: str, *args: object) -> Any: ...
+    async def add_listener(self, channel: str, callback: Callable[..., object]) -> None: ...
+    async def remove_listener(self, channel: str, callback: Callable[..., object]) -> None: ...
     async def close(self, *, timeout: float | None = None) -> None: ...  # noqa: ASYNC109
     def terminate(self) -> None: ...
     def is_closed(self) -> bool: ...
@@ -123,6 +128,20 @@ class PostgresBackend(Backend):
             done_at timestamptz NOT NULL DEFAULT now(), done_by text NOT NULL);
         CREATE SEQUENCE fastapi_once_fence;
 
+    A keyed once (``once(fn, key=..., ttl=..., across=backend)``) keeps one row per key in
+    ``<table>_keyed`` (created on first keyed use), named by the once's name and the key's
+    40-digit digest (never the key's text), under an advisory lock of its own. A row holds the
+    result until ``value_until`` (``ttl``), or a failure's cooldown until ``cool_until``;
+    each leader's write deletes up to 100 expired rows, so the table holds about one ttl
+    window of keys. Followers ``LISTEN`` on the key's channel, on which the leader's
+    ``NOTIFY`` announces its end, and check again every ``recheck_interval`` seconds (a leader
+    that died announces nothing; its lock ends with its session)::
+
+        CREATE TABLE fastapi_once_keyed (
+            name text, key text, result text, made_at timestamptz, value_until timestamptz,
+            cool_until timestamptz, expires_at timestamptz NOT NULL, done_by text NOT NULL,
+            PRIMARY KEY (name, key));
+
     Limits: asyncio only (asyncpg). ``idle_session_timeout`` (session mode) or
     ``idle_in_transaction_session_timeout`` (transaction mode) must exceed ``check_interval``.
 
@@ -143,6 +162,11 @@ class PostgresBackend(Backend):
             seconds: how long a leader whose lock is gone may go on (default 1).
         poll_interval: how often a follower checks for the leader's marker, and whether the
             leader still holds the lock, in seconds (default 0.025).
+        max_value_bytes: the largest result recorded, in bytes of JSON (default 1 MiB); a
+            leader whose result is larger raises ValueError and records nothing. None: no
+            limit.
+        recheck_interval: how often a follower of a keyed once checks without being notified,
+            in seconds (default 1): how late it learns of a leader that died.
 
     Raises:
         ValueError: ``table`` is not an identifier, ``lock`` is unknown, a time is not a
@@ -160,6 +184,8 @@ class PostgresBackend(Backend):
         connect_timeout: float = 10.0,
         check_interval: float = 1.0,
         poll_interval: float = 0.025,
+        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
+        recheck_interval: float = 1.0,
     ) -> None:
         parts = table.split(".")
         if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
@@ -182,9 +208,13 @@ class PostgresBackend(Backend):
         self.connect_timeout: float = seconds("connect_timeout", connect_timeout)
         self.check_interval: float = seconds("check_interval", check_interval)
         self.poll_interval: float = seconds("poll_interval", poll_interval)
+        self.max_value_bytes = max_bytes(max_value_bytes)
+        self.recheck_interval: float = seconds("recheck_interval", recheck_interval)
         self._quoted = ".".join(f'"{p}"' for p in parts)
         self._sequence = ".".join(f'"{p}"' for p in [*parts[:-1], parts[-1] + "_fence"])
+        self._keyed = ".".join(f'"{p}"' for p in [*parts[:-1], parts[-1] + "_keyed"])
         self._table_ready = False
+        self._keyed_ready = False
 
     def describe(self) -> str:
         """Return ``PostgresBackend(<dsn with the password masked>, table=..., lock=...)``."""
@@ -247,6 +277,7 @@ class PostgresBackend(Backend):
                 fence = int(await conn.fetchval(f"SELECT nextval('{self._sequence}')"))
             value = await self._lead(conn, name, fence, work)
             text = encode_json(name, value, self.describe())
+            check_size(name, text, self.max_value_bytes, self.describe())
             with self._driver_errors("recording the result"):
                 # Written on the connection that holds the lock: if its session has died (and
                 # the lock with it), the write fails and nothing is recorded.
@@ -291,12 +322,27 @@ class PostgresBackend(Backend):
         A connection lost while waiting (a server restart) is replaced, with backoff, as long
         as ``wait_timeout`` allows; the returned connection is the one holding the lock.
         """
+        return await self._riding_outages(
+            conn, started, lambda c: self._try_acquire(c, name, key, started)
+        )
+
+    async def _riding_outages(
+        self,
+        conn: _Connection,
+        started: float,
+        attempt: Callable[[_Connection], Awaitable[str | None]],
+    ) -> tuple[str | None, _Connection]:
+        """Return ``attempt(conn)``'s outcome and the connection it ended on.
+
+        A connection lost meanwhile (a server restart) is replaced, with backoff, as long as
+        ``wait_timeout`` allows, and ``attempt`` runs again on the new one.
+        """
         failures = 0
         try:
             while True:
                 try:
                     with self._driver_errors("waiting for the lock"):
-                        return await self._try_acquire(conn, name, key, started), conn
+                        return await attempt(conn), conn
                 except BackendError as exc:
                     cause = exc.__cause__
                     outage = isinstance(cause, _OUTAGE_ERRORS) or conn.is_closed()
@@ -394,6 +440,251 @@ class PostgresBackend(Backend):
             return app[len(_APPLICATION) :]
         return f"PostgreSQL backend pid {row['pid']}"
 
+    # --- keyed records -----------------------------------------------------------------------
+
+    async def run_keyed(
+        self,
+        name: str,
+        key: str,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float,
+        cooldown: float | None = None,
+        refresh: float | None = None,
+    ) -> Any:
+        """Return ``name``'s recorded result for ``key``, running ``work`` first if due.
+
+        One query serves a recorded value (or says a failure cools down). Otherwise the key's
+        advisory lock is tried; as leader, ``work`` runs, its result is recorded for ``ttl``
+        seconds and the followers, listening on the key's channel, are notified.
+
+        Args:
+            name: the once's name.
+            key: the key's digest.
+            work: makes the result (runs in this process only if it leads).
+            ttl: seconds the record lives.
+            cooldown: seconds a failure of ``work`` makes other processes fail fast, or None.
+            refresh: age in seconds after which one process makes the record again while the
+                others keep getting it, or None.
+
+        Raises:
+            OnceCoolingDownError: another process's run failed within ``cooldown``.
+            ValueError: the result is larger than ``max_value_bytes`` (nothing is recorded).
+            TypeError: the result is not JSON-serialisable (nothing is recorded).
+            WaitTimeoutError: a follower waited longer than ``wait_timeout``.
+            LeaseLostError: the session holding the lock ended while ``work`` ran.
+            BackendError: the database could not be reached or refused a query.
+            Exception: what ``work`` raised, in the process that ran it.
+        """
+        ttl = seconds("ttl", ttl)
+        shown = f"{name}[#{key[:8]}]"  # as logs name the key
+        started = time.monotonic()
+        record = _KeyedRecord(self.table, name, key, shown, refresh)
+        conn = await self._connect()
+        try:
+            with self._driver_errors("reading the record"):
+                await self._ensure_keyed(conn)
+                found = record.served(await conn.fetchrow(self._keyed_read, *record.read), False)
+            if found is None:
+                found, conn = await self._riding_outages(
+                    conn, started, lambda c: self._keyed_acquire(c, record, started)
+                )
+            if found is not None:
+                return json.loads(found)
+            with self._driver_errors("drawing a fencing token"):
+                fence = int(await conn.fetchval(f"SELECT nextval('{self._sequence}')"))
+            try:
+                value = await self._lead(conn, shown, fence, work)
+                text = encode_json(shown, value, self.describe())
+                check_size(shown, text, self.max_value_bytes, self.describe())
+            except LeaseLostError:
+                raise
+            except Exception:
+                await self._keyed_failed(conn, record, cooldown)
+                raise
+            with self._driver_errors("recording the result"):
+                # On the connection that holds the lock: if its session has died, nothing is
+                # recorded. NOTIFY is delivered when its transaction commits.
+                await conn.execute(self._keyed_upsert, name, key, text, ttl, holder_id())
+                await conn.execute("SELECT pg_notify($1, 'done')", record.channel)
+                await self._unlock(conn, record.lock)
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
+                # Bounded work per write keeps the table near one ttl window of keys.
+                await conn.execute(self._keyed_prune)
+            return json.loads(text)
+        except BaseException:
+            conn.terminate()  # ends the session: rolls back and releases what it holds
+            raise
+        finally:
+            await _close(conn)
+
+    async def _keyed_acquire(
+        self, conn: _Connection, record: _KeyedRecord, started: float
+    ) -> str | None:
+        """Return the result to serve, or None once ``conn`` holds the key's lock to lead."""
+        while True:
+            if self.lock == "session":
+                leading = await conn.fetchval("SELECT pg_try_advisory_lock($1)", record.lock)
+            else:
+                await conn.execute("BEGIN")
+                leading = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", record.lock)
+                if not leading:
+                    await conn.execute("ROLLBACK")
+            if leading:
+                # A statement after taking the lock sees what the last holder committed.
+                try:
+                    found = record.served(
+                        await conn.fetchrow(self._keyed_read, *record.read), False
+                    )
+                except OnceCoolingDownError:
+                    await self._unlock(conn, record.lock)
+                    raise
+                if found is not None:
+                    await self._unlock(conn, record.lock)
+                return found
+            found = await self._keyed_follow(conn, record, started)
+            if found is not None:
+                return found
+            # No result and no leader: it failed or died; race the other followers to lead.
+
+    async def _keyed_follow(
+        self, conn: _Connection, record: _KeyedRecord, started: float
+    ) -> str | None:
+        """Wait for the leader's notification (or ``recheck_interval``); return the result,
+        or None when no one holds the lock and there is none."""
+        woken = asyncio.Event()
+
+        def wake(*_: object) -> None:
+            woken.set()
+
+        await conn.add_listener(record.channel, wake)
+        try:
+            while True:
+                woken.clear()
+                row = await conn.fetchrow(self._keyed_peek, *record.read, record.lock)
+                found = record.served(row, True)
+                if found is not None:
+                    return found
+                if row["free"]:
+                    return None
+                waited = time.monotonic() - started
+                if self.wait_timeout is not None and waited >= self.wait_timeout:
+                    holder = await self._holder(conn, record.lock)
+                    raise WaitTimeoutError(record.shown, self.describe(), waited, holder)
+                with anyio.move_on_after(
+                    min(self.recheck_interval, time_left(self.wait_timeout, waited))
+                ):
+                    await woken.wait()
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
+                await conn.remove_listener(record.channel, wake)
+
+    async def _keyed_failed(
+        self, conn: _Connection, record: _KeyedRecord, cooldown: float | None
+    ) -> None:
+        """After the leader's failure: record ``cooldown`` (not the error), wake the waiters."""
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(self.connect_timeout),
+            contextlib.suppress(*_DRIVER_ERRORS),
+        ):
+            if cooldown is not None:
+                await conn.execute(self._keyed_cool, record.name, record.key, cooldown, holder_id())
+            await conn.execute("SELECT pg_notify($1, 'failed')", record.channel)
+            await self._unlock(conn, record.lock)
+
+    async def _unlock(self, conn: _Connection, key: int) -> None:
+        if self.lock == "session":
+            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        else:
+            await conn.execute("COMMIT")  # releases the lock, publishes the writes and NOTIFY
+
+    async def reset_keyed(self, name: str, key: str | None) -> None:
+        """Delete ``name``'s row for ``key`` (a digest), or every key's row if None.
+
+        Raises:
+            BackendError: the database could not be reached or refused the query.
+        """
+        conn = await self._connect()
+        try:
+            with self._driver_errors("deleting keyed records"):
+                await self._ensure_keyed(conn)
+                if key is None:
+                    await conn.execute(f"DELETE FROM {self._keyed} WHERE name = $1", name)
+                else:
+                    await conn.execute(
+                        f"DELETE FROM {self._keyed} WHERE name = $1 AND key = $2", name, key
+                    )
+        finally:
+            await _close(conn)
+
+    async def _ensure_keyed(self, conn: _Connection) -> None:
+        await self._ensure_table(conn)  # the fencing sequence
+        if self._keyed_ready:
+            return
+        if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", self._keyed):
+            index = "fastapi_once_" + hashlib.sha256(self._keyed.encode()).hexdigest()[:24]
+            await conn.execute(
+                f"SELECT pg_advisory_xact_lock({_lock_key(self.table, '')}); "
+                f"CREATE TABLE IF NOT EXISTS {self._keyed} ("
+                "name text NOT NULL, key text NOT NULL, result text, made_at timestamptz, "
+                "value_until timestamptz, cool_until timestamptz, "
+                "expires_at timestamptz NOT NULL, done_by text NOT NULL, "
+                "PRIMARY KEY (name, key)); "
+                f"CREATE INDEX IF NOT EXISTS {index} ON {self._keyed} (expires_at)"
+            )
+        self._keyed_ready = True
+
+    @property
+    def _keyed_read(self) -> str:
+        # $3: the refresh age in seconds, or NULL.
+        return (
+            "SELECT CASE WHEN value_until > now() THEN result END AS result, "
+            "coalesce(made_at <= now() - make_interval(secs => $3::float8), false) AS stale, "
+            "extract(epoch FROM cool_until - now())::float8 AS cool_left "
+            f"FROM {self._keyed} WHERE name = $1 AND key = $2"
+        )
+
+    @property
+    def _keyed_peek(self) -> str:
+        # One row whether or not the record exists; free as in _peek.
+        return (
+            "SELECT r.result, r.stale, r.cool_left, "
+            "pg_try_advisory_xact_lock_shared($4) AS free "
+            f"FROM (SELECT 1) AS one LEFT JOIN ({self._keyed_read}) AS r ON true"
+        )
+
+    @property
+    def _keyed_upsert(self) -> str:
+        return (
+            f"INSERT INTO {self._keyed} AS k (name, key, result, made_at, value_until, "
+            "expires_at, done_by) VALUES ($1, $2, $3, now(), "
+            "now() + make_interval(secs => $4::float8), "
+            "now() + make_interval(secs => $4::float8), $5) "
+            "ON CONFLICT (name, key) DO UPDATE SET result = EXCLUDED.result, "
+            "made_at = EXCLUDED.made_at, value_until = EXCLUDED.value_until, "
+            "cool_until = NULL, expires_at = EXCLUDED.expires_at, done_by = EXCLUDED.done_by"
+        )
+
+    @property
+    def _keyed_cool(self) -> str:
+        return (
+            f"INSERT INTO {self._keyed} AS k (name, key, cool_until, expires_at, done_by) "
+            "VALUES ($1, $2, now() + make_interval(secs => $3::float8), "
+            "now() + make_interval(secs => $3::float8), $4) "
+            "ON CONFLICT (name, key) DO UPDATE SET cool_until = EXCLUDED.cool_until, "
+            "expires_at = greatest(k.expires_at, EXCLUDED.expires_at), "
+            "done_by = EXCLUDED.done_by"
+        )
+
+    @property
+    def _keyed_prune(self) -> str:
+        return (
+            f"DELETE FROM {self._keyed} WHERE ctid = ANY(ARRAY("
+            f"SELECT ctid FROM {self._keyed} WHERE expires_at < now() "
+            "LIMIT 100 FOR UPDATE SKIP LOCKED))"
+        )
+
     async def _connect(self) -> _Connection:
         with self._driver_errors("connecting"):
             conn = await asyncpg.connect(
@@ -464,6 +755,37 @@ async def _close(conn: _Connection) -> None:
     # to end the session (a graceful close) would delay every caller, and 16 processes woken
     # together by a round trip and a server process exit each.
     conn.terminate()
+
+
+class _KeyedRecord:
+    """Where one key's record of a keyed once lives, and what a read of it means."""
+
+    def __init__(self, table: str, name: str, key: str, shown: str, refresh: float | None):
+        self.name, self.key, self.shown = name, key, shown
+        self.read = (name, key, refresh)  # the arguments of _keyed_read
+        self.lock = _lock_key(f"{table}\0keyed", f"{name}\0{key}")
+        digest = hashlib.sha256(f"{table}\0{name}\0{key}".encode()).hexdigest()
+        self.channel = "fastapi_once_" + digest[:40]
+
+    def served(self, row: Any, stale_ok: bool) -> str | None:
+        """The result to serve, or None to lead (or, without the lock, to wait).
+
+        A result due for refresh is served only when ``stale_ok`` (another process holds the
+        lock to refresh it) or while a failed refresh cools down; otherwise it is to be made
+        again. Without a result, a cooldown raises.
+
+        Raises:
+            OnceCoolingDownError: no result, and another process's failure cools down.
+        """
+        if row is None:
+            return None
+        result, cool = row["result"], row["cool_left"]
+        cooling = cool is not None and cool > 0
+        if result is not None and (stale_ok or not row["stale"] or cooling):
+            return str(result)
+        if result is None and cooling:
+            raise OnceCoolingDownError(self.shown, float(cool))
+        return None
 
 
 def _lock_key(table: str, name: str) -> int:

@@ -1,0 +1,380 @@
+"""A keyed once with ``across=`` in several real processes: one run per key, fleet-wide."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from backend_servers import ROOT, read_log, wait_for
+
+from fastapi_once._keys import key_digest, shared_key_digest
+
+HERE = Path(__file__).parent
+WORKER = HERE / "keyed_worker.py"
+
+pytestmark = pytest.mark.kinds("redis", "postgres")
+
+
+class Process:
+    """A running keyed_worker.py: send it commands, read its replies."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.reply_line() == "ready"
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def reply_line(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.kill()
+            raise AssertionError(f"the worker ended: {self.proc.communicate()[1][-3000:]}")
+        return line.strip()
+
+    def reply(self) -> dict[str, Any]:
+        answer: dict[str, Any] = json.loads(self.reply_line())
+        return answer
+
+    def call(self, *urls: str, each: int = 1) -> list[list[dict[str, Any]]]:
+        self.send({"call": list(urls), "each": each})
+        results: list[list[dict[str, Any]]] = self.reply()["results"]
+        return results
+
+    def reset(self, url: str | None) -> None:
+        self.send({"reset": url})
+        assert self.reply() == {"ok": "reset"}
+
+
+@pytest.fixture
+def fleet(spec: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., list[Process]]]:
+    """Start keyed worker processes sharing one once (same name, log and backend)."""
+    started: list[Process] = []
+    base = {"spec": spec, "log": str(tmp_path / "events.log"), "name": unique_name()}
+
+    def start(n: int, **config: Any) -> list[Process]:
+        made = [Process({**base, **config}) for _ in range(n)]
+        started.extend(made)
+        return made
+
+    yield start
+    for process in started:
+        if process.proc.poll() is None:
+            process.proc.kill()
+        process.proc.communicate()
+
+
+def unique_name() -> str:
+    return f"tests.fleet.get_stuff@{secrets.token_hex(4)}"
+
+
+def starts(log: Path, url: str) -> list[dict[str, Any]]:
+    return [e for e in read_log(log) if e["event"] == "start" and e["url"] == url]
+
+
+def log_of(spec: dict[str, Any], tmp_path: Path) -> Path:
+    return tmp_path / "events.log"
+
+
+def ok(outcome: dict[str, Any]) -> dict[str, Any]:
+    assert "ok" in outcome, outcome
+    value: dict[str, Any] = outcome["ok"]
+    return value
+
+
+# --- what the store holds -------------------------------------------------------------------------
+
+
+def store_names(spec: dict[str, Any]) -> list[str]:
+    """Every key name in the test's Redis namespace, or every (name, key) of its keyed table."""
+    if spec["kind"] == "redis":
+        import redis
+
+        client = redis.Redis.from_url(spec["url"], decode_responses=True)
+        try:
+            return sorted(client.scan_iter(match=f"{spec['namespace']}:*"))
+        finally:
+            client.close()
+    rows = pg_fetch(spec, f'SELECT name, key FROM "{spec["table"]}_keyed"')
+    return sorted(f"{r['name']} {r['key']}" for r in rows)
+
+
+def pg_fetch(spec: dict[str, Any], query: str) -> list[Any]:
+    import asyncpg  # type: ignore[import-untyped]
+
+    async def fetch() -> list[Any]:
+        conn = await asyncpg.connect(spec["dsn"])
+        try:
+            return list(await conn.fetch(query))
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+# --- one run per key ------------------------------------------------------------------------------
+
+
+@pytest.mark.kinds("redis", "postgres", "postgres-xact")
+def test_each_key_runs_once_across_processes_and_every_caller_gets_its_typed_value(
+    kind: str,
+    spec: dict[str, Any],
+    tmp_path: Path,
+    fleet: Callable[..., list[Process]],
+    record_figure: Callable[[str], None],
+) -> None:
+    """Four processes, five concurrent callers each, six keys: each key's function ran once in
+    total, and all 120 callers got that run's value as the annotated dataclass."""
+    urls = [f"https://example.test/{i}" for i in range(6)]
+    processes = fleet(4, sleep=0.5)
+    started = time.monotonic()
+    for process in processes:
+        process.send({"call": urls, "each": 5})
+    replies = [process.reply()["results"] for process in processes]
+    took = time.monotonic() - started
+    for results in replies:
+        for url, outcomes in zip(urls, results, strict=True):
+            assert [ok(o) for o in outcomes] == [{"url": url, "run": 1, "bytes": 0}] * 5
+    log = log_of(spec, tmp_path)
+    assert {url: len(starts(log, url)) for url in urls} == dict.fromkeys(urls, 1)
+    record_figure(
+        f"{kind}: 4 processes x 5 callers x 6 keys, 0.5 s runs: all served in {took:.2f} s"
+    )
+
+
+def test_a_warm_key_is_served_from_memory_without_running_again(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """A second call of a key in a process that has it, and a first call in another process
+    after it was recorded, get the one run's value."""
+    first, second = fleet(2)
+    assert ok(first.call("a")[0][0])["run"] == 1
+    assert ok(first.call("a")[0][0])["run"] == 1
+    assert ok(second.call("a")[0][0])["run"] == 1
+    assert len(starts(log_of(spec, tmp_path), "a")) == 1
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+
+def test_a_killed_leaders_key_is_taken_over_by_a_waiting_process(
+    kind: str,
+    spec: dict[str, Any],
+    tmp_path: Path,
+    fleet: Callable[..., list[Process]],
+    record_figure: Callable[[str], None],
+) -> None:
+    """SIGKILL of the process running a key: a process waiting for that key runs it (after the
+    lease on Redis, at once on PostgreSQL), and a key the dead one had finished is kept."""
+    leader, follower = fleet(2, sleeps={"1": 60})
+    log = log_of(spec, tmp_path)
+    leader.send({"call": ["slow"]})
+    wait_for(lambda: bool(starts(log, "slow")), what="the leader to start")
+    follower.send({"call": ["slow"]})
+    time.sleep(0.3)  # the follower is waiting on the key
+    killed_at = time.time()
+    os.kill(leader.proc.pid, signal.SIGKILL)
+    assert ok(follower.reply()["results"][0][0]) == {"url": "slow", "run": 2, "bytes": 0}
+    runs = starts(log, "slow")
+    assert [r["pid"] for r in runs] == [leader.proc.pid, follower.proc.pid]
+    takeover = runs[1]["t"] - killed_at
+    record_figure(f"{kind}: a keyed follower took over {takeover * 1000:.0f} ms after SIGKILL")
+    assert takeover < spec.get("lease", 0) + 1.0 + 3  # lease + recheck_interval, generously
+
+
+def test_a_failure_is_shared_in_its_process_and_not_recorded_so_another_process_runs_it(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """Without cooldown=: the leader's three callers get its exception; another process then
+    runs the key again and gets a value."""
+    first, second = fleet(2, fail={"flaky": [1]})
+    outcomes = first.call("flaky", each=3)[0]
+    assert [o.get("error") for o in outcomes] == ["RuntimeError"] * 3
+    assert ok(second.call("flaky")[0][0])["run"] == 2
+    assert len(starts(log_of(spec, tmp_path), "flaky")) == 2
+
+
+def test_a_failures_cooldown_holds_fleet_wide_for_that_key_only(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """With cooldown=: another process that misses the failed key fails fast with
+    OnceCoolingDownError (no run, no exception text); other keys are served as usual."""
+    first, second = fleet(2, fail={"bad": [1]}, once={"ttl": 60, "cooldown": 30})
+    assert first.call("bad")[0][0]["error"] == "RuntimeError"
+    bad, good = second.call("bad", "good")
+    assert bad[0]["error"] == "OnceCoolingDownError"
+    message = bad[0]["message"]
+    assert "cooling down for" in message
+    assert "hunter2" not in message
+    assert "fetching" not in message
+    assert "[#" + key_digest("bad") + "]" in message
+    assert ok(good[0])["run"] == 1
+    assert len(starts(log_of(spec, tmp_path), "bad")) == 1
+
+
+def test_a_reset_after_a_failure_ends_the_fleet_wide_cooldown(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """reset(key) clears the recorded cooldown too: the next process runs the key."""
+    first, second = fleet(2, fail={"bad": [1]}, once={"ttl": 60, "cooldown": 30})
+    assert first.call("bad")[0][0]["error"] == "RuntimeError"
+    first.reset("bad")
+    assert ok(second.call("bad")[0][0])["run"] == 2
+
+
+def test_refresh_runs_once_per_key_fleet_wide_while_every_process_serves_the_old_value(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """Past refresh=, three processes call together: each gets the old value at once, the key
+    runs once more in total, and a process that did not run it later gets the new value from
+    the backend without running it."""
+    refresh = 3.0
+    processes = fleet(3, sleeps={"1": 0.1, "2": 1.5}, once={"ttl": 60, "refresh": refresh})
+    log = log_of(spec, tmp_path)
+    for process in processes:
+        assert ok(process.call("k")[0][0])["run"] == 1
+    time.sleep(refresh + 0.2)
+    for process in processes:
+        process.send({"call": ["k"]})
+    # Served at once from memory, each process starting its own background refresh.
+    assert [ok(p.reply()["results"][0][0])["run"] for p in processes] == [1, 1, 1]
+    wait_for(lambda: any(e["event"] == "end" for e in read_log(log)[2:]), what="the refresh")
+    time.sleep(0.5)  # the other processes' refreshes reach the backend and return
+    assert len(starts(log, "k")) == 2
+    refresher = starts(log, "k")[1]["pid"]
+    other = next(p for p in processes if p.proc.pid != refresher)
+    # Its own next refresh finds the backend's record fresh: it gets it without a run.
+    deadline = time.monotonic() + 2 * refresh
+    while ok(other.call("k")[0][0])["run"] != 2:
+        assert time.monotonic() < deadline, "the new value never reached the other process"
+        time.sleep(0.2)
+    assert len(starts(log, "k")) == 2
+
+
+# --- invalidation ---------------------------------------------------------------------------------
+
+
+def test_resetting_one_key_makes_only_that_key_run_again_in_any_process(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """reset("a") from one process deletes a's record: a new process runs a again, not b."""
+    (first,) = fleet(1)
+    first.call("a", "b")
+    first.reset("a")
+    (second,) = fleet(1)
+    a, b = second.call("a", "b")
+    assert (ok(a[0])["run"], ok(b[0])["run"]) == (2, 1)
+    log = log_of(spec, tmp_path)
+    assert (len(starts(log, "a")), len(starts(log, "b"))) == (2, 1)
+
+
+def test_reset_without_arguments_clears_every_keys_record_of_the_once_only(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """reset() on a keyed once deletes every key's record of that once; another once's
+    records on the same backend stay."""
+    (first,) = fleet(1)
+    first.call("a", "b")
+    other = {"name": unique_name(), "log": str(tmp_path / "others.log")}
+    fleet(1, **other)[0].call("a")
+    before = len(store_names(spec))
+    first.reset(None)
+    (second,) = fleet(1)
+    assert [ok(o[0])["run"] for o in second.call("a", "b")] == [2, 2]
+    # The other once's record stays: a new process of it gets it without a run.
+    assert ok(fleet(1, **other)[0].call("a")[0][0])["run"] == 1
+    assert len(starts(Path(other["log"]), "a")) == 1
+    assert len(store_names(spec)) == before
+    events = read_log(log_of(spec, tmp_path))
+    assert sum(e["event"] == "start" for e in events) == 4
+
+
+# --- bounds ---------------------------------------------------------------------------------------
+
+
+def test_a_value_over_max_value_bytes_is_refused_at_the_leader_and_not_recorded(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """The leader's callers all get a ValueError naming the once, the size and the limit; no
+    record is written, so another process runs the key again."""
+    first, second = fleet(2, backend={"max_value_bytes": 2000}, pad={"big": 5000})
+    outcomes = first.call("big", "small", each=3)
+    assert [o.get("error") for o in outcomes[0]] == ["ValueError"] * 3
+    message = outcomes[0][0]["message"]
+    assert "get_stuff" in message
+    assert "[#" + key_digest("big") + "]" in message
+    assert "over the limit of 2000 bytes" in message
+    assert "max_value_bytes=" in message
+    assert ok(outcomes[1][0])["run"] == 1
+    assert second.call("big")[0][0]["error"] == "ValueError"
+    assert len(starts(log_of(spec, tmp_path), "big")) == 2
+
+
+def test_key_names_in_the_store_are_digests_never_the_key(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """A key from client data (a URL with a token) names nothing in Redis or PostgreSQL: its
+    record is named by the once's name and the key's digest."""
+    url = "https://api.example.test/v1/stuff?token=s3cr3t-t0k3n"
+    (process,) = fleet(1)
+    assert ok(process.call(url)[0][0])["url"] == url
+    names = store_names(spec)
+    assert names
+    assert not [n for n in names if "s3cr3t" in n or "example" in n]
+    digest = shared_key_digest("ignored", url)
+    assert all(digest in n for n in names), names
+    assert len(digest) == 40
+    assert digest.startswith(key_digest(url))
+
+
+def test_every_record_in_the_store_expires(
+    kind: str, spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """Redis: every key of the keyed records has a time to live. PostgreSQL: a leader's write
+    deletes rows whose time is up, so the table holds about one ttl window of keys."""
+    ttl = 4
+    (process,) = fleet(1, sleep=0, fail={"bad": [1]}, once={"ttl": ttl, "cooldown": ttl})
+    for batch in range(3):  # 40 at a time: each leader on PostgreSQL holds a connection
+        outcomes = process.call(*[f"u{batch}-{i}" for i in range(40)])
+        assert all("ok" in o[0] for o in outcomes), outcomes
+    assert process.call("bad")[0][0]["error"] == "RuntimeError"
+    written = time.monotonic()  # every record's time is up a ttl from here
+    if kind == "redis":
+        import redis
+
+        client = redis.Redis.from_url(spec["url"], decode_responses=True)
+        try:
+            names = list(client.scan_iter(match=f"{spec['namespace']}:*"))
+            assert len(names) > 120
+            assert all(client.pttl(n) > 0 for n in names)
+        finally:
+            client.close()
+        return
+    table = f'"{spec["table"]}_keyed"'
+    assert pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"] == 121
+    time.sleep(max(0.0, written + ttl + 0.2 - time.monotonic()))
+    process.call("new-1")  # one write prunes up to 100 expired rows
+    assert pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"] == 121 + 1 - 100
+    process.call("new-2")
+    assert pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"] == 2
