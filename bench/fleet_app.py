@@ -28,7 +28,7 @@ POOL_SIZE = 1000
 CONTENDERS: dict[str, tuple[str, str | None]] = {
     "once": ("`once(get_stuff, key=..., ttl=60)`, each process alone", None),
     "once_redis": ('`once(..., across="redis://...?max_connections=1000")`', "redis"),
-    "once_postgres": ("`once(..., across=PostgresBackend)`", "postgres"),
+    "once_postgres": ('`once(..., across="postgresql://...")`', "postgres"),
     "cashews": ('cashews `@cache(ttl="60s", lock=True)`, Redis', "redis"),
     "aiocache": ("aiocache `@cached(ttl=60, cache=Cache.REDIS, pool_max_size=1000)`", "redis"),
     "aiocache_stampede": (
