@@ -359,12 +359,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['requests']:,} concurrent requests over {results['urls']} cold URLs, "
         f"{results['workers']} uvicorn worker processes, each fetch taking "
         f"{results['fetch_delay_s'] * 1000:.0f} ms upstream; {results['rounds']} rotated rounds "
-        f"(medians; fetches and run time with their range); {results['cpus']} CPUs, 1-minute "
+        f"(medians; fetches and run time with their range; failed requests: the most in a "
+        f"round); {results['cpus']} CPUs, 1-minute "
         f"load average {results['load_average_before']:.1f} before and "
         f"{results['load_average_after']:.1f} after.",
         "",
         "| contender | upstream fetches | p50 | p99 | max | run time | workers' CPU | Redis "
-        "commands | errors |",
+        "commands | failed requests |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in results["contenders"].values():
