@@ -8,11 +8,14 @@ per worker (its own URL, not counted), ``--requests`` concurrent requests (1,000
 request ``i`` to worker ``i % workers`` for URL ``(i // workers) % urls``: every worker asks for
 every one of the ``--urls`` (100) URLs, all cold. Per contender: the upstream fetches of those
 URLs, request latency (p50, p99, max: from sending a request to its response), the run time (the
-first request sent to the last response) and the most distinct values any URL was served with.
-Rounds rotate the contenders' order; the medians over rounds are reported with their spread.
+first request sent to the last response), failed requests, the most distinct values any URL was
+served with, the CPU time of the workers and, for Redis contenders, the commands Redis processed
+during the load. Rounds rotate the contenders' order; the medians over rounds are reported with
+their spread.
 
-It starts its own redis-server and PostgreSQL on 127.0.0.1 as the test suite does; a contender
-whose server, library or option is missing is reported as not available, saying why. Prints a
+It starts its own redis-server and PostgreSQL on 127.0.0.1 as the test suite does (PostgreSQL
+with ``--pg-max-connections``, 1,000); a contender whose server, library or option is missing,
+or whose workers fail their first request, is reported as not available, saying why. Prints a
 table and writes ``bench/results/fleet.{json,md}``. Needs the ``bench`` and ``test`` groups.
 """
 
@@ -144,7 +147,7 @@ async def _request(port: int, path: str) -> tuple[float, str | None]:
     started = time.perf_counter()
     try:
         status, body = await get(port, _target(path))
-    except OSError:
+    except (OSError, asyncio.IncompleteReadError):  # refused, reset, or cut off mid-response
         return time.perf_counter() - started, None
     elapsed = time.perf_counter() - started
     value: str | None = json.loads(body)["value"] if status == 200 else None
