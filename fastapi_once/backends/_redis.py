@@ -90,31 +90,26 @@ return 1
 
 # --- keyed records: KEYS value, lock, fence, cool of one key; the value is "<made ms> <json>" ----
 
-# KEYS: value, lock, fence, cool. ARGV: lock value, lease (ms), refresh age (ms, or ''),
-# fence life (ms). Returns {1, record} to serve, {2, fencing token, record or ''} when the lock is
+# KEYS: value, lock, cool. ARGV: lock value, lease (ms), refresh age (ms, or '').
+# Returns {1, record} to serve, {2, fencing token, record or ''} when the lock is
 # now ours (a record given: its refresh is ours), {3, ms left} while a failure cools down, or
 # {0, lock value} to wait. A record due for refresh is served while another process refreshes it.
+# The fencing token is the server's clock in microseconds: a key's next leader takes the lock
+# after this one lost or freed it, so later (no counter key per client-supplied key).
 _KEYED_ACQUIRE = """
 local record = redis.call('GET', KEYS[1])
 local now = redis.call('TIME')
 if record then
-  if ARGV[3] == '' or redis.call('PTTL', KEYS[4]) > 0 then return {1, record} end
+  if ARGV[3] == '' or redis.call('PTTL', KEYS[3]) > 0 then return {1, record} end
   local made = tonumber(string.sub(record, 1, string.find(record, ' ') - 1))
   local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
   if ms - made < tonumber(ARGV[3]) then return {1, record} end
 else
-  local cool = redis.call('PTTL', KEYS[4])
+  local cool = redis.call('PTTL', KEYS[3])
   if cool > 0 then return {3, cool} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local fence = redis.call('INCR', KEYS[3])
-  local floor = now[1] .. string.rep('0', 6 - #now[2]) .. now[2]
-  if fence < tonumber(floor) then
-    fence = floor
-    redis.call('SET', KEYS[3], floor)
-  end
-  redis.call('PEXPIRE', KEYS[3], ARGV[4])
-  return {2, fence, record or ''}
+  return {2, now[1] .. string.rep('0', 6 - #now[2]) .. now[2], record or ''}
 end
 if record then return {1, record} end
 return {0, redis.call('GET', KEYS[2]) or ''}
@@ -189,10 +184,10 @@ class RedisBackend(Backend):
     key and one once's keys share a cluster slot.
 
     A keyed once (``once(fn, key=..., ttl=..., across=backend)``) keeps one record per key under
-    ``<namespace>:k:{<name>:<digest>}:v`` (``:lock``, ``:fence``, ``:cool``), where ``<digest>``
-    is the key's 40-digit digest, never its text. Every one of them expires: the value after
-    ``ttl``, the lock after its lease, a failure's cooldown after ``cooldown``, the fencing
-    counter after ``ttl`` plus a lease (its floor keeps tokens growing). Followers wait on the
+    ``<namespace>:k:{<name>:<digest>}:v`` (``:lock``, ``:cool``), where ``<digest>`` is the
+    key's 40-digit digest, never its text. Every one of them expires: the value after ``ttl``,
+    the lock after its lease, a failure's cooldown after ``cooldown``. A keyed leader's fencing
+    token is the server's clock in microseconds when it took the lock. Followers wait on the
     pub/sub channel ``...:ev``, on which the leader announces its end, and check again every
     ``recheck_interval`` seconds (a leader that died announces nothing).
 
@@ -464,7 +459,7 @@ class RedisBackend(Backend):
         client = self._client()
         keys = self._keyed_keys(name, key)
         lock = _Lock(json.dumps({"token": secrets.token_hex(16), "holder": holder_id()}))
-        found = await self._keyed_acquire(client, shown, keys, lock, ttl, refresh, started)
+        found = await self._keyed_acquire(client, shown, keys, lock, refresh, started)
         if found is not None:
             return json.loads(found.partition(" ")[2])
         try:
@@ -497,7 +492,6 @@ class RedisBackend(Backend):
         name: str,
         keys: _KeyedKeys,
         lock: _Lock,
-        ttl: float,
         refresh: float | None,
         started: float,
     ) -> str | None:
@@ -508,7 +502,7 @@ class RedisBackend(Backend):
         waiting is ridden out with backoff until ``wait_timeout``.
         """
         refresh_ms: int | str = "" if refresh is None else _ms(refresh)
-        args: list[int | str] = [lock.value, _ms(self.lease), refresh_ms, _ms(ttl + self.lease)]
+        args: list[int | str] = [lock.value, _ms(self.lease), refresh_ms]
         pubsub: Any = None
         failures = 0
         try:
@@ -516,7 +510,7 @@ class RedisBackend(Backend):
                 sent = time.monotonic()
                 try:
                     status, data, *_ = await client.keyed_acquire(
-                        keys=[keys.value, keys.lock, keys.fence, keys.cool], args=args
+                        keys=[keys.value, keys.lock, keys.cool], args=args
                     )
                     if status == 1:
                         return str(data)
@@ -609,9 +603,7 @@ class RedisBackend(Backend):
         # The hash tag is the name and the key's digest: one key's records share a cluster
         # slot, and different keys spread over the slots.
         prefix = f"{self._keyed_prefix(name)}{key}}}:"
-        return _KeyedKeys(
-            prefix + "v", prefix + "lock", prefix + "fence", prefix + "cool", prefix + "ev"
-        )
+        return _KeyedKeys(prefix + "v", prefix + "lock", prefix + "cool", prefix + "ev")
 
     def _client(self) -> _Client:
         try:
@@ -647,7 +639,6 @@ class _Keys(NamedTuple):
 class _KeyedKeys(NamedTuple):
     value: str
     lock: str
-    fence: str
     cool: str
     channel: str
 
