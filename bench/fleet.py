@@ -242,7 +242,7 @@ def one_run(
         "max_ms": max(ms),
         "run_s": run_s,
         "workers_cpu_s": cpu,
-        # The load's commands; 1 of them is the INFO that read the count before it.
+        # The load's commands, and the 2 INFO commands that read the counts before it.
         "redis_commands": commands - commands_before,
         "redis_cpu_s": redis_cpu - redis_cpu_before,
     }
