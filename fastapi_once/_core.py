@@ -395,6 +395,32 @@ async def make_with(target: Once[Any, T], context: object) -> T:
     return cast(T, await cast(Any, target)(**kwargs))
 
 
+async def forget_shared(name: str, digest: str | None) -> None:
+    """Forget, in the running loop only, the keyed across values another process reset.
+
+    Every keyed once named ``name`` retires (and cleans up) its value for the key whose shared
+    digest is ``digest``, or every value if None; the backend's record is already gone.
+    """
+    for target in [o for o in registry() if o.name == name and o.keyed]:
+        store = target._existing_store()
+        if store is None:
+            continue
+        views = [
+            KeyView(store, key)
+            for key in list(store.records)
+            if digest is None or _shared_digest(name, key) == digest
+        ]
+        if views:
+            await drain(lambda views=views: views, f"{name}.reset()")  # type: ignore[misc]
+
+
+def _shared_digest(name: str, key: object) -> str | None:
+    try:
+        return shared_key_digest(name, key)
+    except TypeError:  # a key no backend was given
+        return None
+
+
 def _forget_hot_cells() -> None:
     # A forked child has none of its parent's loops running: no cell may prove one.
     for item in list(_all):

@@ -339,7 +339,8 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             (``"redis://host:6379/0"``, see :func:`~fastapi_once.backends.backend_from_url`), or
             a function of no arguments returning either (called at first use): run ``fn`` once
             across every process sharing it (leader runs, followers wait and get its result, as
-            JSON typed by ``fn``'s return annotation).
+            JSON typed by ``fn``'s return annotation). With ``key=``, once per key (Redis and
+            PostgreSQL; ``ttl=`` is then required).
         name: the once's name in messages, logs and backends. Default: module.qualname of fn.
         version: appended to the name (``name@version``), so a new deployment runs it again.
         timeout: seconds one attempt may take (retries included); past it the attempt is

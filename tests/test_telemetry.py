@@ -356,6 +356,36 @@ async def test_across_spans_say_who_led_and_who_followed(otel: Otel, tmp_path: A
     assert wait.count == 1
 
 
+async def test_a_keyed_across_span_names_the_key_by_its_digest(otel: Otel) -> None:
+    """A keyed once's across span carries the key's digest, never the key."""
+    from fastapi_once.backends import Backend
+
+    class Keyed(Backend):
+        async def run_once(self, name: str, work: Any, *, ttl: float | None = None) -> Any:
+            raise AssertionError  # pragma: no cover
+
+        async def run_keyed(self, name: str, key: str, work: Any, **timings: Any) -> Any:
+            return await work()
+
+        async def reset(self, name: str) -> None:  # pragma: no cover
+            pass
+
+        def describe(self) -> str:
+            return "keyed"
+
+    name = unique("keyed_across")
+
+    async def get_stuff(url: str) -> str:
+        return url
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, across=Keyed(), name=name)
+    assert await stuff("/secret-token") == "/secret-token"
+    (span,) = otel.finished("fastapi_once.across", name)
+    assert span.attributes is not None
+    assert span.attributes["fastapi_once.key_digest"] == key_digest("/secret-token")
+    assert "/secret-token" not in str(dict(span.attributes))
+
+
 async def test_every_log_record_carries_the_same_fields(
     caplog: pytest.LogCaptureFixture, clock: FakeClock
 ) -> None:

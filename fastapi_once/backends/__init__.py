@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .._errors import BackendError, LeaseLostError, WaitTimeoutError
+from .._errors import BackendError, LeaseLostError, OnceCoolingDownError, WaitTimeoutError
 from ._base import Backend, fencing_token
 from ._late import backend_from_url
 
@@ -28,6 +28,7 @@ __all__ = [
     "BackendError",
     "FileLockBackend",
     "LeaseLostError",
+    "OnceCoolingDownError",
     "PostgresBackend",
     "RedisBackend",
     "WaitTimeoutError",

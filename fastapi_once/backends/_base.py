@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import contextvars
+import json
+import logging
 import os
 import random
 import re
@@ -15,6 +17,8 @@ from urllib.parse import unquote, urlsplit
 import anyio
 
 from .._errors import LeaseLostError
+
+logger = logging.getLogger("fastapi_once")
 
 #: How long a follower waits for the leader by default, in seconds (``wait_timeout=``).
 DEFAULT_WAIT_TIMEOUT = 300.0
@@ -233,6 +237,32 @@ def max_bytes(value: int | None) -> int | None:
             "limit"
         )
     return value
+
+
+def reset_message(name: str, key: str | None, sender: str) -> str:
+    """The message a keyed reset publishes: the once's name, the key's digest, who reset it."""
+    return json.dumps({"name": name, "key": key, "by": sender})
+
+
+async def forget_reset(message: str, me: str) -> None:
+    """Forget in this process what another process reset (see :func:`reset_message`).
+
+    Never raises: it runs in a backend's listening task; a failing cleanup is logged.
+    """
+    from .._core import forget_shared
+
+    try:
+        data = json.loads(message)
+        name, key, sender = data["name"], data["key"], data["by"]
+    except (ValueError, KeyError, TypeError):
+        logger.warning("fastapi_once: ignored a reset message that is not one of ours")
+        return
+    if sender == me:  # this backend's own reset: the process has forgotten the key already
+        return
+    try:
+        await forget_shared(str(name), None if key is None else str(key))
+    except Exception as exc:
+        logger.warning("%s: a cleanup failed after a reset elsewhere: %s", name, type(exc).__name__)
 
 
 def holder_id() -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal, Protocol, cast
@@ -21,8 +23,10 @@ from ._base import (
     Scrubber,
     backoff,
     check_size,
+    forget_reset,
     holder_id,
     max_bytes,
+    reset_message,
     run_guarded,
     seconds,
     time_left,
@@ -215,10 +219,24 @@ class PostgresBackend(Backend):
         self._keyed = ".".join(f'"{p}"' for p in [*parts[:-1], parts[-1] + "_keyed"])
         self._table_ready = False
         self._keyed_ready = False
+        # Per event loop, the task that listens for other processes' keyed resets; it ends
+        # with its loop (or aclose) and then leaves this mapping.
+        self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        self._me = secrets.token_hex(8)  # tells this backend's own reset messages apart
+        digest = hashlib.sha256(self.table.encode()).hexdigest()[:24]
+        self._resets = f"fastapi_once_{digest}_resets"  # the channel of keyed resets
 
     def describe(self) -> str:
         """Return ``PostgresBackend(<dsn with the password masked>, table=..., lock=...)``."""
         return f"PostgresBackend({self._scrub.shown}, table={self.table}, lock={self.lock})"
+
+    async def aclose(self) -> None:
+        """Stop the running event loop's listener for keyed resets (it restarts on next use)."""
+        listener = self._listeners.pop(asyncio.get_running_loop(), None)
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
 
     async def reset(self, name: str) -> None:
         """Delete ``name``'s marker row, so that the next :meth:`run_once` runs the work.
@@ -479,6 +497,7 @@ class PostgresBackend(Backend):
         ttl = seconds("ttl", ttl)
         shown = f"{name}[#{key[:8]}]"  # as logs name the key
         started = time.monotonic()
+        self._listen_for_resets()
         record = _KeyedRecord(self.table, name, key, shown, refresh)
         conn = await self._connect()
         try:
@@ -615,8 +634,55 @@ class PostgresBackend(Backend):
                     await conn.execute(
                         f"DELETE FROM {self._keyed} WHERE name = $1 AND key = $2", name, key
                     )
+                # Processes that hold the key (or keys) forget it: see _listen_for_resets.
+                message = reset_message(name, key, self._me)
+                await conn.execute("SELECT pg_notify($1, $2)", self._resets, message)
         finally:
             await _close(conn)
+
+    def _listen_for_resets(self) -> None:
+        """Start this loop's listener for keyed resets, unless it runs."""
+        loop = asyncio.get_running_loop()
+        if loop in self._listeners:
+            return
+        # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
+        task = contextvars.Context().run(
+            loop.create_task, self._forget_resets(), name="fastapi_once resets"
+        )
+        self._listeners[loop] = task
+        task.add_done_callback(lambda _: self._listeners.pop(loop, None))
+
+    async def _forget_resets(self) -> None:
+        """Forget keys other processes reset, until cancelled; reconnect after an outage.
+
+        A dedicated connection LISTENs; every ``check_interval`` without a message it checks
+        that its session is alive (a dead one receives nothing).
+        """
+        failures = 0
+        while True:
+            conn: _Connection | None = None
+            try:
+                conn = await self._connect()
+                messages: asyncio.Queue[str] = asyncio.Queue()
+                await conn.add_listener(
+                    self._resets, lambda *args, queue=messages: queue.put_nowait(args[3])
+                )
+                failures = 0
+                while True:
+                    message: str | None = None
+                    with anyio.move_on_after(self.check_interval):
+                        message = await messages.get()
+                    if message is None:
+                        await conn.fetchval("SELECT 1", timeout=self.check_interval)
+                    else:
+                        await forget_reset(message, self._me)
+            except (*_DRIVER_ERRORS, BackendError):
+                pass  # the server went away: listen again, after a backoff
+            finally:
+                if conn is not None:
+                    conn.terminate()
+            await anyio.sleep(backoff(failures, cap=5.0))
+            failures += 1
 
     async def _ensure_keyed(self, conn: _Connection) -> None:
         await self._ensure_table(conn)  # the fencing sequence

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import secrets
 import time
@@ -21,8 +22,10 @@ from ._base import (
     Scrubber,
     backoff,
     check_size,
+    forget_reset,
     holder_id,
     max_bytes,
+    reset_message,
     run_guarded,
     seconds,
     time_left,
@@ -245,6 +248,10 @@ class RedisBackend(Backend):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = (
             weakref.WeakKeyDictionary()
         )
+        # Per event loop, the task that listens for other processes' keyed resets; it ends
+        # with its loop (or aclose) and then leaves this mapping.
+        self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        self._me = secrets.token_hex(8)  # tells this backend's own reset messages apart
 
     def describe(self) -> str:
         """Return ``RedisBackend(<url with the password masked>, namespace=...)``."""
@@ -252,6 +259,11 @@ class RedisBackend(Backend):
 
     async def aclose(self) -> None:
         """Close the running event loop's connections (they reopen on next use)."""
+        listener = self._listeners.pop(asyncio.get_running_loop(), None)
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.redis.aclose()
@@ -457,6 +469,7 @@ class RedisBackend(Backend):
         shown = f"{name}[#{key[:8]}]"  # as logs name the key
         started = time.monotonic()
         client = self._client()
+        self._listen_for_resets(client)
         keys = self._keyed_keys(name, key)
         lock = _Lock(json.dumps({"token": secrets.token_hex(16), "holder": holder_id()}))
         found = await self._keyed_acquire(client, shown, keys, lock, refresh, started)
@@ -568,10 +581,17 @@ class RedisBackend(Backend):
         """
         client = self._client()
         try:
-            if key is not None:
-                keys = self._keyed_keys(name, key)
-                await client.redis.delete(keys.value, keys.cool)
-                return
+            await self._reset_keyed(client, name, key)
+            # Processes that hold the key (or keys) forget it: see _listen_for_resets.
+            await client.redis.publish(self._resets, reset_message(name, key, self._me))
+        except RedisError as exc:
+            raise self._error("deleting keyed records", exc) from exc
+
+    async def _reset_keyed(self, client: _Client, name: str, key: str | None) -> None:
+        if key is not None:
+            keys = self._keyed_keys(name, key)
+            await client.redis.delete(keys.value, keys.cool)
+        else:
             # Every key's digest has 40 characters: a longer name that starts with this one
             # cannot match.
             prefix = self._keyed_prefix(name)
@@ -583,8 +603,41 @@ class RedisBackend(Backend):
                 if len(doomed) >= 500:
                     await self._unlink(client, doomed)
             await self._unlink(client, doomed)
-        except RedisError as exc:
-            raise self._error("deleting keyed records", exc) from exc
+
+    @property
+    def _resets(self) -> str:
+        return f"{self.namespace}:k:resets"  # the channel of keyed resets
+
+    def _listen_for_resets(self, client: _Client) -> None:
+        """Start this loop's listener for keyed resets, unless it runs."""
+        loop = asyncio.get_running_loop()
+        if loop in self._listeners:
+            return
+        # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
+        task = contextvars.Context().run(
+            loop.create_task, self._forget_resets(client), name="fastapi_once resets"
+        )
+        self._listeners[loop] = task
+        task.add_done_callback(lambda _: self._listeners.pop(loop, None))
+
+    async def _forget_resets(self, client: _Client) -> None:
+        """Forget keys other processes reset, until cancelled; reconnect after an outage."""
+        failures = 0
+        while True:
+            pubsub = client.redis.pubsub()
+            try:
+                await pubsub.subscribe(self._resets)
+                failures = 0
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None:
+                        await forget_reset(str(message["data"]), self._me)
+            except RedisError:
+                pass  # Redis went away: subscribe again, after a backoff
+            finally:
+                await _close_quietly(pubsub)
+            await anyio.sleep(backoff(failures, cap=5.0))
+            failures += 1
 
     async def _unlink(self, client: _Client, doomed: list[str]) -> None:
         # One key per command: a keyed record's keys are in their own cluster slot.

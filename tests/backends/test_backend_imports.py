@@ -53,6 +53,7 @@ def test_the_exported_names() -> None:
         "BackendError",
         "FileLockBackend",
         "LeaseLostError",
+        "OnceCoolingDownError",
         "PostgresBackend",
         "RedisBackend",
         "WaitTimeoutError",

@@ -175,6 +175,28 @@ def test_a_warm_key_is_served_from_memory_without_running_again(
     assert len(starts(log_of(spec, tmp_path), "a")) == 1
 
 
+def test_waiting_processes_are_woken_by_the_leaders_end_not_by_the_recheck(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """With recheck_interval=60 and wait_timeout=10, waiting processes still get the value (a
+    wait_timeout would fail them): the leader's success and failure both wake them."""
+    options = {"recheck_interval": 60, "wait_timeout": 10}
+    leader, *followers = fleet(3, sleep=1.0, backend=options, fail={"flaky": [1]})
+    log = log_of(spec, tmp_path)
+    leader.send({"call": ["k", "flaky"]})
+    wait_for(lambda: len(read_log(log)) >= 2, what="the leader to start both keys")
+    for follower in followers:
+        follower.send({"call": ["k", "flaky"]})
+    k, flaky = leader.reply()["results"]
+    assert ok(k[0])["run"] == 1
+    assert flaky[0]["error"] == "RuntimeError"
+    for follower in followers:
+        k, flaky = follower.reply()["results"]
+        assert ok(k[0])["run"] == 1
+        assert ok(flaky[0])["run"] == 2  # woken by the failure: one of them ran it again
+    assert (len(starts(log, "k")), len(starts(log, "flaky"))) == (1, 2)
+
+
 # --- faults ---------------------------------------------------------------------------------------
 
 
@@ -287,6 +309,39 @@ def test_resetting_one_key_makes_only_that_key_run_again_in_any_process(
     assert (ok(a[0])["run"], ok(b[0])["run"]) == (2, 1)
     log = log_of(spec, tmp_path)
     assert (len(starts(log, "a")), len(starts(log, "b"))) == (2, 1)
+
+
+def poll_run(process: Process, url: str, run: int) -> None:
+    """Call ``url`` in ``process`` until it returns the ``run``-th run (the reset reached it)."""
+    deadline = time.monotonic() + 15
+    while ok(process.call(url)[0][0])["run"] != run:
+        assert time.monotonic() < deadline, f"{url} was not forgotten in the live process"
+        time.sleep(0.05)
+
+
+def test_a_live_process_forgets_a_key_another_process_reset(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """A process holding a and b in memory is told of reset("a") elsewhere: its next call of a
+    runs it again (once), while b is still served from memory."""
+    holder, admin = fleet(2)
+    holder.call("a", "b")
+    admin.reset("a")
+    poll_run(holder, "a", 2)
+    assert ok(holder.call("b")[0][0])["run"] == 1
+    log = log_of(spec, tmp_path)
+    assert (len(starts(log, "a")), len(starts(log, "b"))) == (2, 1)
+
+
+def test_a_live_process_forgets_every_key_when_another_resets_the_whole_once(
+    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
+) -> None:
+    """reset() with no arguments elsewhere: the live process forgets every key of that once."""
+    holder, admin = fleet(2)
+    holder.call("a", "b")
+    admin.reset(None)
+    poll_run(holder, "a", 2)
+    poll_run(holder, "b", 2)
 
 
 def test_reset_without_arguments_clears_every_keys_record_of_the_once_only(
