@@ -79,6 +79,7 @@ _OUTAGE_ERRORS = (
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for the sequence's "_fence"
 _APPLICATION = "fastapi_once "  # application_name prefix: tells followers who holds a lock
+_IDLE = 8  # idle connections kept per event loop for keyed calls
 
 # libpq connection keywords and the asyncpg.connect() arguments they become.
 _KEYWORDS = {
@@ -139,7 +140,9 @@ class PostgresBackend(Backend):
     each leader's write deletes up to 100 expired rows, so the table holds about one ttl
     window of keys. Followers ``LISTEN`` on the key's channel, on which the leader's
     ``NOTIFY`` announces its end, and check again every ``recheck_interval`` seconds (a leader
-    that died announces nothing; its lock ends with its session)::
+    that died announces nothing; its lock ends with its session). Keyed calls reuse up to 8
+    connections per event loop that a finished call left holding nothing, where an unkeyed
+    call opens its own::
 
         CREATE TABLE fastapi_once_keyed (
             name text, key text, result text, made_at timestamptz, value_until timestamptz,
@@ -222,6 +225,10 @@ class PostgresBackend(Backend):
         # Per event loop, the task that listens for other processes' keyed resets; it ends
         # with its loop (or aclose) and then leaves this mapping.
         self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        # Per event loop, connections a keyed call left holding nothing, for the next keyed
+        # call (a connection per miss is slow: a server process and an authentication each).
+        # The loop's listener ends them when it ends.
+        self._idle: dict[asyncio.AbstractEventLoop, list[_Connection]] = {}
         self._me = secrets.token_hex(8)  # tells this backend's own reset messages apart
         digest = hashlib.sha256(self.table.encode()).hexdigest()[:24]
         self._resets = f"fastapi_once_{digest}_resets"  # the channel of keyed resets
@@ -232,11 +239,13 @@ class PostgresBackend(Backend):
 
     async def aclose(self) -> None:
         """Stop the running event loop's listener for keyed resets (it restarts on next use)."""
-        listener = self._listeners.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        listener = self._listeners.pop(loop, None)
         if listener is not None:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+        self._close_idle(loop)
 
     async def reset(self, name: str) -> None:
         """Delete ``name``'s marker row, so that the next :meth:`run_once` runs the work.
@@ -499,16 +508,16 @@ class PostgresBackend(Backend):
         started = time.monotonic()
         self._listen_for_resets()
         record = _KeyedRecord(self.table, name, key, shown, refresh)
-        conn = await self._connect()
+        conn, row = await self._keyed_first_read(record)
+        clean = False  # whether conn holds nothing (no lock, transaction or listener) at the end
         try:
-            with self._driver_errors("reading the record"):
-                await self._ensure_keyed(conn)
-                found = record.served(await conn.fetchrow(self._keyed_read, *record.read), False)
+            found = record.served(row, False)
             if found is None:
                 found, conn = await self._riding_outages(
                     conn, started, lambda c: self._keyed_acquire(c, record, started)
                 )
             if found is not None:
+                clean = True
                 return json.loads(found)
             with self._driver_errors("drawing a fencing token"):
                 fence = int(await conn.fetchval(f"SELECT nextval('{self._sequence}')"))
@@ -524,18 +533,57 @@ class PostgresBackend(Backend):
             with self._driver_errors("recording the result"):
                 # On the connection that holds the lock: if its session has died, nothing is
                 # recorded. NOTIFY is delivered when its transaction commits.
-                await conn.execute(self._keyed_upsert, name, key, text, ttl, holder_id())
-                await conn.execute("SELECT pg_notify($1, 'done')", record.channel)
+                await conn.execute(
+                    self._keyed_record, name, key, text, ttl, holder_id(), record.channel
+                )
                 await self._unlock(conn, record.lock)
-            with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
-                # Bounded work per write keeps the table near one ttl window of keys.
-                await conn.execute(self._keyed_prune)
+            clean = True
             return json.loads(text)
         except BaseException:
             conn.terminate()  # ends the session: rolls back and releases what it holds
             raise
         finally:
-            await _close(conn)
+            self._give_back(conn, clean)
+
+    async def _keyed_first_read(self, record: _KeyedRecord) -> tuple[_Connection, Any]:
+        """Read ``record`` on an idle connection of this loop's (or a new one, if none is, or
+        the idle one turns out broken); return the connection and the row."""
+        conn = self._take_idle()
+        if conn is not None:
+            try:
+                return conn, await conn.fetchrow(self._keyed_read, *record.read)
+            except _DRIVER_ERRORS:
+                conn.terminate()  # e.g. the server restarted since: connect anew
+        conn = await self._connect()
+        try:
+            with self._driver_errors("reading the record"):
+                await self._ensure_keyed(conn)
+                return conn, await conn.fetchrow(self._keyed_read, *record.read)
+        except BaseException:
+            conn.terminate()
+            raise
+
+    def _take_idle(self) -> _Connection | None:
+        idle = self._idle.get(asyncio.get_running_loop(), [])
+        while idle:
+            conn = idle.pop()
+            if not conn.is_closed():
+                return conn
+        return None
+
+    def _give_back(self, conn: _Connection, clean: bool) -> None:
+        """Keep a connection that holds nothing for the next keyed call of this loop (up to
+        ``_IDLE`` of them, while the loop's listener runs to close them); else end it."""
+        loop = asyncio.get_running_loop()
+        idle = self._idle.setdefault(loop, [])
+        if clean and loop in self._listeners and len(idle) < _IDLE and not conn.is_closed():
+            idle.append(conn)
+        else:
+            conn.terminate()
+
+    def _close_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        for conn in self._idle.pop(loop, []):
+            conn.terminate()
 
     async def _keyed_acquire(
         self, conn: _Connection, record: _KeyedRecord, started: float
@@ -653,6 +701,13 @@ class PostgresBackend(Backend):
         task.add_done_callback(lambda _: self._listeners.pop(loop, None))
 
     async def _forget_resets(self) -> None:
+        """Listen for resets (see :meth:`_listen`); on the way out, end the idle connections."""
+        try:
+            await self._listen()
+        finally:
+            self._close_idle(asyncio.get_running_loop())
+
+    async def _listen(self) -> None:
         """Forget keys other processes reset, until cancelled; reconnect after an outage.
 
         A dedicated connection LISTENs; every ``check_interval`` without a message it checks
@@ -721,15 +776,23 @@ class PostgresBackend(Backend):
         )
 
     @property
-    def _keyed_upsert(self) -> str:
+    def _keyed_record(self) -> str:
+        # One statement: delete up to 100 expired rows of other keys (bounded work per write
+        # keeps the table near one ttl window of keys), write this key's row, and NOTIFY its
+        # channel (delivered at commit). $1 name, $2 key, $3 result, $4 ttl, $5 by, $6 channel.
         return (
-            f"INSERT INTO {self._keyed} AS k (name, key, result, made_at, value_until, "
-            "expires_at, done_by) VALUES ($1, $2, $3, now(), "
+            f"WITH pruned AS (DELETE FROM {self._keyed} WHERE ctid = ANY(ARRAY("
+            f"SELECT ctid FROM {self._keyed} WHERE expires_at < now() "
+            "AND NOT (name = $1 AND key = $2) LIMIT 100 FOR UPDATE SKIP LOCKED))), "
+            f"written AS (INSERT INTO {self._keyed} AS k (name, key, result, made_at, "
+            "value_until, expires_at, done_by) VALUES ($1, $2, $3, now(), "
             "now() + make_interval(secs => $4::float8), "
             "now() + make_interval(secs => $4::float8), $5) "
             "ON CONFLICT (name, key) DO UPDATE SET result = EXCLUDED.result, "
             "made_at = EXCLUDED.made_at, value_until = EXCLUDED.value_until, "
-            "cool_until = NULL, expires_at = EXCLUDED.expires_at, done_by = EXCLUDED.done_by"
+            "cool_until = NULL, expires_at = EXCLUDED.expires_at, done_by = EXCLUDED.done_by "
+            "RETURNING 1) "
+            "SELECT pg_notify($6, 'done') FROM written"
         )
 
     @property
@@ -741,14 +804,6 @@ class PostgresBackend(Backend):
             "ON CONFLICT (name, key) DO UPDATE SET cool_until = EXCLUDED.cool_until, "
             "expires_at = greatest(k.expires_at, EXCLUDED.expires_at), "
             "done_by = EXCLUDED.done_by"
-        )
-
-    @property
-    def _keyed_prune(self) -> str:
-        return (
-            f"DELETE FROM {self._keyed} WHERE ctid = ANY(ARRAY("
-            f"SELECT ctid FROM {self._keyed} WHERE expires_at < now() "
-            "LIMIT 100 FOR UPDATE SKIP LOCKED))"
         )
 
     async def _connect(self) -> _Connection:
