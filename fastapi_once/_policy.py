@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from ._errors import OnceTimeoutError
+from ._errors import OnceCoolingDownError, OnceTimeoutError
 from ._telemetry import error_type, fields
 
 logger = logging.getLogger("fastapi_once")
@@ -100,10 +100,13 @@ class Policy:
     def cooldown_until(self, now: float, error: BaseException) -> float | None:
         """Until when calls fail fast with ``error`` (or a failed refresh waits), if at all.
 
-        Only ordinary failures cool down; a cancellation or ``KeyboardInterrupt`` does not.
+        Only ordinary failures cool down; a cancellation or ``KeyboardInterrupt`` does not. A
+        failure another process recorded for a keyed value cools down until its cooldown ends.
         """
         if self.cooldown is None or not isinstance(error, Exception):
             return None
+        if isinstance(error, OnceCoolingDownError):  # another process's cooldown: its end
+            return now + min(self.cooldown, error.seconds_left)
         return now + self.cooldown
 
     def delay(self, retry: int) -> float:

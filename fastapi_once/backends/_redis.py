@@ -486,9 +486,11 @@ class RedisBackend(Backend):
                 )
             except RedisError as exc:
                 raise self._error(f"recording the result of {shown}", exc) from exc
+        except (BackendError, LeaseLostError):
+            await self._keyed_release(client, keys, lock, None)  # not the work's failure
+            raise
         except Exception:
-            # A failure of the leader's own (not a lost lease: the lock is not ours then).
-            await self._keyed_release(client, keys, lock, cooldown)
+            await self._keyed_release(client, keys, lock, cooldown)  # the work failed
             raise
         except BaseException:
             await self._keyed_release(client, keys, lock, None)
@@ -518,6 +520,7 @@ class RedisBackend(Backend):
         args: list[int | str] = [lock.value, _ms(self.lease), refresh_ms]
         pubsub: Any = None
         failures = 0
+        reached = False  # unreachable at the first contact: fail at once, as run_once does
         try:
             while True:
                 sent = time.monotonic()
@@ -525,6 +528,7 @@ class RedisBackend(Backend):
                     status, data, *_ = await client.keyed_acquire(
                         keys=[keys.value, keys.lock, keys.cool], args=args
                     )
+                    reached = True
                     if status == 1:
                         return str(data)
                     if status == 2:
@@ -547,6 +551,8 @@ class RedisBackend(Backend):
                         await _close_quietly(pubsub)
                         pubsub = None
                     left = time_left(self.wait_timeout, time.monotonic() - started)
+                    if not reached:
+                        raise self._error(f"reading the record of {name}", exc) from exc
                     if left <= 0:
                         raise self._error(f"waiting for {name} (unreachable)", exc) from exc
                     await anyio.sleep(min(backoff(failures), left))

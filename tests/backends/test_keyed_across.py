@@ -181,3 +181,13 @@ async def test_a_key_whose_text_differs_between_processes_is_refused(anyio_backe
         await stuff(frozenset({"a"}))
     assert await stuff(("a", 1, None, b"x", 2.5, True)) == "x"
     assert backend.calls[0]["key"].startswith(key_digest(("a", 1, None, b"x", 2.5, True)))
+
+
+def test_a_cooldown_read_from_another_process_ends_with_it_here_too() -> None:
+    """OnceCoolingDownError with 2 s left fails calls fast for 2 s here, not a whole cooldown."""
+    from fastapi_once._policy import Policy
+    from fastapi_once.backends import OnceCoolingDownError
+
+    policy = Policy(cooldown=30)
+    assert policy.cooldown_until(100.0, OnceCoolingDownError("t[#1]", 2.0)) == 102.0
+    assert policy.cooldown_until(100.0, RuntimeError("own failure")) == 130.0

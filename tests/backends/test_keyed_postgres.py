@@ -67,3 +67,15 @@ async def test_an_idle_connection_broken_by_a_server_restart_is_replaced(
     private_postgres.restart()
     assert await stuff("/b") == "/b"
     await backend.aclose()
+
+
+async def test_a_keyed_once_takes_the_backend_as_a_url(postgres_server: PostgresServer) -> None:
+    """across="postgresql://..." builds the backend at first use, keyed as with an object."""
+
+    async def get_stuff(url: str) -> dict[str, str]:
+        return {"url": url}
+
+    name = "t.pg.url." + secrets.token_hex(4)
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, across=postgres_server.dsn, name=name)
+    assert await stuff("/a") == {"url": "/a"}
+    assert await stuff("/b") == {"url": "/b"}
