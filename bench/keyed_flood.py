@@ -78,6 +78,10 @@ async def flood(
         "rss_max_mib": round(max(s[1] for s in samples) / 1024, 1) if samples else None,
         "store_largest": largest,
         "store_final": await size(),
+        # (seconds, RSS MiB, store size) about every tenth of the run
+        "samples": [
+            (t, round(rss / 1024, 1), n) for t, rss, n in samples[:: max(1, len(samples) // 10)]
+        ],
         "in_process_values": sum((stuff.status().keys or {}).values()),
     }
     await backend.aclose()
