@@ -519,8 +519,10 @@ class RedisBackend(Backend):
     ) -> str | None:
         """Return the record to serve, or None as leader (``lock`` then holds the token).
 
-        A follower registers with this loop's listener (see :meth:`_listen`), checks again
-        once the listener is subscribed (the leader may have ended before), and waits to be
+        At most 8 checks of one loop run at once (each on a pooled connection
+        for the call only), so followers woken together share a few connections. A follower
+        registers with this loop's listener (see :meth:`_listen`), checks again once the
+        listener is subscribed (the leader may have ended before), and waits to be
         woken or for ``recheck_interval``, holding no connection meanwhile. Redis going away
         while waiting is ridden out with backoff until ``wait_timeout``.
         """
@@ -535,9 +537,10 @@ class RedisBackend(Backend):
                 if woken is not None:
                     woken.clear()  # before the check: a wake-up after it is kept
                 try:
-                    status, data, *_ = await client.keyed_acquire(
-                        keys=[keys.value, keys.lock, keys.cool], args=args
-                    )
+                    async with wakeups.gate:
+                        status, data, *_ = await client.keyed_acquire(
+                            keys=[keys.value, keys.lock, keys.cool], args=args
+                        )
                     reached = True
                     if status == 1:
                         return str(data)

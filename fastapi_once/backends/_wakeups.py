@@ -13,6 +13,10 @@ from collections.abc import Iterator
 
 import anyio
 
+# Keyed reads one event loop runs at once, each on a connection borrowed for the read only:
+# followers woken together share a few connections rather than opening one each.
+READS_AT_ONCE = 8
+
 
 class Wakeups:
     """The followers of one event loop waiting on keyed records, by record.
@@ -27,6 +31,8 @@ class Wakeups:
         # Set while the listener is subscribed: a notification sent after a follower saw it
         # set reaches the follower (or, if the listener reconnects meanwhile, wake_all does).
         self.listening = asyncio.Event()
+        # Bounds the loop's keyed reads in flight (see READS_AT_ONCE).
+        self.gate = asyncio.Semaphore(READS_AT_ONCE)
 
     @contextlib.contextmanager
     def waiter(self, record: str) -> Iterator[asyncio.Event]:
