@@ -47,7 +47,7 @@ def _answers(port: int) -> bool:
         connection.close()
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
     """CPU time (user + system) the process has used so far, where /proc tells it."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -161,9 +161,9 @@ def run(config: Config, loadgen: str = "auto") -> dict[str, Any]:
         for round_ in range(config.http_rounds):
             order = list(ROUTES) if round_ % 2 == 0 else list(reversed(ROUTES))
             for cid in order:
-                cpu_before = _cpu_seconds(pid)
+                cpu_before = cpu_seconds(pid)
                 result = measure(urls[cid], config.http_seconds, config.http_connections)
-                cpu_after = _cpu_seconds(pid)
+                cpu_after = cpu_seconds(pid)
                 rps[cid].append(result["rps"])
                 if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before:
                     served = result["rps"] * result["seconds"]

@@ -38,7 +38,8 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _version(package: str) -> str:
+def version(package: str) -> str:
+    """The installed version of ``package``, or ``not installed``."""
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -88,7 +89,7 @@ def environment(argv: list[str]) -> dict[str, Any]:
         },
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "executable": sys.executable,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: version(name) for name in PACKAGES},
     }
 
 

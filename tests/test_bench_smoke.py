@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,69 @@ def test_smoke_run_writes_every_scenario_and_contender(tmp_path: Path) -> None:
     assert all({"target", "measured", "met"} <= t.keys() for t in results["targets"])
     assert (tmp_path / "results.md").read_text().startswith("# fastapi_once benchmarks")
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+FLEET_PACKAGES = ("uvicorn", "cashews", "aiocache")
+
+
+@pytest.fixture
+def fleet_packages() -> None:
+    """Skip unless the peers that bench.fleet measures are installed."""
+    missing = [name for name in FLEET_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"bench.fleet needs {', '.join(missing)}: pip install -e . --group bench")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("fleet_packages")
+def test_fleet_smoke_run_fetches_each_url_once_per_worker_alone_and_once_across(
+    tmp_path: Path,
+) -> None:
+    """``python -m bench.fleet`` at tiny sizes: a URL is fetched once a worker, or once across."""
+    workers, requests, urls = 2, 20, 5
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.fleet", "--workers", str(workers)),
+            *("--requests", str(requests), "--urls", str(urls), "--rounds", "1"),
+            *("--out", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        timeout=50,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "fleet.json").read_text())
+    measured, refused = results["contenders"], results["not_available"]
+    assert set(measured) | set(refused) == {
+        "once",
+        "once_redis",
+        "once_postgres",
+        "cashews",
+        "aiocache",
+        "aiocache_stampede",
+    }
+    # Each worker asks for every URL: without across=, each process fetches each URL once.
+    alone = measured["once"]
+    assert alone["fetches"] == workers * urls
+    assert alone["runs"][0]["urls_fetched"] == urls
+    assert alone["most_fetches_of_a_url"] == workers
+    assert alone["most_values_of_a_url"] == workers
+    assert alone["errors"] == 0
+    missing = results["servers_missing"]
+    for contender, server in (("once_redis", "redis"), ("once_postgres", "postgres")):
+        if server in missing:
+            continue
+        assert contender in measured, refused[contender]["why"]
+        # Across every worker: one fetch per URL, and every request served that one value.
+        assert measured[contender]["fetches"] == urls, contender
+        assert measured[contender]["most_values_of_a_url"] == 1, contender
+        assert measured[contender]["errors"] == 0, contender
+    for c in measured.values():
+        assert c["runs"][0]["urls_fetched"] == urls, c["label"]
+    assert (tmp_path / "fleet.md").read_text().count("\n| ") == len(measured) + len(refused) + 1
+    if missing:
+        message = "; ".join(f"{server}: {why}" for server, why in missing.items())
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"bench.fleet ran without a server: {message}", pytrace=False)
+        pytest.skip(f"bench.fleet ran without a server: {message}")

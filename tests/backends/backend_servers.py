@@ -134,6 +134,8 @@ class PostgresServer:
     password: str
     user: dict[str, Any]
     proc: subprocess.Popen[bytes] | None = None
+    # Server settings beyond the suite's own (``-c name=value``), e.g. max_connections.
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def dsn(self) -> str:
@@ -149,6 +151,11 @@ class PostgresServer:
                     *("-k", str(self.directory), "-c", "listen_addresses=127.0.0.1"),
                     *("-c", "fsync=off", "-c", "synchronous_commit=off"),
                     *("-c", "full_page_writes=off"),
+                    *(
+                        arg
+                        for name, value in self.settings.items()
+                        for arg in ("-c", f"{name}={value}")
+                    ),
                 ],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -186,8 +193,11 @@ class PostgresServer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_postgres() -> PostgresServer:
-    """initdb and start a PostgreSQL server in a temp dir, as the postgres user if we are root."""
+def start_postgres(**settings: str) -> PostgresServer:
+    """initdb and start a PostgreSQL server in a temp dir, as the postgres user if we are root.
+
+    ``settings`` are server settings for its command line (``max_connections="1000"``).
+    """
     try:
         import asyncpg  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
@@ -220,7 +230,7 @@ def start_postgres() -> PostgresServer:
         cwd=directory,
         **user,
     )
-    server = PostgresServer(directory, bindir, free_port(), password, user)
+    server = PostgresServer(directory, bindir, free_port(), password, user, settings=settings)
     server.start()
     return server
 
