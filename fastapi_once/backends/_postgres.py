@@ -601,7 +601,9 @@ class PostgresBackend(Backend):
                     failures = 0
                 except BackendError as exc:
                     cause = exc.__cause__
-                    if not reached or not isinstance(cause, _OUTAGE_ERRORS):
+                    # A server that is full now (max_connections) is waited out, as an outage.
+                    full = isinstance(cause, asyncpg.exceptions.TooManyConnectionsError)
+                    if not full and (not reached or not isinstance(cause, _OUTAGE_ERRORS)):
                         raise
                     left = time_left(self.wait_timeout, time.monotonic() - started)
                     if left <= 0:
@@ -619,11 +621,7 @@ class PostgresBackend(Backend):
         Raises:
             BackendError: the database could not be reached or refused the query.
         """
-        loop = asyncio.get_running_loop()
-        gate = self._gates.get(loop)
-        if gate is None:
-            gate = self._gates[loop] = asyncio.Semaphore(_IDLE)
-        async with gate:
+        async with self._gate():
             conn = self._take_idle()
             if conn is not None:
                 try:
@@ -646,6 +644,14 @@ class PostgresBackend(Backend):
                 raise
             self._give_back(conn, True)
             return result
+
+    def _gate(self) -> asyncio.Semaphore:
+        """The running loop's gate of keyed reads and lock attempts (``_IDLE`` at once)."""
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates[loop] = asyncio.Semaphore(_IDLE)
+        return gate
 
     def _take_idle(self) -> _Connection | None:
         idle = self._idle.get(asyncio.get_running_loop(), [])
@@ -672,8 +678,17 @@ class PostgresBackend(Backend):
     async def _keyed_try_lock(self, record: _KeyedRecord) -> tuple[str | None, _Connection | None]:
         """Try the key's lock on a connection of the caller's own: return (None, it) holding
         the lock to lead, (the result, None) if the last holder recorded one, or (None, None)
-        if another process holds the lock."""
-        conn = self._take_idle() or await self._connect()
+        if another process holds the lock.
+
+        Through the loop's gate, as reads are: a burst of cold keys opens a few connections
+        per process, not one per key; only a leader keeps its connection afterwards.
+        """
+        async with self._gate():
+            return await self._keyed_try_lock_on(record, self._take_idle() or await self._connect())
+
+    async def _keyed_try_lock_on(
+        self, record: _KeyedRecord, conn: _Connection
+    ) -> tuple[str | None, _Connection | None]:
         try:
             with self._driver_errors("taking the lock"):
                 await self._ensure_keyed(conn)
