@@ -14,7 +14,7 @@ during the load. Rounds rotate the contenders' order; the medians over rounds ar
 their spread.
 
 It starts its own redis-server and PostgreSQL on 127.0.0.1 as the test suite does (PostgreSQL
-with ``--pg-max-connections``, 1,000); a contender whose server, library or option is missing,
+with ``--pg-max-connections``, 100); a contender whose server, library or option is missing,
 or whose workers fail their first request, is reported as not available, saying why. Prints a
 table and writes ``bench/results/fleet.{json,md}``. Needs the ``bench`` and ``test`` groups.
 """
@@ -401,9 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pg-max-connections",
         type=int,
-        default=1000,
-        help="the PostgreSQL server's max_connections (its default, 100, is too few for keyed "
-        "across= with 100 keys in flight in each of 8 workers)",
+        default=100,
+        help="the PostgreSQL server's max_connections (default 100, the server's own default)",
     )
     parser.add_argument("--only", action="append", choices=list(CONTENDERS))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")

@@ -11,7 +11,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import anyio
 
@@ -32,6 +32,7 @@ from ._base import (
     time_left,
 )
 from ._codec import encode_json
+from ._wakeups import Wakeups
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -79,7 +80,8 @@ _OUTAGE_ERRORS = (
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for the sequence's "_fence"
 _APPLICATION = "fastapi_once "  # application_name prefix: tells followers who holds a lock
-_IDLE = 8  # idle connections kept per event loop for keyed calls
+_IDLE = 8  # idle connections kept per event loop for keyed calls, and keyed reads at once
+_T = TypeVar("_T")
 
 # libpq connection keywords and the asyncpg.connect() arguments they become.
 _KEYWORDS = {
@@ -138,11 +140,14 @@ class PostgresBackend(Backend):
     40-digit digest (never the key's text), under an advisory lock of its own. A row holds the
     result until ``value_until`` (``ttl``), or a failure's cooldown until ``cool_until``;
     each leader's write deletes up to 100 expired rows, so the table holds about one ttl
-    window of keys. Followers ``LISTEN`` on the key's channel, on which the leader's
-    ``NOTIFY`` announces its end, and check again every ``recheck_interval`` seconds (a leader
-    that died announces nothing; its lock ends with its session). Keyed calls reuse up to 8
-    connections per event loop that a finished call left holding nothing, where an unkeyed
-    call opens its own::
+    window of keys. The leader's ``NOTIFY`` on the channel ``fastapi_once_<digest>_keyed``
+    (one per table), naming the record by a digest, announces its end. Followers hold no
+    connection while they wait: one connection per process and event loop ``LISTEN``s on it
+    (and on keyed resets) and wakes them; they check again every ``recheck_interval`` seconds
+    (a leader that died announces nothing; its lock ends with its session). Keyed reads
+    borrow one of up to 8 connections per event loop for the query only (at most 8 at once);
+    a leader holds its own connection, for its lock, while it works. An unkeyed call opens
+    its own::
 
         CREATE TABLE fastapi_once_keyed (
             name text, key text, result text, made_at timestamptz, value_until timestamptz,
@@ -229,9 +234,17 @@ class PostgresBackend(Backend):
         # call (a connection per miss is slow: a server process and an authentication each).
         # The loop's listener ends them when it ends.
         self._idle: dict[asyncio.AbstractEventLoop, list[_Connection]] = {}
+        # Per event loop: the keyed followers waiting for the loop's listener to wake them, and
+        # the gate that bounds the keyed reads in flight (each on a connection borrowed for
+        # the query only) to _IDLE. Only the loop's thread touches its entries; they leave
+        # with the listener.
+        self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
+        self._gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._me = secrets.token_hex(8)  # tells this backend's own reset messages apart
         digest = hashlib.sha256(self.table.encode()).hexdigest()[:24]
         self._resets = f"fastapi_once_{digest}_resets"  # the channel of keyed resets
+        # The channel of every keyed leader's end; the payload names the record.
+        self._ends = f"fastapi_once_{digest}_keyed"
 
     def describe(self) -> str:
         """Return ``PostgresBackend(<dsn with the password masked>, table=..., lock=...)``."""
@@ -483,7 +496,7 @@ class PostgresBackend(Backend):
 
         One query serves a recorded value (or says a failure cools down). Otherwise the key's
         advisory lock is tried; as leader, ``work`` runs, its result is recorded for ``ttl``
-        seconds and the followers, listening on the key's channel, are notified.
+        seconds and the followers, woken by this loop's listener, are notified.
 
         Args:
             name: the once's name.
@@ -506,19 +519,13 @@ class PostgresBackend(Backend):
         ttl = seconds("ttl", ttl)
         shown = f"{name}[#{key[:8]}]"  # as logs name the key
         started = time.monotonic()
-        self._listen_for_resets()
+        wakeups = self._listen_for_resets()
         record = _KeyedRecord(self.table, name, key, shown, refresh)
-        conn, row = await self._keyed_first_read(record)
-        clean = False  # whether conn holds nothing (no lock, transaction or listener) at the end
+        found, conn = await self._keyed_acquire(record, wakeups, started)
+        if conn is None:
+            return json.loads(cast(str, found))
+        clean = False  # whether conn holds nothing (no lock or transaction) at the end
         try:
-            found = record.served(row, False)
-            if found is None:
-                found, conn = await self._riding_outages(
-                    conn, started, lambda c: self._keyed_acquire(c, record, started)
-                )
-            if found is not None:
-                clean = True
-                return json.loads(found)
             with self._driver_errors("drawing a fencing token"):
                 fence = int(await conn.fetchval(f"SELECT nextval('{self._sequence}')"))
             try:
@@ -545,23 +552,106 @@ class PostgresBackend(Backend):
         finally:
             self._give_back(conn, clean)
 
-    async def _keyed_first_read(self, record: _KeyedRecord) -> tuple[_Connection, Any]:
-        """Read ``record`` on an idle connection of this loop's (or a new one, if none is, or
-        the idle one turns out broken); return the connection and the row."""
-        conn = self._take_idle()
-        if conn is not None:
+    async def _keyed_acquire(
+        self, record: _KeyedRecord, wakeups: Wakeups, started: float
+    ) -> tuple[str | None, _Connection | None]:
+        """Return (the result to serve, None), or (None, a connection holding the key's lock).
+
+        Each read borrows a connection for the query only. While another process leads, a
+        follower registers with this loop's listener (see :meth:`_listen`), reads again once
+        the listener is subscribed (the leader may have ended before), and waits to be woken
+        or for ``recheck_interval``, holding no connection. A server gone away while waiting
+        is ridden out with backoff until ``wait_timeout``; unreachable at the first contact,
+        it fails at once.
+        """
+        failures = 0
+        reached = False
+        with contextlib.ExitStack() as stack:
+            woken: asyncio.Event | None = None
+            while True:
+                if woken is not None:
+                    woken.clear()  # before the read: a wake-up after it is kept
+                try:
+                    row = await self._borrowed(
+                        "reading the record",
+                        lambda c: c.fetchrow(self._keyed_peek, *record.read, record.lock),
+                    )
+                    reached = True
+                    # A result due for refresh is served while another process refreshes it.
+                    found = record.served(row, not row["free"])
+                    if found is not None:
+                        return found, None
+                    if row["free"]:
+                        found, conn = await self._keyed_try_lock(record)
+                        if found is not None or conn is not None:
+                            return found, conn
+                        # Another process took the lock first: follow it.
+                    waited = time.monotonic() - started
+                    if self.wait_timeout is not None and waited >= self.wait_timeout:
+                        holder = await self._borrowed(
+                            "naming the leader", lambda c: self._holder(c, record.lock)
+                        )
+                        raise WaitTimeoutError(record.shown, self.describe(), waited, holder)
+                    left = time_left(self.wait_timeout, waited)
+                    if woken is None:
+                        woken = stack.enter_context(wakeups.waiter(record.channel))
+                        await wakeups.until_listening(min(self.recheck_interval, left))
+                        continue
+                    await Wakeups.woken(woken, min(self.recheck_interval, left))
+                    failures = 0
+                except BackendError as exc:
+                    cause = exc.__cause__
+                    # A server that is full now (max_connections) is waited out, as an outage.
+                    full = isinstance(cause, asyncpg.exceptions.TooManyConnectionsError)
+                    if not full and (not reached or not isinstance(cause, _OUTAGE_ERRORS)):
+                        raise
+                    left = time_left(self.wait_timeout, time.monotonic() - started)
+                    if left <= 0:
+                        raise
+                    await anyio.sleep(min(backoff(failures), left))
+                    failures += 1
+
+    async def _borrowed(self, doing: str, query: Callable[[_Connection], Awaitable[_T]]) -> _T:
+        """Run ``query`` on an idle connection of this loop's (or a new one, if none is, or the
+        idle one turns out broken), and keep the connection idle again afterwards.
+
+        At most ``_IDLE`` such queries of one loop run at once: followers woken together
+        share a few connections rather than opening one each.
+
+        Raises:
+            BackendError: the database could not be reached or refused the query.
+        """
+        async with self._gate():
+            conn = self._take_idle()
+            if conn is not None:
+                try:
+                    result = await query(conn)
+                except _DRIVER_ERRORS:
+                    conn.terminate()  # e.g. the server restarted since: connect anew
+                except BaseException:
+                    conn.terminate()
+                    raise
+                else:
+                    self._give_back(conn, True)
+                    return result
+            conn = await self._connect()
             try:
-                return conn, await conn.fetchrow(self._keyed_read, *record.read)
-            except _DRIVER_ERRORS:
-                conn.terminate()  # e.g. the server restarted since: connect anew
-        conn = await self._connect()
-        try:
-            with self._driver_errors("reading the record"):
-                await self._ensure_keyed(conn)
-                return conn, await conn.fetchrow(self._keyed_read, *record.read)
-        except BaseException:
-            conn.terminate()
-            raise
+                with self._driver_errors(doing):
+                    await self._ensure_keyed(conn)
+                    result = await query(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+            self._give_back(conn, True)
+            return result
+
+    def _gate(self) -> asyncio.Semaphore:
+        """The running loop's gate of keyed reads and lock attempts (``_IDLE`` at once)."""
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates[loop] = asyncio.Semaphore(_IDLE)
+        return gate
 
     def _take_idle(self) -> _Connection | None:
         idle = self._idle.get(asyncio.get_running_loop(), [])
@@ -585,19 +675,35 @@ class PostgresBackend(Backend):
         for conn in self._idle.pop(loop, []):
             conn.terminate()
 
-    async def _keyed_acquire(
-        self, conn: _Connection, record: _KeyedRecord, started: float
-    ) -> str | None:
-        """Return the result to serve, or None once ``conn`` holds the key's lock to lead."""
-        while True:
-            if self.lock == "session":
-                leading = await conn.fetchval("SELECT pg_try_advisory_lock($1)", record.lock)
-            else:
-                await conn.execute("BEGIN")
-                leading = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", record.lock)
+    async def _keyed_try_lock(self, record: _KeyedRecord) -> tuple[str | None, _Connection | None]:
+        """Try the key's lock on a connection of the caller's own: return (None, it) holding
+        the lock to lead, (the result, None) if the last holder recorded one, or (None, None)
+        if another process holds the lock.
+
+        Through the loop's gate, as reads are: a burst of cold keys opens a few connections
+        per process, not one per key; only a leader keeps its connection afterwards.
+        """
+        async with self._gate():
+            return await self._keyed_try_lock_on(record, self._take_idle() or await self._connect())
+
+    async def _keyed_try_lock_on(
+        self, record: _KeyedRecord, conn: _Connection
+    ) -> tuple[str | None, _Connection | None]:
+        try:
+            with self._driver_errors("taking the lock"):
+                await self._ensure_keyed(conn)
+                if self.lock == "session":
+                    leading = await conn.fetchval("SELECT pg_try_advisory_lock($1)", record.lock)
+                else:
+                    await conn.execute("BEGIN")
+                    leading = await conn.fetchval(
+                        "SELECT pg_try_advisory_xact_lock($1)", record.lock
+                    )
+                    if not leading:
+                        await conn.execute("ROLLBACK")
                 if not leading:
-                    await conn.execute("ROLLBACK")
-            if leading:
+                    self._give_back(conn, True)
+                    return None, None
                 # A statement after taking the lock sees what the last holder committed.
                 try:
                     found = record.served(
@@ -605,46 +711,18 @@ class PostgresBackend(Backend):
                     )
                 except OnceCoolingDownError:
                     await self._unlock(conn, record.lock)
+                    self._give_back(conn, True)
                     raise
-                if found is not None:
-                    await self._unlock(conn, record.lock)
-                return found
-            found = await self._keyed_follow(conn, record, started)
-            if found is not None:
-                return found
-            # No result and no leader: it failed or died; race the other followers to lead.
-
-    async def _keyed_follow(
-        self, conn: _Connection, record: _KeyedRecord, started: float
-    ) -> str | None:
-        """Wait for the leader's notification (or ``recheck_interval``); return the result,
-        or None when no one holds the lock and there is none."""
-        woken = asyncio.Event()
-
-        def wake(*_: object) -> None:
-            woken.set()
-
-        await conn.add_listener(record.channel, wake)
-        try:
-            while True:
-                woken.clear()
-                row = await conn.fetchrow(self._keyed_peek, *record.read, record.lock)
-                found = record.served(row, True)
-                if found is not None:
-                    return found
-                if row["free"]:
-                    return None
-                waited = time.monotonic() - started
-                if self.wait_timeout is not None and waited >= self.wait_timeout:
-                    holder = await self._holder(conn, record.lock)
-                    raise WaitTimeoutError(record.shown, self.describe(), waited, holder)
-                with anyio.move_on_after(
-                    min(self.recheck_interval, time_left(self.wait_timeout, waited))
-                ):
-                    await woken.wait()
-        finally:
-            with anyio.CancelScope(shield=True), contextlib.suppress(*_DRIVER_ERRORS):
-                await conn.remove_listener(record.channel, wake)
+                if found is None:
+                    return None, conn
+                await self._unlock(conn, record.lock)
+        except OnceCoolingDownError:
+            raise  # the connection is back, holding nothing
+        except BaseException:
+            conn.terminate()  # ends the session: releases the lock if it was taken
+            raise
+        self._give_back(conn, True)
+        return found, None
 
     async def _keyed_failed(
         self, conn: _Connection, record: _KeyedRecord, cooldown: float | None
@@ -657,8 +735,13 @@ class PostgresBackend(Backend):
         ):
             if cooldown is not None:
                 await conn.execute(self._keyed_cool, record.name, record.key, cooldown, holder_id())
-            await conn.execute("SELECT pg_notify($1, 'failed')", record.channel)
-            await self._unlock(conn, record.lock)
+            # The followers woken must find the lock free: in session mode it is released
+            # first; in transaction mode the NOTIFY is delivered by the COMMIT that releases it.
+            if self.lock == "session":
+                await self._unlock(conn, record.lock)
+            await conn.execute("SELECT pg_notify($1, $2)", self._ends, record.channel)
+            if self.lock != "session":
+                await self._unlock(conn, record.lock)
 
     async def _unlock(self, conn: _Connection, key: int) -> None:
         if self.lock == "session":
@@ -688,52 +771,78 @@ class PostgresBackend(Backend):
         finally:
             await _close(conn)
 
-    def _listen_for_resets(self) -> None:
-        """Start this loop's listener for keyed resets, unless it runs."""
+    def _listen_for_resets(self) -> Wakeups:
+        """Start this loop's listener (keyed resets and keyed leaders' ends) unless it runs;
+        return the loop's waiting followers."""
         loop = asyncio.get_running_loop()
-        if loop in self._listeners:
-            return
+        wakeups = self._wakeups.get(loop)
+        if wakeups is not None and loop in self._listeners:
+            return wakeups
+        wakeups = self._wakeups[loop] = Wakeups()
         # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
         task = contextvars.Context().run(
-            loop.create_task, self._forget_resets(), name="fastapi_once resets"
+            loop.create_task, self._forget_resets(wakeups), name="fastapi_once listener"
         )
         self._listeners[loop] = task
-        task.add_done_callback(lambda _: self._listeners.pop(loop, None))
 
-    async def _forget_resets(self) -> None:
-        """Listen for resets (see :meth:`_listen`); on the way out, end the idle connections."""
+        def ended(_: object) -> None:
+            self._listeners.pop(loop, None)
+            if self._wakeups.get(loop) is wakeups:
+                del self._wakeups[loop]
+            wakeups.listening.clear()
+            wakeups.wake_all()  # they check on their own from now on
+
+        task.add_done_callback(ended)
+        return wakeups
+
+    async def _forget_resets(self, wakeups: Wakeups) -> None:
+        """Listen (see :meth:`_listen`); on the way out, end the idle connections."""
         try:
-            await self._listen()
+            await self._listen(wakeups)
         finally:
-            self._close_idle(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            self._close_idle(loop)
+            self._gates.pop(loop, None)
 
-    async def _listen(self) -> None:
-        """Forget keys other processes reset, until cancelled; reconnect after an outage.
+    async def _listen(self, wakeups: Wakeups) -> None:
+        """Until cancelled, on one connection: forget keys other processes reset, and wake this
+        loop's followers of a keyed record when its leader NOTIFYs its end.
 
-        A dedicated connection LISTENs; every ``check_interval`` without a message it checks
-        that its session is alive (a dead one receives nothing).
+        The connection LISTENs on both channels; every ``check_interval`` without a message it
+        checks that its session is alive (a dead one receives nothing). After an outage it
+        listens again, with backoff, and then wakes every follower to check again (what was
+        announced meanwhile was missed).
         """
         failures = 0
         while True:
             conn: _Connection | None = None
             try:
                 conn = await self._connect()
-                messages: asyncio.Queue[str] = asyncio.Queue()
-                await conn.add_listener(
-                    self._resets, lambda *args, queue=messages: queue.put_nowait(args[3])
-                )
+                messages: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+
+                def heard(*args: Any, queue: asyncio.Queue[tuple[str, str]] = messages) -> None:
+                    queue.put_nowait((str(args[2]), str(args[3])))  # channel, payload
+
+                await conn.add_listener(self._resets, heard)
+                await conn.add_listener(self._ends, heard)
+                # LISTEN has taken effect: a NOTIFY committed from here on reaches this loop.
                 failures = 0
+                wakeups.listening.set()
+                wakeups.wake_all()
                 while True:
-                    message: str | None = None
+                    message: tuple[str, str] | None = None
                     with anyio.move_on_after(self.check_interval):
                         message = await messages.get()
                     if message is None:
                         await conn.fetchval("SELECT 1", timeout=self.check_interval)
+                    elif message[0] == self._ends:
+                        wakeups.wake(message[1])
                     else:
-                        await forget_reset(message, self._me)
+                        await forget_reset(message[1], self._me)
             except (*_DRIVER_ERRORS, BackendError):
                 pass  # the server went away: listen again, after a backoff
             finally:
+                wakeups.listening.clear()
                 if conn is not None:
                     conn.terminate()
             await anyio.sleep(backoff(failures, cap=5.0))
@@ -778,8 +887,9 @@ class PostgresBackend(Backend):
     @property
     def _keyed_record(self) -> str:
         # One statement: delete up to 100 expired rows of other keys (bounded work per write
-        # keeps the table near one ttl window of keys), write this key's row, and NOTIFY its
-        # channel (delivered at commit). $1 name, $2 key, $3 result, $4 ttl, $5 by, $6 channel.
+        # keeps the table near one ttl window of keys), write this key's row, and NOTIFY the
+        # keyed channel naming the record (delivered at commit). $1 name, $2 key, $3 result,
+        # $4 ttl, $5 by, $6 the record's name in notifications.
         return (
             f"WITH pruned AS (DELETE FROM {self._keyed} WHERE ctid = ANY(ARRAY("
             f"SELECT ctid FROM {self._keyed} WHERE expires_at < now() "
@@ -792,7 +902,7 @@ class PostgresBackend(Backend):
             "made_at = EXCLUDED.made_at, value_until = EXCLUDED.value_until, "
             "cool_until = NULL, expires_at = EXCLUDED.expires_at, done_by = EXCLUDED.done_by "
             "RETURNING 1) "
-            "SELECT pg_notify($6, 'done') FROM written"
+            f"SELECT pg_notify('{self._ends}', $6) FROM written"
         )
 
     @property
@@ -886,7 +996,7 @@ class _KeyedRecord:
         self.read = (name, key, refresh)  # the arguments of _keyed_read
         self.lock = _lock_key(f"{table}\0keyed", f"{name}\0{key}")
         digest = hashlib.sha256(f"{table}\0{name}\0{key}".encode()).hexdigest()
-        self.channel = "fastapi_once_" + digest[:40]
+        self.channel = "fastapi_once_" + digest[:40]  # names the record in notifications
 
     def served(self, row: Any, stale_ok: bool) -> str | None:
         """The result to serve, or None to lead (or, without the lock, to wait).

@@ -31,6 +31,7 @@ from ._base import (
     time_left,
 )
 from ._codec import encode_json
+from ._wakeups import Wakeups
 
 try:
     import redis.asyncio as aioredis
@@ -190,8 +191,10 @@ class RedisBackend(Backend):
     ``<namespace>:k:{<name>:<digest>}:v`` (``:lock``, ``:cool``), where ``<digest>`` is the
     key's 40-digit digest, never its text. Every one of them expires: the value after ``ttl``,
     the lock after its lease, a failure's cooldown after ``cooldown``. A keyed leader's fencing
-    token is the server's clock in microseconds when it took the lock. Followers wait on the
-    pub/sub channel ``...:ev``, on which the leader announces its end, and check again every
+    token is the server's clock in microseconds when it took the lock. The leader announces
+    its end on the pub/sub channel ``...:ev``; followers hold no connection while they wait:
+    one pub/sub connection per process and event loop (``PSUBSCRIBE <namespace>:k:{*}:ev``,
+    also subscribed to keyed resets) wakes them, and they check again every
     ``recheck_interval`` seconds (a leader that died announces nothing).
 
     Limits: asyncio only (redis.asyncio). The lock is efficiency-grade, not a correctness
@@ -251,6 +254,9 @@ class RedisBackend(Backend):
         # Per event loop, the task that listens for other processes' keyed resets; it ends
         # with its loop (or aclose) and then leaves this mapping.
         self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        # Per event loop, the keyed followers waiting for that loop's listener to wake them;
+        # only the loop's thread touches its entry. Leaves with the listener.
+        self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
         self._me = secrets.token_hex(8)  # tells this backend's own reset messages apart
 
     def describe(self) -> str:
@@ -469,10 +475,10 @@ class RedisBackend(Backend):
         shown = f"{name}[#{key[:8]}]"  # as logs name the key
         started = time.monotonic()
         client = self._client()
-        self._listen_for_resets(client)
+        wakeups = self._listen_for_resets(client)
         keys = self._keyed_keys(name, key)
         lock = _Lock(json.dumps({"token": secrets.token_hex(16), "holder": holder_id()}))
-        found = await self._keyed_acquire(client, shown, keys, lock, refresh, started)
+        found = await self._keyed_acquire(client, wakeups, shown, keys, lock, refresh, started)
         if found is not None:
             return json.loads(found.partition(" ")[2])
         try:
@@ -504,6 +510,7 @@ class RedisBackend(Backend):
     async def _keyed_acquire(
         self,
         client: _Client,
+        wakeups: Wakeups,
         name: str,
         keys: _KeyedKeys,
         lock: _Lock,
@@ -512,22 +519,28 @@ class RedisBackend(Backend):
     ) -> str | None:
         """Return the record to serve, or None as leader (``lock`` then holds the token).
 
-        A follower subscribes to the key's channel, checks again (the leader may have ended
-        before), and waits for a message or ``recheck_interval``. Redis going away while
-        waiting is ridden out with backoff until ``wait_timeout``.
+        At most 8 checks of one loop run at once (each on a pooled connection
+        for the call only), so followers woken together share a few connections. A follower
+        registers with this loop's listener (see :meth:`_listen`), checks again once the
+        listener is subscribed (the leader may have ended before), and waits to be
+        woken or for ``recheck_interval``, holding no connection meanwhile. Redis going away
+        while waiting is ridden out with backoff until ``wait_timeout``.
         """
         refresh_ms: int | str = "" if refresh is None else _ms(refresh)
         args: list[int | str] = [lock.value, _ms(self.lease), refresh_ms]
-        pubsub: Any = None
         failures = 0
         reached = False  # unreachable at the first contact: fail at once, as run_once does
-        try:
+        with contextlib.ExitStack() as stack:
+            woken: asyncio.Event | None = None
             while True:
                 sent = time.monotonic()
+                if woken is not None:
+                    woken.clear()  # before the check: a wake-up after it is kept
                 try:
-                    status, data, *_ = await client.keyed_acquire(
-                        keys=[keys.value, keys.lock, keys.cool], args=args
-                    )
+                    async with wakeups.gate:
+                        status, data, *_ = await client.keyed_acquire(
+                            keys=[keys.value, keys.lock, keys.cool], args=args
+                        )
                     reached = True
                     if status == 1:
                         return str(data)
@@ -539,17 +552,16 @@ class RedisBackend(Backend):
                     waited = time.monotonic() - started
                     if self.wait_timeout is not None and waited >= self.wait_timeout:
                         raise WaitTimeoutError(name, self.describe(), waited, _holder(str(data)))
-                    if pubsub is None:
-                        pubsub = client.redis.pubsub()
-                        await pubsub.subscribe(keys.channel)
-                        continue  # the leader may have ended before the subscription
                     left = time_left(self.wait_timeout, waited)
-                    await _woken(pubsub, min(self.recheck_interval, left))
+                    if woken is None:
+                        woken = stack.enter_context(wakeups.waiter(keys.channel))
+                        # Check again once the listener hears the channel: the leader may
+                        # have ended before.
+                        await wakeups.until_listening(min(self.recheck_interval, left))
+                        continue
+                    await Wakeups.woken(woken, min(self.recheck_interval, left))
                     failures = 0
                 except (RedisConnectionError, RedisTimeoutError) as exc:
-                    if pubsub is not None:
-                        await _close_quietly(pubsub)
-                        pubsub = None
                     left = time_left(self.wait_timeout, time.monotonic() - started)
                     if not reached:
                         raise self._error(f"reading the record of {name}", exc) from exc
@@ -559,9 +571,6 @@ class RedisBackend(Backend):
                     failures += 1
                 except RedisError as exc:
                     raise self._error(f"waiting for {name}", exc) from exc
-        finally:
-            if pubsub is not None:
-                await _close_quietly(pubsub)
 
     async def _keyed_release(
         self, client: _Client, keys: _KeyedKeys, lock: _Lock, cooldown: float | None
@@ -614,33 +623,63 @@ class RedisBackend(Backend):
     def _resets(self) -> str:
         return f"{self.namespace}:k:resets"  # the channel of keyed resets
 
-    def _listen_for_resets(self, client: _Client) -> None:
-        """Start this loop's listener for keyed resets, unless it runs."""
+    def _listen_for_resets(self, client: _Client) -> Wakeups:
+        """Start this loop's listener (keyed resets and keyed notifications) unless it runs;
+        return the loop's waiting followers."""
         loop = asyncio.get_running_loop()
-        if loop in self._listeners:
-            return
+        wakeups = self._wakeups.get(loop)
+        if wakeups is not None and loop in self._listeners:
+            return wakeups
+        wakeups = self._wakeups[loop] = Wakeups()
         # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
         task = contextvars.Context().run(
-            loop.create_task, self._forget_resets(client), name="fastapi_once resets"
+            loop.create_task, self._listen(client, wakeups), name="fastapi_once listener"
         )
         self._listeners[loop] = task
-        task.add_done_callback(lambda _: self._listeners.pop(loop, None))
 
-    async def _forget_resets(self, client: _Client) -> None:
-        """Forget keys other processes reset, until cancelled; reconnect after an outage."""
+        def ended(_: object) -> None:
+            self._listeners.pop(loop, None)
+            if self._wakeups.get(loop) is wakeups:
+                del self._wakeups[loop]
+            wakeups.listening.clear()
+            wakeups.wake_all()  # they check on their own from now on
+
+        task.add_done_callback(ended)
+        return wakeups
+
+    async def _listen(self, client: _Client, wakeups: Wakeups) -> None:
+        """Until cancelled, on one pub/sub connection: forget keys other processes reset, and
+        wake this loop's followers of a keyed record when its leader announces its end.
+
+        After an outage it subscribes again, with backoff, and then wakes every follower to
+        check again (what was announced meanwhile was missed).
+        """
+        pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
         failures = 0
         while True:
             pubsub = client.redis.pubsub()
             try:
                 await pubsub.subscribe(self._resets)
-                failures = 0
+                await pubsub.psubscribe(pattern)
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is not None:
+                    message = await pubsub.get_message(timeout=_IDLE_PING)
+                    if message is None:
+                        await pubsub.ping()  # a silent connection may be a dead one
+                        continue
+                    kind = message["type"]
+                    if kind == "pmessage":
+                        wakeups.wake(str(message["channel"]))
+                    elif kind == "message":
                         await forget_reset(str(message["data"]), self._me)
+                    elif kind == "psubscribe":
+                        # The server answers in order: both subscriptions hold from here.
+                        failures = 0
+                        wakeups.listening.set()
+                        wakeups.wake_all()
             except RedisError:
                 pass  # Redis went away: subscribe again, after a backoff
             finally:
+                wakeups.listening.clear()
                 await _close_quietly(pubsub)
             await anyio.sleep(backoff(failures, cap=5.0))
             failures += 1
@@ -702,14 +741,6 @@ class _KeyedKeys(NamedTuple):
     channel: str
 
 
-async def _woken(pubsub: Any, longest: float) -> None:
-    """Return at the first message on ``pubsub``, or after ``longest`` seconds."""
-    deadline = time.monotonic() + longest
-    while (left := deadline - time.monotonic()) > 0:
-        if await pubsub.get_message(ignore_subscribe_messages=True, timeout=left) is not None:
-            return
-
-
 async def _close_quietly(pubsub: Any) -> None:
     with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
         await pubsub.aclose()
@@ -727,6 +758,9 @@ class _Lock:
         self.value = value  # the lock key's value: a random token and who holds it
         self.fence = 0  # the fencing token drawn with the lock
         self.renewed_at = 0.0  # monotonic time the last successful (re)acquire was sent
+
+
+_IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
 
 
 def _ms(duration: float) -> int:
