@@ -28,7 +28,7 @@ def build(spec: dict[str, Any], **options: Any) -> Backend:
         from fastapi_once.backends import RedisBackend
 
         return RedisBackend(
-            spec["url"], namespace=spec["namespace"], lease=spec["lease"], **options
+            spec["url"], namespace=spec["namespace"], **{"lease": spec["lease"], **options}
         )
     from fastapi_once.backends import PostgresBackend
 
