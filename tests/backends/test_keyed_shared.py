@@ -287,3 +287,99 @@ async def test_resetting_every_key_in_one_instance_makes_the_other_forget_them_a
 
     await wait_until(forgotten)  # the listener hears the reset
     assert await here("/a") == "/a2"
+
+
+async def test_many_callers_of_a_cold_key_on_two_instances_run_the_work_once(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """Twenty callers on each instance race for one cold key: the work runs once and every
+    caller gets its value (those that lose the race to the lock follow the winner)."""
+    instances = [make(), make()]
+    runs: list[int] = []
+    got: list[Any] = []
+
+    async def work() -> str:
+        runs.append(1)
+        await anyio.sleep(0.05)
+        return "made once"
+
+    async def call(backend: Backend) -> None:
+        got.append(await backend.run_keyed(name, key(name, "/a"), work, ttl=60))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                for backend in instances:
+                    tg.start_soon(call, backend)
+    assert runs == [1]
+    assert got == ["made once"] * 40
+
+
+async def test_many_callers_of_a_failing_cold_key_get_one_failure_and_then_the_cooldown(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """Twenty callers on each instance race for a cold key whose work fails: it runs once,
+    its caller gets the exception, every other caller OnceCoolingDownError."""
+    instances = [make(), make()]
+    runs: list[int] = []
+    errors: list[type[BaseException]] = []
+
+    async def work() -> str:
+        runs.append(1)
+        await anyio.sleep(0.05)
+        raise ConnectionRefusedError("upstream down")
+
+    async def call(backend: Backend) -> None:
+        try:
+            await backend.run_keyed(name, key(name, "/a"), work, ttl=60, cooldown=30)
+        except (ConnectionRefusedError, OnceCoolingDownError) as exc:
+            errors.append(type(exc))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                for backend in instances:
+                    tg.start_soon(call, backend)
+    assert runs == [1]
+    assert (
+        sorted(errors, key=lambda e: e.__name__)
+        == [ConnectionRefusedError] + [OnceCoolingDownError] * 39
+    )
+
+
+async def test_a_cancelled_leader_frees_the_key_at_once_without_a_cooldown(
+    make: Callable[..., Backend], name: str, spec: dict[str, Any]
+) -> None:
+    """Cancelling the leader's call (a client gone) frees the lock now, not when a lease
+    ends, and records no cooldown: the other instance runs the work straight away."""
+    # On Redis a lease far longer than the test's limit: only freeing the lock lets it pass.
+    leader = make(lease=60.0) if spec["kind"] == "redis" else make()
+    other = make()
+    digest = key(name, "/a")
+    started = anyio.Event()
+
+    async def hang() -> str:
+        started.set()
+        await anyio.sleep_forever()
+        raise AssertionError("cancelled")  # pragma: no cover
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: leader.run_keyed(name, digest, hang, ttl=60, cooldown=30))
+            await started.wait()
+            tg.cancel_scope.cancel()
+        assert await other.run_keyed(name, digest, value("ran"), ttl=60, cooldown=30) == "ran"
+
+
+async def test_resetting_every_key_deletes_them_all_when_there_are_many(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """reset_keyed(name, None) deletes 600 keys' records (more than one batch of deletes)."""
+    backend = make()
+    urls = [f"/{i}" for i in range(600)]
+    with anyio.fail_after(60):
+        for url in urls:
+            await backend.run_keyed(name, key(name, url), value(1), ttl=60)
+        await backend.reset_keyed(name, None)
+        for url in ("/0", "/299", "/599"):
+            assert await backend.run_keyed(name, key(name, url), value(2), ttl=60) == 2
