@@ -127,13 +127,14 @@ def test_waiting_callers_are_woken_after_the_listener_reconnects_to_a_restarted_
     private_server: RedisServer | PostgresServer,
     kind: str,
 ) -> None:
-    """The server restarts while callers wait (recheck_interval=60, wait_timeout=30): the
-    listener reconnects and wakes them, so they get the value of the run that follows."""
+    """The server restarts while callers wait (recheck_interval=120, no wait_timeout, so only
+    a wake-up ends their wait within the test's timeout): the listener reconnects and wakes
+    them, so they get the value of the run that follows."""
     if isinstance(private_server, RedisServer):
         spec = {**spec, "url": private_server.url}
     else:
         spec = {**spec, "dsn": private_server.dsn}
-    options = {"recheck_interval": 60, "wait_timeout": 30}
+    options = {"recheck_interval": 120, "wait_timeout": None}
     leader = processes(spec, sleep=2.0, backend=options)
     waiting = processes(spec, sleep=0.5, backend=options)
     log = tmp_path / "events.log"
