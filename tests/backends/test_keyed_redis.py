@@ -12,7 +12,7 @@ from backend_servers import RedisServer, free_port, require
 from fastapi_once import once
 from fastapi_once.backends import BackendError
 
-require("redis.asyncio")
+redis_asyncio = require("redis.asyncio")
 from fastapi_once.backends import RedisBackend  # noqa: E402
 
 pytestmark = pytest.mark.anyio
@@ -60,3 +60,40 @@ async def test_aclose_stops_the_reset_listener_and_a_later_call_starts_it_again(
     assert await stuff("/b") == "/b"
     assert len(backend._listeners) == 1
     await backend.aclose()
+
+
+async def test_a_message_on_the_reset_channel_that_is_not_a_reset_is_ignored(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone else's message on <namespace>:k:resets is logged and skipped; the listener
+    goes on, so a real reset afterwards still makes this process forget the key."""
+    from timekeeping import wait_until
+
+    namespace = "t" + secrets.token_hex(6)
+    name = "t.redis.garbage." + secrets.token_hex(4)
+    runs: list[str] = []
+
+    async def fetch_here(url: str) -> int:
+        runs.append(url)
+        return len(runs)
+
+    mine, theirs = (RedisBackend(redis_server.url, namespace=namespace) for _ in range(2))
+    here = once(fetch_here, key=lambda u: u, ttl=60, across=mine, name=name)
+    there = once(fetcher(), key=lambda u: u, ttl=60, across=theirs, name=name)
+    assert await here("/a") == 1
+    side = redis_asyncio.Redis.from_url(redis_server.url)
+    try:
+        await side.publish(f"{namespace}:k:resets", "not json")
+        await side.publish(f"{namespace}:k:resets", '{"name": "x"}')
+    finally:
+        await side.aclose()
+    await wait_until(lambda: caplog.text.count("not one of ours") == 2)
+    assert await here("/a") == 1  # still held
+    await there.reset("/a")
+
+    async def forgotten() -> bool:
+        return await here("/a") == 2
+
+    await wait_until(forgotten)
+    await mine.aclose()
+    await theirs.aclose()
