@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 import anyio
 
 from ._attempts import Attempt, wait, working
-from ._errors import OnceClosedError
 from ._keys import NOKEY, shared_key_digest, unhashable
 from ._kinds import Kind, as_coroutine_function, invoke, kind_of
 from ._loops import (
@@ -31,15 +30,14 @@ from ._loops import (
     hop,
     in_process_loop,
     refuse_in_loop,
-    run_in_process_loop,
     running_state,
     state_of,
     thread_proof,
 )
 from ._policy import Policy
-from ._records import IDLE, READY, REFRESHING, Injector, KeyView, Record, Resolve, Store
+from ._records import IDLE, Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
-from ._telemetry import across, fields
+from ._telemetry import across
 from ._values import Value
 
 if TYPE_CHECKING:
@@ -265,8 +263,23 @@ class Once(Generic[P, T]):
             return made.value  # type: ignore[no-any-return]
         return call_blocking(lambda: self(*args, **kwargs))
 
-    def _existing_store(self) -> Store | None:
-        """The running loop's store (or, outside any loop, the last one used), if any."""
+    @property
+    def process_scope(self) -> bool:
+        """Whether the once was made with ``scope="process"``."""
+        return self._process
+
+    def store_here(self) -> Store:
+        """This once's store in the running loop, made on first use (for the library's modules).
+
+        With ``scope="process"``, call it in the process scope's loop only.
+        """
+        return self._find()[2]
+
+    def store_seen(self) -> Store | None:
+        """The running loop's store (or, outside any loop, the last one used), if any.
+
+        With ``scope="process"``, the process scope's store. For the library's modules.
+        """
         if self._process:
             return self._hot[2]
         try:
@@ -287,13 +300,14 @@ class Once(Generic[P, T]):
         rec = store.record(key, now)
         if key is NOKEY:
             self._hot = (store.loop, thread_proof(store.loop), store, rec)
-        got = rec.enter(now, lambda: rec.start(args, kwargs, self._bind(context)))
+        got = rec.enter(now, lambda: rec.start(args, kwargs, self.bind(context)))
         if isinstance(got, Value):
             return got.value
         await wait(got)
         return got.result()
 
-    def _bind(self, context: object) -> Resolve | None:
+    def bind(self, context: object) -> Resolve | None:
+        """The sub-dependency resolver bound to ``context`` (a request or the app), if any."""
         return None if self._injector is None else self._injector.bind(context)
 
     async def _run(self, rec: Record, attempt: Attempt, *call: Any) -> None:
@@ -388,7 +402,7 @@ class Once(Generic[P, T]):
             raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
         if self._process and not in_process_loop():
             return await hop(lambda: self.reset(*args, **kwargs))
-        store = self._existing_store()
+        store = self.store_seen()
         try:
             if store is not None:
                 view = store if not (args or kwargs) else KeyView(store, self._key(*args, **kwargs))  # type: ignore[misc]
@@ -409,7 +423,7 @@ class Once(Generic[P, T]):
         Args:
             details: include the last error's message (off by default: it can hold secrets).
         """
-        store = self._existing_store()
+        store = self.store_seen()
         if store is None:
             return OnceStatus(name=self.name, state=IDLE)
         now = monotonic()
@@ -427,106 +441,10 @@ class Once(Generic[P, T]):
         )
 
 
-async def retire_process_values(target: Once[Any, Any], timeout: float) -> None:  # noqa: ASYNC109
-    """A lifespan's shutdown of a process-scope once: clean up its values in this process only.
-
-    Unlike ``reset()`` it leaves an ``across=`` backend's record (other processes keep theirs),
-    and it waits at most ``timeout`` seconds for work in flight, which then cleans up what it
-    makes as soon as it settles (logged, as a loop's shutdown does).
-    """
-    if not in_process_loop():
-        return await hop(lambda: retire_process_values(target, timeout))
-    store = target._existing_store()
-    if store is None:
-        return
-    with anyio.CancelScope(shield=True):
-        left = await drain(lambda: [store], f"{target.name}: shutdown", max(timeout, 0.0))
-    if left:
-        logger.warning(
-            "shutdown stopped waiting after %.1f s; still running: %s",
-            timeout,
-            ", ".join(attempt.label for attempt in left),
-            extra=fields(target.name, "shutdown_timeout", duration_s=timeout),
-        )
-
-
-def kick(target: Once[Any, Any], context: object) -> bool:
-    """Start making an unkeyed once's value in the background unless it is there or on its way.
-
-    Returns whether an attempt was started. For readiness probes: nothing waits.
-    """
-    if target._process and not in_process_loop():
-        return run_in_process_loop(lambda: kick(target, context))
-    now = monotonic()
-    rec = target._find()[2].record(NOKEY, now)
-    if rec.state != IDLE and not (rec.state == READY and rec.refresh_due(now)):
-        return False
-    try:
-        rec.start((), {}, target._bind(context))
-    except OnceClosedError:
-        return False
-    return True
-
-
-def served(target: Once[Any, Any]) -> tuple[bool, Any]:
-    """Whether an unkeyed once serves a value in the running loop now, and that value."""
-    store = target._existing_store()
-    rec = None if store is None else store.records.get(NOKEY)
-    if rec is None or rec.made is None or rec.due(monotonic()) not in (READY, REFRESHING):
-        return False, None
-    return True, rec.made.value
-
-
-def pin(target: Once[Any, T], value: T) -> None:
-    """Serve ``value`` from an unkeyed once in the running loop until :func:`unpin` (tests)."""
-    if target._process and not in_process_loop():
-        return run_in_process_loop(lambda: pin(target, value))
-    now = monotonic()
-    target._find()[2].record(NOKEY, now).pin(
-        Value(target.name, value, None, now, time.time(), (None, None))
-    )
-
-
-def unpin(target: Once[Any, T], value: T) -> None:
-    """Stop serving a pinned ``value`` (nothing is cleaned up: it belongs to the caller)."""
-    if target._process and not in_process_loop():
-        return run_in_process_loop(lambda: unpin(target, value))
-    store = target._existing_store()
-    rec = None if store is None else store.records.get(NOKEY)
-    if rec is not None:
-        rec.unpin(value)
-
-
 async def make_with(target: Once[Any, T], context: object) -> T:
     """Return an unkeyed once's value, making it with ``context`` (e.g. the app) if needed."""
     kwargs: dict[str, Any] = {target._param: context} if target._param is not None else {}
     return cast(T, await cast(Any, target)(**kwargs))
-
-
-async def forget_shared(name: str, digest: str | None) -> None:
-    """Forget, in the running loop only, the keyed across values another process reset.
-
-    Every keyed once named ``name`` retires (and cleans up) its value for the key whose shared
-    digest is ``digest``, or every value if None; the backend's record is already gone.
-    """
-    for target in [o for o in registry() if o.name == name and o.keyed]:
-        store = target._existing_store()
-        if store is None:
-            continue
-        views = [
-            KeyView(store, key)
-            for key in list(store.records)
-            if digest is None or _shared_digest(name, key) == digest
-        ]
-        if views:
-            await drain(lambda views=views: views, f"{name}.reset()")  # type: ignore[misc]
-
-
-def _shared_digest(name: str, key: object) -> str | None:
-    try:
-        return shared_key_digest(name, key)
-    except TypeError:  # a key no backend was given
-        return None
 
 
 def _forget_hot_cells() -> None:

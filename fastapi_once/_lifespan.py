@@ -11,8 +11,9 @@ from typing import Any
 
 import anyio
 
-from ._core import Once, make_with, retire_process_values
+from ._core import Once, make_with
 from ._fastapi import once
+from ._handles import retire_process_values
 from ._loops import close, current_loop, state_of
 from ._telemetry import error_type, fields
 

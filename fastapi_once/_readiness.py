@@ -20,8 +20,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from . import _records
-from ._core import Once, kick, served
+from ._core import Once
 from ._fastapi import once
+from ._handles import kick, served
 from ._kinds import Kind, kind_of
 from ._loops import current_loop
 from ._status import OnceStatus

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from ._core import Once, pin, unpin
+from ._core import Once
+from ._handles import pin, unpin
 
 T = TypeVar("T")
 

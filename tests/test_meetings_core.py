@@ -287,7 +287,7 @@ async def test_retired_list_does_not_grow_without_bound(clock: FakeClock) -> Non
             clock.advance(2)
         await val()
         await anyio.sleep(0.05)
-    store = val._existing_store()
+    store = val.store_seen()
     assert store is not None
     assert len(store.retired) < 10, len(store.retired)
 

@@ -249,7 +249,7 @@ async def forget_reset(message: str, me: str) -> None:
 
     Never raises: it runs in a backend's listening task; a failing cleanup is logged.
     """
-    from .._core import forget_shared
+    from .._handles import forget_shared
 
     try:
         data = json.loads(message)

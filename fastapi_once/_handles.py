@@ -1,0 +1,126 @@
+"""What the library does to a once from outside its calls: warm-up kicks, probes, test pins,
+a lifespan's process-scope shutdown, and forgetting keys another process reset.
+
+Each reaches a once's store through ``Once.store_here()``/``store_seen()``; a process-scope
+once's store is touched in the process scope's loop only, so these hop there first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, TypeVar
+
+import anyio
+
+from . import _core
+from ._core import Once, registry
+from ._errors import OnceClosedError
+from ._keys import NOKEY, shared_key_digest
+from ._loops import drain, hop, in_process_loop, run_in_process_loop
+from ._records import IDLE, READY, REFRESHING, KeyView, Record
+from ._telemetry import fields
+from ._values import Value
+
+T = TypeVar("T")
+
+logger = logging.getLogger("fastapi_once")
+
+
+def _unkeyed(target: Once[Any, Any]) -> Record | None:
+    store = target.store_seen()
+    return None if store is None else store.records.get(NOKEY)
+
+
+async def retire_process_values(target: Once[Any, Any], timeout: float) -> None:  # noqa: ASYNC109
+    """A lifespan's shutdown of a process-scope once: clean up its values in this process only.
+
+    Unlike ``reset()`` it leaves an ``across=`` backend's record (other processes keep theirs),
+    and it waits at most ``timeout`` seconds for work in flight, which then cleans up what it
+    makes as soon as it settles (logged, as a loop's shutdown does).
+    """
+    if not in_process_loop():
+        return await hop(lambda: retire_process_values(target, timeout))
+    store = target.store_seen()
+    if store is None:
+        return
+    with anyio.CancelScope(shield=True):
+        left = await drain(lambda: [store], f"{target.name}: shutdown", max(timeout, 0.0))
+    if left:
+        logger.warning(
+            "shutdown stopped waiting after %.1f s; still running: %s",
+            timeout,
+            ", ".join(attempt.label for attempt in left),
+            extra=fields(target.name, "shutdown_timeout", duration_s=timeout),
+        )
+
+
+def kick(target: Once[Any, Any], context: object) -> bool:
+    """Start making an unkeyed once's value in the background unless it is there or on its way.
+
+    Returns whether an attempt was started. For readiness probes: nothing waits.
+    """
+    if target.process_scope and not in_process_loop():
+        return run_in_process_loop(lambda: kick(target, context))
+    now = _core.monotonic()
+    rec = target.store_here().record(NOKEY, now)
+    if rec.state != IDLE and not (rec.state == READY and rec.refresh_due(now)):
+        return False
+    try:
+        rec.start((), {}, target.bind(context))
+    except OnceClosedError:
+        return False
+    return True
+
+
+def served(target: Once[Any, Any]) -> tuple[bool, Any]:
+    """Whether an unkeyed once serves a value in the running loop now, and that value."""
+    rec = _unkeyed(target)
+    if rec is None or rec.made is None or rec.due(_core.monotonic()) not in (READY, REFRESHING):
+        return False, None
+    return True, rec.made.value
+
+
+def pin(target: Once[Any, T], value: T) -> None:
+    """Serve ``value`` from an unkeyed once in the running loop until :func:`unpin` (tests)."""
+    if target.process_scope and not in_process_loop():
+        return run_in_process_loop(lambda: pin(target, value))
+    now = _core.monotonic()
+    target.store_here().record(NOKEY, now).pin(
+        Value(target.name, value, None, now, time.time(), (None, None))
+    )
+
+
+def unpin(target: Once[Any, T], value: T) -> None:
+    """Stop serving a pinned ``value`` (nothing is cleaned up: it belongs to the caller)."""
+    if target.process_scope and not in_process_loop():
+        return run_in_process_loop(lambda: unpin(target, value))
+    rec = _unkeyed(target)
+    if rec is not None:
+        rec.unpin(value)
+
+
+async def forget_shared(name: str, digest: str | None) -> None:
+    """Forget, in the running loop only, the keyed across values another process reset.
+
+    Every keyed once named ``name`` retires (and cleans up) its value for the key whose shared
+    digest is ``digest``, or every value if None; the backend's record is already gone.
+    """
+    for target in [o for o in registry() if o.name == name and o.keyed]:
+        store = target.store_seen()
+        if store is None:
+            continue
+        views = [
+            KeyView(store, key)
+            for key in list(store.records)
+            if digest is None or _shared_digest(name, key) == digest
+        ]
+        if views:
+            await drain(lambda views=views: views, f"{name}.reset()")  # type: ignore[misc]
+
+
+def _shared_digest(name: str, key: object) -> str | None:
+    try:
+        return shared_key_digest(name, key)
+    except TypeError:  # a key no backend was given
+        return None
