@@ -35,7 +35,7 @@ from ._loops import (
     thread_proof,
 )
 from ._policy import Policy
-from ._records import IDLE, Injector, KeyView, Record, Resolve, Store
+from ._records import Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
 from ._telemetry import across
 from ._values import Value
@@ -423,22 +423,7 @@ class Once(Generic[P, T]):
         Args:
             details: include the last error's message (off by default: it can hold secrets).
         """
-        store = self.store_seen()
-        if store is None:
-            return OnceStatus(name=self.name, state=IDLE)
-        now = monotonic()
-        records = list(store.records.values())
-        return project(
-            self.name,
-            self.keyed,
-            [r.view(now) for r in records],
-            store.last_error,
-            details,
-            attempts=store.tries,
-            hits=store.hits,
-            joins=store.joins,
-            last_duration=store.last_duration,
-        )
+        return project(self.name, self.keyed, self.store_seen(), monotonic(), details)
 
 
 async def make_with(target: Once[Any, T], context: object) -> T:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timezone
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ._records import Store
 
 State = Literal["idle", "running", "ready", "failed", "refreshing"]
 
@@ -51,20 +54,13 @@ class OnceStatus:
     stale_until: datetime | None = None
 
 
-def project(
-    name: str,
-    keyed: bool,
-    records: list[tuple[State, float | None, float | None]],
-    last_error: tuple[str, str] | None,
-    details: bool,
-    *,
-    attempts: int,
-    hits: int,
-    joins: int,
-    last_duration: float | None,
-) -> OnceStatus:
-    """Project a once's records: each one's current state, its value's wall-clock birth and, if
-    that value is stale, the wall-clock time it is retired (see ``Record.view``)."""
+def project(name: str, keyed: bool, store: Store | None, now: float, details: bool) -> OnceStatus:
+    """Project a once's store as of ``now``: each record's current state, its value's
+    wall-clock birth and, if that value is stale, when it is retired (see ``Record.view``)."""
+    if store is None:
+        return OnceStatus(name=name, state="idle")
+    records = [r.view(now) for r in list(store.records.values())]
+    last_error, last_duration = store.last_error, store.last_duration
     counts: dict[State, int] = {"ready": 0, "refreshing": 0, "running": 0, "failed": 0}
     for each, _, _ in records:
         if each != "idle":
@@ -79,11 +75,11 @@ def project(
         state=state,
         made_at=datetime.fromtimestamp(max(served), tz=timezone.utc) if served else None,
         last_duration=last_duration,
-        attempts=attempts,
+        attempts=store.tries,
         last_error_type=None if last_error is None else last_error[0],
         last_error_message=last_error[1] if details and last_error is not None else None,
-        hits=hits,
-        joins=joins,
+        hits=store.hits,
+        joins=store.joins,
         keys=counts if keyed else None,
         size=sum(1 for s, _, _ in records if s in ("ready", "refreshing")) if keyed else None,
         stale=bool(stale),

@@ -969,5 +969,6 @@ def test_work_in_flight_when_the_interpreter_exits_is_awaited_and_its_value_clea
         started.wait(10)
         """
     )
-    assert lines[-1] == "cleaned"
-    assert lines in (["got", "table", "cleaned"], ["cleaned"])
+    # The daemon caller may print before or after the exit's cleanup, or not at all.
+    assert lines.count("cleaned") == 1
+    assert [w for w in lines if w != "cleaned"] in (["got", "table"], [])
