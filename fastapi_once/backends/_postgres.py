@@ -498,14 +498,7 @@ class PostgresBackend(Backend):
         advisory lock is tried; as leader, ``work`` runs, its result is recorded for ``ttl``
         seconds and the followers, woken by this loop's listener, are notified.
 
-        Args:
-            name: the once's name.
-            key: the key's digest.
-            work: makes the result (runs in this process only if it leads).
-            ttl: seconds the record lives.
-            cooldown: seconds a failure of ``work`` makes other processes fail fast, or None.
-            refresh: age in seconds after which one process makes the record again while the
-                others keep getting it, or None.
+        Args: as :meth:`Backend.run_keyed`.
 
         Raises:
             OnceCoolingDownError: another process's run failed within ``cooldown``.

@@ -453,14 +453,7 @@ class RedisBackend(Backend):
         lock). As leader, ``work`` runs under the renewed lease; its result is recorded for
         ``ttl`` seconds and the followers, waiting on the key's channel, are woken.
 
-        Args:
-            name: the once's name.
-            key: the key's digest.
-            work: makes the result (runs in this process only if it leads).
-            ttl: seconds the record lives.
-            cooldown: seconds a failure of ``work`` makes other processes fail fast, or None.
-            refresh: age in seconds after which one process makes the record again while the
-                others keep getting it, or None.
+        Args: as :meth:`Backend.run_keyed`.
 
         Raises:
             OnceCoolingDownError: another process's run failed within ``cooldown``.
