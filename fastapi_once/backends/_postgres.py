@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
 import json
 import re
@@ -32,7 +31,7 @@ from ._base import (
     time_left,
 )
 from ._codec import encode_json
-from ._wakeups import Wakeups
+from ._wakeups import Listeners, Wakeups
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -227,18 +226,16 @@ class PostgresBackend(Backend):
         self._keyed = ".".join(f'"{p}"' for p in [*parts[:-1], parts[-1] + "_keyed"])
         self._table_ready = False
         self._keyed_ready = False
-        # Per event loop, the task that listens for other processes' keyed resets; it ends
-        # with its loop (or aclose) and then leaves this mapping.
-        self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        # Per event loop, the task that listens for keyed leaders' ends and other processes'
+        # keyed resets, and the followers it wakes; it ends with its loop (or aclose).
+        self._listeners = Listeners(self._forget_resets)
         # Per event loop, connections a keyed call left holding nothing, for the next keyed
         # call (a connection per miss is slow: a server process and an authentication each).
         # The loop's listener ends them when it ends.
         self._idle: dict[asyncio.AbstractEventLoop, list[_Connection]] = {}
-        # Per event loop: the keyed followers waiting for the loop's listener to wake them, and
-        # the gate that bounds the keyed reads in flight (each on a connection borrowed for
-        # the query only) to _IDLE. Only the loop's thread touches its entries; they leave
-        # with the listener.
-        self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
+        # Per event loop: the gate that bounds the keyed reads in flight (each on a connection
+        # borrowed for the query only) to _IDLE. Only the loop's thread touches its entry; it
+        # leaves with the listener.
         self._gates: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
         self._me = secrets.token_hex(8)  # tells this backend's own reset messages apart
         digest = hashlib.sha256(self.table.encode()).hexdigest()[:24]
@@ -252,13 +249,8 @@ class PostgresBackend(Backend):
 
     async def aclose(self) -> None:
         """Stop the running event loop's listener for keyed resets (it restarts on next use)."""
-        loop = asyncio.get_running_loop()
-        listener = self._listeners.pop(loop, None)
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
-        self._close_idle(loop)
+        await self._listeners.stop()
+        self._close_idle(asyncio.get_running_loop())
 
     async def reset(self, name: str) -> None:
         """Delete ``name``'s marker row, so that the next :meth:`run_once` runs the work.
@@ -512,7 +504,7 @@ class PostgresBackend(Backend):
         ttl = seconds("ttl", ttl)
         shown = f"{name}[#{key[:8]}]"  # as logs name the key
         started = time.monotonic()
-        wakeups = self._listen_for_resets()
+        wakeups = self._listeners.start()
         record = _KeyedRecord(self.table, name, key, shown, refresh)
         found, conn = await self._keyed_acquire(record, wakeups, started)
         if conn is None:
@@ -758,35 +750,11 @@ class PostgresBackend(Backend):
                     await conn.execute(
                         f"DELETE FROM {self._keyed} WHERE name = $1 AND key = $2", name, key
                     )
-                # Processes that hold the key (or keys) forget it: see _listen_for_resets.
+                # Processes that hold the key (or keys) forget it: see _listen.
                 message = reset_message(name, key, self._me)
                 await conn.execute("SELECT pg_notify($1, $2)", self._resets, message)
         finally:
             await _close(conn)
-
-    def _listen_for_resets(self) -> Wakeups:
-        """Start this loop's listener (keyed resets and keyed leaders' ends) unless it runs;
-        return the loop's waiting followers."""
-        loop = asyncio.get_running_loop()
-        wakeups = self._wakeups.get(loop)
-        if wakeups is not None and loop in self._listeners:
-            return wakeups
-        wakeups = self._wakeups[loop] = Wakeups()
-        # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
-        task = contextvars.Context().run(
-            loop.create_task, self._forget_resets(wakeups), name="fastapi_once listener"
-        )
-        self._listeners[loop] = task
-
-        def ended(_: object) -> None:
-            self._listeners.pop(loop, None)
-            if self._wakeups.get(loop) is wakeups:
-                del self._wakeups[loop]
-            wakeups.listening.clear()
-            wakeups.wake_all()  # they check on their own from now on
-
-        task.add_done_callback(ended)
-        return wakeups
 
     async def _forget_resets(self, wakeups: Wakeups) -> None:
         """Listen (see :meth:`_listen`); on the way out, end the idle connections."""

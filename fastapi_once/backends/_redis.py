@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import json
 import secrets
 import time
@@ -31,7 +30,7 @@ from ._base import (
     time_left,
 )
 from ._codec import encode_json
-from ._wakeups import Wakeups
+from ._wakeups import Listeners, Wakeups
 
 try:
     import redis.asyncio as aioredis
@@ -251,12 +250,9 @@ class RedisBackend(Backend):
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = (
             weakref.WeakKeyDictionary()
         )
-        # Per event loop, the task that listens for other processes' keyed resets; it ends
-        # with its loop (or aclose) and then leaves this mapping.
-        self._listeners: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
-        # Per event loop, the keyed followers waiting for that loop's listener to wake them;
-        # only the loop's thread touches its entry. Leaves with the listener.
-        self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
+        # Per event loop, the task that listens for keyed notifications and other processes'
+        # keyed resets, and the followers it wakes; it ends with its loop (or aclose).
+        self._listeners = Listeners(self._listen)
         self._me = secrets.token_hex(8)  # tells this backend's own reset messages apart
 
     def describe(self) -> str:
@@ -265,11 +261,7 @@ class RedisBackend(Backend):
 
     async def aclose(self) -> None:
         """Close the running event loop's connections (they reopen on next use)."""
-        listener = self._listeners.pop(asyncio.get_running_loop(), None)
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        await self._listeners.stop()
         client = self._clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.redis.aclose()
@@ -468,7 +460,7 @@ class RedisBackend(Backend):
         shown = f"{name}[#{key[:8]}]"  # as logs name the key
         started = time.monotonic()
         client = self._client()
-        wakeups = self._listen_for_resets(client)
+        wakeups = self._listeners.start()
         keys = self._keyed_keys(name, key)
         lock = _Lock(json.dumps({"token": secrets.token_hex(16), "holder": holder_id()}))
         found = await self._keyed_acquire(client, wakeups, shown, keys, lock, refresh, started)
@@ -590,7 +582,7 @@ class RedisBackend(Backend):
         client = self._client()
         try:
             await self._reset_keyed(client, name, key)
-            # Processes that hold the key (or keys) forget it: see _listen_for_resets.
+            # Processes that hold the key (or keys) forget it: see _listen.
             await client.redis.publish(self._resets, reset_message(name, key, self._me))
         except RedisError as exc:
             raise self._error("deleting keyed records", exc) from exc
@@ -616,37 +608,14 @@ class RedisBackend(Backend):
     def _resets(self) -> str:
         return f"{self.namespace}:k:resets"  # the channel of keyed resets
 
-    def _listen_for_resets(self, client: _Client) -> Wakeups:
-        """Start this loop's listener (keyed resets and keyed notifications) unless it runs;
-        return the loop's waiting followers."""
-        loop = asyncio.get_running_loop()
-        wakeups = self._wakeups.get(loop)
-        if wakeups is not None and loop in self._listeners:
-            return wakeups
-        wakeups = self._wakeups[loop] = Wakeups()
-        # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
-        task = contextvars.Context().run(
-            loop.create_task, self._listen(client, wakeups), name="fastapi_once listener"
-        )
-        self._listeners[loop] = task
-
-        def ended(_: object) -> None:
-            self._listeners.pop(loop, None)
-            if self._wakeups.get(loop) is wakeups:
-                del self._wakeups[loop]
-            wakeups.listening.clear()
-            wakeups.wake_all()  # they check on their own from now on
-
-        task.add_done_callback(ended)
-        return wakeups
-
-    async def _listen(self, client: _Client, wakeups: Wakeups) -> None:
+    async def _listen(self, wakeups: Wakeups) -> None:
         """Until cancelled, on one pub/sub connection: forget keys other processes reset, and
         wake this loop's followers of a keyed record when its leader announces its end.
 
         After an outage it subscribes again, with backoff, and then wakes every follower to
         check again (what was announced meanwhile was missed).
         """
+        client = self._client()
         pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
         failures = 0
         while True:

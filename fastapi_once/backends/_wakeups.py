@@ -1,4 +1,4 @@
-"""Wakeups: one event loop's keyed followers, waiting for that loop's listener to wake them.
+"""Wakeups and Listeners: one event loop's keyed followers, and the listener that wakes them.
 
 A backend keeps one listener connection per event loop that receives every keyed
 notification (a leader's success or failure); followers do not hold a connection while they
@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+import contextvars
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import NamedTuple
 
 import anyio
+
+logger = logging.getLogger("fastapi_once")
 
 # Keyed reads one event loop runs at once, each on a connection borrowed for the read only:
 # followers woken together share a few connections rather than opening one each.
@@ -75,3 +80,65 @@ class Wakeups:
         """Return when ``event`` is set, or after ``longest`` seconds."""
         with anyio.move_on_after(longest):
             await event.wait()
+
+
+class _Running(NamedTuple):
+    task: asyncio.Task[None]
+    scope: anyio.CancelScope
+    wakeups: Wakeups
+
+
+class Listeners:
+    """A backend's listener task per event loop, started on first use, and its followers.
+
+    ``listen(wakeups)`` runs until cancelled (it reconnects on its own). It is stopped through
+    an anyio cancel scope: the cancellation is delivered again at every await until the task
+    has left the scope, so a driver that swallows one ``CancelledError`` (redis-py can, when a
+    read's own timeout meets it) cannot keep the listener, and :meth:`stop`, waiting.
+    """
+
+    def __init__(self, listen: Callable[[Wakeups], Awaitable[None]]) -> None:
+        self._listen = listen
+        # Per event loop, its listener; only the loop's own thread touches its entry. The
+        # entry leaves when the task ends (or stop() takes it), so a closed loop's is gone.
+        self._running: dict[asyncio.AbstractEventLoop, _Running] = {}
+
+    def __contains__(self, loop: asyncio.AbstractEventLoop) -> bool:
+        return loop in self._running
+
+    def start(self) -> Wakeups:
+        """Start the running loop's listener unless it runs; return the loop's followers."""
+        loop = asyncio.get_running_loop()
+        running = self._running.get(loop)
+        if running is not None:
+            return running.wakeups
+        wakeups, scope = Wakeups(), anyio.CancelScope()
+
+        async def listen() -> None:
+            with scope:
+                await self._listen(wakeups)
+
+        # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
+        task = contextvars.Context().run(loop.create_task, listen(), name="fastapi_once listener")
+        entry = self._running[loop] = _Running(task, scope, wakeups)
+
+        def ended(_: object) -> None:
+            if self._running.get(loop) is entry:  # not a listener started after stop()
+                del self._running[loop]
+            wakeups.listening.clear()
+            wakeups.wake_all()  # they check on their own from now on
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                # The type only: a driver's message may hold a DSN. The next keyed call
+                # starts another listener.
+                logger.error("the keyed listener failed with %s", type(exc).__name__)
+
+        task.add_done_callback(ended)
+        return wakeups
+
+    async def stop(self) -> None:
+        """Stop the running loop's listener and wait until it has ended (a later call starts
+        another). A cancellation of the caller is not swallowed."""
+        running = self._running.pop(asyncio.get_running_loop(), None)
+        if running is not None:
+            running.scope.cancel()
+            await asyncio.wait([running.task])
