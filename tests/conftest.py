@@ -1,9 +1,50 @@
-"""Shared fixtures: every anyio test runs on asyncio and on trio."""
+"""Shared fixtures: every anyio test runs on asyncio and on trio; a watchdog for hung tests."""
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
 import pytest
 from timekeeping import FakeClock
+
+# pytest-timeout fails a test past its timeout by raising in the main thread. A hang that
+# survives that (a task the event loop's shutdown cannot cancel, say) would hold the run until
+# CI gives up on it: this long after the timeout the watchdog prints every thread's stack and
+# ends the run.
+WATCHDOG_GRACE = 120.0
+
+
+def _give_up(item: pytest.Item, after: float) -> None:
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    sys.stderr.write(f"\n{item.nodeid} still runs {after:.0f} s after it started; the stacks:\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    """Run the test under the watchdog: its timeout (as pytest-timeout reads it) plus
+    WATCHDOG_GRACE."""
+    marker = item.get_closest_marker("timeout")
+    timeout = (
+        float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout"))
+    )
+    after = timeout + WATCHDOG_GRACE
+    watchdog = threading.Timer(after, _give_up, args=(item, after))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return (yield)
+    finally:
+        watchdog.cancel()
 
 
 @pytest.fixture(params=["asyncio", "trio"])
