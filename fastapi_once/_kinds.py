@@ -15,6 +15,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ._telemetry import error_type, fields
+
 logger = logging.getLogger("fastapi_once")
 
 
@@ -168,7 +170,13 @@ def _finish_here(gen: Generator[Any, None, None], name: str) -> None:
         if _step(gen)[0]:
             gen.close()
     except BaseException as exc:
-        logger.error("%s: cleanup failed with %s", name, type(exc).__name__)
+        kind = error_type(exc)
+        logger.error(
+            "%s: cleanup failed with %s",
+            name,
+            kind,
+            extra=fields(name, "cleanup_failed", error_type=kind),
+        )
 
 
 def _step(gen: Generator[Any, None, None]) -> tuple[bool, Any]:

@@ -30,7 +30,7 @@ import anyio
 import anyio.to_thread
 
 from ._attempts import Attempt, check_wait, wait, working
-from ._telemetry import carry, fields
+from ._telemetry import carry, error_type, fields
 from ._values import Value, raise_all
 
 logger = logging.getLogger("fastapi_once")
@@ -482,8 +482,19 @@ def _stop_process_loop() -> None:
     closing = _submit(lambda: close(PROCESS_EXIT_TIMEOUT))  # a cleanup's exit comes back here
     try:
         _unwrap(closing.result())
-    except BaseException:
-        logger.exception("cleaning up the process-scope onces at exit failed")
+    except BaseException as exc:
+        # The type only, as everywhere: the message and traceback are at DEBUG.
+        kind = error_type(exc)
+        logger.error(
+            "cleaning up the process-scope onces at exit failed with %s",
+            kind,
+            extra=fields(None, "cleanup_failed", error_type=kind),
+        )
+        logger.debug(
+            "cleaning up the process-scope onces at exit failed",
+            exc_info=exc,
+            extra=fields(None, "failure_detail", error_type=kind),
+        )
     with _process_lock:  # later calls (exit handlers that run after this one) are refused
         _process_loop, _exited = None, True
     loop.call_soon_threadsafe(loop.stop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import logging
 import os
 import sys
 import threading
@@ -45,6 +46,36 @@ def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
         return (yield)
     finally:
         watchdog.cancel()
+
+
+# What the README promises of every record of the "fastapi_once" logger.
+LOG_FIELDS = ("once", "event", "duration_s", "error_type", "attempt")
+
+
+class _FieldCheck(logging.Handler):
+    """Notes the records of the package's logger that lack one of LOG_FIELDS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lacking: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not all(hasattr(record, name) for name in LOG_FIELDS):
+            self.lacking.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def log_records_carry_the_documented_fields() -> Iterator[None]:
+    """Fail a test during which the package logged a record without the five extra fields (at
+    the levels the test lets through)."""
+    check = _FieldCheck()
+    logger = logging.getLogger("fastapi_once")
+    logger.addHandler(check)
+    try:
+        yield
+    finally:
+        logger.removeHandler(check)
+    assert not check.lacking, f"records without the fields {LOG_FIELDS}: {check.lacking}"
 
 
 @pytest.fixture(params=["asyncio", "trio"])

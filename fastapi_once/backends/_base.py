@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 import anyio
 
 from .._errors import LeaseLostError
+from .._telemetry import error_type, fields
 
 logger = logging.getLogger("fastapi_once")
 
@@ -255,14 +256,23 @@ async def forget_reset(message: str, me: str) -> None:
         data = json.loads(message)
         name, key, sender = data["name"], data["key"], data["by"]
     except (ValueError, KeyError, TypeError):
-        logger.warning("fastapi_once: ignored a reset message that is not one of ours")
+        logger.warning(
+            "ignored a reset message that is not one of ours",
+            extra=fields(None, "reset_message_ignored"),
+        )
         return
     if sender == me:  # this backend's own reset: the process has forgotten the key already
         return
     try:
         await forget_shared(str(name), None if key is None else str(key))
     except Exception as exc:
-        logger.warning("%s: a cleanup failed after a reset elsewhere: %s", name, type(exc).__name__)
+        kind = error_type(exc)
+        logger.warning(
+            "%s: a cleanup failed after a reset elsewhere: %s",
+            name,
+            kind,
+            extra=fields(str(name), "cleanup_failed", error_type=kind),
+        )
 
 
 def holder_id() -> str:

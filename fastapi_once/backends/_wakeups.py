@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import anyio
 
+from .._telemetry import error_type, fields
+
 logger = logging.getLogger("fastapi_once")
 
 # Keyed reads one event loop runs at once, each on a connection borrowed for the read only:
@@ -130,7 +132,12 @@ class Listeners:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 # The type only: a driver's message may hold a DSN. The next keyed call
                 # starts another listener.
-                logger.error("the keyed listener failed with %s", type(exc).__name__)
+                kind = error_type(exc)
+                logger.error(
+                    "the keyed listener failed with %s",
+                    kind,
+                    extra=fields(None, "listener_failed", error_type=kind),
+                )
 
         task.add_done_callback(ended)
         return wakeups
