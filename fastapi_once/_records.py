@@ -181,10 +181,13 @@ class Record:
 
     def advance(self, now: float) -> None:
         """Apply the time rows: retire an expired value, forget an error whose cooldown ended."""
-        state = self.due(now)
-        if state != self.state:
-            made = self.made
-            if made is not None and now >= cast(float, self._ends(made)):
+        state, made = self.due(now), self.made
+        # Past its end a value is retired also when the state stays (running: a timed-out run
+        # that goes on past the stale window).
+        ends = None if made is None else self._ends(made)
+        expired = ends is not None and now >= ends
+        if state != self.state or expired:
+            if expired:
                 self._retire()
             self.drop() if state == IDLE else self._to(state)
 
@@ -204,6 +207,11 @@ class Record:
     def _retire(self, now: bool = True) -> None:
         made, self.made = self.made, None
         self.failing, self.retry_at = False, None
+        attempt = self.attempt
+        if attempt is not None and attempt.stale:
+            # Its waiters were given ``made`` (a timeout within the window) and the run goes on:
+            # a call that joins it from now on gets the failure, not a retired value.
+            attempt.stale, attempt.value = False, None
         if made is not None:
             if now:
                 made.retire()
