@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 from timekeeping import FakeClock, wait_until
 
-from fastapi_once import OnceTimeoutError, once
+from fastapi_once import OnceCycleError, OnceTimeoutError, once
 
 pytestmark = pytest.mark.anyio
 
@@ -44,3 +46,186 @@ async def test_a_timed_out_attempt_still_running_past_the_window_gives_no_retire
     finally:
         gate.set()
     await wait_until(lambda: get.status().state != "running")
+
+
+class Loader:
+    """Once methods that call each other (and themselves)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, int] = {}
+        self.gate: anyio.Event | None = None
+
+    def count(self, name: str) -> None:
+        self.runs[name] = self.runs.get(name, 0) + 1
+
+    @once
+    async def base(self) -> str:
+        self.count("base")
+        if self.gate is not None:
+            await self.gate.wait()
+        return "base"
+
+    @once
+    async def derived(self) -> str:
+        self.count("derived")
+        return f"{await self.base()}+derived"
+
+    @once
+    async def itself(self) -> str:
+        return await self.itself()
+
+    @once(key=lambda name: name)
+    async def keyed(self, name: str | None) -> str:
+        self.count(f"keyed {name}")
+        return f"{name} #{self.runs[f'keyed {name}']}"
+
+    @once(key=lambda name: name)
+    async def resets_own_key(self, name: str) -> str:
+        await self.resets_own_key.reset(name)
+        return name
+
+
+async def test_a_method_calling_another_once_method_of_its_instance_shares_that_value() -> None:
+    """A once method awaiting another of the same instance makes each value once."""
+    loader = Loader()
+    assert await loader.derived() == "base+derived"
+    assert await loader.base() == "base"
+    assert loader.runs == {"base": 1, "derived": 1}
+
+
+async def test_a_method_that_awaits_itself_raises_a_cycle_error() -> None:
+    """A method awaiting its own once raises OnceCycleError instead of hanging."""
+    loader = Loader()
+    with anyio.fail_after(5), pytest.raises(OnceCycleError):
+        await loader.itself()
+
+
+async def test_a_keyed_methods_key_none_is_reset_alone_per_instance() -> None:
+    """reset(None) on a keyed method resets key None of that instance only."""
+    one, two = Loader(), Loader()
+    assert await one.keyed(None) == "None #1"
+    assert await one.keyed("a") == "a #1"
+    assert await two.keyed(None) == "None #1"
+    await one.keyed.reset(None)
+    assert await one.keyed(None) == "None #2"
+    assert await one.keyed("a") == "a #1"
+    assert await two.keyed(None) == "None #1"
+
+
+async def test_a_per_key_reset_from_inside_that_keys_run_raises_a_cycle_error() -> None:
+    """reset(key) from the run of that key would wait for itself: OnceCycleError."""
+    loader = Loader()
+    with anyio.fail_after(5), pytest.raises(OnceCycleError):
+        await loader.resets_own_key("a")
+
+
+async def test_a_per_key_reset_waits_for_the_keys_run_and_the_next_call_makes_it_anew() -> None:
+    """reset(key) during that key's run: the run's value is cleaned up, not served after."""
+    closed: list[str] = []
+    runs: list[str] = []
+    gate = anyio.Event()
+
+    @once(key=lambda k: k)
+    async def get(k: str) -> AsyncIterator[str]:
+        runs.append(k)
+        if len(runs) == 1:
+            await gate.wait()
+        yield f"{k} #{len(runs)}"
+        closed.append(f"{k} #{len(runs)}")
+
+    async with anyio.create_task_group() as group:
+        first: list[str] = []
+
+        async def call() -> None:
+            first.append(await get("a"))
+
+        group.start_soon(call)
+        await wait_until(lambda: runs == ["a"])
+        reset_done = anyio.Event()
+
+        async def reset() -> None:
+            await get.reset("a")
+            reset_done.set()
+
+        group.start_soon(reset)
+        await anyio.sleep(0.01)
+        assert not reset_done.is_set()  # it waits for the run
+        gate.set()
+        await reset_done.wait()
+    assert first == ["a #1"]  # the caller that waited got the run's value
+    assert closed == ["a #1"]  # and reset cleaned it up before returning
+    assert get.status().state == "idle"
+    assert await get("a") == "a #2"
+
+
+class Pool:
+    """A generator method (self is a weak proxy) whose run may be held on a gate."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed: list[str] = []
+        self.gate: anyio.Event | None = None
+        self.started: list[str] = []
+
+    @once(refresh=5, ttl=10)
+    async def conn(self) -> AsyncIterator[str]:
+        closed, gate = self.closed, self.gate
+        made = f"{self.name} #{len(self.started) + 1}"
+        self.started.append(made)
+        if gate is not None:
+            await gate.wait()
+        yield made
+        closed.append(made)
+
+
+async def test_an_instance_collected_while_callers_wait_gives_them_the_value_then_cleans_it_up(
+    clock: FakeClock,
+) -> None:
+    """The instance goes while its first run is in flight: the waiters get the value, and its
+    cleanup runs once afterwards; nothing is left behind."""
+    pool = Pool("p")
+    closed, started, gate = pool.closed, pool.started, anyio.Event()
+    pool.gate = gate
+    got: list[str] = []
+    async with anyio.create_task_group() as group:
+        method = pool.conn
+
+        async def call() -> None:
+            got.append(await method())
+
+        for _ in range(3):
+            group.start_soon(call)
+        await wait_until(lambda: len(started) == 1 and method.status().joins == 2)
+        gone = weakref.ref(pool)
+        del pool
+        gc.collect()
+        assert gone() is None
+        gate.set()
+    assert got == ["p #1"] * 3
+    await wait_until(lambda: closed == ["p #1"])
+    await anyio.sleep(0.01)
+    assert closed == ["p #1"]
+    with pytest.raises(ReferenceError):
+        await method()
+
+
+async def test_an_instance_collected_during_a_refresh_cleans_up_both_values_once(
+    clock: FakeClock,
+) -> None:
+    """The instance goes while a background refresh runs: the old value and the refresh's value
+    are each cleaned up exactly once."""
+    pool = Pool("p")
+    closed, started = pool.closed, pool.started
+    assert await pool.conn() == "p #1"
+    clock.advance(6)
+    pool.gate = gate = anyio.Event()
+    assert await pool.conn() == "p #1"  # starts the refresh, which waits on the gate
+    await wait_until(lambda: len(started) == 2)
+    gone = weakref.ref(pool)
+    del pool
+    gc.collect()
+    assert gone() is None
+    gate.set()
+    await wait_until(lambda: sorted(closed) == ["p #1", "p #2"])
+    await anyio.sleep(0.01)
+    assert sorted(closed) == ["p #1", "p #2"]
