@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -229,3 +230,144 @@ async def test_an_instance_collected_during_a_refresh_cleans_up_both_values_once
     await wait_until(lambda: sorted(closed) == ["p #1", "p #2"])
     await anyio.sleep(0.01)
     assert sorted(closed) == ["p #1", "p #2"]
+
+
+class Upstream:
+    """A maker that fails on demand, may hold its runs on a gate, and records cleanups."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.failing = False
+        self.gate: anyio.Event | None = None
+        self.closed: list[int] = []
+
+    async def make(self) -> AsyncIterator[int]:
+        self.runs += 1
+        mine = self.runs
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.failing:
+            raise ConnectionError(f"run {mine} failed")
+        yield mine
+        self.closed.append(mine)
+
+
+def state_of(target: Any) -> tuple[str, bool]:
+    """status()'s state and whether it reports a stale value."""
+    status = target.status()
+    return status.state, status.stale
+
+
+async def test_status_says_what_the_next_call_does_at_every_step_of_a_stale_window(
+    clock: FakeClock,
+) -> None:
+    """status() along a window: ready, idle+stale, running+stale, ready+stale, refreshing+stale,
+    ready+stale, then running (the window over, the attempt joined), then failed."""
+    up = Upstream()
+    get = once(up.make, ttl=10, stale_if_error=30, cooldown=5)
+    assert state_of(get) == ("idle", False)
+    assert await get() == 1
+    assert state_of(get) == ("ready", False)
+    clock.advance(11)
+    assert state_of(get) == ("idle", True)
+    up.failing, up.gate = True, anyio.Event()
+    async with anyio.create_task_group() as group:
+        group.start_soon(get)
+        await wait_until(lambda: up.runs == 2)
+        assert state_of(get) == ("running", True)
+        up.gate.set()
+    assert state_of(get) == ("ready", True)
+    assert await get() == 1  # within the cooldown: no attempt
+    assert up.runs == 2
+    clock.advance(6)
+    up.gate = anyio.Event()
+    assert await get() == 1  # served at once; attempt 3 starts behind it
+    await wait_until(lambda: up.runs == 3)
+    assert state_of(get) == ("refreshing", True)
+    up.gate.set()
+    await wait_until(lambda: state_of(get) == ("ready", True))
+    clock.advance(6)
+    up.gate = anyio.Event()
+    assert await get() == 1
+    await wait_until(lambda: up.runs == 4)
+    clock.advance(30)  # the window ends while attempt 4 runs
+    assert state_of(get) == ("running", False)
+    async with anyio.create_task_group() as group:
+        failures: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await get()
+            except ConnectionError as exc:
+                failures.append(exc)
+
+        group.start_soon(call)
+        await wait_until(lambda: get.status().joins >= 1)
+        up.gate.set()
+    assert len(failures) == 1
+    assert state_of(get) == ("failed", False)
+    await wait_until(lambda: up.closed == [1])
+    assert up.closed == [1]
+
+
+async def test_cooldown_spaces_background_attempts_whose_retries_all_fail(
+    clock: FakeClock,
+) -> None:
+    """retries= and cooldown=: one background attempt of 1 + retries tries per cooldown."""
+    up = Upstream()
+    get = once(up.make, ttl=10, stale_if_error=60, cooldown=20, retries=2, backoff=0)
+    assert await get() == 1
+    clock.advance(11)
+    up.failing = True
+    assert await get() == 1  # tries 2, 3, 4 failed
+    assert up.runs == 4
+    clock.advance(10)
+    assert await get() == 1
+    await anyio.sleep(0.01)
+    assert up.runs == 4  # the cooldown lasts
+    clock.advance(11)
+    assert await get() == 1
+    await wait_until(lambda: up.runs == 7 and get.status().state == "ready")
+    assert await get() == 1
+    up.failing = False
+    clock.advance(21)
+    assert await get() == 1  # the next background attempt succeeds behind it
+    await wait_until(lambda: get.status().state == "ready" and up.runs == 8)
+    assert await get() == 8
+    assert state_of(get) == ("ready", False)
+    await wait_until(lambda: up.closed == [1])
+
+
+async def test_a_failing_stale_key_is_not_evicted_while_its_background_attempt_runs(
+    clock: FakeClock,
+) -> None:
+    """maxsize: a stale key whose background attempt runs is skipped by eviction; once that
+    attempt has settled the key goes like any other, cleaned up once."""
+    closed: list[str] = []
+    failing: set[str] = set()
+    gates: dict[str, anyio.Event] = {}
+
+    @once(key=lambda k: k, maxsize=1, ttl=10, stale_if_error=30)
+    async def get(k: str) -> AsyncIterator[str]:
+        gate = gates.get(k)
+        if gate is not None:
+            await gate.wait()
+        if k in failing:
+            raise ConnectionError(k)
+        yield k
+        closed.append(k)
+
+    assert await get("a") == "a"
+    clock.advance(11)
+    failing.add("a")
+    assert await get("a") == "a"  # failing: stale served
+    gates["a"] = anyio.Event()
+    assert await get("a") == "a"  # a background attempt starts and waits
+    await wait_until(lambda: get.status().state == "refreshing")
+    assert await get("b") == "b"  # "a" is in flight: kept
+    assert closed == []
+    assert await get("a") == "a"
+    gates["a"].set()
+    await wait_until(lambda: closed == ["b"])  # "a" settled (failing): "b" is least recent
+    assert await get("c") == "c"
+    await wait_until(lambda: closed == ["b", "a"])
