@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
@@ -279,6 +280,62 @@ class Options(TypedDict, total=False):
 
 @overload
 def once(fn: Once[P, T], /, **options: Unpack[Options]) -> Once[P, T]: ...  # type: ignore[overload-overlap]
+@overload
+def once(
+    fn: functools.partialmethod[Coroutine[Any, Any, T]],
+    /,
+    *,
+    key: None = None,
+    **options: Unpack[Options],
+) -> Once[[], T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[AsyncIterator[T]],
+    /,
+    *,
+    key: None = None,
+    **options: Unpack[Options],
+) -> Once[[], T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[Iterator[T]], /, *, key: None = None, **options: Unpack[Options]
+) -> Once[[], T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[T], /, *, key: None = None, **options: Unpack[Options]
+) -> Once[[], T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[Coroutine[Any, Any, T]],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[AsyncIterator[T]],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[Iterator[T]],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[T],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
 @overload
 def once(
     fn: Callable[..., Coroutine[Any, Any, T]], /, *, key: None = None, **options: Unpack[Options]

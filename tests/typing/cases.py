@@ -1,5 +1,6 @@
 """Typed direct calls: a line whose comment starts "E:" must be a mypy error containing the rest."""
 
+import functools
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
@@ -81,6 +82,15 @@ class Service:
     async def client(self) -> Client:
         return Client()
 
+    async def _connect(self, role: str) -> Client:
+        return Client()
+
+    def _open(self, role: str) -> AsyncIterator[Client]:
+        raise NotImplementedError
+
+    replica = once(functools.partialmethod(_connect, "replica"))
+    primary = once(functools.partialmethod(_open, "primary"), ttl=10, stale_if_error=30)
+
     @once(key=url_key)
     async def fetch(self, url: str) -> bytes:
         return url.encode()
@@ -88,6 +98,10 @@ class Service:
 
 async def method_calls(service: Service) -> None:
     c: Client = await service.client()
+    c = await service.replica()
+    c = await service.primary()
+    await service.replica.reset()
+    await service.replica("x")  # E: Too many arguments
     b: bytes = await service.fetch("/a")
     await service.fetch.reset("/a")
     wrong: int = await service.client()  # E: Incompatible types in assignment
