@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import gc
+import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import pytest
+from fastapi import Depends, FastAPI
+from fastapi.testclient import TestClient
 from timekeeping import FakeClock, wait_until
 
 from fastapi_once import OnceCycleError, OnceTimeoutError, once
+from fastapi_once._loops import forget_everything
+from fastapi_once.testing import override
 
 pytestmark = pytest.mark.anyio
 
@@ -371,3 +376,111 @@ async def test_a_failing_stale_key_is_not_evicted_while_its_background_attempt_r
     await wait_until(lambda: closed == ["b"])  # "a" settled (failing): "b" is least recent
     assert await get("c") == "c"
     await wait_until(lambda: closed == ["b", "a"])
+
+
+def test_a_process_scope_once_serves_its_stale_value_to_sync_callers(clock: FakeClock) -> None:
+    """scope="process": past the ttl a failed attempt gives get_sync() the stale value; past
+    the window the failure is raised and the stale value is cleaned up once."""
+    runs: list[int] = []
+    closed: list[int] = []
+    failing = False
+
+    def make() -> Iterator[int]:
+        runs.append(len(runs) + 1)
+        mine = len(runs)
+        if failing:
+            raise ConnectionError(f"run {mine} failed")
+        yield mine
+        closed.append(mine)
+
+    get = once(make, ttl=10, stale_if_error=30, scope="process")
+    try:
+        assert get.get_sync() == 1
+        clock.advance(11)
+        failing = True
+        assert get.get_sync() == 1  # attempt 2 failed: the stale value
+        assert get.get_sync() == 1  # served; an attempt runs behind it
+        assert get.status().stale
+        clock.advance(30)
+        with pytest.raises(ConnectionError):
+            get.get_sync()
+        give_up = time.monotonic() + 5
+        while closed != [1] and time.monotonic() < give_up:  # cleaned up in the scope's loop
+            time.sleep(0.001)
+    finally:
+        forget_everything()
+    assert closed == [1]
+
+
+class Keyed:
+    """A keyed once method reached through a route."""
+
+    def __init__(self) -> None:
+        self.runs: list[str | None] = []
+
+    @once(key=lambda name: name)
+    async def table(self, name: str | None = None) -> str:
+        self.runs.append(name)
+        return f"table {name}"
+
+
+def test_a_route_depends_on_a_keyed_method_whose_key_may_be_none() -> None:
+    """Depends(obj.method) with key None (the query parameter left out) makes that key once."""
+    keyed = Keyed()
+    app = FastAPI()
+
+    @app.get("/table")
+    async def table(value: str = Depends(keyed.table)) -> str:
+        return value
+
+    with TestClient(app) as client:
+        assert client.get("/table").json() == "table None"
+        assert client.get("/table").json() == "table None"
+        assert client.get("/table", params={"name": "a"}).json() == "table a"
+        assert client.get("/table").json() == "table None"
+    assert keyed.runs == [None, "a"]
+
+
+class Same:
+    """Instances that are all equal (and hash alike)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Same)
+
+    def __hash__(self) -> int:
+        return 0
+
+    @once
+    async def value(self) -> str:
+        return self.name
+
+
+async def test_instances_equal_by_eq_still_have_their_own_values() -> None:
+    """Binding is by identity: two equal instances never share a value."""
+    one, two = Same("one"), Same("two")
+    assert await one.value() == "one"
+    assert await two.value() == "two"
+    assert one.value is not two.value
+
+
+async def test_override_of_a_stale_once_serves_the_stand_in_and_then_makes_anew(
+    clock: FakeClock,
+) -> None:
+    """testing.override during a stale window: the stale value is cleaned up, the stand-in is
+    served past any ttl, and after the block the once makes its own value."""
+    up = Upstream()
+    get = once(up.make, ttl=10, stale_if_error=30)
+    assert await get() == 1
+    clock.advance(11)
+    up.failing = True
+    assert await get() == 1
+    async with override(get, 99):
+        assert up.closed == [1]
+        clock.advance(100)
+        assert await get() == 99
+    up.failing = False
+    assert await get() == 3
+    assert up.closed == [1]
