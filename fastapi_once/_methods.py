@@ -42,16 +42,32 @@ def is_method(fn: object) -> bool:
     ``<locals>.name``) whose first parameter is ``self``."""
     if isinstance(fn, functools.partialmethod):
         return True
+    return first_in_class(fn) == "self"
+
+
+def first_in_class(fn: object) -> str | None:
+    """The name of the first positional parameter of ``fn``, a function defined in a class
+    body (``self``: a method; ``cls``: a classmethod's function); None for anything else."""
     if not inspect.isfunction(fn):
-        return False
+        return None
     parts = fn.__qualname__.split(".")
     if len(parts) < 2 or parts[-2] == "<locals>":
-        return False
+        return None
     try:
         first = next(iter(inspect.signature(fn).parameters.values()), None)
     except (TypeError, ValueError):  # pragma: no cover - a function always has a signature
-        return False
-    return first is not None and first.name == "self" and first.kind in _POSITIONAL
+        return None
+    return first.name if first is not None and first.kind in _POSITIONAL else None
+
+
+def classmethod_refused(fn: object) -> TypeError:
+    """The error for ``@once`` stacked with ``@classmethod`` (in either order), with the fix."""
+    name = getattr(getattr(fn, "__func__", fn), "__qualname__", repr(fn))
+    return TypeError(
+        f"@once on {name}: a classmethod has one value per class, which @once cannot bind in "
+        f"the class body; drop @once there and, after the class is defined, use once({name}) "
+        "(the class's bound method: one value for the class), or make it a module-level function"
+    )
 
 
 class BoundMethod:

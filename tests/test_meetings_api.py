@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -484,3 +484,62 @@ async def test_override_of_a_stale_once_serves_the_stand_in_and_then_makes_anew(
     up.failing = False
     assert await get() == 3
     assert up.closed == [1]
+
+
+@pytest.mark.parametrize(
+    "stack",
+    [lambda f: once(classmethod(f)), lambda f: classmethod(once(f))],
+    ids=["once-outside", "classmethod-outside"],
+)
+def test_once_over_a_classmethod_is_refused_with_a_fix_that_works(
+    stack: Callable[[Any], Any],
+) -> None:
+    """@once with @classmethod (either stacking order) is refused, and the message gives a
+    form that works rather than the other order."""
+
+    async def make(cls: type) -> str:
+        return cls.__name__
+
+    make.__qualname__ = "Settings.make"
+    with pytest.raises(TypeError, match=r"classmethod.*once\(Settings\.make\)") as refused:
+        stack(make)
+    assert "request data" not in str(refused.value)
+
+
+async def test_once_of_a_classmethod_bound_to_its_class_makes_one_value() -> None:
+    """once(Cls.method) after the class body: one value for the class, as the fix says."""
+
+    class Settings:
+        runs = 0
+
+        @classmethod
+        async def make(cls) -> str:
+            cls.runs += 1
+            return cls.__name__
+
+    get = once(Settings.make)
+    assert await get() == await get() == "Settings"
+    assert Settings.runs == 1
+
+
+async def test_once_stacks_with_staticmethod_in_either_order() -> None:
+    """@once and @staticmethod in either order: one value, reached from the class or an instance."""
+    runs: list[str] = []
+
+    class Config:
+        @staticmethod
+        @once
+        async def inner() -> str:
+            runs.append("inner")
+            return "inner"
+
+        @once
+        @staticmethod
+        async def outer() -> str:
+            runs.append("outer")
+            return "outer"
+
+    for _ in range(2):
+        assert await Config.inner() == await Config().inner() == "inner"
+        assert await Config.outer() == await Config().outer() == "outer"
+    assert runs == ["inner", "outer"]
