@@ -183,10 +183,42 @@ class OnceMethod:
             return entry[1]
         return self._bind(obj)
 
-    def __call__(self, obj: object, /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        """``type(obj).method(obj, ...)``: the same as ``obj.method(...)``."""
-        bound: Once[Any, Any] = self.__get__(obj, type(obj))
-        return bound(*args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        """``type(obj).method(obj, ...)``: the same as ``obj.method(...)``.
+
+        Raises:
+            TypeError: no instance given (e.g. ``Depends(Cls.method)``).
+        """
+        if not args:
+            raise TypeError(
+                f"{self.__qualname__}() needs the instance whose value it is: each instance has "
+                f"its own once; call obj.{self.__name__}() and, in a route, depend on "
+                f"Depends(obj.{self.__name__})"
+            )
+        bound: Once[Any, Any] = self.__get__(args[0], type(args[0]))
+        return bound(*args[1:], **kwargs)
+
+    async def reset(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the class's method has no values of its own; each instance's once has them.
+
+        Raises:
+            TypeError: always, naming ``obj.method.reset()`` and ``reset_all()``.
+        """
+        raise TypeError(
+            f"{self.__qualname__}.reset(): each instance has its own once; reset one instance's "
+            f"values with obj.{self.__name__}.reset(), or every value in the loop with reset_all()"
+        )
+
+    def status(self, *, details: bool = False) -> Any:
+        """Refused: the class's method has no status of its own; each instance's once has one.
+
+        Raises:
+            TypeError: always, naming ``obj.method.status()``.
+        """
+        raise TypeError(
+            f"{self.__qualname__}.status(): each instance has its own once; read one instance's "
+            f"with obj.{self.__name__}.status()"
+        )
 
     def _bind(self, obj: object) -> Once[Any, Any]:
         key = id(obj)

@@ -543,3 +543,33 @@ async def test_once_stacks_with_staticmethod_in_either_order() -> None:
         assert await Config.inner() == await Config().inner() == "inner"
         assert await Config.outer() == await Config().outer() == "outer"
     assert runs == ["inner", "outer"]
+
+
+class Shop:
+    """A class whose once method is reached, by mistake, through the class."""
+
+    @once
+    async def pool(self) -> str:
+        return "pool"
+
+
+def test_a_route_on_the_class_level_method_fails_with_the_fix() -> None:
+    """Depends(Cls.method) has no instance: the error says to depend on an instance's once."""
+    app = FastAPI()
+
+    @app.get("/")
+    async def route(value: str = Depends(Shop.pool)) -> str:
+        return value
+
+    with TestClient(app) as client, pytest.raises(TypeError, match=r"Depends\(obj\.pool\)"):
+        client.get("/")
+
+
+async def test_reset_and_status_on_the_class_level_method_say_to_use_an_instance() -> None:
+    """Cls.method.reset() / .status(): the error names obj.method and reset_all()."""
+    with pytest.raises(TypeError, match=r"obj\.pool\.reset\(\).*reset_all\(\)"):
+        await Shop.pool.reset()
+    with pytest.raises(TypeError, match=r"obj\.pool\.status\(\)"):
+        Shop.pool.status()
+    shop = Shop()
+    assert await Shop.pool(shop) == "pool"
