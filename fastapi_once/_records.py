@@ -328,6 +328,9 @@ class Record:
         self._release(attempt, error, None, monotonic())
         if self.attempt is attempt:
             store.last_error = (type(error).__name__, str(error))
+            if self.state == REFRESHING:  # a failed refresh, though its run goes on
+                self.failing = True
+                self._to(REFRESHING)
         if attempt.scope is not None:
             attempt.scope.cancel()
 

@@ -573,3 +573,38 @@ async def test_reset_and_status_on_the_class_level_method_say_to_use_an_instance
         Shop.pool.status()
     shop = Shop()
     assert await Shop.pool(shop) == "pool"
+
+
+async def test_a_refresh_timed_out_before_the_ttl_and_still_running_past_it_is_a_failure(
+    clock: FakeClock,
+) -> None:
+    """refresh= and timeout=: a background refresh that timed out before the ttl counts as a
+    failed refresh; past the ttl, while the run still goes on, the value is served at once
+    (stale_if_error=), not the timeout; past the window the timeout reaches the callers."""
+    gate = anyio.Event()
+    runs: list[int] = []
+
+    async def make() -> AsyncIterator[int]:
+        runs.append(len(runs) + 1)
+        if len(runs) > 1:
+            with anyio.CancelScope(shield=True):  # ignores the timeout's cancellation
+                await gate.wait()
+            raise ConnectionError("down")
+        yield 1
+
+    get = once(make, refresh=5, ttl=10, stale_if_error=30, timeout=0.05)
+    assert await get() == 1
+    clock.advance(6)
+    try:
+        assert await get() == 1  # starts the refresh, which hangs
+        await wait_until(lambda: get.status().last_error_type == "OnceTimeoutError")
+        clock.advance(5)  # past the ttl; the refresh still runs
+        assert await get() == 1
+        assert (get.status().state, get.status().stale) == ("refreshing", True)
+        clock.advance(30)
+        with pytest.raises(OnceTimeoutError):
+            await get()
+    finally:
+        gate.set()
+    await wait_until(lambda: get.status().state != "running")
+    assert runs == [1, 2]
