@@ -608,3 +608,58 @@ async def test_a_refresh_timed_out_before_the_ttl_and_still_running_past_it_is_a
         gate.set()
     await wait_until(lambda: get.status().state != "running")
     assert runs == [1, 2]
+
+
+async def test_reset_during_a_background_attempt_cleans_up_the_stale_and_the_new_value_once(
+    clock: FakeClock,
+) -> None:
+    """reset() while a stale value is served and an attempt runs behind it: reset waits for the
+    attempt; both the stale value and the one the attempt made are cleaned up, each once."""
+    up = Upstream()
+    get = once(up.make, ttl=10, stale_if_error=30)
+    assert await get() == 1
+    clock.advance(11)
+    up.failing = True
+    assert await get() == 1  # attempt 2 failed: stale and failing
+    up.failing, up.gate = False, anyio.Event()
+    assert await get() == 1  # attempt 3 starts behind it
+    await wait_until(lambda: up.runs == 3)
+    async with anyio.create_task_group() as group:
+        group.start_soon(get.reset)
+        await wait_until(lambda: get.status().state == "refreshing")
+        up.gate.set()
+    assert sorted(up.closed) == [1, 3]
+    assert get.status().state == "idle"
+    assert await get() == 4
+
+
+def test_a_process_scope_method_value_is_cleaned_up_when_its_instance_is_collected() -> None:
+    """scope="process" on a method: collecting the instance cleans its value up once, in the
+    process scope's loop, and forgets its once."""
+    closed: list[str] = []
+
+    class Model:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @once(scope="process")
+        def weights(self) -> Iterator[str]:
+            name = self.name
+            yield f"weights of {name}"
+            closed.append(name)
+
+    try:
+        model = Model("m")
+        assert model.weights.get_sync() == model.weights.get_sync() == "weights of m"
+        made = weakref.ref(model.weights)
+        del model
+        gc.collect()
+        give_up = time.monotonic() + 5
+        while (closed != ["m"] or made() is not None) and time.monotonic() < give_up:
+            time.sleep(0.001)
+            gc.collect()
+        assert closed == ["m"]
+        assert made() is None
+    finally:
+        forget_everything()
+    assert closed == ["m"]
