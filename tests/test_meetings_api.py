@@ -663,3 +663,33 @@ def test_a_process_scope_method_value_is_cleaned_up_when_its_instance_is_collect
     finally:
         forget_everything()
     assert closed == ["m"]
+
+
+async def test_jitter_moves_refresh_ttl_and_the_stale_window_together(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jitter= with refresh= and stale_if_error=: the one draw per value moves the refresh, the
+    ttl and so the window's end (draw fixed at 2 s here)."""
+    from fastapi_once import _policy
+
+    monkeypatch.setattr(_policy.random, "uniform", lambda low, high: (low + high) / 2)
+    up = Upstream()
+    get = once(up.make, refresh=5, ttl=10, stale_if_error=30, jitter=4)
+    assert await get() == 1
+    clock.advance(6.5)  # before the jittered refresh (7 s)
+    assert await get() == 1
+    await anyio.sleep(0.01)
+    assert up.runs == 1
+    clock.advance(1)  # past it: a refresh starts and fails
+    up.failing = True
+    assert await get() == 1
+    await wait_until(lambda: up.runs == 2 and get.status().state == "ready")
+    clock.advance(34)  # 41.5 s: within the jittered window (ttl 12 s + 30 s)
+    assert await get() == 1
+    await wait_until(lambda: get.status().state == "ready")
+    status = get.status()
+    assert status.stale
+    clock.advance(1)  # 42.5 s: the window is over
+    with pytest.raises(ConnectionError):
+        await get()
+    await wait_until(lambda: up.closed == [1])
