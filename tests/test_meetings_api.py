@@ -693,3 +693,33 @@ async def test_jitter_moves_refresh_ttl_and_the_stale_window_together(
     with pytest.raises(ConnectionError):
         await get()
     await wait_until(lambda: up.closed == [1])
+
+
+def test_a_route_on_an_instances_once_can_be_overridden_and_the_override_removed() -> None:
+    """app.dependency_overrides[obj.method]: obj.method is one object for obj's life, so the
+    override applies, and once removed the instance's own value is made once."""
+    loader = Loader()
+    app = FastAPI()
+
+    @app.get("/base")
+    async def base(value: str = Depends(loader.base)) -> str:
+        return value
+
+    app.dependency_overrides[loader.base] = lambda: "stand-in"
+    with TestClient(app) as client:
+        assert client.get("/base").json() == "stand-in"
+        assert loader.runs == {}
+        del app.dependency_overrides[loader.base]
+        assert client.get("/base").json() == "base"
+        assert client.get("/base").json() == "base"
+    assert loader.runs == {"base": 1}
+
+
+async def test_override_of_an_instances_once_leaves_other_instances_alone() -> None:
+    """testing.override(obj.method, v) pins that instance's value only."""
+    one, two = Loader(), Loader()
+    async with override(one.base, "stand-in"):
+        assert await one.base() == "stand-in"
+        assert await two.base() == "base"
+    assert await one.base() == "base"
+    assert one.runs == two.runs == {"base": 1}
