@@ -47,7 +47,9 @@ Where options meet it: a failed ``refresh=`` before the ttl makes the value fail
 the ttl it is served at once; ``cooldown=`` spaces the attempts made while a stale value is
 served; ``jitter=`` moves the ttl and so ttl + S; ``retries=`` are tries within one attempt,
 whose final failure is the one that counts; a ``timeout=`` is a failure (the waiters get the
-stale value when it strikes). Reset, eviction and teardown retire a stale value like any
+stale value when it strikes; a refresh it strikes is failing while its run goes on; a run
+going on past ttl + S does not keep the value: it is retired then, and calls joining the run
+get its timeout). Reset, eviction and teardown retire a stale value like any
 other (its cleanup runs once); each key of a keyed once (``None`` included) has its own
 record, so its own stale value. ``status()`` reports the states above, plus ``stale`` and
 ``stale_until`` while a stale value is kept; after shutdown a due attempt is refused with
