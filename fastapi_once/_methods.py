@@ -248,6 +248,19 @@ class OnceMethod:
         forget(entry[1])
 
 
+def refuse_class_level(item: object, where: str) -> None:
+    """Raise if ``item`` is a once method looked up on its class, where a once is needed.
+
+    Raises:
+        TypeError: ``item`` is a :class:`OnceMethod`: it has no value, each instance's once has.
+    """
+    if isinstance(item, OnceMethod):
+        raise TypeError(
+            f"{where}({item.__qualname__}): that is the method of every instance, each with its "
+            f"own once and value; pass one instance's once, obj.{item.__name__}"
+        )
+
+
 def forget(target: Once[Any, Any]) -> None:
     """Retire ``target``'s values in every event loop, then forget it there (any thread)."""
     for state in every_state():

@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from timekeeping import FakeClock, wait_until
 
-from fastapi_once import OnceCycleError, OnceTimeoutError, once
+from fastapi_once import OnceCycleError, OnceTimeoutError, once, once_lifespan, readiness_router
 from fastapi_once._loops import forget_everything
 from fastapi_once.testing import override
 
@@ -723,3 +723,26 @@ async def test_override_of_an_instances_once_leaves_other_instances_alone() -> N
         assert await two.base() == "base"
     assert await one.base() == "base"
     assert one.runs == two.runs == {"base": 1}
+
+
+@pytest.mark.parametrize(
+    ("where", "use"),
+    [
+        ("once_lifespan", lambda target: once_lifespan(target)),
+        ("readiness_router", lambda target: readiness_router(target)),
+    ],
+)
+def test_the_class_level_method_given_where_a_once_is_needed_is_refused_with_the_fix(
+    where: str, use: Callable[[Any], Any]
+) -> None:
+    """once_lifespan(Cls.method) / readiness_router(Cls.method): no instance, so no value; the
+    error says to pass an instance's once."""
+    with pytest.raises(TypeError, match=rf"{where}\(.*Shop\.pool\).*obj\.pool"):
+        use(Shop.pool)
+
+
+async def test_override_of_the_class_level_method_is_refused_with_the_fix() -> None:
+    """testing.override(Cls.method, v): the error says to override an instance's once."""
+    with pytest.raises(TypeError, match=r"override\(.*Shop\.pool\).*obj\.pool"):
+        async with override(Shop.pool, "stand-in"):  # type: ignore[arg-type]
+            pass  # pragma: no cover - refused on entry
