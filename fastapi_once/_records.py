@@ -329,7 +329,7 @@ class Record:
         error = policy.timed_out(attempt.label)
         self._release(attempt, error, None, monotonic())
         if self.attempt is attempt:
-            store.last_error = (type(error).__name__, str(error))
+            store.last_error = (type(error).__name__, str(error), self.key)
             if self.state == REFRESHING:  # a failed refresh, though its run goes on
                 self.failing = True
                 self._to(REFRESHING)
@@ -422,7 +422,7 @@ class Record:
                 attempt.succeed(cast(Value, made).value)
         if not mine:
             return False
-        store.last_error = None if error is None else (type(error).__name__, str(error))
+        store.last_error = None if error is None else (type(error).__name__, str(error), self.key)
         self.advance(now)  # the ttl may have ended while the run went on
         self.attempt = None
         if error is None:
@@ -515,7 +515,8 @@ class Store:
         self.retired: list[Value] = []  # retired values with a cleanup, until it has run
         self.hits = self.joins = self.tries = 0
         self.last_duration: float | None = None
-        self.last_error: tuple[str, str] | None = None  # type name and message, no frames
+        # Type name, message (no frames) and key of the last attempt's error.
+        self.last_error: tuple[str, str, Hashable] | None = None
 
     def record(self, key: Hashable, now: float) -> Record:
         """The record of ``key`` as of ``now`` (time rows applied), created idle if absent."""
@@ -579,6 +580,9 @@ class KeyView:
     def retire_all(self) -> None:
         for rec in self._records():
             rec.drop(now=False)
+        last = self.store.last_error
+        if last is not None and last[2] == self.key:  # reset forgets its key's error
+            self.store.last_error = None
 
     def cleanups(self) -> list[Value]:
         return self.store.cleanups()

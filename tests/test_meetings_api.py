@@ -746,3 +746,26 @@ async def test_override_of_the_class_level_method_is_refused_with_the_fix() -> N
     with pytest.raises(TypeError, match=r"override\(.*Shop\.pool\).*obj\.pool"):
         async with override(Shop.pool, "stand-in"):  # type: ignore[arg-type]
             pass  # pragma: no cover - refused on entry
+
+
+@pytest.mark.parametrize("cooldown", [None, 10])
+async def test_resetting_the_key_that_failed_last_leaves_status_idle(
+    cooldown: float | None,
+) -> None:
+    """reset(key) of the key whose attempt failed last forgets that error: status() says idle,
+    as after reset(); resetting another key keeps it."""
+    options: dict[str, Any] = {} if cooldown is None else {"cooldown": cooldown}
+
+    @once(key=lambda k: k, **options)
+    async def get(k: str) -> str:
+        if k == "bad":
+            raise ConnectionError(k)
+        return k
+
+    assert await get("good") == "good"
+    with pytest.raises(ConnectionError):
+        await get("bad")
+    await get.reset("good")
+    assert (get.status().state, get.status().last_error_type) == ("failed", "ConnectionError")
+    await get.reset("bad")
+    assert (get.status().state, get.status().last_error_type) == ("idle", None)
