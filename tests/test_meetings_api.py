@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import pytest
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
@@ -769,3 +770,25 @@ async def test_resetting_the_key_that_failed_last_leaves_status_idle(
     assert (get.status().state, get.status().last_error_type) == ("failed", "ConnectionError")
     await get.reset("bad")
     assert (get.status().state, get.status().last_error_type) == ("idle", None)
+
+
+class Recursive:
+    """Once methods of other kinds that reach their own once."""
+
+    @once
+    async def gen(self) -> AsyncIterator[int]:
+        yield await self.gen()  # self is a weak proxy here
+
+    @once
+    def blocking(self) -> int:
+        return anyio.from_thread.run(self.blocking)
+
+
+@pytest.mark.parametrize("method", ["gen", "blocking"])
+async def test_a_generator_or_def_method_reaching_its_own_once_raises_a_cycle_error(
+    method: str,
+) -> None:
+    """Through a weak-proxy self or from its worker thread: OnceCycleError, never a hang."""
+    recursive = Recursive()
+    with anyio.fail_after(5), pytest.raises(OnceCycleError):
+        await getattr(recursive, method)()
