@@ -400,6 +400,12 @@ class Once(Generic[P, T]):
         """
         if (args or kwargs) and self._key is None:
             raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
+        if args or kwargs:
+            key = self._key(*args, **kwargs)  # type: ignore[misc]
+            try:
+                hash(key)
+            except TypeError:
+                raise unhashable(self.name, self.fn, key, args, kwargs) from None
         if self._process and not in_process_loop():
             return await hop(lambda: self.reset(*args, **kwargs))
         store = self.store_seen()

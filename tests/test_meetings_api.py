@@ -792,3 +792,17 @@ async def test_a_generator_or_def_method_reaching_its_own_once_raises_a_cycle_er
     recursive = Recursive()
     with anyio.fail_after(5), pytest.raises(OnceCycleError):
         await getattr(recursive, method)()
+
+
+async def test_reset_with_an_unhashable_key_names_the_once_and_the_fix() -> None:
+    """reset(key) whose key cannot be hashed fails as the call would, made values or not."""
+
+    @once(key=lambda items: items)
+    async def get(items: Any) -> int:
+        return len(items)
+
+    with pytest.raises(TypeError, match=r"the key of .*get is an unhashable list"):
+        await get.reset(["a"])
+    assert await get(("a",)) == 1
+    with pytest.raises(TypeError, match=r"the key of .*get is an unhashable list"):
+        await get.reset(["a"])
