@@ -49,11 +49,11 @@ served; ``jitter=`` moves the ttl and so ttl + S; ``retries=`` are tries within 
 whose final failure is the one that counts; a ``timeout=`` is a failure (the waiters get the
 stale value when it strikes; a refresh it strikes is failing while its run goes on; a run
 going on past ttl + S does not keep the value: it is retired then, and calls joining the run
-get its timeout). Reset, eviction and teardown retire a stale value like any
-other (its cleanup runs once); each key of a keyed once (``None`` included) has its own
-record, so its own stale value. ``status()`` reports the states above, plus ``stale`` and
-``stale_until`` while a stale value is kept; after shutdown a due attempt is refused with
-``OnceClosedError`` as any refresh is.
+get its timeout). Reset, eviction and teardown retire a stale value like any other (its
+cleanup runs once); each key of a keyed once (``None`` included) has its own record, so its
+own stale value. ``status()`` reports the states above, plus ``stale`` and ``stale_until``
+while a stale value is kept; after shutdown a due attempt is refused with ``OnceClosedError``
+as any refresh is.
 
 An idle record is dropped from its store. The time rows are applied by ``_Record.advance`` when
 an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
