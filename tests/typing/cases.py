@@ -91,6 +91,11 @@ class Service:
     replica = once(functools.partialmethod(_connect, "replica"))
     primary = once(functools.partialmethod(_open, "primary"), ttl=10, stale_if_error=30)
 
+    async def _fetch(self, role: str, url: str) -> bytes:
+        return url.encode()
+
+    by_url = once(functools.partialmethod(_fetch, "reader"), key=url_key)
+
     @once(key=url_key)
     async def fetch(self, url: str) -> bytes:
         return url.encode()
@@ -102,12 +107,14 @@ async def method_calls(service: Service) -> None:
     c = await service.primary()
     await service.replica.reset()
     await service.replica("x")  # E: Too many arguments
+    fetched: bytes = await service.by_url("/a")
+    await service.by_url(1)  # E: incompatible type "int"
     b: bytes = await service.fetch("/a")
     await service.fetch.reset("/a")
     wrong: int = await service.client()  # E: Incompatible types in assignment
     await service.client(1)  # E: Too many arguments
     await Service.client(service)  # E: Too many arguments
-    print(c, b, wrong)
+    print(c, b, fetched, wrong)
 
 
 async def calls() -> None:
