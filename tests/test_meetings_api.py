@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -806,3 +807,36 @@ async def test_reset_with_an_unhashable_key_names_the_once_and_the_fix() -> None
     assert await get(("a",)) == 1
     with pytest.raises(TypeError, match=r"the key of .*get is an unhashable list"):
         await get.reset(["a"])
+
+
+async def test_a_def_run_that_outlives_its_timeout_and_the_window_gives_no_retired_value(
+    clock: FakeClock,
+) -> None:
+    """timeout= on a def (a thread cannot be cancelled): past the window, a call joining the
+    run gets the timeout, and the stale value is cleaned up once."""
+    release = threading.Event()
+    runs: list[int] = []
+    closed: list[int] = []
+
+    def make() -> Iterator[int]:
+        runs.append(len(runs) + 1)
+        mine = len(runs)
+        if mine > 1:
+            release.wait(10)
+            raise ConnectionError("down")
+        yield mine
+        closed.append(mine)
+
+    get = once(make, ttl=10, stale_if_error=30, timeout=0.05)
+    assert await get() == 1
+    clock.advance(11)
+    try:
+        assert await get() == 1  # run 2 timed out within the window: the stale value
+        clock.advance(30)
+        with pytest.raises(OnceTimeoutError):
+            await get()
+        await wait_until(lambda: closed == [1])
+    finally:
+        release.set()
+    await wait_until(lambda: get.status().state != "running")
+    assert closed == [1]
