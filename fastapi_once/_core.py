@@ -394,7 +394,7 @@ class Once(Generic[P, T]):
         record is cleared too, so the next call in any process runs the function again.
 
         Raises:
-            TypeError: arguments given to an unkeyed once.
+            TypeError: arguments given to an unkeyed once, or an unhashable key.
             OnceCycleError: called from inside the work it would wait for.
             Exception: what a cleanup raised, after every cleanup has run.
         """
