@@ -390,7 +390,8 @@ class Once(Generic[P, T]):
 
         With arguments (a keyed once), only the key they map to. Work in flight is awaited first
         and what it makes is cleaned up too; a failure's cooldown and the last error are
-        forgotten; the counters in :meth:`status` are kept. With ``across=``, the backend's
+        forgotten (with arguments: that key's, and the last error if it was that key's); the
+        counters in :meth:`status` are kept. With ``across=``, the backend's
         record is cleared too, so the next call in any process runs the function again.
 
         Raises:
