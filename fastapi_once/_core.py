@@ -390,16 +390,23 @@ class Once(Generic[P, T]):
 
         With arguments (a keyed once), only the key they map to. Work in flight is awaited first
         and what it makes is cleaned up too; a failure's cooldown and the last error are
-        forgotten; the counters in :meth:`status` are kept. With ``across=``, the backend's
+        forgotten (with arguments: that key's, and the last error if it was that key's); the
+        counters in :meth:`status` are kept. With ``across=``, the backend's
         record is cleared too, so the next call in any process runs the function again.
 
         Raises:
-            TypeError: arguments given to an unkeyed once.
+            TypeError: arguments given to an unkeyed once, or an unhashable key.
             OnceCycleError: called from inside the work it would wait for.
             Exception: what a cleanup raised, after every cleanup has run.
         """
         if (args or kwargs) and self._key is None:
             raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
+        if args or kwargs:
+            key = self._key(*args, **kwargs)  # type: ignore[misc]
+            try:
+                hash(key)
+            except TypeError:
+                raise unhashable(self.name, self.fn, key, args, kwargs) from None
         if self._process and not in_process_loop():
             return await hop(lambda: self.reset(*args, **kwargs))
         store = self.store_seen()

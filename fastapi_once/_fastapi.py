@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import threading
@@ -22,7 +23,7 @@ from starlette.requests import HTTPConnection
 
 from ._core import Once, make_with
 from ._kinds import Kind, invoke, kind_of
-from ._methods import OnceMethod, is_method, method_once
+from ._methods import OnceMethod, classmethod_refused, first_in_class, is_method, method_once
 from ._policy import Policy
 from ._records import Resolve
 
@@ -281,6 +282,62 @@ class Options(TypedDict, total=False):
 def once(fn: Once[P, T], /, **options: Unpack[Options]) -> Once[P, T]: ...  # type: ignore[overload-overlap]
 @overload
 def once(
+    fn: functools.partialmethod[Coroutine[Any, Any, T]],
+    /,
+    *,
+    key: None = None,
+    **options: Unpack[Options],
+) -> Once[[], T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[AsyncIterator[T]],
+    /,
+    *,
+    key: None = None,
+    **options: Unpack[Options],
+) -> Once[[], T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[Iterator[T]], /, *, key: None = None, **options: Unpack[Options]
+) -> Once[[], T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[T], /, *, key: None = None, **options: Unpack[Options]
+) -> Once[[], T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[Coroutine[Any, Any, T]],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[AsyncIterator[T]],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[Iterator[T]],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
+    fn: functools.partialmethod[T],
+    /,
+    *,
+    key: Callable[P, Hashable],
+    **options: Unpack[Options],
+) -> Once[P, T]: ...
+@overload
+def once(
     fn: Callable[..., Coroutine[Any, Any, T]], /, *, key: None = None, **options: Unpack[Options]
 ) -> Once[[], T]: ...
 @overload
@@ -386,6 +443,10 @@ def once(fn: Any = None, /, **options: Any) -> Any:
         return fn.again(options)
     if is_method(fn):  # before callable(): a partialmethod is not callable
         return method_once(fn, options, _make)
+    if isinstance(fn, classmethod) or (
+        options.get("key") is None and first_in_class(fn) == "cls"
+    ):  # either order of @once and @classmethod (with key=, one value per class is a key)
+        raise classmethod_refused(fn)
     if not callable(fn):
         raise TypeError(
             f"once() takes a function (async def, def, or generator function), got "

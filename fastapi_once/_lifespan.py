@@ -15,6 +15,7 @@ from ._core import Once, make_with
 from ._fastapi import once
 from ._handles import retire_process_values
 from ._loops import close, current_loop, state_of
+from ._methods import refuse_class_level
 from ._telemetry import error_type, fields
 
 logger = logging.getLogger("fastapi_once")
@@ -51,7 +52,8 @@ def once_lifespan(
             exit.
 
     Raises:
-        TypeError: an item is not callable, or is keyed (a keyed once has no single value).
+        TypeError: an item is not callable, is keyed (a keyed once has no single value), or is a
+            once method looked up on its class (pass an instance's: ``obj.method``).
         ValueError: ``shutdown_timeout`` is not a positive finite number.
         Exception: at startup, the original exception of the first once that failed (what the
             others made is cleaned up first).
@@ -59,6 +61,7 @@ def once_lifespan(
     warm: list[Once[Any, Any]] = []
     for item in onces:
         made = once(item)
+        refuse_class_level(made, "once_lifespan")
         if made.keyed:
             raise TypeError(
                 f"once_lifespan({made.name}): a keyed once has one value per key, so there is "

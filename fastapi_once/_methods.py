@@ -42,16 +42,32 @@ def is_method(fn: object) -> bool:
     ``<locals>.name``) whose first parameter is ``self``."""
     if isinstance(fn, functools.partialmethod):
         return True
+    return first_in_class(fn) == "self"
+
+
+def first_in_class(fn: object) -> str | None:
+    """The name of the first positional parameter of ``fn``, a function defined in a class
+    body (``self``: a method; ``cls``: a classmethod's function); None for anything else."""
     if not inspect.isfunction(fn):
-        return False
+        return None
     parts = fn.__qualname__.split(".")
     if len(parts) < 2 or parts[-2] == "<locals>":
-        return False
+        return None
     try:
         first = next(iter(inspect.signature(fn).parameters.values()), None)
     except (TypeError, ValueError):  # pragma: no cover - a function always has a signature
-        return False
-    return first is not None and first.name == "self" and first.kind in _POSITIONAL
+        return None
+    return first.name if first is not None and first.kind in _POSITIONAL else None
+
+
+def classmethod_refused(fn: object) -> TypeError:
+    """The error for ``@once`` stacked with ``@classmethod`` (in either order), with the fix."""
+    name = getattr(getattr(fn, "__func__", fn), "__qualname__", repr(fn))
+    return TypeError(
+        f"@once on {name}: a classmethod has one value per class, which @once cannot bind in "
+        f"the class body; drop @once there and, after the class is defined, use once({name}) "
+        "(the class's bound method: one value for the class), or make it a module-level function"
+    )
 
 
 class BoundMethod:
@@ -167,10 +183,42 @@ class OnceMethod:
             return entry[1]
         return self._bind(obj)
 
-    def __call__(self, obj: object, /, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        """``type(obj).method(obj, ...)``: the same as ``obj.method(...)``."""
-        bound: Once[Any, Any] = self.__get__(obj, type(obj))
-        return bound(*args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        """``type(obj).method(obj, ...)``: the same as ``obj.method(...)``.
+
+        Raises:
+            TypeError: no instance given (e.g. ``Depends(Cls.method)``).
+        """
+        if not args:
+            raise TypeError(
+                f"{self.__qualname__}() needs the instance whose value it is: each instance has "
+                f"its own once; call obj.{self.__name__}() and, in a route, depend on "
+                f"Depends(obj.{self.__name__})"
+            )
+        bound: Once[Any, Any] = self.__get__(args[0], type(args[0]))
+        return bound(*args[1:], **kwargs)
+
+    async def reset(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: the class's method has no values of its own; each instance's once has them.
+
+        Raises:
+            TypeError: always, naming ``obj.method.reset()`` and ``reset_all()``.
+        """
+        raise TypeError(
+            f"{self.__qualname__}.reset(): each instance has its own once; reset one instance's "
+            f"values with obj.{self.__name__}.reset(), or every value in the loop with reset_all()"
+        )
+
+    def status(self, *, details: bool = False) -> Any:
+        """Refused: the class's method has no status of its own; each instance's once has one.
+
+        Raises:
+            TypeError: always, naming ``obj.method.status()``.
+        """
+        raise TypeError(
+            f"{self.__qualname__}.status(): each instance has its own once; read one instance's "
+            f"with obj.{self.__name__}.status()"
+        )
 
     def _bind(self, obj: object) -> Once[Any, Any]:
         key = id(obj)
@@ -198,6 +246,19 @@ class OnceMethod:
                 return
             del self._bound[key]
         forget(entry[1])
+
+
+def refuse_class_level(item: object, where: str) -> None:
+    """Raise if ``item`` is a once method looked up on its class, where a once is needed.
+
+    Raises:
+        TypeError: ``item`` is a :class:`OnceMethod`: it has no value, each instance's once has.
+    """
+    if isinstance(item, OnceMethod):
+        raise TypeError(
+            f"{where}({item.__qualname__}): that is the method of every instance, each with its "
+            f"own once and value; pass one instance's once, obj.{item.__name__}"
+        )
 
 
 def forget(target: Once[Any, Any]) -> None:

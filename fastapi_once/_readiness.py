@@ -25,6 +25,7 @@ from ._fastapi import once
 from ._handles import kick, served
 from ._kinds import Kind, kind_of
 from ._loops import current_loop
+from ._methods import refuse_class_level
 from ._status import OnceStatus
 from ._telemetry import error_type, fields, ping_failed
 
@@ -135,13 +136,15 @@ def readiness_router(
             the dependency (concurrent probes share one ping in flight).
 
     Raises:
-        TypeError: no onces, or a keyed once (it has no single value to be ready).
+        TypeError: no onces, a keyed once (it has no single value to be ready), or a once method
+            looked up on its class (pass an instance's: ``obj.method``).
         ValueError: ``retry_after`` is negative, or a ping interval is not positive.
     """
     if not onces:
         raise TypeError("readiness_router() needs the onces that must be ready, e.g. (get_db,)")
     items: list[Once[Any, Any]] = [once(item) for item in onces]
     for item in items:
+        refuse_class_level(item, "readiness_router")
         if item.keyed:
             raise TypeError(
                 f"readiness_router({item.name}): a keyed once has one value per key, so it is "

@@ -47,11 +47,13 @@ Where options meet it: a failed ``refresh=`` before the ttl makes the value fail
 the ttl it is served at once; ``cooldown=`` spaces the attempts made while a stale value is
 served; ``jitter=`` moves the ttl and so ttl + S; ``retries=`` are tries within one attempt,
 whose final failure is the one that counts; a ``timeout=`` is a failure (the waiters get the
-stale value when it strikes). Reset, eviction and teardown retire a stale value like any
-other (its cleanup runs once); each key of a keyed once (``None`` included) has its own
-record, so its own stale value. ``status()`` reports the states above, plus ``stale`` and
-``stale_until`` while a stale value is kept; after shutdown a due attempt is refused with
-``OnceClosedError`` as any refresh is.
+stale value when it strikes; a refresh it strikes is failing while its run goes on; a run
+going on past ttl + S does not keep the value: it is retired then, and calls joining the run
+get its timeout). Reset, eviction and teardown retire a stale value like any other (its
+cleanup runs once); each key of a keyed once (``None`` included) has its own record, so its
+own stale value. ``status()`` reports the states above, plus ``stale`` and ``stale_until``
+while a stale value is kept; after shutdown a due attempt is refused with ``OnceClosedError``
+as any refresh is.
 
 An idle record is dropped from its store. The time rows are applied by ``_Record.advance`` when
 an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
@@ -181,10 +183,13 @@ class Record:
 
     def advance(self, now: float) -> None:
         """Apply the time rows: retire an expired value, forget an error whose cooldown ended."""
-        state = self.due(now)
-        if state != self.state:
-            made = self.made
-            if made is not None and now >= cast(float, self._ends(made)):
+        state, made = self.due(now), self.made
+        # Past its end a value is retired also when the state stays (running: a timed-out run
+        # that goes on past the stale window).
+        ends = None if made is None else self._ends(made)
+        expired = ends is not None and now >= ends
+        if state != self.state or expired:
+            if expired:
                 self._retire()
             self.drop() if state == IDLE else self._to(state)
 
@@ -204,6 +209,11 @@ class Record:
     def _retire(self, now: bool = True) -> None:
         made, self.made = self.made, None
         self.failing, self.retry_at = False, None
+        attempt = self.attempt
+        if attempt is not None and attempt.stale:
+            # Its waiters were given ``made`` (a timeout within the window) and the run goes on:
+            # a call that joins it from now on gets the failure, not a retired value.
+            attempt.stale, attempt.value = False, None
         if made is not None:
             if now:
                 made.retire()
@@ -319,7 +329,10 @@ class Record:
         error = policy.timed_out(attempt.label)
         self._release(attempt, error, None, monotonic())
         if self.attempt is attempt:
-            store.last_error = (type(error).__name__, str(error))
+            store.last_error = (type(error).__name__, str(error), self.key)
+            if self.state == REFRESHING:  # a failed refresh, though its run goes on
+                self.failing = True
+                self._to(REFRESHING)
         if attempt.scope is not None:
             attempt.scope.cancel()
 
@@ -409,7 +422,7 @@ class Record:
                 attempt.succeed(cast(Value, made).value)
         if not mine:
             return False
-        store.last_error = None if error is None else (type(error).__name__, str(error))
+        store.last_error = None if error is None else (type(error).__name__, str(error), self.key)
         self.advance(now)  # the ttl may have ended while the run went on
         self.attempt = None
         if error is None:
@@ -502,7 +515,8 @@ class Store:
         self.retired: list[Value] = []  # retired values with a cleanup, until it has run
         self.hits = self.joins = self.tries = 0
         self.last_duration: float | None = None
-        self.last_error: tuple[str, str] | None = None  # type name and message, no frames
+        # Type name, message (no frames) and key of the last attempt's error.
+        self.last_error: tuple[str, str, Hashable] | None = None
 
     def record(self, key: Hashable, now: float) -> Record:
         """The record of ``key`` as of ``now`` (time rows applied), created idle if absent."""
@@ -566,6 +580,9 @@ class KeyView:
     def retire_all(self) -> None:
         for rec in self._records():
             rec.drop(now=False)
+        last = self.store.last_error
+        if last is not None and last[2] == self.key:  # reset forgets its key's error
+            self.store.last_error = None
 
     def cleanups(self) -> list[Value]:
         return self.store.cleanups()

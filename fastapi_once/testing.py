@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from ._core import Once
 from ._handles import pin, unpin
+from ._methods import refuse_class_level
 
 T = TypeVar("T")
 
@@ -30,8 +31,10 @@ async def override(target: Once[Any, T], value: T) -> AsyncIterator[T]:
     it is yours) and makes its own value on the next call.
 
     Raises:
-        TypeError: ``target`` is keyed (override one key by overriding the route dependency).
+        TypeError: ``target`` is keyed (override one key by overriding the route dependency), or
+            is a once method looked up on its class (override an instance's: ``obj.method``).
     """
+    refuse_class_level(target, "override")
     if target.keyed:
         raise TypeError(f"override({target.name}): a keyed once cannot be overridden as a whole")
     await target.reset()

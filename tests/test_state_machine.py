@@ -4,7 +4,8 @@ A real once (unkeyed or keyed with maxsize=2, with ttl/refresh/cooldown/stale_if
 generator value with a cleanup) runs in an event loop in a background thread (asyncio or trio).
 Rules make calls, finish or fail the runs of fn in flight, cancel callers, move the fake clock,
 reset one key or all.
-After every step: never two runs of fn for one key at once, no cleanup twice; a probe call
+After every step: never two runs of fn for one key at once, no cleanup twice, no value served
+after its cleanup; a probe call
 behaves as status() said; at the end, after reset_all(), every value made was cleaned up once.
 Hypothesis prints a failing sequence of steps, which replays it.
 """
@@ -35,6 +36,7 @@ CONFIGS: list[dict[str, float]] = [
     {"refresh": 5, "ttl": 10, "cooldown": 3},
     {"ttl": 10, "stale_if_error": 12},
     {"refresh": 5, "ttl": 10, "stale_if_error": 7, "cooldown": 3},
+    {"refresh": 5, "ttl": 10, "stale_if_error": 7, "jitter": 2},
 ]
 KEYS = [None, "a", "b"]
 _names = itertools.count()
@@ -113,8 +115,14 @@ class OnceMachine(RuleBasedStateMachine):
         fut = self.portal.start_task_soon(self.once, key) if self.keyed else None
         if fut is None:
             fut = self.portal.start_task_soon(self.once)
+        fut.add_done_callback(self.check_served)
         self.calls.append(fut)
         return fut
+
+    def check_served(self, fut: concurrent.futures.Future[Any]) -> None:
+        """A call never returns a value whose cleanup has already run."""
+        if not fut.cancelled() and fut.exception() is None and fut.result() in self.cleaned:
+            self.violations.append(f"value {fut.result()} served after its cleanup")
 
     @rule(key=st.sampled_from(KEYS))
     def make_a_call(self, key: object) -> None:

@@ -1,5 +1,6 @@
 """Typed direct calls: a line whose comment starts "E:" must be a mypy error containing the rest."""
 
+import functools
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
 
@@ -81,6 +82,20 @@ class Service:
     async def client(self) -> Client:
         return Client()
 
+    async def _connect(self, role: str) -> Client:
+        return Client()
+
+    def _open(self, role: str) -> AsyncIterator[Client]:
+        raise NotImplementedError
+
+    replica = once(functools.partialmethod(_connect, "replica"))
+    primary = once(functools.partialmethod(_open, "primary"), ttl=10, stale_if_error=30)
+
+    async def _fetch(self, role: str, url: str) -> bytes:
+        return url.encode()
+
+    by_url = once(functools.partialmethod(_fetch, "reader"), key=url_key)
+
     @once(key=url_key)
     async def fetch(self, url: str) -> bytes:
         return url.encode()
@@ -88,12 +103,18 @@ class Service:
 
 async def method_calls(service: Service) -> None:
     c: Client = await service.client()
+    c = await service.replica()
+    c = await service.primary()
+    await service.replica.reset()
+    await service.replica("x")  # E: Too many arguments
+    fetched: bytes = await service.by_url("/a")
+    await service.by_url(1)  # E: incompatible type "int"
     b: bytes = await service.fetch("/a")
     await service.fetch.reset("/a")
     wrong: int = await service.client()  # E: Incompatible types in assignment
     await service.client(1)  # E: Too many arguments
     await Service.client(service)  # E: Too many arguments
-    print(c, b, wrong)
+    print(c, b, fetched, wrong)
 
 
 async def calls() -> None:
