@@ -522,6 +522,12 @@ class PostgresBackend(Backend):
             except Exception:
                 await self._keyed_failed(conn, record, cooldown)
                 raise
+            except BaseException:
+                # Cancelled (the connection is idle: the liveness check is shielded): free the
+                # key and wake the waiters now, rather than at their recheck_interval; nothing
+                # failed, so no cooldown.
+                await self._keyed_failed(conn, record, None)
+                raise
             with self._driver_errors("recording the result"):
                 # On the connection that holds the lock: if its session has died, nothing is
                 # recorded. NOTIFY is delivered when its transaction commits.

@@ -1,0 +1,103 @@
+"""Where keyed ``across=`` meets other features, on Redis and PostgreSQL (asyncio only).
+
+Two backend instances in one process stand for two processes (as in test_keyed_shared.py):
+each holds its own connections, locks and listener.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from fastapi_once._keys import shared_key_digest
+from fastapi_once.backends import Backend
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kinds("redis", "postgres", "postgres-xact")]
+
+
+def build(spec: dict[str, Any], **options: Any) -> Backend:
+    """A backend of ``spec``'s kind on its server, with ``options``."""
+    if spec["kind"] == "redis":
+        from fastapi_once.backends import RedisBackend
+
+        return RedisBackend(
+            spec["url"], namespace=spec["namespace"], **{"lease": spec["lease"], **options}
+        )
+    from fastapi_once.backends import PostgresBackend
+
+    return PostgresBackend(spec["dsn"], table=spec["table"], lock=spec["lock"], **options)
+
+
+@pytest.fixture
+async def make(spec: dict[str, Any]) -> AsyncIterator[Callable[..., Backend]]:
+    """Build backends of the test's kind; they are closed on the test's event loop."""
+    made: list[Backend] = []
+
+    def make(**options: Any) -> Backend:
+        backend = build(spec, **options)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.aclose()
+
+
+@pytest.fixture
+def name() -> str:
+    """A once name of the test's own."""
+    return f"tests.meetings.get_stuff@{secrets.token_hex(4)}"
+
+
+def value(result: Any) -> Callable[[], Awaitable[Any]]:
+    """Work that returns ``result`` at once."""
+
+    async def work() -> Any:
+        return result
+
+    return work
+
+
+async def test_a_cancelled_leader_wakes_the_other_instances_followers_at_once(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """A leader cancelled while it holds the key's lock frees it and announces its end: a
+    follower of another instance, whose recheck_interval is far beyond the test's limit, takes
+    the key over and runs the work (no cooldown recorded for a cancellation)."""
+    leader, follower = make(), make(recheck_interval=600)
+    digest = shared_key_digest(name, "/a")
+    started = anyio.Event()
+    waiting: list[bool] = []
+
+    async def hang() -> Any:
+        started.set()
+        await anyio.sleep_forever()
+
+    async def lead(scope: anyio.CancelScope) -> None:
+        with scope:
+            await leader.run_keyed(name, digest, hang, ttl=60, cooldown=60)
+
+    async def follow() -> Any:
+        waiting.append(True)
+        return await follower.run_keyed(name, digest, value("taken over"), ttl=60, cooldown=60)
+
+    got: list[Any] = []
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+            tg.start_soon(lead, scope)
+            await started.wait()
+
+            async def run_follower() -> None:
+                got.append(await follow())
+
+            tg.start_soon(run_follower)
+            await anyio.sleep(0.5)  # the follower has found the lock held and waits
+            assert got == []
+            scope.cancel()
+    assert got == ["taken over"]
+
