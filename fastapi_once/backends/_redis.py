@@ -523,9 +523,15 @@ class RedisBackend(Backend):
                     woken.clear()  # before the check: a wake-up after it is kept
                 try:
                     async with wakeups.gate:
-                        status, data, *_ = await client.keyed_acquire(
-                            keys=[keys.value, keys.lock, keys.cool], args=args
-                        )
+                        try:
+                            status, data, *_ = await client.keyed_acquire(
+                                keys=[keys.value, keys.lock, keys.cool], args=args
+                            )
+                        except anyio.get_cancelled_exc_class():
+                            # The script may have run and taken the lock for us: free it now
+                            # (only if it is ours), rather than after the lease.
+                            await self._keyed_release(client, keys, lock, None)
+                            raise
                     reached = True
                     if status == 1:
                         return str(data)

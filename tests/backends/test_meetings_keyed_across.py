@@ -101,3 +101,29 @@ async def test_a_cancelled_leader_wakes_the_other_instances_followers_at_once(
             scope.cancel()
     assert got == ["taken over"]
 
+
+@pytest.mark.kinds("redis")
+async def test_a_leader_cancelled_before_the_lock_reply_arrives_leaves_the_key_free(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """A caller cancelled while the lock script's reply is on its way (the server took the
+    lock for it) frees the lock: another instance leads at once, not after the 60 s lease."""
+    first, second = make(lease=60), make(lease=60, recheck_interval=600)
+    digest = shared_key_digest(name, "/a")
+    client = first._client()  # type: ignore[attr-defined]
+    real = client.keyed_acquire
+    sent = anyio.Event()
+
+    async def reply_delayed(**kwargs: Any) -> Any:
+        got = await real(**kwargs)
+        sent.set()
+        await anyio.sleep_forever()  # the reply never reaches the caller
+        return got  # pragma: no cover
+
+    client.keyed_acquire = reply_delayed
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: first.run_keyed(name, digest, value("first"), ttl=60))
+            await sent.wait()
+            tg.cancel_scope.cancel()
+        assert await second.run_keyed(name, digest, value("second"), ttl=60) == "second"
