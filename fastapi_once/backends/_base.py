@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextvars
 import json
 import logging
@@ -244,12 +245,15 @@ def reset_message(name: str, key: str | None, sender: str) -> str:
     return json.dumps({"name": name, "key": key, "by": sender})
 
 
-async def forget_reset(message: str, me: str) -> None:
+def forget_reset(message: str, me: str) -> None:
     """Forget in this process what another process reset (see :func:`reset_message`).
 
-    Never raises: it runs in a backend's listening task; a failing cleanup is logged.
+    The forgetting runs in a task of its own, not in the caller's (a backend's listener):
+    it awaits the key's work in flight here, which may itself wait for a wake-up only the
+    listener can deliver. Never raises; a failing cleanup is logged.
     """
     from .._handles import forget_shared
+    from .._tasks import spawn
 
     try:
         data = json.loads(message)
@@ -259,10 +263,16 @@ async def forget_reset(message: str, me: str) -> None:
         return
     if sender == me:  # this backend's own reset: the process has forgotten the key already
         return
-    try:
-        await forget_shared(str(name), None if key is None else str(key))
-    except Exception as exc:
-        logger.warning("%s: a cleanup failed after a reset elsewhere: %s", name, type(exc).__name__)
+
+    async def forget() -> None:
+        try:
+            await forget_shared(str(name), None if key is None else str(key))
+        except Exception as exc:
+            logger.warning(
+                "%s: a cleanup failed after a reset elsewhere: %s", name, type(exc).__name__
+            )
+
+    spawn(asyncio.get_running_loop(), forget(), "fastapi_once: reset from elsewhere")
 
 
 def holder_id() -> str:

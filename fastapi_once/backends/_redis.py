@@ -638,7 +638,7 @@ class RedisBackend(Backend):
                     if kind == "pmessage":
                         wakeups.wake(str(message["channel"]))
                     elif kind == "message":
-                        await forget_reset(str(message["data"]), self._me)
+                        forget_reset(str(message["data"]), self._me)
                     elif kind == "psubscribe":
                         # The server answers in order: both subscriptions hold from here.
                         failures = 0

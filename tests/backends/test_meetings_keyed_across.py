@@ -127,3 +127,41 @@ async def test_a_leader_cancelled_before_the_lock_reply_arrives_leaves_the_key_f
             await sent.wait()
             tg.cancel_scope.cancel()
         assert await second.run_keyed(name, digest, value("second"), ttl=60) == "second"
+
+
+async def test_a_reset_from_elsewhere_while_a_local_follower_waits_does_not_stall_its_wakeup(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """Another instance resets a key while this process's once waits, as a follower, on a third
+    party's leader: the reset must not hold this loop's listener until the local attempt ends,
+    or the leader's announcement would never reach the follower (recheck_interval is 600 s)."""
+    from fastapi_once import once
+
+    leader, resetter, here = make(), make(), make(recheck_interval=600)
+    digest = shared_key_digest(name, "/a")
+    started, release = anyio.Event(), anyio.Event()
+
+    async def slow() -> Any:
+        started.set()
+        await release.wait()
+        return "from the leader"
+
+    async def get_stuff(url: str) -> Any:
+        raise AssertionError("this process follows")
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, across=here, name=name)
+    got: list[Any] = []
+
+    async def follow() -> None:
+        got.append(await stuff("/a"))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: leader.run_keyed(name, digest, slow, ttl=60))
+            await started.wait()
+            tg.start_soon(follow)
+            await anyio.sleep(0.5)  # the once's attempt follows the leader
+            await resetter.reset_keyed(name, digest)
+            await anyio.sleep(0.5)  # here's listener has heard the reset
+            release.set()
+    assert got == ["from the leader"]
