@@ -248,7 +248,8 @@ class PostgresBackend(Backend):
         return f"PostgresBackend({self._scrub.shown}, table={self.table}, lock={self.lock})"
 
     async def aclose(self) -> None:
-        """Stop the running event loop's listener for keyed resets (it restarts on next use)."""
+        """Stop the running event loop's listener for keyed resets (it restarts on next use;
+        keyed followers waiting meanwhile go on waiting, on the loop's next listener)."""
         await self._listeners.stop()
         self._close_idle(asyncio.get_running_loop())
 
@@ -560,6 +561,9 @@ class PostgresBackend(Backend):
         with contextlib.ExitStack() as stack:
             woken: asyncio.Event | None = None
             while True:
+                if wakeups.ended:  # aclose() stopped the listener: wait on the loop's next one
+                    stack.close()
+                    woken, wakeups = None, self._listeners.start()
                 if woken is not None:
                     woken.clear()  # before the read: a wake-up after it is kept
                 try:

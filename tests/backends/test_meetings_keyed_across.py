@@ -165,3 +165,34 @@ async def test_a_reset_from_elsewhere_while_a_local_follower_waits_does_not_stal
             await anyio.sleep(0.5)  # here's listener has heard the reset
             release.set()
     assert got == ["from the leader"]
+
+
+async def test_followers_waiting_through_an_aclose_of_their_backend_still_get_the_value(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """aclose() on the follower's backend while it waits (its connections reopen on next use):
+    the follower is still woken by the leader's end, not left to its 600 s recheck_interval."""
+    leader, here = make(), make(recheck_interval=600)
+    digest = shared_key_digest(name, "/a")
+    started, release = anyio.Event(), anyio.Event()
+
+    async def slow() -> Any:
+        started.set()
+        await release.wait()
+        return "from the leader"
+
+    got: list[Any] = []
+
+    async def follow() -> None:
+        got.append(await here.run_keyed(name, digest, value("not me"), ttl=60))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: leader.run_keyed(name, digest, slow, ttl=60))
+            await started.wait()
+            tg.start_soon(follow)
+            await anyio.sleep(0.5)  # the follower waits
+            await here.aclose()
+            await anyio.sleep(0.5)
+            release.set()
+    assert got == ["from the leader"]
