@@ -196,3 +196,25 @@ async def test_followers_waiting_through_an_aclose_of_their_backend_still_get_th
             await anyio.sleep(0.5)
             release.set()
     assert got == ["from the leader"]
+
+
+@pytest.mark.kinds("redis")
+async def test_bytes_that_json_cannot_carry_are_refused_naming_the_once_and_not_the_key(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """A result annotated bytes that is not UTF-8 (pydantic sends bytes as UTF-8 text) is a
+    TypeError naming the once (by the key's digest), the annotation and the backend: not a bare
+    UnicodeDecodeError from inside pydantic."""
+    from fastapi_once import once
+
+    async def get_blob(url: str) -> bytes:
+        return b"\xff\x00"
+
+    blob = once(get_blob, key=lambda url: url, ttl=60, across=make(), name=name)
+    with anyio.fail_after(20), pytest.raises(TypeError) as info:
+        await blob("/secret-url")
+    message = str(info.value)
+    assert name in message
+    assert "bytes" in message
+    assert "RedisBackend" in message
+    assert "secret-url" not in message
