@@ -241,8 +241,17 @@ def max_bytes(value: int | None) -> int | None:
 
 
 def reset_message(name: str, key: str | None, sender: str) -> str:
-    """The message a keyed reset publishes: the once's name, the key's digest, who reset it."""
-    return json.dumps({"name": name, "key": key, "by": sender})
+    """The message a keyed reset publishes: the once's name, the key's digest, who reset it.
+
+    Who: the backend instance (``sender``) in the running event loop, which has forgotten the
+    key already; the process's other loops have not, and forget it as other processes do.
+    """
+    return json.dumps({"name": name, "key": key, "by": _in_this_loop(sender)})
+
+
+def _in_this_loop(backend: str) -> str:
+    # Loops alive at once have distinct ids.
+    return f"{backend}/{id(asyncio.get_running_loop())}"
 
 
 def forget_reset(message: str, me: str) -> None:
@@ -261,7 +270,7 @@ def forget_reset(message: str, me: str) -> None:
     except (ValueError, KeyError, TypeError):
         logger.warning("fastapi_once: ignored a reset message that is not one of ours")
         return
-    if sender == me:  # this backend's own reset: the process has forgotten the key already
+    if sender == _in_this_loop(me):  # a reset of this backend in this loop: forgotten already
         return
 
     async def forget() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from timekeeping import wait_until
 
 from fastapi_once._keys import shared_key_digest
 from fastapi_once.backends import Backend
@@ -218,3 +219,52 @@ async def test_bytes_that_json_cannot_carry_are_refused_naming_the_once_and_not_
     assert "bytes" in message
     assert "RedisBackend" in message
     assert "secret-url" not in message
+
+
+async def test_a_reset_reaches_the_other_event_loops_of_the_resetting_process(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """A keyed reset in one event loop is heard by the process's other loops that share the
+    backend (as by other processes): another loop's value for the key is forgotten, and its
+    next call runs the function again."""
+    import asyncio
+    import threading
+
+    from fastapi_once import once
+
+    backend = make()
+    made: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        made.append(url)
+        return f"{url} #{len(made)}"
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, across=backend, name=name)
+    first_done, reset_done = threading.Event(), threading.Event()
+    seen: list[Any] = []
+
+    async def other_loop() -> None:
+        try:
+            seen.append(await stuff("/a"))
+            first_done.set()
+            await wait_until(reset_done.is_set)
+            await wait_until(lambda: not stuff.status().keys["ready"])  # the reset is heard
+            seen.append(await stuff("/a"))
+        finally:
+            await backend.aclose()
+
+    def in_thread() -> None:
+        try:
+            asyncio.run(asyncio.wait_for(other_loop(), 20))
+        except BaseException as exc:  # the test reports it
+            seen.append(exc)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    with anyio.fail_after(30):
+        await wait_until(lambda: first_done.is_set() or not thread.is_alive())
+        assert await stuff("/a") == "/a #1"  # this loop gets the record
+        await stuff.reset("/a")
+        reset_done.set()
+        await anyio.to_thread.run_sync(thread.join)
+    assert seen == ["/a #1", "/a #2"]
