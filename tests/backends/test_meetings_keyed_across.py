@@ -268,3 +268,81 @@ async def test_a_reset_reaches_the_other_event_loops_of_the_resetting_process(
         reset_done.set()
         await anyio.to_thread.run_sync(thread.join)
     assert seen == ["/a #1", "/a #2"]
+
+
+async def test_none_and_keys_whose_text_looks_alike_each_have_a_record_of_their_own(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """None, 1, "1", (1,) and ("1",) are five keys fleet-wide: another instance is served each
+    one's own value, not a neighbour's."""
+    from fastapi_once import once
+
+    keys: list[Any] = [None, 1, "1", (1,), ("1",)]
+
+    async def get_stuff(k: Any) -> str:
+        return f"made for {k!r}"
+
+    async def never_runs(k: Any) -> str:
+        raise AssertionError("the other instance recorded every key")
+
+    here = once(get_stuff, key=lambda k: k, ttl=60, across=make(), name=name)
+    there = once(never_runs, key=lambda k: k, ttl=60, across=make(), name=name)
+    with anyio.fail_after(20):
+        for k in keys:
+            assert await here(k) == f"made for {k!r}"
+        for k in keys:
+            assert await there(k) == f"made for {k!r}"
+
+
+async def test_a_value_evicted_by_maxsize_comes_back_from_the_store_without_a_run(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """maxsize= evicts a key's value from the process while the store still has it: the next
+    call reads the record (no second run) and evicts the oldest key in turn."""
+    from fastapi_once import once
+
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        return url.upper()
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, maxsize=1, across=make(), name=name)
+    with anyio.fail_after(20):
+        assert await stuff("/a") == "/A"
+        assert await stuff("/b") == "/B"  # evicts /a here
+        assert stuff.status().size == 1
+        assert await stuff("/a") == "/A"
+    assert runs == ["/a", "/b"]
+
+
+async def test_a_stale_value_is_served_while_another_instances_failure_cools_the_key_down(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """stale_if_error=: past the ttl, this instance's try meets the cooldown another instance's
+    failure recorded (OnceCoolingDownError, no run here) and serves its stale value."""
+    from fastapi_once import once
+
+    failing = False
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        if failing:
+            raise ConnectionError("upstream down")
+        return "fresh"
+
+    async def get_stuff_there(url: str) -> str:
+        return await get_stuff(url)
+
+    options: dict[str, Any] = {"key": lambda url: url, "ttl": 0.3, "cooldown": 60, "name": name}
+    here = once(get_stuff, stale_if_error=60, across=make(), **options)
+    there = once(get_stuff_there, across=make(), **options)
+    with anyio.fail_after(20):
+        assert await here("/a") == "fresh"
+        await anyio.sleep(0.5)  # past the ttl, here and in the store
+        failing = True
+        with pytest.raises(ConnectionError):
+            await there("/a")  # records the cooldown
+        assert await here("/a") == "fresh"  # stale, served: the cooldown reached it
+    assert runs == ["/a", "/a"]
