@@ -346,3 +346,68 @@ async def test_a_stale_value_is_served_while_another_instances_failure_cools_the
             await there("/a")  # records the cooldown
         assert await here("/a") == "fresh"  # stale, served: the cooldown reached it
     assert runs == ["/a", "/a"]
+
+
+async def test_no_key_text_nor_password_reaches_logs_errors_or_status_on_any_path(
+    make: Callable[..., Backend],
+    name: str,
+    spec: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Leading, following, failing, cooling down, a wait timeout and resets: the key's text
+    and the server's password show in no log at INFO, no error raised and no status."""
+    import logging
+
+    from backend_servers import secret_of
+
+    from fastapi_once import once
+    from fastapi_once.backends import OnceCoolingDownError, WaitTimeoutError
+
+    secret_key = "tok-" + secrets.token_hex(8)
+    password = secret_of(spec)
+    failing = False
+
+    async def get_stuff(url: str) -> str:
+        if failing:
+            raise ConnectionError("upstream down")
+        return "v"
+
+    async def get_stuff_there(url: str) -> str:
+        return await get_stuff(url)
+
+    options: dict[str, Any] = {"key": lambda url: url, "ttl": 60, "cooldown": 60, "name": name}
+    here = once(get_stuff, across=make(), **options)
+    there = once(get_stuff_there, across=make(wait_timeout=0.3), **options)
+    seen: list[str] = []
+    caplog.set_level(logging.INFO, logger="fastapi_once")
+    with anyio.fail_after(20):
+        assert await here(secret_key) == "v"
+        assert await there(secret_key) == "v"
+        await here.reset(secret_key)
+        failing = True
+        with pytest.raises(ConnectionError):
+            await here(secret_key + "2")
+        with pytest.raises(OnceCoolingDownError) as cooling:
+            await there(secret_key + "2")
+        seen.append(str(cooling.value))
+        held = anyio.Event()
+
+        async def hold() -> Any:
+            held.set()
+            await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            leader = make()
+            digest = shared_key_digest(name, secret_key + "3")
+            tg.start_soon(lambda: leader.run_keyed(name, digest, hold, ttl=60))
+            await held.wait()
+            with pytest.raises(WaitTimeoutError) as timed_out:
+                await there(secret_key + "3")
+            seen.append(str(timed_out.value))
+            tg.cancel_scope.cancel()
+        await there.reset()
+    seen += [caplog.text, repr(here.status(details=True)), repr(there.status(details=True))]
+    for text in seen:
+        assert secret_key not in text
+        if password:
+            assert password not in text
