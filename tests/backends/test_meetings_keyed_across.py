@@ -411,3 +411,22 @@ async def test_no_key_text_nor_password_reaches_logs_errors_or_status_on_any_pat
         assert secret_key not in text
         if password:
             assert password not in text
+
+
+async def test_a_value_over_max_value_bytes_is_a_failure_that_cools_the_key_down_fleet_wide(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """A result larger than max_value_bytes is refused at the leader (ValueError naming the
+    digest, not the key) and, as any failure with cooldown=, cools the key down for the other
+    instance; the value itself is recorded nowhere."""
+    from fastapi_once.backends import OnceCoolingDownError
+
+    leader, other = make(max_value_bytes=16), make(max_value_bytes=16)
+    digest = shared_key_digest(name, "/big")
+    with anyio.fail_after(20):
+        with pytest.raises(ValueError, match=digest[:8]):
+            await leader.run_keyed(name, digest, value("x" * 100), ttl=60, cooldown=60)
+        with pytest.raises(OnceCoolingDownError):
+            await other.run_keyed(name, digest, value("small"), ttl=60, cooldown=60)
+        await other.reset_keyed(name, digest)
+        assert await other.run_keyed(name, digest, value("small"), ttl=60) == "small"
