@@ -860,15 +860,17 @@ class PostgresBackend(Backend):
         # One statement: delete up to 100 expired rows of other keys (bounded work per write
         # keeps the table near one ttl window of keys), write this key's row, and NOTIFY the
         # keyed channel naming the record (delivered at commit). $1 name, $2 key, $3 result,
-        # $4 ttl, $5 by, $6 the record's name in notifications.
+        # $4 ttl, $5 by, $6 the record's name in notifications. Times are clock_timestamp(),
+        # not now(): with lock="transaction" the transaction began when the lock was taken,
+        # before the work ran, and the ttl runs from when the value is recorded.
         return (
             f"WITH pruned AS (DELETE FROM {self._keyed} WHERE ctid = ANY(ARRAY("
             f"SELECT ctid FROM {self._keyed} WHERE expires_at < now() "
             "AND NOT (name = $1 AND key = $2) LIMIT 100 FOR UPDATE SKIP LOCKED))), "
             f"written AS (INSERT INTO {self._keyed} AS k (name, key, result, made_at, "
-            "value_until, expires_at, done_by) VALUES ($1, $2, $3, now(), "
-            "now() + make_interval(secs => $4::float8), "
-            "now() + make_interval(secs => $4::float8), $5) "
+            "value_until, expires_at, done_by) VALUES ($1, $2, $3, clock_timestamp(), "
+            "clock_timestamp() + make_interval(secs => $4::float8), "
+            "clock_timestamp() + make_interval(secs => $4::float8), $5) "
             "ON CONFLICT (name, key) DO UPDATE SET result = EXCLUDED.result, "
             "made_at = EXCLUDED.made_at, value_until = EXCLUDED.value_until, "
             "cool_until = NULL, expires_at = EXCLUDED.expires_at, done_by = EXCLUDED.done_by "
@@ -880,8 +882,8 @@ class PostgresBackend(Backend):
     def _keyed_cool(self) -> str:
         return (
             f"INSERT INTO {self._keyed} AS k (name, key, cool_until, expires_at, done_by) "
-            "VALUES ($1, $2, now() + make_interval(secs => $3::float8), "
-            "now() + make_interval(secs => $3::float8), $4) "
+            "VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3::float8), "
+            "clock_timestamp() + make_interval(secs => $3::float8), $4) "
             "ON CONFLICT (name, key) DO UPDATE SET cool_until = EXCLUDED.cool_until, "
             "expires_at = greatest(k.expires_at, EXCLUDED.expires_at), "
             "done_by = EXCLUDED.done_by"

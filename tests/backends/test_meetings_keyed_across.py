@@ -430,3 +430,69 @@ async def test_a_value_over_max_value_bytes_is_a_failure_that_cools_the_key_down
             await other.run_keyed(name, digest, value("small"), ttl=60, cooldown=60)
         await other.reset_keyed(name, digest)
         assert await other.run_keyed(name, digest, value("small"), ttl=60) == "small"
+
+
+async def test_a_refresh_that_outlives_the_ttl_runs_once_and_the_other_instance_waits_for_it(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """Both instances see the key due for refresh: one refreshes (held past the ttl), the
+    other is served the old value meanwhile; once the ttl has ended everywhere, the other
+    instance's caller waits for that same refresh rather than running its own."""
+    from fastapi_once import once
+
+    runs: list[int] = []
+    release = anyio.Event()
+
+    async def get_stuff(url: str) -> int:
+        runs.append(len(runs) + 1)
+        if len(runs) > 1:
+            await release.wait()
+        return len(runs)
+
+    async def get_stuff_there(url: str) -> int:
+        return await get_stuff(url)
+
+    options: dict[str, Any] = {"key": lambda url: url, "ttl": 1.0, "refresh": 0.2, "name": name}
+    here = once(get_stuff, across=make(), **options)
+    there = once(get_stuff_there, across=make(), **options)
+    with anyio.fail_after(20):
+        assert await here("/a") == 1
+        assert await there("/a") == 1
+        await anyio.sleep(0.4)  # due for refresh, in both and in the store
+        assert await here("/a") == 1  # starts the refresh, held
+        await wait_until(lambda: len(runs) == 2)
+        assert await there("/a") == 1  # its own refresh is served the record
+        await anyio.sleep(1.2)  # past the ttl: the record is gone, the refresh still holds
+        async with anyio.create_task_group() as tg:
+            got: list[int] = []
+
+            async def call_there() -> None:
+                got.append(await there("/a"))
+
+            tg.start_soon(call_there)
+            await anyio.sleep(0.3)
+            assert got == []  # waits for the refresh
+            release.set()
+    assert got == [2]
+    assert runs == [1, 2]
+
+
+async def test_a_keyed_records_ttl_runs_from_when_it_is_recorded_not_from_when_the_lock_was_taken(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """Work that takes longer than the ttl still records a live value: the other instance is
+    served it (with PostgreSQL's transaction locks, now() is the lock's time, not the
+    record's)."""
+    first, second = make(), make()
+    digest = shared_key_digest(name, "/slow")
+
+    async def slow() -> str:
+        await anyio.sleep(1.5)
+        return "made slowly"
+
+    async def never() -> str:
+        raise AssertionError("the record expired as it was written")
+
+    with anyio.fail_after(20):
+        assert await first.run_keyed(name, digest, slow, ttl=1.0) == "made slowly"
+        assert await second.run_keyed(name, digest, never, ttl=1.0) == "made slowly"
