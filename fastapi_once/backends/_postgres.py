@@ -935,11 +935,14 @@ class PostgresBackend(Backend):
 
     @property
     def _upsert(self) -> str:
+        # clock_timestamp(), not now(): see _keyed_record.
         return (
-            f"INSERT INTO {self._quoted} (name, result, expires_at, done_by) "
-            "VALUES ($1, $2, now() + make_interval(secs => $3::float8), $4) "
+            f"INSERT INTO {self._quoted} (name, result, expires_at, done_at, done_by) "
+            "VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3::float8), "
+            "clock_timestamp(), $4) "
             "ON CONFLICT (name) DO UPDATE SET result = EXCLUDED.result, "
-            "expires_at = EXCLUDED.expires_at, done_at = now(), done_by = EXCLUDED.done_by"
+            "expires_at = EXCLUDED.expires_at, done_at = clock_timestamp(), "
+            "done_by = EXCLUDED.done_by"
         )
 
     @contextlib.contextmanager
