@@ -496,3 +496,34 @@ async def test_a_keyed_records_ttl_runs_from_when_it_is_recorded_not_from_when_t
     with anyio.fail_after(20):
         assert await first.run_keyed(name, digest, slow, ttl=1.0) == "made slowly"
         assert await second.run_keyed(name, digest, never, ttl=1.0) == "made slowly"
+
+
+async def test_a_run_in_flight_elsewhere_when_its_key_is_reset_still_records_its_value(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """reset_keyed deletes the record but leaves a leader at work its lock: what that run
+    makes is recorded after the reset and served (as the README says); the next run after it
+    needs another reset."""
+    leader, resetter = make(), make()
+    digest = shared_key_digest(name, "/a")
+    started, release = anyio.Event(), anyio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await release.wait()
+        return "made before the reset ended"
+
+    async def never() -> str:
+        raise AssertionError("the run in flight recorded its value")
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: leader.run_keyed(name, digest, slow, ttl=60))
+            await started.wait()
+            await resetter.reset_keyed(name, digest)
+            release.set()
+        assert await resetter.run_keyed(name, digest, never, ttl=60) == (
+            "made before the reset ended"
+        )
+        await resetter.reset_keyed(name, digest)
+        assert await resetter.run_keyed(name, digest, value("again"), ttl=60) == "again"
