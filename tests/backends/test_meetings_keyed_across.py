@@ -527,3 +527,27 @@ async def test_a_run_in_flight_elsewhere_when_its_key_is_reset_still_records_its
         )
         await resetter.reset_keyed(name, digest)
         assert await resetter.run_keyed(name, digest, value("again"), ttl=60) == "again"
+
+
+async def test_a_leader_cut_off_by_timeout_frees_the_key_without_a_fleet_wide_cooldown(
+    make: Callable[..., Backend], name: str
+) -> None:
+    """timeout= cancels the leader's run: its callers get the timeout, the key's lock is freed
+    at once and no cooldown is recorded, so another instance (whose recheck_interval is beyond
+    the test's limit) runs the function itself."""
+    from fastapi_once import OnceTimeoutError, once
+
+    async def hang(url: str) -> str:
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def get_stuff_there(url: str) -> str:
+        return "from there"
+
+    options: dict[str, Any] = {"key": lambda url: url, "ttl": 60, "cooldown": 60, "name": name}
+    here = once(hang, timeout=0.3, across=make(), **options)
+    there = once(get_stuff_there, across=make(recheck_interval=600), **options)
+    with anyio.fail_after(20):
+        with pytest.raises(OnceTimeoutError):
+            await here("/a")
+        assert await there("/a") == "from there"
