@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextvars
 import json
 import logging
@@ -241,16 +242,28 @@ def max_bytes(value: int | None) -> int | None:
 
 
 def reset_message(name: str, key: str | None, sender: str) -> str:
-    """The message a keyed reset publishes: the once's name, the key's digest, who reset it."""
-    return json.dumps({"name": name, "key": key, "by": sender})
+    """The message a keyed reset publishes: the once's name, the key's digest, who reset it.
+
+    Who: the backend instance (``sender``) in the running event loop, which has forgotten the
+    key already; the process's other loops have not, and forget it as other processes do.
+    """
+    return json.dumps({"name": name, "key": key, "by": _in_this_loop(sender)})
 
 
-async def forget_reset(message: str, me: str) -> None:
+def _in_this_loop(backend: str) -> str:
+    # Loops alive at once have distinct ids.
+    return f"{backend}/{id(asyncio.get_running_loop())}"
+
+
+def forget_reset(message: str, me: str) -> None:
     """Forget in this process what another process reset (see :func:`reset_message`).
 
-    Never raises: it runs in a backend's listening task; a failing cleanup is logged.
+    The forgetting runs in a task of its own, not in the caller's (a backend's listener):
+    it awaits the key's work in flight here, which may itself wait for a wake-up only the
+    listener can deliver. Never raises; a failing cleanup is logged.
     """
     from .._handles import forget_shared
+    from .._tasks import spawn
 
     try:
         data = json.loads(message)
@@ -261,18 +274,22 @@ async def forget_reset(message: str, me: str) -> None:
             extra=fields(None, "reset_message_ignored"),
         )
         return
-    if sender == me:  # this backend's own reset: the process has forgotten the key already
+    if sender == _in_this_loop(me):  # a reset of this backend in this loop: forgotten already
         return
-    try:
-        await forget_shared(str(name), None if key is None else str(key))
-    except Exception as exc:
-        kind = error_type(exc)
-        logger.warning(
-            "%s: a cleanup failed after a reset elsewhere: %s",
-            name,
-            kind,
-            extra=fields(str(name), "cleanup_failed", error_type=kind),
-        )
+
+    async def forget() -> None:
+        try:
+            await forget_shared(str(name), None if key is None else str(key))
+        except Exception as exc:
+            kind = error_type(exc)
+            logger.warning(
+                "%s: a cleanup failed after a reset elsewhere: %s",
+                name,
+                kind,
+                extra=fields(str(name), "cleanup_failed", error_type=kind),
+            )
+
+    spawn(asyncio.get_running_loop(), forget(), "fastapi_once: reset from elsewhere")
 
 
 def holder_id() -> str:

@@ -70,13 +70,13 @@ class ResultCodec:
 
         try:
             return self._adapter().dump_python(value, mode="json", warnings="error")
-        except PydanticSerializationError:
+        except (PydanticSerializationError, UnicodeDecodeError):  # bytes travel as UTF-8 text
             raise TypeError(
                 f"{name}'s result is not JSON-serialisable as its return annotation "
                 f"{self._shown()}: got a {type(value).__qualname__}; a once with across= shares "
                 f"its result with other processes through {backend} as JSON. Return a value of "
                 "the annotated type, made of what pydantic serialises (models, dataclasses, "
-                "TypedDicts, tuples, datetimes, enums, plain data)"
+                "TypedDicts, tuples, datetimes, enums, plain data; bytes only as UTF-8 text)"
             ) from None
 
     def from_data(self, data: Any) -> Any:

@@ -248,7 +248,8 @@ class PostgresBackend(Backend):
         return f"PostgresBackend({self._scrub.shown}, table={self.table}, lock={self.lock})"
 
     async def aclose(self) -> None:
-        """Stop the running event loop's listener for keyed resets (it restarts on next use)."""
+        """Stop the running event loop's listener for keyed resets (it restarts on next use;
+        keyed followers waiting meanwhile go on waiting, on the loop's next listener)."""
         await self._listeners.stop()
         self._close_idle(asyncio.get_running_loop())
 
@@ -522,6 +523,12 @@ class PostgresBackend(Backend):
             except Exception:
                 await self._keyed_failed(conn, record, cooldown)
                 raise
+            except BaseException:
+                # Cancelled (the connection is idle: the liveness check is shielded): free the
+                # key and wake the waiters now, rather than at their recheck_interval; nothing
+                # failed, so no cooldown.
+                await self._keyed_failed(conn, record, None)
+                raise
             with self._driver_errors("recording the result"):
                 # On the connection that holds the lock: if its session has died, nothing is
                 # recorded. NOTIFY is delivered when its transaction commits.
@@ -554,6 +561,9 @@ class PostgresBackend(Backend):
         with contextlib.ExitStack() as stack:
             woken: asyncio.Event | None = None
             while True:
+                if wakeups.ended:  # aclose() stopped the listener: wait on the loop's next one
+                    stack.close()
+                    woken, wakeups = None, self._listeners.start()
                 if woken is not None:
                     woken.clear()  # before the read: a wake-up after it is kept
                 try:
@@ -799,7 +809,7 @@ class PostgresBackend(Backend):
                     elif message[0] == self._ends:
                         wakeups.wake(message[1])
                     else:
-                        await forget_reset(message[1], self._me)
+                        forget_reset(message[1], self._me)
             except (*_DRIVER_ERRORS, BackendError):
                 pass  # the server went away: listen again, after a backoff
             finally:
@@ -850,15 +860,17 @@ class PostgresBackend(Backend):
         # One statement: delete up to 100 expired rows of other keys (bounded work per write
         # keeps the table near one ttl window of keys), write this key's row, and NOTIFY the
         # keyed channel naming the record (delivered at commit). $1 name, $2 key, $3 result,
-        # $4 ttl, $5 by, $6 the record's name in notifications.
+        # $4 ttl, $5 by, $6 the record's name in notifications. Times are clock_timestamp(),
+        # not now(): with lock="transaction" the transaction began when the lock was taken,
+        # before the work ran, and the ttl runs from when the value is recorded.
         return (
             f"WITH pruned AS (DELETE FROM {self._keyed} WHERE ctid = ANY(ARRAY("
             f"SELECT ctid FROM {self._keyed} WHERE expires_at < now() "
             "AND NOT (name = $1 AND key = $2) LIMIT 100 FOR UPDATE SKIP LOCKED))), "
             f"written AS (INSERT INTO {self._keyed} AS k (name, key, result, made_at, "
-            "value_until, expires_at, done_by) VALUES ($1, $2, $3, now(), "
-            "now() + make_interval(secs => $4::float8), "
-            "now() + make_interval(secs => $4::float8), $5) "
+            "value_until, expires_at, done_by) VALUES ($1, $2, $3, clock_timestamp(), "
+            "clock_timestamp() + make_interval(secs => $4::float8), "
+            "clock_timestamp() + make_interval(secs => $4::float8), $5) "
             "ON CONFLICT (name, key) DO UPDATE SET result = EXCLUDED.result, "
             "made_at = EXCLUDED.made_at, value_until = EXCLUDED.value_until, "
             "cool_until = NULL, expires_at = EXCLUDED.expires_at, done_by = EXCLUDED.done_by "
@@ -870,8 +882,8 @@ class PostgresBackend(Backend):
     def _keyed_cool(self) -> str:
         return (
             f"INSERT INTO {self._keyed} AS k (name, key, cool_until, expires_at, done_by) "
-            "VALUES ($1, $2, now() + make_interval(secs => $3::float8), "
-            "now() + make_interval(secs => $3::float8), $4) "
+            "VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3::float8), "
+            "clock_timestamp() + make_interval(secs => $3::float8), $4) "
             "ON CONFLICT (name, key) DO UPDATE SET cool_until = EXCLUDED.cool_until, "
             "expires_at = greatest(k.expires_at, EXCLUDED.expires_at), "
             "done_by = EXCLUDED.done_by"
@@ -923,11 +935,14 @@ class PostgresBackend(Backend):
 
     @property
     def _upsert(self) -> str:
+        # clock_timestamp(), not now(): see _keyed_record.
         return (
-            f"INSERT INTO {self._quoted} (name, result, expires_at, done_by) "
-            "VALUES ($1, $2, now() + make_interval(secs => $3::float8), $4) "
+            f"INSERT INTO {self._quoted} (name, result, expires_at, done_at, done_by) "
+            "VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3::float8), "
+            "clock_timestamp(), $4) "
             "ON CONFLICT (name) DO UPDATE SET result = EXCLUDED.result, "
-            "expires_at = EXCLUDED.expires_at, done_at = now(), done_by = EXCLUDED.done_by"
+            "expires_at = EXCLUDED.expires_at, done_at = clock_timestamp(), "
+            "done_by = EXCLUDED.done_by"
         )
 
     @contextlib.contextmanager

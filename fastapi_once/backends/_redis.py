@@ -260,9 +260,12 @@ class RedisBackend(Backend):
         return f"RedisBackend({self._scrub.shown}, namespace={self.namespace})"
 
     async def aclose(self) -> None:
-        """Close the running event loop's connections (they reopen on next use)."""
-        await self._listeners.stop()
+        """Close the running event loop's connections (they reopen on next use; keyed followers
+        waiting meanwhile go on waiting, on the loop's next listener)."""
+        # The client leaves first: a follower that the listener's end wakes (and that starts
+        # the next listener) uses a new one.
         client = self._clients.pop(asyncio.get_running_loop(), None)
+        await self._listeners.stop()
         if client is not None:
             await client.redis.aclose()
 
@@ -466,6 +469,7 @@ class RedisBackend(Backend):
         found = await self._keyed_acquire(client, wakeups, shown, keys, lock, refresh, started)
         if found is not None:
             return json.loads(found.partition(" ")[2])
+        client = self._client()  # a new one if aclose() closed the loop's meanwhile
         try:
             value = await self._run_renewing(client, shown, keys.lock, lock, work)
             text = encode_json(shown, value, self.describe())
@@ -518,14 +522,23 @@ class RedisBackend(Backend):
         with contextlib.ExitStack() as stack:
             woken: asyncio.Event | None = None
             while True:
+                if wakeups.ended:  # aclose() stopped the listener: wait on the loop's next one
+                    stack.close()
+                    woken, wakeups, client = None, self._listeners.start(), self._client()
                 sent = time.monotonic()
                 if woken is not None:
                     woken.clear()  # before the check: a wake-up after it is kept
                 try:
                     async with wakeups.gate:
-                        status, data, *_ = await client.keyed_acquire(
-                            keys=[keys.value, keys.lock, keys.cool], args=args
-                        )
+                        try:
+                            status, data, *_ = await client.keyed_acquire(
+                                keys=[keys.value, keys.lock, keys.cool], args=args
+                            )
+                        except anyio.get_cancelled_exc_class():
+                            # The script may have run and taken the lock for us: free it now
+                            # (only if it is ours), rather than after the lease.
+                            await self._keyed_release(client, keys, lock, None)
+                            raise
                     reached = True
                     if status == 1:
                         return str(data)
@@ -615,11 +628,10 @@ class RedisBackend(Backend):
         After an outage it subscribes again, with backoff, and then wakes every follower to
         check again (what was announced meanwhile was missed).
         """
-        client = self._client()
         pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
         failures = 0
         while True:
-            pubsub = client.redis.pubsub()
+            pubsub = self._client().redis.pubsub()
             try:
                 await pubsub.subscribe(self._resets)
                 await pubsub.psubscribe(pattern)
@@ -632,7 +644,7 @@ class RedisBackend(Backend):
                     if kind == "pmessage":
                         wakeups.wake(str(message["channel"]))
                     elif kind == "message":
-                        await forget_reset(str(message["data"]), self._me)
+                        forget_reset(str(message["data"]), self._me)
                     elif kind == "psubscribe":
                         # The server answers in order: both subscriptions hold from here.
                         failures = 0

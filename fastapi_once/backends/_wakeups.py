@@ -40,6 +40,9 @@ class Wakeups:
         self.listening = asyncio.Event()
         # Bounds the loop's keyed reads in flight (see READS_AT_ONCE).
         self.gate = asyncio.Semaphore(READS_AT_ONCE)
+        # Set once the listener has ended (aclose, or it failed): nobody wakes these followers
+        # any more, so a follower still waiting registers with the loop's next listener.
+        self.ended = False
 
     @contextlib.contextmanager
     def waiter(self, record: str) -> Iterator[asyncio.Event]:
@@ -127,8 +130,9 @@ class Listeners:
         def ended(_: object) -> None:
             if self._running.get(loop) is entry:  # not a listener started after stop()
                 del self._running[loop]
+            wakeups.ended = True
             wakeups.listening.clear()
-            wakeups.wake_all()  # they check on their own from now on
+            wakeups.wake_all()  # they check again, and wait on the next listener
             if not task.cancelled() and (exc := task.exception()) is not None:
                 # The type only: a driver's message may hold a DSN. The next keyed call
                 # starts another listener.

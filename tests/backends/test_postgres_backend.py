@@ -150,3 +150,24 @@ async def test_a_leader_draws_its_fencing_token_from_the_tables_sequence(
     await backend.run_once("tests.pg.other", work)
     assert tokens == [1, 2, 3]
     assert fencing_token() is None
+
+
+@pytest.mark.parametrize("lock", ["session", "transaction"])
+async def test_a_markers_ttl_runs_from_when_it_is_recorded_even_after_long_work(
+    postgres_server: PostgresServer, table: str, lock: str
+) -> None:
+    """Work that takes longer than the ttl still records a live marker that another instance
+    is served (with transaction locks, now() is when the lock was taken, not the record)."""
+    first = PostgresBackend(postgres_server.dsn, table=table, lock=lock)
+    second = PostgresBackend(postgres_server.dsn, table=table, lock=lock)
+
+    async def slow() -> str:
+        await anyio.sleep(1.5)
+        return "made slowly"
+
+    async def never() -> str:
+        raise AssertionError("the marker expired as it was written")
+
+    with anyio.fail_after(20):
+        assert await first.run_once("tests.pg.slow", slow, ttl=1.0) == "made slowly"
+        assert await second.run_once("tests.pg.slow", never, ttl=1.0) == "made slowly"
