@@ -149,12 +149,15 @@ def traced(
 
 async def _within(span: Any, attempt: Attempt, work: Coroutine[Any, Any, None]) -> None:
     context = otel_trace.set_span_in_context(span, otel_context.Context())
-    otel_context.attach(otel_context.set_value(_CURRENT, (attempt, span), context))
+    token = otel_context.attach(otel_context.set_value(_CURRENT, (attempt, span), context))
     try:
         await work
     finally:
         if span.is_recording():  # the work ended without an outcome (its loop ended)
             span.end()
+        # The finished task stays referenced for a moment (asyncio's done callbacks): its
+        # context must not keep the attempt, with its error and that error's frames.
+        otel_context.detach(token)
 
 
 def carry(into: contextvars.Context) -> None:
