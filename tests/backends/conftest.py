@@ -13,7 +13,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ from backend_servers import (
     start_postgres,
     start_redis,
 )
+from backend_worker import build_backend
+
+from fastapi_once.backends import Backend
 
 # FASTAPI_ONCE_TEST_WITHOUT=redis,asyncpg runs the suite as if those drivers were not installed
 # (test_backend_imports.py checks that the tests then skip, or fail under CI=true).
@@ -164,3 +167,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("backend timings")
         for line in _figures:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+async def make(spec: dict[str, Any]) -> AsyncIterator[Callable[..., Backend]]:
+    """Build backends of the test's kind (each a process's view of the store); they are
+    closed on the test's event loop."""
+    made: list[Backend] = []
+
+    def make(**options: Any) -> Backend:
+        backend = build_backend(spec, **options)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.aclose()

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
 from backend_servers import PostgresServer, RedisServer, require
-from test_keyed_shared import build, key, value
+from backend_worker import build_backend as build
+from test_keyed_shared import key, value
 
 from fastapi_once.backends import Backend, BackendError, LeaseLostError
 
@@ -24,21 +25,6 @@ pytestmark = pytest.mark.anyio
 def name() -> str:
     """A once name of the test's own."""
     return f"tests.leases.get_stuff@{secrets.token_hex(4)}"
-
-
-@pytest.fixture
-async def make(spec: dict[str, Any]) -> AsyncIterator[Callable[..., Backend]]:
-    """Build backends of the test's kind; they are closed on the test's event loop."""
-    made: list[Backend] = []
-
-    def make(**options: Any) -> Backend:
-        backend = build(spec, **options)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.aclose()
 
 
 async def take_the_lock_away(spec: dict[str, Any], name: str, digest: str) -> None:

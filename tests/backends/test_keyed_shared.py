@@ -8,7 +8,7 @@ follows, a failure cools down for both, a refresh runs once, a reset reaches bot
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -20,34 +20,6 @@ from fastapi_once._keys import shared_key_digest
 from fastapi_once.backends import Backend, OnceCoolingDownError, WaitTimeoutError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kinds("redis", "postgres", "postgres-xact")]
-
-
-def build(spec: dict[str, Any], **options: Any) -> Backend:
-    """A backend of ``spec``'s kind on its server, with ``options``."""
-    if spec["kind"] == "redis":
-        from fastapi_once.backends import RedisBackend
-
-        return RedisBackend(
-            spec["url"], namespace=spec["namespace"], **{"lease": spec["lease"], **options}
-        )
-    from fastapi_once.backends import PostgresBackend
-
-    return PostgresBackend(spec["dsn"], table=spec["table"], lock=spec["lock"], **options)
-
-
-@pytest.fixture
-async def make(spec: dict[str, Any]) -> AsyncIterator[Callable[..., Backend]]:
-    """Build backends of the test's kind; they are closed on the test's event loop."""
-    made: list[Backend] = []
-
-    def make(**options: Any) -> Backend:
-        backend = build(spec, **options)
-        made.append(backend)
-        return backend
-
-    yield make
-    for backend in made:
-        await backend.aclose()
 
 
 @pytest.fixture
