@@ -7,15 +7,12 @@ test clears the span exporter and names its onces uniquely, so cumulative metric
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import logging
 import re
 import subprocess
 import sys
 import textwrap
-import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+import test_exception
 from fastapi import Depends, FastAPI
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -246,31 +244,11 @@ async def test_a_failing_attempt_records_its_error_type_and_never_its_message(
     assert otel.total("fastapi_once.attempts", name, outcome="failure") == 1
 
 
-class _Marker:
-    pass
-
-
 async def test_a_failed_attempt_keeps_no_frames_while_tracing(otel: Otel) -> None:
     """With a tracer provider set, nothing of a failure stays once the call has raised: the
     attempt's task context, still referenced until the loop runs its done callbacks, no longer
     holds the attempt (with its error and the frames of fn and of the caller)."""
-    refs: list[weakref.ref[_Marker]] = []
-
-    @once(name=unique("frames"))
-    async def load() -> None:
-        inside = _Marker()
-        refs.append(weakref.ref(inside))
-        raise ConnectionError("down")
-
-    async def request() -> None:
-        mine = _Marker()
-        refs.append(weakref.ref(mine))
-        with contextlib.suppress(ConnectionError):
-            await load()
-
-    await request()
-    gc.collect()
-    assert [ref() for ref in refs] == [None, None]
+    await test_exception.test_a_failed_requests_frames_are_not_kept_by_the_once()
 
 
 async def test_metric_counters_equal_the_status_counts(otel: Otel, clock: FakeClock) -> None:
