@@ -950,20 +950,21 @@ def test_work_in_flight_when_the_interpreter_exits_is_awaited_and_its_value_clea
     """The main thread ends while a trio caller waits for a run: the run ends, then its cleanup."""
     lines = run_script(
         """
-        import threading, trio
+        import os, threading, trio
         from fastapi_once import once
 
         started = threading.Event()
 
+        # One write per line: the two threads' lines must not interleave.
         @once(scope="process")
         def table():
             started.set()
             threading.Event().wait(0.2)  # still running when the main thread ends
             yield "table"
-            print("cleaned", flush=True)
+            os.write(1, b"cleaned\\n")
 
         async def wait_for_it():
-            print("got", await table(), flush=True)
+            os.write(1, f"got {await table()}\\n".encode())
 
         threading.Thread(target=trio.run, args=(wait_for_it,), daemon=True).start()
         started.wait(10)
