@@ -6,23 +6,18 @@ value on its hot path; everything else goes through the state machine in ``_reco
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import sys
 import time
 import weakref
 from collections.abc import Callable, Hashable
-from contextlib import AsyncExitStack
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-import anyio
-
-from ._attempts import Attempt, wait, working
+from ._attempts import wait
 from ._keys import NOKEY, shared_key_digest, unhashable
-from ._kinds import Kind, as_coroutine_function, invoke, kind_of
+from ._kinds import as_coroutine_function, kind_of
 from ._loops import (
     call_blocking,
     current_loop,
@@ -37,8 +32,8 @@ from ._loops import (
 from ._policy import Policy
 from ._records import Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
-from ._telemetry import across
 from ._values import Value
+from ._work import Work
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -51,7 +46,7 @@ else:  # pragma: no cover
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# The clock of the hot path's deadline check; tests move it together with _records.monotonic.
+# The clock of the hot path's deadline check; tests move it with _records and _work's.
 monotonic = time.monotonic
 
 logger = logging.getLogger("fastapi_once")
@@ -90,25 +85,22 @@ class Once(Generic[P, T]):
         scope: str = "loop",
     ) -> None:
         # A bound method is held weakly, so that a once does not keep its object alive.
-        self._fn: Callable[[], Any] = (
+        held: Callable[[], Any] = (
             weakref.WeakMethod(fn) if hasattr(fn, "__self__") and hasattr(fn, "__func__")
             else lambda: fn
         )  # fmt: skip
         self.name = name
         self.options: dict[str, Any] = dict(options or {})
-        self._kind = kind_of(fn)
         self._key = key
         self._maxsize = maxsize
         self._injector = injector
         self._across = across
         self._policy = policy or Policy()
+        self._work = Work(name, held, kind_of(fn), injector, across, self._policy)
         self._param = injector.param if injector is not None else None
         # scope="process": the values live in the process scope's loop only (so _hot, once
         # set, is that loop's, written in its thread); other threads read it or hop there.
         self._process = scope == "process"
-        self._needs_stack = injector is not None or self._kind in (Kind.ASYNC_GEN, Kind.GEN)
-        # An async def with no sub-dependencies and no backend: the attempt just awaits it.
-        self._plain = self._kind is Kind.ASYNC and injector is None and across is None
         # (loop, thread proof, store, unkeyed record) of the loop that called last: the hot
         # path's one read. A tuple, so a reader in another thread never mixes two loops' parts.
         self._hot: tuple[Any, int | None, Store | None, Record | None] = _NOWHERE
@@ -129,10 +121,7 @@ class Once(Generic[P, T]):
         Raises:
             ReferenceError: it was a bound method whose object is gone.
         """
-        fn = self._fn()
-        if fn is None:
-            raise ReferenceError(f"{self.name}: the object of this bound method no longer exists")
-        return cast("Callable[..., Any]", fn)
+        return self._work.fn()
 
     @property
     def keyed(self) -> bool:
@@ -199,10 +188,14 @@ class Once(Generic[P, T]):
         state = state_of(loop)
         store = cast("Store | None", state.stores.get(self))
         if store is None:
-            # Without a timeout there is no scope to open around the attempt: it runs as is.
-            work = self._attempt if self._policy.timeout is None else self._run
             store = state.stores[self] = Store(
-                self.name, self._policy, self._maxsize, work, self._forget_cell, loop, state
+                self.name,
+                self._policy,
+                self._maxsize,
+                self._work.entry,
+                self._forget_cell,
+                loop,
+                state,
             )
         self._hot = (loop, thread_proof(loop), store, store.records.get(NOKEY))
         return self._hot
@@ -310,81 +303,6 @@ class Once(Generic[P, T]):
         """The sub-dependency resolver bound to ``context`` (a request or the app), if any."""
         return None if self._injector is None else self._injector.bind(context)
 
-    async def _run(self, rec: Record, attempt: Attempt, *call: Any) -> None:
-        """Run an attempt that has a timeout: inside the scope the timeout cancels."""
-        # The scope a timeout cancels stays open while the value is kept, so that scopes a
-        # generator opened before its yield are closed inside it.
-        try:
-            with anyio.CancelScope() as attempt.scope:
-                await self._attempt(rec, attempt, *call)
-        finally:
-            if attempt.ended is not None:  # timed out: teardown waits for this
-                attempt.ended.set()
-
-    async def _attempt(
-        self,
-        rec: Record,
-        attempt: Attempt,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        resolve: Resolve | None,
-    ) -> None:
-        """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
-        started = monotonic()
-        working.set(attempt)
-        try:
-            if self._policy.retries:
-                make = functools.partial(self._make, args, kwargs, resolve)
-                value, stack = await self._policy.run(attempt, make)
-            elif self._plain:  # the common case, without the layers it does not need
-                value, stack = await self.fn(*args, **kwargs), None
-            else:
-                value, stack = await self._make(args, kwargs, resolve)
-        except BaseException as exc:
-            working.set(None)  # done with the attempt; its context must not keep it alive
-            rec.fail(attempt, exc, monotonic() - started)
-            return
-        working.set(None)
-        now = monotonic()
-        made = Value(attempt, value, stack, now, time.time(), self._policy.deadlines(now))
-        if not rec.succeed(attempt, made, now - started):
-            await made.clean_here()  # made too late: nobody can get it
-        elif stack is not None:
-            await rec.keep(made, attempt)
-
-    async def _make(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None
-    ) -> tuple[Any, AsyncExitStack | None]:
-        """One try: resolve sub-dependencies, call fn (through the backend, if any)."""
-        stack = AsyncExitStack() if self._needs_stack else None
-        try:
-            if resolve is not None:
-                assert stack is not None
-                kwargs = {**kwargs, **await resolve(stack)}
-            make = functools.partial(
-                invoke,
-                self.fn,
-                self._kind,
-                args,
-                kwargs,
-                stack,
-                self.name,
-                abandon_on_cancel=self._across is not None,
-            )
-            if self._across is None:
-                value = await make()
-            else:  # a keyed once's backend keeps one record per key (the attempt's)
-                key = cast(Attempt, working.get()).key
-                value = await across(self._across, self.name, make, self._policy, key)
-        except BaseException:
-            if stack is not None:
-                # Release what the failed try had set up; the waiters get the try's own
-                # exception, not one of its cleanup.
-                with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
-                    await stack.aclose()
-            raise
-        return value, stack
-
     async def reset(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Clean up and forget this once's value(s) in the running event loop (or the process).
 
@@ -399,10 +317,11 @@ class Once(Generic[P, T]):
             OnceCycleError: called from inside the work it would wait for.
             Exception: what a cleanup raised, after every cleanup has run.
         """
-        if (args or kwargs) and self._key is None:
-            raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
+        key: Hashable = NOKEY  # every key's value(s)
         if args or kwargs:
-            key = self._key(*args, **kwargs)  # type: ignore[misc]
+            if self._key is None:
+                raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
+            key = self._key(*args, **kwargs)
             try:
                 hash(key)
             except TypeError:
@@ -412,13 +331,12 @@ class Once(Generic[P, T]):
         store = self.store_seen()
         try:
             if store is not None:
-                view = store if not (args or kwargs) else KeyView(store, self._key(*args, **kwargs))  # type: ignore[misc]
+                view = store if key is NOKEY else KeyView(store, key)
                 await drain(lambda: [view], f"{self.name}.reset()")
         finally:
             if self._across is not None and self._key is None:
                 await self._across.reset(self.name)
             elif self._across is not None:  # that key's record, or (no arguments) every key's
-                key = self._key(*args, **kwargs) if args or kwargs else NOKEY  # type: ignore[misc]
                 digest = None if key is NOKEY else shared_key_digest(self.name, key)
                 await self._across.reset_keyed(self.name, digest)
 

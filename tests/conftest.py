@@ -87,9 +87,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Replace the clock of expiry, refresh and cooldown with one the test moves."""
-    from fastapi_once import _core, _records
+    from fastapi_once import _core, _records, _work
 
     fake = FakeClock()
-    monkeypatch.setattr(_core, "monotonic", fake)
-    monkeypatch.setattr(_records, "monotonic", fake)
+    for module in (_core, _records, _work):
+        monkeypatch.setattr(module, "monotonic", fake)
     return fake

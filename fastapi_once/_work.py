@@ -1,0 +1,141 @@
+"""Work: what an attempt of one once runs, in a library task, to make and keep a value.
+
+One ``Work`` per once, built by ``Once`` and shared by the stores of every event loop: it
+resolves sub-dependencies, calls the function (through the backend, with retries), settles the
+attempt with the record, and keeps a value that needs its cleanup later. It holds no state of
+its own beyond what ``once()`` was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Hashable
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+
+from ._attempts import Attempt, working
+from ._kinds import Kind, invoke
+from ._policy import Policy
+from ._records import Injector, Record, Resolve
+from ._telemetry import across
+from ._values import Value
+
+if TYPE_CHECKING:
+    from .backends import Backend
+
+# The clock of attempts' durations and values' deadlines; tests move it with _core's and _records'.
+monotonic = time.monotonic
+
+
+class Work:
+    """How the attempts of one once make its value."""
+
+    def __init__(
+        self,
+        name: str,
+        held: Callable[[], Any],
+        kind: Kind,
+        injector: Injector | None,
+        across: Backend | None,
+        policy: Policy,
+    ) -> None:
+        self.name = name
+        self._held = held  # returns the function, or None (a bound method whose object is gone)
+        self._kind = kind
+        self._across = across
+        self._policy = policy
+        self._needs_stack = injector is not None or kind in (Kind.ASYNC_GEN, Kind.GEN)
+        # An async def with no sub-dependencies and no backend: the attempt just awaits it.
+        self._plain = kind is Kind.ASYNC and injector is None and across is None
+        # What a store runs per attempt: without a timeout there is no scope to open around it.
+        self.entry = self.attempt if policy.timeout is None else self.run
+
+    def fn(self) -> Callable[..., Any]:
+        """The function that makes the value.
+
+        Raises:
+            ReferenceError: it was a bound method whose object is gone.
+        """
+        fn = self._held()
+        if fn is None:
+            raise ReferenceError(f"{self.name}: the object of this bound method no longer exists")
+        return cast("Callable[..., Any]", fn)
+
+    async def run(self, rec: Record, attempt: Attempt, *call: Any) -> None:
+        """Run an attempt that has a timeout: inside the scope the timeout cancels."""
+        # The scope a timeout cancels stays open while the value is kept, so that scopes a
+        # generator opened before its yield are closed inside it.
+        try:
+            with anyio.CancelScope() as attempt.scope:
+                await self.attempt(rec, attempt, *call)
+        finally:
+            if attempt.ended is not None:  # timed out: teardown waits for this
+                attempt.ended.set()
+
+    async def attempt(
+        self,
+        rec: Record,
+        attempt: Attempt,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        resolve: Resolve | None,
+    ) -> None:
+        """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
+        started = monotonic()
+        working.set(attempt)
+        try:
+            if self._policy.retries:
+                make = functools.partial(self.make, args, kwargs, resolve)
+                value, stack = await self._policy.run(attempt, make)
+            elif self._plain:  # the common case, without the layers it does not need
+                value, stack = await self.fn()(*args, **kwargs), None
+            else:
+                value, stack = await self.make(args, kwargs, resolve)
+        except BaseException as exc:
+            working.set(None)  # done with the attempt; its context must not keep it alive
+            rec.fail(attempt, exc, monotonic() - started)
+            return
+        working.set(None)
+        now = monotonic()
+        made = Value(attempt, value, stack, now, time.time(), self._policy.deadlines(now))
+        if not rec.succeed(attempt, made, now - started):
+            await made.clean_here()  # made too late: nobody can get it
+        elif stack is not None:
+            await rec.keep(made, attempt)
+
+    async def make(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None
+    ) -> tuple[Any, AsyncExitStack | None]:
+        """One try: resolve sub-dependencies, call fn (through the backend, if any)."""
+        stack = AsyncExitStack() if self._needs_stack else None
+        try:
+            if resolve is not None:
+                assert stack is not None
+                kwargs = {**kwargs, **await resolve(stack)}
+            make = functools.partial(
+                invoke,
+                self.fn(),
+                self._kind,
+                args,
+                kwargs,
+                stack,
+                self.name,
+                abandon_on_cancel=self._across is not None,
+            )
+            if self._across is None:
+                value = await make()
+            else:  # a keyed once's backend keeps one record per key (the attempt's)
+                key: Hashable = cast(Attempt, working.get()).key
+                value = await across(self._across, self.name, make, self._policy, key)
+        except BaseException:
+            if stack is not None:
+                # Release what the failed try had set up; the waiters get the try's own
+                # exception, not one of its cleanup.
+                with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                    await stack.aclose()
+            raise
+        return value, stack
