@@ -121,11 +121,23 @@ class FileLockBackend(StoreBackend):
     ) -> Claim:
         """See :meth:`LeaseStore.claim`; the lease is the lock file's ``flock``."""
         await self._listen()
-        found = await anyio.to_thread.run_sync(self._read, name, key)
+        # One trip to a worker thread, shielded: a cancellation must not lose a lock taken.
+        with anyio.CancelScope(shield=True):
+            claim = await anyio.to_thread.run_sync(self._claim, name, key, refresh, holder)
+        try:
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            if isinstance(claim, Lease):
+                _unlock(claim.handle)
+            raise
+        return claim
+
+    def _claim(self, name: str, key: str, refresh: float | None, holder: str) -> Claim:
+        found = self._read(name, key)
         served = _servable(found, refresh, taken=False)
         if served is not None:
             return served
-        fd = await anyio.to_thread.run_sync(self._open_lock, name, key)
+        fd = self._open_lock(name, key)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -133,8 +145,7 @@ class FileLockBackend(StoreBackend):
             os.close(fd)
             return _servable(found, None, taken=True) or Held(taken)
         try:  # the lock is ours: a leader before us may have finished meanwhile
-            found = await anyio.to_thread.run_sync(self._read, name, key)
-            served = _servable(found, refresh, taken=False)
+            served = _servable(self._read(name, key), refresh, taken=False)
             if served is None:
                 os.ftruncate(fd, 0)  # tell waiting followers (and their errors) who leads
                 os.pwrite(fd, holder.encode(), 0)
@@ -182,8 +193,10 @@ class FileLockBackend(StoreBackend):
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Watch the record's lock (and the resets log): see :class:`LeaseStore.watch`."""
         await self._listen()
-        fd = await anyio.to_thread.run_sync(self._open_lock, name, key)
+        with anyio.CancelScope(shield=True):  # the descriptor is closed below, whatever happens
+            fd = await anyio.to_thread.run_sync(self._open_lock, name, key)
         try:
+            await anyio.lowlevel.checkpoint()
             yield _FileWatch(fd, self, self._resets_size())
         finally:
             os.close(fd)
