@@ -205,6 +205,7 @@ async def across(
     work: Callable[[], Awaitable[Any]],
     policy: Policy,
     key: object = NOKEY,
+    kept: bool = False,
 ) -> Any:
     """Run ``work`` once across processes through ``backend``; trace, time and log the role.
 
@@ -212,7 +213,8 @@ async def across(
     the backend called ``work`` here; otherwise it followed and waited for another's result.
     The record lives ``policy.ttl``; with a ``key`` (a keyed once) the backend keeps one record
     per key, named by the key's digest, with the policy's cooldown and refresh too, and the span
-    carries the key's digest.
+    carries the key's digest. With ``kept`` (the record keeps a value a failure leaves served),
+    the backend never falls back to making the value here.
     """
     led = fell_back = False
     shared = None if key is NOKEY else shared_key_digest(name, key)
@@ -245,6 +247,7 @@ async def across(
                 cooldown=policy.cooldown,
                 refresh=policy.refresh,
                 fell_back=fall_back,
+                kept=kept,
             )
     except BaseException as exc:
         error = exc
