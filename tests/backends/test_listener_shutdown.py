@@ -205,3 +205,57 @@ def test_loops_that_never_close_their_redis_backend_all_end(redis_url: str) -> N
         run_in_a_thread(
             keyed_call_without_aclose(lambda: RedisBackend(redis_url, namespace=namespace))
         )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_lifespan_closes_the_stores_it_built_after_the_values_cleanups(
+    redis_url: str, anyio_backend: str
+) -> None:
+    """once_lifespan's shutdown closes the backends its onces built from a URL or a factory
+    (their listeners end with it, not at the loop's end), after the values' cleanups and
+    before it returns; a backend object the app made is left to the app."""
+    from collections.abc import AsyncIterator
+
+    from fastapi import FastAPI
+
+    from fastapi_once import once_lifespan
+    from fastapi_once.backends import RedisBackend
+
+    events: list[str] = []
+
+    class Recording(RedisBackend):
+        async def aclose(self) -> None:
+            events.append(f"closed {self.namespace}")
+            await super().aclose()
+
+    namespace = "t" + secrets.token_hex(6)
+
+    async def fetch(url: str) -> str:
+        return url.upper()
+
+    async def config() -> str:
+        return "config"
+
+    async def client() -> AsyncIterator[str]:
+        yield "client"
+        events.append("cleaned up")
+
+    own = Recording(redis_url, namespace=namespace + "own")
+    fetcher = once(
+        fetch, key=lambda url: url, ttl=60, across=lambda: Recording(redis_url, namespace=namespace)
+    )
+    shared = once(config, across=own)
+    lifespan = once_lifespan(client)
+    async with lifespan(FastAPI()):
+        assert await fetcher("/a") == "/A"
+        assert await shared() == "config"
+        assert [t for t in asyncio.all_tasks() if t.get_name() == "fastapi_once listener"]
+        assert events == []
+    assert events == ["cleaned up", f"closed {namespace}"]
+    assert [t for t in asyncio.all_tasks() if t.get_name() == "fastapi_once listener"] == []
+    async with lifespan(FastAPI()):  # the next lifespan's calls build a new backend
+        assert await fetcher("/b") == "/B"
+    assert events[2:] == ["cleaned up", f"closed {namespace}"]
+    assert f"closed {namespace}own" not in events
+    await own.aclose()
