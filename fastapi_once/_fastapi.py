@@ -443,10 +443,8 @@ def once(fn: Any = None, /, **options: Any) -> Any:
         return fn.again(options)
     if is_method(fn):  # before callable(): a partialmethod is not callable
         return method_once(fn, options, _make)
-    if isinstance(fn, classmethod) or (
-        options.get("key") is None and first_in_class(fn) == "cls"
-    ):  # either order of @once and @classmethod (with key=, one value per class is a key)
-        raise classmethod_refused(fn)
+    if isinstance(fn, classmethod) or first_in_class(fn) == "cls":
+        raise classmethod_refused(fn)  # either order of @once and @classmethod, keyed or not
     if not callable(fn):
         raise TypeError(
             f"once() takes a function (async def, def, or generator function), got "
