@@ -188,6 +188,58 @@ async def test_a_probe_refreshes_a_due_value_so_an_idle_pod_never_expires(
     assert runs == 5
 
 
+async def test_without_warm_probes_still_refresh_a_due_value_so_it_never_expires(
+    clock: FakeClock,
+) -> None:
+    """warm=False makes nothing, but a refresh due before the ttl ends is started by a probe."""
+    runs = 0
+
+    @once(name="token", refresh=5, ttl=10)
+    async def get_token() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    app = FastAPI()
+    app.include_router(readiness_router(get_token, warm=False))
+    async with client(app) as http:
+        assert (await http.get("/ready")).status_code == 503  # cold: nothing is made
+        assert runs == 0
+        assert await get_token() == 1
+        for _ in range(4):
+            clock.advance(6)  # due for refresh, not expired
+            assert (await http.get("/ready")).status_code == 200
+            await wait_until(lambda: get_token.status().state == "ready")
+    assert runs == 5
+
+
+@pytest.mark.parametrize("stale_if_error", [None, 30], ids=["expired", "kept-stale"])
+async def test_without_warm_a_probe_makes_nothing_past_the_ttl(
+    clock: FakeClock, stale_if_error: float | None
+) -> None:
+    """warm=False: past its ttl (no probe came in time) a value is not renewed by a probe, also
+    while stale_if_error= keeps it: idle, 503, nothing made."""
+    runs = 0
+    options = {} if stale_if_error is None else {"stale_if_error": stale_if_error}
+
+    @once(name="token", refresh=5, ttl=10, **options)  # type: ignore[call-overload]
+    async def get_token() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    app = FastAPI()
+    app.include_router(readiness_router(get_token, warm=False))
+    async with client(app) as http:
+        assert await get_token() == 1
+        clock.advance(10)
+        response = await http.get("/ready")
+        assert response.status_code == 503
+        assert response.json()["onces"]["token"]["state"] == "idle"
+        await anyio.sleep(0.01)  # an attempt started by the probe would run now
+    assert runs == 1
+
+
 async def test_an_expired_value_being_renewed_does_not_flap_the_probe(clock: FakeClock) -> None:
     """ttl= without refresh=: past expiry the probe renews it and stays 200 (renewing, unpinged)."""
     gate = anyio.Event()
