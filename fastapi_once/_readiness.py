@@ -27,6 +27,7 @@ from ._handles import kick, served
 from ._kinds import Kind, kind_of
 from ._loops import current_loop
 from ._methods import refuse_class_level
+from ._options import readiness_options
 from ._status import OnceStatus
 from ._telemetry import error_type, fields, ping_failed
 
@@ -140,9 +141,12 @@ def readiness_router(
 
     Raises:
         TypeError: no onces, a keyed once (it has no single value to be ready), or a once method
-            looked up on its class (pass an instance's: ``obj.method``).
-        ValueError: ``retry_after`` is negative, or a ping interval is not positive.
+            looked up on its class (pass an instance's: ``obj.method``); an option of the wrong
+            type (``details`` and ``warm`` take a bool; a bool is not a number).
+        ValueError: ``path`` does not start with ``/``; ``retry_after`` is not 0 to 86400; a
+            ping interval is not a positive, finite number of seconds.
     """
+    readiness_options(path, details, retry_after, warm, ping_timeout, ping_every)
     if not onces:
         raise TypeError("readiness_router() needs the onces that must be ready, e.g. (get_db,)")
     items: list[Once[Any, Any]] = [once(item) for item in onces]
@@ -153,11 +157,6 @@ def readiness_router(
                 f"readiness_router({item.name}): a keyed once has one value per key, so it is "
                 "never ready as a whole; list unkeyed onces"
             )
-    if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
-        raise ValueError(f"readiness_router(retry_after={retry_after!r}): give whole seconds >= 0")
-    for option, seconds in (("ping_timeout", ping_timeout), ("ping_every", ping_every)):
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-            raise ValueError(f"readiness_router({option}={seconds!r}): give seconds > 0")
     router = APIRouter()
     # The pings of each event loop (a value belongs to one loop), dropped with it.
     pings: weakref.WeakKeyDictionary[object, dict[Once[Any, Any], _Ping]] = (

@@ -164,10 +164,12 @@ async def test_a_once_without_a_value_is_not_pinged() -> None:
         await wait_until(lambda: get_db.status().state == "ready")
 
 
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "not-warm"])
 async def test_a_probe_refreshes_a_due_value_so_an_idle_pod_never_expires(
-    clock: FakeClock,
+    clock: FakeClock, warm: bool
 ) -> None:
-    """With refresh=, probes alone keep the value fresh: 200 on every probe, no expiry."""
+    """With refresh=, probes alone keep the value fresh: 200 on every probe, no expiry; also
+    with warm=False, which makes nothing but still starts a refresh due before the ttl."""
     runs = 0
 
     @once(name="token", refresh=5, ttl=10)
@@ -177,35 +179,14 @@ async def test_a_probe_refreshes_a_due_value_so_an_idle_pod_never_expires(
         return runs
 
     app = FastAPI()
-    app.include_router(readiness_router(get_token))
+    app.include_router(readiness_router(get_token, warm=warm))
     async with client(app) as http:
-        assert (await http.get("/ready")).status_code == 503  # cold: warming
-        await wait_until(lambda: get_token.status().state == "ready")
-        for _ in range(4):
-            clock.advance(6)  # due for refresh, not expired
-            assert (await http.get("/ready")).status_code == 200
+        assert (await http.get("/ready")).status_code == 503  # cold
+        if warm:  # warming
             await wait_until(lambda: get_token.status().state == "ready")
-    assert runs == 5
-
-
-async def test_without_warm_probes_still_refresh_a_due_value_so_it_never_expires(
-    clock: FakeClock,
-) -> None:
-    """warm=False makes nothing, but a refresh due before the ttl ends is started by a probe."""
-    runs = 0
-
-    @once(name="token", refresh=5, ttl=10)
-    async def get_token() -> int:
-        nonlocal runs
-        runs += 1
-        return runs
-
-    app = FastAPI()
-    app.include_router(readiness_router(get_token, warm=False))
-    async with client(app) as http:
-        assert (await http.get("/ready")).status_code == 503  # cold: nothing is made
-        assert runs == 0
-        assert await get_token() == 1
+        else:  # nothing made until a call
+            assert runs == 0
+            assert await get_token() == 1
         for _ in range(4):
             clock.advance(6)  # due for refresh, not expired
             assert (await http.get("/ready")).status_code == 200
