@@ -109,7 +109,8 @@ def seconds(
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{call}: {option} must be a finite number of seconds; {fix}")
     if number < 0 or (number == 0 and not zero_ok):
-        raise ValueError(f"{call}: {option} must be a positive number of seconds; {fix}")
+        least = "zero or more seconds" if zero_ok else "a positive number of seconds"
+        raise ValueError(f"{call}: {option} must be {least}; {fix}")
     return number
 
 
@@ -128,15 +129,14 @@ def whole(
     return value
 
 
-def flag(function: str, option: str, value: object, *, subject: str | None = None) -> bool:
+def flag(function: str, option: str, value: object) -> bool:
     """Return ``value``, which must be True or False.
 
     Raises:
         TypeError: anything else (``"no"`` and ``0`` included: a typo must not turn it on).
     """
     if not isinstance(value, bool):
-        call = _call(function, subject, option, value)
-        raise TypeError(f"{call}: {option} takes True or False")
+        raise TypeError(f"{_call(function, None, option, value)}: {option} takes True or False")
     return value
 
 
