@@ -46,7 +46,8 @@ def test_an_integer_too_large_for_seconds_is_a_value_error_naming_the_once(
         once(load, name="tests.load", **{option: value, **NEEDS[option]})  # type: ignore[call-overload]
     message = str(info.value)
     assert re.search(r"<an integer of \d+ digits>", message)
-    assert ("too large" if value > 0 else "must be a positive number") in message
+    least = "zero or more" if option == "backoff" else "a positive number"
+    assert ("too large" if value > 0 else f"must be {least}") in message
     assert not isinstance(info.value, OverflowError)
 
 
