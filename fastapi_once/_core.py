@@ -363,4 +363,5 @@ def _forget_hot_cells() -> None:
         item._hot = _NOWHERE
 
 
-os.register_at_fork(after_in_child=_forget_hot_cells)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_hot_cells)

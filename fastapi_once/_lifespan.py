@@ -16,6 +16,7 @@ from ._fastapi import once
 from ._handles import retire_process_values
 from ._loops import close, current_loop, state_of
 from ._methods import refuse_class_level
+from ._options import lifespan_options
 from ._telemetry import error_type, fields
 from .backends._late import close_built
 
@@ -56,11 +57,14 @@ def once_lifespan(
 
     Raises:
         TypeError: an item is not callable, is keyed (a keyed once has no single value), or is a
-            once method looked up on its class (pass an instance's: ``obj.method``).
-        ValueError: ``shutdown_timeout`` is not a positive finite number.
+            once method looked up on its class (pass an instance's: ``obj.method``);
+            ``lifespan`` is not callable; ``shutdown_timeout`` is not a number (a bool is not);
+            ``reset_process_scope`` is not a bool.
+        ValueError: ``shutdown_timeout`` is not a positive, finite number of seconds.
         Exception: at startup, the original exception of the first once that failed (what the
             others made is cleaned up first).
     """
+    shutdown_timeout = lifespan_options(lifespan, shutdown_timeout, reset_process_scope)
     warm: list[Once[Any, Any]] = []
     for item in onces:
         made = once(item)
@@ -71,11 +75,6 @@ def once_lifespan(
                 "nothing to warm; list only unkeyed onces"
             )
         warm.append(made)
-    if not (isinstance(shutdown_timeout, (int, float)) and 0 < shutdown_timeout < float("inf")):
-        raise ValueError(
-            f"once_lifespan(shutdown_timeout={shutdown_timeout!r}): give a positive, finite "
-            "number of seconds"
-        )
 
     # The process-scope onces this lifespan resets at shutdown: none unless asked.
     process_scope = [o for o in warm if reset_process_scope and o.options.get("scope") == "process"]

@@ -1,9 +1,12 @@
-"""What a user installs: the version, the license, the extras, the changelog, the CI commands."""
+"""What a user installs: the version, the license, the extras, the changelog, the CI commands;
+that it imports where os has no fork (Windows)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import fastapi_once
@@ -91,3 +94,41 @@ def test_the_dependency_groups_are_what_the_commands_name() -> None:
     assert defined == {"test", "bench", "lint"}
     groups = set(re.findall(r"--group (\w+)", README + (ROOT / ".ci" / "run").read_text()))
     assert groups <= defined
+
+
+# Run in a fresh interpreter whose os has neither fork nor register_at_fork, as on Windows
+# (the standard library checks for fork before it registers hooks): import the package, make a
+# value in a loop and one for the process.
+_WITHOUT_FORK_HOOKS = """
+import os
+del os.fork, os.register_at_fork
+import anyio
+import fastapi_once, fastapi_once.backends, fastapi_once.testing
+from fastapi_once import once
+
+@once
+async def pool() -> str:
+    return "pool"
+
+@once(scope="process")
+def settings() -> str:
+    return "settings"
+
+async def main() -> None:
+    print(await pool(), await settings())
+
+anyio.run(main)
+"""
+
+
+def test_the_package_imports_and_works_where_os_has_no_fork_hooks() -> None:
+    """Without os.register_at_fork (Windows) the import succeeds and onces make their values."""
+    run = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_FORK_HOOKS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["pool", "settings"]
