@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import re
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 import fastapi_once
 
@@ -91,3 +95,54 @@ def test_the_dependency_groups_are_what_the_commands_name() -> None:
     assert defined == {"test", "bench", "lint"}
     groups = set(re.findall(r"--group (\w+)", README + (ROOT / ".ci" / "run").read_text()))
     assert groups <= defined
+
+
+def _pyproject() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return dict(tomllib.loads((ROOT / "pyproject.toml").read_text()))
+
+
+def test_the_project_has_keywords_an_index_search_finds() -> None:
+    """Keywords name what the package is for: FastAPI, single-flight, lifespan, the backends."""
+    keywords = _pyproject()["project"]["keywords"]
+    for word in ("fastapi", "single-flight", "lifespan", "redis", "postgresql", "opentelemetry"):
+        assert word in keywords
+
+
+def test_the_otel_extra_requires_an_api_with_advisory_bucket_boundaries() -> None:
+    """opentelemetry-api 1.30 added explicit_bucket_boundaries_advisory; the extra's floor."""
+    (requirement,) = _pyproject()["project"]["optional-dependencies"]["otel"]
+    assert requirement == "opentelemetry-api>=1.30,<2"
+    from opentelemetry.metrics import Meter
+
+    assert (
+        "explicit_bucket_boundaries_advisory"
+        in inspect.signature(Meter.create_histogram).parameters
+    )
+
+
+def test_security_and_contributing_say_what_a_reporter_and_a_contributor_need() -> None:
+    """SECURITY.md: how to report, secrets and key injection; CONTRIBUTING.md: commands, style."""
+    security = (ROOT / "SECURITY.md").read_text()
+    for topic in (
+        "## Reporting a vulnerability",
+        "privately",
+        "Secrets in output",
+        "Key injection",
+    ):
+        assert topic in security
+    contributing = (ROOT / "CONTRIBUTING.md").read_text()
+    assert shell_blocks(contributing)[:2] == [c for c in shell_blocks(README) if "venv" in c][:2]
+    for topic in ("python -m bench", "## Style", "## Deprecations", "DeprecationWarning"):
+        assert topic in contributing
+
+
+def test_the_changelog_lists_deprecations_and_removals_in_their_own_groups() -> None:
+    """This release's Deprecated group names once_reset's shim; Removed has its own heading."""
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    this_release = changelog.split("\n## ")[1]
+    groups = re.findall(r"^### (\w+)", this_release, flags=re.M)
+    assert groups.index("Deprecated") < groups.index("Removed")
+    deprecated = this_release.split("### Deprecated")[1].split("###")[0]
+    assert "fastapi_once.testing.once_reset" in deprecated
+    assert "once_reset" not in this_release.split("### Changed")[1].split("### Deprecated")[0]
