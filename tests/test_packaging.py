@@ -64,9 +64,12 @@ def test_the_changelog_has_this_version_and_the_first() -> None:
 
 
 def test_the_readme_starts_with_a_user_install() -> None:
-    """The first command in the README is pip install fastapi-once, before any checkout command."""
+    """The README's first commands install what works today (a checkout, a wheel built there),
+    then name the package on the index, with its extras; no venv or test command before them."""
     commands = shell_blocks(README)
-    assert commands[0] == "pip install fastapi-once"
+    assert commands[0] == "pip install ."
+    assert commands[1].startswith("pip wheel --no-deps --wheel-dir dist . && pip install dist/")
+    assert commands[2] == "pip install fastapi-once"
     assert "pip install 'fastapi-once[redis]'" in commands
     assert "pip install 'fastapi-once[postgres]'" in commands
     assert "pip install 'fastapi-once[otel]'" in commands
@@ -88,11 +91,11 @@ def test_the_readmes_group_commands_upgrade_pip_first() -> None:
 
 
 def test_the_dependency_groups_are_what_the_commands_name() -> None:
-    """pyproject.toml has the test, bench and lint groups that the commands install."""
+    """pyproject.toml has the test, bench, lint and docs groups that the commands install."""
     pyproject = (ROOT / "pyproject.toml").read_text()
     section = pyproject.partition("\n[dependency-groups]\n")[2].partition("\n[")[0]
     defined = set(re.findall(r"^(\w+) = \[", section, flags=re.M))
-    assert defined == {"test", "bench", "lint"}
+    assert defined == {"test", "bench", "lint", "docs"}
     groups = set(re.findall(r"--group (\w+)", README + (ROOT / ".ci" / "run").read_text()))
     assert groups <= defined
 
@@ -132,7 +135,9 @@ def test_security_and_contributing_say_what_a_reporter_and_a_contributor_need() 
     ):
         assert topic in security
     contributing = (ROOT / "CONTRIBUTING.md").read_text()
-    assert shell_blocks(contributing)[:2] == [c for c in shell_blocks(README) if "venv" in c][:2]
+    two = [c for c in shell_blocks(README) if c.startswith("python3 -m venv .venv && ")]
+    assert len(two) == 2
+    assert shell_blocks(contributing)[:2] == two
     for topic in ("python -m bench", "## Style", "## Deprecations", "DeprecationWarning"):
         assert topic in contributing
 

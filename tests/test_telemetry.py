@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ import anyio
 import httpx
 import pytest
 import test_exception
+from docblocks import python_blocks
 from fastapi import Depends, FastAPI
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -636,9 +636,7 @@ def test_without_a_configured_sdk_no_span_is_made() -> None:
 
 def test_the_readme_wiring_exports_the_packages_spans_and_metrics() -> None:
     """The documented setup_telemetry(), in a fresh process: console output names our telemetry."""
-    readme = Path(__file__).parent.parent / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    wiring = next(block for block in blocks if "def setup_telemetry(" in block)
+    wiring = next(b.code for b in python_blocks() if "def setup_telemetry(" in b.code)
     out = _python(
         f"""
         namespace = {{"__name__": "readme_wiring"}}
@@ -692,9 +690,7 @@ def test_the_observability_example_runs_outside_the_repository(tmp_path: Path) -
     example_app (which exists only in the repository) is made unimportable; uvicorn.run is
     pointed at a free port and stops after one request.
     """
-    readme = Path(__file__).parent.parent / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    (example,) = [block for block in blocks if block.startswith("# observed.py\n")]
+    (example,) = {b.code for b in python_blocks() if b.code.startswith("# observed.py\n")}
     (tmp_path / "observed.py").write_text(example)
     driver = textwrap.dedent(
         """
