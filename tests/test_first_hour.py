@@ -216,3 +216,26 @@ def test_the_warning_shows_in_pytests_summary_under_its_default_filters(tmp_path
 
 
 logging.getLogger("fastapi_once").setLevel(logging.INFO)
+
+
+def test_the_warning_points_at_the_function_behind_a_method_or_a_partial() -> None:
+    """A once over a bound method or a functools.partial warns at the wrapped function's line."""
+    import functools
+
+    class Store:
+        async def pool(self) -> str:
+            return "pool"
+
+    async def fetch(url: str) -> str:
+        return url
+
+    store = Store()
+    bound, partial = once(store.pool), once(functools.partial(fetch, "/a"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert asyncio.run(bound()) == "pool"
+            assert asyncio.run(partial()) == "/a"
+    reports = [w for w in caught if issubclass(w.category, OnceLoopWarning)]
+    lines = {w.lineno for w in reports}
+    assert lines == {Store.pool.__code__.co_firstlineno, fetch.__code__.co_firstlineno}
