@@ -48,12 +48,16 @@ class _Ping:
         self.running: anyio.Event | None = None  # set when the ping in flight ends
 
 
+class _ReturnedFalse(Exception):
+    """A ping returned False: reported as such, not as an exception of the ping's."""
+
+
 async def _check(check: Callable[[Any], Any], value: Any, limit: float) -> None:
     """Run ``check(value)`` within ``limit`` s (a sync one in a worker thread).
 
     Raises:
         TimeoutError: it took longer.
-        Exception: what it raised, or ``ConnectionError`` if it returned False.
+        Exception: what it raised, or ``_ReturnedFalse`` if it returned False.
     """
     with anyio.fail_after(limit):
         if kind_of(check) is Kind.ASYNC:
@@ -61,7 +65,7 @@ async def _check(check: Callable[[Any], Any], value: Any, limit: float) -> None:
         else:
             result = await anyio.to_thread.run_sync(check, value, abandon_on_cancel=True)
     if result is False:
-        raise ConnectionError("the ping returned False")
+        raise _ReturnedFalse("ping returned False")
 
 
 async def _pinged(
@@ -84,13 +88,17 @@ async def _pinged(
     try:
         await _check(item.options["ping"], value, limit)
     except Exception as exc:
-        kind = "TimeoutError" if isinstance(exc, TimeoutError) else error_type(exc)
-        state.error = (str(kind), str(exc) or f"no answer within {limit} s")
-        ping_failed(item.name, str(kind))
+        if isinstance(exc, _ReturnedFalse):
+            kind, how = "returned False", "ping returned False"
+        else:
+            kind = "TimeoutError" if isinstance(exc, TimeoutError) else str(error_type(exc))
+            how = f"ping failed with {kind}"
+        state.error = (kind, str(exc) or f"no answer within {limit} s")
+        ping_failed(item.name, kind)
         logger.warning(
-            "%s: readiness ping failed with %s",
+            "%s: readiness %s",
             item.name,
-            kind,
+            how,
             extra=fields(item.name, "ping_failed", error_type=kind),
         )
     else:

@@ -104,7 +104,7 @@ async def test_a_sync_ping_runs_in_a_worker_thread_and_false_fails() -> None:
         await get_db()
         response = await http.get("/ready")
     assert response.status_code == 503
-    assert response.json()["onces"]["db"]["ping_error"] == "ConnectionError"
+    assert response.json()["onces"]["db"]["ping_error"] == "returned False"
     assert threads
     assert threads[0] != threading.get_ident()
 
