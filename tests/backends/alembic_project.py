@@ -1,11 +1,12 @@
 """An Alembic project of the migration tests' own, written into a directory.
 
 Its ``env.py`` is Alembic's documented pattern, sync or async by the URL's driver (an async
-driver runs ``asyncio.run`` around ``connection.run_sync``). Each revision appends
-``<revision> <pid>`` to ``runs.log`` as it starts (one ``os.write``), may wait at a gate (the
-``GATE`` directory: it writes ``entered-<pid>`` there and waits for ``open``), may fail, and
-then creates its table ``t_<revision>`` and inserts a row into ``applied`` in the migration's
-transaction: what ran is in the log, what was committed in the database.
+driver runs ``asyncio.run`` around ``connection.run_sync``), in one transaction for the whole
+upgrade unless the config's ``attributes["per_revision"]`` asks for one per revision. Each
+revision appends ``<revision> <pid>`` to ``runs.log`` as it starts (one ``os.write``), may wait
+at a gate (the ``GATE`` directory: it writes ``entered-<pid>`` there and waits for ``open``),
+may fail, and then creates its table ``t_<revision>`` and inserts a row into ``applied`` in the
+migration's transaction: what ran is in the log, what was committed in the database.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ ASYNC_DRIVERS = ("+asyncpg", "+aiosqlite")
 
 
 def migrate(connection):
-    context.configure(connection=connection, include_name=include_name)
+    per_revision = config.attributes.get("per_revision", False)
+    context.configure(
+        connection=connection, include_name=include_name, transaction_per_migration=per_revision
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -114,11 +118,13 @@ def add_revision(
     (directory / "versions" / f"{revision}.py").write_text(text)
 
 
-def config_of(directory: Path, url: str) -> Config:
-    """An Alembic ``Config`` of the project in ``directory``, migrating the database at ``url``."""
+def config_of(directory: Path, url: str, per_revision: bool = False) -> Config:
+    """An Alembic ``Config`` of the project in ``directory``, migrating the database at ``url``
+    (with ``per_revision``, in one transaction per revision: ``transaction_per_migration``)."""
     config = Config()
     config.set_main_option("script_location", str(directory))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["per_revision"] = per_revision
     return config
 
 

@@ -2,13 +2,13 @@
 
 This process imports everything and prints ``ready``; then, for each line it reads from stdin,
 JSON ``{"n": n, "gate": dir or null, "spec": {"project": dir, "url": sqlalchemy_url, "locks":
-dir or null, "loop": "asyncio" or "trio"}}``, it forks ``n`` app processes at once (so that they
-start together without paying for the imports each time, and read the scripts as they are
-then), with ``$GATE`` set to ``gate``. Each builds the once, runs its app's startup and
-shutdown, and writes one JSON line: ``{"pid": pid, "ok":
-heads}`` or ``{"pid": pid, "error": type, "message": text}``; for a child killed by a signal
-this process writes ``{"pid": pid, "killed": signal}``. When every child has ended it writes
-``done``. It exits at the end of stdin.
+dir or null, "loop": "asyncio" or "trio", "per_revision": bool}}``, it forks ``n`` app processes
+at once (so that they start together without paying for the imports each time, and read the
+scripts as they are then), with ``$GATE`` set to ``gate``. Each builds the once, runs its app's
+startup and shutdown, and writes one JSON line: ``{"pid": pid, "ok": heads}`` or ``{"pid": pid,
+"error": type, "message": text}``; for a child killed by a signal this process writes ``{"pid":
+pid, "killed": signal}``. When every child has ended it writes ``done``. It exits at the end of
+stdin.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ if sys.version_info < (3, 11):  # pragma: no cover
 
 def app_process(spec: dict[str, Any]) -> dict[str, Any]:
     """Start and stop one app whose lifespan runs the upgrade; say how it went."""
-    config = config_of(Path(spec["project"]), spec["url"])
+    config = config_of(Path(spec["project"]), spec["url"], spec.get("per_revision", False))
     across = FileLockBackend(spec["locks"]) if spec.get("locks") else None
     migrate = upgrade(config, across=across)
     app = FastAPI(lifespan=once_lifespan(migrate))

@@ -46,9 +46,16 @@ class Database:
     locks: str | None
     loop: str
     query: Callable[[str], list[tuple[Any, ...]]]
+    per_revision: bool = False
 
     def spec(self, project: Path) -> dict[str, Any]:
-        return {"project": str(project), "url": self.url, "locks": self.locks, "loop": self.loop}
+        return {
+            "project": str(project),
+            "url": self.url,
+            "locks": self.locks,
+            "loop": self.loop,
+            "per_revision": self.per_revision,
+        }
 
     def tables(self) -> set[str]:
         if self.url.startswith("sqlite"):
@@ -102,9 +109,12 @@ def postgres_database(server: PostgresServer) -> Database:
 
 @pytest.fixture(params=["postgres", "sqlite", "sqlite-async"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
-    """A fresh database: PostgreSQL (asyncpg), SQLite (pysqlite) or SQLite (aiosqlite)."""
-    if request.param == "postgres":
-        return postgres_database(request.getfixturevalue("postgres_server"))
+    """A fresh database: PostgreSQL (asyncpg; in one transaction per revision, or one for the
+    whole upgrade), SQLite (pysqlite) or SQLite (aiosqlite)."""
+    if request.param.startswith("postgres"):
+        made = postgres_database(request.getfixturevalue("postgres_server"))
+        made.per_revision = request.param == "postgres-per-revision"
+        return made
     if request.param == "sqlite":
         return sqlite_database(tmp_path / "app.db", "", "asyncio")
     return sqlite_database(tmp_path / "app.db", "+aiosqlite", "trio")
@@ -247,6 +257,9 @@ def test_a_failing_revision_is_not_recorded_and_the_next_start_retries_it(
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "database", ["postgres", "postgres-per-revision", "sqlite", "sqlite-async"], indirect=True
+)
 def test_a_killed_leader_mid_upgrade_leaves_the_upgrade_to_another_process(
     database: Database, project: Path, apps: Apps, tmp_path: Path
 ) -> None:
@@ -268,9 +281,10 @@ def test_a_killed_leader_mid_upgrade_leaves_the_upgrade_to_another_process(
     committed = dict(database.applied())
     assert list(committed) == ["0001", "0002"]
     assert committed["0002"] in survivors
-    # PostgreSQL: one transaction for the whole upgrade, which the kill rolled back. SQLite: one
-    # per revision (Alembic's default without transactional DDL): 0001 was committed already.
-    assert committed["0001"] in (survivors if database.url.startswith("postgresql") else {killed})
+    # One transaction for the whole upgrade (PostgreSQL's default), which the kill rolled back;
+    # or one per revision (SQLite's, without transactional DDL): 0001 was committed already.
+    whole = database.url.startswith("postgresql") and not database.per_revision
+    assert committed["0001"] in (survivors if whole else {killed})
     assert ("0002", killed) in runs(project)
     assert database.version() == ["0002"]
 
@@ -499,3 +513,27 @@ async def test_a_leader_with_an_older_fencing_token_than_the_database_s_does_not
     await query(f"DELETE FROM {FENCE_TABLE}")
     assert await migrate() == ["0001"]
     assert await query(f"SELECT token < {2**62} FROM {FENCE_TABLE}") == [(True,)]
+
+
+# --- the README's recipe --------------------------------------------------------------------------
+
+
+def test_the_readme_recipe_migrates_at_startup_and_reports_ready(
+    postgres: Database, project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Migrations section's example, run beside an alembic.ini with DATABASE_URL set: the
+    app's startup upgrades the database, and /ready answers 200."""
+    from fastapi.testclient import TestClient
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Migrations") :]
+    block = section[section.index("```py\n") + len("```py\n") : section.index("```\n\n-")]
+    add_revision(project, "0001", None)
+    (tmp_path / "alembic.ini").write_text(f"[alembic]\nscript_location = {project}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", postgres.url)
+    namespace: dict[str, Any] = {"__name__": "readme_migrations"}
+    exec(compile(block, "README.md:migrations", "exec"), namespace)
+    with TestClient(namespace["app"]) as http:
+        assert http.get("/ready").status_code == 200
+    assert postgres.version() == ["0001"]
