@@ -21,7 +21,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +194,13 @@ def apps(forker: Forker, database: Database, project: Path, tmp_path: Path) -> A
     """App processes of the test; their revisions' gate is ``tmp_path/gate``."""
     (tmp_path / "gate").mkdir()
     return Apps(forker, database.spec(project), tmp_path / "gate")
+
+
+async def wait_until(check: Callable[[], Awaitable[object]]) -> None:
+    """Poll ``check()`` until it returns something true."""
+    with anyio.fail_after(30):
+        while not await check():  # noqa: ASYNC110 - a database's state, no event to wait on
+            await anyio.sleep(0.01)
 
 
 def revisions_run(project: Path) -> list[str]:
@@ -458,16 +465,23 @@ def postgres(postgres_server: PostgresServer) -> Database:
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("revisions", [2, 1])
 async def test_a_leader_that_loses_its_lock_stops_before_the_next_revision(
-    postgres: Database, project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres: Database,
+    project: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    revisions: int,
 ) -> None:
     """The lock's session ends while revision 0001 runs: the caller gets LeaseLostError and the
-    leader's thread goes no further than 0001, whose transaction is rolled back."""
+    leader's thread goes no further than 0001, whose transaction is rolled back (also when 0001
+    is the last revision: the transaction is not committed)."""
     gate = tmp_path / "gate"
     gate.mkdir()
     monkeypatch.setenv("GATE", str(gate))
     add_revision(project, "0001", None, gated=True)
-    add_revision(project, "0002", "0001")
+    if revisions == 2:
+        add_revision(project, "0002", "0001")
     migrate = upgrade(config_of(project, postgres.url), name="lost")
     lost: list[LeaseLostError] = []
 
@@ -513,6 +527,50 @@ async def test_a_leader_with_an_older_fencing_token_than_the_database_s_does_not
     await query(f"DELETE FROM {FENCE_TABLE}")
     assert await migrate() == ["0001"]
     assert await query(f"SELECT token < {2**62} FROM {FENCE_TABLE}") == [(True,)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.timeout(60)
+async def test_a_leader_that_waited_for_the_fence_while_another_migrated_applies_nothing(
+    postgres: Database, project: Path
+) -> None:
+    """Two leaders at once (a lost lock let a second one in): the second waits for the first's
+    fence row, and when the first commits, finds the version table changed since it read it; it
+    raises LeaseLostError and applies nothing."""
+    import asyncpg
+
+    add_revision(project, "0001", None)
+    dsn = postgres.url.replace("postgresql+asyncpg://", "postgresql://")
+    fence_table = f"CREATE TABLE {FENCE_TABLE} (name VARCHAR(200) PRIMARY KEY, token BIGINT)"
+    first = await asyncpg.connect(dsn)
+    try:
+        await first.execute(fence_table)
+        await first.execute(f"INSERT INTO {FENCE_TABLE} VALUES ('raced', 0)")
+        await first.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        transaction = first.transaction()
+        await transaction.start()
+        await first.execute(f"SELECT token FROM {FENCE_TABLE} WHERE name = 'raced' FOR UPDATE")
+        migrate = upgrade(config_of(project, postgres.url), name="raced")
+        lost: list[LeaseLostError] = []
+
+        async def run() -> None:
+            try:
+                await migrate()
+            except LeaseLostError as exc:
+                lost.append(exc)
+
+        blocked = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+        async with anyio.create_task_group() as group:
+            group.start_soon(run)
+            await wait_until(lambda: first.fetchval(blocked))  # the second waits for the row
+            await first.execute("INSERT INTO alembic_version VALUES ('0001')")
+            await transaction.commit()
+    finally:
+        await first.close()
+    (error,) = lost
+    assert "another leader migrated while this one waited" in str(error)
+    assert revisions_run(project) == []
 
 
 # --- the README's recipe --------------------------------------------------------------------------
