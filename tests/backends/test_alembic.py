@@ -31,6 +31,7 @@ import pytest
 from alembic_project import add_revision, config_of, runs, write_project
 from backend_servers import HERE, ROOT, PostgresServer, wait_for
 
+from fastapi_once import Once
 from fastapi_once.alembic import FENCE_TABLE, database_lock, include_name, upgrade
 from fastapi_once.backends import FileLockBackend, LeaseLostError
 
@@ -196,6 +197,16 @@ def apps(forker: Forker, database: Database, project: Path, tmp_path: Path) -> A
     return Apps(forker, database.spec(project), tmp_path / "gate")
 
 
+async def call_catching(
+    migrate: Once[[], list[str]], kind: type[BaseException], into: list[BaseException]
+) -> None:
+    """Call ``migrate``; append what it raises of ``kind`` to ``into``."""
+    try:
+        await migrate()
+    except kind as exc:
+        into.append(exc)
+
+
 async def wait_until(check: Callable[[], Awaitable[object]]) -> None:
     """Poll ``check()`` until it returns something true."""
     with anyio.fail_after(30):
@@ -314,16 +325,9 @@ async def test_callers_in_one_process_share_one_upgrade_and_its_failure(
     config = config_of(project, sqlite_url)
     migrate = upgrade(config, across=FileLockBackend(str(tmp_path / "locks")), cooldown=60)
     errors: list[BaseException] = []
-
-    async def call() -> None:
-        try:
-            await migrate()
-        except RuntimeError as exc:
-            errors.append(exc)
-
     async with anyio.create_task_group() as group:
         for _ in range(3):
-            group.start_soon(call)
+            group.start_soon(call_catching, migrate, RuntimeError, errors)
     assert len(errors) == 3
     assert errors[0] is errors[1] is errors[2]
     with pytest.raises(RuntimeError) as again:
@@ -483,16 +487,9 @@ async def test_a_leader_that_loses_its_lock_stops_before_the_next_revision(
     if revisions == 2:
         add_revision(project, "0002", "0001")
     migrate = upgrade(config_of(project, postgres.url), name="lost")
-    lost: list[LeaseLostError] = []
-
-    async def run() -> None:
-        try:
-            await migrate()
-        except LeaseLostError as exc:
-            lost.append(exc)
-
+    lost: list[BaseException] = []
     async with anyio.create_task_group() as group:
-        group.start_soon(run)
+        group.start_soon(call_catching, migrate, LeaseLostError, lost)
         await anyio.to_thread.run_sync(lambda: wait_for(lambda: any(gate.iterdir())))
         await anyio.to_thread.run_sync(
             postgres.query,
@@ -552,17 +549,10 @@ async def test_a_leader_that_waited_for_the_fence_while_another_migrated_applies
         await transaction.start()
         await first.execute(f"SELECT token FROM {FENCE_TABLE} WHERE name = 'raced' FOR UPDATE")
         migrate = upgrade(config_of(project, postgres.url), name="raced")
-        lost: list[LeaseLostError] = []
-
-        async def run() -> None:
-            try:
-                await migrate()
-            except LeaseLostError as exc:
-                lost.append(exc)
-
+        lost: list[BaseException] = []
         blocked = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
         async with anyio.create_task_group() as group:
-            group.start_soon(run)
+            group.start_soon(call_catching, migrate, LeaseLostError, lost)
             await wait_until(lambda: first.fetchval(blocked))  # the second waits for the row
             await first.execute("INSERT INTO alembic_version VALUES ('0001')")
             await transaction.commit()
