@@ -89,8 +89,9 @@ def upgrade(
     for option in ("version", "key"):
         if option in options:
             raise ValueError(
-                f"fastapi_once.alembic.upgrade({option}=...): the version is the scripts' head "
-                f"revisions, so a new revision runs the upgrade again; drop {option}="
+                f"fastapi_once.alembic.upgrade({option}=...): the upgrade has one value, whose "
+                "version is the scripts' head revisions (a new revision runs it again); drop "
+                f"{option}="
             )
     script = ScriptDirectory.from_config(config)
     heads = sorted(script.get_heads())

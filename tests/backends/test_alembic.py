@@ -403,7 +403,7 @@ def test_version_and_key_are_refused(project: Path, option: str) -> None:
     """The version is the head set: version= (or key=) is a ValueError saying so."""
     add_revision(project, "0001", None)
     config = config_of(project, "postgresql://db/app")
-    with pytest.raises(ValueError, match=f"the version is the scripts' head revisions.*{option}="):
+    with pytest.raises(ValueError, match=f"version is the scripts' head revisions.*drop {option}="):
         upgrade(config, **{option: 2})
 
 
