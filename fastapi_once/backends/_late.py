@@ -10,7 +10,8 @@ from urllib.parse import unquote, urlsplit
 
 import anyio.lowlevel
 
-from ._base import Backend, Scrubber
+from .._logs import error_type, fields
+from ._base import Backend, Scrubber, logger
 from ._codec import ResultCodec
 from ._lease import Forget, OnBackendError, StoreBackend
 from ._store import UNKEYED
@@ -312,3 +313,27 @@ def _resolve(
                 made.attach(forget)
             backend = built[source] = made
     return backend
+
+
+async def close_built() -> None:
+    """Close the backends built from URLs and factories in the running event loop.
+
+    ``once_lifespan`` calls it at shutdown, after the values' cleanups, so that a served app
+    never leaves a store's listener or connections to the loop's last-resort cancellation. The
+    backends are forgotten first: a later call in this loop builds new ones. Backend objects
+    the app made itself (``across=RedisBackend(...)``) are the app's to close. Never raises; a
+    backend that fails to close is logged by the error's type.
+    """
+    with _lock:
+        built = _built.pop(_loop(), {})
+    for backend in built.values():
+        try:
+            await backend.aclose()
+        except Exception as exc:
+            kind = error_type(exc)  # the type only: a driver's message may hold a DSN
+            logger.warning(
+                "closing %s failed with %s",
+                backend.describe(),
+                kind,
+                extra=fields(None, "backend_close_failed", error_type=kind),
+            )
