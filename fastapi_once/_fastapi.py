@@ -376,8 +376,15 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             (``"redis://host:6379/0"``, see :func:`~fastapi_once.backends.backend_from_url`), or
             a function of no arguments returning either (called at first use): run ``fn`` once
             across every process sharing it (leader runs, followers wait and get its result, as
-            JSON typed by ``fn``'s return annotation). With ``key=``, once per key (Redis and
-            PostgreSQL; ``ttl=`` is then required).
+            JSON typed by ``fn``'s return annotation). With ``key=``, once per key (``ttl=`` is
+            then required).
+        on_backend_error: with ``across=``, what a call does when the backend cannot be
+            reached (or does not answer within its ``wait_timeout``): ``"local"`` makes the
+            value in this process (one run per key per process, one WARNING per outage, the
+            counter ``fastapi_once.backend.fallbacks``) and goes fleet-wide again once the
+            backend answers; ``"raise"`` raises BackendError. Default ``"local"`` with
+            ``key=``, ``"raise"`` without (an unkeyed once is often a migration that must
+            never run unguarded).
         name: the once's name in messages, logs and backends. Default: module.qualname of fn.
         version: appended to the name (``name@version``), so a new deployment runs it again.
         timeout: seconds one attempt may take (retries included); past it the attempt is
@@ -447,13 +454,13 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
 
 def _bind_across(fn: Callable[..., Any], name: str, options: dict[str, Any]) -> BoundBackend:
     """Return the once's backend: ``across=`` (a backend, URL or factory) bound to ``fn``."""
-    from .backends._late import BoundBackend, refuse_keyed
+    from ._handles import forget_elsewhere
+    from .backends._late import BoundBackend
 
-    check_across(fn, name, options)
-    across = options["across"]
-    if options.get("key") is not None:
-        refuse_keyed(across, name)
-    return BoundBackend(across, fn=fn, name=name)
+    on_error = check_across(fn, name, options)
+    return BoundBackend(
+        options["across"], fn=fn, name=name, on_error=on_error, forget=forget_elsewhere
+    )
 
 
 def _show(options: dict[str, Any]) -> str:

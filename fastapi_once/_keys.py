@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -23,11 +24,15 @@ NOKEY: Any = _NoKey()  # the key of an unkeyed once's one record; None is an ord
 
 
 def key_digest(key: object) -> str:
-    """A short digest of ``key`` that is stable across processes and reveals nothing of it."""
-    return hashlib.blake2b(repr(key).encode(), digest_size=4).hexdigest()
+    """A short digest of ``key`` that is stable across processes and reveals nothing of it.
+
+    Keys equal in a process (``1``, ``1.0``, ``True``) have one digest (see :func:`canonical`).
+    """
+    text = canonical(key) if _portable(key) else repr(key)
+    return hashlib.blake2b(text.encode(), digest_size=4).hexdigest()
 
 
-# Key types whose repr is the same in every process (a set's order, an object's id are not).
+# Key types with a canonical text (a set's order, an object's id are not the same everywhere).
 _PORTABLE = (str, bytes, int, float, bool, type(None))
 
 
@@ -35,11 +40,11 @@ def shared_key_digest(name: str, key: object) -> str:
     """The name of ``key``'s record in a cross-process backend: 40 hex digits, no key text.
 
     It starts with :func:`key_digest` (what logs show), followed by 128 bits that keep distinct
-    keys apart among millions.
+    keys apart among millions. Keys equal in a process are one record across processes.
 
     Raises:
         TypeError: ``key`` is not made of str, bytes, int, float, bool, None and tuples of them
-            (its repr could differ between processes).
+            (other processes could not name it the same way).
     """
     if not _portable(key):
         raise TypeError(
@@ -47,8 +52,29 @@ def shared_key_digest(name: str, key: object) -> str:
             "name a key the same way, so key= must return str, bytes, int, float, bool, None or "
             "a tuple of them, e.g. key=lambda url: url"
         )
-    text = repr(key).encode()
+    text = canonical(key).encode()
     return key_digest(key) + hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def canonical(key: object) -> str:
+    """The text that names a portable ``key`` in every process: equal keys, equal texts.
+
+    As in Python: ``True == 1 == 1.0`` (and ``False == 0 == 0.0 == -0.0``) are one key, written
+    as the integer; a str and the bytes of its text are two keys; a tuple is its parts in
+    order. Other floats are written by ``repr`` (``1.5``, ``inf``, ``nan``).
+    """
+    if key is None:
+        return "n"
+    if isinstance(key, (bool, int)):
+        return f"i{int(key)}"
+    if isinstance(key, float):
+        return f"i{int(key)}" if key.is_integer() else f"f{key!r}"
+    if isinstance(key, str):
+        return "s" + json.dumps(key)
+    if isinstance(key, bytes):
+        return "b" + key.hex()
+    assert isinstance(key, tuple)
+    return "(" + ",".join(canonical(part) for part in key) + ")"
 
 
 def _portable(key: object) -> bool:

@@ -35,6 +35,7 @@ class Options(TypedDict, total=False):
 
     maxsize: int
     across: Across
+    on_backend_error: Literal["local", "raise"]
     name: str
     version: str | int
     timeout: float
@@ -210,6 +211,11 @@ def once_options(fn: Callable[..., Any], default_name: str, options: dict[str, A
             f"once({name}, ping={shown(ping)}): ping= takes a function check(value) for an "
             "unkeyed once, e.g. ping=lambda pool: pool.execute('SELECT 1')"
         )
+    if "on_backend_error" in options and options.get("across") is None:
+        raise TypeError(
+            f"once({name}, on_backend_error=...): on_backend_error= applies only with across=; "
+            "pass across= too"
+        )
     scope = options.get("scope", "loop")
     if scope not in ("loop", "process"):
         raise ValueError(
@@ -225,11 +231,16 @@ def once_options(fn: Callable[..., Any], default_name: str, options: dict[str, A
     return OnceOptions(name, key, maxsize, scope, _policy(name, options))
 
 
-def check_across(fn: Callable[..., Any], name: str, options: dict[str, Any]) -> None:
-    """Check that ``across=`` fits the once's other options and its function.
+def check_across(
+    fn: Callable[..., Any], name: str, options: dict[str, Any]
+) -> Literal["local", "raise"]:
+    """Check that ``across=`` fits the once's other options and its function; return what
+    the once does when the backend cannot be reached (``on_backend_error=``, by default
+    ``"local"`` for a keyed once and ``"raise"`` for an unkeyed one).
 
     Raises:
         TypeError: a keyed once without ``ttl=``, or a generator function.
+        ValueError: ``on_backend_error=`` is neither ``"local"`` nor ``"raise"``.
     """
     if options.get("key") is not None and options.get("ttl") is None:
         raise TypeError(
@@ -242,6 +253,14 @@ def check_across(fn: Callable[..., Any], name: str, options: dict[str, Any]) -> 
             f"once({name}, across=...): a generator's cleanup would run in one process only; "
             "across= takes an async def or def whose JSON result every process shares"
         )
+    keyed = options.get("key") is not None
+    on_error = options.get("on_backend_error", "local" if keyed else "raise")
+    if on_error not in ("local", "raise"):
+        raise ValueError(
+            f"{_call('once', name, 'on_backend_error', on_error)}: give 'local' (make the value "
+            "in this process while the backend cannot be reached) or 'raise' (BackendError)"
+        )
+    return "local" if on_error == "local" else "raise"
 
 
 def _policy(name: str, options: dict[str, Any]) -> Policy:

@@ -113,12 +113,15 @@ class Work:
         working.set(attempt)
         try:
             if self._policy.retries:
-                make = functools.partial(self.make, args, kwargs, resolve, around)
+                make = functools.partial(
+                    self.make, args, kwargs, resolve, around, rec.made is not None
+                )
                 value, stack = await self._policy.run(attempt, make)
             elif self._plain:  # the common case, without the layers it does not need
                 value, stack = await self.fn()(*args, **kwargs), None
             else:
-                value, stack = await self.make(args, kwargs, resolve, around)
+                kept = rec.made is not None
+                value, stack = await self.make(args, kwargs, resolve, around, kept)
         except BaseException as exc:
             working.set(None)  # done with the attempt; its context must not keep it alive
             rec.fail(attempt, exc, monotonic() - started)
@@ -139,8 +142,13 @@ class Work:
         kwargs: dict[str, Any],
         resolve: Resolve | None,
         around: anyio.CancelScope | None = None,
+        kept: bool = False,
     ) -> tuple[Any, AsyncExitStack | None]:
-        """One try: resolve sub-dependencies, call fn (through the backend, if any)."""
+        """One try: resolve sub-dependencies, call fn (through the backend, if any).
+
+        ``kept``: the record keeps a value (being refreshed, or stale for ``stale_if_error=``),
+        which a failure leaves served: the backend then never makes one in this process.
+        """
         stack = AsyncExitStack() if self._needs_stack else None
         try:
             if resolve is not None:
@@ -160,7 +168,7 @@ class Work:
                 value = await make()
             else:  # a keyed once's backend keeps one record per key (the attempt's)
                 key: Hashable = cast(Attempt, working.get()).key
-                value = await across(self._across, self.name, make, self._policy, key)
+                value = await across(self._across, self.name, make, self._policy, key, kept)
         except BaseException:
             if stack is not None:
                 # Release what the failed try had set up; the waiters get the try's own
