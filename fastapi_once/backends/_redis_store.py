@@ -1,0 +1,458 @@
+"""RedisStore: the lease store on Redis: a few Lua scripts, pub/sub, a bounded pool per loop.
+
+Each record (a once's name and a key: a digest, or ``UNKEYED``) has its keys under one hash tag,
+``<namespace>:k:{<name>:<key>}:`` + ``v`` (``"<made ms> <json>"``), ``lock`` (``"<token>
+<holder>"``), ``cool`` (a failure's cooldown) and ``fence`` (the last fencing token), so that one
+record's keys share a cluster slot; ``<name>`` has ``%``, ``{`` and ``}`` percent-encoded. Every
+step that reads and writes a record is one script, so it is atomic. A leader's end is published
+on the record's channel (``...:ev``), a reset on ``<namespace>:k:resets``; one pub/sub connection
+per event loop hears both (``Listeners``).
+
+Connections: per event loop, one ``BlockingConnectionPool`` of at most ``max_connections``,
+the listener's included: a call waits for a free connection rather than opening another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import anyio
+
+from .._errors import BackendError
+from .._telemetry import fields
+from ._base import Scrubber, backoff, seconds
+from ._store import UNKEYED, Claim, Cooling, Held, Lease, LeaseStore, Reset, Served, Watch
+from ._store import StoreUnavailableError as Unavailable
+from ._wakeups import Listeners, Wakeups
+
+try:
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import AuthenticationError, RedisError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "RedisBackend needs the redis package: pip install 'fastapi-once[redis]'"
+    ) from exc
+
+logger = logging.getLogger("fastapi_once")
+
+# KEYS: v, lock, cool, fence. ARGV: lock value, lease (ms), refresh age (ms, or '').
+# {1, record} to serve; {3, ms left} while a failure cools down; {2, fence} when the lease is now
+# ours; {0, lock value} while another holds it. The fence is the record's counter plus one,
+# floored at the server's clock in microseconds: after a restart that lost the counter it still
+# exceeds every token drawn before (the clock moved on). The counter outlives the lease by 60 s.
+_CLAIM = """
+local record = redis.call('GET', KEYS[1])
+local now = redis.call('TIME')
+if record then
+  if ARGV[3] == '' or redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {1, record} end
+  local made = tonumber(string.sub(record, 1, string.find(record, ' ') - 1))
+  if now[1] * 1000 + math.floor(now[2] / 1000) - made < tonumber(ARGV[3]) then
+    return {1, record}
+  end
+else
+  local cool = redis.call('PTTL', KEYS[3])
+  if cool > 0 then return {3, cool} end
+end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0, redis.call('GET', KEYS[2]) or ''}
+end
+local fence = redis.call('INCR', KEYS[4])
+local floor = tonumber(now[1] .. string.format('%06d', tonumber(now[2])))
+if fence < floor then
+  fence = floor
+  redis.call('SET', KEYS[4], string.format('%.0f', floor))
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[2] + 60000)
+return {2, fence}
+"""
+
+# KEYS: lock, fence. ARGV: lock value, lease (ms). Extends the lease only if it is still ours.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2] + 60000)
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+# KEYS: lock, v, cool. ARGV: lock value, value, ttl (ms, or ''), channel.
+# Records the value stamped with the server's time, frees the lease and wakes the watches, only
+# if the lease is still ours.
+_COMPLETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local now = redis.call('TIME')
+local record = now[1] .. string.format('%03d', math.floor(now[2] / 1000)) .. ' ' .. ARGV[2]
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[2], record)
+else
+  redis.call('SET', KEYS[2], record, 'PX', ARGV[3])
+end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('PUBLISH', ARGV[4], 'done')
+return 1
+"""
+
+# KEYS: lock, cool. ARGV: lock value, cooldown (ms, or ''), channel.
+# Records the cooldown, frees the lease and wakes the watches, only if the lease is still ours.
+_ABANDON = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], 'failed')
+return 1
+"""
+
+_IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
+_LISTENING_WITHIN = 1.0  # the longest a loop's first claim waits for its listener to subscribe
+_WATCH_LISTENING_WITHIN = 0.5  # the same for a watch (it then relies on its timeout)
+_FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
+
+
+class _Client(NamedTuple):
+    """One event loop's client (redis.asyncio clients are loop-bound) and its scripts."""
+
+    redis: Any
+    claim: Any
+    renew: Any
+    complete: Any
+    abandon: Any
+
+
+class _Keys(NamedTuple):
+    value: str
+    lock: str
+    cool: str
+    fence: str
+    channel: str
+
+
+class RedisStore(LeaseStore):
+    """The lease store on one Redis server (see the module docstring for its keys).
+
+    Args:
+        url: a Redis URL (``redis://:password@host:6379/0``, ``rediss://`` for TLS); its
+            password never appears in errors, logs or :meth:`describe`.
+        namespace: the prefix of every key (no braces).
+        lease: seconds a lease lives without renewal; each round trip's own timeout is
+            ``min(lease / 2, 5)`` seconds.
+        max_connections: the most connections open per event loop, the listener's included.
+
+    Raises:
+        ValueError: ``namespace`` is empty or has braces, the URL's database is not a number,
+            ``lease`` is not a positive number, or ``max_connections`` is below 2.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        namespace: str = "fastapi_once",
+        lease: float = 10.0,
+        max_connections: int = 10,
+    ) -> None:
+        if not isinstance(namespace, str) or not namespace or "{" in namespace or "}" in namespace:
+            raise ValueError(
+                f"RedisBackend(namespace={namespace!r}): give a non-empty string without braces"
+            )
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+            max_connections = 0
+        if max_connections < 2:
+            raise ValueError(
+                f"RedisBackend(max_connections={max_connections!r}): give a whole number of at "
+                "least 2 (the listener's connection and one for commands)"
+            )
+        self._scrub = Scrubber(url)
+        _check_url(url, self._scrub.shown)
+        self._url = url
+        self.namespace = namespace
+        self._timeout = min(seconds("lease", lease) / 2, 5.0)
+        self.max_connections = max_connections
+        # Per event loop, its client; the entry goes with the loop (or aclose).
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = (
+            weakref.WeakKeyDictionary()
+        )
+        # Per event loop, the listener of the leaders' ends and of resets, and the watches.
+        self._listeners = Listeners(self._listen)
+
+    def describe(self) -> str:
+        """Return ``RedisBackend(<url with the password masked>, namespace=...)``."""
+        return f"RedisBackend({self._scrub.shown}, namespace={self.namespace})"
+
+    async def claim(
+        self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
+    ) -> Claim:
+        """Read the record and take its lease if due, in one script (see LeaseStore)."""
+        client = self._client()
+        fresh = asyncio.get_running_loop() not in self._listeners
+        wakeups = self._listeners.start()
+        keys = self._keys(name, key)
+        mine = f"{secrets.token_hex(16)} {holder}"
+        ages = "" if refresh is None else _ms(refresh)
+        try:
+            with self._answering(f"claiming {name}"):
+                status, data = await client.claim(
+                    keys=[keys.value, keys.lock, keys.cool, keys.fence],
+                    args=[mine, _ms(lease), ages],
+                )
+        except anyio.get_cancelled_exc_class():
+            # The script may have run and taken the lease: free it now (only if it is ours).
+            with (
+                anyio.CancelScope(shield=True),
+                anyio.move_on_after(_FREE_WITHIN),
+                contextlib.suppress(BackendError),
+            ):
+                await self.abandon(Lease(name, key, None, mine), cooldown=None)
+            raise
+        if fresh:  # this loop's first claim: resets are heard from its return on
+            await wakeups.until_listening(_LISTENING_WITHIN)
+        if status == 1:
+            return Served(str(data).partition(" ")[2])
+        if status == 2:
+            return Lease(name, key, int(data), mine)
+        if status == 3:
+            return Cooling(int(data) / 1000)
+        return Held(str(data).partition(" ")[2] or None)
+
+    async def renew(self, lease: Lease, *, seconds: float) -> bool:
+        """Extend the lease if it is still ours (one script)."""
+        keys = self._keys(lease.name, lease.key)
+        with self._answering(f"renewing the lease of {lease.name}"):
+            renewed = await self._client().renew(
+                keys=[keys.lock, keys.fence], args=[lease.handle, _ms(seconds)]
+            )
+        return bool(renewed)
+
+    async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
+        """Record the value, free the lease and publish on the record's channel (one script)."""
+        keys = self._keys(lease.name, lease.key)
+        ttl_ms = "" if ttl is None else _ms(ttl)
+        with self._answering(f"recording the value of {lease.name}"):
+            done = await self._client().complete(
+                keys=[keys.lock, keys.value, keys.cool],
+                args=[lease.handle, value, ttl_ms, keys.channel],
+            )
+        return bool(done)
+
+    async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
+        """Record the cooldown, free the lease and publish on its channel (one script)."""
+        keys = self._keys(lease.name, lease.key)
+        cool = "" if cooldown is None else _ms(cooldown)
+        with self._answering(f"freeing the lease of {lease.name}"):
+            await self._client().abandon(
+                keys=[keys.lock, keys.cool], args=[lease.handle, cool, keys.channel]
+            )
+
+    async def reset(self, name: str, key: str | None, *, origin: str) -> None:
+        """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
+        redis = self._client().redis
+        message = json.dumps({"name": name, "key": key, "origin": origin})
+        with self._answering(f"resetting {name}"):
+            if key is not None:
+                keys = self._keys(name, key)
+                await redis.unlink(keys.value)  # one key per command: the cool key's slot
+                await redis.unlink(keys.cool)  # is the same, but a proxy may split them
+            else:
+                prefix = self._prefix(name)
+                async for found in redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+                    record, _, suffix = found[len(prefix) :].partition("}:")
+                    # Only this name's records: a longer name starting with it has a ':' here.
+                    if suffix in ("v", "cool") and (record == UNKEYED or _is_digest(record)):
+                        await redis.unlink(found)
+            await redis.publish(self._resets, message)
+
+    @contextlib.asynccontextmanager
+    async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
+        """Register with this loop's listener for the record's channel (see LeaseStore)."""
+        self._client()  # asyncio only: say so before the listener would
+        watch = _RedisWatch(self._listeners, self._keys(name, key).channel)
+        try:
+            await watch.wakeups.until_listening(_WATCH_LISTENING_WITHIN)
+            yield watch
+        finally:
+            watch.close()
+
+    async def aclose(self) -> None:
+        """Stop this loop's listener and close its pool (a later call opens new ones)."""
+        # The client leaves first: a watch that the listener's end wakes (and that starts the
+        # next listener) uses a new one.
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        await self._listeners.stop()
+        if client is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await client.redis.aclose()
+
+    # --- the listener ---------------------------------------------------------------------------
+
+    @property
+    def _resets(self) -> str:
+        return f"{self.namespace}:k:resets"
+
+    async def _listen(self, wakeups: Wakeups) -> None:
+        """Until cancelled, on one pub/sub connection: wake the watches of a record whose leader
+        ended, and hand every reset to ``heard``. After an outage it subscribes again, with
+        backoff, and wakes every watch (what was published meanwhile was missed)."""
+        pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
+        failures = 0
+        while True:
+            pubsub = self._client().redis.pubsub()
+            try:
+                await pubsub.subscribe(self._resets)
+                await pubsub.psubscribe(pattern)
+                while True:
+                    message = await pubsub.get_message(timeout=_IDLE_PING)
+                    if message is None:
+                        await pubsub.ping()  # a silent connection may be a dead one
+                        continue
+                    kind = message["type"]
+                    if kind == "pmessage":
+                        wakeups.wake(str(message["channel"]))
+                    elif kind == "message":
+                        self._hear(str(message["data"]), wakeups)
+                    elif kind == "psubscribe":
+                        # The server answers in order: both subscriptions hold from here.
+                        failures = 0
+                        wakeups.listening.set()
+                        wakeups.wake_all()
+            except RedisError:
+                pass  # Redis went away: subscribe again, after a backoff
+            finally:
+                wakeups.listening.clear()
+                with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await anyio.sleep(backoff(failures, cap=5.0))
+            failures += 1
+
+    def _hear(self, message: str, wakeups: Wakeups) -> None:
+        try:
+            data = json.loads(message)
+            reset = Reset(data["name"], data["key"], data["origin"])
+            if not isinstance(reset.name, str) or not isinstance(reset.origin, str):
+                raise TypeError(reset)
+            if reset.key is not None and not isinstance(reset.key, str):
+                raise TypeError(reset)
+        except (ValueError, KeyError, TypeError):
+            logger.warning(
+                "ignored a reset message that is not one of ours",
+                extra=fields(None, "reset_message_ignored"),
+            )
+            return
+        if reset.key is None:
+            wakeups.wake_all()
+        else:
+            wakeups.wake(self._keys(reset.name, reset.key).channel)
+        self.heard(reset)
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _client(self) -> _Client:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"{self.describe()} runs on asyncio only (redis.asyncio); run the app on asyncio "
+                "or use FileLockBackend"
+            ) from None
+        client = self._clients.get(loop)
+        if client is None:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=self.max_connections,
+                timeout=self._timeout,  # waiting for a free connection
+                decode_responses=True,
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+                # One immediate retry replaces a connection that a server restart broke;
+                # longer outages are the algorithm's, which knows the lease and wait_timeout.
+                retry=Retry(NoBackoff(), 1),
+            )
+            redis = aioredis.Redis.from_pool(pool)
+            scripts = (redis.register_script(s) for s in (_CLAIM, _RENEW, _COMPLETE, _ABANDON))
+            client = self._clients[loop] = _Client(redis, *scripts)
+        return client
+
+    @contextlib.contextmanager
+    def _answering(self, doing: str) -> Iterator[None]:
+        """Turn the driver's errors into the store's: an outage, or any other failure."""
+        try:
+            yield
+        except RedisError as exc:
+            detail = self._scrub(f"{type(exc).__name__}: {exc}")
+            message = f"{self.describe()}: failed {doing}: {detail}"
+            outage = isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+            if outage and not isinstance(exc, AuthenticationError):
+                raise Unavailable(message) from exc
+            raise BackendError(message) from exc
+
+    def _prefix(self, name: str) -> str:
+        tag = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+        return f"{self.namespace}:k:{{{tag}:"
+
+    def _keys(self, name: str, key: str) -> _Keys:
+        # The hash tag is the name and the key: one record's keys share a cluster slot, and
+        # different records spread over the slots.
+        prefix = f"{self._prefix(name)}{key}}}:"
+        return _Keys(*(prefix + part for part in ("v", "lock", "cool", "fence", "ev")))
+
+
+class _RedisWatch(Watch):
+    """A watch's registration with its loop's listener; moves to the next listener after
+    aclose() ended this one."""
+
+    def __init__(self, listeners: Listeners, channel: str) -> None:
+        self._listeners = listeners
+        self._channel = channel
+        self._registered = contextlib.ExitStack()
+        self._register()
+
+    def _register(self) -> None:
+        self._registered.close()
+        self.wakeups = self._listeners.start()
+        self._event = self._registered.enter_context(self.wakeups.waiter(self._channel))
+
+    async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 - the protocol's
+        if self.wakeups.ended:  # the listener ended: changes may have been missed
+            self._register()
+            return
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        self._event.clear()
+
+    def close(self) -> None:
+        self._registered.close()
+
+
+def _check_url(url: str, shown: str) -> None:
+    """Refuse a URL whose database part is not a number (the driver would use db 0)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return  # the driver says what is wrong with it at first use
+    db = unquote(parts.path).strip("/")
+    if parts.scheme in ("redis", "rediss") and db and not db.isdigit():
+        raise ValueError(
+            f"RedisBackend({shown}): the database part of the URL, {db!r}, is not a number; "
+            "give a database index, e.g. redis://host:6379/0"
+        )
+
+
+def _is_digest(text: str) -> bool:
+    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a Redis glob pattern that matches only itself."""
+    return "".join("\\" + c if c in "\\*?[]^" else c for c in text)
+
+
+def _ms(duration: float) -> int:
+    return max(1, round(duration * 1000))
