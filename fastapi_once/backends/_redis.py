@@ -21,6 +21,7 @@ import secrets
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
@@ -119,7 +120,8 @@ _WATCH_LISTENING_WITHIN = 0.5  # the same for a watch (it then relies on its tim
 _FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
 
 
-class _Client(NamedTuple):
+@dataclass
+class _Client:
     """One event loop's client (redis.asyncio clients are loop-bound) and its scripts."""
 
     redis: Any
