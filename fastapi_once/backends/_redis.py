@@ -1,14 +1,11 @@
-"""RedisBackend: the lease algorithm over Redis: a few Lua scripts, pub/sub, a bounded pool.
+"""RedisBackend: the lease algorithm over Redis: Lua scripts, pub/sub, a bounded pool per loop.
 
-Each record (a once's name and a key: a digest, or ``UNKEYED``) has its keys under one hash tag,
-``<namespace>:k:{<name>:<key>}:`` + ``v`` (``"<made ms> <json>"``), ``lock`` (``"<token>
-<holder>"``), ``cool`` (a failure's cooldown) and ``fence`` (the last fencing token), so that one
-record's keys share a cluster slot; ``<name>`` has ``%``, ``{`` and ``}`` percent-encoded. Every
-step that reads and writes a record is one script, so it is atomic. A leader's end is published
-on the record's channel (``...:ev``), a reset on ``<namespace>:k:resets``; one pub/sub connection
-per event loop hears both (``Listeners``). Connections: per event loop, one
-``BlockingConnectionPool`` of at most ``max_connections``, the listener's included: a call
-waits for a free connection rather than opening another.
+A record (a once's name and a key: a digest, or ``UNKEYED``) is a few keys under one hash tag
+(see ``_redis_scripts``); ``<name>`` has ``%``, ``{`` and ``}`` percent-encoded, so no two names
+share a key. A reset is published on ``<namespace>:k:resets``; one pub/sub connection per event
+loop hears resets and the records' ends (``Listeners``). Per event loop, one
+``BlockingConnectionPool`` of at most ``max_connections``, the listener's included: a call waits
+for a free connection rather than opening another.
 """
 
 from __future__ import annotations
@@ -31,9 +28,10 @@ from .._errors import BackendError
 from .._logs import fields
 from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, seconds
 from ._lease import StoreBackend
+from ._redis_scripts import ABANDON, CLAIM, COMPLETE, RENEW
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._store import StoreUnavailableError as Unavailable
-from ._wakeups import Listeners, Wakeups
+from ._wakeups import Listeners, ListenerWatch, Wakeups
 
 try:
     import redis.asyncio as aioredis
@@ -49,74 +47,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 logger = logging.getLogger("fastapi_once")
 
-# KEYS: v, lock, cool, fence. ARGV: lock value, lease (ms), refresh age (ms, or '').
-# {1, record} to serve; {3, ms left} while a failure cools down; {2, fence} when the lease is now
-# ours; {0, lock value} while another holds it. The fence is the record's counter plus one,
-# floored at the server's clock in microseconds: after a restart that lost the counter it still
-# exceeds every token drawn before (the clock moved on). The counter outlives the lease by 60 s.
-_CLAIM = """
-local record = redis.call('GET', KEYS[1])
-local now = redis.call('TIME')
-if record then
-  if ARGV[3] == '' or redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {1, record} end
-  local made = tonumber(string.sub(record, 1, string.find(record, ' ') - 1))
-  if now[1] * 1000 + math.floor(now[2] / 1000) - made < tonumber(ARGV[3]) then
-    return {1, record}
-  end
-else
-  local cool = redis.call('PTTL', KEYS[3])
-  if cool > 0 then return {3, cool} end
-end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {0, redis.call('GET', KEYS[2]) or ''}
-end
-local fence = redis.call('INCR', KEYS[4])
-local floor = tonumber(now[1] .. string.format('%06d', tonumber(now[2])))
-if fence < floor then
-  fence = floor
-  redis.call('SET', KEYS[4], string.format('%.0f', floor))
-end
-redis.call('PEXPIRE', KEYS[4], ARGV[2] + 60000)
-return {2, fence}
-"""
-
-# KEYS: lock, fence. ARGV: lock value, lease (ms). Extends the lease only if it is still ours.
-_RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[2], ARGV[2] + 60000)
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"""
-
-# KEYS: lock, v, cool. ARGV: lock value, value, ttl (ms, or ''), channel.
-# Records the value stamped with the server's time, frees the lease and wakes the watches, only
-# if the lease is still ours.
-_COMPLETE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local now = redis.call('TIME')
-local record = now[1] .. string.format('%03d', math.floor(now[2] / 1000)) .. ' ' .. ARGV[2]
-if ARGV[3] == '' then
-  redis.call('SET', KEYS[2], record)
-else
-  redis.call('SET', KEYS[2], record, 'PX', ARGV[3])
-end
-redis.call('DEL', KEYS[1], KEYS[3])
-redis.call('PUBLISH', ARGV[4], 'done')
-return 1
-"""
-
-# KEYS: lock, cool. ARGV: lock value, cooldown (ms, or ''), channel.
-# Records the cooldown, frees the lease and wakes the watches, only if the lease is still ours.
-_ABANDON = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
-redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[3], 'failed')
-return 1
-"""
-
 _IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
-_LISTENING_WITHIN = 1.0  # the longest a loop's first claim waits for its listener to subscribe
-_WATCH_LISTENING_WITHIN = 0.5  # the same for a watch (it then relies on its timeout)
+_LISTENING_WITHIN = 0.5  # the longest a loop's first claim or a watch waits for the listener
 _FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
 
 
@@ -142,19 +74,15 @@ class _Keys(NamedTuple):
 class RedisBackend(StoreBackend):
     """Share a once's value across every process (and host) that uses one Redis server.
 
-    The lease algorithm (``once(across=)``'s: claim, lead or wait, renew, complete or abandon)
-    over Redis: each step on a record is one Lua script; a leader's lease is a ``SET NX PX`` key
-    renewed every ``lease / 3`` seconds while its work runs; followers hold no connection while
-    they wait, woken by ``PUBLISH`` through one pub/sub connection per process and event loop
-    (which also hears resets, so a reset in any process reaches every live one), and claim again
-    every ``recheck_interval`` seconds (a leader that died announces nothing). The fencing token
-    (:func:`~fastapi_once.backends.fencing_token`) is the record's counter floored at the
-    server's clock in microseconds: it grows also after a restart that lost the data.
-
-    Limits: asyncio only (redis.asyncio). The lease is efficiency-grade: a leader paused longer
-    than its lease, or a failover or restart without persistence, lets a second leader start
-    while the first still runs (its value is then refused, but its side effects happen): make
-    the work idempotent, or pass the fencing token to the stores it writes to.
+    The lease algorithm over Redis: each step on a record is one Lua script; a lease is a
+    ``SET NX PX`` key renewed every ``lease / 3`` seconds while the work runs; followers hold no
+    connection while they wait, woken by ``PUBLISH`` through one pub/sub connection per process
+    and event loop, which also hears resets (a reset in any process reaches every live one). The
+    fencing token is the record's counter floored at the server's clock in microseconds: it grows
+    also after a restart that lost the data. Asyncio only (redis.asyncio). The lease is
+    efficiency-grade: a leader paused longer than its lease, or a restart without persistence,
+    lets a second leader start while the first still runs (its value is refused, its side
+    effects happen): make the work idempotent, or pass ``fencing_token()`` to its stores.
 
     Args:
         url: a Redis URL (``redis://:password@host:6379/0``, ``rediss://`` for TLS); its
@@ -210,9 +138,8 @@ class RedisBackend(StoreBackend):
             raise ValueError(
                 f"RedisBackend(namespace={namespace!r}): give a non-empty string without braces"
             )
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-            max_connections = 0
-        if max_connections < 2:
+        count = isinstance(max_connections, int) and not isinstance(max_connections, bool)
+        if not count or max_connections < 2:
             raise ValueError(
                 f"RedisBackend(max_connections={max_connections!r}): give a whole number of at "
                 "least 2 (the listener's connection and one for commands)"
@@ -305,27 +232,23 @@ class RedisBackend(StoreBackend):
         with self._answering(f"resetting {name}"):
             if key is not None:
                 keys = self._keys(name, key)
-                await redis.unlink(keys.value)  # one key per command: the cool key's slot
-                await redis.unlink(keys.cool)  # is the same, but a proxy may split them
+                await redis.unlink(keys.value, keys.cool)  # one record: one slot
             else:
                 prefix = self._prefix(name)
                 async for found in redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
                     record, _, suffix = found[len(prefix) :].partition("}:")
                     # Only this name's records: a longer name starting with it has a ':' here.
                     if suffix in ("v", "cool") and (record == UNKEYED or _is_digest(record)):
-                        await redis.unlink(found)
+                        await redis.unlink(found)  # one key a command: records' slots differ
             await redis.publish(self._resets, message)
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's channel (see LeaseStore)."""
         self._client()  # asyncio only: say so before the listener would
-        watch = _RedisWatch(self._listeners, self._keys(name, key).channel)
-        try:
-            await watch.wakeups.until_listening(_WATCH_LISTENING_WITHIN)
+        with ListenerWatch(self._listeners, self._keys(name, key).channel) as watch:
+            await watch.wakeups.until_listening(_LISTENING_WITHIN)
             yield watch
-        finally:
-            watch.close()
 
     async def aclose(self) -> None:
         """Stop this loop's listener and close its pool (a later call opens new ones)."""
@@ -382,9 +305,7 @@ class RedisBackend(StoreBackend):
         try:
             data = json.loads(message)
             reset = Reset(data["name"], data["key"], data["origin"])
-            if not isinstance(reset.name, str) or not isinstance(reset.origin, str):
-                raise TypeError(reset)
-            if reset.key is not None and not isinstance(reset.key, str):
+            if not all(isinstance(v, str) for v in (reset.name, reset.key or "", reset.origin)):
                 raise TypeError(reset)
         except (ValueError, KeyError, TypeError):
             logger.warning(
@@ -422,7 +343,7 @@ class RedisBackend(StoreBackend):
                 retry=Retry(NoBackoff(), 1),
             )
             redis = aioredis.Redis.from_pool(pool)
-            scripts = (redis.register_script(s) for s in (_CLAIM, _RENEW, _COMPLETE, _ABANDON))
+            scripts = (redis.register_script(s) for s in (CLAIM, RENEW, COMPLETE, ABANDON))
             client = self._clients[loop] = _Client(redis, *scripts)
         return client
 
@@ -448,33 +369,6 @@ class RedisBackend(StoreBackend):
         # different records spread over the slots.
         prefix = f"{self._prefix(name)}{key}}}:"
         return _Keys(*(prefix + part for part in ("v", "lock", "cool", "fence", "ev")))
-
-
-class _RedisWatch(Watch):
-    """A watch's registration with its loop's listener; moves to the next listener after
-    aclose() ended this one."""
-
-    def __init__(self, listeners: Listeners, channel: str) -> None:
-        self._listeners = listeners
-        self._channel = channel
-        self._registered = contextlib.ExitStack()
-        self._register()
-
-    def _register(self) -> None:
-        self._registered.close()
-        self.wakeups = self._listeners.start()
-        self._event = self._registered.enter_context(self.wakeups.waiter(self._channel))
-
-    async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 - the protocol's
-        if self.wakeups.ended:  # the listener ended: changes may have been missed
-            self._register()
-            return
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
-        self._event.clear()
-
-    def close(self) -> None:
-        self._registered.close()
 
 
 def _check_url(url: str, shown: str) -> None:
