@@ -174,7 +174,7 @@ class RedisBackend(StoreBackend):
         try:
             with self._answering(f"claiming {name}"):
                 status, data = await client.claim(
-                    keys=[keys.value, keys.lock, keys.cool, keys.fence],
+                    keys=[keys.value, keys.lock, keys.cool, keys.fence, self._legacy(name, key)],
                     args=[mine, _ms(lease), ages],
                 )
         except anyio.get_cancelled_exc_class():
@@ -233,6 +233,7 @@ class RedisBackend(StoreBackend):
             if key is not None:
                 keys = self._keys(name, key)
                 await redis.unlink(keys.value, keys.cool)  # one record: one slot
+                await redis.unlink(self._legacy(name, key))
             else:
                 prefix = self._prefix(name)
                 async for found in redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
@@ -361,8 +362,13 @@ class RedisBackend(StoreBackend):
             raise BackendError(message) from exc
 
     def _prefix(self, name: str) -> str:
-        tag = name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-        return f"{self.namespace}:k:{{{tag}:"
+        return f"{self.namespace}:k:{{{_tag(name)}:"
+
+    def _legacy(self, name: str, key: str) -> str:
+        """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM)."""
+        if key != UNKEYED:
+            return self._keys(name, key).value
+        return f"{self.namespace}:{{{_tag(name)}}}:done"
 
     def _keys(self, name: str, key: str) -> _Keys:
         # The hash tag is the name and the key: one record's keys share a cluster slot, and
@@ -383,6 +389,11 @@ def _check_url(url: str, shown: str) -> None:
             f"RedisBackend({shown}): the database part of the URL, {db!r}, is not a number; "
             "give a database index, e.g. redis://host:6379/0"
         )
+
+
+def _tag(name: str) -> str:
+    """``name`` for a hash tag: percent-encoded, so no two names share one and braces stay out."""
+    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
 def _is_digest(text: str) -> bool:

@@ -5,13 +5,18 @@ A record's keys share one hash tag (``<namespace>:k:{<name>:<key>}:``): ``v`` ho
 cooldown, ``fence`` the last fencing token; the leader's end is published on ``ev``.
 """
 
-# KEYS: v, lock, cool, fence. ARGV: lock value, lease (ms), refresh age (ms, or '').
+# KEYS: v, lock, cool, fence, 0.2's marker. ARGV: lock value, lease (ms), refresh age (ms, or '').
 # {1, record} to serve; {3, ms left} while a failure cools down; {2, fence} when the lease is now
 # ours; {0, lock value} while another holds it. The fence is the record's counter plus one,
 # floored at the server's clock in microseconds: after a restart that lost the counter it still
 # exceeds every token drawn before (the clock moved on). The counter outlives the lease by 60 s.
+# An unkeyed record that 0.2 made (its marker: the JSON alone) is served as made at time 0.
 CLAIM = """
 local record = redis.call('GET', KEYS[1])
+if not record and KEYS[5] ~= KEYS[1] then
+  record = redis.call('GET', KEYS[5])
+  if record then record = '0 ' .. record end
+end
 local now = redis.call('TIME')
 if record then
   if ARGV[3] == '' or redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {1, record} end

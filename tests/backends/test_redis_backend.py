@@ -266,7 +266,7 @@ async def test_redis_backend_refuses_trio_clearly(redis_server: RedisServer, nam
     """redis.asyncio needs asyncio: on trio the error says so and points to FileLockBackend."""
     backend = RedisBackend(redis_server.url)
     with pytest.raises(RuntimeError, match="asyncio only"):
-        await backend.claim(name, "-", lease=1, refresh=None, holder="test")
+        await backend.run_once(name, nothing)
 
 
 async def test_names_with_braces_and_percent_signs_never_share_keys(
@@ -289,6 +289,30 @@ async def test_names_with_braces_and_percent_signs_never_share_keys(
     for key in values:
         tag = key[key.index("{") + 1 : key.index("}")]
         assert key == f"{namespace}:k:{{{tag}}}:v"
+
+
+async def test_an_unkeyed_value_recorded_by_0_2_is_served_until_it_is_reset(
+    redis_server: RedisServer, side: Any, namespace: str, name: str
+) -> None:
+    """0.2 kept an unkeyed once's value as its JSON alone under <namespace>:{<name>}:done: after
+    the upgrade it is served (a migration does not run again), and a reset clears it."""
+    await side.set(f"{namespace}:{{{name}}}:done", '{"migrated": 3}')
+    backend = RedisBackend(redis_server.url, namespace=namespace)
+    runs: list[int] = []
+
+    async def migrate() -> dict[str, int]:
+        runs.append(1)
+        return {"migrated": 4}
+
+    try:
+        assert await backend.run_once(name, migrate) == {"migrated": 3}
+        assert runs == []
+        await backend.reset(name)
+        assert await side.exists(f"{namespace}:{{{name}}}:done") == 0
+        assert await backend.run_once(name, migrate) == {"migrated": 4}
+        assert runs == [1]
+    finally:
+        await backend.aclose()
 
 
 async def test_aclose_stops_the_listener_and_a_later_call_starts_it_again(
