@@ -54,10 +54,13 @@ class MemoryServer:
         self.down = False  # every call raises StoreUnavailableError
         self.stalled = False  # every call hangs until cancelled
         self.calls = 0
+        self.on_call: Callable[[int], None] | None = None  # told each call's number (from 1)
 
     async def enter(self) -> None:
         """What every call does first: count, then fail or hang if the test says so."""
         self.calls += 1
+        if self.on_call is not None:
+            self.on_call(self.calls)
         await anyio.lowlevel.checkpoint()  # a store call is an await: cancellable here
         if self.stalled:
             await anyio.sleep_forever()
