@@ -177,6 +177,8 @@ class RedisBackend(StoreBackend):
                     keys=[keys.value, keys.lock, keys.cool, keys.fence, self._legacy(name, key)],
                     args=[mine, _ms(lease), ages],
                 )
+            if fresh:  # this loop's first claim: resets are heard from its return on
+                await wakeups.until_listening(_LISTENING_WITHIN)
         except anyio.get_cancelled_exc_class():
             # The script may have run and taken the lease: free it now (only if it is ours).
             with (
@@ -186,8 +188,6 @@ class RedisBackend(StoreBackend):
             ):
                 await self.abandon(Lease(name, key, None, mine), cooldown=None)
             raise
-        if fresh:  # this loop's first claim: resets are heard from its return on
-            await wakeups.until_listening(_LISTENING_WITHIN)
         if status == 1:
             return Served(str(data).partition(" ")[2])
         if status == 2:
@@ -335,7 +335,7 @@ class RedisBackend(StoreBackend):
             pool = aioredis.BlockingConnectionPool.from_url(
                 self._url,
                 max_connections=self.max_connections,
-                timeout=self._timeout,  # waiting for a free connection
+                timeout=self.wait_timeout,  # for a free connection: not an outage
                 decode_responses=True,
                 socket_timeout=self._timeout,
                 socket_connect_timeout=self._timeout,
