@@ -357,3 +357,14 @@ async def test_a_message_on_the_reset_channel_that_is_not_a_reset_is_ignored(
         await wait_until(lambda: heard == [Reset("n", None, "elsewhere")])
     finally:
         await backend.aclose()
+
+
+def test_a_percent_encoded_password_is_masked_as_written_and_decoded() -> None:
+    """The one scrubber masks the password in both spellings."""
+    from fastapi_once.backends._base import Scrubber
+
+    scrub = Scrubber("redis://:p%40ss%3Aword@cache:6379/0")
+    assert scrub.shown == "redis://:***@cache:6379/0"
+    assert scrub("AuthenticationError: p@ss:word refused") == "AuthenticationError: *** refused"
+    assert "p%40ss" not in scrub("bad url redis://:p%40ss%3Aword@cache")
+    assert "p%40ss" not in RedisBackend("redis://:p%40ss%3Aword@cache:6379/0").describe()
