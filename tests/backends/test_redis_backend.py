@@ -17,7 +17,7 @@ from timekeeping import wait_until
 
 from fastapi_once import once
 from fastapi_once.backends import BackendError, LeaseLostError, WaitTimeoutError, backend_from_url
-from fastapi_once.backends._store import Reset
+from fastapi_once.backends._store import Reset, StoreUnavailableError
 
 redis_asyncio = require("redis.asyncio")
 from fastapi_once.backends import RedisBackend  # noqa: E402
@@ -263,6 +263,23 @@ async def test_an_unreachable_redis_raises_backend_error_without_the_password(na
     assert "redis://:***@127.0.0.1" in str(info.value)
     assert info.value.__cause__ is not None
     await backend.aclose()
+
+
+async def test_a_wrong_password_is_an_error_not_an_outage_to_fall_back_from(
+    redis_server: RedisServer, name: str
+) -> None:
+    """Refused credentials are a misconfiguration: BackendError (naming no password) even under
+    on_backend_error="local", which falls back only when Redis cannot be reached."""
+    url = redis_server.url.replace(redis_server.password, "wrong-secret-pw")
+    backend = RedisBackend(url, lease=0.5)
+    try:
+        with anyio.fail_after(10), pytest.raises(BackendError) as info:
+            await backend.share(name, digest(), nothing, ttl=60, on_error="local")
+    finally:
+        await backend.aclose()
+    assert not isinstance(info.value, StoreUnavailableError)
+    assert "wrong-secret-pw" not in str(info.value)
+    assert redis_server.password not in str(info.value)
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
