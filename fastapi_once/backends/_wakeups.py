@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import anyio
 
 from .._logs import error_type, fields
+from ._store import Watch
 
 logger = logging.getLogger("fastapi_once")
 
@@ -85,6 +86,41 @@ class Wakeups:
         """Return when ``event`` is set, or after ``longest`` seconds."""
         with anyio.move_on_after(longest):
             await event.wait()
+
+
+class ListenerWatch(Watch):
+    """A store's watch of one record, registered with its loop's listener for the block.
+
+    A store whose listener wakes records by name (:meth:`Wakeups.wake`) returns one from its
+    ``watch()``. After the listener ended (``aclose()``), the next :meth:`changed` registers with
+    the loop's next listener and returns at once: changes may have been missed meanwhile.
+    """
+
+    def __init__(self, listeners: Listeners, record: str) -> None:
+        self._listeners = listeners
+        self._record = record
+        self._registered = contextlib.ExitStack()
+        self._register()
+
+    def _register(self) -> None:
+        self._registered.close()
+        self.wakeups = self._listeners.start()
+        self._event = self._registered.enter_context(self.wakeups.waiter(self._record))
+
+    async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 - the protocol's
+        """Return when the record's leader ended or it was reset, or after ``timeout``."""
+        if self.wakeups.ended:
+            self._register()
+            return
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        self._event.clear()
+
+    def __enter__(self) -> ListenerWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._registered.close()
 
 
 class _Running(NamedTuple):

@@ -242,6 +242,10 @@ async def test_the_lifespan_closes_the_stores_it_built_after_the_values_cleanups
         events.append("cleaned up")
 
     own = Recording(redis_url, namespace=namespace + "own")
+
+    def listeners() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "fastapi_once listener"]
+
     fetcher = once(
         fetch, key=lambda url: url, ttl=60, across=lambda: Recording(redis_url, namespace=namespace)
     )
@@ -250,10 +254,11 @@ async def test_the_lifespan_closes_the_stores_it_built_after_the_values_cleanups
     async with lifespan(FastAPI()):
         assert await fetcher("/a") == "/A"
         assert await shared() == "config"
-        assert [t for t in asyncio.all_tasks() if t.get_name() == "fastapi_once listener"]
+        assert len(listeners()) == 2  # the built backend's, and the app's own (it listens too)
         assert events == []
     assert events == ["cleaned up", f"closed {namespace}"]
-    assert [t for t in asyncio.all_tasks() if t.get_name() == "fastapi_once listener"] == []
+    assert len(listeners()) == 1  # the app's own backend's, which the app closes
+    assert asyncio.get_running_loop() in own._listeners
     async with lifespan(FastAPI()):  # the next lifespan's calls build a new backend
         assert await fetcher("/b") == "/B"
     assert events[2:] == ["cleaned up", f"closed {namespace}"]

@@ -84,7 +84,7 @@ async def test_a_leader_cancelled_before_the_lock_reply_arrives_leaves_the_key_f
     first, second = make(lease=60), make(lease=60, recheck_interval=600)
     digest = shared_key_digest(name, "/a")
     client = first._client()  # type: ignore[attr-defined]
-    real = client.keyed_acquire
+    real = client.claim
     sent = anyio.Event()
 
     async def reply_delayed(**kwargs: Any) -> Any:
@@ -93,7 +93,7 @@ async def test_a_leader_cancelled_before_the_lock_reply_arrives_leaves_the_key_f
         await anyio.sleep_forever()  # the reply never reaches the caller
         return got  # pragma: no cover
 
-    client.keyed_acquire = reply_delayed
+    client.claim = reply_delayed
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: first.run_keyed(name, digest, value("first"), ttl=60))
