@@ -4,10 +4,11 @@ The state machine calls the hooks below at its transitions; none is on the hot p
 counts, as before, and the counts are read by observable instruments when a reader collects).
 
 OpenTelemetry is used through ``opentelemetry-api`` when it can be imported; without it every
-hook does nothing. Spans are made only while a real tracer provider is set: the provider is
-looked up at each use, so one set after this module was imported is seen, and with the API's
-default provider an attempt costs a look-up and a comparison. Metric instruments are created at
-import on the API's meter, which forwards to a provider set later and does nothing until then.
+hook does nothing. The tracer and the meter's instruments are obtained once, at import, from the
+API's proxies, which bind to an SDK's providers installed later. Spans are made only once a real
+tracer provider is set: an attempt asks :func:`tracer`, which reads the API's global (no
+environment read, no provider look-up) and compares it with the one it last saw. Every hook
+checks ``OTEL`` first, so switching it off (the bench does) compiles the telemetry out.
 
 Spans (instrumentation scope ``fastapi_once``) never carry an exception message, only its type,
 nor a key, only its digest (see :mod:`fastapi_once._keys`), unless the once has ``log_keys=True``.
@@ -89,18 +90,33 @@ if OTEL:
 
     # The attempt whose span is current in a library task (with the span), in that task's context.
     _CURRENT = otel_context.create_key("fastapi_once.attempt")
+    # Once, at import: loads a provider named by OTEL_PYTHON_TRACER_PROVIDER, if any; after
+    # this the API's global holds every provider set, and reading it is all an attempt does.
+    otel_trace.get_tracer_provider()
+    _GLOBAL = hasattr(otel_trace, "_TRACER_PROVIDER")
+
+
+def _provider() -> object:
+    # The API's global provider (None until one is set), read without the environment look-up
+    # that get_tracer_provider() makes while none is set. An API without that global (a later
+    # version) is asked the public way.
+    if _GLOBAL:
+        return otel_trace._TRACER_PROVIDER
+    return otel_trace.get_tracer_provider()  # pragma: no cover
 
 
 def tracer() -> Any:
     """The package's tracer while a real tracer provider is set, else None (no spans at all)."""
     global _tracer_for
-    if not OTEL:  # pragma: no cover
+    if not OTEL:
         return None
-    provider = otel_trace.get_tracer_provider()
+    provider = _provider()
     seen, found = _tracer_for
     if provider is not seen:
-        real = not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
-        found = provider.get_tracer(SCOPE) if real else None
+        real = provider is not None and not isinstance(
+            provider, (ProxyTracerProvider, NoOpTracerProvider)
+        )
+        found = provider.get_tracer(SCOPE) if real else None  # type: ignore[attr-defined]
         _tracer_for = (provider, found)
     return found
 
@@ -172,7 +188,7 @@ def carry(into: contextvars.Context) -> None:
 
 def waits(attempt: Attempt, joined: bool) -> None:
     """A caller is about to wait for ``attempt``: link the caller's span to the attempt's."""
-    if attempt.span is None:
+    if attempt.span is None or not OTEL:
         return
     span = otel_trace.get_current_span()
     if span.is_recording():
@@ -381,7 +397,7 @@ if OTEL:
 
 def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
     """An attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
-    if not OTEL:  # pragma: no cover
+    if not OTEL:
         return
     error = attempt.error
     attributes: dict[str, Any] = {
@@ -395,7 +411,8 @@ def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
             _refresh_failures.add(1, {NAME: store.name})
     _attempts.add(1, attributes)
     _duration.record(took, attributes)
-    _ended_span(attempt, error)
+    if attempt.span is not None:
+        _ended_span(attempt, error)
 
 
 def fast_failed(store: Store) -> None:
