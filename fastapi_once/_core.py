@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from ._attempts import wait
+from ._attempts import Attempt, wait, working
 from ._keys import NOKEY, shared_key_digest, unhashable
 from ._kinds import as_coroutine_function, kind_of
 from ._loops import (
@@ -32,6 +32,7 @@ from ._loops import (
 from ._policy import Policy
 from ._records import Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
+from ._telemetry import waits
 from ._values import Value
 from ._work import Work
 
@@ -84,11 +85,6 @@ class Once(Generic[P, T]):
         options: dict[str, Any] | None = None,
         scope: str = "loop",
     ) -> None:
-        # A bound method is held weakly, so that a once does not keep its object alive.
-        held: Callable[[], Any] = (
-            weakref.WeakMethod(fn) if hasattr(fn, "__self__") and hasattr(fn, "__func__")
-            else lambda: fn
-        )  # fmt: skip
         self.name = name
         self.options: dict[str, Any] = dict(options or {})
         self._key = key
@@ -96,7 +92,7 @@ class Once(Generic[P, T]):
         self._injector = injector
         self._across = across
         self._policy = policy or Policy()
-        self._work = Work(name, held, kind_of(fn), injector, across, self._policy)
+        self._work = Work(name, fn, kind_of(fn), injector, across, self._policy)
         self._param = injector.param if injector is not None else None
         # scope="process": the values live in the process scope's loop only (so _hot, once
         # set, is that loop's, written in its thread); other threads read it or hop there.
@@ -178,7 +174,30 @@ class Once(Generic[P, T]):
                 store.records.move_to_end(key)
                 store.hits += 1
                 return made.value  # type: ignore[no-any-return]
-        return cast(T, await self._slow(cast(Store, store), key, args, kwargs, hidden))
+        # Joining an attempt in flight with no value kept: no time row of the table can apply.
+        got: Any = None if rec is None or rec.made is not None else rec.attempt
+        if got is not None:
+            store.joins += 1  # type: ignore[union-attr]
+            if got.span is not None:
+                waits(got, True)
+        else:
+            got = self._enter(store, key, args, kwargs, hidden)  # type: ignore[arg-type]
+            if type(got) is Value:
+                return got.value  # type: ignore[no-any-return]
+        # The caller awaits the attempt's event itself: no coroutine between it and the event.
+        if working.get() is None:  # not a once's work: no edge of the wait-for graph to add
+            got.waiters += 1
+            try:
+                await got.done.wait()
+            finally:
+                got.waiters -= 1
+                if not got.waiters and got.picked is not None:
+                    got.picked.set()
+        else:
+            await wait(got)
+        if got.error is None or got.stale:
+            return got.value  # type: ignore[no-any-return]
+        return got.result()  # type: ignore[no-any-return]
 
     def _find(self) -> tuple[Any, int | None, Store, Record | None]:
         loop = current_loop()
@@ -281,23 +300,22 @@ class Once(Generic[P, T]):
             return self._hot[2]
         return None if state is None else cast("Store | None", state.stores.get(self))
 
-    async def _slow(
+    def _enter(
         self,
         store: Store,
         key: Hashable,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         context: object,
-    ) -> Any:
+    ) -> Value | Attempt:
+        """The slow path's rows of the table: the value to serve or the attempt to wait for."""
         now = monotonic()
         rec = store.record(key, now)
         if key is NOKEY:
             self._hot = (store.loop, thread_proof(store.loop), store, rec)
-        got = rec.enter(now, lambda: rec.start(args, kwargs, self.bind(context)))
-        if isinstance(got, Value):
-            return got.value
-        await wait(got)
-        return got.result()
+        injector = self._injector
+        resolve = None if injector is None else lambda: injector.bind(context)
+        return rec.enter(now, lambda: rec.start(args, kwargs, resolve and resolve()))
 
     def bind(self, context: object) -> Resolve | None:
         """The sub-dependency resolver bound to ``context`` (a request or the app), if any."""

@@ -86,13 +86,18 @@ class Event(Protocol):
         """Wait until it is set."""
 
 
-def new_event(loop: object) -> Event:
-    """An event for ``loop``: its library's own, without anyio's per-event dispatch."""
+def event_factory(loop: object) -> Callable[[], Event]:
+    """What makes events for ``loop``: its library's own class, without anyio's dispatch."""
     if isinstance(loop, asyncio.AbstractEventLoop):
-        return asyncio.Event()
+        return asyncio.Event
     import trio
 
-    return trio.Event()
+    return trio.Event
+
+
+def new_event(loop: object) -> Event:
+    """An event for ``loop``: its library's own, without anyio's per-event dispatch."""
+    return event_factory(loop)()
 
 
 class Drainable(Protocol):

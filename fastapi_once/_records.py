@@ -75,7 +75,7 @@ import anyio
 
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
-from ._loops import LoopState, in_process_loop, new_event
+from ._loops import LoopState, event_factory, in_process_loop, new_event
 from ._policy import Policy
 from ._status import State
 from ._tasks import spawn
@@ -146,8 +146,7 @@ class Record:
             wants = self._wants(made)
             if wants is not None and self.retry_at is not None:
                 wants = max(wants, self.retry_at)
-            times = [t for t in (wants, ends) if t is not None]
-            self.until = min(times) if times else None
+            self.until = ends if wants is None else wants if ends is None else min(wants, ends)
 
     def _wants(self, made: Value) -> float | None:
         """When a served value wants replacing: due for refresh, or (stale_if_error=) expired."""
@@ -284,8 +283,10 @@ class Record:
             store.joins += 1
         else:
             begin()
-        waits(cast(Attempt, self.attempt), joined)
-        return cast(Attempt, self.attempt)
+        attempt: Attempt = self.attempt  # type: ignore[assignment]
+        if attempt.span is not None:
+            waits(attempt, joined)
+        return attempt
 
     def start(self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None) -> None:
         """Start an attempt (idle -> running) or a refresh (ready -> refreshing)."""
@@ -293,8 +294,8 @@ class Record:
         if store.loop_state.closed:
             self.drop()
             raise OnceClosedError(store.name, process=in_process_loop())
-        serves = self.serves(monotonic())
-        self.attempt = attempt = Attempt(store.name, self.key, new_event(store.loop))
+        serves = self.made is not None and self.serves(monotonic())
+        self.attempt = attempt = Attempt(store.name, self.key, store.new_event())
         attempt.show_key = store.policy.log_keys
         self._to(REFRESHING if serves else RUNNING)
         store.tries += 1
@@ -360,7 +361,7 @@ class Record:
     def fail(self, attempt: Attempt, exc: BaseException, took: float) -> None:
         """The attempt raised ``exc`` after ``took`` seconds: share it (see :meth:`settle`)."""
         error, traceback = exc, exc.__traceback__
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
+        if not isinstance(exc, Exception) and isinstance(exc, anyio.get_cancelled_exc_class()):
             error, traceback = OnceCancelledError(attempt.label), None
             error.__cause__ = exc
         store, refresh = self.store, self.state == REFRESHING
@@ -415,15 +416,16 @@ class Record:
             closed = OnceClosedError(store.name, process=in_process_loop())
             made, error, traceback, applied = None, closed, None, False
         now = monotonic()
-        if not attempt.settled:
+        if not attempt.done.is_set():
             if error is not None:
                 self._release(attempt, error, traceback, now)
             else:
-                attempt.succeed(cast(Value, made).value)
+                attempt.succeed(made.value)  # type: ignore[union-attr]
         if not mine:
             return False
         store.last_error = None if error is None else (type(error).__name__, str(error), self.key)
-        self.advance(now)  # the ttl may have ended while the run went on
+        if self.made is not None:
+            self.advance(now)  # the ttl may have ended while the run went on
         self.attempt = None
         if error is None:
             if self.key in store.records:
@@ -494,7 +496,7 @@ class Store:
 
     __slots__ = (
         "hits", "joins", "last_duration", "last_error", "loop", "loop_state", "maxsize", "name",
-        "on_forget", "policy", "records", "retired", "tries", "work",
+        "new_event", "on_forget", "policy", "records", "retired", "tries", "work",
     )  # fmt: skip
 
     def __init__(
@@ -511,6 +513,7 @@ class Store:
         self.work = work  # runs an attempt in a library task: makes, settles, keeps the value
         self.on_forget = on_forget  # the once forgets its hot cell
         self.loop, self.loop_state = loop, loop_state
+        self.new_event = event_factory(loop)  # its library's own event class
         self.records: OrderedDict[Hashable, Record] = OrderedDict()  # least recent first
         self.retired: list[Value] = []  # retired values with a cleanup, until it has run
         self.hits = self.joins = self.tries = 0

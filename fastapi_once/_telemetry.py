@@ -96,27 +96,21 @@ if OTEL:
     _GLOBAL = hasattr(otel_trace, "_TRACER_PROVIDER")
 
 
-def _provider() -> object:
-    # The API's global provider (None until one is set), read without the environment look-up
-    # that get_tracer_provider() makes while none is set. An API without that global (a later
-    # version) is asked the public way.
-    if _GLOBAL:
-        return otel_trace._TRACER_PROVIDER
-    return otel_trace.get_tracer_provider()  # pragma: no cover
-
-
 def tracer() -> Any:
     """The package's tracer while a real tracer provider is set, else None (no spans at all)."""
     global _tracer_for
     if not OTEL:
         return None
-    provider = _provider()
+    # The API's global provider (None until one is set), read without the environment look-up
+    # that get_tracer_provider() makes while none is set. An API without that global (a later
+    # version) is asked the public way.
+    provider = otel_trace._TRACER_PROVIDER if _GLOBAL else otel_trace.get_tracer_provider()
     seen, found = _tracer_for
     if provider is not seen:
         real = provider is not None and not isinstance(
             provider, (ProxyTracerProvider, NoOpTracerProvider)
         )
-        found = provider.get_tracer(SCOPE) if real else None  # type: ignore[attr-defined]
+        found = provider.get_tracer(SCOPE) if real else None  # type: ignore[union-attr]
         _tracer_for = (provider, found)
     return found
 

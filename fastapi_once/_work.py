@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, cast
@@ -37,20 +38,29 @@ class Work:
     def __init__(
         self,
         name: str,
-        held: Callable[[], Any],
+        fn: Callable[..., Any],
         kind: Kind,
         injector: Injector | None,
         across: Backend | None,
         policy: Policy,
     ) -> None:
         self.name = name
-        self._held = held  # returns the function, or None (a bound method whose object is gone)
+        # A bound method is held weakly, so that a once does not keep its object alive; any
+        # other function strongly.
+        self._strong: Callable[..., Any] | None = None
+        self._held: Callable[[], Any] | None = None  # the weak method: None once its object is gone
+        if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
+            self._held = weakref.WeakMethod(fn)
+        else:
+            self._strong = fn
         self._kind = kind
         self._across = across
         self._policy = policy
         self._needs_stack = injector is not None or kind in (Kind.ASYNC_GEN, Kind.GEN)
         # An async def with no sub-dependencies and no backend: the attempt just awaits it.
         self._plain = kind is Kind.ASYNC and injector is None and across is None
+        # Values that never expire nor refresh: their deadlines are known without asking.
+        self._timeless = policy.ttl is None and policy.refresh is None
         # What a store runs per attempt: without a timeout there is no scope to open around it.
         self.entry = self.attempt if policy.timeout is None else self.run
 
@@ -60,7 +70,7 @@ class Work:
         Raises:
             ReferenceError: it was a bound method whose object is gone.
         """
-        fn = self._held()
+        fn = self._strong if self._strong is not None else self._held()  # type: ignore[misc]
         if fn is None:
             raise ReferenceError(f"{self.name}: the object of this bound method no longer exists")
         return cast("Callable[..., Any]", fn)
@@ -92,7 +102,8 @@ class Work:
                 make = functools.partial(self.make, args, kwargs, resolve)
                 value, stack = await self._policy.run(attempt, make)
             elif self._plain:  # the common case, without the layers it does not need
-                value, stack = await self.fn()(*args, **kwargs), None
+                fn = self._strong if self._strong is not None else self.fn()
+                value, stack = await fn(*args, **kwargs), None
             else:
                 value, stack = await self.make(args, kwargs, resolve)
         except BaseException as exc:
@@ -101,7 +112,8 @@ class Work:
             return
         working.set(None)
         now = monotonic()
-        made = Value(attempt, value, stack, now, time.time(), self._policy.deadlines(now))
+        deadlines = (None, None) if self._timeless else self._policy.deadlines(now)
+        made = Value(attempt, value, stack, now, time.time(), deadlines)
         if not rec.succeed(attempt, made, now - started):
             await made.clean_here()  # made too late: nobody can get it
         elif stack is not None:
