@@ -36,7 +36,7 @@ class Attempt:
 
     __slots__ = (
         "_label", "context", "done", "ended", "error", "key", "name", "number", "picked", "scope",
-        "show_key", "span", "stale", "traceback", "value", "waiters", "waiting_on",
+        "show_key", "span", "stale", "task", "traceback", "value", "waiters", "waiting_on",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
@@ -62,6 +62,7 @@ class Attempt:
         self.scope: anyio.CancelScope | None = None
         # The attempts this attempt's work waits for: the edges that cycle detection walks.
         self.waiting_on: list[Attempt] = []
+        self.task: object = None  # the library task doing the work, where the attempt holds it
 
     @property
     def label(self) -> str:

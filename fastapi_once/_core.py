@@ -215,6 +215,7 @@ class Once(Generic[P, T]):
                 self._forget_cell,
                 loop,
                 state,
+                self._work.keeps,
             )
         self._hot = (loop, thread_proof(loop), store, store.records.get(NOKEY))
         return self._hot

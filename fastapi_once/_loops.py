@@ -16,6 +16,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -82,14 +83,52 @@ class Event(Protocol):
     def is_set(self) -> bool:
         """Whether it is set."""
 
-    async def wait(self) -> object:
-        """Wait until it is set."""
+    def wait(self) -> Awaitable[object]:
+        """What to await until it is set."""
+
+
+class Flag:
+    """An asyncio event whose ``wait()`` is the waiter's own future, awaited by the caller.
+
+    Unlike ``asyncio.Event.wait()`` no coroutine sits between the waiting task and its future:
+    a waiter resumes one frame fewer. A cancelled waiter cancels its own future only; ``set``
+    skips it. Only the loop's thread touches it.
+    """
+
+    __slots__ = ("_loop", "_set", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def is_set(self) -> bool:
+        """Whether it is set."""
+        return self._set
+
+    def set(self) -> None:
+        """Wake every waiter (once)."""
+        if not self._set:
+            self._set = True
+            waiters, self._waiters = self._waiters, []
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future that completes when the flag is set (at once if it is)."""
+        future: asyncio.Future[None] = asyncio.Future(loop=self._loop)
+        if self._set:
+            future.set_result(None)
+        else:
+            self._waiters.append(future)
+        return future
 
 
 def event_factory(loop: object) -> Callable[[], Event]:
-    """What makes events for ``loop``: its library's own class, without anyio's dispatch."""
+    """What makes events for ``loop``: a :class:`Flag`, or trio's own event class."""
     if isinstance(loop, asyncio.AbstractEventLoop):
-        return asyncio.Event
+        return functools.partial(Flag, loop)
     import trio
 
     return trio.Event

@@ -240,8 +240,8 @@ class Record:
         With ``now=False`` the value's cleanup waits for the store's owner to start it.
         """
         self._retire(now)
-        self.failure, self.attempt = None, None
-        self._to(IDLE)
+        self.failure = self.attempt = self.until = None
+        self.state = IDLE  # what _to(IDLE) does, with no value left
         if self.store.records.get(self.key) is self:
             del self.store.records[self.key]
 
@@ -310,7 +310,8 @@ class Record:
                 ),
             )
         work = traced(attempt, refresh, store.work(self, attempt, args, kwargs, resolve))
-        spawn(store.loop, work, "fastapi_once: attempt")
+        # Work that keeps no value ends when it settles: its attempt holds its task until then.
+        attempt.task = spawn(store.loop, work, "fastapi_once: attempt", track=store.keeps)
         if store.policy.timeout is not None:
             spawn(store.loop, self._watch(attempt), "fastapi_once: timeout")
 
@@ -430,7 +431,8 @@ class Record:
         if error is None:
             if self.key in store.records:
                 store.records.move_to_end(self.key)  # the newest value is the last to go
-            self._retire()
+            if self.made is not None:
+                self._retire()
             self.made, self.retry_at = made, None
             self._to(READY)
         elif self.made is not None:  # a failed refresh, or a stale value served instead
@@ -495,8 +497,8 @@ class Store:
     """What one once keeps in one event loop. Only that loop's thread touches it."""
 
     __slots__ = (
-        "hits", "joins", "last_duration", "last_error", "loop", "loop_state", "maxsize", "name",
-        "new_event", "on_forget", "policy", "records", "retired", "tries", "work",
+        "hits", "joins", "keeps", "last_duration", "last_error", "loop", "loop_state", "maxsize",
+        "name", "new_event", "on_forget", "policy", "records", "retired", "tries", "work",
     )  # fmt: skip
 
     def __init__(
@@ -508,9 +510,11 @@ class Store:
         on_forget: Callable[[], None],
         loop: object,
         loop_state: LoopState,
+        keeps: bool = True,
     ) -> None:
         self.name, self.policy, self.maxsize = name, policy, maxsize
         self.work = work  # runs an attempt in a library task: makes, settles, keeps the value
+        self.keeps = keeps  # whether that task may park keeping a value with a cleanup
         self.on_forget = on_forget  # the once forgets its hot cell
         self.loop, self.loop_state = loop, loop_state
         self.new_event = event_factory(loop)  # its library's own event class

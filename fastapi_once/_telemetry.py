@@ -7,8 +7,9 @@ OpenTelemetry is used through ``opentelemetry-api`` when it can be imported; wit
 hook does nothing. The tracer and the meter's instruments are obtained once, at import, from the
 API's proxies, which bind to an SDK's providers installed later. Spans are made only once a real
 tracer provider is set: an attempt asks :func:`tracer`, which reads the API's global (no
-environment read, no provider look-up) and compares it with the one it last saw. Every hook
-checks ``OTEL`` first, so switching it off (the bench does) compiles the telemetry out.
+environment read, no provider look-up) and compares it with the one it last saw; metrics are
+recorded only once a meter provider is set (read the same way). Every hook checks ``OTEL``
+first, so switching it off (the bench does) compiles the telemetry out.
 
 Spans (instrumentation scope ``fastapi_once``) never carry an exception message, only its type,
 nor a key, only its digest (see :mod:`fastapi_once._keys`), unless the once has ``log_keys=True``.
@@ -34,6 +35,7 @@ try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics as otel_metrics
     from opentelemetry import trace as otel_trace
+    from opentelemetry.metrics import _internal as otel_metrics_state
 except ImportError:  # pragma: no cover - tested in a subprocess that hides opentelemetry
     OTEL = False
 else:
@@ -353,6 +355,9 @@ def _observe_states(options: Any) -> Iterable[Any]:
 
 
 if OTEL:
+    # Once, at import, as for the tracer: a provider named by OTEL_PYTHON_METER_PROVIDER loads.
+    otel_metrics.get_meter_provider()
+    _METER_GLOBAL = hasattr(otel_metrics_state, "_METER_PROVIDER")
     _meter = otel_metrics.get_meter(SCOPE)
     _attempts = _meter.create_counter(
         "fastapi_once.attempts", "{attempt}", "Attempts and refreshes that ended, by outcome"
@@ -389,9 +394,14 @@ if OTEL:
     )
 
 
+def _metering() -> bool:
+    """Whether a meter provider is set (the instruments' proxies do nothing until one is)."""
+    return not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER is not None
+
+
 def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
     """An attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
-    if not OTEL:
+    if not OTEL or (attempt.span is None and not _metering()):
         return
     error = attempt.error
     attributes: dict[str, Any] = {
@@ -411,13 +421,13 @@ def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
 
 def fast_failed(store: Store) -> None:
     """A call failed fast with the error whose cooldown is on."""
-    if OTEL:
+    if OTEL and _metering():
         _fast_failures.add(1, {NAME: store.name})
 
 
 def evicted(store: Store, count: int) -> None:
     """``count`` keyed records were evicted."""
-    if OTEL and count:
+    if OTEL and count and _metering():
         _evictions.add(count, {NAME: store.name})
 
 

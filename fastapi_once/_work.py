@@ -57,6 +57,7 @@ class Work:
         self._across = across
         self._policy = policy
         self._needs_stack = injector is not None or kind in (Kind.ASYNC_GEN, Kind.GEN)
+        self.keeps = self._needs_stack  # whether an attempt's task may keep a value it made
         # An async def with no sub-dependencies and no backend: the attempt just awaits it.
         self._plain = kind is Kind.ASYNC and injector is None and across is None
         # Values that never expire nor refresh: their deadlines are known without asking.
