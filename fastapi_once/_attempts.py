@@ -35,14 +35,15 @@ class Attempt:
     """
 
     __slots__ = (
-        "_label", "context", "done", "ended", "error", "key", "name", "number", "picked", "scope",
-        "show_key", "span", "stale", "task", "traceback", "value", "waiters", "waiting_on",
+        "_label", "context", "done", "ended", "error", "key", "logs", "name", "number", "picked",
+        "scope", "show_key", "span", "stale", "task", "traceback", "value", "waiters", "waiting_on",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
         self.name, self.key = name, key
         self._label: str | None = None
         self.show_key = False  # name the key verbatim (once(..., log_keys=True)), not by digest
+        self.logs = False  # log its start and success at INFO (the level was on when it started)
         self.number = 0  # the how-manieth attempt of its once in its loop (status().attempts)
         self.span: Any = None  # its span's context, when traced: callers that wait link to it
         self.done = done  # set once the outcome is in

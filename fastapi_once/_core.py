@@ -311,12 +311,16 @@ class Once(Generic[P, T]):
     ) -> Value | Attempt:
         """The slow path's rows of the table: the value to serve or the attempt to wait for."""
         now = monotonic()
-        rec = store.record(key, now)
+        rec = store.records.get(key)
+        if rec is None:  # a miss: nothing kept, so no time row applies
+            rec = store.records[key] = Record(store, key)
+        else:
+            rec = store.record(key, now)
         if key is NOKEY:
             self._hot = (store.loop, thread_proof(store.loop), store, rec)
         injector = self._injector
-        resolve = None if injector is None else lambda: injector.bind(context)
-        return rec.enter(now, lambda: rec.start(args, kwargs, resolve and resolve()))
+        bind = None if injector is None else lambda: injector.bind(context)
+        return rec.enter(now, args, kwargs, bind)
 
     def bind(self, context: object) -> Resolve | None:
         """The sub-dependency resolver bound to ``context`` (a request or the app), if any."""

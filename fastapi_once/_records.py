@@ -258,10 +258,17 @@ class Record:
             wants is not None and now >= wants and (self.retry_at is None or now >= self.retry_at)
         )
 
-    def enter(self, now: float, begin: Callable[[], None]) -> Value | Attempt:
+    def enter(
+        self,
+        now: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        bind: Callable[[], Resolve] | None,
+    ) -> Value | Attempt:
         """A call's rows of the table: return the value to serve or the attempt to wait for.
 
-        ``begin`` starts this record's attempt (see :meth:`start`) when one is needed.
+        An attempt that is needed starts with ``args``, ``kwargs`` and what ``bind`` returns
+        (see :meth:`start`).
 
         Raises:
             Exception: the failure whose cooldown is on.
@@ -270,7 +277,7 @@ class Record:
         store, made = self.store, self.made
         if made is not None and self.serves(now):
             if self.state == READY and self.refresh_due(now):
-                begin()
+                self.start(args, kwargs, bind and bind())
             store.hits += 1
             if self.key in store.records:
                 store.records.move_to_end(self.key)
@@ -282,7 +289,7 @@ class Record:
         if joined:
             store.joins += 1
         else:
-            begin()
+            self.start(args, kwargs, bind and bind())
         attempt: Attempt = self.attempt  # type: ignore[assignment]
         if attempt.span is not None:
             waits(attempt, joined)
@@ -297,10 +304,11 @@ class Record:
         serves = self.made is not None and self.serves(monotonic())
         self.attempt = attempt = Attempt(store.name, self.key, store.new_event())
         attempt.show_key = store.policy.log_keys
+        attempt.logs = logger.isEnabledFor(logging.INFO)
         self._to(REFRESHING if serves else RUNNING)
         store.tries += 1
         attempt.number, refresh = store.tries, serves
-        if logger.isEnabledFor(logging.INFO):
+        if attempt.logs:
             logger.info(
                 "%s: %s started",
                 attempt.label,
@@ -344,7 +352,7 @@ class Record:
         store.last_duration = took
         mine = self.settle(attempt, made, None, None)
         ended(store, attempt, took, refresh)
-        if mine and logger.isEnabledFor(logging.INFO):
+        if mine and attempt.logs:
             logger.info(
                 "%s: %s in %.2f s",
                 attempt.label,

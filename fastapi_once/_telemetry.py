@@ -401,7 +401,9 @@ def _metering() -> bool:
 
 def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
     """An attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
-    if not OTEL or (attempt.span is None and not _metering()):
+    if not OTEL or (
+        attempt.span is None and _METER_GLOBAL and not otel_metrics_state._METER_PROVIDER
+    ):
         return
     error = attempt.error
     attributes: dict[str, Any] = {
