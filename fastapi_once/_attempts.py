@@ -17,7 +17,7 @@ from ._errors import OnceCycleError
 from ._keys import label
 
 if TYPE_CHECKING:
-    from ._loops import Event
+    from ._events import Event
 
 # The attempt whose work the current task is doing; child tasks inherit it through the context.
 working: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(

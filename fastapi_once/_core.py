@@ -16,18 +16,17 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._attempts import Attempt, wait, working
+from ._events import current_loop, thread_proof
 from ._keys import NOKEY, shared_key_digest, unhashable
 from ._kinds import as_coroutine_function, kind_of
 from ._loops import (
     call_blocking,
-    current_loop,
     drain,
     hop,
     in_process_loop,
     refuse_in_loop,
     running_state,
     state_of,
-    thread_proof,
 )
 from ._policy import Policy
 from ._records import Injector, KeyView, Record, Resolve, Store
@@ -99,6 +98,7 @@ class Once(Generic[P, T]):
         self._process = scope == "process"
         # (loop, thread proof, store, unkeyed record) of the loop that called last: the hot
         # path's one read. A tuple, so a reader in another thread never mixes two loops' parts.
+        # The loop is a weak proxy, and nothing else in it holds the loop: a closed loop goes.
         self._hot: tuple[Any, int | None, Store | None, Record | None] = _NOWHERE
         self.__name__ = getattr(fn, "__name__", name)
         self.__qualname__ = getattr(fn, "__qualname__", name)
@@ -136,8 +136,13 @@ class Once(Generic[P, T]):
                 a ``cooldown``, fails fast with the same exception).
         """
         loop, proof, store, rec = self._hot
-        # The hot path: proven the current loop without a system call where possible.
-        if proof != get_ident() or loop._thread_id != proof:
+        # The hot path: proven the current loop without a system call where possible. ``loop``
+        # is a weak proxy: a dead one raises ReferenceError (another loop calls: ask again).
+        try:
+            elsewhere = proof != get_ident() or loop._thread_id != proof
+        except ReferenceError:
+            elsewhere = True
+        if elsewhere:
             if self._process and not in_process_loop():
                 return cast(T, await self._elsewhere(args, kwargs))
             loop, proof, store, rec = self._find()
@@ -202,8 +207,8 @@ class Once(Generic[P, T]):
     def _find(self) -> tuple[Any, int | None, Store, Record | None]:
         loop = current_loop()
         hot = self._hot
-        if hot[0] is loop:
-            return cast("tuple[Any, int | None, Store, Record | None]", hot)
+        if hot[2] is not None and hot[2].loop is loop:
+            return hot  # type: ignore[return-value]
         state = state_of(loop)
         store = cast("Store | None", state.stores.get(self))
         if store is None:
@@ -217,11 +222,13 @@ class Once(Generic[P, T]):
                 state,
                 self._work.keeps,
             )
-        self._hot = (loop, thread_proof(loop), store, store.records.get(NOKEY))
+        self._hot = (store.hot_loop, thread_proof(loop), store, store.records.get(NOKEY))
         return self._hot
 
-    def _forget_cell(self) -> None:
-        self._hot = _NOWHERE
+    def _forget_cell(self, store: Store | None = None) -> None:
+        # Forget the hot cell (only if it is ``store``'s, when given).
+        if store is None or self._hot[2] is store:
+            self._hot = _NOWHERE
 
     async def _elsewhere(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Process scope, outside its loop: serve the made value, or call in the loop."""
@@ -289,7 +296,7 @@ class Once(Generic[P, T]):
         return self._find()[2]
 
     def store_seen(self) -> Store | None:
-        """The running loop's store (or, outside any loop, the last one used), if any.
+        """The running loop's store (or, outside any loop, the last one used while it lives).
 
         With ``scope="process"``, the process scope's store. For the library's modules.
         """
@@ -317,7 +324,7 @@ class Once(Generic[P, T]):
         else:
             rec = store.record(key, now)
         if key is NOKEY:
-            self._hot = (store.loop, thread_proof(store.loop), store, rec)
+            self._hot = (store.hot_loop, thread_proof(store.loop), store, rec)
         injector = self._injector
         bind = None if injector is None else lambda: injector.bind(context)
         return rec.enter(now, args, kwargs, bind)
@@ -364,7 +371,8 @@ class Once(Generic[P, T]):
                 await self._across.reset_keyed(self.name, digest)
 
     def status(self, *, details: bool = False) -> OnceStatus:
-        """Return a snapshot of this once in the running event loop (or the last one used).
+        """Return a snapshot of this once in the running event loop (or the last one used, while
+        it lives: a closed loop is forgotten with what it kept).
 
         A ``scope="process"`` once reports its one store, from any thread.
 

@@ -66,6 +66,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from contextlib import AsyncExitStack
@@ -75,7 +76,8 @@ import anyio
 
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
-from ._loops import LoopState, event_factory, in_process_loop, new_event
+from ._events import event_factory, new_event
+from ._loops import LoopState, in_process_loop
 from ._policy import Policy
 from ._status import State
 from ._tasks import spawn
@@ -505,8 +507,9 @@ class Store:
     """What one once keeps in one event loop. Only that loop's thread touches it."""
 
     __slots__ = (
-        "hits", "joins", "keeps", "last_duration", "last_error", "loop", "loop_state", "maxsize",
-        "name", "new_event", "on_forget", "policy", "records", "retired", "tries", "work",
+        "__weakref__", "_loop", "hits", "hot_loop", "joins", "keeps", "last_duration", "last_error",
+        "loop_state", "maxsize", "name", "new_event", "on_forget", "policy", "records", "retired",
+        "tries", "work",
     )  # fmt: skip
 
     def __init__(
@@ -515,7 +518,7 @@ class Store:
         policy: Policy,
         maxsize: int,
         work: Work,
-        on_forget: Callable[[], None],
+        on_forget: Callable[..., None],
         loop: object,
         loop_state: LoopState,
         keeps: bool = True,
@@ -523,8 +526,20 @@ class Store:
         self.name, self.policy, self.maxsize = name, policy, maxsize
         self.work = work  # runs an attempt in a library task: makes, settles, keeps the value
         self.keeps = keeps  # whether that task may park keeping a value with a cleanup
-        self.on_forget = on_forget  # the once forgets its hot cell
-        self.loop, self.loop_state = loop, loop_state
+        self.on_forget = on_forget  # the once forgets its hot cell (this store's, if given)
+        # The loop is held weakly, so that a closed loop and all it kept can be collected: the
+        # loop states are weakly keyed by their loops, and a store reachable from its loop's
+        # state must not keep that loop alive (nothing it holds does, see _events).
+        self._loop = weakref.ref(loop)
+        me = weakref.ref(self)
+
+        def loop_gone(_: object) -> None:  # the once's hot cell lets go of this store too
+            store = me()
+            if store is not None:
+                on_forget(store)
+
+        self.hot_loop: Any = weakref.proxy(loop, loop_gone)  # for the once's hot cell
+        self.loop_state = loop_state
         self.new_event = event_factory(loop)  # its library's own event class
         self.records: OrderedDict[Hashable, Record] = OrderedDict()  # least recent first
         self.retired: list[Value] = []  # retired values with a cleanup, until it has run
@@ -532,6 +547,11 @@ class Store:
         self.last_duration: float | None = None
         # Type name, message (no frames) and key of the last attempt's error.
         self.last_error: tuple[str, str, Hashable] | None = None
+
+    @property
+    def loop(self) -> object:
+        """The store's event loop (alive while anything runs in it)."""
+        return self._loop()
 
     def record(self, key: Hashable, now: float) -> Record:
         """The record of ``key`` as of ``now`` (time rows applied), created idle if absent."""

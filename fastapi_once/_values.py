@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from ._attempts import Attempt, working
+from ._events import running_event
 from ._keys import NOKEY
 from ._tasks import cancelling_retires
 from ._telemetry import cleanup_span, error_type, fields
@@ -73,8 +74,9 @@ class Value:
         self.refresh_at, self.expires_at = deadlines
         self._cleaning = False
         self._errors: list[BaseException] = []
-        self._retired = anyio.Event() if stack is not None else None
-        self._done = anyio.Event() if stack is not None else None
+        # The running loop's own events, which hold no reference to it (see _events).
+        self._retired = running_event() if stack is not None else None
+        self._done = running_event() if stack is not None else None
         # The cleanup as a node of the wait-for graph: a reset that waits for it from inside
         # the cleanup itself (or from work the cleanup waits for) raises instead of hanging.
         self.node: Attempt | None = None

@@ -84,6 +84,7 @@ class Work:
             with anyio.CancelScope() as attempt.scope:
                 await self.attempt(rec, attempt, *call)
         finally:
+            attempt.scope = None  # it holds its task, and so the loop: not past the run
             if attempt.ended is not None:  # timed out: teardown waits for this
                 attempt.ended.set()
 
@@ -110,8 +111,12 @@ class Work:
         except BaseException as exc:
             working.set(None)  # done with the attempt; its context must not keep it alive
             rec.fail(attempt, exc, monotonic() - started)
+            attempt.task = None
             return
         working.set(None)
+        # Settled below, after which this task does not suspend unless it keeps the value (then
+        # the library tracks it): the attempt, which a value names, lets go of it and its loop.
+        attempt.task = None
         now = monotonic()
         deadlines = (None, None) if self._timeless else self._policy.deadlines(now)
         made = Value(attempt, value, stack, now, time.time(), deadlines)
