@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 import weakref
 from collections.abc import Callable, Hashable
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
+from . import _clock
 from ._attempts import Attempt, wait, working
 from ._events import current_loop, thread_proof
 from ._keys import NOKEY, shared_key_digest, unhashable
@@ -45,9 +45,6 @@ else:  # pragma: no cover
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-# The clock of the hot path's deadline check; tests move it with _records and _work's.
-monotonic = time.monotonic
 
 logger = logging.getLogger("fastapi_once")
 
@@ -152,7 +149,7 @@ class Once(Generic[P, T]):
                 and (made := rec.made) is not None
                 and not args
                 and (not kwargs or (self._param in kwargs and len(kwargs) == 1))
-                and (rec.until is None or monotonic() < rec.until)
+                and (rec.until is None or _clock.monotonic() < rec.until)
             ):
                 rec.store.hits += 1
                 return made.value  # type: ignore[no-any-return]
@@ -174,7 +171,7 @@ class Once(Generic[P, T]):
             if (
                 rec is not None
                 and (made := rec.made) is not None
-                and (rec.until is None or monotonic() < rec.until)
+                and (rec.until is None or _clock.monotonic() < rec.until)
             ):
                 store.records.move_to_end(key)
                 store.hits += 1
@@ -256,7 +253,7 @@ class Once(Generic[P, T]):
             return None
         if rec is None or (made := rec.made) is None:
             return None
-        if rec.until is not None and monotonic() >= rec.until:
+        if rec.until is not None and _clock.monotonic() >= rec.until:
             return None
         store.hits += 1
         return made
@@ -317,7 +314,7 @@ class Once(Generic[P, T]):
         context: object,
     ) -> Value | Attempt:
         """The slow path's rows of the table: the value to serve or the attempt to wait for."""
-        now = monotonic()
+        now = _clock.monotonic()
         rec = store.records.get(key)
         if rec is None:  # a miss: nothing kept, so no time row applies
             rec = store.records[key] = Record(store, key)
@@ -379,7 +376,7 @@ class Once(Generic[P, T]):
         Args:
             details: include the last error's message (off by default: it can hold secrets).
         """
-        return project(self.name, self.keyed, self.store_seen(), monotonic(), details)
+        return project(self.name, self.keyed, self.store_seen(), _clock.monotonic(), details)
 
 
 async def make_with(target: Once[Any, T], context: object) -> T:

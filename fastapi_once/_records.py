@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
@@ -74,6 +73,7 @@ from typing import Any, Protocol, cast
 
 import anyio
 
+from . import _clock
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
 from ._events import event_factory, new_event
@@ -81,13 +81,11 @@ from ._loops import LoopState, in_process_loop
 from ._policy import Policy
 from ._status import State
 from ._tasks import spawn
-from ._telemetry import ended, error_type, evicted, fast_failed, fields, traced, waits
+from ._telemetry import ended, error_type, evicted, fast_failed, fields, register, traced, waits
 from ._values import Value
 
 logger = logging.getLogger("fastapi_once")
 
-# The clock of expiry, refresh and cooldown; a module attribute so tests can move time.
-monotonic = time.monotonic
 
 IDLE: State = "idle"
 RUNNING: State = "running"
@@ -303,7 +301,7 @@ class Record:
         if store.loop_state.closed:
             self.drop()
             raise OnceClosedError(store.name, process=in_process_loop())
-        serves = self.made is not None and self.serves(monotonic())
+        serves = self.made is not None and self.serves(_clock.monotonic())
         self.attempt = attempt = Attempt(store.name, self.key, store.new_event())
         attempt.show_key = store.policy.log_keys
         attempt.logs = logger.isEnabledFor(logging.INFO)
@@ -339,7 +337,7 @@ class Record:
             return
         attempt.ended = new_event(store.loop)
         error = policy.timed_out(attempt.label)
-        self._release(attempt, error, None, monotonic())
+        self._release(attempt, error, None, _clock.monotonic())
         if self.attempt is attempt:
             store.last_error = (type(error).__name__, str(error), self.key)
             if self.state == REFRESHING:  # a failed refresh, though its run goes on
@@ -426,7 +424,7 @@ class Record:
         elif not mine and error is None:
             closed = OnceClosedError(store.name, process=in_process_loop())
             made, error, traceback, applied = None, closed, None, False
-        now = monotonic()
+        now = _clock.monotonic()
         if not attempt.done.is_set():
             if error is not None:
                 self._release(attempt, error, traceback, now)
@@ -489,7 +487,7 @@ class Record:
                 await attempt.picked.wait()
 
         def due() -> float | None:
-            now, ends = monotonic(), self._ends(made)
+            now, ends = _clock.monotonic(), self._ends(made)
             if self.made is made and ends is not None and now >= ends:
                 self.advance(now)
             if self.made is not made:
@@ -547,6 +545,17 @@ class Store:
         self.last_duration: float | None = None
         # Type name, message (no frames) and key of the last attempt's error.
         self.last_error: tuple[str, str, Hashable] | None = None
+        register(self)  # a metric source while it lives
+
+    def census(self) -> tuple[int, list[State]]:
+        """How many values it holds, and each record's state now (see the metrics).
+
+        Read from a metric reader's thread: the records are copied first (a change meanwhile
+        raises RuntimeError, and the reader tries again at its next collection).
+        """
+        records = list(self.records.values())
+        now = _clock.monotonic()
+        return sum(1 for r in records if r.made), [r.due(now) for r in records]
 
     @property
     def loop(self) -> object:

@@ -21,15 +21,11 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from typing import Any, Protocol, cast
 
-from ._attempts import Attempt
 from ._keys import NOKEY, key_digest, shared_key_digest
-
-if TYPE_CHECKING:
-    from ._policy import Policy
-    from ._records import Store
 
 try:
     from opentelemetry import context as otel_context
@@ -57,6 +53,38 @@ STATE = "fastapi_once.state"
 ERROR_TYPE = "error.type"
 
 STATES = ("idle", "running", "ready", "refreshing", "failed")
+
+
+class Traced(Protocol):
+    """What the hooks read of an attempt (the core's ``Attempt``)."""
+
+    name: str
+    key: object
+    show_key: bool
+    number: int
+    span: Any
+    error: BaseException | None
+
+
+class Source(Protocol):
+    """What the metrics read of a once's store in one loop (the core's ``Store``)."""
+
+    name: str
+    hits: int
+    joins: int
+
+    def census(self) -> tuple[int, Sequence[str]]:
+        """How many values it holds, and the state of each record (read from any thread)."""
+
+
+# Every store alive, registered by the core when it makes one; read by the observable
+# instruments from the reader's thread.
+_sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def register(source: Source) -> None:
+    """Count ``source`` (a once's store in one loop) in the metrics while it lives."""
+    _sources.add(source)
 
 
 def fields(
@@ -133,7 +161,7 @@ def _current(span: Any) -> contextlib.AbstractContextManager[Any]:
     )
 
 
-def _named(attempt: Attempt) -> dict[str, Any]:
+def _named(attempt: Traced) -> dict[str, Any]:
     attributes: dict[str, Any] = {NAME: attempt.name}
     if attempt.key is not NOKEY:
         attributes[KEY] = key_digest(attempt.key)
@@ -143,7 +171,7 @@ def _named(attempt: Attempt) -> dict[str, Any]:
 
 
 def traced(
-    attempt: Attempt, refresh: bool, work: Coroutine[Any, Any, None]
+    attempt: Traced, refresh: bool, work: Coroutine[Any, Any, None]
 ) -> Coroutine[Any, Any, None]:
     """Run ``work`` (an attempt's library task) inside the attempt's span, if tracing is on.
 
@@ -159,7 +187,7 @@ def traced(
     return _within(span, attempt, work)
 
 
-async def _within(span: Any, attempt: Attempt, work: Coroutine[Any, Any, None]) -> None:
+async def _within(span: Any, attempt: Traced, work: Coroutine[Any, Any, None]) -> None:
     context = otel_trace.set_span_in_context(span, otel_context.Context())
     token = otel_context.attach(otel_context.set_value(_CURRENT, (attempt, span), context))
     try:
@@ -182,7 +210,7 @@ def carry(into: contextvars.Context) -> None:
         into.run(otel_context.attach, otel_context.get_current())
 
 
-def waits(attempt: Attempt, joined: bool) -> None:
+def waits(attempt: Traced, joined: bool) -> None:
     """A caller is about to wait for ``attempt``: link the caller's span to the attempt's."""
     if attempt.span is None or not OTEL:
         return
@@ -191,7 +219,7 @@ def waits(attempt: Attempt, joined: bool) -> None:
         span.add_link(attempt.span, {NAME: attempt.name, "fastapi_once.joined": joined})
 
 
-def _ended_span(attempt: Attempt, error: BaseException | None) -> None:
+def _ended_span(attempt: Traced, error: BaseException | None) -> None:
     current = otel_context.get_value(_CURRENT)
     if not (isinstance(current, tuple) and current[0] is attempt):
         return
@@ -209,7 +237,8 @@ def _ended_span(attempt: Attempt, error: BaseException | None) -> None:
 @contextlib.contextmanager
 def _cleanup_span(label: object) -> Iterator[None]:
     # A value's label is the attempt that made it, or (a pinned value) the once's name.
-    attributes = _named(label) if isinstance(label, Attempt) else {NAME: str(label)}
+    # An attempt has a key; a pinned value's label is the once's name.
+    attributes = _named(cast(Traced, label)) if hasattr(label, "key") else {NAME: str(label)}
     span = _root("fastapi_once.cleanup", attributes)
     try:
         with _current(span):  # spans of the cleanup code are its children
@@ -236,7 +265,7 @@ async def across(
     backend: Any,
     name: str,
     work: Callable[[], Awaitable[Any]],
-    policy: Policy,
+    policy: Any,
     key: object = NOKEY,
 ) -> Any:
     """Run ``work`` once across processes through ``backend``; trace, time and log the role.
@@ -298,19 +327,16 @@ async def across(
 # --- metrics --------------------------------------------------------------------------------------
 
 
-def _stores() -> Iterable[Store]:
-    """Every once's store in every event loop alive (read from any thread, so copied first)."""
-    from ._loops import every_state
-
-    for state in every_state():
+def _stores() -> list[Any]:
+    """Every store alive (copied first: the loops' threads add to the set meanwhile)."""
+    while True:
         try:
-            stores = list(state.stores.values())
-        except RuntimeError:  # pragma: no cover - its loop added a store meanwhile: next time
+            return list(_sources)
+        except RuntimeError:  # pragma: no cover - a store was added meanwhile: again
             continue
-        yield from stores  # type: ignore[misc]
 
 
-def _summed(read: Callable[[Store], int]) -> Iterable[Any]:
+def _summed(read: Callable[[Any], int]) -> Iterable[Any]:
     totals: dict[str, int] = {}
     for store in _stores():
         try:
@@ -330,22 +356,20 @@ def _observe_joins(options: Any) -> Iterable[Any]:
 
 
 def _observe_values(options: Any) -> Iterable[Any]:
-    return _summed(lambda store: sum(1 for r in list(store.records.values()) if r.made))
+    return _summed(lambda store: store.census()[0])
 
 
 def _observe_states(options: Any) -> Iterable[Any]:
-    from ._records import monotonic
-
-    now, totals = monotonic(), dict[str, dict[str, int]]()
+    totals: dict[str, dict[str, int]] = {}
     for store in _stores():
         counts = totals.setdefault(store.name, dict.fromkeys(STATES, 0))
         try:
-            records = list(store.records.values())
+            states = store.census()[1]
         except RuntimeError:  # pragma: no cover - changed by its loop meanwhile
             continue
-        for rec in records:
-            counts[rec.due(now)] += 1
-        if not records:
+        for state in states:
+            counts[state] += 1
+        if not states:
             counts["idle"] += 1
     return [
         otel_metrics.Observation(count, {NAME: name, STATE: state})
@@ -399,7 +423,7 @@ def _metering() -> bool:
     return not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER is not None
 
 
-def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
+def ended(store: Any, attempt: Traced, took: float, refresh: bool) -> None:
     """An attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
     if not OTEL or (
         attempt.span is None and _METER_GLOBAL and not otel_metrics_state._METER_PROVIDER
@@ -421,13 +445,13 @@ def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
         _ended_span(attempt, error)
 
 
-def fast_failed(store: Store) -> None:
+def fast_failed(store: Any) -> None:
     """A call failed fast with the error whose cooldown is on."""
     if OTEL and _metering():
         _fast_failures.add(1, {NAME: store.name})
 
 
-def evicted(store: Store, count: int) -> None:
+def evicted(store: Any, count: int) -> None:
     """``count`` keyed records were evicted."""
     if OTEL and count and _metering():
         _evictions.add(count, {NAME: store.name})

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
+from . import _clock
 from ._attempts import Attempt, working
 from ._kinds import Kind, invoke
 from ._policy import Policy
@@ -27,9 +28,6 @@ from ._values import Value
 
 if TYPE_CHECKING:
     from .backends import Backend
-
-# The clock of attempts' durations and values' deadlines; tests move it with _core's and _records'.
-monotonic = time.monotonic
 
 
 class Work:
@@ -97,7 +95,7 @@ class Work:
         resolve: Resolve | None,
     ) -> None:
         """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
-        started = monotonic()
+        started = _clock.monotonic()
         working.set(attempt)
         try:
             if self._policy.retries:
@@ -110,14 +108,14 @@ class Work:
                 value, stack = await self.make(args, kwargs, resolve)
         except BaseException as exc:
             working.set(None)  # done with the attempt; its context must not keep it alive
-            rec.fail(attempt, exc, monotonic() - started)
+            rec.fail(attempt, exc, _clock.monotonic() - started)
             attempt.task = None
             return
         working.set(None)
         # Settled below, after which this task does not suspend unless it keeps the value (then
         # the library tracks it): the attempt, which a value names, lets go of it and its loop.
         attempt.task = None
-        now = monotonic()
+        now = _clock.monotonic()
         deadlines = (None, None) if self._timeless else self._policy.deadlines(now)
         made = Value(attempt, value, stack, now, time.time(), deadlines)
         if not rec.succeed(attempt, made, now - started):

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from timekeeping import FakeClock, wait_until
 
 from fastapi_once import OnceCycleError, OnceTimeoutError, once, once_lifespan, reset_all
-from fastapi_once._handles import kick
+from fastapi_once._readiness import kick
 
 pytestmark = pytest.mark.anyio
 

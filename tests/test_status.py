@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from timekeeping import FakeClock, wait_until
 
 from fastapi_once import OnceStatus, once, once_lifespan, registry
-from fastapi_once._handles import kick
+from fastapi_once._readiness import kick
 
 pytestmark = pytest.mark.anyio
 

@@ -262,7 +262,7 @@ def forget_reset(message: str, me: str) -> None:
     it awaits the key's work in flight here, which may itself wait for a wake-up only the
     listener can deliver. Never raises; a failing cleanup is logged.
     """
-    from .._handles import forget_shared
+    from .._shared import forget_shared
     from .._tasks import spawn
 
     try:
