@@ -27,7 +27,7 @@ from ._keys import NOKEY
 from ._kinds import Kind, kind_of
 from ._loops import current_loop, in_process_loop, run_in_process_loop
 from ._methods import refuse_class_level
-from ._records import IDLE, READY, REFRESHING
+from ._records import READY, REFRESHING
 from ._status import OnceStatus
 from ._telemetry import error_type, fields, ping_failed
 
@@ -231,7 +231,7 @@ def kick(target: Once[Any, Any], context: object) -> bool:
         return run_in_process_loop(lambda: kick(target, context))
     now = _clock.monotonic()
     rec = target.store_here().record(NOKEY, now)
-    if rec.state != IDLE and not (rec.state == READY and rec.refresh_due(now)):
+    if not rec.begins(now):  # the calls' own start rule
         return False
     try:
         rec.start((), {}, target.bind(context))

@@ -2,46 +2,44 @@
 
 An unkeyed once is the key-less case of the same store. Every transition is a method of
 ``Record``, and every entry point (a call's slow path, the readiness kick, reset, teardown, the
-task keeping a value) goes through them:
+task keeping a value) goes through them; whether an attempt starts is one rule,
+``Record.begins``, for calls and probes alike. This one table is the whole machine. A state
+may carry a sub-state: *stale* (the value is past its ttl, kept until ttl + S under
+``stale_if_error=S``: the value's age, a time row) and *failing* (a try to replace the value
+failed: ``Record.failing``, set and cleared only by these rows):
 
-    state       event                      next         side effect
-    idle        call, kick                 running      start one attempt in a library task
-    running     call                       running      join it (closing a cycle raises instead)
-    running     attempt succeeds           ready        serve the value; wake the waiters
-    running     attempt fails              failed/idle  wake the waiters with the error; failed
-                                                        while cooldown= lasts, else idle
-    ready       call, due for refresh      refreshing   start one refresh (not within a failed
-                                                        refresh's cooldown); serve the value
-    ready       ttl ends                   idle         retire the value
-    refreshing  call                       refreshing   serve the value
-    refreshing  refresh succeeds           ready        serve the new value; retire the old
-    refreshing  refresh fails              ready        keep serving; no refresh before cooldown
-    refreshing  ttl ends                   running      retire the value; calls join the refresh
-    failed      call                       failed       raise the attempt's error
-    failed      cooldown ends              idle         forget the error
-    any         reset, eviction, teardown  idle         after work in flight settles: retire
-
-With ``stale_if_error=`` (S seconds) the end of a value's ttl no longer retires it: the value
-is kept, *stale*, until ttl + S, and served only once a try to replace it has failed (the
-record is then *failing*). These rows take the place of the ttl rows above:
-
-    state       event                      next         side effect
-    ready       ttl ends                   ready        keep the value, stale: not served
-                                                        (status() says idle, and stale)
-    ready       call, kick (stale, not     running      start one attempt; calls join it as on
-                failing)                                any expiry; the stale value is kept
-    running     attempt fails (stale       ready        wake the waiters with the stale value;
-                value kept)                             failing; no attempt before cooldown
-    running     attempt succeeds           ready        serve the new value; retire the stale one
-    ready       call (stale, failing)      refreshing   serve the stale value at once; start one
-                                                        attempt in the background (not within
-                                                        cooldown)
-    refreshing  ttl ends, not failing      running      keep the value; calls join the refresh
-    refreshing  ttl ends, failing          refreshing   keep serving the value
-    refreshing  refresh fails              ready        keep serving; failing (before the ttl
-                                                        ends too: a refresh= that failed)
-    any         ttl + S ends               idle/running retire the stale value; the next failure
-                                                        reaches the callers
+    state           event                 next            side effect
+    idle            call, kick            running         start one attempt in a library task
+    running         call                  running         join it (closing a cycle raises instead)
+    running         attempt succeeds      ready           serve the value; wake the waiters; retire
+                                                          a stale value kept
+    running         attempt fails         failed/idle     wake the waiters with the error; failed
+                                                          while cooldown= lasts, else idle
+    running, stale  attempt fails         ready, failing  wake the waiters with the stale value; no
+                                                          attempt before cooldown
+    ready           call, kick: refresh   refreshing      start one refresh (not within a failed
+                    due                                   refresh's cooldown); serve the value
+    ready           ttl ends              idle            retire the value
+    ready           ttl ends,             ready, stale    keep the value, not served (status() says
+                    stale_if_error=                       idle, and stale)
+    ready, stale    call, kick            running, stale  start one attempt; calls join it as on any
+                                                          expiry; the stale value is kept for them
+    ready, failing  call (past the ttl    refreshing,     serve the value at once; start one attempt
+                    too)                  failing         in the background (not within cooldown)
+    refreshing      call                  refreshing      serve the value
+    refreshing      refresh succeeds      ready           serve the new value; retire the old
+    refreshing      refresh fails         ready, failing  keep serving; no refresh before cooldown
+    refreshing      ttl ends              running (,      calls join the refresh; the value is
+                                          stale)          retired, or kept for them
+                                                          (stale_if_error=)
+    refreshing,     ttl ends              refreshing,     keep serving the value
+    failing                               failing
+    failed          call                  failed          raise the attempt's error
+    failed          cooldown ends         idle            forget the error
+    any, stale      ttl + S ends          idle/running    retire the stale value; the next failure
+                                                          reaches the callers
+    any             reset, eviction,      idle            after work in flight settles: retire
+                    teardown
 
 Where options meet it: a failed ``refresh=`` before the ttl makes the value failing, so past
 the ttl it is served at once; ``cooldown=`` spaces the attempts made while a stale value is
@@ -51,11 +49,11 @@ stale value when it strikes; a refresh it strikes is failing while its run goes 
 going on past ttl + S does not keep the value: it is retired then, and calls joining the run
 get its timeout). Reset, eviction and teardown retire a stale value like any other (its
 cleanup runs once); each key of a keyed once (``None`` included) has its own record, so its
-own stale value. ``status()`` reports the states above, plus ``stale`` and ``stale_until``
-while a stale value is kept; after shutdown a due attempt is refused with ``OnceClosedError``
-as any refresh is.
+own stale value. ``status()`` reports the states above as of now (the time rows applied),
+plus ``stale`` and ``stale_until`` while a stale value is kept; after shutdown a due attempt
+is refused with ``OnceClosedError`` as any refresh is.
 
-An idle record is dropped from its store. The time rows are applied by ``_Record.advance`` when
+An idle record is dropped from its store. The time rows are applied by ``Record.advance`` when
 an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
 A retired value's cleanup runs exactly once in the task that made it; the store lists retired
 values until then, and reset and teardown await them.
@@ -258,6 +256,19 @@ class Record:
             wants is not None and now >= wants and (self.retry_at is None or now >= self.retry_at)
         )
 
+    def begins(self, now: float) -> bool:
+        """The start rule, for calls and probes alike: whether an attempt is to start now.
+
+        None is in flight and no failure's cooldown is on, and the record serves no value
+        (idle, or a value kept past its ttl and not served), or it serves one that is due for
+        refresh (ready, and no failed refresh's cooldown is on).
+        """
+        if self.attempt is not None or self.failure is not None:
+            return False
+        if self.made is not None and self.serves(now):
+            return self.state == READY and self.refresh_due(now)
+        return True
+
     def enter(
         self,
         now: float,
@@ -274,10 +285,12 @@ class Record:
             Exception: the failure whose cooldown is on.
             OnceClosedError: an attempt is needed and the loop's teardown has begun.
         """
-        store, made = self.store, self.made
-        if made is not None and self.serves(now):
-            if self.state == READY and self.refresh_due(now):
-                self.start(args, kwargs, bind and bind())
+        store = self.store
+        begun = self.begins(now)
+        if begun:
+            self.start(args, kwargs, bind and bind())
+        made = self.made
+        if made is not None and self.serves(now):  # a refresh just begun serves the value too
             store.hits += 1
             if self.key in store.records:
                 store.records.move_to_end(self.key)
@@ -285,11 +298,9 @@ class Record:
         if self.failure is not None:
             fast_failed(store)
             raise_again(*self.failure[:3])
-        joined = self.attempt is not None
+        joined = not begun
         if joined:
             store.joins += 1
-        else:
-            self.start(args, kwargs, bind and bind())
         attempt: Attempt = self.attempt  # type: ignore[assignment]
         if attempt.span is not None:
             waits(attempt, joined)
