@@ -40,10 +40,11 @@ def spawn(loop: object, work: Coroutine[Any, Any, None], name: str, track: bool 
     until it ends (an attempt that keeps no value holds its own), which spares a done callback.
     """
     if isinstance(loop, asyncio.AbstractEventLoop):
+        if not track:  # it keeps no value, so it needs no retiring on cancel either
+            return asyncio.Task(work, loop=loop, name=name)
         task = _LibraryTask(work, loop=loop, name=name)
-        if track:
-            _tasks.add(task)
-            task.add_done_callback(_tasks.discard)
+        _tasks.add(task)
+        task.add_done_callback(_tasks.discard)
         return task
     else:
         import trio
