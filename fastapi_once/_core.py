@@ -15,9 +15,9 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import _clock
-from ._attempts import Attempt, wait, working
+from ._attempts import wait, working
 from ._events import current_loop, thread_proof
-from ._keys import NOKEY, shared_key_digest, unhashable
+from ._keys import NOKEY, key_call_error, shared_key_digest, unhashable
 from ._kinds import as_coroutine_function, kind_of
 from ._loops import (
     call_blocking,
@@ -28,6 +28,7 @@ from ._loops import (
     running_state,
     state_of,
 )
+from ._perloop import began
 from ._policy import Policy
 from ._records import Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
@@ -163,7 +164,10 @@ class Once(Generic[P, T]):
         else:
             assert store is not None
             hidden = kwargs.pop(self._param, None) if self._param is not None else None
-            key = self._key(*args, **kwargs)
+            try:
+                key = self._key(*args, **kwargs)
+            except TypeError as exc:
+                raise key_call_error(self.name, self.fn, args, kwargs, exc) from None
             try:
                 rec = store.records.get(key)
             except TypeError:
@@ -219,6 +223,7 @@ class Once(Generic[P, T]):
                 state,
                 self._work.keeps,
             )
+            began(self, self.name, loop, self._work.fn)  # warns if its last loop ended untorn down
         self._hot = (store.hot_loop, thread_proof(loop), store, store.records.get(NOKEY))
         return self._hot
 
@@ -305,25 +310,17 @@ class Once(Generic[P, T]):
             return self._hot[2]
         return None if state is None else cast("Store | None", state.stores.get(self))
 
-    def _enter(
-        self,
-        store: Store,
-        key: Hashable,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        context: object,
-    ) -> Value | Attempt:
+    def _enter(self, store: Store, key: Hashable, args: Any, kwargs: Any, ctx: object) -> Any:
         """The slow path's rows of the table: the value to serve or the attempt to wait for."""
         now = _clock.monotonic()
-        rec = store.records.get(key)
-        if rec is None:  # a miss: nothing kept, so no time row applies
+        if (rec := store.records.get(key)) is None:  # a miss: nothing kept, no time row applies
             rec = store.records[key] = Record(store, key)
         else:
             rec = store.record(key, now)
         if key is NOKEY:
             self._hot = (store.hot_loop, thread_proof(store.loop), store, rec)
         injector = self._injector
-        bind = None if injector is None else lambda: injector.bind(context)
+        bind = None if injector is None else lambda: injector.bind(ctx)
         return rec.enter(now, args, kwargs, bind)
 
     def bind(self, context: object) -> Resolve | None:
@@ -348,7 +345,10 @@ class Once(Generic[P, T]):
         if args or kwargs:
             if self._key is None:
                 raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
-            key = self._key(*args, **kwargs)
+            try:
+                key = self._key(*args, **kwargs)
+            except TypeError as exc:
+                raise key_call_error(self.name, self.fn, args, kwargs, exc) from None
             try:
                 hash(key)
             except TypeError:
@@ -391,4 +391,5 @@ def _forget_hot_cells() -> None:
         item._hot = _NOWHERE
 
 
-os.register_at_fork(after_in_child=_forget_hot_cells)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_hot_cells)

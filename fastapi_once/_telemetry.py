@@ -378,6 +378,25 @@ def _observe_states(options: Any) -> Iterable[Any]:
     ]
 
 
+#: Bucket boundaries (seconds) of the duration histograms: 1 ms to 10 minutes, about three per
+#: decade (the SDK's default, 0 to 10,000 in the histogram's unit, would put every attempt under
+#: 5 s in one bucket and resolve nothing past 10,000 s). An advice: a view set by the
+#: application takes precedence.
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+def _duration_histogram(name: str, description: str) -> Any:
+    try:
+        return _meter.create_histogram(
+            name, "s", description, explicit_bucket_boundaries_advisory=DURATION_BUCKETS
+        )
+    except TypeError:  # pragma: no cover - opentelemetry-api before 1.30 takes no advice
+        return _meter.create_histogram(name, "s", description)
+
+
 if OTEL:
     # Once, at import, as for the tracer: a provider named by OTEL_PYTHON_METER_PROVIDER loads.
     otel_metrics.get_meter_provider()
@@ -386,8 +405,8 @@ if OTEL:
     _attempts = _meter.create_counter(
         "fastapi_once.attempts", "{attempt}", "Attempts and refreshes that ended, by outcome"
     )
-    _duration = _meter.create_histogram(
-        "fastapi_once.attempt.duration", "s", "How long an attempt or refresh took"
+    _duration = _duration_histogram(
+        "fastapi_once.attempt.duration", "How long an attempt or refresh took"
     )
     _refresh_failures = _meter.create_counter(
         "fastapi_once.refresh.failures", "{refresh}", "Refreshes that failed (the value is kept)"
@@ -398,8 +417,8 @@ if OTEL:
     _evictions = _meter.create_counter(
         "fastapi_once.evictions", "{value}", "Keyed values evicted (least recently used)"
     )
-    _follower_wait = _meter.create_histogram(
-        "fastapi_once.follower.wait", "s", "How long a process waited for another to lead"
+    _follower_wait = _duration_histogram(
+        "fastapi_once.follower.wait", "How long a process waited for another to lead"
     )
     _ping_failures = _meter.create_counter(
         "fastapi_once.ping.failures", "{ping}", "Readiness pings that failed or timed out"

@@ -8,11 +8,12 @@ task group or cancel scope across its ``yield`` exits it in the task that entere
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -42,6 +43,7 @@ class Value:
     """
 
     __slots__ = (
+        "_around",
         "_cleaning",
         "_done",
         "_errors",
@@ -65,6 +67,7 @@ class Value:
         made_at: float,
         wall_time: float,
         deadlines: tuple[float | None, float | None],
+        around: anyio.CancelScope | None = None,
     ) -> None:
         self.label = label  # formatted with %s only when logged (a key's digest costs)
         self.serial = next(_serials)
@@ -72,6 +75,7 @@ class Value:
         self.stack = stack
         self.made_at, self.wall_time = made_at, wall_time
         self.refresh_at, self.expires_at = deadlines
+        self._around = around  # the scope of the making task that the cleanup shields
         self._cleaning = False
         self._errors: list[BaseException] = []
         # The running loop's own events, which hold no reference to it (see _events).
@@ -129,10 +133,16 @@ class Value:
                 loop_ends()
                 raise
             finally:
-                await self.clean_here()
+                around, self._around = self._around, None  # it holds its task, so the loop
+                await self.clean_here(around)
 
-    async def clean_here(self) -> None:
-        """Run the cleanup in the current task, once, shielded from cancellation."""
+    async def clean_here(self, around: anyio.CancelScope | None = None) -> None:
+        """Run the cleanup in the current task, once, shielded from cancellation.
+
+        Args:
+            around: in the task that made the value, the scope enclosing its making (see
+                :func:`shielded`); None elsewhere.
+        """
         if self.stack is None or self._cleaning:
             return
         self._cleaning, started = True, time.monotonic()
@@ -140,7 +150,7 @@ class Value:
             str(getattr(self.label, "name", self.label)),
             getattr(self.label, "number", None),
         )
-        with anyio.CancelScope(shield=True):
+        with shielded(around):
             try:
                 with cleanup_span(self.label):
                     await self.stack.aclose()
@@ -164,6 +174,25 @@ class Value:
         """What the cleanup raised, for the first one to ask."""
         errors, self._errors = self._errors, []
         return errors
+
+
+@contextlib.contextmanager
+def shielded(around: anyio.CancelScope | None) -> Iterator[None]:
+    """Shield the block from cancellation, through ``around`` if given, else a new scope.
+
+    ``around`` is a scope of the current task that encloses the block and every scope the block
+    exits: a generator's task group or cancel scope entered before its ``yield`` and exited by
+    its cleanup must be the task's innermost scope then, so no scope may be opened in between.
+    """
+    if around is None:
+        with anyio.CancelScope(shield=True):
+            yield
+        return
+    was, around.shield = around.shield, True
+    try:
+        yield
+    finally:
+        around.shield = was
 
 
 def raise_all(errors: list[BaseException]) -> None:

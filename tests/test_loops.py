@@ -17,7 +17,7 @@ from crowd import crowd
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from fastapi_once import once
+from fastapi_once import OnceLoopWarning, once
 
 
 def test_a_second_asyncio_run_starts_fresh() -> None:
@@ -182,7 +182,7 @@ def test_closed_loops_and_what_was_kept_for_them_are_collected(
 ) -> None:
     """Five asyncio.run loops use a keyed, an unkeyed and a generator once: once each loop has
     closed, no loop, store or value is left alive; the generator's cleanup ran in each loop (at
-    its end, with the ResourceWarning that says so, as before)."""
+    its end, with the OnceLoopWarning that says so, as before)."""
     # Captured INFO records would hold their arguments (an attempt, and so its value).
     caplog.set_level(logging.WARNING, logger="fastapi_once")
     loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
@@ -211,7 +211,7 @@ def test_closed_loops_and_what_was_kept_for_them_are_collected(
             values.append(weakref.ref(value))
 
     for _ in range(5):
-        with pytest.warns(ResourceWarning, match="still in service when its event loop ended"):
+        with pytest.warns(OnceLoopWarning, match="still in service|made again in a new event"):
             asyncio.run(main())
     gc.collect()
     assert [ref() for ref in loops] == [None] * 5
