@@ -211,14 +211,13 @@ class Record:
             # Its waiters were given ``made`` (a timeout within the window) and the run goes on:
             # a call that joins it from now on gets the failure, not a retired value.
             attempt.stale, attempt.value = False, None
-        if made is not None:
+        if made is not None and made.stack is not None:  # only a cleanup has a keeper to wake
             if now:
                 made.retire()
-            if made.stack is not None:
-                retired = self.store.retired
-                retired.append(made)
-                if len(retired) > 64:  # cleaned-up values leave the list, not only at teardown
-                    self.store.retired = [v for v in retired if v.pending]
+            retired = self.store.retired
+            retired.append(made)
+            if len(retired) > 64:  # cleaned-up values leave the list, not only at teardown
+                self.store.retired = [v for v in retired if v.pending]
 
     def pin(self, made: Value) -> None:
         """Serve ``made``, a stand-in from a test, as if an attempt had made it."""
@@ -453,7 +452,10 @@ class Record:
             if self.made is not None:
                 self._retire()
             self.made, self.retry_at = made, None
-            self._to(READY)
+            if made.expires_at is None and made.refresh_at is None:  # type: ignore[union-attr]
+                self.state, self.until = READY, None  # what _to(READY) says of a timeless value
+            else:
+                self._to(READY)
         elif self.made is not None:  # a failed refresh, or a stale value served instead
             self.retry_at = store.policy.cooldown_until(now, error)
             self.failing = True

@@ -472,7 +472,7 @@ def fast_failed(store: Any) -> None:
 
 def evicted(store: Any, count: int) -> None:
     """``count`` keyed records were evicted."""
-    if OTEL and count and _metering():
+    if OTEL and count and (not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER):
         _evictions.add(count, {NAME: store.name})
 
 
