@@ -138,8 +138,8 @@ class Once(Generic[P, T]):
         # is a weak proxy: a dead one raises ReferenceError (another loop calls: ask again).
         try:
             elsewhere = proof != get_ident() or loop._thread_id != proof
-        except ReferenceError:
-            elsewhere = True
+        except ReferenceError:  # pragma: no cover - the dying loop's callback empties the cell
+            elsewhere = True  # first; only a reader in another thread can come in between
         if elsewhere:
             if self._process and not in_process_loop():
                 return cast(T, await self._elsewhere(args, kwargs))
