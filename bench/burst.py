@@ -102,7 +102,7 @@ async def _spin(stop: asyncio.Event) -> None:
         await asyncio.sleep(0)
 
 
-async def _cold_trial(
+async def cold_trial(
     wrap: Callable[[Fn], Fn], callers: int, busy: int, sleep_s: float
 ) -> dict[str, float]:
     runs = 0
@@ -134,7 +134,7 @@ async def _cold_trial(
     return {"runs": runs, "total_s": last - start, "drain_s": last - returned_at}
 
 
-async def _failure_trial(
+async def failure_trial(
     wrap: Callable[[Fn], Fn], callers: int, fail_after_s: float
 ) -> dict[str, float]:
     attempts: list[float] = []
@@ -195,7 +195,7 @@ def run_cold(config: Config) -> dict[str, Any]:
                 for cid in _rotated(round_, COLD_CONTENDERS):
                     wrap = COLD_CONTENDERS[cid][1]
                     result = _trial(
-                        lambda: _cold_trial(wrap, n, busy, config.burst_sleep_s)  # noqa: B023
+                        lambda: cold_trial(wrap, n, busy, config.burst_sleep_s)  # noqa: B023
                     )
                     trials.setdefault((cid, mode, n), []).append(result)
     contenders: dict[str, Any] = {}
@@ -227,7 +227,7 @@ def run_failure(config: Config) -> dict[str, Any]:
         for cid in _rotated(round_, CONTENDERS):
             wrap = CONTENDERS[cid][1]
             result = _trial(
-                lambda: _failure_trial(wrap, config.failure_callers, config.failure_after_s)  # noqa: B023
+                lambda: failure_trial(wrap, config.failure_callers, config.failure_after_s)  # noqa: B023
             )
             trials[cid].append(result)
     return {

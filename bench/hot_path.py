@@ -196,7 +196,7 @@ async def _discard(message: Message) -> None:
     pass
 
 
-class _Served:
+class Served:
     """An app with its lifespan entered, callable with a fresh scope per request."""
 
     def __init__(self, app: FastAPI, state: dict[str, Any]) -> None:
@@ -227,13 +227,13 @@ class _Served:
 
 async def run(config: Config) -> dict[str, Any]:
     """Measure requests/second of every contender, interleaved round-robin."""
-    served: dict[str, _Served] = {}
+    served: dict[str, Served] = {}
     async with AsyncExitStack() as stack:
         for cid, (_, factory) in CONTENDERS.items():
             # Enter each app's lifespan, as a server would; its state reaches request.state.
             app = factory()
             state = await stack.enter_async_context(app.router.lifespan_context(app))
-            served[cid] = _Served(app, dict(state or {}))
+            served[cid] = Served(app, dict(state or {}))
         for item in served.values():
             await item.check()
             await item.serve(max(config.hot_requests, 10))  # warm-up

@@ -17,7 +17,7 @@ from ._errors import OnceCycleError
 from ._keys import label
 
 if TYPE_CHECKING:
-    from ._loops import Event
+    from ._events import Event
 
 # The attempt whose work the current task is doing; child tasks inherit it through the context.
 working: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
@@ -35,14 +35,15 @@ class Attempt:
     """
 
     __slots__ = (
-        "_label", "context", "done", "ended", "error", "key", "name", "number", "picked", "scope",
-        "show_key", "span", "stale", "traceback", "value", "waiters", "waiting_on",
+        "_label", "context", "done", "ended", "error", "key", "logs", "name", "number", "picked",
+        "scope", "show_key", "span", "stale", "task", "traceback", "value", "waiters", "waiting_on",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
         self.name, self.key = name, key
         self._label: str | None = None
         self.show_key = False  # name the key verbatim (once(..., log_keys=True)), not by digest
+        self.logs = False  # log its start and success at INFO (the level was on when it started)
         self.number = 0  # the how-manieth attempt of its once in its loop (status().attempts)
         self.span: Any = None  # its span's context, when traced: callers that wait link to it
         self.done = done  # set once the outcome is in
@@ -62,6 +63,7 @@ class Attempt:
         self.scope: anyio.CancelScope | None = None
         # The attempts this attempt's work waits for: the edges that cycle detection walks.
         self.waiting_on: list[Attempt] = []
+        self.task: object = None  # the library task doing the work, where the attempt holds it
 
     @property
     def label(self) -> str:

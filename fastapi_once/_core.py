@@ -9,30 +9,30 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 import weakref
 from collections.abc import Callable, Hashable
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
-from ._attempts import wait
+from . import _clock
+from ._attempts import wait, working
+from ._events import current_loop, thread_proof
 from ._keys import NOKEY, key_call_error, shared_key_digest, unhashable
 from ._kinds import as_coroutine_function, kind_of
 from ._loops import (
     call_blocking,
-    current_loop,
     drain,
     hop,
     in_process_loop,
     refuse_in_loop,
     running_state,
     state_of,
-    thread_proof,
 )
 from ._perloop import began
 from ._policy import Policy
 from ._records import Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
+from ._telemetry import waits
 from ._values import Value
 from ._work import Work
 
@@ -46,9 +46,6 @@ else:  # pragma: no cover
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-# The clock of the hot path's deadline check; tests move it with _records and _work's.
-monotonic = time.monotonic
 
 logger = logging.getLogger("fastapi_once")
 
@@ -85,11 +82,6 @@ class Once(Generic[P, T]):
         options: dict[str, Any] | None = None,
         scope: str = "loop",
     ) -> None:
-        # A bound method is held weakly, so that a once does not keep its object alive.
-        held: Callable[[], Any] = (
-            weakref.WeakMethod(fn) if hasattr(fn, "__self__") and hasattr(fn, "__func__")
-            else lambda: fn
-        )  # fmt: skip
         self.name = name
         self.options: dict[str, Any] = dict(options or {})
         self._key = key
@@ -97,13 +89,14 @@ class Once(Generic[P, T]):
         self._injector = injector
         self._across = across
         self._policy = policy or Policy()
-        self._work = Work(name, held, kind_of(fn), injector, across, self._policy)
+        self._work = Work(name, fn, kind_of(fn), injector, across, self._policy)
         self._param = injector.param if injector is not None else None
         # scope="process": the values live in the process scope's loop only (so _hot, once
         # set, is that loop's, written in its thread); other threads read it or hop there.
         self._process = scope == "process"
         # (loop, thread proof, store, unkeyed record) of the loop that called last: the hot
         # path's one read. A tuple, so a reader in another thread never mixes two loops' parts.
+        # The loop is a weak proxy, and nothing else in it holds the loop: a closed loop goes.
         self._hot: tuple[Any, int | None, Store | None, Record | None] = _NOWHERE
         self.__name__ = getattr(fn, "__name__", name)
         self.__qualname__ = getattr(fn, "__qualname__", name)
@@ -141,8 +134,13 @@ class Once(Generic[P, T]):
                 a ``cooldown``, fails fast with the same exception).
         """
         loop, proof, store, rec = self._hot
-        # The hot path: proven the current loop without a system call where possible.
-        if proof != get_ident() or loop._thread_id != proof:
+        # The hot path: proven the current loop without a system call where possible. ``loop``
+        # is a weak proxy: a dead one raises ReferenceError (another loop calls: ask again).
+        try:
+            elsewhere = proof != get_ident() or loop._thread_id != proof
+        except ReferenceError:  # pragma: no cover - the dying loop's callback empties the cell
+            elsewhere = True  # first; only a reader in another thread can come in between
+        if elsewhere:
             if self._process and not in_process_loop():
                 return cast(T, await self._elsewhere(args, kwargs))
             loop, proof, store, rec = self._find()
@@ -152,7 +150,7 @@ class Once(Generic[P, T]):
                 and (made := rec.made) is not None
                 and not args
                 and (not kwargs or (self._param in kwargs and len(kwargs) == 1))
-                and (rec.until is None or monotonic() < rec.until)
+                and (rec.until is None or _clock.monotonic() < rec.until)
             ):
                 rec.store.hits += 1
                 return made.value  # type: ignore[no-any-return]
@@ -177,18 +175,41 @@ class Once(Generic[P, T]):
             if (
                 rec is not None
                 and (made := rec.made) is not None
-                and (rec.until is None or monotonic() < rec.until)
+                and (rec.until is None or _clock.monotonic() < rec.until)
             ):
                 store.records.move_to_end(key)
                 store.hits += 1
                 return made.value  # type: ignore[no-any-return]
-        return cast(T, await self._slow(cast(Store, store), key, args, kwargs, hidden))
+        # Joining an attempt in flight with no value kept: no time row of the table can apply.
+        got: Any = None if rec is None or rec.made is not None else rec.attempt
+        if got is not None:
+            store.joins += 1  # type: ignore[union-attr]
+            if got.span is not None:
+                waits(got, True)
+        else:
+            got = self._enter(store, key, args, kwargs, hidden)  # type: ignore[arg-type]
+            if type(got) is Value:
+                return got.value  # type: ignore[no-any-return]
+        # The caller awaits the attempt's event itself: no coroutine between it and the event.
+        if working.get() is None:  # not a once's work: no edge of the wait-for graph to add
+            got.waiters += 1
+            try:
+                await got.done.wait()
+            finally:
+                got.waiters -= 1
+                if not got.waiters and got.picked is not None:
+                    got.picked.set()
+        else:
+            await wait(got)
+        if got.error is None or got.stale:
+            return got.value  # type: ignore[no-any-return]
+        return got.result()  # type: ignore[no-any-return]
 
     def _find(self) -> tuple[Any, int | None, Store, Record | None]:
         loop = current_loop()
         hot = self._hot
-        if hot[0] is loop:
-            return cast("tuple[Any, int | None, Store, Record | None]", hot)
+        if hot[2] is not None and hot[2].loop is loop:
+            return hot  # type: ignore[return-value]
         state = state_of(loop)
         store = cast("Store | None", state.stores.get(self))
         if store is None:
@@ -200,13 +221,16 @@ class Once(Generic[P, T]):
                 self._forget_cell,
                 loop,
                 state,
+                self._work.keeps,
             )
             began(self, self.name, loop, self._work.fn)  # warns if its last loop ended untorn down
-        self._hot = (loop, thread_proof(loop), store, store.records.get(NOKEY))
+        self._hot = (store.hot_loop, thread_proof(loop), store, store.records.get(NOKEY))
         return self._hot
 
-    def _forget_cell(self) -> None:
-        self._hot = _NOWHERE
+    def _forget_cell(self, store: Store | None = None) -> None:
+        # Forget the hot cell (only if it is ``store``'s, when given).
+        if store is None or self._hot[2] is store:
+            self._hot = _NOWHERE
 
     async def _elsewhere(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Process scope, outside its loop: serve the made value, or call in the loop."""
@@ -234,7 +258,7 @@ class Once(Generic[P, T]):
             return None
         if rec is None or (made := rec.made) is None:
             return None
-        if rec.until is not None and monotonic() >= rec.until:
+        if rec.until is not None and _clock.monotonic() >= rec.until:
             return None
         store.hits += 1
         return made
@@ -274,7 +298,7 @@ class Once(Generic[P, T]):
         return self._find()[2]
 
     def store_seen(self) -> Store | None:
-        """The running loop's store (or, outside any loop, the last one used), if any.
+        """The running loop's store (or, outside any loop, the last one used while it lives).
 
         With ``scope="process"``, the process scope's store. For the library's modules.
         """
@@ -286,23 +310,18 @@ class Once(Generic[P, T]):
             return self._hot[2]
         return None if state is None else cast("Store | None", state.stores.get(self))
 
-    async def _slow(
-        self,
-        store: Store,
-        key: Hashable,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        context: object,
-    ) -> Any:
-        now = monotonic()
-        rec = store.record(key, now)
+    def _enter(self, store: Store, key: Hashable, args: Any, kwargs: Any, ctx: object) -> Any:
+        """The slow path's rows of the table: the value to serve or the attempt to wait for."""
+        now = _clock.monotonic()
+        if (rec := store.records.get(key)) is None:  # a miss: nothing kept, no time row applies
+            rec = store.records[key] = Record(store, key)
+        else:
+            rec = store.record(key, now)
         if key is NOKEY:
-            self._hot = (store.loop, thread_proof(store.loop), store, rec)
-        got = rec.enter(now, lambda: rec.start(args, kwargs, self.bind(context)))
-        if isinstance(got, Value):
-            return got.value
-        await wait(got)
-        return got.result()
+            self._hot = (store.hot_loop, thread_proof(store.loop), store, rec)
+        injector = self._injector
+        bind = None if injector is None else lambda: injector.bind(ctx)
+        return rec.enter(now, args, kwargs, bind)
 
     def bind(self, context: object) -> Resolve | None:
         """The sub-dependency resolver bound to ``context`` (a request or the app), if any."""
@@ -349,14 +368,15 @@ class Once(Generic[P, T]):
                 await self._across.reset_keyed(self.name, digest)
 
     def status(self, *, details: bool = False) -> OnceStatus:
-        """Return a snapshot of this once in the running event loop (or the last one used).
+        """Return a snapshot of this once in the running event loop (or the last one used, while
+        it lives: a closed loop is forgotten with what it kept).
 
         A ``scope="process"`` once reports its one store, from any thread.
 
         Args:
             details: include the last error's message (off by default: it can hold secrets).
         """
-        return project(self.name, self.keyed, self.store_seen(), monotonic(), details)
+        return project(self.name, self.keyed, self.store_seen(), _clock.monotonic(), details)
 
 
 async def make_with(target: Once[Any, T], context: object) -> T:

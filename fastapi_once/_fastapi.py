@@ -454,7 +454,7 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
 
 def _bind_across(fn: Callable[..., Any], name: str, options: dict[str, Any]) -> BoundBackend:
     """Return the once's backend: ``across=`` (a backend, URL or factory) bound to ``fn``."""
-    from ._handles import forget_elsewhere
+    from ._shared import forget_elsewhere
     from .backends._late import BoundBackend
 
     on_error = check_across(fn, name, options)

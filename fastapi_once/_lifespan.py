@@ -19,8 +19,7 @@ from ._core import Once, make_with
 from ._errors import OnceClosedError
 from ._fastapi import once
 from ._grace import check_grace
-from ._handles import retire_process_values
-from ._loops import close, current_loop, state_of
+from ._loops import close, current_loop, drain, hop, in_process_loop, state_of
 from ._methods import refuse_class_level
 from ._options import lifespan_options
 from ._telemetry import error_type, fields
@@ -173,6 +172,29 @@ async def _warm(app: Any, onces: list[Once[Any, Any]]) -> None:
             group.start_soon(make, item, group.cancel_scope)
     if failures:
         raise failures[0]
+
+
+async def retire_process_values(target: Once[Any, Any], timeout: float) -> None:  # noqa: ASYNC109
+    """A lifespan's shutdown of a process-scope once: clean up its values in this process only.
+
+    Unlike ``reset()`` it leaves an ``across=`` backend's record (other processes keep theirs),
+    and it waits at most ``timeout`` seconds for work in flight, which then cleans up what it
+    makes as soon as it settles (logged, as a loop's shutdown does).
+    """
+    if not in_process_loop():
+        return await hop(lambda: retire_process_values(target, timeout))
+    store = target.store_seen()
+    if store is None:
+        return
+    with anyio.CancelScope(shield=True):
+        left = await drain(lambda: [store], f"{target.name}: shutdown", max(timeout, 0.0))
+    if left:
+        logger.warning(
+            "shutdown stopped waiting after %.1f s; still running: %s",
+            timeout,
+            ", ".join(attempt.label for attempt in left),
+            extra=fields(target.name, "shutdown_timeout", duration_s=timeout),
+        )
 
 
 # --- requests after shutdown began ----------------------------------------------------------------

@@ -19,7 +19,6 @@ import contextvars
 import logging
 import math
 import os
-import sys
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
@@ -29,6 +28,7 @@ import anyio
 import anyio.to_thread
 
 from ._attempts import Attempt, check_wait, wait, working
+from ._events import current_loop as current_loop  # where the other modules ask for it
 from ._perloop import forget_all, left_to_loop_end, torn_down
 from ._telemetry import carry, error_type, fields
 from ._values import Value, raise_all
@@ -36,63 +36,6 @@ from ._values import Value, raise_all
 logger = logging.getLogger("fastapi_once")
 
 T = TypeVar("T")
-
-
-def current_loop() -> object:
-    """Return an object that identifies the running event loop (asyncio loop or trio token).
-
-    Raises:
-        RuntimeError: no asyncio or trio event loop is running in this thread.
-    """
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            return trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-    raise RuntimeError(
-        "a once must be awaited inside a running event loop (asyncio or trio); "
-        "call it from an async function"
-    )
-
-
-def thread_proof(loop: object) -> int | None:
-    """The thread id that proves ``loop`` is the running loop, where a cheap proof exists.
-
-    An asyncio ``BaseEventLoop`` records the thread that runs it, and a thread runs at most one
-    loop at a time: while ``loop._thread_id == threading.get_ident()``, ``loop`` is the running
-    loop, with no system call (``get_running_loop()`` calls ``getpid()`` before Python 3.12).
-    None for loops without that record (uvloop, trio): the caller asks the slow way.
-    """
-    if isinstance(loop, asyncio.BaseEventLoop):
-        return threading.get_ident()
-    return None
-
-
-class Event(Protocol):
-    """An event of the running loop's own library (asyncio or trio)."""
-
-    def set(self) -> object:
-        """Wake every waiter."""
-
-    def is_set(self) -> bool:
-        """Whether it is set."""
-
-    async def wait(self) -> object:
-        """Wait until it is set."""
-
-
-def new_event(loop: object) -> Event:
-    """An event for ``loop``: its library's own, without anyio's per-event dispatch."""
-    if isinstance(loop, asyncio.AbstractEventLoop):
-        return asyncio.Event()
-    import trio
-
-    return trio.Event()
 
 
 class Drainable(Protocol):

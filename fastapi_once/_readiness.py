@@ -20,14 +20,16 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from . import _records
+from . import _clock
 from ._core import Once
+from ._errors import OnceClosedError
 from ._fastapi import once
-from ._handles import kick, served
+from ._keys import NOKEY
 from ._kinds import Kind, kind_of
-from ._loops import current_loop
+from ._loops import current_loop, in_process_loop, run_in_process_loop
 from ._methods import refuse_class_level
 from ._options import readiness_options
+from ._records import READY, REFRESHING
 from ._status import OnceStatus
 from ._telemetry import error_type, fields, ping_failed
 
@@ -78,7 +80,7 @@ async def _pinged(
     """The error of the latest ping of ``value``, pinging if the last is older than ``every``."""
     state = pings.setdefault(item, _Ping())
     while True:
-        now = _records.monotonic()
+        now = _clock.monotonic()
         if state.value is value and state.at is not None and now - state.at < every:
             return state.error
         if state.running is None:
@@ -106,7 +108,7 @@ async def _pinged(
     finally:
         state.running = None
         done.set()
-    state.value, state.at = value, _records.monotonic()
+    state.value, state.at = value, _clock.monotonic()
     return state.error
 
 
@@ -230,3 +232,39 @@ def _renewing(status: OnceStatus) -> bool:
         and status.last_duration is not None
         and status.last_error_type is None
     )
+
+
+def kick(target: Once[Any, Any], context: object, *, make: bool = True) -> bool:
+    """Start making an unkeyed once's value in the background unless it is there or on its way.
+
+    With ``make=False``, start only a refresh that is due before the value's ttl ends: a value
+    there is kept alive, none is made. Returns whether an attempt was started. For readiness
+    probes: nothing waits.
+    """
+    if target.process_scope and not in_process_loop():
+        return run_in_process_loop(lambda: kick(target, context, make=make))
+    now = _clock.monotonic()
+    rec = target.store_here().record(NOKEY, now)
+    if not rec.begins(now):  # the calls' own start rule
+        return False
+    made = rec.made
+    if not make and (  # past the ttl a value is made anew, not refreshed
+        rec.state != READY
+        or made is None
+        or (made.expires_at is not None and now >= made.expires_at)
+    ):
+        return False
+    try:
+        rec.start((), {}, target.bind(context))
+    except OnceClosedError:
+        return False
+    return True
+
+
+def served(target: Once[Any, Any]) -> tuple[bool, Any]:
+    """Whether an unkeyed once serves a value in the running loop now, and that value."""
+    store = target.store_seen()
+    rec = None if store is None else store.records.get(NOKEY)
+    if rec is None or rec.made is None or rec.due(_clock.monotonic()) not in (READY, REFRESHING):
+        return False, None
+    return True, rec.made.value

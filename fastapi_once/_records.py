@@ -2,46 +2,44 @@
 
 An unkeyed once is the key-less case of the same store. Every transition is a method of
 ``Record``, and every entry point (a call's slow path, the readiness kick, reset, teardown, the
-task keeping a value) goes through them:
+task keeping a value) goes through them; whether an attempt starts is one rule,
+``Record.begins``, for calls and probes alike. This one table is the whole machine. A state
+may carry a sub-state: *stale* (the value is past its ttl, kept until ttl + S under
+``stale_if_error=S``: the value's age, a time row) and *failing* (a try to replace the value
+failed: ``Record.failing``, set and cleared only by these rows):
 
-    state       event                      next         side effect
-    idle        call, kick                 running      start one attempt in a library task
-    running     call                       running      join it (closing a cycle raises instead)
-    running     attempt succeeds           ready        serve the value; wake the waiters
-    running     attempt fails              failed/idle  wake the waiters with the error; failed
-                                                        while cooldown= lasts, else idle
-    ready       call, due for refresh      refreshing   start one refresh (not within a failed
-                                                        refresh's cooldown); serve the value
-    ready       ttl ends                   idle         retire the value
-    refreshing  call                       refreshing   serve the value
-    refreshing  refresh succeeds           ready        serve the new value; retire the old
-    refreshing  refresh fails              ready        keep serving; no refresh before cooldown
-    refreshing  ttl ends                   running      retire the value; calls join the refresh
-    failed      call                       failed       raise the attempt's error
-    failed      cooldown ends              idle         forget the error
-    any         reset, eviction, teardown  idle         after work in flight settles: retire
-
-With ``stale_if_error=`` (S seconds) the end of a value's ttl no longer retires it: the value
-is kept, *stale*, until ttl + S, and served only once a try to replace it has failed (the
-record is then *failing*). These rows take the place of the ttl rows above:
-
-    state       event                      next         side effect
-    ready       ttl ends                   ready        keep the value, stale: not served
-                                                        (status() says idle, and stale)
-    ready       call, kick (stale, not     running      start one attempt; calls join it as on
-                failing)                                any expiry; the stale value is kept
-    running     attempt fails (stale       ready        wake the waiters with the stale value;
-                value kept)                             failing; no attempt before cooldown
-    running     attempt succeeds           ready        serve the new value; retire the stale one
-    ready       call (stale, failing)      refreshing   serve the stale value at once; start one
-                                                        attempt in the background (not within
-                                                        cooldown)
-    refreshing  ttl ends, not failing      running      keep the value; calls join the refresh
-    refreshing  ttl ends, failing          refreshing   keep serving the value
-    refreshing  refresh fails              ready        keep serving; failing (before the ttl
-                                                        ends too: a refresh= that failed)
-    any         ttl + S ends               idle/running retire the stale value; the next failure
-                                                        reaches the callers
+    state           event                 next            side effect
+    idle            call, kick            running         start one attempt in a library task
+    running         call                  running         join it (closing a cycle raises instead)
+    running         attempt succeeds      ready           serve the value; wake the waiters; retire
+                                                          a stale value kept
+    running         attempt fails         failed/idle     wake the waiters with the error; failed
+                                                          while cooldown= lasts, else idle
+    running, stale  attempt fails         ready, failing  wake the waiters with the stale value; no
+                                                          attempt before cooldown
+    ready           call, kick: refresh   refreshing      start one refresh (not within a failed
+                    due                                   refresh's cooldown); serve the value
+    ready           ttl ends              idle            retire the value
+    ready           ttl ends,             ready, stale    keep the value, not served (status() says
+                    stale_if_error=                       idle, and stale)
+    ready, stale    call, kick            running, stale  start one attempt; calls join it as on any
+                                                          expiry; the stale value is kept for them
+    ready, failing  call (past the ttl    refreshing,     serve the value at once; start one attempt
+                    too)                  failing         in the background (not within cooldown)
+    refreshing      call                  refreshing      serve the value
+    refreshing      refresh succeeds      ready           serve the new value; retire the old
+    refreshing      refresh fails         ready, failing  keep serving; no refresh before cooldown
+    refreshing      ttl ends              running (,      calls join the refresh; the value is
+                                          stale)          retired, or kept for them
+                                                          (stale_if_error=)
+    refreshing,     ttl ends              refreshing,     keep serving the value
+    failing                               failing
+    failed          call                  failed          raise the attempt's error
+    failed          cooldown ends         idle            forget the error
+    any, stale      ttl + S ends          idle/running    retire the stale value; the next failure
+                                                          reaches the callers
+    any             reset, eviction,      idle            after work in flight settles: retire
+                    teardown
 
 Where options meet it: a failed ``refresh=`` before the ttl makes the value failing, so past
 the ttl it is served at once; ``cooldown=`` spaces the attempts made while a stale value is
@@ -51,11 +49,11 @@ stale value when it strikes; a refresh it strikes is failing while its run goes 
 going on past ttl + S does not keep the value: it is retired then, and calls joining the run
 get its timeout). Reset, eviction and teardown retire a stale value like any other (its
 cleanup runs once); each key of a keyed once (``None`` included) has its own record, so its
-own stale value. ``status()`` reports the states above, plus ``stale`` and ``stale_until``
-while a stale value is kept; after shutdown a due attempt is refused with ``OnceClosedError``
-as any refresh is.
+own stale value. ``status()`` reports the states above as of now (the time rows applied),
+plus ``stale`` and ``stale_until`` while a stale value is kept; after shutdown a due attempt
+is refused with ``OnceClosedError`` as any refresh is.
 
-An idle record is dropped from its store. The time rows are applied by ``_Record.advance`` when
+An idle record is dropped from its store. The time rows are applied by ``Record.advance`` when
 an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
 A retired value's cleanup runs exactly once in the task that made it; the store lists retired
 values until then, and reset and teardown await them.
@@ -65,7 +63,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from contextlib import AsyncExitStack
@@ -73,19 +71,19 @@ from typing import Any, Protocol, cast
 
 import anyio
 
+from . import _clock
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
-from ._loops import LoopState, in_process_loop, new_event
+from ._events import event_factory, new_event
+from ._loops import LoopState, in_process_loop
 from ._policy import Policy
 from ._status import State
 from ._tasks import spawn
-from ._telemetry import ended, error_type, evicted, fast_failed, fields, traced, waits
+from ._telemetry import ended, error_type, evicted, fast_failed, fields, register, traced, waits
 from ._values import Value
 
 logger = logging.getLogger("fastapi_once")
 
-# The clock of expiry, refresh and cooldown; a module attribute so tests can move time.
-monotonic = time.monotonic
 
 IDLE: State = "idle"
 RUNNING: State = "running"
@@ -146,8 +144,7 @@ class Record:
             wants = self._wants(made)
             if wants is not None and self.retry_at is not None:
                 wants = max(wants, self.retry_at)
-            times = [t for t in (wants, ends) if t is not None]
-            self.until = min(times) if times else None
+            self.until = ends if wants is None else wants if ends is None else min(wants, ends)
 
     def _wants(self, made: Value) -> float | None:
         """When a served value wants replacing: due for refresh, or (stale_if_error=) expired."""
@@ -214,14 +211,13 @@ class Record:
             # Its waiters were given ``made`` (a timeout within the window) and the run goes on:
             # a call that joins it from now on gets the failure, not a retired value.
             attempt.stale, attempt.value = False, None
-        if made is not None:
+        if made is not None and made.stack is not None:  # only a cleanup has a keeper to wake
             if now:
                 made.retire()
-            if made.stack is not None:
-                retired = self.store.retired
-                retired.append(made)
-                if len(retired) > 64:  # cleaned-up values leave the list, not only at teardown
-                    self.store.retired = [v for v in retired if v.pending]
+            retired = self.store.retired
+            retired.append(made)
+            if len(retired) > 64:  # cleaned-up values leave the list, not only at teardown
+                self.store.retired = [v for v in retired if v.pending]
 
     def pin(self, made: Value) -> None:
         """Serve ``made``, a stand-in from a test, as if an attempt had made it."""
@@ -241,8 +237,8 @@ class Record:
         With ``now=False`` the value's cleanup waits for the store's owner to start it.
         """
         self._retire(now)
-        self.failure, self.attempt = None, None
-        self._to(IDLE)
+        self.failure = self.attempt = self.until = None
+        self.state = IDLE  # what _to(IDLE) does, with no value left
         if self.store.records.get(self.key) is self:
             del self.store.records[self.key]
 
@@ -259,19 +255,41 @@ class Record:
             wants is not None and now >= wants and (self.retry_at is None or now >= self.retry_at)
         )
 
-    def enter(self, now: float, begin: Callable[[], None]) -> Value | Attempt:
+    def begins(self, now: float) -> bool:
+        """The start rule, for calls and probes alike: whether an attempt is to start now.
+
+        None is in flight and no failure's cooldown is on, and the record serves no value
+        (idle, or a value kept past its ttl and not served), or it serves one that is due for
+        refresh (ready, and no failed refresh's cooldown is on).
+        """
+        if self.attempt is not None or self.failure is not None:
+            return False
+        if self.made is not None and self.serves(now):
+            return self.state == READY and self.refresh_due(now)
+        return True
+
+    def enter(
+        self,
+        now: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        bind: Callable[[], Resolve] | None,
+    ) -> Value | Attempt:
         """A call's rows of the table: return the value to serve or the attempt to wait for.
 
-        ``begin`` starts this record's attempt (see :meth:`start`) when one is needed.
+        An attempt that is needed starts with ``args``, ``kwargs`` and what ``bind`` returns
+        (see :meth:`start`).
 
         Raises:
             Exception: the failure whose cooldown is on.
             OnceClosedError: an attempt is needed and the loop's teardown has begun.
         """
-        store, made = self.store, self.made
-        if made is not None and self.serves(now):
-            if self.state == READY and self.refresh_due(now):
-                begin()
+        store = self.store
+        begun = self.begins(now)
+        if begun:
+            self.start(args, kwargs, bind and bind())
+        made = self.made
+        if made is not None and self.serves(now):  # a refresh just begun serves the value too
             store.hits += 1
             if self.key in store.records:
                 store.records.move_to_end(self.key)
@@ -279,13 +297,13 @@ class Record:
         if self.failure is not None:
             fast_failed(store)
             raise_again(*self.failure[:3])
-        joined = self.attempt is not None
+        joined = not begun
         if joined:
             store.joins += 1
-        else:
-            begin()
-        waits(cast(Attempt, self.attempt), joined)
-        return cast(Attempt, self.attempt)
+        attempt: Attempt = self.attempt  # type: ignore[assignment]
+        if attempt.span is not None:
+            waits(attempt, joined)
+        return attempt
 
     def start(self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None) -> None:
         """Start an attempt (idle -> running) or a refresh (ready -> refreshing)."""
@@ -293,13 +311,14 @@ class Record:
         if store.loop_state.closed:
             self.drop()
             raise OnceClosedError(store.name, process=in_process_loop())
-        serves = self.serves(monotonic())
-        self.attempt = attempt = Attempt(store.name, self.key, new_event(store.loop))
+        serves = self.made is not None and self.serves(_clock.monotonic())
+        self.attempt = attempt = Attempt(store.name, self.key, store.new_event())
         attempt.show_key = store.policy.log_keys
+        attempt.logs = logger.isEnabledFor(logging.INFO)
         self._to(REFRESHING if serves else RUNNING)
         store.tries += 1
         attempt.number, refresh = store.tries, serves
-        if logger.isEnabledFor(logging.INFO):
+        if attempt.logs:
             logger.info(
                 "%s: %s started",
                 attempt.label,
@@ -309,7 +328,8 @@ class Record:
                 ),
             )
         work = traced(attempt, refresh, store.work(self, attempt, args, kwargs, resolve))
-        spawn(store.loop, work, "fastapi_once: attempt")
+        # Work that keeps no value ends when it settles: its attempt holds its task until then.
+        attempt.task = spawn(store.loop, work, "fastapi_once: attempt", track=store.keeps)
         if store.policy.timeout is not None:
             spawn(store.loop, self._watch(attempt), "fastapi_once: timeout")
 
@@ -327,7 +347,7 @@ class Record:
             return
         attempt.ended = new_event(store.loop)
         error = policy.timed_out(attempt.label)
-        self._release(attempt, error, None, monotonic())
+        self._release(attempt, error, None, _clock.monotonic())
         if self.attempt is attempt:
             store.last_error = (type(error).__name__, str(error), self.key)
             if self.state == REFRESHING:  # a failed refresh, though its run goes on
@@ -342,7 +362,7 @@ class Record:
         store.last_duration = took
         mine = self.settle(attempt, made, None, None)
         ended(store, attempt, took, refresh)
-        if mine and logger.isEnabledFor(logging.INFO):
+        if mine and attempt.logs:
             logger.info(
                 "%s: %s in %.2f s",
                 attempt.label,
@@ -360,7 +380,7 @@ class Record:
     def fail(self, attempt: Attempt, exc: BaseException, took: float) -> None:
         """The attempt raised ``exc`` after ``took`` seconds: share it (see :meth:`settle`)."""
         error, traceback = exc, exc.__traceback__
-        if isinstance(exc, anyio.get_cancelled_exc_class()):
+        if not isinstance(exc, Exception) and isinstance(exc, anyio.get_cancelled_exc_class()):
             error, traceback = OnceCancelledError(attempt.label), None
             error.__cause__ = exc
         store, refresh = self.store, self.state == REFRESHING
@@ -414,23 +434,28 @@ class Record:
         elif not mine and error is None:
             closed = OnceClosedError(store.name, process=in_process_loop())
             made, error, traceback, applied = None, closed, None, False
-        now = monotonic()
-        if not attempt.settled:
+        now = _clock.monotonic()
+        if not attempt.done.is_set():
             if error is not None:
                 self._release(attempt, error, traceback, now)
             else:
-                attempt.succeed(cast(Value, made).value)
+                attempt.succeed(made.value)  # type: ignore[union-attr]
         if not mine:
             return False
         store.last_error = None if error is None else (type(error).__name__, str(error), self.key)
-        self.advance(now)  # the ttl may have ended while the run went on
+        if self.made is not None:
+            self.advance(now)  # the ttl may have ended while the run went on
         self.attempt = None
         if error is None:
             if self.key in store.records:
                 store.records.move_to_end(self.key)  # the newest value is the last to go
-            self._retire()
+            if self.made is not None:
+                self._retire()
             self.made, self.retry_at = made, None
-            self._to(READY)
+            if made.expires_at is None and made.refresh_at is None:  # type: ignore[union-attr]
+                self.state, self.until = READY, None  # what _to(READY) says of a timeless value
+            else:
+                self._to(READY)
         elif self.made is not None:  # a failed refresh, or a stale value served instead
             self.retry_at = store.policy.cooldown_until(now, error)
             self.failing = True
@@ -475,7 +500,7 @@ class Record:
                 await attempt.picked.wait()
 
         def due() -> float | None:
-            now, ends = monotonic(), self._ends(made)
+            now, ends = _clock.monotonic(), self._ends(made)
             if self.made is made and ends is not None and now >= ends:
                 self.advance(now)
             if self.made is not made:
@@ -493,8 +518,9 @@ class Store:
     """What one once keeps in one event loop. Only that loop's thread touches it."""
 
     __slots__ = (
-        "hits", "joins", "last_duration", "last_error", "loop", "loop_state", "maxsize", "name",
-        "on_forget", "policy", "records", "retired", "tries", "work",
+        "__weakref__", "_loop", "hits", "hot_loop", "joins", "keeps", "last_duration", "last_error",
+        "loop_state", "maxsize", "name", "new_event", "on_forget", "policy", "records", "retired",
+        "tries", "work",
     )  # fmt: skip
 
     def __init__(
@@ -503,20 +529,51 @@ class Store:
         policy: Policy,
         maxsize: int,
         work: Work,
-        on_forget: Callable[[], None],
+        on_forget: Callable[..., None],
         loop: object,
         loop_state: LoopState,
+        keeps: bool = True,
     ) -> None:
         self.name, self.policy, self.maxsize = name, policy, maxsize
         self.work = work  # runs an attempt in a library task: makes, settles, keeps the value
-        self.on_forget = on_forget  # the once forgets its hot cell
-        self.loop, self.loop_state = loop, loop_state
+        self.keeps = keeps  # whether that task may park keeping a value with a cleanup
+        self.on_forget = on_forget  # the once forgets its hot cell (this store's, if given)
+        # The loop is held weakly, so that a closed loop and all it kept can be collected: the
+        # loop states are weakly keyed by their loops, and a store reachable from its loop's
+        # state must not keep that loop alive (nothing it holds does, see _events).
+        self._loop = weakref.ref(loop)
+        me = weakref.ref(self)
+
+        def loop_gone(_: object) -> None:  # the once's hot cell lets go of this store too
+            store = me()
+            if store is not None:
+                on_forget(store)
+
+        self.hot_loop: Any = weakref.proxy(loop, loop_gone)  # for the once's hot cell
+        self.loop_state = loop_state
+        self.new_event = event_factory(loop)  # its library's own event class
         self.records: OrderedDict[Hashable, Record] = OrderedDict()  # least recent first
         self.retired: list[Value] = []  # retired values with a cleanup, until it has run
         self.hits = self.joins = self.tries = 0
         self.last_duration: float | None = None
         # Type name, message (no frames) and key of the last attempt's error.
         self.last_error: tuple[str, str, Hashable] | None = None
+        register(self)  # a metric source while it lives
+
+    def census(self) -> tuple[int, list[State]]:
+        """How many values it holds, and each record's state now (see the metrics).
+
+        Read from a metric reader's thread: the records are copied first (a change meanwhile
+        raises RuntimeError, and the reader tries again at its next collection).
+        """
+        records = list(self.records.values())
+        now = _clock.monotonic()
+        return sum(1 for r in records if r.made), [r.due(now) for r in records]
+
+    @property
+    def loop(self) -> object:
+        """The store's event loop (alive while anything runs in it)."""
+        return self._loop()
 
     def record(self, key: Hashable, now: float) -> Record:
         """The record of ``key`` as of ``now`` (time rows applied), created idle if absent."""

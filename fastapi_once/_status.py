@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from ._records import Store
+from typing import Any, Literal
 
 State = Literal["idle", "running", "ready", "failed", "refreshing"]
 
@@ -54,9 +51,10 @@ class OnceStatus:
     stale_until: datetime | None = None
 
 
-def project(name: str, keyed: bool, store: Store | None, now: float, details: bool) -> OnceStatus:
-    """Project a once's store as of ``now``: each record's current state, its value's
-    wall-clock birth and, if that value is stale, when it is retired (see ``Record.view``)."""
+def project(name: str, keyed: bool, store: Any, now: float, details: bool) -> OnceStatus:
+    """Project a once's store (``_records.Store``, or None) as of ``now``: each record's current
+    state, its value's wall-clock birth and, if that value is stale, when it is retired (see
+    ``Record.view``)."""
     if store is None:
         return OnceStatus(name=name, state="idle")
     records = [r.view(now) for r in list(store.records.values())]

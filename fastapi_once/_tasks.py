@@ -32,15 +32,20 @@ class _LibraryTask(asyncio.Task):  # type: ignore[type-arg]
         return super().cancel(msg)
 
 
-def spawn(loop: object, work: Coroutine[Any, Any, None], name: str) -> None:
+def spawn(loop: object, work: Coroutine[Any, Any, None], name: str, track: bool = True) -> object:
     """Run ``work`` in a task owned by the library, not by the caller, in the caller's context.
 
-    ``work`` must never raise: it delivers what happened to whoever waits for it.
+    ``work`` must never raise: it delivers what happened to whoever waits for it. Returns the
+    asyncio task (None on trio). With ``track=False`` the caller keeps the task referenced
+    until it ends (an attempt that keeps no value holds its own), which spares a done callback.
     """
     if isinstance(loop, asyncio.AbstractEventLoop):
+        if not track:  # it keeps no value, so it needs no retiring on cancel either
+            return asyncio.Task(work, loop=loop, name=name)
         task = _LibraryTask(work, loop=loop, name=name)
         _tasks.add(task)
         task.add_done_callback(_tasks.discard)
+        return task
     else:
         import trio
 
@@ -50,6 +55,7 @@ def spawn(loop: object, work: Coroutine[Any, Any, None], name: str) -> None:
         # A system task lives as long as the run and belongs to no request; trio turns an
         # exception escaping it into a crash of the whole run, hence work's promise not to raise.
         trio.lowlevel.spawn_system_task(main, name=name, context=contextvars.copy_context())
+        return None
 
 
 @contextlib.contextmanager

@@ -4,10 +4,12 @@ The state machine calls the hooks below at its transitions; none is on the hot p
 counts, as before, and the counts are read by observable instruments when a reader collects).
 
 OpenTelemetry is used through ``opentelemetry-api`` when it can be imported; without it every
-hook does nothing. Spans are made only while a real tracer provider is set: the provider is
-looked up at each use, so one set after this module was imported is seen, and with the API's
-default provider an attempt costs a look-up and a comparison. Metric instruments are created at
-import on the API's meter, which forwards to a provider set later and does nothing until then.
+hook does nothing. The tracer and the meter's instruments are obtained once, at import, from the
+API's proxies, which bind to an SDK's providers installed later. Spans are made only once a real
+tracer provider is set: an attempt asks :func:`tracer`, which reads the API's global (no
+environment read, no provider look-up) and compares it with the one it last saw; metrics are
+recorded only once a meter provider is set (read the same way). Every hook checks ``OTEL``
+first, so switching it off (the bench does) compiles the telemetry out.
 
 Spans (instrumentation scope ``fastapi_once``) never carry an exception message, only its type,
 nor a key, only its digest (see :mod:`fastapi_once._keys`), unless the once has ``log_keys=True``.
@@ -19,22 +21,19 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from typing import Any, Protocol, cast
 
-from ._attempts import Attempt
 from ._keys import NOKEY, key_digest, shared_key_digest
 from ._logs import error_type as error_type  # re-exported: the core imports them here
 from ._logs import fields as fields
-
-if TYPE_CHECKING:
-    from ._policy import Policy
-    from ._records import Store
 
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics as otel_metrics
     from opentelemetry import trace as otel_trace
+    from opentelemetry.metrics import _internal as otel_metrics_state
 except ImportError:  # pragma: no cover - tested in a subprocess that hides opentelemetry
     OTEL = False
 else:
@@ -58,6 +57,38 @@ ERROR_TYPE = "error.type"
 STATES = ("idle", "running", "ready", "refreshing", "failed")
 
 
+class Traced(Protocol):
+    """What the hooks read of an attempt (the core's ``Attempt``)."""
+
+    name: str
+    key: object
+    show_key: bool
+    number: int
+    span: Any
+    error: BaseException | None
+
+
+class Source(Protocol):
+    """What the metrics read of a once's store in one loop (the core's ``Store``)."""
+
+    name: str
+    hits: int
+    joins: int
+
+    def census(self) -> tuple[int, Sequence[str]]:
+        """How many values it holds, and the state of each record (read from any thread)."""
+
+
+# Every store alive, registered by the core when it makes one; read by the observable
+# instruments from the reader's thread.
+_sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def register(source: Source) -> None:
+    """Count ``source`` (a once's store in one loop) in the metrics while it lives."""
+    _sources.add(source)
+
+
 # --- tracing --------------------------------------------------------------------------------------
 
 _tracer_for: tuple[object, Any] = (None, None)  # (provider, its tracer or None): one tuple, so
@@ -68,18 +99,27 @@ if OTEL:
 
     # The attempt whose span is current in a library task (with the span), in that task's context.
     _CURRENT = otel_context.create_key("fastapi_once.attempt")
+    # Once, at import: loads a provider named by OTEL_PYTHON_TRACER_PROVIDER, if any; after
+    # this the API's global holds every provider set, and reading it is all an attempt does.
+    otel_trace.get_tracer_provider()
+    _GLOBAL = hasattr(otel_trace, "_TRACER_PROVIDER")
 
 
 def tracer() -> Any:
     """The package's tracer while a real tracer provider is set, else None (no spans at all)."""
     global _tracer_for
-    if not OTEL:  # pragma: no cover
+    if not OTEL:
         return None
-    provider = otel_trace.get_tracer_provider()
+    # The API's global provider (None until one is set), read without the environment look-up
+    # that get_tracer_provider() makes while none is set. An API without that global (a later
+    # version) is asked the public way.
+    provider = otel_trace._TRACER_PROVIDER if _GLOBAL else otel_trace.get_tracer_provider()
     seen, found = _tracer_for
     if provider is not seen:
-        real = not isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider))
-        found = provider.get_tracer(SCOPE) if real else None
+        real = provider is not None and not isinstance(
+            provider, (ProxyTracerProvider, NoOpTracerProvider)
+        )
+        found = provider.get_tracer(SCOPE) if real else None  # type: ignore[union-attr]
         _tracer_for = (provider, found)
     return found
 
@@ -100,7 +140,7 @@ def _current(span: Any) -> contextlib.AbstractContextManager[Any]:
     )
 
 
-def _named(attempt: Attempt) -> dict[str, Any]:
+def _named(attempt: Traced) -> dict[str, Any]:
     attributes: dict[str, Any] = {NAME: attempt.name}
     if attempt.key is not NOKEY:
         attributes[KEY] = key_digest(attempt.key)
@@ -110,7 +150,7 @@ def _named(attempt: Attempt) -> dict[str, Any]:
 
 
 def traced(
-    attempt: Attempt, refresh: bool, work: Coroutine[Any, Any, None]
+    attempt: Traced, refresh: bool, work: Coroutine[Any, Any, None]
 ) -> Coroutine[Any, Any, None]:
     """Run ``work`` (an attempt's library task) inside the attempt's span, if tracing is on.
 
@@ -126,7 +166,7 @@ def traced(
     return _within(span, attempt, work)
 
 
-async def _within(span: Any, attempt: Attempt, work: Coroutine[Any, Any, None]) -> None:
+async def _within(span: Any, attempt: Traced, work: Coroutine[Any, Any, None]) -> None:
     context = otel_trace.set_span_in_context(span, otel_context.Context())
     token = otel_context.attach(otel_context.set_value(_CURRENT, (attempt, span), context))
     try:
@@ -149,16 +189,16 @@ def carry(into: contextvars.Context) -> None:
         into.run(otel_context.attach, otel_context.get_current())
 
 
-def waits(attempt: Attempt, joined: bool) -> None:
+def waits(attempt: Traced, joined: bool) -> None:
     """A caller is about to wait for ``attempt``: link the caller's span to the attempt's."""
-    if attempt.span is None:
+    if attempt.span is None or not OTEL:
         return
     span = otel_trace.get_current_span()
     if span.is_recording():
         span.add_link(attempt.span, {NAME: attempt.name, "fastapi_once.joined": joined})
 
 
-def _ended_span(attempt: Attempt, error: BaseException | None) -> None:
+def _ended_span(attempt: Traced, error: BaseException | None) -> None:
     current = otel_context.get_value(_CURRENT)
     if not (isinstance(current, tuple) and current[0] is attempt):
         return
@@ -176,7 +216,8 @@ def _ended_span(attempt: Attempt, error: BaseException | None) -> None:
 @contextlib.contextmanager
 def _cleanup_span(label: object) -> Iterator[None]:
     # A value's label is the attempt that made it, or (a pinned value) the once's name.
-    attributes = _named(label) if isinstance(label, Attempt) else {NAME: str(label)}
+    # An attempt has a key; a pinned value's label is the once's name.
+    attributes = _named(cast(Traced, label)) if hasattr(label, "key") else {NAME: str(label)}
     span = _root("fastapi_once.cleanup", attributes)
     try:
         with _current(span):  # spans of the cleanup code are its children
@@ -203,7 +244,7 @@ async def across(
     backend: Any,
     name: str,
     work: Callable[[], Awaitable[Any]],
-    policy: Policy,
+    policy: Any,
     key: object = NOKEY,
     kept: bool = False,
 ) -> Any:
@@ -277,19 +318,16 @@ async def across(
 # --- metrics --------------------------------------------------------------------------------------
 
 
-def _stores() -> Iterable[Store]:
-    """Every once's store in every event loop alive (read from any thread, so copied first)."""
-    from ._loops import every_state
-
-    for state in every_state():
+def _stores() -> list[Any]:
+    """Every store alive (copied first: the loops' threads add to the set meanwhile)."""
+    while True:
         try:
-            stores = list(state.stores.values())
-        except RuntimeError:  # pragma: no cover - its loop added a store meanwhile: next time
+            return list(_sources)
+        except RuntimeError:  # pragma: no cover - a store was added meanwhile: again
             continue
-        yield from stores  # type: ignore[misc]
 
 
-def _summed(read: Callable[[Store], int]) -> Iterable[Any]:
+def _summed(read: Callable[[Any], int]) -> Iterable[Any]:
     totals: dict[str, int] = {}
     for store in _stores():
         try:
@@ -309,22 +347,20 @@ def _observe_joins(options: Any) -> Iterable[Any]:
 
 
 def _observe_values(options: Any) -> Iterable[Any]:
-    return _summed(lambda store: sum(1 for r in list(store.records.values()) if r.made))
+    return _summed(lambda store: store.census()[0])
 
 
 def _observe_states(options: Any) -> Iterable[Any]:
-    from ._records import monotonic
-
-    now, totals = monotonic(), dict[str, dict[str, int]]()
+    totals: dict[str, dict[str, int]] = {}
     for store in _stores():
         counts = totals.setdefault(store.name, dict.fromkeys(STATES, 0))
         try:
-            records = list(store.records.values())
+            states = store.census()[1]
         except RuntimeError:  # pragma: no cover - changed by its loop meanwhile
             continue
-        for rec in records:
-            counts[rec.due(now)] += 1
-        if not records:
+        for state in states:
+            counts[state] += 1
+        if not states:
             counts["idle"] += 1
     return [
         otel_metrics.Observation(count, {NAME: name, STATE: state})
@@ -353,6 +389,9 @@ def _duration_histogram(name: str, description: str) -> Any:
 
 
 if OTEL:
+    # Once, at import, as for the tracer: a provider named by OTEL_PYTHON_METER_PROVIDER loads.
+    otel_metrics.get_meter_provider()
+    _METER_GLOBAL = hasattr(otel_metrics_state, "_METER_PROVIDER")
     _meter = otel_metrics.get_meter(SCOPE)
     _attempts = _meter.create_counter(
         "fastapi_once.attempts", "{attempt}", "Attempts and refreshes that ended, by outcome"
@@ -394,9 +433,16 @@ if OTEL:
     )
 
 
-def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
+def _metering() -> bool:
+    """Whether a meter provider is set (the instruments' proxies do nothing until one is)."""
+    return not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER is not None
+
+
+def ended(store: Any, attempt: Traced, took: float, refresh: bool) -> None:
     """An attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
-    if not OTEL:  # pragma: no cover
+    if not OTEL or (
+        attempt.span is None and _METER_GLOBAL and not otel_metrics_state._METER_PROVIDER
+    ):
         return
     error = attempt.error
     attributes: dict[str, Any] = {
@@ -410,18 +456,19 @@ def ended(store: Store, attempt: Attempt, took: float, refresh: bool) -> None:
             _refresh_failures.add(1, {NAME: store.name})
     _attempts.add(1, attributes)
     _duration.record(took, attributes)
-    _ended_span(attempt, error)
+    if attempt.span is not None:
+        _ended_span(attempt, error)
 
 
-def fast_failed(store: Store) -> None:
+def fast_failed(store: Any) -> None:
     """A call failed fast with the error whose cooldown is on."""
-    if OTEL:
+    if OTEL and _metering():
         _fast_failures.add(1, {NAME: store.name})
 
 
-def evicted(store: Store, count: int) -> None:
+def evicted(store: Any, count: int) -> None:
     """``count`` keyed records were evicted."""
-    if OTEL and count:
+    if OTEL and count and (not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER):
         _evictions.add(count, {NAME: store.name})
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from ._attempts import Attempt, working
+from ._events import running_event
 from ._keys import NOKEY
 from ._tasks import cancelling_retires
 from ._telemetry import cleanup_span, error_type, fields
@@ -77,8 +78,9 @@ class Value:
         self._around = around  # the scope of the making task that the cleanup shields
         self._cleaning = False
         self._errors: list[BaseException] = []
-        self._retired = anyio.Event() if stack is not None else None
-        self._done = anyio.Event() if stack is not None else None
+        # The running loop's own events, which hold no reference to it (see _events).
+        self._retired = running_event() if stack is not None else None
+        self._done = running_event() if stack is not None else None
         # The cleanup as a node of the wait-for graph: a reset that waits for it from inside
         # the cleanup itself (or from work the cleanup waits for) raises instead of hanging.
         self.node: Attempt | None = None
@@ -131,7 +133,8 @@ class Value:
                 loop_ends()
                 raise
             finally:
-                await self.clean_here(self._around)
+                around, self._around = self._around, None  # it holds its task, so the loop
+                await self.clean_here(around)
 
     async def clean_here(self, around: anyio.CancelScope | None = None) -> None:
         """Run the cleanup in the current task, once, shielded from cancellation.

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
+from . import _clock
 from ._attempts import Attempt, working
 from ._kinds import Kind, invoke
 from ._policy import Policy
@@ -27,9 +29,6 @@ from ._values import Value, shielded
 if TYPE_CHECKING:
     from .backends import Backend
 
-# The clock of attempts' durations and values' deadlines; tests move it with _core's and _records'.
-monotonic = time.monotonic
-
 
 class Work:
     """How the attempts of one once make its value."""
@@ -37,20 +36,30 @@ class Work:
     def __init__(
         self,
         name: str,
-        held: Callable[[], Any],
+        fn: Callable[..., Any],
         kind: Kind,
         injector: Injector | None,
         across: Backend | None,
         policy: Policy,
     ) -> None:
         self.name = name
-        self._held = held  # returns the function, or None (a bound method whose object is gone)
+        # A bound method is held weakly, so that a once does not keep its object alive; any
+        # other function strongly.
+        self._strong: Callable[..., Any] | None = None
+        self._held: Callable[[], Any] | None = None  # the weak method: None once its object is gone
+        if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
+            self._held = weakref.WeakMethod(fn)
+        else:
+            self._strong = fn
         self._kind = kind
         self._across = across
         self._policy = policy
         self._needs_stack = injector is not None or kind in (Kind.ASYNC_GEN, Kind.GEN)
+        self.keeps = self._needs_stack  # whether an attempt's task may keep a value it made
         # An async def with no sub-dependencies and no backend: the attempt just awaits it.
         self._plain = kind is Kind.ASYNC and injector is None and across is None
+        # Values that never expire nor refresh: their deadlines are known without asking.
+        self._timeless = policy.ttl is None and policy.refresh is None
         # What a store runs per attempt: a value with a cleanup is made and kept inside a scope
         # of its own (see kept); without a timeout there is no other scope to open around it.
         self._inner = self.kept if self._needs_stack else self.attempt
@@ -62,7 +71,7 @@ class Work:
         Raises:
             ReferenceError: it was a bound method whose object is gone.
         """
-        fn = self._held()
+        fn = self._strong if self._strong is not None else self._held()  # type: ignore[misc]
         if fn is None:
             raise ReferenceError(f"{self.name}: the object of this bound method no longer exists")
         return cast("Callable[..., Any]", fn)
@@ -75,6 +84,7 @@ class Work:
             with anyio.CancelScope() as attempt.scope:
                 await self._inner(rec, attempt, *call)
         finally:
+            attempt.scope = None  # it holds its task, and so the loop: not past the run
             if attempt.ended is not None:  # timed out: teardown waits for this
                 attempt.ended.set()
 
@@ -109,7 +119,7 @@ class Work:
         ``around`` (for a value with a cleanup) is the scope of this task that encloses the
         making and the keeping: cleanups shield it.
         """
-        started = monotonic()
+        started = _clock.monotonic()
         working.set(attempt)
         try:
             if self._policy.retries:
@@ -118,19 +128,23 @@ class Work:
                 )
                 value, stack = await self._policy.run(attempt, make)
             elif self._plain:  # the common case, without the layers it does not need
-                value, stack = await self.fn()(*args, **kwargs), None
+                fn = self._strong if self._strong is not None else self.fn()
+                value, stack = await fn(*args, **kwargs), None
             else:
                 kept = rec.made is not None
                 value, stack = await self.make(args, kwargs, resolve, around, kept)
         except BaseException as exc:
             working.set(None)  # done with the attempt; its context must not keep it alive
-            rec.fail(attempt, exc, monotonic() - started)
+            rec.fail(attempt, exc, _clock.monotonic() - started)
+            attempt.task = None
             return
         working.set(None)
-        now = monotonic()
-        made = Value(
-            attempt, value, stack, now, time.time(), self._policy.deadlines(now), around=around
-        )
+        # Settled below, after which this task does not suspend unless it keeps the value (then
+        # the library tracks it): the attempt, which a value names, lets go of it and its loop.
+        attempt.task = None
+        now = _clock.monotonic()
+        deadlines = (None, None) if self._timeless else self._policy.deadlines(now)
+        made = Value(attempt, value, stack, now, time.time(), deadlines, around=around)
         if not rec.succeed(attempt, made, now - started):
             await made.clean_here(around)  # made too late: nobody can get it
         elif stack is not None:

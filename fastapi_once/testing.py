@@ -8,14 +8,18 @@ loads by itself; ``fastapi_once.testing.once_reset``, its home in 0.1, still fin
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from . import _clock
 from ._core import Once
-from ._handles import pin, unpin
+from ._keys import NOKEY
+from ._loops import in_process_loop, run_in_process_loop
 from ._methods import refuse_class_level
+from ._values import Value
 
 T = TypeVar("T")
 
@@ -45,6 +49,26 @@ async def override(target: Once[Any, T], value: T) -> AsyncIterator[T]:
         yield value
     finally:
         unpin(target, value)
+
+
+def pin(target: Once[Any, T], value: T) -> None:
+    """Serve ``value`` from an unkeyed once in the running loop until :func:`unpin` (tests)."""
+    if target.process_scope and not in_process_loop():
+        return run_in_process_loop(lambda: pin(target, value))
+    now = _clock.monotonic()
+    target.store_here().record(NOKEY, now).pin(
+        Value(target.name, value, None, now, time.time(), (None, None))
+    )
+
+
+def unpin(target: Once[Any, T], value: T) -> None:
+    """Stop serving a pinned ``value`` (nothing is cleaned up: it belongs to the caller)."""
+    if target.process_scope and not in_process_loop():
+        return run_in_process_loop(lambda: unpin(target, value))
+    store = target.store_seen()
+    rec = None if store is None else store.records.get(NOKEY)
+    if rec is not None:
+        rec.unpin(value)
 
 
 def __getattr__(name: str) -> Any:

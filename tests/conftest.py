@@ -87,9 +87,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     """Replace the clock of expiry, refresh and cooldown with one the test moves."""
-    from fastapi_once import _core, _records, _work
+    from fastapi_once import _clock
 
     fake = FakeClock()
-    for module in (_core, _records, _work):
-        monkeypatch.setattr(module, "monotonic", fake)
+    monkeypatch.setattr(_clock, "monotonic", fake)
     return fake

@@ -134,3 +134,23 @@ def test_fleet_smoke_run_fetches_each_url_once_per_worker_alone_and_once_across(
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"bench.fleet ran without a server: {message}", pytrace=False)
         pytest.skip(f"bench.fleet ran without a server: {message}")
+
+
+@pytest.mark.usefixtures("bench_packages")
+def test_floors_smoke_run_measures_every_ratio_of_the_core(tmp_path: Path) -> None:
+    """``python -m bench.floors --smoke`` writes each floor's ratio with its spread."""
+    from bench.floors import ROWS  # needs the bench group's packages
+
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.floors", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        timeout=50,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    name = f"floors{sys.version_info[0]}{sys.version_info[1]}"
+    results = json.loads((tmp_path / f"{name}.json").read_text())
+    for key, *_ in ROWS:
+        assert {"median", "q1", "q3", "min", "max"} <= results["ratios"][key].keys(), key
+    assert "load average" in (tmp_path / f"{name}.md").read_text()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import threading
+import weakref
+from collections.abc import AsyncIterator
 
 import anyio
 import anyio.lowlevel
@@ -13,7 +17,7 @@ from crowd import crowd
 from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 
-from fastapi_once import once
+from fastapi_once import OnceLoopWarning, once
 
 
 def test_a_second_asyncio_run_starts_fresh() -> None:
@@ -171,3 +175,45 @@ async def test_within_one_loop_the_value_is_shared_by_every_task() -> None:
 
     values = await crowd(make, 10)
     assert all(v is values[0] for v in values)
+
+
+def test_closed_loops_and_what_was_kept_for_them_are_collected(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Five asyncio.run loops use a keyed, an unkeyed and a generator once: once each loop has
+    closed, no loop, store or value is left alive; the generator's cleanup ran in each loop (at
+    its end, with the OnceLoopWarning that says so, as before)."""
+    # Captured INFO records would hold their arguments (an attempt, and so its value).
+    caplog.set_level(logging.WARNING, logger="fastapi_once")
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+    values: list[weakref.ref[object]] = []
+    cleaned: list[int] = []
+
+    class Thing:
+        pass
+
+    @once
+    async def unkeyed() -> Thing:
+        return Thing()
+
+    @once(key=lambda k: k)
+    async def keyed(k: int) -> Thing:
+        return Thing()
+
+    @once
+    async def pool() -> AsyncIterator[Thing]:
+        yield Thing()
+        cleaned.append(1)
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        for value in (await unkeyed(), await keyed(1), await keyed(2), await pool()):
+            values.append(weakref.ref(value))
+
+    for _ in range(5):
+        with pytest.warns(OnceLoopWarning, match="still in service|made again in a new event"):
+            asyncio.run(main())
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 5
+    assert [ref() for ref in values] == [None] * 20
+    assert cleaned == [1] * 5

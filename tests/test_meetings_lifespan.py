@@ -20,7 +20,7 @@ from fastapi_once import (
     once_lifespan,
     reset_all,
 )
-from fastapi_once._handles import kick
+from fastapi_once._readiness import kick
 
 pytestmark = pytest.mark.anyio
 

@@ -105,7 +105,7 @@ async def test_readiness_503_while_expired_value_is_refreshing(clock: FakeClock)
 
 
 async def test_cold_burst_with_kicks_runs_fn_once() -> None:
-    from fastapi_once._handles import kick
+    from fastapi_once._readiness import kick
 
     runs = 0
 

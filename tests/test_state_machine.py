@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from timekeeping import FakeClock
 
-from fastapi_once import _core, _records, _work, once, reset_all
+from fastapi_once import _clock, once, reset_all
 
 CONFIGS: list[dict[str, float]] = [
     {},
@@ -64,8 +64,8 @@ class OnceMachine(RuleBasedStateMachine):
     )
     def start(self, config: dict[str, float], keyed: bool, backend: str) -> None:
         self.clock = FakeClock()
-        self.saved = (_core.monotonic, _records.monotonic, _work.monotonic)
-        _core.monotonic = _records.monotonic = _work.monotonic = self.clock
+        self.saved = _clock.monotonic
+        _clock.monotonic = self.clock
         self.portal_cm = start_blocking_portal(backend)
         self.portal = self.portal_cm.__enter__()
         self.keyed = keyed
@@ -204,7 +204,7 @@ class OnceMachine(RuleBasedStateMachine):
             assert not self.violations
         finally:
             self.portal_cm.__exit__(None, None, None)
-            _core.monotonic, _records.monotonic, _work.monotonic = self.saved
+            _clock.monotonic = self.saved
 
 
 OnceMachine.TestCase.settings = settings(

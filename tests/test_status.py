@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import threading
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
@@ -13,7 +16,7 @@ from fastapi import FastAPI
 from timekeeping import FakeClock, wait_until
 
 from fastapi_once import OnceStatus, once, once_lifespan, registry
-from fastapi_once._handles import kick
+from fastapi_once._readiness import kick
 
 pytestmark = pytest.mark.anyio
 
@@ -176,14 +179,26 @@ async def test_a_failing_warm_up_is_logged_by_type(caplog: pytest.LogCaptureFixt
 
 
 def test_status_outside_a_loop_reports_the_last_loop_used() -> None:
-    """From a thread with no running loop (e.g. a sync route), status() reads the last loop."""
+    """From a thread with no running loop (e.g. a sync route), status() reads the last loop
+    used, while it lives; a closed loop is forgotten with what it kept."""
 
     @once
     async def load() -> int:
         return 1
 
-    assert anyio.run(load) == 1
-    assert load.status().state == "ready"
+    loop = asyncio.new_event_loop()
+    serving = threading.Thread(target=loop.run_forever, daemon=True)
+    serving.start()
+    try:
+        assert asyncio.run_coroutine_threadsafe(load(), loop).result(timeout=10) == 1
+        assert load.status().state == "ready"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        serving.join(timeout=10)
+        loop.close()
+    del loop
+    gc.collect()
+    assert load.status().state == "idle"
 
 
 async def test_a_keyed_once_whose_keys_all_failed_is_failed(clock: FakeClock) -> None:
