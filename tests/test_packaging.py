@@ -40,10 +40,12 @@ def test_the_metadata_names_the_mit_license_and_each_supported_python() -> None:
 
 
 def test_only_user_extras_are_published() -> None:
-    """The published extras are redis, postgres, otel and example; test/bench/lint are not."""
+    """The published extras are redis, postgres, mysql, otel and example; test/bench/lint are
+    not."""
     metadata = importlib.metadata.metadata("fastapi-once")
     assert sorted(metadata.get_all("Provides-Extra") or []) == [
         "example",
+        "mysql",
         "otel",
         "postgres",
         "redis",

@@ -21,9 +21,11 @@ import pytest
 from backend_servers import (
     ROOT,
     WORKER,
+    MariaDBServer,
     PostgresServer,
     RedisServer,
     Worker,
+    start_mariadb,
     start_postgres,
     start_redis,
 )
@@ -95,6 +97,14 @@ def postgres_server() -> Iterator[PostgresServer]:
 def private_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server of the test's own, which the test may stop and restart."""
     server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariaDBServer]:
+    """One MariaDB server for the session (tests keep apart by table)."""
+    server = start_mariadb()
     yield server
     server.stop()
 
