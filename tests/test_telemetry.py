@@ -34,6 +34,8 @@ from timekeeping import FakeClock, wait_until
 from fastapi_once import OnceTimeoutError, once, once_lifespan, readiness_router
 from fastapi_once._keys import key_digest
 from fastapi_once.backends import FileLockBackend
+from fastapi_once.backends._lease import StoreBackend
+from fastapi_once.backends._store import StoreUnavailableError
 
 pytestmark = pytest.mark.anyio
 
@@ -578,6 +580,42 @@ def _python(code: str) -> str:
     )
     assert run.returncode == 0, run.stderr
     return run.stdout
+
+
+class _Unreachable(StoreBackend):
+    """A store that can never be reached (every primitive raises the outage error)."""
+
+    def describe(self) -> str:
+        return "Unreachable"
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailableError("Unreachable: connection refused")
+
+    renew = complete = abandon = clear = claim
+
+    def watch(self, name: str, key: str) -> Any:
+        raise AssertionError("never reached")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_value_made_here_while_the_backend_is_down_is_counted_and_spanned(
+    otel: Otel,
+) -> None:
+    """Each fallback adds 1 to fastapi_once.backend.fallbacks; the across span's role is
+    "local"."""
+    name = "tests.telemetry.fallback"
+
+    async def get_stuff(url: str) -> str:
+        return url
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, across=_Unreachable(), name=name)
+    before = otel.total("fastapi_once.backend.fallbacks", name)
+    assert [await stuff("a"), await stuff("b")] == ["a", "b"]
+    assert otel.total("fastapi_once.backend.fallbacks", name) == before + 2
+    roles = {s.attributes["fastapi_once.role"] for s in otel.finished("fastapi_once.across", name)}  # type: ignore[index]
+    assert roles == {"local"}
 
 
 def test_the_package_works_without_opentelemetry() -> None:

@@ -30,9 +30,7 @@ def test_importing_the_backends_imports_no_driver() -> None:
         "b.RedisBackend, b.PostgresBackend, b.MySQLBackend\n"
         f"print(sorted(m for m in {drivers} if m in sys.modules))\n"
     )
-    assert result.stdout.split("\n")[:2] == ["[]", "['asyncmy', 'asyncpg', 'redis']"], (
-        result.stderr
-    )
+    assert result.stdout.split("\n")[:2] == ["[]", "['asyncmy', 'asyncpg', 'redis']"], result.stderr
 
 
 @pytest.mark.parametrize(
