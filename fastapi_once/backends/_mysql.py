@@ -38,15 +38,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import anyio
 
 from .._errors import BackendError
-from ._base import (
-    DEFAULT_MAX_VALUE_BYTES,
-    DEFAULT_WAIT_TIMEOUT,
-    Scrubber,
-    backoff,
-    max_bytes,
-    seconds,
-)
-from ._store import Claim, Cooling, Held, Lease, LeaseStore, Reset, Served, StoreUnavailableError
+from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, seconds
+from ._lease import StoreBackend
+from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError
 from ._store import Watch as _WatchBase
 from ._wakeups import Listeners, Wakeups
 
@@ -105,7 +99,7 @@ class _Watch(_WatchBase):
         self.event.clear()
 
 
-class MySQLBackend(LeaseStore):
+class MySQLBackend(StoreBackend):
     """Runs a once once across every process that shares a MySQL or MariaDB database.
 
     Args:
@@ -150,16 +144,19 @@ class MySQLBackend(LeaseStore):
             raise ValueError(f"MySQLBackend(max_connections={max_connections!r}): give an int")
         if max_connections < 1:
             raise ValueError(f"MySQLBackend(max_connections={max_connections!r}): at least 1")
+        super().__init__(
+            wait_timeout=wait_timeout,
+            ttl=ttl,
+            lease=lease,
+            recheck_interval=recheck_interval,
+            max_value_bytes=max_value_bytes,
+        )
         self.table, self.max_connections = table, max_connections
-        self.wait_timeout = seconds("wait_timeout", wait_timeout)
-        self.ttl, self.lease = seconds("ttl", ttl), seconds("lease", lease)
         self.poll_interval: float = seconds("poll_interval", poll_interval)
-        self.recheck_interval: float = seconds("recheck_interval", recheck_interval)
         self.connect_timeout: float = seconds("connect_timeout", connect_timeout)
-        self.max_value_bytes = max_bytes(max_value_bytes)
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
-        self._bound = min(self.wait_timeout or math.inf, 300.0)  # seconds per round trip
+        self._trip = min(self.wait_timeout or math.inf, 300.0)  # seconds per round trip
         self._ready = False  # the tables exist
         self._poll = (
             f"SELECT id, name, rkey, origin FROM `{table}_events` WHERE id > %s ORDER BY id"
@@ -232,7 +229,7 @@ class MySQLBackend(LeaseStore):
         )
         await self._end(lease, change, (_us(cooldown),), True)
 
-    async def reset(self, name: str, key: str | None, *, origin: str) -> None:
+    async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Clear the value and cooldown of ``name``'s record(s) and announce the reset."""
         here, t = self._here(), self.table
         which = "name = %s" + ("" if key is None else " AND rkey = %s")
@@ -307,7 +304,7 @@ class MySQLBackend(LeaseStore):
                 raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
             with anyio.CancelScope(shield=True):
                 try:
-                    with anyio.fail_after(min(self._bound, 1.0)):
+                    with anyio.fail_after(min(self._trip, 1.0)):
                         async with session.conn.cursor() as cur:
                             await cur.execute(sql, args)
                             row = await cur.fetchone()
@@ -341,7 +338,7 @@ class MySQLBackend(LeaseStore):
         except BaseException as exc:
             raise self._error(exc) from None
         try:
-            waits = math.ceil(self._bound)
+            waits = math.ceil(self._trip)
             await self._q(
                 conn,
                 "SET SESSION time_zone = '+00:00', sql_notes = 0, innodb_lock_wait_timeout = %s, "
@@ -377,7 +374,7 @@ class MySQLBackend(LeaseStore):
     async def _q(self, conn: Any, sql: str, args: Any = (), *, rows: bool = True) -> Any:
         """One round trip, bounded; its rows (or, ``rows=False``, the rows it changed)."""
         try:
-            with anyio.fail_after(self._bound):
+            with anyio.fail_after(self._trip):
                 async with conn.cursor() as cur:
                     changed = await cur.execute(sql, args)
                     return list(await cur.fetchall()) if rows else changed

@@ -46,6 +46,7 @@ KINDS_AND_LOOPS = [
     ("redis", "asyncio"),
     ("postgres", "asyncio"),
     ("postgres-xact", "asyncio"),
+    ("mysql", "asyncio"),  # only where a test names it: @pytest.mark.kinds("mysql")
 ]
 
 
@@ -121,6 +122,9 @@ def spec(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str,
     if kind == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         return {"kind": kind, "url": server.url, "namespace": unique, "lease": 1.0}
+    if kind == "mysql":
+        my: MariaDBServer = request.getfixturevalue("mariadb_server")
+        return {"kind": kind, "url": my.url, "table": unique}
     pg: PostgresServer = request.getfixturevalue("postgres_server")
     lock = "transaction" if kind == "postgres-xact" else "session"
     return {"kind": kind, "dsn": pg.dsn, "table": unique, "lock": lock}
