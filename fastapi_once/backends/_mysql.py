@@ -311,7 +311,7 @@ class MySQLBackend(StoreBackend):
                 except BaseException as exc:
                     session.dead = True
                     session.conn.close()
-                    raise self._error(exc) from None
+                    raise self._error(exc) from exc
         if row is None or row[0] != 1:
             raise BackendError(f"{self.describe()}: a lease lock was refused")
 
@@ -336,7 +336,7 @@ class MySQLBackend(StoreBackend):
                     connect_timeout=self.connect_timeout,
                 )
         except BaseException as exc:
-            raise self._error(exc) from None
+            raise self._error(exc) from exc
         try:
             waits = math.ceil(self._trip)
             await self._q(
@@ -379,10 +379,10 @@ class MySQLBackend(StoreBackend):
                     changed = await cur.execute(sql, args)
                     return list(await cur.fetchall()) if rows else changed
         except Exception as exc:
-            raise self._error(exc) from None
+            raise self._error(exc) from exc
 
     def _error(self, exc: BaseException) -> BaseException:
-        """The store's exception for a driver's (never its text: it may quote a value)."""
+        """The store's exception for a driver's (its type and code, never its text)."""
         if not isinstance(exc, Exception) or isinstance(exc, BackendError):
             return exc
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
