@@ -1,24 +1,17 @@
 """MySQLBackend: the lease store on MySQL or MariaDB (the ``mysql`` extra: asyncmy).
 
-Three InnoDB tables, created if missing: ``<table>`` holds one row per record (value, when it
-was made and expires, the cooldown, and the live lease: its fence, deadline and holder);
-``<table>_fence`` is an AUTO_INCREMENT counter whose ids are the fencing tokens (durable, so
-they grow across restarts; its newest row is never deleted, so even servers that recompute
-the counter from ``MAX(id)`` at startup keep it growing); ``<table>_events`` is a short log of
+Three InnoDB tables, created if missing: ``<table>``, one row per record (value, made, expires,
+cooldown, and the lease: fence, deadline, holder); ``<table>_fence``, whose AUTO_INCREMENT ids
+are the fencing tokens (durable; its newest row is never deleted, so a server that recomputes
+the counter from ``MAX(id)`` at startup still grows it); ``<table>_events``, a short log of
 leaders' ends and resets that each event loop's listener polls (MySQL has no LISTEN).
 
-A lease is a row's ``fence`` and ``lease_until`` plus a ``GET_LOCK`` named after the fence
-(``fastapi_once.<hash of db and table>.<fence>``: no key text) held by the loop's lock session,
-one connection that holds every lease lock of the loop. A lease is live while its deadline has
-not passed and its lock is held: when the lock session ends (a killed process, a restarted
-server) the lease ends at once, its leader's renewal fails, and the next claim takes over with
-a larger fence. Claims take the row's lock (``INSERT ... ON DUPLICATE KEY UPDATE``) in a
-transaction, so two never both lead.
-
-Connections per process and event loop: at most ``max_connections`` for statements (the
-listener borrows one for each poll) plus the lock session. Every round trip is bounded by
-``wait_timeout`` (the server's lock waits too); a statement that does not answer closes its
-connection.
+A lease is live while its row's deadline has not passed and ``GET_LOCK('fastapi_once.<hash of
+database and table>.<fence>')`` (no key text) is held by the loop's lock session, one
+connection holding every lease lock of the loop: a killed process or a restarted server ends
+its leases at once. Claims take the row's lock (``INSERT ... ON DUPLICATE KEY UPDATE``) in a
+transaction. Connections per loop: ``max_connections`` for statements (the listener borrows
+one per poll) plus the lock session; every round trip is bounded by ``wait_timeout``.
 """
 
 from __future__ import annotations
@@ -60,7 +53,7 @@ _PRUNE_EVERY, _KEEP_EVENTS = 30.0, 60.0  # seconds
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 _LOGIN = {1044, 1045, 1049, 1251, 1698, 2059}  # login or database refused: not an outage
 _GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003, 2006, 2013}
-_RECORD = "value, made_at, expires_at, cool_until, fence, lease_until, holder"
+_RECORD = "value, made_at, expires_at, cool_until, holder"
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
 _HELD = (
     "name = %s AND rkey = %s AND fence = %s AND lease_until > NOW(6) AND IS_USED_LOCK(%s) <=> %s"
@@ -103,9 +96,8 @@ class MySQLBackend(StoreBackend):
     """Runs a once once across every process that shares a MySQL or MariaDB database.
 
     Args:
-        url: ``mysql://user:password@host[:port]/database`` (or ``mariadb://``); options
-            ``?ssl=true`` (TLS, verified) or ``?ssl_ca=/path/ca.pem``. The password never
-            shows in errors, logs or ``describe()``.
+        url: ``mysql://user:password@host[:port]/database`` (or ``mariadb://``), ``?ssl=true``
+            for TLS. The password never shows in errors, logs or ``describe()``.
         table: the records' table (``<table>_fence`` and ``<table>_events`` beside it), in the
             URL's database: letters, digits and underscores, at most 51.
         wait_timeout: the longest a follower waits, and any one round trip takes, in seconds.
@@ -114,6 +106,7 @@ class MySQLBackend(StoreBackend):
         poll_interval: seconds between the listener's polls while followers wait.
         max_connections: statement connections per event loop (the lock session is one more).
         connect_timeout: seconds to open a connection.
+        ssl: an ``ssl.SSLContext`` for TLS (e.g. with a private CA); overrides ``?ssl=``.
 
     Raises:
         ValueError: a bad URL or option (the message names it and the fix).
@@ -132,18 +125,21 @@ class MySQLBackend(StoreBackend):
         max_connections: int = 10,
         connect_timeout: float = 10.0,
         max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self._scrub = Scrubber(url)
         self._args = _connect_args(url, self._scrub.shown)
+        if ssl is not None:
+            self._args["ssl"] = ssl
         if not isinstance(table, str) or not _TABLE.fullmatch(table):
             raise ValueError(
                 f"MySQLBackend(table={table!r}): give a table name of at most 51 letters, "
                 "digits and underscores, without a database (the URL names the database)"
             )
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int):
-            raise ValueError(f"MySQLBackend(max_connections={max_connections!r}): give an int")
-        if max_connections < 1:
-            raise ValueError(f"MySQLBackend(max_connections={max_connections!r}): at least 1")
+        if type(max_connections) is not int or max_connections < 1:
+            raise ValueError(
+                f"MySQLBackend(max_connections={max_connections!r}): an int, at least 1"
+            )
         super().__init__(
             wait_timeout=wait_timeout,
             ttl=ttl,
@@ -175,7 +171,7 @@ class MySQLBackend(StoreBackend):
     ) -> Claim:
         """Read the record and, unless it has a value to serve or a live lease, take the lease."""
         here = self._here()
-        t, where = self.table, (_name(name), key)
+        t, where = self.table, (name, key)
         select = f"SELECT {_RECORD}, NOW(6), {_LIVE} FROM `{t}` WHERE name = %s AND rkey = %s"
         async with self._conn(here) as conn:
             rows = await self._q(conn, select, (self._lock_prefix, *where))
@@ -238,7 +234,7 @@ class MySQLBackend(StoreBackend):
                 conn,
                 f"UPDATE `{t}` SET value = NULL, made_at = NULL, expires_at = NULL, "
                 f"cool_until = NULL WHERE {which}",
-                (_name(name),) if key is None else (_name(name), key),
+                (name,) if key is None else (name, key),
             )
             await self._note(conn, name, key, origin)
 
@@ -263,7 +259,7 @@ class MySQLBackend(StoreBackend):
         lock, session = lease.handle
         held = False
         if not session.dead:
-            where = (_name(lease.name), lease.key, lease.fence, lock, session.id)
+            where = (lease.name, lease.key, lease.fence, lock, session.id)
             async with self._conn(self._here()) as conn:
                 sql = f"UPDATE `{self.table}` SET {change} WHERE {_HELD}"
                 held = await self._q(conn, sql, (*args, *where), rows=False) == 1
@@ -280,7 +276,7 @@ class MySQLBackend(StoreBackend):
             f"INSERT INTO `{self.table}_events` (at, name, rkey, origin) "
             "VALUES (NOW(6), %s, %s, %s)"
         )
-        await self._q(conn, sql, (_name(name), key, origin))
+        await self._q(conn, sql, (name, key, origin))
 
     async def _session(self, here: _Loop) -> _Session:
         """The loop's lock session, opened if it has none (or its last one failed)."""
@@ -402,7 +398,8 @@ class MySQLBackend(StoreBackend):
     async def _listen(self, wakeups: Wakeups) -> None:
         """Poll the events log: wake the watches of changed records, hear resets. Ends with
         its loop (or aclose), closing the loop's connections."""
-        here = self._loops[asyncio.get_running_loop()]
+        loop = asyncio.get_running_loop()
+        here = self._loops[loop]
         floor: int | None = None  # every event at or below it has been handled
         seen: dict[int, float] = {}  # events above the floor handled, and when
         last_ok = pruned = time.monotonic()  # since when events may not have been polled
@@ -448,6 +445,8 @@ class MySQLBackend(StoreBackend):
                 here.kick.clear()
         finally:
             here.closed = True
+            if self._loops.get(loop) is here:
+                del self._loops[loop]
             for conn in here.idle:
                 conn.close()
             if here.session is not None:
@@ -477,7 +476,7 @@ def _judge(row: Any, refresh: float | None) -> Served | Cooling | Held | None:
     """What a claim finds in ``row`` (None: no value to serve and the lease free)."""
     if row is None:
         return None
-    value, made, expires, cool, _fence, _until, holder, now, live = row
+    value, made, expires, cool, holder, now, live = row
     if expires is not None and expires <= now:
         value = None
     cooling = cool is not None and cool > now
@@ -493,12 +492,6 @@ def _judge(row: Any, refresh: float | None) -> Served | Cooling | Held | None:
 def _us(value: float | None) -> int | None:
     """Seconds as whole microseconds, for ``INTERVAL ... MICROSECOND`` (None stays NULL)."""
     return None if value is None else round(value * 1_000_000)
-
-
-def _name(name: str) -> str:
-    if len(name) > 700:
-        raise BackendError(f"MySQLBackend: the once's name is over 700 characters: {name[:60]}...")
-    return name
 
 
 def _tables(t: str) -> list[str]:
@@ -519,12 +512,7 @@ def _tables(t: str) -> list[str]:
 
 
 def _connect_args(url: str, shown: str) -> dict[str, Any]:
-    """asyncmy.connect()'s arguments for ``url``.
-
-    Raises:
-        ValueError: not a mysql:// or mariadb:// URL with a host and a database, a bad port,
-            or an unknown option.
-    """
+    """asyncmy.connect()'s arguments for ``url``; ValueError naming what is wrong."""
     parts = urlsplit(url)
     fix = "give mysql://user:password@host:3306/database"
     if parts.scheme.lower() not in ("mysql", "mariadb"):
@@ -545,14 +533,7 @@ def _connect_args(url: str, shown: str) -> dict[str, Any]:
         "charset": "utf8mb4",
     }
     for option, value in parse_qsl(parts.query, keep_blank_values=True):
-        if option == "ssl" and value.lower() in ("true", "1", "false", "0"):
-            on = value.lower() in ("true", "1")
-            args["ssl"] = ssl_module.create_default_context() if on else None
-        elif option == "ssl_ca" and value:
-            args["ssl"] = ssl_module.create_default_context(cafile=value)
-        else:
-            raise ValueError(
-                f"MySQLBackend({shown!r}): unknown option {option}=; the URL takes ?ssl=true "
-                "or ?ssl_ca=/path/to/ca.pem"
-            )
+        if option != "ssl" or value not in ("true", "false"):
+            raise ValueError(f"MySQLBackend({shown!r}): unknown option {option}=; {fix}[?ssl=true]")
+        args["ssl"] = ssl_module.create_default_context() if value == "true" else None
     return args

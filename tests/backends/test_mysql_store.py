@@ -146,14 +146,14 @@ async def test_a_locked_table_makes_no_call_wait_longer_than_wait_timeout(
     mariadb_server: MariaDBServer, table: str
 ) -> None:
     """Another session holds the records table locked: the call fails after wait_timeout
-    (1 s) rather than waiting for the lock, and the store answers again once it is free."""
-    backend = MySQLBackend(mariadb_server.url, table=table, wait_timeout=1)
-    await backend.run_once("tests.mysql.warm", work)  # the tables exist
+    (2 s) rather than waiting for the lock, and the store answers again once it is free."""
+    backend = MySQLBackend(mariadb_server.url, table=table, wait_timeout=2)
+    await backend.run_once("tests.mysql.warm", work)  # the tables and connections exist
     locker = await asyncmy.connect(**connect_args(mariadb_server), autocommit=True)
     try:
         async with locker.cursor() as cur:
             await cur.execute(f"LOCK TABLES `{table}` WRITE")
-        with anyio.fail_after(1 + 1), pytest.raises(BackendError):
+        with anyio.fail_after(2 + 1), pytest.raises(BackendError, match="no answer within"):
             await backend.run_once("tests.mysql.stalled", work)
     finally:
         locker.close()
