@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
-import stat
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -25,10 +22,10 @@ import anyio.to_thread
 
 from ._base import DEFAULT_WAIT_TIMEOUT, seconds
 from ._lease import StoreBackend
+from ._private_dir import PrivateDirectory
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._wakeups import Listeners, Wakeups
 
-_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 _RESETS = "resets.log"  # one JSON line per reset, appended; the listeners poll its size
 _RESETS_MAX = 1 << 20  # past this many bytes the next reset starts the log again
 _LISTEN_EVERY = 0.2  # seconds between a listener's looks at the resets log
@@ -88,11 +85,7 @@ class FileLockBackend(StoreBackend):
         super().__init__(wait_timeout=wait_timeout, ttl=ttl, max_value_bytes=None)
         self._directory = None if directory is None else os.path.abspath(os.fspath(directory))
         self.poll_interval: float = seconds("poll_interval", poll_interval)
-        # Every file is opened relative to this descriptor, so the directory checked once is the
-        # one used, even if its path is later replaced. Set once under _opening, closed with the
-        # backend.
-        self._dir_fd: int | None = None
-        self._opening = threading.Lock()
+        self._private: PrivateDirectory | None = None  # made at first use (see _files)
         # The listener of resets per event loop: an asyncio task (Listeners), or a trio system
         # task and its scope, by trio token. Each loop's own thread touches its entry only.
         self._listeners = Listeners(self._listen_asyncio)
@@ -121,11 +114,23 @@ class FileLockBackend(StoreBackend):
     ) -> Claim:
         """See :meth:`LeaseStore.claim`; the lease is the lock file's ``flock``."""
         await self._listen()
-        found = await anyio.to_thread.run_sync(self._read, name, key)
+        # One trip to a worker thread, shielded: a cancellation must not lose a lock taken.
+        with anyio.CancelScope(shield=True):
+            claim = await anyio.to_thread.run_sync(self._claim, name, key, refresh, holder)
+        try:
+            await anyio.lowlevel.checkpoint()
+        except BaseException:
+            if isinstance(claim, Lease):
+                _unlock(claim.handle)
+            raise
+        return claim
+
+    def _claim(self, name: str, key: str, refresh: float | None, holder: str) -> Claim:
+        found = self._read(name, key)
         served = _servable(found, refresh, taken=False)
         if served is not None:
             return served
-        fd = await anyio.to_thread.run_sync(self._open_lock, name, key)
+        fd = self._open_lock(name, key)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -133,8 +138,7 @@ class FileLockBackend(StoreBackend):
             os.close(fd)
             return _servable(found, None, taken=True) or Held(taken)
         try:  # the lock is ours: a leader before us may have finished meanwhile
-            found = await anyio.to_thread.run_sync(self._read, name, key)
-            served = _servable(found, refresh, taken=False)
+            served = _servable(self._read(name, key), refresh, taken=False)
             if served is None:
                 os.ftruncate(fd, 0)  # tell waiting followers (and their errors) who leads
                 os.pwrite(fd, holder.encode(), 0)
@@ -182,8 +186,10 @@ class FileLockBackend(StoreBackend):
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Watch the record's lock (and the resets log): see :class:`LeaseStore.watch`."""
         await self._listen()
-        fd = await anyio.to_thread.run_sync(self._open_lock, name, key)
+        with anyio.CancelScope(shield=True):  # the descriptor is closed below, whatever happens
+            fd = await anyio.to_thread.run_sync(self._open_lock, name, key)
         try:
+            await anyio.lowlevel.checkpoint()
             yield _FileWatch(fd, self, self._resets_size())
         finally:
             os.close(fd)
@@ -243,45 +249,24 @@ class FileLockBackend(StoreBackend):
 
     # --- blocking file operations, run in a worker thread -------------------------------------
 
-    def _dir(self) -> int:
-        """The directory's descriptor, opening (and creating, and checking) it at first use."""
-        with self._opening:
-            if self._dir_fd is None:
-                self._dir_fd = _open_private_directory(self.directory)
-                weakref.finalize(self, os.close, self._dir_fd)
-            return self._dir_fd
-
-    def _open(self, filename: str, flags: int) -> int:
-        try:
-            return os.open(filename, flags | _OPEN, 0o600, dir_fd=self._dir())
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            raise PermissionError(
-                f"{self.describe()}: {filename} is a symlink; the backend does not follow "
-                "symlinks in its directory. Remove it"
-            ) from None
+    @property
+    def _files(self) -> PrivateDirectory:
+        if self._private is None:  # a benign race: two equal objects, one kept
+            self._private = PrivateDirectory(self.directory, self.describe())
+        return self._private
 
     def _open_lock(self, name: str, key: str) -> int:
         # One lock file per unkeyed once; a keyed once's keys share 256 (by digest).
-        filename = _file_key(name) + ("" if key == UNKEYED else f".{key[:2]}") + ".lock"
-        fd = self._open(filename, os.O_RDWR | os.O_CREAT)
-        try:
-            _check_own_file(fd, self.directory, filename)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        suffix = "" if key == UNKEYED else f".{key[:2]}"
+        return self._files.open(f"{_file_key(name)}{suffix}.lock", os.O_RDWR | os.O_CREAT)
 
     def _read(self, name: str, key: str) -> dict[str, Any] | None:
         """The record's marker (expired parts dropped), or None if there is none valid."""
-        filename = _marker(name, key)
         try:
-            fd = self._open(filename, os.O_RDONLY)
+            fd = self._files.open(_marker(name, key), os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
-            _check_own_file(fd, self.directory, filename)
             with os.fdopen(fd, "rb", closefd=False) as f:
                 raw = f.read()
         finally:
@@ -304,26 +289,27 @@ class FileLockBackend(StoreBackend):
         data = json.dumps({**marker, "name": name, "key": key}).encode()
         filename = _marker(name, key)
         tmp = f"{filename}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        directory = self._files.fd
+        fd = self._files.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             with os.fdopen(fd, "wb", closefd=False) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(fd)
         except BaseException:
-            os.unlink(tmp, dir_fd=self._dir())
+            os.unlink(tmp, dir_fd=directory)
             raise
         finally:
             os.close(fd)
         # Readers see the old marker or the whole new one, never a partial file.
-        os.replace(tmp, filename, src_dir_fd=self._dir(), dst_dir_fd=self._dir())
-        os.fsync(self._dir())
+        os.replace(tmp, filename, src_dir_fd=directory, dst_dir_fd=directory)
+        os.fsync(directory)
 
     def _markers(self, name: str) -> list[str]:
         prefix = _file_key(name)
         return [
             f
-            for f in os.listdir(self._dir())
+            for f in os.listdir(self._files.fd)
             if f == f"{prefix}.json" or (f.startswith(f"{prefix}.") and f.endswith(".json"))
         ]
 
@@ -332,19 +318,19 @@ class FileLockBackend(StoreBackend):
         now = time.time()
         for filename in self._markers(name):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                with open(filename, "rb", opener=lambda f, _: self._open(f, os.O_RDONLY)) as f:
+                fd = self._files.open(filename, os.O_RDONLY)
+                with os.fdopen(fd, "rb") as f:
                     marker = json.loads(f.read())
                 expired = marker["expires"] is not None and marker["expires"] <= now
                 if expired and (marker.get("cool_until") or 0) <= now:
-                    os.unlink(filename, dir_fd=self._dir())
+                    os.unlink(filename, dir_fd=self._files.fd)
 
     def _clear(self, name: str, key: str | None, line: bytes) -> None:
         for filename in [_marker(name, key)] if key is not None else self._markers(name):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(filename, dir_fd=self._dir())
-        fd = self._open(_RESETS, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                os.unlink(filename, dir_fd=self._files.fd)
+        fd = self._files.open(_RESETS, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
-            _check_own_file(fd, self.directory, _RESETS)
             fcntl.flock(fd, fcntl.LOCK_EX)  # writers one at a time; readers read whole lines
             if os.fstat(fd).st_size > _RESETS_MAX:
                 os.ftruncate(fd, 0)  # listeners past the end read again from the start
@@ -354,14 +340,14 @@ class FileLockBackend(StoreBackend):
 
     def _resets_size(self) -> int:
         try:
-            return os.stat(_RESETS, dir_fd=self._dir(), follow_symlinks=False).st_size
+            return os.stat(_RESETS, dir_fd=self._files.fd, follow_symlinks=False).st_size
         except FileNotFoundError:
             return 0
 
     def _read_resets(self, offset: int) -> tuple[list[bytes], int]:
         """The whole lines appended to the resets log since ``offset``, and the new offset."""
         try:
-            fd = self._open(_RESETS, os.O_RDONLY)
+            fd = self._files.open(_RESETS, os.O_RDONLY)
         except FileNotFoundError:
             return [], 0
         try:
@@ -430,38 +416,3 @@ def _file_key(name: str) -> str:
     """A file name for ``name``: readable, safe, and unique (a hash of the whole name)."""
     readable = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name).lstrip(".")[:60]
     return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
-
-
-def _open_private_directory(path: str) -> int:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise PermissionError(
-                f"FileLockBackend({path}): the directory is a symlink; give the real path of "
-                "a private directory"
-            ) from None
-        raise PermissionError(f"FileLockBackend({path}): cannot open the directory: {exc}") from exc
-    st = os.fstat(fd)
-    problem = None
-    if st.st_uid != os.geteuid():
-        problem = f"is owned by uid {st.st_uid}, not by this process's user (uid {os.geteuid()})"
-    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
-    if problem is not None:
-        os.close(fd)
-        raise PermissionError(
-            f"FileLockBackend({path}): the directory {problem}; other users could forge or hold "
-            f"its locks. Use a private directory (chmod 700 {path}) owned by this user"
-        )
-    return fd
-
-
-def _check_own_file(fd: int, directory: str, filename: str) -> None:
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-        raise PermissionError(
-            f"FileLockBackend({directory}): {filename} is not a regular file owned by this "
-            "process's user; remove it"
-        )

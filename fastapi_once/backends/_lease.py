@@ -229,8 +229,9 @@ class StoreBackend(Backend, LeaseStore):
                 if now >= deadline:
                     raise WaitTimeoutError(shown, self.describe(), now - started, claim.holder)
                 if watch is None:  # watch from now on, then claim again: no change is lost
-                    watching = self.watch(name, key)
-                    watch = await watching.__aenter__()
+                    entering = self.watch(name, key)
+                    watch = await entering.__aenter__()
+                    watching = entering  # entered: left in the finally below
                     continue
                 await watch.changed(min(self.recheck_interval, deadline - now))
         finally:
