@@ -26,33 +26,22 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 
 from .._errors import BackendError
 from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, seconds
 from ._lease import StoreBackend
+from ._mysql_db import Database, LockSession, Pool
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError
 from ._store import Watch as _WatchBase
 from ._wakeups import Listeners, Wakeups
-
-try:
-    import asyncmy  # type: ignore[import-untyped,unused-ignore]
-    from asyncmy.constants.CLIENT import FOUND_ROWS  # type: ignore[import-untyped,unused-ignore]
-    from asyncmy.errors import Error as DriverError  # type: ignore[import-untyped,unused-ignore]
-except ImportError as exc:  # pragma: no cover - exercised by test_backend_imports
-    raise ImportError(
-        "MySQLBackend needs the asyncmy driver: pip install 'fastapi-once[mysql]'"
-    ) from exc
 
 #: Seconds between the listener's polls while no follower waits (resets arrive within 1 s).
 IDLE_POLL = 0.25
 _SETTLE = 0.5  # seconds after which an event id is taken as having no earlier id still to commit
 _PRUNE_EVERY, _KEEP_EVENTS = 30.0, 60.0  # seconds
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
-_LOGIN = {1044, 1045, 1049, 1251, 1698, 2059}  # login or database refused: not an outage
-_GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003, 2006, 2013}
 _RECORD = "value, made_at, expires_at, cool_until, holder"
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
 _HELD = (
@@ -61,26 +50,14 @@ _HELD = (
 
 
 @dataclass
-class _Session:
-    """A loop's lock session: the connection holding its leases' GET_LOCKs."""
-
-    conn: Any
-    id: int  # CONNECTION_ID(): IS_USED_LOCK() names the holder by it
-    busy: asyncio.Lock = field(default_factory=asyncio.Lock)  # one statement at a time
-    dead: bool = False  # set when a statement on it failed: its locks are gone
-
-
-@dataclass
 class _Loop:
-    """One event loop's connections; only that loop's thread touches it."""
+    """One event loop's connections and listener; only that loop's thread touches it."""
 
     wakeups: Wakeups
-    slots: asyncio.Semaphore  # bounds the statement connections open (idle or in use)
-    idle: list[Any] = field(default_factory=list)
-    session: _Session | None = None
+    pool: Pool
+    session: LockSession | None = None
     opening: asyncio.Lock = field(default_factory=asyncio.Lock)  # opens one session at a time
     kick: asyncio.Event = field(default_factory=asyncio.Event)  # a watch began: poll now
-    closed: bool = False
 
 
 class _Watch(_WatchBase):
@@ -128,9 +105,6 @@ class MySQLBackend(StoreBackend):
         ssl: ssl_module.SSLContext | None = None,
     ) -> None:
         self._scrub = Scrubber(url)
-        self._args = _connect_args(url, self._scrub.shown)
-        if ssl is not None:
-            self._args["ssl"] = ssl
         if not isinstance(table, str) or not _TABLE.fullmatch(table):
             raise ValueError(
                 f"MySQLBackend(table={table!r}): give a table name of at most 51 letters, "
@@ -149,11 +123,16 @@ class MySQLBackend(StoreBackend):
         )
         self.table, self.max_connections = table, max_connections
         self.poll_interval: float = seconds("poll_interval", poll_interval)
-        self.connect_timeout: float = seconds("connect_timeout", connect_timeout)
-        digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
+        self._db = Database(
+            url,
+            self.describe,
+            trip=min(self.wait_timeout or math.inf, 300.0),
+            connect_timeout=seconds("connect_timeout", connect_timeout),
+            ssl=ssl,
+            setup=_tables(table),
+        )
+        digest = hashlib.sha256(f"{self._db.args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
-        self._trip = min(self.wait_timeout or math.inf, 300.0)  # seconds per round trip
-        self._ready = False  # the tables exist
         self._poll = (
             f"SELECT id, name, rkey, origin FROM `{table}_events` WHERE id > %s ORDER BY id"
         )
@@ -173,34 +152,35 @@ class MySQLBackend(StoreBackend):
         here = self._here()
         t, where = self.table, (name, key)
         select = f"SELECT {_RECORD}, NOW(6), {_LIVE} FROM `{t}` WHERE name = %s AND rkey = %s"
-        async with self._conn(here) as conn:
-            rows = await self._q(conn, select, (self._lock_prefix, *where))
+        async with self._db.lend(here.pool) as conn:
+            rows = await self._db.run(conn, select, (self._lock_prefix, *where))
             found = _judge(rows[0] if rows else None, refresh)
             if found is not None:  # read without a lock: as good as with one
                 return found
-            await self._q(conn, "START TRANSACTION")
-            await self._q(
+            await self._db.run(conn, "START TRANSACTION")
+            await self._db.run(
                 conn,
                 f"INSERT INTO `{t}` (name, rkey) VALUES (%s, %s) "
                 "ON DUPLICATE KEY UPDATE rkey = rkey",  # takes the row's lock until COMMIT
                 where,
             )
-            row = (await self._q(conn, select, (self._lock_prefix, *where)))[0]
+            row = (await self._db.run(conn, select, (self._lock_prefix, *where)))[0]
             result: Claim | None = _judge(row, refresh)
             if result is None:  # the lease is free: take it
-                await self._q(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
+                await self._db.run(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
                 fence = int(conn.insert_id())
                 lock = self._lock_prefix + str(fence)
                 session = await self._session(here)
-                await self._on(session, "SELECT GET_LOCK(%s, 0)", (lock,))
-                await self._q(
+                if not await self._db.on(session, "SELECT GET_LOCK(%s, 0)", lock):
+                    raise BackendError(f"{self.describe()}: a lease lock was refused")
+                await self._db.run(
                     conn,
                     f"UPDATE `{t}` SET fence = %s, holder = %s, lease_until = NOW(6) + "
                     "INTERVAL %s MICROSECOND WHERE name = %s AND rkey = %s",
                     (fence, holder[:255], _us(lease), *where),
                 )
                 result = Lease(name, key, fence, (lock, session))
-            await self._q(conn, "COMMIT")
+            await self._db.run(conn, "COMMIT")
             return result
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
@@ -229,8 +209,8 @@ class MySQLBackend(StoreBackend):
         """Clear the value and cooldown of ``name``'s record(s) and announce the reset."""
         here, t = self._here(), self.table
         which = "name = %s" + ("" if key is None else " AND rkey = %s")
-        async with self._conn(here) as conn:
-            await self._q(
+        async with self._db.lend(here.pool) as conn:
+            await self._db.run(
                 conn,
                 f"UPDATE `{t}` SET value = NULL, made_at = NULL, expires_at = NULL, "
                 f"cool_until = NULL WHERE {which}",
@@ -260,14 +240,14 @@ class MySQLBackend(StoreBackend):
         held = False
         if not session.dead:
             where = (lease.name, lease.key, lease.fence, lock, session.id)
-            async with self._conn(self._here()) as conn:
+            async with self._db.lend(self._here().pool) as conn:
                 sql = f"UPDATE `{self.table}` SET {change} WHERE {_HELD}"
-                held = await self._q(conn, sql, (*args, *where), rows=False) == 1
+                held = await self._db.run(conn, sql, (*args, *where), rows=False) == 1
                 if held and final:
                     await self._note(conn, lease.name, lease.key, None)
         if final and not session.dead:
             with contextlib.suppress(StoreUnavailableError, BackendError):
-                await self._on(session, "SELECT RELEASE_LOCK(%s)", (lock,))
+                await self._db.on(session, "SELECT RELEASE_LOCK(%s)", lock)
         return held
 
     async def _note(self, conn: Any, name: str, key: str | None, origin: str | None) -> None:
@@ -276,40 +256,19 @@ class MySQLBackend(StoreBackend):
             f"INSERT INTO `{self.table}_events` (at, name, rkey, origin) "
             "VALUES (NOW(6), %s, %s, %s)"
         )
-        await self._q(conn, sql, (name, key, origin))
+        await self._db.run(conn, sql, (name, key, origin))
 
-    async def _session(self, here: _Loop) -> _Session:
+    async def _session(self, here: _Loop) -> LockSession:
         """The loop's lock session, opened if it has none (or its last one failed)."""
         async with here.opening:
             session = here.session
             if session is None or session.dead:
-                conn = await self._connect()
-                rows = await self._q(conn, "SELECT CONNECTION_ID()")
-                await self._q(conn, "SET SESSION wait_timeout = 31536000")  # idle for long
-                if here.closed:
-                    conn.close()
+                session = await self._db.lock_session()
+                if here.pool.closed:  # the loop's listener ended meanwhile
+                    session.close()
                     raise StoreUnavailableError(f"{self.describe()}: closed")
-                session = here.session = _Session(conn, int(rows[0][0]))
+                here.session = session
             return session
-
-    async def _on(self, session: _Session, sql: str, args: tuple[Any, ...]) -> None:
-        """Run a lock statement on the session: whole (shielded, ~1 s at most) or not at all;
-        a failure ends the session, and with it every lease lock it held."""
-        async with session.busy:
-            if session.dead:
-                raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
-            with anyio.CancelScope(shield=True):
-                try:
-                    with anyio.fail_after(min(self._trip, 1.0)):
-                        async with session.conn.cursor() as cur:
-                            await cur.execute(sql, args)
-                            row = await cur.fetchone()
-                except BaseException as exc:
-                    session.dead = True
-                    session.conn.close()
-                    raise self._error(exc) from exc
-        if row is None or row[0] != 1:
-            raise BackendError(f"{self.describe()}: a lease lock was refused")
 
     # --- connections --------------------------------------------------------------------------
 
@@ -319,79 +278,9 @@ class MySQLBackend(StoreBackend):
         wakeups = self._listeners.start()
         here = self._loops.get(loop)
         if here is None or here.wakeups is not wakeups:
-            here = self._loops[loop] = _Loop(wakeups, asyncio.Semaphore(self.max_connections))
+            pool = Pool(asyncio.Semaphore(self.max_connections))
+            here = self._loops[loop] = _Loop(wakeups, pool)
         return here
-
-    async def _connect(self) -> Any:
-        try:
-            with anyio.fail_after(self.connect_timeout):
-                conn = await asyncmy.connect(
-                    **self._args,
-                    autocommit=True,
-                    client_flag=FOUND_ROWS,
-                    connect_timeout=self.connect_timeout,
-                )
-        except BaseException as exc:
-            raise self._error(exc) from exc
-        try:
-            waits = math.ceil(self._trip)
-            await self._q(
-                conn,
-                "SET SESSION time_zone = '+00:00', sql_notes = 0, innodb_lock_wait_timeout = %s, "
-                "lock_wait_timeout = %s",
-                (waits, waits),
-            )
-            await self._q(conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            if not self._ready:
-                for ddl in _tables(self.table):
-                    await self._q(conn, ddl)
-                self._ready = True
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    @contextlib.asynccontextmanager
-    async def _conn(self, here: _Loop) -> AsyncIterator[Any]:
-        """A statement connection of the loop for the block: closed if the block fails (a
-        transaction left open rolls back), else kept for the next block."""
-        async with here.slots:
-            conn = here.idle.pop() if here.idle else await self._connect()
-            try:
-                yield conn
-            except BaseException:
-                conn.close()
-                raise
-            if here.closed:
-                conn.close()
-            else:
-                here.idle.append(conn)
-
-    async def _q(self, conn: Any, sql: str, args: Any = (), *, rows: bool = True) -> Any:
-        """One round trip, bounded; its rows (or, ``rows=False``, the rows it changed)."""
-        try:
-            with anyio.fail_after(self._trip):
-                async with conn.cursor() as cur:
-                    changed = await cur.execute(sql, args)
-                    return list(await cur.fetchall()) if rows else changed
-        except Exception as exc:
-            raise self._error(exc) from exc
-
-    def _error(self, exc: BaseException) -> BaseException:
-        """The store's exception for a driver's (its type and code, never its text)."""
-        if not isinstance(exc, Exception) or isinstance(exc, BackendError):
-            return exc
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-        what = f"{type(exc).__name__}" + ("" if code is None else f" {code}")
-        if code in _LOGIN:
-            return BackendError(
-                f"{self.describe()}: the server refused the login or the database ({what}); "
-                "check the user, password and database in the URL"
-            )
-        lost = not code and isinstance(exc, DriverError)
-        if isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost:
-            return StoreUnavailableError(f"{self.describe()}: cannot be reached ({what})")
-        return BackendError(f"{self.describe()}: the server failed a statement ({what})")
 
     # --- the listener -------------------------------------------------------------------------
 
@@ -407,11 +296,11 @@ class MySQLBackend(StoreBackend):
         try:
             while True:
                 try:
-                    async with self._conn(here) as conn:
+                    async with self._db.lend(here.pool) as conn:
                         if floor is None:  # (re)starting: events since the last poll
                             back = time.monotonic() - last_ok + (1.0 if failures else 0.0)
                             floor = await self._floor(conn, min(back, _KEEP_EVENTS))
-                        events = await self._q(conn, self._poll, (floor,))
+                        events = await self._db.run(conn, self._poll, (floor,))
                         if time.monotonic() - pruned > _PRUNE_EVERY:
                             await self._prune(conn)
                             pruned = time.monotonic()
@@ -444,32 +333,29 @@ class MySQLBackend(StoreBackend):
                     await here.kick.wait()
                 here.kick.clear()
         finally:
-            here.closed = True
+            here.pool.close()
             if self._loops.get(loop) is here:
                 del self._loops[loop]
-            for conn in here.idle:
-                conn.close()
             if here.session is not None:
-                here.session.dead = True
-                here.session.conn.close()
+                here.session.close()
 
     async def _floor(self, conn: Any, back: float) -> int:
         sql = (
             f"SELECT id FROM `{self.table}_events` WHERE at < NOW(6) - INTERVAL %s "
             "MICROSECOND ORDER BY at DESC LIMIT 1"
         )
-        rows = await self._q(conn, sql, (_us(back),))
+        rows = await self._db.run(conn, sql, (_us(back),))
         return int(rows[0][0]) if rows else 0
 
     async def _prune(self, conn: Any) -> None:
         """Drop old events, and every fence but the newest (which keeps the counter up)."""
         t = self.table
         sql = f"DELETE FROM `{t}_events` WHERE at < NOW(6) - INTERVAL %s SECOND LIMIT 1000"
-        await self._q(conn, sql, (int(_KEEP_EVENTS),), rows=False)
-        newest = (await self._q(conn, f"SELECT MAX(id) FROM `{t}_fence`"))[0][0]
+        await self._db.run(conn, sql, (int(_KEEP_EVENTS),), rows=False)
+        newest = (await self._db.run(conn, f"SELECT MAX(id) FROM `{t}_fence`"))[0][0]
         if newest is not None:
             sql = f"DELETE FROM `{t}_fence` WHERE id < %s LIMIT 1000"
-            await self._q(conn, sql, (newest,), rows=False)
+            await self._db.run(conn, sql, (newest,), rows=False)
 
 
 def _judge(row: Any, refresh: float | None) -> Served | Cooling | Held | None:
@@ -509,31 +395,3 @@ def _tables(t: str) -> list[str]:
         f"KEY, at DATETIME(6) NOT NULL, name {name}, rkey {key}, origin VARCHAR(255), KEY (at))"
         " ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
     ]
-
-
-def _connect_args(url: str, shown: str) -> dict[str, Any]:
-    """asyncmy.connect()'s arguments for ``url``; ValueError naming what is wrong."""
-    parts = urlsplit(url)
-    fix = "give mysql://user:password@host:3306/database"
-    if parts.scheme.lower() not in ("mysql", "mariadb"):
-        raise ValueError(f"MySQLBackend({shown!r}): not a mysql:// or mariadb:// URL; {fix}")
-    try:
-        port = parts.port or 3306
-    except ValueError:
-        raise ValueError(f"MySQLBackend({shown!r}): the port is not a number; {fix}") from None
-    database = unquote(parts.path.lstrip("/"))
-    if not parts.hostname or not database or "/" in database:
-        raise ValueError(f"MySQLBackend({shown!r}): the URL needs a host and a database; {fix}")
-    args: dict[str, Any] = {
-        "host": parts.hostname,
-        "port": port,
-        "user": unquote(parts.username or ""),
-        "password": unquote(parts.password or ""),
-        "db": database,
-        "charset": "utf8mb4",
-    }
-    for option, value in parse_qsl(parts.query, keep_blank_values=True):
-        if option != "ssl" or value not in ("true", "false"):
-            raise ValueError(f"MySQLBackend({shown!r}): unknown option {option}=; {fix}[?ssl=true]")
-        args["ssl"] = ssl_module.create_default_context() if value == "true" else None
-    return args

@@ -153,7 +153,8 @@ async def test_a_locked_table_makes_no_call_wait_longer_than_wait_timeout(
     try:
         async with locker.cursor() as cur:
             await cur.execute(f"LOCK TABLES `{table}` WRITE")
-        with anyio.fail_after(2 + 1), pytest.raises(BackendError, match="no answer within"):
+        # The server's own lock wait (set to wait_timeout) or the client's bound ends it.
+        with anyio.fail_after(2 + 1), pytest.raises(StoreUnavailableError):
             await backend.run_once("tests.mysql.stalled", work)
     finally:
         locker.close()
