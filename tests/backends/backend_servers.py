@@ -71,6 +71,18 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Pat
     raise RuntimeError(f"{what} did not listen on {port}: {log.read_text()[-2000:]}")
 
 
+def shut_down(proc: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    """Send ``sig`` to a server and wait for it to exit (kill it after 30 s)."""
+    if proc is None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 # --- redis-server ---------------------------------------------------------------------------------
 
 
@@ -173,14 +185,7 @@ class PostgresServer:
 
     def halt(self) -> None:
         """Stop the server (a fast shutdown: sessions are ended), keeping its data."""
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        shut_down(self.proc, signal.SIGINT)
         self.proc = None
 
     def restart(self) -> None:
@@ -275,14 +280,7 @@ class MariaDBServer:
     def halt(self) -> None:
         """Shut the server down (its sessions and locks end; committed rows stay: the suite's
         server writes its log lazily, so a SIGKILL could lose the last second of commits)."""
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        shut_down(self.proc, signal.SIGTERM)
         self.proc = None
 
     def restart(self) -> None:
