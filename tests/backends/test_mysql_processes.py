@@ -97,7 +97,8 @@ def test_a_server_restart_mid_work_loses_the_lease_and_the_next_leader_has_a_lar
     up = time.time()
     outcomes = {w.proc.pid: w.outcome(timeout=60) for w in workers}
     assert outcomes[leader["pid"]]["error"] == "LeaseLostError", outcomes
-    assert all(o.get("ok") == RESULT for pid, o in outcomes.items() if pid != leader["pid"])
+    followers = [o for pid, o in outcomes.items() if pid != leader["pid"]]
+    assert all(o.get("ok") == RESULT for o in followers), outcomes
     runs = starts(log)
     assert len(runs) == 2
     assert runs[1]["fence"] > runs[0]["fence"]
