@@ -82,7 +82,7 @@ def test_a_server_restart_mid_work_loses_the_lease_and_the_next_leader_has_a_lar
     mariadb_server: MariaDBServer,
     record_figure: Callable[[str], None],
 ) -> None:
-    """The server is killed and started again while the leader works: its lock session is
+    """The server is shut down and started again while the leader works: its lock session is
     gone, so its renewal fails (LeaseLostError, nothing recorded) and a follower leads with a
     fencing token larger than the first (the counter is durable)."""
     cfg = config(spec, tmp_path, first_sleep=60, sleep=0.3, options={"lease": 3.0})
@@ -96,14 +96,15 @@ def test_a_server_restart_mid_work_loses_the_lease_and_the_next_leader_has_a_lar
     mariadb_server.restart()
     up = time.time()
     outcomes = {w.proc.pid: w.outcome(timeout=60) for w in workers}
-    assert outcomes[leader["pid"]]["error"] == "LeaseLostError", outcomes
-    followers = [o for pid, o in outcomes.items() if pid != leader["pid"]]
-    assert all(o.get("ok") == RESULT for o in followers), outcomes
+    # A follower that took over while the server was shutting down loses its lease too.
+    lost = {pid for pid, o in outcomes.items() if o.get("error") == "LeaseLostError"}
+    assert leader["pid"] in lost, outcomes
+    assert all(o.get("ok") == RESULT for pid, o in outcomes.items() if pid not in lost), outcomes
     runs = starts(log)
-    assert len(runs) == 2
-    assert runs[1]["fence"] > runs[0]["fence"]
+    assert len(runs) == len(lost) + 1
+    fences = [run["fence"] for run in runs]
+    assert fences == sorted(set(fences)), fences  # each leader's is larger
     record_figure(
         f"mysql: server down {(up - restarted) * 1000:.0f} ms; the next leader started "
-        f"{(runs[1]['t'] - up) * 1000:.0f} ms after it was up (fence {runs[0]['fence']} -> "
-        f"{runs[1]['fence']})"
+        f"{(runs[-1]['t'] - up) * 1000:.0f} ms after it was up (fences {fences})"
     )
