@@ -44,7 +44,9 @@ async def test_a_keyed_once_makes_values_here_while_the_store_is_down_by_default
             tg.start_soon(call)
     assert sorted(results) == ["stuff of a"] * 3 + ["stuff of b"]
     assert sorted(runs) == ["a", "b"]
-    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    warnings = [
+        r for r in caplog.records if r.name == "fastapi_once" and r.levelno >= logging.WARNING
+    ]
     assert [r.event for r in warnings] == ["backend_fallback"]  # type: ignore[attr-defined]
     server.down = False
     assert await stuff("c") == "stuff of c"
@@ -129,3 +131,30 @@ async def test_a_factorys_bad_url_is_an_error_naming_the_once(name: str) -> None
     bad = once(job, across=lambda: "mongodb://db/x", name=name)
     with pytest.raises(ValueError, match=rf"once\({name}, across=.*unknown scheme"):
         await bad()
+
+
+@pytest.mark.anyio
+async def test_under_local_a_kept_stale_value_is_served_before_making_one_here(name: str) -> None:
+    """Past its ttl, a value kept by stale_if_error= is served while the store is down: no
+    run in this process (a failed try to replace it is what stale_if_error= is for)."""
+    server = MemoryServer()
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        return f"{url} #{len(runs)}"
+
+    stuff = once(
+        get_stuff,
+        key=lambda url: url,
+        ttl=0.2,
+        stale_if_error=60,
+        across=MemoryStore(server),
+        name=name,
+    )
+    assert await stuff("a") == "a #1"
+    server.down = True
+    await anyio.sleep(0.3)  # past the ttl: the value is kept, stale
+    assert await stuff("a") == "a #1"
+    assert runs == ["a"]
+    assert await stuff("b") == "b #2"  # no value kept: made here
