@@ -6,8 +6,8 @@ latency of a follower is the time from the leader's work returning to that follo
 returning (wall clock, one host). Then a round per backend kills the leader mid-work with
 SIGKILL and times how long until a follower starts the work again.
 
-It starts its own redis-server and PostgreSQL on 127.0.0.1 as the test suite does (backends whose
-server or driver is missing are left out, and say why). Prints a table and writes
+It starts its own redis-server, PostgreSQL and MariaDB on 127.0.0.1 as the test suite does
+(backends whose server or driver is missing are left out, and say why). Prints a table and writes
 ``bench/results/followers.{json,md}``. Needs ``pip install -e '.[test]'``.
 """
 
@@ -30,9 +30,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # The workers and servers of the backend tests: one implementation of both.
 sys.path.insert(0, str(ROOT / "tests" / "backends"))
 
-from backend_servers import WORKER, read_log, start_postgres, start_redis  # noqa: E402
+from backend_servers import (  # noqa: E402
+    WORKER,
+    read_log,
+    start_mariadb,
+    start_postgres,
+    start_redis,
+)
 
-KINDS = ("file", "redis", "postgres", "postgres-xact")
+KINDS = ("file", "redis", "postgres", "postgres-xact", "mysql")
 
 
 def _start(n: int, config: dict[str, Any]) -> list[subprocess.Popen[str]]:
@@ -159,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                 servers.append(pg)
                 for kind, lock in (("postgres", "session"), ("postgres-xact", "transaction")):
                     specs[kind] = {"kind": kind, "dsn": pg.dsn, "table": "bench", "lock": lock}
+        if "mysql" in kinds:
+            try:
+                mariadb = start_mariadb()
+            except BaseException as exc:
+                skipped["mysql"] = str(exc)
+            else:
+                servers.append(mariadb)
+                specs["mysql"] = {"kind": "mysql", "url": mariadb.url, "table": "bench"}
         results: dict[str, Any] = {
             "processes": args.processes,
             "rounds": args.rounds,

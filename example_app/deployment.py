@@ -1,12 +1,13 @@
 """The backend of the example's once-per-deployment task, read from the environment at startup.
 
-``EXAMPLE_BACKEND_URL`` names it (``redis://...``, ``rediss://...``, ``postgresql://...`` or
-``file:///dir``); without it, the migration locks files in a ``fastapi_once-locks`` directory next
-to the database file ``$EXAMPLE_DB``. :func:`backend` is given to ``once(across=)``, which calls
-it at first use, so importing the app needs neither a server nor a driver.
+``EXAMPLE_BACKEND_URL`` names it (``redis://...``, ``rediss://...``, ``postgresql://...``,
+``mysql://...``, ``mariadb://...`` or ``file:///dir``); without it, the migration locks files in
+a ``fastapi_once-locks`` directory next to the database file ``$EXAMPLE_DB``. :func:`backend` is
+given to ``once(across=)``, which calls it at first use, so importing the app needs neither a
+server nor a driver.
 
 The task is "migrate this database": a new database file (the burst's fresh one, or a test's)
-is a new deployment, so on Redis and PostgreSQL the markers live in a namespace (or table) of
+is a new deployment, so on Redis, PostgreSQL and MySQL the markers live in a namespace (or table) of
 that file, and without ``$EXAMPLE_DB`` (a private database per event loop) in a private
 directory.
 """
@@ -42,6 +43,6 @@ def backend(environ: Mapping[str, str] = os.environ) -> Backend:
     scheme = url.partition("://")[0].lower()
     if scheme in ("redis", "rediss"):
         return backend_from_url(url, namespace=f"example_app:{scope}")
-    if scheme in ("postgresql", "postgres"):
+    if scheme in ("postgresql", "postgres", "mysql", "mariadb"):
         return backend_from_url(url, table=f"example_app_{scope}")
     return backend_from_url(url)

@@ -56,10 +56,14 @@ def problem(environ: Mapping[str, str]) -> str | None:
     elif scheme in ("postgresql", "postgres"):
         driver, default_port, what = "asyncpg", 5432, "PostgreSQL"
         extra = "postgres"
+    elif scheme in ("mysql", "mariadb"):
+        driver, default_port, what = "asyncmy", 3306, "MySQL"
+        extra = "mysql"
     else:
         return (
             f"EXAMPLE_BACKEND_URL={masked(url)!r} names no backend: set it to file:///dir, "
-            "redis://host:6379/0 or postgresql://user:password@host:5432/dbname"
+            "redis://host:6379/0, postgresql://user:password@host:5432/dbname or "
+            "mysql://user:password@host:3306/dbname"
         )
     if importlib.util.find_spec(driver) is None:
         install = f"pip install 'fastapi-once[{extra}]'"

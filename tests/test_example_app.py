@@ -653,14 +653,23 @@ def postgres_dsn() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def mysql_url() -> Iterator[str]:
+    """The URL (with its password) of a MariaDB server of this module's own."""
+    server = backend_servers().start_mariadb()
+    yield server.url
+    server.stop()
+
+
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["redis", "postgres"])
+@pytest.mark.parametrize("kind", ["redis", "postgres", "mysql"])
 def test_python_m_example_app_migrates_once_across_a_server_backend(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
-    """With EXAMPLE_BACKEND_URL=redis://... or postgresql://... two workers migrate once, run
-    after run (each on a fresh database); no password is shown."""
-    url: str = request.getfixturevalue("redis_url" if kind == "redis" else "postgres_dsn")
+    """With EXAMPLE_BACKEND_URL=redis://..., postgresql://... or mysql://... two workers
+    migrate once, run after run (each on a fresh database); no password is shown."""
+    fixture = {"redis": "redis_url", "postgres": "postgres_dsn", "mysql": "mysql_url"}[kind]
+    url: str = request.getfixturevalue(fixture)
     env = {"EXAMPLE_BACKEND_URL": url}
     output = run_example("--requests", "200", "--workers", "2", env=env)
     assert_migrated_once(output, workers=2)
@@ -708,6 +717,11 @@ def run_failing_example(env: Mapping[str, str]) -> subprocess.CompletedProcess[s
             id="postgres-not-listening",
         ),
         pytest.param(
+            {"EXAMPLE_BACKEND_URL": "mysql://app:s3cret@127.0.0.1:{port}/app"},
+            "EXAMPLE_BACKEND_URL",
+            id="mysql-not-listening",
+        ),
+        pytest.param(
             {"EXAMPLE_BACKEND_URL": "mongodb://app:s3cret@127.0.0.1:{port}/app"},
             "EXAMPLE_BACKEND_URL",
             id="unknown-backend",
@@ -740,6 +754,8 @@ def test_preflight_finds_nothing_wrong_with_a_listening_server() -> None:
         assert preflight.problem({"EXAMPLE_BACKEND_URL": f"redis://127.0.0.1:{port}/0"}) is None
         dsn = f"postgresql://u:p@127.0.0.1:{port}/db"
         assert preflight.problem({"EXAMPLE_BACKEND_URL": dsn}) is None
+        url = f"mysql://u:p@127.0.0.1:{port}/db"
+        assert preflight.problem({"EXAMPLE_BACKEND_URL": url}) is None
 
 
 def test_preflight_leaves_unix_sockets_and_many_hosts_to_the_driver() -> None:

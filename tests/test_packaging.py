@@ -47,12 +47,13 @@ def test_the_metadata_names_the_mit_license_and_each_supported_python() -> None:
 
 
 def test_only_user_extras_are_published() -> None:
-    """The published extras are alembic, redis, postgres, otel and example; test/bench/lint are
-    not."""
+    """The published extras are alembic, redis, postgres, mysql, otel and example; test, bench
+    and lint are not."""
     metadata = importlib.metadata.metadata("fastapi-once")
     assert sorted(metadata.get_all("Provides-Extra") or []) == [
         "alembic",
         "example",
+        "mysql",
         "otel",
         "postgres",
         "redis",

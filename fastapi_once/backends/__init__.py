@@ -2,10 +2,12 @@
 
 ``FileLockBackend`` needs only the standard library; ``RedisBackend`` needs the ``redis`` extra
 (``pip install 'fastapi-once[redis]'``) and ``PostgresBackend`` the ``postgres`` extra
-(``pip install 'fastapi-once[postgres]'``). They are imported on first use, so importing this
+(``pip install 'fastapi-once[postgres]'``), ``MySQLBackend`` the ``mysql`` extra
+(``pip install 'fastapi-once[mysql]'``). They are imported on first use, so importing this
 package imports no driver. :func:`backend_from_url` builds one from a URL (``file:///dir``,
-``redis://...``, ``rediss://...``, ``postgresql://...``); ``once(across=)`` also takes the URL
-itself, or a function returning a backend or a URL, and builds it at first use.
+``redis://...``, ``rediss://...``, ``postgresql://...``, ``mysql://...``, ``mariadb://...``);
+``once(across=)`` also takes the URL itself, or a function returning a backend or a URL, and
+builds it at first use.
 
 The exceptions are defined with the package's others and re-exported here.
 """
@@ -20,6 +22,7 @@ from ._late import backend_from_url
 
 if TYPE_CHECKING:
     from ._file import FileLockBackend
+    from ._mysql import MySQLBackend
     from ._postgres import PostgresBackend
     from ._redis import RedisBackend
 
@@ -28,6 +31,7 @@ __all__ = [
     "BackendError",
     "FileLockBackend",
     "LeaseLostError",
+    "MySQLBackend",
     "OnceCoolingDownError",
     "PostgresBackend",
     "RedisBackend",
@@ -38,6 +42,7 @@ __all__ = [
 
 _LAZY = {
     "FileLockBackend": "._file",
+    "MySQLBackend": "._mysql",
     "PostgresBackend": "._postgres",
     "RedisBackend": "._redis",
 }

@@ -19,7 +19,7 @@ from ._store import UNKEYED
 #: What ``once(across=)`` takes: a backend, a backend URL, or a function returning either.
 Across: TypeAlias = Backend | str | Callable[[], Backend | str]
 
-_SCHEMES = ("file", "redis", "rediss", "postgresql", "postgres")
+_SCHEMES = ("file", "redis", "rediss", "postgresql", "postgres", "mysql", "mariadb")
 
 
 def backend_from_url(url: str, **options: Any) -> Backend:
@@ -31,6 +31,8 @@ def backend_from_url(url: str, **options: Any) -> Backend:
       :class:`~fastapi_once.backends.RedisBackend`.
     - ``postgresql://user:password@host[:port]/db``, ``postgres://...``:
       :class:`~fastapi_once.backends.PostgresBackend`.
+    - ``mysql://user:password@host[:port]/db``, ``mariadb://...``:
+      :class:`~fastapi_once.backends.MySQLBackend`.
 
     Args:
         url: the backend's URL; its password never appears in errors, logs or ``describe()``.
@@ -56,6 +58,10 @@ def backend_from_url(url: str, **options: Any) -> Backend:
         from ._redis import RedisBackend
 
         return RedisBackend(url, **options)
+    if scheme in ("mysql", "mariadb"):
+        from ._mysql import MySQLBackend
+
+        return MySQLBackend(url, **options)
     from ._postgres import PostgresBackend
 
     return PostgresBackend(url, **options)
@@ -66,7 +72,8 @@ def _scheme(url: str) -> str:
     if not sep or scheme.lower() not in _SCHEMES:
         raise ValueError(
             f"backend URL {Scrubber(url).shown!r}: unknown scheme; give file:///path, "
-            "redis://host:6379/0, rediss://host:6380/0 or postgresql://user@host/db"
+            "redis://host:6379/0, rediss://host:6380/0, postgresql://user@host/db or "
+            "mysql://user@host/db"
         )
     if scheme.lower() in ("redis", "rediss"):
         db = urlsplit(url).path.strip("/")

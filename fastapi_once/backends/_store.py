@@ -29,9 +29,15 @@ PostgreSQL
     one row per record in one table. wake-up: ``NOTIFY`` on one channel (the payload names the
     record), one ``LISTEN`` connection per loop; resets on a channel of their own. fencing: a
     sequence: grows across restarts and crashes.
-MySQL/MariaDB (planned)
-    lock: ``GET_LOCK`` on the leader's own connection. record: one row per record. wake-up:
-    the listener polls a generation row. fencing: a counter row.
+MySQL/MariaDB
+    lock: the row's lease (fence, deadline, holder), taken in a transaction holding the row's
+    lock, plus ``GET_LOCK('fastapi_once.<hash of database and table>.<fence>')`` on the loop's
+    lock session (one connection holding every lease lock of the loop): a lease is live while
+    its deadline has not passed and its lock is held, so it ends with its process or the
+    server. record: one row per record in one InnoDB table. wake-up: an events table (leaders'
+    ends and resets) that each loop's listener polls, every 25 ms while followers wait, every
+    250 ms otherwise. fencing: the ``AUTO_INCREMENT`` id of a fence table: grows across
+    restarts.
 
 Writing a store: the public backend class subclasses ``_lease.StoreBackend`` (a
 :class:`~fastapi_once.backends.Backend` and a :class:`LeaseStore`, whose ``run_once``,

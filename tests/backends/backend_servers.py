@@ -34,8 +34,8 @@ ROOT = HERE.parent.parent
 def missing(what: str) -> NoReturn:
     """Skip the test for want of ``what`` (fail it when ``CI=true``), saying how to get it."""
     message = (
-        f"{what} is not installed: apt-get install redis-server postgresql "
-        "(and pip install 'fastapi-once[redis,postgres]')"
+        f"{what} is not installed: apt-get install redis-server postgresql mariadb-server "
+        "(and pip install 'fastapi-once[redis,postgres,mysql]')"
     )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{message}; CI=true requires every backend test to run", pytrace=False)
@@ -47,7 +47,7 @@ def require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        message = f"{module} is not installed: pip install 'fastapi-once[redis,postgres]'"
+        message = f"{module} is not installed: pip install 'fastapi-once[redis,postgres,mysql]'"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{message}; CI=true requires every backend test to run", pytrace=False)
         pytest.skip(message, allow_module_level=True)
@@ -69,6 +69,18 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Pat
             return
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on {port}: {log.read_text()[-2000:]}")
+
+
+def shut_down(proc: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    """Send ``sig`` to a server and wait for it to exit (kill it after 30 s)."""
+    if proc is None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 # --- redis-server ---------------------------------------------------------------------------------
@@ -173,14 +185,7 @@ class PostgresServer:
 
     def halt(self) -> None:
         """Stop the server (a fast shutdown: sessions are ended), keeping its data."""
-        if self.proc is None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        shut_down(self.proc, signal.SIGINT)
         self.proc = None
 
     def restart(self) -> None:
@@ -231,6 +236,100 @@ def start_postgres(**settings: str) -> PostgresServer:
         **user,
     )
     server = PostgresServer(directory, bindir, free_port(), password, user, settings=settings)
+    server.start()
+    return server
+
+
+# --- MariaDB (or MySQL) ---------------------------------------------------------------------------
+
+
+@dataclass
+class MariaDBServer:
+    """A MariaDB server of the test suite's own (mariadb-install-db in a temp dir), with a
+    password-protected user and a database, on a free port on 127.0.0.1."""
+
+    directory: Path
+    mariadbd: str
+    port: int
+    password: str
+    user: str | None  # --user= for mariadbd when we are root
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mysql://fastapi_once:{self.password}@127.0.0.1:{self.port}/fastapi_once_tests"
+
+    def start(self) -> None:
+        log = self.directory / "mariadb.log"
+        self.proc = subprocess.Popen(
+            [
+                self.mariadbd,
+                *("--no-defaults", f"--datadir={self.directory / 'data'}", f"--port={self.port}"),
+                *("--bind-address=127.0.0.1", f"--socket={self.directory / 'sock'}"),
+                *(f"--pid-file={self.directory / 'pid'}", f"--log-error={log}"),
+                *(f"--init-file={self.directory / 'init.sql'}", "--skip-name-resolve"),
+                *("--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0"),
+                *("--skip-log-bin", "--max-connections=500", "--innodb-buffer-pool-size=64M"),
+                *([f"--user={self.user}"] if self.user else []),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_for_port(self.port, self.proc, "mariadbd", log)
+
+    def halt(self) -> None:
+        """Shut the server down (its sessions and locks end; committed rows stay: the suite's
+        server writes its log lazily, so a SIGKILL could lose the last second of commits)."""
+        shut_down(self.proc, signal.SIGTERM)
+        self.proc = None
+
+    def restart(self) -> None:
+        """Shut the server down and start it again on its data."""
+        self.halt()
+        self.start()
+
+    def stop(self) -> None:
+        self.halt()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def start_mariadb() -> MariaDBServer:
+    """mariadb-install-db and start a MariaDB server in a temp dir (as the mysql user if we
+    are root), with the user ``fastapi_once`` (a random password) and the database
+    ``fastapi_once_tests``."""
+    try:
+        import asyncmy  # noqa: F401
+    except ImportError:
+        missing("the asyncmy Python package")
+    mariadbd = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/libexec")
+    install = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
+    if mariadbd is None or install is None:
+        missing("MariaDB (mariadbd, mariadb-install-db)")
+    directory = Path(tempfile.mkdtemp(prefix="fastapi-once-mariadb-"))
+    user = None
+    if os.geteuid() == 0:  # mariadbd refuses to run as root: it switches to the mysql user
+        user = "mysql"
+        pw = pwd.getpwnam(user)
+        os.chown(directory, pw.pw_uid, pw.pw_gid)
+    password = "mypw-" + secrets.token_hex(8)
+    init = directory / "init.sql"
+    init.write_text(
+        f"CREATE USER IF NOT EXISTS 'fastapi_once'@'127.0.0.1' IDENTIFIED BY '{password}';\n"
+        "GRANT ALL ON *.* TO 'fastapi_once'@'127.0.0.1';\n"
+        "CREATE DATABASE IF NOT EXISTS fastapi_once_tests;\n"
+    )
+    subprocess.run(
+        [
+            install,
+            *("--no-defaults", f"--datadir={directory / 'data'}", "--skip-test-db"),
+            *("--auth-root-authentication-method=normal", "--skip-name-resolve"),
+            *([f"--user={user}"] if user else []),
+        ],
+        check=True,
+        capture_output=True,
+        cwd=directory,
+    )
+    server = MariaDBServer(directory, mariadbd, free_port(), password, user)
     server.start()
     return server
 

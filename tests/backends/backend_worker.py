@@ -39,6 +39,10 @@ def build_backend(spec: dict[str, Any], **options: Any) -> Backend:
 
         options = {"lease": spec["lease"], **options}
         return RedisBackend(spec["url"], namespace=spec["namespace"], **options)
+    if kind == "mysql":
+        from fastapi_once.backends import MySQLBackend
+
+        return MySQLBackend(spec["url"], table=spec["table"], **options)
     from fastapi_once.backends import PostgresBackend
 
     return PostgresBackend(spec["dsn"], table=spec["table"], lock=spec["lock"], **options)

@@ -21,9 +21,11 @@ import pytest
 from backend_servers import (
     ROOT,
     WORKER,
+    MariaDBServer,
     PostgresServer,
     RedisServer,
     Worker,
+    start_mariadb,
     start_postgres,
     start_redis,
 )
@@ -44,6 +46,7 @@ KINDS_AND_LOOPS = [
     ("redis", "asyncio"),
     ("postgres", "asyncio"),
     ("postgres-xact", "asyncio"),
+    ("mysql", "asyncio"),  # only where a test names it: @pytest.mark.kinds("mysql")
 ]
 
 
@@ -99,6 +102,14 @@ def private_postgres() -> Iterator[PostgresServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariaDBServer]:
+    """One MariaDB server for the session (tests keep apart by table)."""
+    server = start_mariadb()
+    yield server
+    server.stop()
+
+
 # --- backends -------------------------------------------------------------------------------------
 
 
@@ -111,6 +122,9 @@ def spec(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str,
     if kind == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         return {"kind": kind, "url": server.url, "namespace": unique, "lease": 1.0}
+    if kind == "mysql":
+        my: MariaDBServer = request.getfixturevalue("mariadb_server")
+        return {"kind": kind, "url": my.url, "table": unique}
     pg: PostgresServer = request.getfixturevalue("postgres_server")
     lock = "transaction" if kind == "postgres-xact" else "session"
     return {"kind": kind, "dsn": pg.dsn, "table": unique, "lock": lock}

@@ -18,22 +18,28 @@ def run(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_importing_the_backends_imports_no_driver() -> None:
-    """redis and asyncpg are imported only with RedisBackend and PostgresBackend."""
+    """redis, asyncpg and asyncmy are imported only with their backends."""
     require("redis")
     require("asyncpg")
+    require("asyncmy")
+    drivers = "('redis', 'asyncpg', 'asyncmy')"
     result = run(
         "import sys, fastapi_once.backends as b\n"
         "b.FileLockBackend\n"
-        "print(sorted(m for m in ('redis', 'asyncpg') if m in sys.modules))\n"
-        "b.RedisBackend, b.PostgresBackend\n"
-        "print(sorted(m for m in ('redis', 'asyncpg') if m in sys.modules))\n"
+        f"print(sorted(m for m in {drivers} if m in sys.modules))\n"
+        "b.RedisBackend, b.PostgresBackend, b.MySQLBackend\n"
+        f"print(sorted(m for m in {drivers} if m in sys.modules))\n"
     )
-    assert result.stdout.split("\n")[:2] == ["[]", "['asyncpg', 'redis']"], result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "['asyncmy', 'asyncpg', 'redis']"], result.stderr
 
 
 @pytest.mark.parametrize(
     ("backend", "module", "extra"),
-    [("RedisBackend", "redis", "redis"), ("PostgresBackend", "asyncpg", "postgres")],
+    [
+        ("RedisBackend", "redis", "redis"),
+        ("PostgresBackend", "asyncpg", "postgres"),
+        ("MySQLBackend", "asyncmy", "mysql"),
+    ],
 )
 def test_a_missing_driver_names_the_extra_to_install(backend: str, module: str, extra: str) -> None:
     """Without its driver, a backend's ImportError says which extra brings it."""
@@ -53,6 +59,7 @@ def test_the_exported_names() -> None:
         "BackendError",
         "FileLockBackend",
         "LeaseLostError",
+        "MySQLBackend",
         "OnceCoolingDownError",
         "PostgresBackend",
         "RedisBackend",
@@ -67,15 +74,17 @@ def test_the_exported_names() -> None:
 
 
 def run_tests_without_drivers(ci: bool) -> subprocess.CompletedProcess[str]:
-    """Run the file, Redis and PostgreSQL tests as if redis and asyncpg were not installed."""
+    """Run the file, Redis, PostgreSQL and MySQL tests as if their drivers were not installed."""
     here = Path(__file__).parent
-    env = {**os.environ, "FASTAPI_ONCE_TEST_WITHOUT": "redis,asyncpg", "CI": str(ci).lower()}
+    without = "redis,asyncpg,asyncmy"
+    env = {**os.environ, "FASTAPI_ONCE_TEST_WITHOUT": without, "CI": str(ci).lower()}
     return subprocess.run(
         [
             *(sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--no-cov"),
             str(here / "test_file_backend.py"),
             str(here / "test_redis_backend.py"),
             str(here / "test_postgres_backend.py"),
+            str(here / "test_mysql_store.py"),
             *("-k", "not another_user"),
         ],
         capture_output=True,
@@ -95,10 +104,11 @@ def test_without_the_drivers_the_file_tests_run_and_the_others_skip_saying_what_
     result = run_tests_without_drivers(ci=False)
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout
-    assert "redis.asyncio is not installed: pip install 'fastapi-once[redis,postgres]'" in (
+    assert "redis.asyncio is not installed: pip install 'fastapi-once[redis,postgres,mysql]'" in (
         result.stdout
     )
     assert "asyncpg is not installed" in result.stdout
+    assert "asyncmy is not installed" in result.stdout
 
 
 @pytest.mark.timeout(120)

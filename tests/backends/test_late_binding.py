@@ -13,10 +13,12 @@ from fastapi_once.backends import Backend, FileLockBackend, backend_from_url
 
 
 def test_backend_from_url_builds_the_backend_each_scheme_names(tmp_path: Path) -> None:
-    """file:, redis:, rediss:, postgresql: and postgres: URLs, with constructor options."""
+    """file:, redis:, rediss:, postgresql:, postgres:, mysql: and mariadb: URLs, with
+    constructor options."""
     pytest.importorskip("redis")
     pytest.importorskip("asyncpg")
-    from fastapi_once.backends import PostgresBackend, RedisBackend
+    pytest.importorskip("asyncmy")
+    from fastapi_once.backends import MySQLBackend, PostgresBackend, RedisBackend
 
     file = backend_from_url(f"file://{tmp_path}/locks", wait_timeout=5)
     assert isinstance(file, FileLockBackend)
@@ -28,13 +30,20 @@ def test_backend_from_url_builds_the_backend_each_scheme_names(tmp_path: Path) -
         made = backend_from_url(url, table="markers")
         assert isinstance(made, PostgresBackend)
         assert made.table == "markers"
+    for url in ("mysql://app:pw@db/app", "mariadb://app@db:3307/app", "MYSQL://db/app"):
+        made = backend_from_url(url, table="markers")
+        assert isinstance(made, MySQLBackend)
+        assert made.table == "markers"
     assert not (tmp_path / "locks").exists()  # nothing touched before first use
 
 
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mysql://root:hunter2@db/app", "unknown scheme"),
+        ("mssql://root:hunter2@db/app", "unknown scheme"),
+        ("mysql://root:hunter2@db", "needs a host and a database"),
+        ("mariadb://root:hunter2@db:port/app", "the port is not a number"),
+        ("mysql://root:hunter2@db/app?sslmode=on", "unknown option sslmode="),
         ("localhost:6379", "unknown scheme"),
         ("file://server/share", "not a host"),
     ],

@@ -1,0 +1,219 @@
+"""MySQLBackend (on a real MariaDB server the suite starts): the store contract, and what is
+MySQL's own: the URL, the login, the lock session, the tables, the connections."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+from backend_servers import MariaDBServer, free_port, require
+from store_contract import StoreContract, StoreKit
+
+asyncmy = require("asyncmy")
+
+from fastapi_once.backends import BackendError, MySQLBackend  # noqa: E402
+from fastapi_once.backends._store import Lease, StoreUnavailableError  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """asyncmy is asyncio-only."""
+    return "asyncio"
+
+
+@pytest.fixture
+def table() -> str:
+    return "t" + secrets.token_hex(6)
+
+
+class TestMySQLStore(StoreContract):
+    @pytest.fixture
+    async def kit(self, mariadb_server: MariaDBServer) -> AsyncIterator[StoreKit]:
+        make = lambda: MySQLBackend(mariadb_server.url, table="contract")  # noqa: E731
+        async with StoreKit.closing(make) as kit:
+            yield kit
+
+
+async def query(server: MariaDBServer, sql: str, *args: Any) -> list[Any]:
+    """Run one statement on a connection of the test's own."""
+    conn = await asyncmy.connect(**connect_args(server), autocommit=True)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(sql, args)
+            return list(await cur.fetchall())
+    finally:
+        conn.close()
+
+
+def connect_args(server: MariaDBServer) -> dict[str, Any]:
+    return {
+        "host": "127.0.0.1",
+        "port": server.port,
+        "user": "fastapi_once",
+        "password": server.password,
+        "db": "fastapi_once_tests",
+    }
+
+
+async def work() -> dict[str, int]:
+    return {"schema": 3}
+
+
+async def test_a_wrong_password_fails_at_once_naming_the_fix_without_the_password(
+    mariadb_server: MariaDBServer,
+) -> None:
+    """The server refuses the login: a BackendError (not an outage to ride out) that names
+    what to check; neither the message, the describe() nor the repr holds the password."""
+    url = mariadb_server.url.replace(mariadb_server.password, "hunter2-wrong")
+    backend = MySQLBackend(url, wait_timeout=30)
+    with anyio.fail_after(10), pytest.raises(BackendError) as info:
+        await backend.run_once("tests.mysql.login", work)
+    assert not isinstance(info.value, StoreUnavailableError)
+    assert "refused the login" in str(info.value)
+    assert "check the user, password and database" in str(info.value)
+    for text in (str(info.value), backend.describe(), repr(backend)):
+        assert "hunter2" not in text
+        assert "fastapi_once:***@127.0.0.1" in text
+    await backend.aclose()
+
+
+async def test_a_closed_port_is_an_outage_named_without_the_password(
+    mariadb_server: MariaDBServer,
+) -> None:
+    """Nothing listens: the store cannot be reached, said at once (the once never reached it)."""
+    url = f"mysql://fastapi_once:hunter2@127.0.0.1:{free_port()}/fastapi_once_tests"
+    backend = MySQLBackend(url, wait_timeout=30)
+    with anyio.fail_after(10), pytest.raises(StoreUnavailableError) as info:
+        await backend.run_once("tests.mysql.closed", work)
+    assert "cannot be reached" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    await backend.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"table": "db.t"}, "without a database"),
+        ({"table": "x" * 52}, "at most 51"),
+        ({"max_connections": 0}, "at least 1"),
+        ({"poll_interval": 0}, "poll_interval=0"),
+        ({"wait_timeout": -1}, "wait_timeout=-1"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MySQLBackend("mysql://u:hunter2@db/app", **options)
+
+
+async def test_the_tables_are_innodb_and_a_lease_lock_names_no_key(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """The records, fences and events are InnoDB tables made on first use; a leader's
+    GET_LOCK is named after its fence (within MySQL's 64 characters), not its key."""
+    backend = MySQLBackend(mariadb_server.url, table=table)
+    key = "k" * 40
+    lease = await backend.claim("tests.mysql.secret-name", key, lease=5, refresh=None, holder="h")
+    assert isinstance(lease, Lease)
+    lock = lease.handle[0]
+    assert len(lock) <= 64
+    assert "secret" not in lock
+    assert "kkkk" not in lock
+    assert str(lease.fence) in lock
+    assert (await query(mariadb_server, "SELECT IS_USED_LOCK(%s) IS NOT NULL", lock)) == [(1,)]
+    engines = await query(
+        mariadb_server,
+        "SELECT TABLE_NAME, ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = "
+        "'fastapi_once_tests' AND TABLE_NAME LIKE %s ORDER BY TABLE_NAME",
+        table + "%",
+    )
+    assert engines == [
+        (table, "InnoDB"),
+        (f"{table}_events", "InnoDB"),
+        (f"{table}_fence", "InnoDB"),
+    ]
+    assert await backend.complete(lease, "1", ttl=None)
+    assert (await query(mariadb_server, "SELECT IS_USED_LOCK(%s)", lock)) == [(None,)]
+    await backend.aclose()
+
+
+async def test_a_locked_table_makes_no_call_wait_longer_than_wait_timeout(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """Another session holds the records table locked: the call fails after wait_timeout
+    (2 s) rather than waiting for the lock, and the store answers again once it is free."""
+    backend = MySQLBackend(mariadb_server.url, table=table, wait_timeout=2)
+    await backend.run_once("tests.mysql.warm", work)  # the tables and connections exist
+    locker = await asyncmy.connect(**connect_args(mariadb_server), autocommit=True)
+    try:
+        async with locker.cursor() as cur:
+            await cur.execute(f"LOCK TABLES `{table}` WRITE")
+        # The server's own lock wait (set to wait_timeout) or the client's bound ends it.
+        with anyio.fail_after(2 + 1), pytest.raises(StoreUnavailableError):
+            await backend.run_once("tests.mysql.stalled", work)
+    finally:
+        locker.close()
+    assert await backend.run_once("tests.mysql.stalled", work) == {"schema": 3}
+    await backend.aclose()
+
+
+async def test_a_server_that_never_answers_makes_no_call_wait_longer_than_wait_timeout() -> None:
+    """A port that accepts connections and never speaks: the call ends after wait_timeout."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        url = f"mysql://u:hunter2@127.0.0.1:{mute.getsockname()[1]}/app"
+        backend = MySQLBackend(url, wait_timeout=1)
+        with anyio.fail_after(1 + 1), pytest.raises(StoreUnavailableError):
+            await backend.run_once("tests.mysql.mute", work)
+        await backend.aclose()
+
+
+async def test_40_keys_in_flight_hold_at_most_max_connections_and_the_lock_session(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """One process leads 40 keys at once: the server sees at most max_connections (10) of its
+    statement connections plus its one lock session, during and after; aclose ends them."""
+    counter = await asyncmy.connect(**connect_args(mariadb_server), autocommit=True)
+    counting = anyio.Lock()
+
+    async def clients() -> int:
+        """The server's sessions of the test's user, but the counting one."""
+        async with counting, counter.cursor() as cur:
+            await cur.execute(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'fastapi_once'"
+            )
+            return int((await cur.fetchone())[0]) - 1
+
+    before = await clients()  # other tests' stores still closing, if any
+    backend = MySQLBackend(mariadb_server.url, table=table)
+    seen: list[int] = []
+
+    async def fetch() -> str:
+        seen.append(await clients() - before)
+        await anyio.sleep(0.3)
+        return "v"
+
+    async def lead(key: str) -> None:
+        assert await backend.run_keyed("tests.mysql.many", key, fetch, ttl=60) == "v"
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(lead, secrets.token_hex(20))
+        assert len(seen) == 40
+        assert max(seen) <= 10 + 1
+        assert await clients() - before <= 10 + 1
+        await backend.aclose()
+        for _ in range(100):  # the server ends the closed sessions soon
+            if await clients() - before <= 0:
+                break
+            await anyio.sleep(0.02)
+        assert await clients() - before <= 0
+    finally:
+        counter.close()
