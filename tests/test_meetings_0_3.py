@@ -70,3 +70,14 @@ async def test_a_mounted_sub_apps_own_handler_for_once_errors_is_kept() -> None:
     app.mount("/sub", sub)
     assert await _status_after_shutdown(app, "/sub/x") == (418, None)
     assert await _status_after_shutdown(app, "/y") == (503, "1")
+
+
+def test_a_version_too_long_to_write_is_refused_naming_the_option() -> None:
+    """version=10**5000 (more digits than Python writes as text) is a ValueError naming the once
+    and the option, not a bare conversion error."""
+
+    async def fn() -> int:
+        return 1
+
+    with pytest.raises(ValueError, match=r"once\(.*fn, version=<an integer of 5001 digits>\)"):
+        once(fn, version=10**5000)
