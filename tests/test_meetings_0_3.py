@@ -72,6 +72,30 @@ async def test_a_mounted_sub_apps_own_handler_for_once_errors_is_kept() -> None:
     assert await _status_after_shutdown(app, "/y") == (503, "1")
 
 
+@pytest.mark.parametrize(
+    ("made_with", "asked", "error", "says"),
+    [
+        ({"ttl": 1}, {"ttl": True}, TypeError, "ttl takes seconds as a number"),
+        ({"retries": 1}, {"retries": True}, TypeError, "retries must be"),
+        ({"ttl": 1}, {"ttl": 10**5000}, ValueError, "ttl is too large"),
+        ({"version": 1}, {"version": True}, TypeError, "version= takes a string or an int"),
+    ],
+)
+def test_asking_an_existing_once_again_checks_the_options_as_a_new_one(
+    made_with: dict[str, object], asked: dict[str, object], error: type[Exception], says: str
+) -> None:
+    """once(fn, ttl=True) on a function that already has once(fn, ttl=1) is refused as a bool,
+    not returned because True == 1; a huge integer is named, not a bare conversion error."""
+
+    async def fn() -> int:
+        return 1
+
+    made = once(fn, **made_with)  # type: ignore[call-overload]
+    with pytest.raises(error, match=says):
+        once(fn, **asked)  # type: ignore[call-overload]
+    assert once(fn) is made  # kept alive until here: onces are interned weakly
+
+
 def test_a_version_too_long_to_write_is_refused_naming_the_option() -> None:
     """version=10**5000 (more digits than Python writes as text) is a ValueError naming the once
     and the option, not a bare conversion error."""
@@ -81,3 +105,16 @@ def test_a_version_too_long_to_write_is_refused_naming_the_option() -> None:
 
     with pytest.raises(ValueError, match=r"once\(.*fn, version=<an integer of 5001 digits>\)"):
         once(fn, version=10**5000)
+
+
+def test_asking_an_existing_once_method_again_checks_the_options_as_a_new_one() -> None:
+    """once(Cls.method, ttl=True) on a method made with ttl=1 is refused as a bool."""
+
+    class Service:
+        @once(ttl=1)
+        async def client(self) -> int:
+            return 1
+
+    with pytest.raises(TypeError, match="ttl takes seconds as a number"):
+        once(Service.client, ttl=True)  # type: ignore[call-overload]
+    assert once(Service.client, ttl=1) is Service.__dict__["client"]
