@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import warnings
+from collections.abc import Callable, Coroutine
+from typing import Any
+
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import Depends, FastAPI
 
-from fastapi_once import once, once_lifespan
+from fastapi_once import OnceLoopWarning, once, once_lifespan
 
 
 async def _status_after_shutdown(app: FastAPI, path: str) -> tuple[int, str | None]:
@@ -118,3 +123,35 @@ def test_asking_an_existing_once_method_again_checks_the_options_as_a_new_one() 
     with pytest.raises(TypeError, match="ttl takes seconds as a number"):
         once(Service.client, ttl=True)  # type: ignore[call-overload]
     assert once(Service.client, ttl=1) is Service.__dict__["client"]
+
+
+def _loop_warnings(run: object) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert callable(run)
+        run()
+    return [w for w in caught if issubclass(w.category, OnceLoopWarning)]
+
+
+def test_a_once_reset_by_its_own_reset_before_its_loop_ends_is_not_reported() -> None:
+    """A loop per test whose teardown is ``await the_once.reset()``: the next loop making the
+    value again is expected, as after reset_all(); without that reset it is reported."""
+
+    @once(name="meetings.perloop.client")
+    async def client() -> str:
+        return "client"
+
+    async def with_teardown() -> None:
+        assert await client() == "client"
+        await client.reset()
+
+    async def without_teardown() -> None:
+        assert await client() == "client"
+
+    def loops(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        for _ in range(3):
+            asyncio.run(main())
+
+    assert _loop_warnings(lambda: loops(with_teardown)) == []
+    (report, *_) = _loop_warnings(lambda: loops(without_teardown))
+    assert "meetings.perloop.client: its value is made again" in str(report.message)
