@@ -1,0 +1,157 @@
+"""Where the 0.3 features meet: the 503 handler, the options module, the first-hour errors."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import Depends, FastAPI
+
+from fastapi_once import OnceLoopWarning, once, once_lifespan
+
+
+async def _status_after_shutdown(app: FastAPI, path: str) -> tuple[int, str | None]:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        async with LifespanManager(app):
+            pass  # started, then shut down: the loop's onces are closed
+        response = await http.get(path)
+    return response.status_code, response.headers.get("retry-after")
+
+
+@pytest.mark.anyio
+async def test_a_mounted_sub_apps_request_after_shutdown_began_gets_503() -> None:
+    """A FastAPI app mounted under the app whose lifespan is once_lifespan answers 503 too."""
+
+    @once(name="meetings.mounted.db")
+    async def get_db() -> str:
+        return "db"
+
+    sub = FastAPI()
+
+    @sub.get("/x")
+    async def x(db: str = Depends(get_db)) -> str:
+        return db
+
+    app = FastAPI(lifespan=once_lifespan())
+    app.mount("/sub", sub)
+    assert await _status_after_shutdown(app, "/sub/x") == (503, "1")
+
+
+@pytest.mark.anyio
+async def test_a_mounted_sub_apps_own_handler_for_once_errors_is_kept() -> None:
+    """A sub-app that handles OnceError itself keeps its handler; the outer app gets the 503."""
+    from fastapi import Request
+    from fastapi.responses import PlainTextResponse
+
+    from fastapi_once import OnceError
+
+    @once(name="meetings.mounted.own")
+    async def get_db() -> str:
+        return "db"
+
+    sub = FastAPI()
+
+    async def mine(request: Request, exc: Exception) -> PlainTextResponse:
+        return PlainTextResponse("mine", status_code=418)
+
+    sub.add_exception_handler(OnceError, mine)
+
+    @sub.get("/x")
+    async def x(db: str = Depends(get_db)) -> str:
+        return db
+
+    app = FastAPI(lifespan=once_lifespan())
+
+    @app.get("/y")
+    async def y(db: str = Depends(get_db)) -> str:
+        return db
+
+    app.mount("/sub", sub)
+    assert await _status_after_shutdown(app, "/sub/x") == (418, None)
+    assert await _status_after_shutdown(app, "/y") == (503, "1")
+
+
+@pytest.mark.parametrize(
+    ("made_with", "asked", "error", "says"),
+    [
+        ({"ttl": 1}, {"ttl": True}, TypeError, "ttl takes seconds as a number"),
+        ({"retries": 1}, {"retries": True}, TypeError, "retries must be"),
+        ({"ttl": 1}, {"ttl": 10**5000}, ValueError, "ttl is too large"),
+        ({"version": 1}, {"version": True}, TypeError, "version= takes a string or an int"),
+    ],
+)
+def test_asking_an_existing_once_again_checks_the_options_as_a_new_one(
+    made_with: dict[str, object], asked: dict[str, object], error: type[Exception], says: str
+) -> None:
+    """once(fn, ttl=True) on a function that already has once(fn, ttl=1) is refused as a bool,
+    not returned because True == 1; a huge integer is named, not a bare conversion error."""
+
+    async def fn() -> int:
+        return 1
+
+    made = once(fn, **made_with)  # type: ignore[call-overload]
+    with pytest.raises(error, match=says):
+        once(fn, **asked)  # type: ignore[call-overload]
+    assert once(fn) is made  # kept alive until here: onces are interned weakly
+
+
+def test_a_version_too_long_to_write_is_refused_naming_the_option() -> None:
+    """version=10**5000 (more digits than Python writes as text) is a ValueError naming the once
+    and the option, not a bare conversion error."""
+
+    async def fn() -> int:
+        return 1
+
+    with pytest.raises(ValueError, match=r"once\(.*fn, version=<an integer of 5001 digits>\)"):
+        once(fn, version=10**5000)
+
+
+def test_asking_an_existing_once_method_again_checks_the_options_as_a_new_one() -> None:
+    """once(Cls.method, ttl=True) on a method made with ttl=1 is refused as a bool."""
+
+    class Service:
+        @once(ttl=1)
+        async def client(self) -> int:
+            return 1
+
+    with pytest.raises(TypeError, match="ttl takes seconds as a number"):
+        once(Service.client, ttl=True)  # type: ignore[call-overload]
+    assert once(Service.client, ttl=1) is Service.__dict__["client"]
+
+
+def _loop_warnings(run: object) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert callable(run)
+        run()
+    return [w for w in caught if issubclass(w.category, OnceLoopWarning)]
+
+
+def test_a_once_reset_by_its_own_reset_before_its_loop_ends_is_not_reported() -> None:
+    """A loop per test whose teardown is ``await the_once.reset()``: the next loop making the
+    value again is expected, as after reset_all(); without that reset it is reported."""
+
+    @once(name="meetings.perloop.client")
+    async def client() -> str:
+        return "client"
+
+    async def with_teardown() -> None:
+        assert await client() == "client"
+        await client.reset()
+
+    async def without_teardown() -> None:
+        assert await client() == "client"
+
+    def loops(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        for _ in range(3):
+            asyncio.run(main())
+
+    assert _loop_warnings(lambda: loops(with_teardown)) == []
+    (report, *_) = _loop_warnings(lambda: loops(without_teardown))
+    assert "meetings.perloop.client: its value is made again" in str(report.message)
