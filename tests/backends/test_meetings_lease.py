@@ -1,12 +1,17 @@
-"""Where the cross-process features meet: listener cancellations, stores closed at shutdown."""
+"""Where the cross-process features meet: listener cancellations; on_backend_error= with ttl,
+refresh, cooldown, reset and key None on the lease algorithm."""
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 
+import anyio
 import pytest
+from memory_store import MemoryServer, MemoryStore
 from test_listener_shutdown import ENDS_WITHIN, run_in_a_thread
 
+from fastapi_once import once
 from fastapi_once.backends._wakeups import Listeners, Wakeups
 
 
@@ -67,3 +72,131 @@ def test_a_native_cancellation_in_a_running_loop_that_the_driver_loses_still_end
     if not hasattr(asyncio.Task, "cancelling"):  # Python 3.10 counts no cancellations
         pytest.skip("Task.cancelling() is Python 3.11+")
     run_in_a_thread(main)
+
+
+@pytest.fixture
+def name() -> str:
+    return f"tests.meetings.lease.{secrets.token_hex(4)}"
+
+
+@pytest.mark.anyio
+async def test_under_local_a_value_past_its_ttl_is_made_here_while_the_store_is_down(
+    name: str,
+) -> None:
+    """A keyed value whose ttl ran out (no stale_if_error=: nothing kept to serve) is made again
+    in this process while the store is down, as a key never seen is."""
+    server = MemoryServer()
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        return f"{url} #{len(runs)}"
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=0.2, across=MemoryStore(server), name=name)
+    assert await stuff("a") == "a #1"
+    server.down = True
+    await anyio.sleep(0.3)  # past the ttl
+    assert await stuff("a") == "a #2"
+
+
+@pytest.mark.anyio
+async def test_under_local_a_due_refresh_while_the_store_is_down_keeps_serving(
+    name: str,
+) -> None:
+    """refresh= with the store down: the value being refreshed is served meanwhile."""
+    server = MemoryServer()
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        return f"{url} #{len(runs)}"
+
+    stuff = once(
+        get_stuff, key=lambda url: url, ttl=5, refresh=0.1, across=MemoryStore(server), name=name
+    )
+    assert await stuff("a") == "a #1"
+    server.down = True
+    await anyio.sleep(0.2)  # the refresh is due
+    assert await stuff("a") == "a #1"
+
+
+@pytest.mark.anyio
+async def test_under_local_a_reset_while_the_store_is_down_forgets_here_and_says_so(
+    name: str,
+) -> None:
+    """reset() with the store down: this process forgets the value (the next call makes it
+    here), and the reset raises BackendError, since other processes were not told."""
+    from fastapi_once.backends import BackendError
+
+    server = MemoryServer()
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        return f"{url} #{len(runs)}"
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, across=MemoryStore(server), name=name)
+    assert await stuff("a") == "a #1"
+    server.down = True
+    with pytest.raises(BackendError):
+        await stuff.reset("a")
+    assert await stuff("a") == "a #2"
+
+
+@pytest.mark.anyio
+async def test_under_local_a_failure_made_here_cools_down_here_and_the_store_is_used_after(
+    name: str,
+) -> None:
+    """cooldown= with the store down: a failed local run cools the key down in this process;
+    after the cooldown, with the store back, the value is made and recorded fleet-wide."""
+    server = MemoryServer()
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        if server.down:
+            raise ConnectionError("upstream down too")
+        return f"{url} #{len(runs)}"
+
+    stuff = once(
+        get_stuff,
+        key=lambda url: url,
+        ttl=60,
+        cooldown=0.2,
+        across=MemoryStore(server),
+        name=name,
+    )
+    server.down = True
+    with pytest.raises(ConnectionError):
+        await stuff("a")
+    with pytest.raises(ConnectionError):
+        await stuff("a")  # cooling down: no second run
+    assert runs == ["a"]
+    server.down = False
+    await anyio.sleep(0.3)
+    assert await stuff("a") == "a #2"
+    assert any(rec.value for (n, _), rec in server.records.items() if n == name)
+
+
+@pytest.mark.anyio
+async def test_a_key_function_returning_none_is_shared_through_the_store(name: str) -> None:
+    """key=None is a key like any other: recorded once, served to another process."""
+    server = MemoryServer()
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        return "one"
+
+    first = once(get_stuff, key=lambda url: None, ttl=60, across=MemoryStore(server), name=name)
+
+    async def get_stuff_elsewhere(url: str) -> str:
+        runs.append("elsewhere")
+        return "other"
+
+    other = once(
+        get_stuff_elsewhere, key=lambda url: None, ttl=60, across=MemoryStore(server), name=name
+    )
+    assert await first("a") == "one"
+    assert await other("b") == "one"
+    assert runs == ["a"]
