@@ -200,3 +200,47 @@ async def test_a_key_function_returning_none_is_shared_through_the_store(name: s
     assert await first("a") == "one"
     assert await other("b") == "one"
     assert runs == ["a"]
+
+
+@pytest.mark.anyio
+async def test_under_local_a_leader_whose_store_goes_away_for_a_whole_lease_serves_its_value(
+    name: str,
+) -> None:
+    """The store goes away while the leader works, for longer than a lease: under "local" the
+    work goes on (this process would make the value anyway) and its value is served,
+    unrecorded, rather than cancelled with LeaseLostError."""
+    server = MemoryServer()
+    runs: list[str] = []
+
+    async def get_stuff(url: str) -> str:
+        runs.append(url)
+        server.down = True  # the store goes away while the leader works
+        await anyio.sleep(0.6)  # four leases
+        return f"{url} #{len(runs)}"
+
+    stuff = once(
+        get_stuff, key=lambda url: url, ttl=60, across=MemoryStore(server, lease=0.15), name=name
+    )
+    assert await stuff("a") == "a #1"
+    assert runs == ["a"]
+
+
+@pytest.mark.anyio
+async def test_under_raise_a_leader_whose_store_goes_away_for_a_whole_lease_stops(
+    name: str,
+) -> None:
+    """The same outage under "raise" (a migration): the work is cancelled, LeaseLostError."""
+    from fastapi_once.backends import LeaseLostError
+
+    server = MemoryServer()
+
+    async def migrate() -> str:
+        server.down = True
+        await anyio.sleep(0.6)
+        return "done"
+
+    migration = once(
+        migrate, across=MemoryStore(server, lease=0.15), name=name, on_backend_error="raise"
+    )
+    with pytest.raises(LeaseLostError):
+        await migration()
