@@ -10,9 +10,12 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, WebSocket
+from fastapi.testclient import TestClient
+from starlette.testclient import WebSocketDenialResponse
 
-from fastapi_once import OnceLoopWarning, once, once_lifespan
+from fastapi_once import OnceLoopWarning, once, once_lifespan, reset_all
+from fastapi_once._loops import close
 
 
 async def _status_after_shutdown(app: FastAPI, path: str) -> tuple[int, str | None]:
@@ -155,3 +158,70 @@ def test_a_once_reset_by_its_own_reset_before_its_loop_ends_is_not_reported() ->
     assert _loop_warnings(lambda: loops(with_teardown)) == []
     (report, *_) = _loop_warnings(lambda: loops(without_teardown))
     assert "meetings.perloop.client: its value is made again" in str(report.message)
+
+
+def test_process_scope_onces_used_from_several_loops_are_not_reported() -> None:
+    """A CLI calling asyncio.run() several times: a scope="process" once keeps one value in its
+    own loop, so no loop's end is a mistake."""
+
+    @once(scope="process", name="meetings.perloop.model")
+    def model() -> str:
+        return "model"
+
+    async def main() -> None:
+        assert await model() == "model"
+
+    def loops() -> None:
+        for _ in range(3):
+            asyncio.run(main())
+
+    assert _loop_warnings(loops) == []
+
+
+@pytest.mark.anyio
+async def test_an_app_with_its_own_middleware_gets_503_after_shutdown_began() -> None:
+    """BaseHTTPMiddleware and @app.middleware layers between the app and its exception
+    middleware: the handler still reaches the stack built before startup."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.middleware.gzip import GZipMiddleware
+
+    @once(name="meetings.middleware.db")
+    async def get_db() -> str:
+        return "db"
+
+    app = FastAPI(lifespan=once_lifespan())
+    app.add_middleware(GZipMiddleware)
+    app.add_middleware(BaseHTTPMiddleware, dispatch=lambda request, call_next: call_next(request))
+
+    @app.get("/")
+    async def root(db: str = Depends(get_db)) -> str:
+        return db
+
+    assert await _status_after_shutdown(app, "/") == (503, "1")
+
+
+def test_a_websocket_after_shutdown_began_is_denied_with_503() -> None:
+    """A WebSocket route whose dependency is a once: the handshake is refused with 503 (the
+    denial response), not left hanging or answered 500."""
+
+    @once(name="meetings.websocket.db")
+    async def get_db() -> str:
+        return "db"
+
+    app = FastAPI(lifespan=once_lifespan())
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, db: str = Depends(get_db)) -> None:
+        await websocket.accept()
+        await websocket.send_text(db)
+        await websocket.close()
+
+    with TestClient(app) as http:
+        with http.websocket_connect("/ws") as socket:
+            assert socket.receive_text() == "db"
+        assert http.portal is not None
+        http.portal.call(close, 1.0)  # shutdown began: the loop's onces are closed
+        with pytest.raises(WebSocketDenialResponse) as denied, http.websocket_connect("/ws"):
+            pass
+        assert denied.value.status_code == 503
+        http.portal.call(reset_all)
