@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import Callable, Coroutine
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import httpx
@@ -225,3 +227,96 @@ def test_a_websocket_after_shutdown_began_is_denied_with_503() -> None:
             pass
         assert denied.value.status_code == 503
         http.portal.call(reset_all)
+
+
+_SECONDS = ("timeout", "cooldown", "ttl", "refresh", "stale_if_error", "jitter", "backoff")
+_BAD = {
+    "bool": True,
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "-0.0": -0.0,
+    "10**400": 10**400,
+    "-10**400": -(10**400),
+    "str": "1",
+    "Decimal": Decimal("1.5"),
+    "Fraction": Fraction(3, 2),
+}
+
+
+@pytest.mark.parametrize("option", _SECONDS)
+@pytest.mark.parametrize("bad", list(_BAD), ids=list(_BAD))
+def test_every_seconds_option_of_once_refuses_every_bad_value_naming_it(
+    option: str, bad: str
+) -> None:
+    """Each duration option x {bool, NaN, inf, -0.0, huge ints, str, number types that are
+    not int or float}: a TypeError or ValueError naming once, the option and the value."""
+    value = _BAD[bad]
+
+    async def fn() -> int:
+        return 1
+
+    options: dict[str, object] = {option: value}
+    if option in ("refresh", "stale_if_error", "jitter"):
+        options["ttl"] = 10**6
+    if option == "backoff":
+        options["retries"] = 1
+        if bad == "-0.0":  # backoff=0 is allowed (no delay between retries), and -0.0 == 0
+            assert once(fn, **options).status().state == "idle"  # type: ignore[call-overload]
+            return
+    with pytest.raises((TypeError, ValueError)) as caught:
+        once(fn, **options)  # type: ignore[call-overload]
+    message = str(caught.value)
+    assert message.startswith("once(")
+    assert f"{option}=" in message
+    assert "seconds" in message
+
+
+@pytest.mark.parametrize(
+    ("function", "option", "value"),
+    [
+        ("once_lifespan", "shutdown_timeout", value)
+        for value in (True, float("nan"), float("inf"), -0.0, 10**400, "1")
+    ]
+    + [
+        ("readiness_router", option, value)
+        for option in ("ping_timeout", "ping_every")
+        for value in (True, float("nan"), float("inf"), -0.0, 10**400, "1")
+    ]
+    + [("readiness_router", "retry_after", value) for value in (True, 1.5, 10**400, "1")],
+)
+def test_lifespan_and_readiness_options_refuse_bad_values_naming_them(
+    function: str, option: str, value: object
+) -> None:
+    """The same values for once_lifespan() and readiness_router(): refused at construction."""
+    from fastapi_once import readiness_router
+
+    async def fn() -> int:
+        return 1
+
+    def make() -> object:
+        if function == "once_lifespan":
+            return once_lifespan(**{option: value})  # type: ignore[arg-type]
+        return readiness_router(once(fn), **{option: value})  # type: ignore[arg-type]
+
+    with pytest.raises((TypeError, ValueError)) as caught:
+        make()
+    assert str(caught.value).startswith(f"{function}({option}=")
+
+
+def test_numpy_floats_are_taken_and_other_numpy_numbers_refused_naming_the_fix() -> None:
+    """numpy.float64 is a float and works as seconds; numpy.float32 and numpy.int64 are neither
+    int nor float: a TypeError that says to give an int or float."""
+    numpy = pytest.importorskip("numpy")
+
+    async def fn() -> int:
+        return 1
+
+    made = once(fn, ttl=numpy.float64(1.5))
+    assert made.status().state == "idle"
+    for value in (numpy.float32(1.5), numpy.int64(2)):
+
+        async def other() -> int:
+            return 1
+
+        with pytest.raises(TypeError, match=r"ttl takes seconds as a number \(int or float\)"):
+            once(other, ttl=value)
