@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from pathlib import Path
 
 import anyio
 import pytest
@@ -244,3 +245,34 @@ async def test_under_raise_a_leader_whose_store_goes_away_for_a_whole_lease_stop
     )
     with pytest.raises(LeaseLostError):
         await migration()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "unkeyed"])
+async def test_a_file_store_whose_directory_cannot_be_used_raises_backend_error(
+    name: str, tmp_path: Path, keyed: bool
+) -> None:
+    """The directory's path goes through a regular file (likewise a read-only or full disk):
+    BackendError naming the store, from the OSError, not a bare NotADirectoryError."""
+    from fastapi_once.backends import BackendError, FileLockBackend
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    async def get_stuff(url: str) -> str:
+        return url
+
+    async def get_setup() -> str:
+        return "setup"
+
+    across = FileLockBackend(str(blocker / "locks"))
+    expected = r"FileLockBackend\(.*\): the directory cannot be used \(Not a directory\)"
+
+    async def call() -> str:
+        if keyed:
+            return await once(get_stuff, key=lambda url: url, ttl=60, across=across, name=name)("a")
+        return await once(get_setup, across=across, name=name)()
+
+    with pytest.raises(BackendError, match=expected) as caught:
+        await call()
+    assert isinstance(caught.value.__cause__, NotADirectoryError)
