@@ -28,7 +28,7 @@ from ._loops import (
     running_state,
     state_of,
 )
-from ._perloop import began
+from ._perloop import began, reset_in
 from ._policy import Policy
 from ._records import Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
@@ -360,6 +360,8 @@ class Once(Generic[P, T]):
             if store is not None:
                 view = store if key is NOKEY else KeyView(store, key)
                 await drain(lambda: [view], f"{self.name}.reset()")
+                if key is NOKEY:  # the once's own teardown in this loop
+                    reset_in(self, current_loop())
         finally:
             if self._across is not None and self._key is None:
                 await self._across.reset(self.name)

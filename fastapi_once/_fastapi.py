@@ -24,7 +24,7 @@ from starlette.requests import HTTPConnection
 from ._core import Once, make_with
 from ._kinds import invoke, kind_of
 from ._methods import OnceMethod, classmethod_refused, first_in_class, is_method, method_once
-from ._options import Options, check_across, once_options
+from ._options import Options, check_across, once_options, shown
 from ._records import Resolve
 
 if sys.version_info >= (3, 12):  # pragma: no cover
@@ -444,7 +444,11 @@ def once(fn: Any = None, /, **options: Any) -> Any:
 
 
 def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> None:
-    if options and options != existing.options:
+    if not options:
+        return
+    # Checked as for a new once first: ttl=True equals ttl=1, but is refused as a bool.
+    once_options(existing.fn, existing.name, options)
+    if options != existing.options:
         raise ValueError(
             f"once({existing.name}) already exists with options {_show(existing.options)}; asking "
             f"again with {_show(options)} would need a second, different once. Pass the same "
@@ -466,7 +470,7 @@ def _bind_across(fn: Callable[..., Any], name: str, options: dict[str, Any]) -> 
 def _show(options: dict[str, Any]) -> str:
     if not options:
         return "(none)"
-    return ", ".join(f"{k}={v!r}" for k, v in sorted(options.items()))
+    return ", ".join(f"{k}={shown(v)}" for k, v in sorted(options.items()))
 
 
 def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:

@@ -221,15 +221,40 @@ async def once_closed_handler(request: Request, exc: Exception) -> Response:
 
 
 def install_closed_handler(app: Any) -> None:
-    """Add :func:`once_closed_handler` to ``app`` unless it handles ``OnceClosedError`` itself."""
-    handlers = getattr(app, "exception_handlers", None)
-    if not isinstance(handlers, dict):
+    """Add :func:`once_closed_handler` to ``app``, and to every app mounted under it, unless that
+    app handles ``OnceClosedError`` itself.
+
+    A mounted app answers its own errors (its own ``ServerErrorMiddleware`` turns an unhandled one
+    into a 500 before the outer app sees it), so each app gets the handler.
+    """
+    _install(app, set())
+
+
+def _install(app: Any, seen: set[int]) -> None:
+    if id(app) in seen or len(seen) >= 1000:  # a mount cycle, or an absurd tree
         return
-    for key in handlers:
-        # A handler of the app for OnceClosedError or a base of it (Exception, the 500 page, aside).
-        if isinstance(key, type) and key is not Exception and issubclass(OnceClosedError, key):
-            return
-    handlers[OnceClosedError] = once_closed_handler
+    seen.add(id(app))
+    handlers = getattr(app, "exception_handlers", None)
+    if isinstance(handlers, dict) and not _handles_closed(handlers):
+        handlers[OnceClosedError] = once_closed_handler
+        _add_to_stack(app)
+    # Mounted apps and routers (Mount, Host wrap one in .app; a plain route's .app has neither
+    # handlers nor routes).
+    for route in getattr(app, "routes", None) or ():
+        mounted = getattr(route, "app", None)
+        if mounted is not None:
+            _install(mounted, seen)
+
+
+def _handles_closed(handlers: dict[Any, Any]) -> bool:
+    # A handler of the app for OnceClosedError or a base of it (Exception, the 500 page, aside).
+    return any(
+        isinstance(key, type) and key is not Exception and issubclass(OnceClosedError, key)
+        for key in handlers
+    )
+
+
+def _add_to_stack(app: Any) -> None:
     # The server builds the middleware stack before it runs the lifespan: add the handler to the
     # stack's ExceptionMiddleware too. A middleware that hides the next app (no ``.app``) stops
     # the search; the handler then applies from the next build of the stack.

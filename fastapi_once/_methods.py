@@ -165,9 +165,14 @@ class OnceMethod:
         """Return this descriptor for ``once(method, **options)`` asked again.
 
         Raises:
-            ValueError: other explicit options than the first time.
+            TypeError: an option of the wrong type (as for a new once).
+            ValueError: an option out of range, or other explicit options than the first time.
         """
-        if options and options != self.options:
+        if not options:
+            return self
+        # Checked as for a new once first: ttl=True equals ttl=1, but is refused as a bool.
+        self._make(BoundMethod(self, weakref.ref(_StandIn())), options)
+        if options != self.options:
             raise ValueError(
                 f"once({self.__qualname__}) already exists with options {self.options!r}; asking "
                 f"again with {options!r} would need a second, different once. Pass the same "

@@ -179,7 +179,13 @@ def once_options(fn: Callable[..., Any], default_name: str, options: dict[str, A
                 f"{_call('once', name, 'version', version)}: version= takes a string or an "
                 "int, appended to the name (name@version), e.g. version=2"
             )
-        name = f"{name}@{version}"
+        try:
+            name = f"{name}@{version}"
+        except ValueError:  # an int with more digits than Python writes as text
+            raise ValueError(
+                f"{_call('once', name, 'version', version)}: version= is too long to write as "
+                "text; give a short string or int, e.g. version=2"
+            ) from None
     key = options.get("key")
     keyed = key is not None
     if keyed and not callable(key):

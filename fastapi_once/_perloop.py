@@ -7,7 +7,8 @@ only as its loop ends). Two signs of it are reported as :class:`OnceLoopWarning`
 defines the once's function:
 
 - a once begins to be used in a loop while the loop that used it before has ended without a
-  teardown (``once_lifespan``'s shutdown, ``reset_all()``, the ``once_reset`` fixture);
+  teardown (``once_lifespan``'s shutdown, ``reset_all()``, the ``once_reset`` fixture, or the
+  once's own ``reset()`` without arguments);
 - a value with a cleanup is still in service when its loop ends (reported by the loop).
 
 Locking: ``_lock`` guards ``_last``; the warnings are issued outside it.
@@ -102,6 +103,15 @@ def torn_down(loop: object) -> None:
         for once, (_, ref) in list(_last.items()):
             if ref() is loop:
                 del _last[once]
+
+
+def reset_in(once: object, loop: object) -> None:
+    """``once`` was reset as a whole in ``loop`` (its own teardown): a later loop making it
+    again is expected."""
+    with _lock:
+        entry = _last.get(once)
+        if entry is not None and entry[1]() is loop:
+            del _last[once]
 
 
 def forget_all() -> None:

@@ -13,13 +13,14 @@ import secrets
 import tempfile
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from .._errors import BackendError
 from ._base import DEFAULT_WAIT_TIMEOUT, seconds
 from ._lease import StoreBackend
 from ._private_dir import PrivateDirectory
@@ -113,10 +114,11 @@ class FileLockBackend(StoreBackend):
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
         """See :meth:`LeaseStore.claim`; the lease is the lock file's ``flock``."""
-        await self._listen()
-        # One trip to a worker thread, shielded: a cancellation must not lose a lock taken.
-        with anyio.CancelScope(shield=True):
-            claim = await anyio.to_thread.run_sync(self._claim, name, key, refresh, holder)
+        with _failures(self):
+            await self._listen()
+            # One trip to a worker thread, shielded: a cancellation must not lose a lock taken.
+            with anyio.CancelScope(shield=True):
+                claim = await anyio.to_thread.run_sync(self._claim, name, key, refresh, holder)
         try:
             await anyio.lowlevel.checkpoint()
         except BaseException:
@@ -158,10 +160,11 @@ class FileLockBackend(StoreBackend):
         now = time.time()
         marker = {"value": value, "made": now, "expires": None if ttl is None else now + ttl}
         try:
-            await anyio.to_thread.run_sync(self._write, lease.name, lease.key, marker)
-            self._written += 1
-            if lease.key != UNKEYED and self._written % 64 == 0:
-                await anyio.to_thread.run_sync(self._prune, lease.name)
+            with _failures(self):
+                await anyio.to_thread.run_sync(self._write, lease.name, lease.key, marker)
+                self._written += 1
+                if lease.key != UNKEYED and self._written % 64 == 0:
+                    await anyio.to_thread.run_sync(self._prune, lease.name)
         finally:
             _unlock(lease.handle)
         return True
@@ -180,14 +183,16 @@ class FileLockBackend(StoreBackend):
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the marker(s), then append the reset to the log the listeners poll."""
         line = json.dumps({"name": name, "key": key, "origin": origin}) + "\n"
-        await anyio.to_thread.run_sync(self._clear, name, key, line.encode())
+        with _failures(self):
+            await anyio.to_thread.run_sync(self._clear, name, key, line.encode())
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Watch the record's lock (and the resets log): see :class:`LeaseStore.watch`."""
-        await self._listen()
-        with anyio.CancelScope(shield=True):  # the descriptor is closed below, whatever happens
-            fd = await anyio.to_thread.run_sync(self._open_lock, name, key)
+        with _failures(self):
+            await self._listen()
+            with anyio.CancelScope(shield=True):  # the descriptor is closed below, whatever
+                fd = await anyio.to_thread.run_sync(self._open_lock, name, key)
         try:
             await anyio.lowlevel.checkpoint()
             yield _FileWatch(fd, self, self._resets_size())
@@ -406,6 +411,21 @@ def _unlock(fd: int) -> None:
     # LOCK_UN releases the lock even if a child forked by the work still shares the file.
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+@contextlib.contextmanager
+def _failures(store: FileLockBackend) -> Iterator[None]:
+    """An OSError of the directory (not a directory, read-only, full...) is the store's
+    failure: :class:`BackendError` naming the store, from the OSError. A PermissionError (the
+    directory or a file in it is not this user's, or a symlink) goes on as it is: its message
+    says what to fix."""
+    try:
+        yield
+    except PermissionError:
+        raise
+    except OSError as exc:
+        what = exc.strerror or type(exc).__name__
+        raise BackendError(f"{store.describe()}: the directory cannot be used ({what})") from exc
 
 
 def _marker(name: str, key: str) -> str:

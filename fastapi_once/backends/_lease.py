@@ -19,11 +19,15 @@ waiting        the record changed / recheck     claiming
 waiting        wait_timeout passed              done: raise WaitTimeoutError
 leading        work returns, recorded           done: complete, return the value
 leading        work raises                      done: abandon with the cooldown, re-raise
-leading        lease lost (renewal failed)      done: work cancelled, abandon, LeaseLostError
+leading        lease lost (renewal failed)      ``raise``: done: work cancelled, abandon,
+                                                LeaseLostError; ``local``, ``fail``: the work
+                                                goes on (this process would make it anyway)
 leading        cancelled                        done: abandon (shielded), re-raise
 leading        complete: store unavailable      ``local``, ``fail``: return the value made,
                                                 unrecorded;
                                                 ``raise``: BackendError
+leading        complete: the lease was gone     ``local``, ``fail``: return the value made,
+                                                unrecorded; ``raise``: LeaseLostError
 =============  ===============================  ============================================
 
 Every store call is bounded by ``wait_timeout``: a store that does not answer is unavailable.
@@ -259,7 +263,11 @@ class StoreBackend(Backend, LeaseStore):
         """Run ``work`` under ``lease`` (renewed, fenced), then complete or abandon it."""
         try:
             value = await run_guarded(
-                shown, self.describe(), lease.fence, work, lambda: self._until_lost(lease)
+                shown,
+                self.describe(),
+                lease.fence,
+                work,
+                lambda: self._until_lost(lease, give_up=on_error == "raise"),
             )
             text = encode_json(shown, value, self.describe())
             check_size(shown, text, self.max_value_bytes, self.describe())
@@ -286,11 +294,18 @@ class StoreBackend(Backend, LeaseStore):
             await self._abandon(lease, None)
             raise
         if not done:
+            if on_error != "raise":  # made here, as a fallback would: serve it, unrecorded
+                return json.loads(text)
             raise LeaseLostError(shown, self.describe(), "the lease expired or another took it")
         return json.loads(text)
 
-    async def _until_lost(self, lease: Lease) -> str:
-        """Renew ``lease`` every third of its life until cancelled; return why it was lost."""
+    async def _until_lost(self, lease: Lease, *, give_up: bool = True) -> str:
+        """Renew ``lease`` every third of its life until cancelled; return why it was lost.
+
+        ``give_up=False`` (``on_backend_error="local"``): a lost lease never stops the work,
+        which this process would make anyway while the store cannot be reached; it goes on
+        renewing, and the value is served unrecorded if it cannot be recorded.
+        """
         every = self.lease / 3
         renewed = anyio.current_time()
         while True:
@@ -300,10 +315,10 @@ class StoreBackend(Backend, LeaseStore):
                 with anyio.fail_after(every):
                     held = await self.renew(lease, seconds=self.lease)
             except (StoreUnavailableError, TimeoutError):
-                if anyio.current_time() - renewed >= self.lease:
+                if give_up and anyio.current_time() - renewed >= self.lease:
                     return "the store could not be reached for a whole lease"
                 continue
-            if not held:
+            if not held and give_up:
                 return "the lease expired or another process took it"
             renewed = sent
 

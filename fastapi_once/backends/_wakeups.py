@@ -123,6 +123,13 @@ class ListenerWatch(Watch):
         self._registered.close()
 
 
+# Seconds a native cancellation of a listener may stand, while the loop runs, before it counts
+# as the task's end (a driver's timeout takes its own back as it unwinds), and how often that is
+# checked after the first check, one loop turn after the cancellation.
+TAKE_BACK_WITHIN = 1.0
+CONFIRM_EVERY = 0.05
+
+
 class _Running(NamedTuple):
     task: asyncio.Task[None]
     scope: anyio.CancelScope
@@ -140,10 +147,11 @@ class ListenerTask(asyncio.Task[None]):
     anyio deliver the cancellation again at every await until the task has left it.
 
     Timeouts inside the driver also cancel the task natively, and take it back
-    (``uncancel()``) as they turn it into their ``TimeoutError``, before the task next waits.
-    So a cancellation counts as the task's end only if, after the task's next step, it still
-    stands: the loop was not running when it came (only code outside the loop, i.e. its
-    shutdown, cancels then), or, where Python counts cancellations (3.11+), nobody took it back.
+    (``uncancel()``) as they turn it into their ``TimeoutError``; that may be some loop turns
+    later when the driver awaits a cleanup on its way out. So a cancellation counts as the task's
+    end if the loop was not running when it came (only code outside the loop, i.e. its shutdown,
+    cancels then), or, where Python counts cancellations (3.11+), if nobody took it back within
+    :data:`TAKE_BACK_WITHIN` seconds.
     """
 
     def __init__(self, coro: Coroutine[Any, Any, None], scope: anyio.CancelScope) -> None:
@@ -157,14 +165,24 @@ class ListenerTask(asyncio.Task[None]):
             loop = self.get_loop()
             # call_soon: the loop may be stopping, and the scope is cancelled in the loop. The
             # task's own step (woken by this cancellation) is queued before this callback.
-            loop.call_soon(self._confirm, not loop.is_running())
+            if loop.is_running():
+                loop.call_soon(self._confirm, loop.time() + TAKE_BACK_WITHIN)
+            else:
+                loop.call_soon(self._end)
         return cancelled
 
-    def _confirm(self, from_outside: bool) -> None:
-        if self.done():
-            return
+    def _end(self) -> None:
+        if not self.done():
+            self._scope.cancel()
+
+    def _confirm(self, until: float) -> None:
         cancelling = getattr(self, "cancelling", None)  # Python 3.11+
-        if from_outside or (cancelling is not None and cancelling() > 0):
+        if self.done() or cancelling is None or cancelling() == 0:
+            return  # ended, or taken back (a driver's timeout)
+        loop = self.get_loop()
+        if loop.time() < until:
+            loop.call_later(CONFIRM_EVERY, self._confirm, until)
+        else:
             self._scope.cancel()
 
 
