@@ -17,6 +17,7 @@ from ._handles import retire_process_values
 from ._loops import close, current_loop, state_of
 from ._methods import refuse_class_level
 from ._telemetry import error_type, fields
+from .backends._late import close_built
 
 logger = logging.getLogger("fastapi_once")
 
@@ -36,8 +37,10 @@ def once_lifespan(
     then enters ``lifespan`` (its state still reaches ``request.state``). Shutdown exits
     ``lifespan``, then closes this event loop's onces: new attempts are refused with
     :class:`OnceClosedError`, work in flight is awaited, and every value made in the loop, lazily
-    or at startup, is cleaned up exactly once and forgotten: the next lifespan starts fresh. A
-    startup that fails or is cancelled half-way cleans up what it made (shielded).
+    or at startup, is cleaned up exactly once and forgotten: the next lifespan starts fresh.
+    Last, the ``across=`` backends that onces built in this loop from a URL or a factory are
+    closed (their listeners and connections); backend objects the app made are its own to
+    close. A startup that fails or is cancelled half-way cleans up what it made (shielded).
 
     Args:
         *onces: onces (or functions, taken as ``once(fn)``) to make before the app serves.
@@ -102,6 +105,9 @@ def once_lifespan(
         with anyio.CancelScope(shield=True):
             for item in process_scope:
                 await retire_process_values(item, deadline - anyio.current_time())
+            # After the cleanups (an across= once's cleanup may still use its store).
+            with anyio.move_on_after(max(deadline - anyio.current_time(), 1.0)):
+                await close_built()
 
     return run
 

@@ -9,7 +9,8 @@ from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 from .._loops import current_loop
-from ._base import Backend, Scrubber
+from .._telemetry import error_type, fields
+from ._base import Backend, Scrubber, logger
 from ._codec import ResultCodec
 
 #: What ``once(across=)`` takes: a backend, a backend URL, or a function returning either.
@@ -241,3 +242,27 @@ def _resolve(source: str | Callable[[], Backend | str], name: str, loop: object)
                 )
             backend = built[source] = made
     return backend
+
+
+async def close_built() -> None:
+    """Close the backends built from URLs and factories in the running event loop.
+
+    ``once_lifespan`` calls it at shutdown, after the values' cleanups, so that a served app
+    never leaves a store's listener or connections to the loop's last-resort cancellation. The
+    backends are forgotten first: a later call in this loop builds new ones. Backend objects
+    the app made itself (``across=RedisBackend(...)``) are the app's to close. Never raises; a
+    backend that fails to close is logged by the error's type.
+    """
+    with _lock:
+        built = _built.pop(current_loop(), {})
+    for backend in built.values():
+        try:
+            await backend.aclose()
+        except Exception as exc:
+            kind = error_type(exc)  # the type only: a driver's message may hold a DSN
+            logger.warning(
+                "closing %s failed with %s",
+                backend.describe(),
+                kind,
+                extra=fields(None, "backend_close_failed", error_type=kind),
+            )

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -93,13 +93,54 @@ class _Running(NamedTuple):
     wakeups: Wakeups
 
 
+class ListenerTask(asyncio.Task[None]):
+    """A listener's task: a native cancellation of it also cancels its anyio scope.
+
+    The event loop's shutdown (``asyncio.run()`` ending, with or without the backend's
+    ``aclose()``) cancels every task once, natively. A driver may swallow that one
+    ``CancelledError`` (``asyncio.wait_for`` on Python 3.11 returns a result that finished in
+    the same turn and drops the cancellation: CPython gh-86296), and a listener is a loop that
+    never returns on its own, so the shutdown would wait forever. Cancelling the scope makes
+    anyio deliver the cancellation again at every await until the task has left it.
+
+    Timeouts inside the driver also cancel the task natively, and take it back
+    (``uncancel()``) as they turn it into their ``TimeoutError``, before the task next waits.
+    So a cancellation counts as the task's end only if, after the task's next step, it still
+    stands: the loop was not running when it came (only code outside the loop, i.e. its
+    shutdown, cancels then), or, where Python counts cancellations (3.11+), nobody took it back.
+    """
+
+    def __init__(self, coro: Coroutine[Any, Any, None], scope: anyio.CancelScope) -> None:
+        super().__init__(coro, name="fastapi_once listener")
+        self._scope = scope
+
+    def cancel(self, msg: Any = None) -> bool:
+        """Cancel the task (see the class docstring for when the scope is cancelled too)."""
+        cancelled = super().cancel(msg)
+        if cancelled:
+            loop = self.get_loop()
+            # call_soon: the loop may be stopping, and the scope is cancelled in the loop. The
+            # task's own step (woken by this cancellation) is queued before this callback.
+            loop.call_soon(self._confirm, not loop.is_running())
+        return cancelled
+
+    def _confirm(self, from_outside: bool) -> None:
+        if self.done():
+            return
+        cancelling = getattr(self, "cancelling", None)  # Python 3.11+
+        if from_outside or (cancelling is not None and cancelling() > 0):
+            self._scope.cancel()
+
+
 class Listeners:
     """A backend's listener task per event loop, started on first use, and its followers.
 
     ``listen(wakeups)`` runs until cancelled (it reconnects on its own). It is stopped through
     an anyio cancel scope: the cancellation is delivered again at every await until the task
     has left the scope, so a driver that swallows one ``CancelledError`` (redis-py can, when a
-    read's own timeout meets it) cannot keep the listener, and :meth:`stop`, waiting.
+    read's own timeout meets it) cannot keep the listener, and :meth:`stop`, waiting. The same
+    holds when the event loop's shutdown cancels the task natively (see :class:`ListenerTask`):
+    a loop that ends without :meth:`stop` does not wait on its listener either.
     """
 
     def __init__(self, listen: Callable[[Wakeups], Awaitable[None]]) -> None:
@@ -124,7 +165,7 @@ class Listeners:
                 await self._listen(wakeups)
 
         # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
-        task = contextvars.Context().run(loop.create_task, listen(), name="fastapi_once listener")
+        task = contextvars.Context().run(ListenerTask, listen(), scope)
         entry = self._running[loop] = _Running(task, scope, wakeups)
 
         def ended(_: object) -> None:
