@@ -262,6 +262,7 @@ class Options(TypedDict, total=False):
 
     maxsize: int
     across: Across
+    on_backend_error: Literal["local", "raise"]
     name: str
     version: str | int
     timeout: float
@@ -399,8 +400,15 @@ def once(fn: Any = None, /, **options: Any) -> Any:
             (``"redis://host:6379/0"``, see :func:`~fastapi_once.backends.backend_from_url`), or
             a function of no arguments returning either (called at first use): run ``fn`` once
             across every process sharing it (leader runs, followers wait and get its result, as
-            JSON typed by ``fn``'s return annotation). With ``key=``, once per key (Redis and
-            PostgreSQL; ``ttl=`` is then required).
+            JSON typed by ``fn``'s return annotation). With ``key=``, once per key (``ttl=`` is
+            then required).
+        on_backend_error: with ``across=``, what a call does when the backend cannot be
+            reached (or does not answer within its ``wait_timeout``): ``"local"`` makes the
+            value in this process (one run per key per process, one WARNING per outage, the
+            counter ``fastapi_once.backend.fallbacks``) and goes fleet-wide again once the
+            backend answers; ``"raise"`` raises BackendError. Default ``"local"`` with
+            ``key=``, ``"raise"`` without (an unkeyed once is often a migration that must
+            never run unguarded).
         name: the once's name in messages, logs and backends. Default: module.qualname of fn.
         version: appended to the name (``name@version``), so a new deployment runs it again.
         timeout: seconds one attempt may take (retries included); past it the attempt is
@@ -474,25 +482,37 @@ _OPTIONS = frozenset({"key", *Options.__optional_keys__})  # the one list is Opt
 
 
 def _check_across(
-    fn: Callable[..., Any], name: str, across: object, keyed: bool, ttl: object = None
+    fn: Callable[..., Any], name: str, across: object, options: dict[str, Any]
 ) -> BoundBackend:
     """Return the once's backend: ``across`` (a backend, URL or factory) bound to ``fn``."""
-    from .backends._late import BoundBackend, refuse_keyed
+    from ._handles import forget_elsewhere
+    from .backends._late import BoundBackend
 
-    if keyed and ttl is None:
+    keyed = options.get("key") is not None
+    if keyed and options.get("ttl") is None:
         raise TypeError(
             f"once({name}, across=..., key=...): a keyed once across processes needs ttl=, so "
             "that every key's record in the backend expires (keys come from requests: without "
             "it, distinct keys would grow the store without bound); e.g. ttl=60"
         )
-    if keyed:
-        refuse_keyed(across, name)
     if kind_of(fn) in (Kind.ASYNC_GEN, Kind.GEN):
         raise TypeError(
             f"once({name}, across=...): a generator's cleanup would run in one process only; "
             "across= takes an async def or def whose JSON result every process shares"
         )
-    return BoundBackend(across, fn=fn, name=name)  # type: ignore[arg-type]  # it checks across
+    on_error = options.get("on_backend_error", "local" if keyed else "raise")
+    if on_error not in ("local", "raise"):
+        raise ValueError(
+            f"once({name}, on_backend_error={on_error!r}): give 'local' (make the value in "
+            "this process while the backend cannot be reached) or 'raise' (BackendError)"
+        )
+    return BoundBackend(
+        across,  # type: ignore[arg-type]  # BoundBackend checks it
+        fn=fn,
+        name=name,
+        on_error=on_error,
+        forget=forget_elsewhere,
+    )
 
 
 def _show(options: dict[str, Any]) -> str:
@@ -516,8 +536,12 @@ def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
         name = f"{name}@{version}"
     across = options.get("across")
     if across is not None:
-        keyed = options.get("key") is not None
-        across = _check_across(fn, name, across, keyed=keyed, ttl=options.get("ttl"))
+        across = _check_across(fn, name, across, options)
+    elif "on_backend_error" in options:
+        raise TypeError(
+            f"once({name}, on_backend_error=...): on_backend_error= applies only with across=; "
+            "pass across= too"
+        )
     key = options.get("key")
     if key is not None and not callable(key):
         raise TypeError(

@@ -17,9 +17,10 @@ from . import _core
 from ._core import Once, registry
 from ._errors import OnceClosedError
 from ._keys import NOKEY, shared_key_digest
-from ._loops import drain, hop, in_process_loop, run_in_process_loop
+from ._logs import error_type, fields
+from ._loops import current_loop, drain, hop, in_process_loop, run_in_process_loop
 from ._records import IDLE, READY, REFRESHING, KeyView, Record
-from ._telemetry import fields
+from ._tasks import spawn
 from ._values import Value
 
 T = TypeVar("T")
@@ -100,20 +101,44 @@ def unpin(target: Once[Any, T], value: T) -> None:
         rec.unpin(value)
 
 
-async def forget_shared(name: str, digest: str | None) -> None:
-    """Forget, in the running loop only, the keyed across values another process reset.
+def forget_elsewhere(name: str, digest: str | None) -> None:
+    """What a backend's listener calls when another process reset once ``name``: forget it here.
 
-    Every keyed once named ``name`` retires (and cleans up) its value for the key whose shared
-    digest is ``digest``, or every value if None; the backend's record is already gone.
+    The forgetting (:func:`forget_shared`) runs in a task of its own, not in the listener's:
+    it awaits the key's work in flight here, which may itself wait for a wake-up only the
+    listener can deliver. Never raises; a failing cleanup is logged.
     """
-    for target in [o for o in registry() if o.name == name and o.keyed]:
+
+    async def forget() -> None:
+        try:
+            await forget_shared(name, digest)
+        except Exception as exc:
+            kind = error_type(exc)
+            logger.warning(
+                "%s: a cleanup failed after a reset elsewhere: %s",
+                name,
+                kind,
+                extra=fields(name, "cleanup_failed", error_type=kind),
+            )
+
+    spawn(current_loop(), forget(), "fastapi_once: reset from elsewhere")
+
+
+async def forget_shared(name: str, digest: str | None) -> None:
+    """Forget, in the running loop only, the across values another process reset.
+
+    Every once named ``name`` retires (and cleans up) its value(s): a keyed once its value for
+    the key whose shared digest is ``digest``, or every value if None; an unkeyed once its one
+    value. The backend's record is already gone.
+    """
+    for target in [o for o in registry() if o.name == name]:
         store = target.store_seen()
         if store is None:
             continue
         views = [
             KeyView(store, key)
             for key in list(store.records)
-            if digest is None or _shared_digest(name, key) == digest
+            if digest is None or (target.keyed and _shared_digest(name, key) == digest)
         ]
         if views:
             await drain(lambda views=views: views, f"{name}.reset()")  # type: ignore[misc]

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._attempts import Attempt
 from ._keys import NOKEY, key_digest, shared_key_digest
+from ._logs import error_type as error_type  # re-exported: the core imports them here
+from ._logs import fields as fields
 
 if TYPE_CHECKING:
     from ._policy import Policy
@@ -54,29 +56,6 @@ STATE = "fastapi_once.state"
 ERROR_TYPE = "error.type"
 
 STATES = ("idle", "running", "ready", "refreshing", "failed")
-
-
-def fields(
-    once: str | None,
-    event: str,
-    *,
-    duration_s: float | None = None,
-    error_type: str | None = None,
-    attempt: int | None = None,
-) -> dict[str, Any]:
-    """The ``extra`` of every log record: the same five fields, None where they do not apply."""
-    return {
-        "once": once,
-        "event": event,
-        "duration_s": duration_s,
-        "error_type": error_type,
-        "attempt": attempt,
-    }
-
-
-def error_type(error: BaseException | None) -> str | None:
-    """How logs, spans and metrics name an exception: its type's name, never its text."""
-    return None if error is None else type(error).__name__
 
 
 # --- tracing --------------------------------------------------------------------------------------
@@ -235,13 +214,19 @@ async def across(
     per key, named by the key's digest, with the policy's cooldown and refresh too, and the span
     carries the key's digest.
     """
-    led = False
+    led = fell_back = False
     shared = None if key is NOKEY else shared_key_digest(name, key)
 
     async def lead() -> Any:
         nonlocal led
         led = True
         return await work()
+
+    def fall_back() -> None:
+        nonlocal fell_back
+        fell_back = True
+        if OTEL:
+            _fallbacks.add(1, {NAME: name})
 
     tracing = tracer()
     span = None
@@ -253,18 +238,21 @@ async def across(
     started, error = time.monotonic(), None
     try:
         with _current(span) if span else contextlib.nullcontext():
-            if shared is None:
-                return await backend.run_once(name, lead, ttl=policy.ttl)
-            return await backend.run_keyed(
-                name, shared, lead, ttl=policy.ttl, cooldown=policy.cooldown, refresh=policy.refresh
+            return await backend.share(
+                shared,
+                lead,
+                ttl=policy.ttl,
+                cooldown=policy.cooldown,
+                refresh=policy.refresh,
+                fell_back=fall_back,
             )
     except BaseException as exc:
         error = exc
         raise
     finally:
         took = time.monotonic() - started
-        role = "leader" if led else "follower"
-        if not led and OTEL:
+        role = "local" if fell_back else "leader" if led else "follower"
+        if role == "follower" and OTEL:
             _follower_wait.record(took, {NAME: name})
         if span is not None:
             span.set_attribute(ROLE, role)
@@ -276,7 +264,7 @@ async def across(
         logger.info(
             "%s: %s across %s in %.2f s",
             name,
-            "led" if led else "followed",
+            {"local": "made locally", "leader": "led"}.get(role, "followed"),
             backend.describe(),
             took,
             extra=fields(name, f"across_{role}", duration_s=took, error_type=error_type(error)),
@@ -361,6 +349,11 @@ if OTEL:
     )
     _follower_wait = _meter.create_histogram(
         "fastapi_once.follower.wait", "s", "How long a process waited for another to lead"
+    )
+    _fallbacks = _meter.create_counter(
+        "fastapi_once.backend.fallbacks",
+        "{call}",
+        "Values made in this process because the backend could not be reached",
     )
     _ping_failures = _meter.create_counter(
         "fastapi_once.ping.failures", "{ping}", "Readiness pings that failed or timed out"

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 import anyio
 
 from .._errors import LeaseLostError
-from .._telemetry import error_type, fields
+from .._logs import fields
 
 logger = logging.getLogger("fastapi_once")
 
@@ -108,6 +108,19 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections the backend holds."""
+
+    def attach(self, forget: Callable[[str, str | None], None]) -> None:
+        """Take the callback that makes this process forget what another process reset.
+
+        ``once()`` hands it over when it binds the backend: ``forget(name, key)`` forgets, in
+        the running event loop, the once's value for ``key`` (a digest), or every value of the
+        once if None. It does not block and never raises. The backends import nothing from the
+        core; this is how their listeners reach it.
+        """
+        self._forget = forget
+
+    #: The core's callback for resets heard (see :meth:`attach`); None until bound.
+    _forget: Callable[[str, str | None], None] | None = None
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -255,16 +268,12 @@ def _in_this_loop(backend: str) -> str:
     return f"{backend}/{id(asyncio.get_running_loop())}"
 
 
-def forget_reset(message: str, me: str) -> None:
+def forget_reset(message: str, me: str, forget: Callable[[str, str | None], None] | None) -> None:
     """Forget in this process what another process reset (see :func:`reset_message`).
 
-    The forgetting runs in a task of its own, not in the caller's (a backend's listener):
-    it awaits the key's work in flight here, which may itself wait for a wake-up only the
-    listener can deliver. Never raises; a failing cleanup is logged.
+    ``forget`` is the core's callback (see :meth:`Backend.attach`): it forgets in a task of its
+    own, not in the caller's (a backend's listener). Never raises.
     """
-    from .._handles import forget_shared
-    from .._tasks import spawn
-
     try:
         data = json.loads(message)
         name, key, sender = data["name"], data["key"], data["by"]
@@ -274,22 +283,9 @@ def forget_reset(message: str, me: str) -> None:
             extra=fields(None, "reset_message_ignored"),
         )
         return
-    if sender == _in_this_loop(me):  # a reset of this backend in this loop: forgotten already
+    if sender == _in_this_loop(me) or forget is None:  # this loop's own reset: forgotten
         return
-
-    async def forget() -> None:
-        try:
-            await forget_shared(str(name), None if key is None else str(key))
-        except Exception as exc:
-            kind = error_type(exc)
-            logger.warning(
-                "%s: a cleanup failed after a reset elsewhere: %s",
-                name,
-                kind,
-                extra=fields(str(name), "cleanup_failed", error_type=kind),
-            )
-
-    spawn(asyncio.get_running_loop(), forget(), "fastapi_once: reset from elsewhere")
+    forget(str(name), None if key is None else str(key))
 
 
 def holder_id() -> str:

@@ -8,10 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
-from .._loops import current_loop
-from .._telemetry import error_type, fields
+import anyio.lowlevel
+
+from .._logs import error_type, fields
 from ._base import Backend, Scrubber, logger
 from ._codec import ResultCodec
+from ._lease import Forget, OnBackendError, StoreBackend
+from ._store import UNKEYED
 
 #: What ``once(across=)`` takes: a backend, a backend URL, or a function returning either.
 Across: TypeAlias = Backend | str | Callable[[], Backend | str]
@@ -65,25 +68,14 @@ def _scheme(url: str) -> str:
             f"backend URL {Scrubber(url).shown!r}: unknown scheme; give file:///path, "
             "redis://host:6379/0, rediss://host:6380/0 or postgresql://user@host/db"
         )
+    if scheme.lower() in ("redis", "rediss"):
+        db = urlsplit(url).path.strip("/")
+        if db and not db.isdigit():  # the driver would silently use database 0
+            raise ValueError(
+                f"backend URL {Scrubber(url).shown!r}: the database part /{db} is not a "
+                "number; give the Redis database index, e.g. redis://host:6379/0"
+            )
     return scheme.lower()
-
-
-def refuse_keyed(across: object, name: str) -> None:
-    """Refuse a keyed once on a backend known now not to keep keyed records (the file backend).
-
-    Raises:
-        TypeError: ``across`` is a :class:`FileLockBackend` or a ``file:`` URL.
-    """
-    from ._file import FileLockBackend
-
-    if isinstance(across, FileLockBackend) or (
-        isinstance(across, str) and _scheme(across) == "file"
-    ):
-        raise TypeError(
-            f"once({name}, key=..., across=...): FileLockBackend does not share keyed values "
-            "(its lock files would grow with the keys); use RedisBackend or PostgresBackend, "
-            "or drop across= to keep one value per key in each process"
-        )
 
 
 class BoundBackend(Backend):
@@ -102,15 +94,29 @@ class BoundBackend(Backend):
             of no arguments returning either.
         fn: the once's function, whose return annotation types the shared result.
         name: the once's name, for messages.
+        on_error: what the once does when a store of the lease algorithm cannot be reached
+            (``once(on_backend_error=)``).
+        forget: the core's callback for resets heard from other processes.
 
     Raises:
         TypeError: ``across`` is none of these, or the annotation is not one pydantic serialises.
         ValueError: a URL with an unknown scheme.
     """
 
-    def __init__(self, across: Across, *, fn: Callable[..., Any], name: str) -> None:
+    def __init__(
+        self,
+        across: Across,
+        *,
+        fn: Callable[..., Any],
+        name: str,
+        on_error: OnBackendError = "raise",
+        forget: Forget | None = None,
+    ) -> None:
         if isinstance(across, str):
-            _scheme(across)
+            try:
+                _scheme(across)
+            except ValueError as exc:
+                raise ValueError(f"once({name}, across=...): {exc}") from None
         elif not isinstance(across, Backend) and not callable(across):
             raise TypeError(
                 f"once({name}, across={across!r}): across= takes a backend from "
@@ -119,7 +125,11 @@ class BoundBackend(Backend):
             )
         self._source = across
         self._name = name
+        self.on_error: OnBackendError = on_error
+        self._forget = forget
         self.codec = ResultCodec.for_function(fn, name)
+        if isinstance(across, Backend) and forget is not None:
+            across.attach(forget)
 
     @property
     def backend(self) -> Backend:
@@ -130,7 +140,51 @@ class BoundBackend(Backend):
         """
         if isinstance(self._source, Backend):
             return self._source
-        return _resolve(self._source, self._name, current_loop())
+        return _resolve(self._source, self._name, _loop(), self._forget)
+
+    async def share(
+        self,
+        key: str | None,
+        work: Callable[[], Awaitable[Any]],
+        *,
+        ttl: float | None,
+        cooldown: float | None = None,
+        refresh: float | None = None,
+        fell_back: Callable[[], None] | None = None,
+    ) -> Any:
+        """Run ``work`` once across processes (for ``key``, a digest, if given); return its
+        result as the annotated type.
+
+        A backend of the lease algorithm applies the once's ``on_backend_error`` (calling
+        ``fell_back`` at each fallback); another backend runs as it always did.
+
+        Raises:
+            TypeError: as :meth:`run_once`, or the backend does not keep keyed records.
+        """
+        backend = self.backend
+        if not isinstance(backend, StoreBackend):
+            if key is None:
+                return await self.run_once(self._name, work, ttl=ttl)
+            assert ttl is not None  # a keyed once across processes has a ttl
+            return await self.run_keyed(
+                self._name, key, work, ttl=ttl, cooldown=cooldown, refresh=refresh
+            )
+        codec = self.codec
+
+        async def as_data() -> Any:
+            return codec.to_data(self._name, await work(), backend.describe())
+
+        data = await backend.share(
+            self._name,
+            UNKEYED if key is None else key,
+            as_data if codec.typed else work,
+            ttl=ttl,
+            cooldown=cooldown,
+            refresh=refresh,
+            on_error=self.on_error,
+            fell_back=fell_back,
+        )
+        return codec.from_data(data)
 
     async def run_once(
         self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
@@ -194,7 +248,7 @@ class BoundBackend(Backend):
         if isinstance(self._source, Backend):
             await self._source.aclose()
         else:
-            built = _built.get(current_loop(), {}).get(self._source)
+            built = _built.get(_loop(), {}).get(self._source)
             if built is not None:
                 await built.aclose()
 
@@ -204,7 +258,7 @@ class BoundBackend(Backend):
         if isinstance(source, Backend):
             return source.describe()
         try:
-            built = _built.get(current_loop(), {}).get(source)
+            built = _built.get(_loop(), {}).get(source)
         except RuntimeError:  # no event loop running
             built = None
         if built is not None:
@@ -221,7 +275,17 @@ _built: weakref.WeakKeyDictionary[object, dict[object, Backend]] = weakref.WeakK
 _lock = threading.Lock()
 
 
-def _resolve(source: str | Callable[[], Backend | str], name: str, loop: object) -> Backend:
+def _loop() -> object:
+    """The running event loop (asyncio's loop, trio's token); RuntimeError without one."""
+    return anyio.lowlevel.current_token().native_token
+
+
+def _resolve(
+    source: str | Callable[[], Backend | str],
+    name: str,
+    loop: object,
+    forget: Forget | None,
+) -> Backend:
     built = _built.get(loop)
     backend = None if built is None else built.get(source)
     if backend is not None:
@@ -232,7 +296,10 @@ def _resolve(source: str | Callable[[], Backend | str], name: str, loop: object)
         if backend is None:
             made = source() if callable(source) else source
             if isinstance(made, str):
-                made = backend_from_url(made)
+                try:
+                    made = backend_from_url(made)
+                except ValueError as exc:
+                    raise ValueError(f"once({name}, across=...): {exc}") from None
             if not isinstance(made, Backend):
                 what = getattr(source, "__qualname__", repr(source))
                 raise TypeError(
@@ -240,6 +307,8 @@ def _resolve(source: str | Callable[[], Backend | str], name: str, loop: object)
                     f"{type(made).__qualname__}; it must return a backend from "
                     "fastapi_once.backends or a backend URL string"
                 )
+            if forget is not None:
+                made.attach(forget)
             backend = built[source] = made
     return backend
 
@@ -254,7 +323,7 @@ async def close_built() -> None:
     backend that fails to close is logged by the error's type.
     """
     with _lock:
-        built = _built.pop(current_loop(), {})
+        built = _built.pop(_loop(), {})
     for backend in built.values():
         try:
             await backend.aclose()

@@ -809,7 +809,7 @@ class PostgresBackend(Backend):
                     elif message[0] == self._ends:
                         wakeups.wake(message[1])
                     else:
-                        forget_reset(message[1], self._me)
+                        forget_reset(message[1], self._me, self._forget)
             except (*_DRIVER_ERRORS, BackendError):
                 pass  # the server went away: listen again, after a backoff
             finally:

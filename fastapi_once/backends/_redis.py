@@ -644,7 +644,7 @@ class RedisBackend(Backend):
                     if kind == "pmessage":
                         wakeups.wake(str(message["channel"]))
                     elif kind == "message":
-                        forget_reset(str(message["data"]), self._me)
+                        forget_reset(str(message["data"]), self._me, self._forget)
                     elif kind == "psubscribe":
                         # The server answers in order: both subscriptions hold from here.
                         failures = 0

@@ -107,7 +107,7 @@ class Reset:
 
     name: str
     key: str | None  #: the key reset, :data:`UNKEYED`, or None for every key of ``name``
-    origin: str  #: who reset it, as given to :meth:`LeaseStore.reset` (opaque to the store)
+    origin: str  #: who reset it, as given to :meth:`LeaseStore.clear` (opaque to the store)
 
 
 class Watch(abc.ABC):
@@ -117,7 +117,7 @@ class Watch(abc.ABC):
     async def changed(self, timeout: float) -> None:
         """Return when the record may have changed, or after ``timeout`` seconds.
 
-        Must return (soon) after any ``complete``, ``abandon`` or ``reset`` of the record, in any
+        Must return (soon) after any ``complete``, ``abandon`` or ``clear`` of the record, in any
         process, that happened after the watch was entered or after the previous call returned
         (whichever is later): a change between a claim and this call is not lost. May return
         early without a change (the caller claims again); after a lost connection a store wakes
@@ -151,7 +151,7 @@ class LeaseStore(abc.ABC):
     heard: Heard = staticmethod(lambda reset: None)
 
     def bind(self, heard: Heard) -> None:
-        """Hand the store the callback it calls for every reset it hears (see :meth:`reset`).
+        """Hand the store the callback it calls for every reset it hears (see :meth:`clear`).
 
         Called by the algorithm before the store's first use (again, with the same callback,
         when more onces use the store). From then on the store's listener in each event loop
@@ -201,7 +201,7 @@ class LeaseStore(abc.ABC):
         no error. The algorithm calls it shielded, also after a cancellation."""
 
     @abc.abstractmethod
-    async def reset(self, name: str, key: str | None, *, origin: str) -> None:
+    async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the value and cooldown of ``name``'s record for ``key`` (every key's if None);
         a lease being held stays. Then announce ``Reset(name, key, origin)`` to every live
         process's listener (this process's loops included), which must reach them within 1 s,

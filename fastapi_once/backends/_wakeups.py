@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import anyio
 
-from .._telemetry import error_type, fields
+from .._logs import error_type, fields
 
 logger = logging.getLogger("fastapi_once")
 

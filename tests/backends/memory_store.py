@@ -13,15 +13,16 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
+from fastapi_once.backends._lease import StoreBackend
 from fastapi_once.backends._store import (
     Claim,
     Cooling,
     Held,
     Lease,
-    LeaseStore,
     Reset,
     Served,
     StoreUnavailableError,
@@ -53,10 +54,13 @@ class MemoryServer:
         self.down = False  # every call raises StoreUnavailableError
         self.stalled = False  # every call hangs until cancelled
         self.calls = 0
+        self.on_call: Callable[[int], None] | None = None  # told each call's number (from 1)
 
     async def enter(self) -> None:
         """What every call does first: count, then fail or hang if the test says so."""
         self.calls += 1
+        if self.on_call is not None:
+            self.on_call(self.calls)
         await anyio.lowlevel.checkpoint()  # a store call is an await: cancellable here
         if self.stalled:
             await anyio.sleep_forever()
@@ -92,10 +96,11 @@ class _MemoryWatch(Watch):
         self.event = anyio.Event()
 
 
-class MemoryStore(LeaseStore):
+class MemoryStore(StoreBackend):
     """One process's view of a :class:`MemoryServer`."""
 
-    def __init__(self, server: MemoryServer) -> None:
+    def __init__(self, server: MemoryServer, **options: Any) -> None:
+        super().__init__(**options)
         self.server = server
 
     def describe(self) -> str:
@@ -153,7 +158,7 @@ class MemoryStore(LeaseStore):
         rec.token = None
         self.server.wake(lease.name, lease.key)
 
-    async def reset(self, name: str, key: str | None, *, origin: str) -> None:
+    async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         await self.server.enter()
         for (n, k), rec in self.server.records.items():
             if n == name and (key is None or k == key):

@@ -214,7 +214,7 @@ class StoreContract:
             lease = await _lead(store, name)
             fences.append(lease.fence)
             assert await store.complete(lease, "1", ttl=None)
-            await store.reset(name, UNKEYED, origin="test")
+            await store.clear(name, UNKEYED, origin="test")
         assert all(isinstance(f, int) for f in fences)
         assert fences == sorted(fences)
         assert len(set(fences)) == 3
@@ -237,8 +237,8 @@ class StoreContract:
         assert await a.complete(await _lead(a, name, one), "1", ttl=30)
         assert await a.complete(await _lead(a, name, two), "2", ttl=30)
         await a.abandon(await _lead(a, name, three), cooldown=30)
-        await b.reset(name, one, origin="test")
-        await b.reset(name, three, origin="test")
+        await b.clear(name, one, origin="test")
+        await b.clear(name, three, origin="test")
         assert isinstance(await _claim(a, name, one), Lease)
         assert isinstance(await _claim(a, name, three), Lease)
         assert await _claim(a, name, two) == Served("2")
@@ -251,7 +251,7 @@ class StoreContract:
         for key in keys:
             assert await a.complete(await _lead(a, name, key), "v", ttl=30)
         assert await a.complete(await _lead(a, name + "x", keys[0]), "other", ttl=30)
-        await b.reset(name, None, origin="test")
+        await b.clear(name, None, origin="test")
         for key in keys:
             assert isinstance(await _claim(a, name, key), Lease)
         assert await _claim(a, name + "x", keys[0]) == Served("other")
@@ -259,7 +259,7 @@ class StoreContract:
     async def test_a_reset_leaves_a_held_lease_held(self, kit: StoreKit, name: str) -> None:
         a, b = kit.make(), kit.make()
         lease = await _lead(a, name)
-        await b.reset(name, UNKEYED, origin="test")
+        await b.clear(name, UNKEYED, origin="test")
         assert isinstance(await _claim(b, name), Held)
         assert await a.complete(lease, "1", ttl=None)
 
@@ -274,8 +274,8 @@ class StoreContract:
         key = _key()
         assert await a.complete(await _lead(a, name, key), "1", ttl=30)
         assert await _claim(b, name, key) == Served("1")  # b listens from its first claim
-        await cli.reset(name, key, origin="cli")
-        await cli.reset(name, None, origin="cli")
+        await cli.clear(name, key, origin="cli")
+        await cli.clear(name, None, origin="cli")
         expected = [Reset(name, key, "cli"), Reset(name, None, "cli")]
         for _ in range(round((1 + SLACK) / 0.01)):  # every process hears it within 1 s
             if heard_a == expected and heard_b == expected:
@@ -301,7 +301,7 @@ class StoreContract:
                     elif end == "abandon":
                         await a.abandon(lease, cooldown=None)
                     else:
-                        await a.reset(name, key, origin="test")
+                        await a.clear(name, key, origin="test")
 
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(end_it)
@@ -309,7 +309,7 @@ class StoreContract:
                         await watch.changed(timeout=60)
             if end == "reset":
                 await a.abandon(lease, cooldown=None)
-            await a.reset(name, key, origin="test")
+            await a.clear(name, key, origin="test")
 
     async def test_a_change_between_the_claim_and_the_wait_is_not_lost(
         self, kit: StoreKit, name: str

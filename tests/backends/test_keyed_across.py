@@ -13,7 +13,7 @@ import pytest
 
 from fastapi_once import once
 from fastapi_once._keys import key_digest, shared_key_digest
-from fastapi_once.backends import Backend, FileLockBackend
+from fastapi_once.backends import Backend
 
 pytestmark = pytest.mark.anyio
 
@@ -174,17 +174,6 @@ def test_keyed_across_on_redis_and_postgres_without_ttl_is_refused_when_the_once
         once(get_stuff, key=lambda url: url, across=backend, name="t.nottl.real")  # type: ignore[call-overload]
 
 
-def test_the_file_backend_refuses_a_keyed_once(tmp_path: Path) -> None:
-    """FileLockBackend, or a file: URL, with key= is a TypeError naming the backends that can."""
-
-    async def get_stuff(url: str) -> str:
-        return url
-
-    for across in (FileLockBackend(str(tmp_path / "locks")), f"file://{tmp_path}/locks"):
-        with pytest.raises(TypeError, match=r"does not share keyed values.*RedisBackend"):
-            once(get_stuff, key=lambda url: url, ttl=60, across=across, name="t.file")
-
-
 async def test_a_factory_building_a_backend_without_keyed_records_fails_at_first_call(
     tmp_path: Path, anyio_backend: str
 ) -> None:
@@ -193,8 +182,18 @@ async def test_a_factory_building_a_backend_without_keyed_records_fails_at_first
     async def get_stuff(url: str) -> str:
         return url
 
+    class UnkeyedOnly(Backend):  # a user's backend that keeps no keyed records
+        async def run_once(self, name: str, work: Any, *, ttl: float | None = None) -> Any:
+            return await work()
+
+        async def reset(self, name: str) -> None:
+            pass
+
+        def describe(self) -> str:
+            return "UnkeyedOnly"
+
     def factory() -> Backend:
-        return FileLockBackend(str(tmp_path / "locks"))
+        return UnkeyedOnly()
 
     stuff = once(get_stuff, key=lambda u: u, ttl=60, across=factory, name=f"t.f.{anyio_backend}")
     with pytest.raises(TypeError, match="does not share keyed values"):
