@@ -1,25 +1,22 @@
-"""PostgresBackend: the lease algorithm over PostgreSQL (asyncpg) — advisory locks, one table,
-``LISTEN``/``NOTIFY``, a fencing sequence.
+"""PostgresBackend: the lease algorithm over PostgreSQL (asyncpg).
 
 The store's primitives (see ``_store``):
 
-- lock: an advisory lock on the leader's own connection (its "lock session"), taken with
-  ``pg_try_advisory_lock`` (``lock="session"``) or ``pg_try_advisory_xact_lock`` in a
+- lock: an advisory lock per record, on the leader's own connection (its lock session):
+  ``pg_try_advisory_lock`` (``lock="session"``), or ``pg_try_advisory_xact_lock`` in a
   transaction left open while the work runs (``lock="transaction"``, for PgBouncer's
-  transaction pooling). It ends with its session, so a dead leader frees it at once; the
-  algorithm's renewals check that the session lives.
-- record: one row per (name, key) in ``<table>_lease``: the value, when it was made and expires,
-  a failure's cooldown. The holder of a lease is read from ``pg_locks`` (its connection's
-  ``application_name``), so nothing about a lease is written.
-- wake-up: ``NOTIFY`` on the table's one channel; the payload names the record (a leader's end)
-  or is a JSON reset. One connection per process and event loop ``LISTEN``s (``Listeners``).
+  transaction pooling). It ends with its session: a dead leader frees it at once. Renewing a
+  lease checks that its session lives.
+- record: one row per (name, key) in ``<table>_lease``. Who holds a lease is read from
+  ``pg_locks`` (its session's ``application_name``): nothing about a lease is written.
+- wake-up: ``NOTIFY`` on the table's one channel, naming the record (a leader's end) or holding
+  a JSON reset; one connection per process and event loop ``LISTEN``s (through ``Listeners``).
 - fencing: ``nextval('<table>_fence')``: grows across restarts and crashes.
 
-Connections, per process and event loop: a pool (``asyncpg.create_pool``, at most ``pool_size``)
-for the short statements; the listener's one connection; and one lock session per lease held
-(opened by the claim that takes the lease, closed when it completes or is abandoned). Leading N
-keys at once: at most ``pool_size + 1 + N``; idle: at most ``pool_size + 1``. The listener's end
-(``aclose()`` or the loop's end) terminates the loop's pool.
+Connections per process and event loop: a pool (``asyncpg.create_pool``) of at most
+``pool_size`` for the short statements; the listener's one; one lock session per lease held, and
+up to ``IDLE_SESSIONS`` idle ones kept for the next claims. The listener's end (``aclose()`` or
+the loop's end) ends them all.
 """
 
 from __future__ import annotations
@@ -35,14 +32,8 @@ from typing import Any, Literal
 import anyio
 
 from .._errors import BackendError
-from ._base import (
-    DEFAULT_MAX_VALUE_BYTES,
-    DEFAULT_WAIT_TIMEOUT,
-    Scrubber,
-    backoff,
-    holder_id,
-    seconds,
-)
+from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, holder_id
+from ._base import seconds as _seconds
 from ._lease import StoreBackend
 from ._libpq import connect_args
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
@@ -55,56 +46,93 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "PostgresBackend needs the asyncpg package: pip install 'fastapi-once[postgres]'"
     ) from exc
 
-_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]{0,56}"  # room for the "_lease" and "_fence" suffixes
+#: Idle lock sessions a loop keeps for its next claims (a connection is a server process).
+IDLE_SESSIONS = 4
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for "_lease" and "_fence"
 _APPLICATION = "fastapi_once "  # application_name prefix: tells followers who holds a lock
-
-# The server cannot be reached, or did not answer in time: an outage (StoreUnavailableError).
+# The server cannot be reached or did not answer in time: StoreUnavailableError.
 _OUTAGES = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.InterfaceError,
     asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutdown, cancelled, cannot connect now
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cancelled, starting up
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
     asyncpg.exceptions.LockNotAvailableError,
+)
+_UNTIL = "clock_timestamp() + make_interval(secs => {}::float8)"  # NULL seconds: never
+
+# The statements; {t} is the records table. clock_timestamp(), not now(): with
+# lock="transaction" the leader's transaction began before its work ran.
+_READ = (  # one row, record or not: value unless expired, due for refresh, cooldown, holder
+    "SELECT r.value, r.stale, r.cool_left, (SELECT coalesce(nullif(a.application_name, ''), "
+    "'PostgreSQL backend pid ' || l.pid) FROM pg_locks l LEFT JOIN pg_stat_activity a "
+    "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.mode = 'ExclusiveLock' AND l.classid = $4::bigint::oid "
+    "AND l.objid = $5::bigint::oid LIMIT 1) AS holder FROM (SELECT 1) AS one LEFT JOIN ("
+    "SELECT CASE WHEN value_until IS NULL OR value_until > clock_timestamp() THEN value END "
+    "AS value, coalesce(made_at <= clock_timestamp() - make_interval(secs => $3::float8), "
+    "false) AS stale, extract(epoch FROM cool_until - clock_timestamp())::float8 AS cool_left "
+    "FROM {t} WHERE name = $1 AND key = $2) AS r ON true"
+)
+_WRITE = (  # prune up to 100 expired rows of other records, write this one, NOTIFY at commit
+    "WITH pruned AS (DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} "
+    "WHERE expires_at < now() AND NOT (name = $1 AND key = $2) LIMIT 100 "
+    "FOR UPDATE SKIP LOCKED))), written AS (INSERT INTO {t} AS r (name, key, value, made_at, "
+    "value_until, expires_at) VALUES ($1, $2, $3, clock_timestamp(), {u4}, {u4}) "
+    "ON CONFLICT (name, key) DO UPDATE SET value = EXCLUDED.value, made_at = EXCLUDED.made_at, "
+    "value_until = EXCLUDED.value_until, cool_until = NULL, expires_at = EXCLUDED.expires_at "
+    "RETURNING 1) SELECT pg_notify($5, $6) FROM written"
+)
+_COOL = (  # a cooldown, keeping the value; the row expires with the later of the two
+    "INSERT INTO {t} AS r (name, key, cool_until, expires_at) VALUES ($1, $2, {u3}, {u3}) "
+    "ON CONFLICT (name, key) DO UPDATE SET cool_until = EXCLUDED.cool_until, expires_at = "
+    "CASE WHEN r.value IS NOT NULL AND r.value_until IS NULL THEN NULL "
+    "ELSE greatest(r.expires_at, EXCLUDED.expires_at) END"
+)
+_DELETE = (
+    "WITH gone AS (DELETE FROM {t} WHERE name = $1 AND ($2::text IS NULL OR key = $2)) "
+    "SELECT pg_notify($3, $4)"
+)
+_RESOLVE = (  # the records table's schema-qualified name, if it and the sequence exist
+    "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n "
+    "ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1) AND to_regclass($2) IS NOT NULL"
 )
 
 
 class PostgresBackend(StoreBackend):
     """Share a once's value across every process (and host) that uses one PostgreSQL database.
 
-    The lease algorithm (``_lease``) over PostgreSQL's own primitives: one row per record in
-    ``<table>_lease``, an advisory lock per record held by the leader's own connection (so a
-    dead leader's lock ends with its session), ``NOTIFY`` to wake the followers and announce
-    resets, and the ``<table>_fence`` sequence for fencing tokens. Both are created on first use
-    if missing::
+    The lease algorithm over PostgreSQL's own primitives: a row per record in
+    ``<table>_lease``, an advisory lock per record held by the leader's own connection (a dead
+    leader's lock ends with its session), ``NOTIFY`` to wake followers and announce resets,
+    and the ``<table>_fence`` sequence for fencing tokens. Both are created on first use::
 
         CREATE TABLE fastapi_once_lease (
             name text, key text, value text, made_at timestamptz, value_until timestamptz,
             cool_until timestamptz, expires_at timestamptz, PRIMARY KEY (name, key));
         CREATE SEQUENCE fastapi_once_fence;
 
-    Connections per process and event loop: a pool of at most ``pool_size`` for the short
-    statements, one listener, and one per record this process leads at the time (all with
-    ``application_name`` ``fastapi_once pid <pid> on <host>``). Every statement is bounded by
-    ``wait_timeout``. Each write deletes up to 100 expired rows. asyncio only (asyncpg).
+    Connections per process and event loop (``application_name`` ``fastapi_once pid <pid> on
+    <host>``): at most ``pool_size`` pooled, one listener, one per record led at the time and
+    up to 4 idle ones for the next leaders. Every statement is bounded by ``wait_timeout``.
+    asyncio only (asyncpg).
 
     Args:
         dsn: a ``postgresql://`` (or ``postgres://``) URL or a libpq ``key=value`` string; its
             password never appears in errors, logs or :meth:`describe`.
         table: the tables' base name, optionally schema-qualified (``schema.table``); ``t`` and
-            ``public.t`` (the same table) share records, locks and notifications.
-        lock: ``"session"`` or ``"transaction"`` (for PgBouncer transaction pooling; the
-            listener still needs a session: point it at a session-pooled or direct address).
-        wait_timeout: the longest a follower waits, and any one statement takes (default
-            300 s); None: no bound.
+            ``public.t`` (one table) share records, locks and notifications.
+        lock: ``"session"``, or ``"transaction"`` for PgBouncer's transaction pooling (the
+            listener needs a session all the same: its NOTIFYs come late without one).
+        wait_timeout: the longest a follower waits, and any one statement takes, in seconds
+            (default 300); None: no bound.
         ttl: the default life of an unkeyed once's value in seconds; None: until reset.
         connect_timeout: seconds allowed to connect.
         check_interval: how often a leader checks that its lock session lives, and the
-            listener that its connection does, in seconds (default 1).
-        poll_interval: accepted for compatibility and unused: followers are woken by NOTIFY,
-            and claim again every ``recheck_interval`` without one.
+            listener its connection, in seconds (default 1).
+        poll_interval: accepted and unused (followers are woken by NOTIFY).
         max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB).
         recheck_interval: how often a waiting follower claims again without being woken.
         pool_size: the most pooled connections per event loop (default 10).
@@ -130,7 +158,7 @@ class PostgresBackend(StoreBackend):
         pool_size: int = 10,
     ) -> None:
         parts = table.split(".")
-        if len(parts) > 2 or not all(re.fullmatch(_IDENTIFIER, p) for p in parts):
+        if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
             raise ValueError(
                 f"PostgresBackend(table={table!r}): give a table name, optionally "
                 "schema-qualified, of at most 57 letters, digits and underscores (e.g. "
@@ -143,30 +171,42 @@ class PostgresBackend(StoreBackend):
             )
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ValueError(f"PostgresBackend(pool_size={pool_size!r}): give a whole number >= 1")
+        check_interval = _seconds("check_interval", check_interval)
         super().__init__(
             wait_timeout=wait_timeout,
             ttl=ttl,
-            lease=3 * check_interval,  # renewed (the session checked) every check_interval
+            lease=3 * check_interval,  # renewed (its session checked) every check_interval
             recheck_interval=recheck_interval,
             max_value_bytes=max_value_bytes,
         )
         self._scrub = Scrubber(dsn)
         self._connect_args = connect_args(dsn, self._scrub)
         self.table, self.lock, self.pool_size = table, lock, pool_size
-        self.connect_timeout = seconds("connect_timeout", connect_timeout)
-        self.check_interval = seconds("check_interval", check_interval)
-        self.poll_interval = seconds("poll_interval", poll_interval)
-        quoted = [f'"{p}"' for p in parts[:-1]]
-        self._records = ".".join([*quoted, f'"{parts[-1]}_lease"'])
-        self._fences = ".".join([*quoted, f'"{parts[-1]}_fence"'])
-        # The records table's schema-qualified name, as the server resolves it (so "t" and
-        # "public.t" are one namespace); set by the first statement that reaches the server.
+        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
+        self.check_interval, self.poll_interval = check_interval, poll_interval
+        _seconds("poll_interval", poll_interval)
+        schema = [f'"{p}"' for p in parts[:-1]]
+        self._fences = ".".join([*schema, f'"{parts[-1]}_fence"'])
+        t = ".".join([*schema, f'"{parts[-1]}_lease"'])
+        self._records = t
+        self._sql = {
+            "read": _READ.format(t=t),
+            "write": _WRITE.format(t=t, u4=_UNTIL.format("$4")),
+            "cool": _COOL.format(t=t, u3=_UNTIL.format("$3")),
+            "delete": _DELETE.format(t=t),
+            "try": "SELECT {}($1), set_config('application_name', $2, false)".format(
+                "pg_try_advisory_lock" if lock == "session" else "pg_try_advisory_xact_lock"
+            ),
+        }
+        # The records table's full name as the server resolves it (so "t" and "public.t" are
+        # one namespace of locks and one channel); set once the server was first reached.
         self._namespace: str | None = None
-        self._channel = ""  # the NOTIFY channel, named after _namespace
-        # Per event loop, its pool and its leases' lock sessions; the loop's listener ends
-        # them when it ends (see _listen). Only the loop's own thread touches its entries.
+        self._channel = ""
+        # Per event loop (each touched only by its loop's thread): the pool, the lock sessions
+        # of leases held and the idle ones. The loop's listener ends them all as it ends.
         self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
-        self._sessions: dict[asyncio.AbstractEventLoop, set[Any]] = {}
+        self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}
+        self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -178,49 +218,48 @@ class PostgresBackend(StoreBackend):
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
-        """Read the record (one pooled statement); if it has nothing to serve and no process
-        holds its lock, take the lock on a lock session of its own (see the module)."""
+        """Read the record (one pooled statement); with nothing to serve and its lock free,
+        try the lock on a lock session and read again there."""
         async with self._pooled("reading the record") as conn:
             lock = self._lock_key(name, key)  # after _pooled: the namespace is resolved
-            row = await conn.fetchrow(self._read, name, key, refresh, *_halves(lock))
+            row = await conn.fetchrow(self._sql["read"], name, key, refresh, *_halves(lock))
         found = _decide(row, held=row["holder"] is not None)
+        if found is None and row["holder"] is not None:
+            return Held(_holder(row["holder"]))
         if found is not None:
             return found
-        if row["holder"] is not None:
-            return Held(_holder(row["holder"]))
-        conn = await self._connect(holder)
+        conn = await self._session()
         try:
             with self._errors("taking the lease"):
-                if self.lock == "session":
-                    got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock)
-                else:
+                if self.lock == "transaction":
                     await conn.execute("BEGIN")
-                    got = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock)
-                if not got:  # another process took it since the read
-                    conn.terminate()
-                    return Held(None)
-                # A statement after taking the lock sees what the last holder committed.
-                row = await conn.fetchrow(self._read, name, key, refresh, *_halves(lock))
-                found = _decide(row, held=False)
-                if found is not None:
-                    conn.terminate()  # ends the session, and the lock with it
-                    return found
-                fence = int(await conn.fetchval(f"SELECT nextval('{self._fences}')"))
+                got = (await conn.fetchrow(self._sql["try"], lock, _APPLICATION + holder))[0]
+                if got:  # a statement after taking the lock sees the last holder's commit
+                    row = await conn.fetchrow(self._sql["read"], name, key, refresh, 0, 0)
+                    found = _decide(row, held=False)
+                    if found is None:
+                        fence = int(await conn.fetchval(f"SELECT nextval('{self._fences}')"))
+                        self._leased.setdefault(asyncio.get_running_loop(), set()).add(conn)
+                        return Lease(name, key, fence, conn)
+                if got or self.lock == "transaction":
+                    await self._unlock(conn, lock)
         except BaseException:
-            conn.terminate()
+            self._release(conn, False)  # ends the session, and a lock it took
             raise
-        self._sessions.setdefault(asyncio.get_running_loop(), set()).add(conn)
-        return Lease(name, key, fence, conn)
+        self._release(conn, True)
+        return found or Held(None)  # Held: another process took the lock since the read
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
         """Check that the lease's lock session lives (its lock cannot end otherwise)."""
         conn = lease.handle
-        # Shielded (and bounded by the statement's timeout): a check cut off half-way would
-        # leave the session busy for the complete or abandon that follows.
+        # Shielded, bounded by its timeout: a check cut off half-way would leave the session
+        # busy for the complete or abandon that follows.
         with anyio.CancelScope(shield=True):
             try:
                 with self._errors("checking the lock session"):
-                    await conn.fetchval("SELECT 1", timeout=min(seconds, self._timeout or seconds))
+                    await conn.fetchval(
+                        "SELECT 1", timeout=min(seconds, self.wait_timeout or seconds)
+                    )
             except StoreUnavailableError:
                 if conn.is_closed():
                     return False
@@ -229,32 +268,33 @@ class PostgresBackend(StoreBackend):
 
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
         """Record the value on the lock session (nothing if it has ended), NOTIFY, unlock."""
-        conn = lease.handle
-        args = (lease.name, lease.key, value, ttl, self._channel, _record(lease.name, lease.key))
+        conn, clean = lease.handle, False
+        record = _record(lease.name, lease.key)
         try:
             with self._errors("recording the value"):
-                await conn.execute(self._write, *args)
-                if self.lock == "transaction":
-                    await conn.execute("COMMIT")  # records, NOTIFYs and unlocks at once
+                args = (lease.name, lease.key, value, ttl, self._channel, record)
+                await conn.execute(self._sql["write"], *args)
+                # Session locks: after the write's commit, or another could lead on the old row.
+                await self._unlock(conn, self._lock_key(lease.name, lease.key))
+            clean = True
             return True
         except StoreUnavailableError:
             if conn.is_closed():
                 return False
             raise
         finally:
-            self._end(conn)  # a session lock ends with its session
+            self._release(conn, clean)
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
-        """Record ``cooldown`` (if any) on the lock session, free the lock, then NOTIFY."""
-        conn = lease.handle
+        """Record ``cooldown`` (if any), free the lock, NOTIFY; a lost lease is no error."""
+        conn, clean = lease.handle, False
         wake = (self._channel, _record(lease.name, lease.key))
         try:
             with contextlib.suppress(*_OUTAGES, asyncpg.PostgresError):
                 if cooldown is not None:
-                    await conn.execute(self._cool, lease.name, lease.key, cooldown)
-                # Followers woken must find the lock free: the NOTIFY is delivered at the
-                # commit of its statement, after the unlock in it (or by the COMMIT that
-                # releases a transaction lock).
+                    await conn.execute(self._sql["cool"], lease.name, lease.key, cooldown)
+                # Followers woken must find the lock free: a NOTIFY is delivered at its
+                # statement's commit, after the unlock in it (or by the COMMIT that unlocks).
                 if self.lock == "session":
                     lock = self._lock_key(lease.name, lease.key)
                     await conn.execute(
@@ -263,14 +303,15 @@ class PostgresBackend(StoreBackend):
                 else:
                     await conn.execute("SELECT pg_notify($1, $2)", *wake)
                     await conn.execute("COMMIT")
+                clean = True
         finally:
-            self._end(conn)
+            self._release(conn, clean)
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
-        """Delete the record(s), and NOTIFY the reset in the same statement."""
+        """Delete the record(s) and NOTIFY the reset, in one statement."""
         message = json.dumps({"name": name, "key": key, "origin": origin})
         async with self._pooled("clearing the record") as conn:
-            await conn.execute(self._delete, name, key, self._channel, message)
+            await conn.execute(self._sql["delete"], name, key, self._channel, message)
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -281,52 +322,73 @@ class PostgresBackend(StoreBackend):
             yield _Watch(event)
 
     async def aclose(self) -> None:
-        """Stop the running loop's listener; its end terminates the loop's pool."""
+        """Stop the running loop's listener; its end ends the loop's connections."""
         await self._listeners.stop()
 
     # --- connections --------------------------------------------------------------------------
 
-    @property
-    def _timeout(self) -> float | None:
-        return self.wait_timeout  # every statement's bound (None: none)
-
-    def _options(self, holder: str) -> dict[str, Any]:
+    def _options(self) -> dict[str, Any]:
         return {
             **self._connect_args,
             "timeout": self.connect_timeout,
-            "command_timeout": self._timeout,
+            "command_timeout": self.wait_timeout,  # every statement's bound
             # Transaction pooling cannot keep prepared statements between transactions.
             "statement_cache_size": 0 if self.lock == "transaction" else 100,
-            "server_settings": {"application_name": (_APPLICATION + holder)[:63]},
+            "server_settings": {"application_name": (_APPLICATION + holder_id())[:63]},
         }
 
-    async def _connect(self, holder: str) -> Any:
-        """A connection of its own (a lock session, or the listener's)."""
+    async def _connect(self) -> Any:
+        """A connection of its own (a lock session, or the listener's), the table made."""
         with self._errors("connecting"):
-            conn = await asyncpg.connect(**self._options(holder))
-        try:
-            with self._errors("creating the table"):
+            conn = await asyncpg.connect(**self._options())
+            try:
                 await self._setup(conn)
-        except BaseException:
-            conn.terminate()
-            raise
+            except BaseException:
+                conn.terminate()
+                raise
         return conn
+
+    async def _session(self) -> Any:
+        """An idle lock session of this loop's, or a new one."""
+        idle = self._idle.get(asyncio.get_running_loop(), [])
+        while idle:
+            conn = idle.pop()
+            if not conn.is_closed():
+                return conn
+        return await self._connect()
+
+    def _release(self, conn: Any, clean: bool) -> None:
+        """Keep a lock session that holds nothing for the next claim; else end it (and its
+        lock). Only while the loop's listener runs (its end ends the idle ones)."""
+        loop = asyncio.get_running_loop()
+        self._leased.get(loop, set()).discard(conn)
+        idle = self._idle.setdefault(loop, [])
+        if clean and not conn.is_closed() and loop in self._listeners and len(idle) < IDLE_SESSIONS:
+            idle.append(conn)
+        else:
+            conn.terminate()
+
+    async def _unlock(self, conn: Any, lock: int) -> None:
+        if self.lock == "session":
+            await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+        else:
+            await conn.execute("COMMIT")  # releases the lock; publishes the writes and NOTIFY
 
     @contextlib.asynccontextmanager
     async def _pooled(self, doing: str) -> AsyncIterator[Any]:
         """A connection of this loop's pool for the block (the loop's listener is started)."""
         self._listeners.start()  # its end terminates the pool: see _listen
         loop = asyncio.get_running_loop()
-        pool = self._pools.get(loop)
         with self._errors(doing):
+            pool = self._pools.get(loop)
             if pool is None:  # min_size=0: made without a round trip, so without a race
                 pool = await asyncpg.create_pool(
-                    min_size=0, max_size=self.pool_size, **self._options(holder_id())
+                    min_size=0, max_size=self.pool_size, **self._options()
                 )
                 if self._pools.setdefault(loop, pool) is not pool:
-                    pool.terminate()  # another call of this loop made one meanwhile
+                    pool.terminate()
                     pool = self._pools[loop]
-            async with pool.acquire(timeout=self._timeout) as conn:
+            async with pool.acquire(timeout=self.wait_timeout) as conn:
                 await self._setup(conn)
                 yield conn
 
@@ -334,15 +396,10 @@ class PostgresBackend(StoreBackend):
         """Create the table and sequence unless they exist; resolve the table's full name."""
         if self._namespace is not None:
             return
-        resolve = (
-            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n "
-            "ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1) AND to_regclass($2) "
-            "IS NOT NULL"
-        )
-        namespace = await conn.fetchval(resolve, self._records, self._fences)
+        namespace = await conn.fetchval(_RESOLVE, self._records, self._fences)
         if namespace is None:
-            # One multi-statement query is one transaction: the transaction lock keeps
-            # concurrent first uses from racing on CREATE.
+            # One multi-statement query is one transaction: its lock keeps concurrent first
+            # uses from racing on CREATE.
             await conn.execute(
                 f"SELECT pg_advisory_xact_lock({_lock_key('setup')}); "
                 f"CREATE TABLE IF NOT EXISTS {self._records} (name text NOT NULL, "
@@ -350,7 +407,7 @@ class PostgresBackend(StoreBackend):
                 "cool_until timestamptz, expires_at timestamptz, PRIMARY KEY (name, key)); "
                 f"CREATE SEQUENCE IF NOT EXISTS {self._fences}"
             )
-            namespace = await conn.fetchval(resolve, self._records, self._fences)
+            namespace = await conn.fetchval(_RESOLVE, self._records, self._fences)
         self._channel = "fastapi_once_" + hashlib.sha256(namespace.encode()).hexdigest()[:24]
         self._namespace = str(namespace)
 
@@ -360,27 +417,24 @@ class PostgresBackend(StoreBackend):
 
         Every ``check_interval`` without a message it checks that its session lives (a dead one
         receives nothing). After an outage it listens again, with backoff, then wakes every
-        watch (what was announced meanwhile was missed). Its end terminates the loop's pool.
+        watch (what was announced meanwhile was missed).
         """
         failures = 0
         try:
             while True:
                 conn: Any = None
                 try:
-                    conn = await self._connect(holder_id())
-                    messages: asyncio.Queue[str] = asyncio.Queue()
+                    conn = await self._connect()
+                    got: asyncio.Queue[str] = asyncio.Queue()
                     with self._errors("listening"):
-                        await conn.add_listener(
-                            self._channel,
-                            lambda *args, into=messages: into.put_nowait(str(args[3])),
-                        )
-                        failures = 0  # LISTEN has taken effect: no NOTIFY from now is missed
+                        await conn.add_listener(self._channel, lambda *a, q=got: q.put_nowait(a[3]))
+                        failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                         wakeups.listening.set()
                         wakeups.wake_all()
                         while True:
                             message: str | None = None
                             with anyio.move_on_after(self.check_interval):
-                                message = await messages.get()
+                                message = await got.get()
                             if message is None:
                                 await conn.fetchval("SELECT 1", timeout=self.check_interval)
                             else:
@@ -395,32 +449,25 @@ class PostgresBackend(StoreBackend):
                 failures += 1
         finally:
             loop = asyncio.get_running_loop()
-            for conn in self._sessions.pop(loop, ()):
-                conn.terminate()  # its lease is lost: the leader's renewal will say so
+            for conn in [*self._leased.pop(loop, ()), *self._idle.pop(loop, ())]:
+                conn.terminate()  # a lease's renewal then says it is lost
             pool = self._pools.pop(loop, None)
             if pool is not None:
                 pool.terminate()
-
-    def _end(self, session: Any) -> None:
-        """End a lease's lock session (and so its lock)."""
-        self._sessions.get(asyncio.get_running_loop(), set()).discard(session)
-        session.terminate()
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
         """A NOTIFY: a record's id (its leader ended) or a JSON reset."""
         if not message.startswith("{"):
             wakeups.wake(message)
             return
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # not one of ours
             data = json.loads(message)
             reset = Reset(str(data["name"]), data["key"], str(data["origin"]))
-        except (ValueError, KeyError, TypeError):
-            return  # not one of ours
-        if reset.key is None:
-            wakeups.wake_all()
-        else:
-            wakeups.wake(_record(reset.name, reset.key))
-        self.heard(reset)
+            if reset.key is None:
+                wakeups.wake_all()
+            else:
+                wakeups.wake(_record(reset.name, reset.key))
+            self.heard(reset)
 
     @contextlib.contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
@@ -435,61 +482,6 @@ class PostgresBackend(StoreBackend):
     def _lock_key(self, name: str, key: str) -> int:
         return _lock_key(f"{self._namespace}\0{name}\0{key}")
 
-    # --- statements ---------------------------------------------------------------------------
-
-    @property
-    def _read(self) -> str:
-        # One row whether or not the record exists: its value (unless expired), whether it is
-        # due for refresh ($3 seconds, or NULL), the cooldown left, and the lock's holder.
-        return (
-            "SELECT r.value, r.stale, r.cool_left, (SELECT coalesce(nullif("
-            "a.application_name, ''), 'PostgreSQL backend pid ' || l.pid) FROM pg_locks l "
-            "LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-            "AND l.granted AND l.mode = 'ExclusiveLock' AND l.objsubid = 1 "
-            "AND l.classid = $4::bigint::oid AND l.objid = $5::bigint::oid LIMIT 1) AS holder "
-            "FROM (SELECT 1) AS one LEFT JOIN (SELECT CASE WHEN value_until IS NULL OR "
-            "value_until > clock_timestamp() THEN value END AS value, coalesce(made_at <= "
-            "clock_timestamp() - make_interval(secs => $3::float8), false) AS stale, "
-            "extract(epoch FROM cool_until - clock_timestamp())::float8 AS cool_left "
-            f"FROM {self._records} WHERE name = $1 AND key = $2) AS r ON true"
-        )
-
-    @property
-    def _write(self) -> str:
-        # Delete up to 100 expired rows of other records (the table holds about one ttl window
-        # of keys), write this one, NOTIFY its id (delivered at commit). clock_timestamp(), not
-        # now(): with lock="transaction" the transaction began before the work ran.
-        until = "clock_timestamp() + make_interval(secs => $4::float8)"
-        return (
-            f"WITH pruned AS (DELETE FROM {self._records} WHERE ctid = ANY(ARRAY("
-            f"SELECT ctid FROM {self._records} WHERE expires_at < now() "
-            "AND NOT (name = $1 AND key = $2) LIMIT 100 FOR UPDATE SKIP LOCKED))), "
-            f"written AS (INSERT INTO {self._records} AS r (name, key, value, made_at, "
-            f"value_until, expires_at) VALUES ($1, $2, $3, clock_timestamp(), {until}, {until}) "
-            "ON CONFLICT (name, key) DO UPDATE SET value = EXCLUDED.value, made_at = "
-            "EXCLUDED.made_at, value_until = EXCLUDED.value_until, cool_until = NULL, "
-            "expires_at = EXCLUDED.expires_at RETURNING 1) "
-            "SELECT pg_notify($5, $6) FROM written"
-        )
-
-    @property
-    def _cool(self) -> str:
-        until = "clock_timestamp() + make_interval(secs => $3::float8)"
-        return (
-            f"INSERT INTO {self._records} AS r (name, key, cool_until, expires_at) "
-            f"VALUES ($1, $2, {until}, {until}) ON CONFLICT (name, key) DO UPDATE SET "
-            "cool_until = EXCLUDED.cool_until, expires_at = CASE WHEN r.value IS NOT NULL "
-            "AND r.value_until IS NULL THEN NULL ELSE greatest(r.expires_at, "
-            "EXCLUDED.expires_at) END"
-        )
-
-    @property
-    def _delete(self) -> str:
-        return (
-            f"WITH gone AS (DELETE FROM {self._records} WHERE name = $1 "
-            "AND ($2::text IS NULL OR key = $2)) SELECT pg_notify($3, $4)"
-        )
-
 
 class _Watch(Watch):
     def __init__(self, event: asyncio.Event) -> None:
@@ -502,19 +494,17 @@ class _Watch(Watch):
 
 
 def _decide(row: Any, *, held: bool) -> Served | Cooling | None:
-    """What a read of the record returns, if not a lease: a value younger than the refresh age
-    (or due, while another holds the lock or a failure cools down), else a cooldown."""
+    """A read's answer unless it is to lead: a value younger than the refresh age (or due,
+    while another holds the lock or a failure cools down), else a cooldown."""
     value, cool = row["value"], row["cool_left"]
     cooling = cool is not None and cool > 0
     if value is not None and (not row["stale"] or held or cooling):
         return Served(str(value))
-    if value is None and cooling:
-        return Cooling(float(cool))
-    return None
+    return Cooling(float(cool)) if value is None and cooling else None
 
 
 def _holder(application: str) -> str:
-    return application[len(_APPLICATION) :] if application.startswith(_APPLICATION) else application
+    return application.removeprefix(_APPLICATION)
 
 
 def _record(name: str, key: str) -> str:
