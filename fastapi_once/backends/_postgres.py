@@ -1,22 +1,11 @@
 """PostgresBackend: the lease algorithm over PostgreSQL (asyncpg).
 
-The store's primitives (see ``_store``):
-
-- lock: an advisory lock per record, on the leader's own connection (its lock session):
-  ``pg_try_advisory_lock`` (``lock="session"``), or ``pg_try_advisory_xact_lock`` in a
-  transaction left open while the work runs (``lock="transaction"``, for PgBouncer's
-  transaction pooling). It ends with its session: a dead leader frees it at once. Renewing a
-  lease checks that its session lives.
-- record: one row per (name, key) in ``<table>_lease``. Who holds a lease is read from
-  ``pg_locks`` (its session's ``application_name``): nothing about a lease is written.
-- wake-up: ``NOTIFY`` on the table's one channel, naming the record (a leader's end) or holding
-  a JSON reset; one connection per process and event loop ``LISTEN``s (through ``Listeners``).
-- fencing: ``nextval('<table>_fence')``: grows across restarts and crashes.
-
-Connections per process and event loop: a pool (``asyncpg.create_pool``) of at most
-``pool_size`` for the short statements; the listener's one; one lock session per lease held, and
-up to ``IDLE_SESSIONS`` idle ones kept for the next claims. The listener's end (``aclose()`` or
-the loop's end) ends them all.
+The primitives (see ``_store``'s table): an advisory lock per record on the leader's own lock
+session (``pg_try_advisory_lock``, or ``pg_try_advisory_xact_lock`` in a transaction left open
+while the work runs, for PgBouncer); one row per record in ``<table>_lease`` (who holds a lease
+is read from ``pg_locks``: nothing about a lease is written); ``NOTIFY`` on the table's one
+channel, naming the record (a leader's end) or holding a JSON reset, heard by one ``LISTEN``
+connection per event loop; fences from ``nextval('<table>_fence')``. Connections: ``_pgconn``.
 """
 
 from __future__ import annotations
@@ -26,7 +15,7 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import anyio
@@ -36,31 +25,12 @@ from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, back
 from ._base import seconds as _seconds
 from ._lease import StoreBackend
 from ._libpq import connect_args
+from ._pgconn import DRIVER_ERRORS, Connections
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, Wakeups
 
-try:
-    import asyncpg  # type: ignore[import-untyped]
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "PostgresBackend needs the asyncpg package: pip install 'fastapi-once[postgres]'"
-    ) from exc
-
-#: Idle lock sessions a loop keeps for its next claims (a connection is a server process).
-IDLE_SESSIONS = 4
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for "_lease" and "_fence"
 _APPLICATION = "fastapi_once "  # application_name prefix: tells followers who holds a lock
-# The server cannot be reached or did not answer in time: StoreUnavailableError.
-_OUTAGES = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.InternalClientError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cancelled, starting up
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
-    asyncpg.exceptions.LockNotAvailableError,
-)
 _UNTIL = "clock_timestamp() + make_interval(secs => {}::float8)"  # NULL seconds: never
 
 # The statements; {t} is the records table. clock_timestamp(), not now(): with
@@ -116,8 +86,8 @@ class PostgresBackend(StoreBackend):
 
     Connections per process and event loop (``application_name`` ``fastapi_once pid <pid> on
     <host>``): at most ``pool_size`` pooled, one listener, one per record led at the time and
-    up to 4 idle ones for the next leaders. Every statement is bounded by ``wait_timeout``.
-    asyncio only (asyncpg).
+    up to 4 idle ones for the next leaders; ``aclose()`` or the loop's end ends them. Every
+    statement is bounded by ``wait_timeout``. asyncio only (asyncpg).
 
     Args:
         dsn: a ``postgresql://`` (or ``postgres://``) URL or a libpq ``key=value`` string; its
@@ -202,11 +172,9 @@ class PostgresBackend(StoreBackend):
         # one namespace of locks and one channel); set once the server was first reached.
         self._namespace: str | None = None
         self._channel = ""
-        # Per event loop (each touched only by its loop's thread): the pool, the lock sessions
-        # of leases held and the idle ones. The loop's listener ends them all as it ends.
-        self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
-        self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}
-        self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        self._connections = Connections(
+            self._options, pool_size, self._setup, self.describe, self._scrub
+        )
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -225,12 +193,12 @@ class PostgresBackend(StoreBackend):
             row = await conn.fetchrow(self._sql["read"], name, key, refresh, *_halves(lock))
         found = _decide(row, held=row["holder"] is not None)
         if found is None and row["holder"] is not None:
-            return Held(_holder(row["holder"]))
+            return Held(row["holder"].removeprefix(_APPLICATION))
         if found is not None:
             return found
-        conn = await self._session()
+        conn = await self._connections.session()
         try:
-            with self._errors("taking the lease"):
+            with self._connections.errors("taking the lease"):
                 if self.lock == "transaction":
                     await conn.execute("BEGIN")
                 got = (await conn.fetchrow(self._sql["try"], lock, _APPLICATION + holder))[0]
@@ -239,7 +207,7 @@ class PostgresBackend(StoreBackend):
                     found = _decide(row, held=False)
                     if found is None:
                         fence = int(await conn.fetchval(f"SELECT nextval('{self._fences}')"))
-                        self._leased.setdefault(asyncio.get_running_loop(), set()).add(conn)
+                        self._connections.lease(conn)
                         return Lease(name, key, fence, conn)
                 if got or self.lock == "transaction":
                     await self._unlock(conn, lock)
@@ -256,7 +224,7 @@ class PostgresBackend(StoreBackend):
         # busy for the complete or abandon that follows.
         with anyio.CancelScope(shield=True):
             try:
-                with self._errors("checking the lock session"):
+                with self._connections.errors("checking the lock session"):
                     await conn.fetchval(
                         "SELECT 1", timeout=min(seconds, self.wait_timeout or seconds)
                     )
@@ -271,7 +239,7 @@ class PostgresBackend(StoreBackend):
         conn, clean = lease.handle, False
         record = _record(lease.name, lease.key)
         try:
-            with self._errors("recording the value"):
+            with self._connections.errors("recording the value"):
                 args = (lease.name, lease.key, value, ttl, self._channel, record)
                 await conn.execute(self._sql["write"], *args)
                 # Session locks: after the write's commit, or another could lead on the old row.
@@ -290,7 +258,7 @@ class PostgresBackend(StoreBackend):
         conn, clean = lease.handle, False
         wake = (self._channel, _record(lease.name, lease.key))
         try:
-            with contextlib.suppress(*_OUTAGES, asyncpg.PostgresError):
+            with contextlib.suppress(*DRIVER_ERRORS):
                 if cooldown is not None:
                     await conn.execute(self._sql["cool"], lease.name, lease.key, cooldown)
                 # Followers woken must find the lock free: a NOTIFY is delivered at its
@@ -337,60 +305,22 @@ class PostgresBackend(StoreBackend):
             "server_settings": {"application_name": (_APPLICATION + holder_id())[:63]},
         }
 
-    async def _connect(self) -> Any:
-        """A connection of its own (a lock session, or the listener's), the table made."""
-        with self._errors("connecting"):
-            conn = await asyncpg.connect(**self._options())
-            try:
-                await self._setup(conn)
-            except BaseException:
-                conn.terminate()
-                raise
-        return conn
-
-    async def _session(self) -> Any:
-        """An idle lock session of this loop's, or a new one."""
-        idle = self._idle.get(asyncio.get_running_loop(), [])
-        while idle:
-            conn = idle.pop()
-            if not conn.is_closed():
-                return conn
-        return await self._connect()
+    @contextlib.asynccontextmanager
+    async def _pooled(self, doing: str) -> AsyncIterator[Any]:
+        self._listeners.start()  # its end ends the loop's connections: see _listen
+        async with self._connections.pooled(doing) as conn:
+            yield conn
 
     def _release(self, conn: Any, clean: bool) -> None:
-        """Keep a lock session that holds nothing for the next claim; else end it (and its
-        lock). Only while the loop's listener runs (its end ends the idle ones)."""
-        loop = asyncio.get_running_loop()
-        self._leased.get(loop, set()).discard(conn)
-        idle = self._idle.setdefault(loop, [])
-        if clean and not conn.is_closed() and loop in self._listeners and len(idle) < IDLE_SESSIONS:
-            idle.append(conn)
-        else:
-            conn.terminate()
+        # Idle sessions are kept only while the loop's listener runs, to end them as it ends.
+        keep = clean and asyncio.get_running_loop() in self._listeners
+        self._connections.release(conn, keep=keep)
 
     async def _unlock(self, conn: Any, lock: int) -> None:
         if self.lock == "session":
             await conn.execute("SELECT pg_advisory_unlock($1)", lock)
         else:
             await conn.execute("COMMIT")  # releases the lock; publishes the writes and NOTIFY
-
-    @contextlib.asynccontextmanager
-    async def _pooled(self, doing: str) -> AsyncIterator[Any]:
-        """A connection of this loop's pool for the block (the loop's listener is started)."""
-        self._listeners.start()  # its end terminates the pool: see _listen
-        loop = asyncio.get_running_loop()
-        with self._errors(doing):
-            pool = self._pools.get(loop)
-            if pool is None:  # min_size=0: made without a round trip, so without a race
-                pool = await asyncpg.create_pool(
-                    min_size=0, max_size=self.pool_size, **self._options()
-                )
-                if self._pools.setdefault(loop, pool) is not pool:
-                    pool.terminate()
-                    pool = self._pools[loop]
-            async with pool.acquire(timeout=self.wait_timeout) as conn:
-                await self._setup(conn)
-                yield conn
 
     async def _setup(self, conn: Any) -> None:
         """Create the table and sequence unless they exist; resolve the table's full name."""
@@ -424,9 +354,9 @@ class PostgresBackend(StoreBackend):
             while True:
                 conn: Any = None
                 try:
-                    conn = await self._connect()
+                    conn = await self._connections.connect()
                     got: asyncio.Queue[str] = asyncio.Queue()
-                    with self._errors("listening"):
+                    with self._connections.errors("listening"):
                         await conn.add_listener(self._channel, lambda *a, q=got: q.put_nowait(a[3]))
                         failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                         wakeups.listening.set()
@@ -448,12 +378,7 @@ class PostgresBackend(StoreBackend):
                 await anyio.sleep(backoff(failures, cap=5.0))
                 failures += 1
         finally:
-            loop = asyncio.get_running_loop()
-            for conn in [*self._leased.pop(loop, ()), *self._idle.pop(loop, ())]:
-                conn.terminate()  # a lease's renewal then says it is lost
-            pool = self._pools.pop(loop, None)
-            if pool is not None:
-                pool.terminate()
+            self._connections.end()
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
         """A NOTIFY: a record's id (its leader ended) or a JSON reset."""
@@ -468,16 +393,6 @@ class PostgresBackend(StoreBackend):
             else:
                 wakeups.wake(_record(reset.name, reset.key))
             self.heard(reset)
-
-    @contextlib.contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        """Driver errors as StoreUnavailableError (an outage) or BackendError, scrubbed."""
-        try:
-            yield
-        except (*_OUTAGES, asyncpg.PostgresError) as exc:
-            detail = self._scrub(f"{type(exc).__name__}: {exc}")
-            kind = StoreUnavailableError if isinstance(exc, _OUTAGES) else BackendError
-            raise kind(f"{self.describe()}: failed {doing}: {detail}") from exc
 
     def _lock_key(self, name: str, key: str) -> int:
         return _lock_key(f"{self._namespace}\0{name}\0{key}")
@@ -501,10 +416,6 @@ def _decide(row: Any, *, held: bool) -> Served | Cooling | None:
     if value is not None and (not row["stale"] or held or cooling):
         return Served(str(value))
     return Cooling(float(cool)) if value is None and cooling else None
-
-
-def _holder(application: str) -> str:
-    return application.removeprefix(_APPLICATION)
 
 
 def _record(name: str, key: str) -> str:
