@@ -36,11 +36,13 @@ _UNTIL = "clock_timestamp() + make_interval(secs => {}::float8)"  # NULL seconds
 # The statements; {t} is the records table. clock_timestamp(), not now(): with
 # lock="transaction" the leader's transaction began before its work ran.
 _READ = (  # one row, record or not: value unless expired, due for refresh, cooldown, holder
-    "SELECT r.value, r.stale, r.cool_left, (SELECT coalesce(nullif(a.application_name, ''), "
-    "'PostgreSQL backend pid ' || l.pid) FROM pg_locks l LEFT JOIN pg_stat_activity a "
-    "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-    "AND l.mode = 'ExclusiveLock' AND l.classid = $4::bigint::oid "
-    "AND l.objid = $5::bigint::oid LIMIT 1) AS holder FROM (SELECT 1) AS one LEFT JOIN ("
+    # (looked up only when the value is not fresh)
+    "SELECT r.value, r.stale, r.cool_left, CASE WHEN r.value IS NULL OR r.stale THEN ("
+    "SELECT coalesce(nullif(a.application_name, ''), 'PostgreSQL backend pid ' || l.pid) "
+    "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = "
+    "'advisory' AND l.granted AND l.objsubid = 1 AND l.mode = 'ExclusiveLock' AND l.classid "
+    "= $4::bigint::oid AND l.objid = $5::bigint::oid LIMIT 1) END AS holder "
+    "FROM (SELECT 1) AS one LEFT JOIN ("
     "SELECT CASE WHEN value_until IS NULL OR value_until > clock_timestamp() THEN value END "
     "AS value, coalesce(made_at <= clock_timestamp() - make_interval(secs => $3::float8), "
     "false) AS stale, extract(epoch FROM cool_until - clock_timestamp())::float8 AS cool_left "
