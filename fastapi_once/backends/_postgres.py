@@ -107,7 +107,7 @@ class PostgresBackend(StoreBackend):
         poll_interval: accepted and unused (followers are woken by NOTIFY).
         max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB).
         recheck_interval: how often a waiting follower claims again without being woken.
-        pool_size: the most pooled connections per event loop (default 10).
+        pool_size: the most pooled connections per event loop (default 8).
 
     Raises:
         ValueError: ``table`` is not an identifier, ``lock`` is unknown, a time is not a
@@ -127,7 +127,7 @@ class PostgresBackend(StoreBackend):
         poll_interval: float = 0.025,
         max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
         recheck_interval: float = 1.0,
-        pool_size: int = 10,
+        pool_size: int = 8,
     ) -> None:
         parts = table.split(".")
         if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
@@ -286,10 +286,10 @@ class PostgresBackend(StoreBackend):
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's NOTIFYs (see ``_listen``)."""
-        wakeups = self._listeners.start()
-        with wakeups.waiter(_record(name, key)) as event:
-            await wakeups.until_listening(self.recheck_interval)
-            yield _Watch(event)
+        with contextlib.ExitStack() as stack:
+            watch = _Watch(self._listeners, _record(name, key), stack)
+            await watch.register(self.recheck_interval)
+            yield watch
 
     async def aclose(self) -> None:
         """Stop the running loop's listener; its end ends the loop's connections."""
@@ -401,10 +401,24 @@ class PostgresBackend(StoreBackend):
 
 
 class _Watch(Watch):
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event  # set by the loop's listener; cleared as each wait returns
+    def __init__(self, listeners: Listeners, record: str, stack: contextlib.ExitStack) -> None:
+        self._listeners, self._record, self._stack = listeners, record, stack
+        self._wakeups: Wakeups | None = None
+        self._event = asyncio.Event()  # set by the loop's listener; cleared as a wait returns
+
+    async def register(self, bound: float) -> None:
+        """Register with the loop's listener (starting it); wait up to ``bound`` for it."""
+        self._stack.close()  # the registration with an ended listener, if any
+        self._wakeups = self._listeners.start()
+        self._event = self._stack.enter_context(self._wakeups.waiter(self._record))
+        await self._wakeups.until_listening(bound)
 
     async def changed(self, timeout: float) -> None:  # noqa: ASYNC109
+        if self._wakeups is None or self._wakeups.ended:
+            # aclose() ended the listener: register with the loop's next one; what changed
+            # meanwhile was missed, so the caller claims again at once.
+            await self.register(timeout)
+            return
         with anyio.move_on_after(timeout):
             await self._event.wait()
         self._event.clear()
