@@ -11,8 +11,9 @@ from ._errors import (
     OnceTimeoutError,
 )
 from ._fastapi import once
-from ._lifespan import once_lifespan
+from ._lifespan import once_closed_handler, once_lifespan
 from ._loops import reset_all
+from ._perloop import OnceLoopWarning
 from ._readiness import readiness_router
 from ._status import OnceStatus
 
@@ -22,9 +23,11 @@ __all__ = [
     "OnceClosedError",
     "OnceCycleError",
     "OnceError",
+    "OnceLoopWarning",
     "OnceStatus",
     "OnceTimeoutError",
     "once",
+    "once_closed_handler",
     "once_lifespan",
     "readiness_router",
     "registry",

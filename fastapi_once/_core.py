@@ -16,7 +16,7 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from ._attempts import wait
-from ._keys import NOKEY, shared_key_digest, unhashable
+from ._keys import NOKEY, key_call_error, shared_key_digest, unhashable
 from ._kinds import as_coroutine_function, kind_of
 from ._loops import (
     call_blocking,
@@ -29,6 +29,7 @@ from ._loops import (
     state_of,
     thread_proof,
 )
+from ._perloop import began
 from ._policy import Policy
 from ._records import Injector, KeyView, Record, Resolve, Store
 from ._status import OnceStatus, project
@@ -165,7 +166,10 @@ class Once(Generic[P, T]):
         else:
             assert store is not None
             hidden = kwargs.pop(self._param, None) if self._param is not None else None
-            key = self._key(*args, **kwargs)
+            try:
+                key = self._key(*args, **kwargs)
+            except TypeError as exc:
+                raise key_call_error(self.name, self.fn, args, kwargs, exc) from None
             try:
                 rec = store.records.get(key)
             except TypeError:
@@ -197,6 +201,7 @@ class Once(Generic[P, T]):
                 loop,
                 state,
             )
+            began(self, self.name, loop, self._work.fn)  # warns if its last loop ended untorn down
         self._hot = (loop, thread_proof(loop), store, store.records.get(NOKEY))
         return self._hot
 
@@ -321,7 +326,10 @@ class Once(Generic[P, T]):
         if args or kwargs:
             if self._key is None:
                 raise TypeError(f"{self.name}.reset() takes arguments only for a keyed once")
-            key = self._key(*args, **kwargs)
+            try:
+                key = self._key(*args, **kwargs)
+            except TypeError as exc:
+                raise key_call_error(self.name, self.fn, args, kwargs, exc) from None
             try:
                 hash(key)
             except TypeError:
@@ -363,4 +371,5 @@ def _forget_hot_cells() -> None:
         item._hot = _NOWHERE
 
 
-os.register_at_fork(after_in_child=_forget_hot_cells)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_hot_cells)

@@ -15,30 +15,28 @@ from collections.abc import (
     Iterator,
 )
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 from fastapi.dependencies.models import Dependant
 from fastapi.dependencies.utils import get_dependant, get_typed_signature
 from starlette.requests import HTTPConnection
 
 from ._core import Once, make_with
-from ._kinds import Kind, invoke, kind_of
+from ._kinds import invoke, kind_of
 from ._methods import OnceMethod, classmethod_refused, first_in_class, is_method, method_once
-from ._policy import Policy
+from ._options import Options, check_across, once_options
 from ._records import Resolve
 
 if sys.version_info >= (3, 12):  # pragma: no cover
-    from typing import ParamSpec, TypedDict, Unpack
+    from typing import ParamSpec, Unpack
 else:  # pragma: no cover
-    from typing_extensions import ParamSpec, TypedDict, Unpack
+    from typing_extensions import ParamSpec, Unpack
 
 if TYPE_CHECKING:
-    from .backends._late import Across, BoundBackend
+    from .backends._late import BoundBackend
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-DEFAULT_MAXSIZE = 128
 
 # The hidden keyword argument through which FastAPI hands a once the connection, so that
 # sub-dependencies are resolved with the app's dependency_overrides.
@@ -257,28 +255,6 @@ class _KeyedDecorator(Protocol[P]):
     def __call__(self, fn: Callable[..., T], /) -> Once[P, T]: ...
 
 
-class Options(TypedDict, total=False):
-    """The keyword options of :func:`once` other than ``key`` (each documented there)."""
-
-    maxsize: int
-    across: Across
-    on_backend_error: Literal["local", "raise"]
-    name: str
-    version: str | int
-    timeout: float
-    retries: int
-    backoff: float
-    retry_on: type[BaseException] | tuple[type[BaseException], ...]
-    cooldown: float
-    ttl: float
-    refresh: float
-    jitter: float
-    stale_if_error: float
-    ping: Callable[[Any], Any]
-    log_keys: bool
-    scope: Literal["loop", "process"]
-
-
 @overload
 def once(fn: Once[P, T], /, **options: Unpack[Options]) -> Once[P, T]: ...  # type: ignore[overload-overlap]
 @overload
@@ -451,10 +427,8 @@ def once(fn: Any = None, /, **options: Any) -> Any:
         return fn.again(options)
     if is_method(fn):  # before callable(): a partialmethod is not callable
         return method_once(fn, options, _make)
-    if isinstance(fn, classmethod) or (
-        options.get("key") is None and first_in_class(fn) == "cls"
-    ):  # either order of @once and @classmethod (with key=, one value per class is a key)
-        raise classmethod_refused(fn)
+    if isinstance(fn, classmethod) or first_in_class(fn) == "cls":
+        raise classmethod_refused(fn)  # either order of @once and @classmethod, keyed or not
     if not callable(fn):
         raise TypeError(
             f"once() takes a function (async def, def, or generator function), got "
@@ -478,40 +452,14 @@ def _check_same_options(existing: Once[Any, Any], options: dict[str, Any]) -> No
         )
 
 
-_OPTIONS = frozenset({"key", *Options.__optional_keys__})  # the one list is Options
-
-
-def _check_across(
-    fn: Callable[..., Any], name: str, across: object, options: dict[str, Any]
-) -> BoundBackend:
-    """Return the once's backend: ``across`` (a backend, URL or factory) bound to ``fn``."""
+def _bind_across(fn: Callable[..., Any], name: str, options: dict[str, Any]) -> BoundBackend:
+    """Return the once's backend: ``across=`` (a backend, URL or factory) bound to ``fn``."""
     from ._handles import forget_elsewhere
     from .backends._late import BoundBackend
 
-    keyed = options.get("key") is not None
-    if keyed and options.get("ttl") is None:
-        raise TypeError(
-            f"once({name}, across=..., key=...): a keyed once across processes needs ttl=, so "
-            "that every key's record in the backend expires (keys come from requests: without "
-            "it, distinct keys would grow the store without bound); e.g. ttl=60"
-        )
-    if kind_of(fn) in (Kind.ASYNC_GEN, Kind.GEN):
-        raise TypeError(
-            f"once({name}, across=...): a generator's cleanup would run in one process only; "
-            "across= takes an async def or def whose JSON result every process shares"
-        )
-    on_error = options.get("on_backend_error", "local" if keyed else "raise")
-    if on_error not in ("local", "raise"):
-        raise ValueError(
-            f"once({name}, on_backend_error={on_error!r}): give 'local' (make the value in "
-            "this process while the backend cannot be reached) or 'raise' (BackendError)"
-        )
+    on_error = check_across(fn, name, options)
     return BoundBackend(
-        across,  # type: ignore[arg-type]  # BoundBackend checks it
-        fn=fn,
-        name=name,
-        on_error=on_error,
-        forget=forget_elsewhere,
+        options["across"], fn=fn, name=name, on_error=on_error, forget=forget_elsewhere
     )
 
 
@@ -522,78 +470,22 @@ def _show(options: dict[str, Any]) -> str:
 
 
 def _make(fn: Callable[..., Any], options: dict[str, Any]) -> Once[Any, Any]:
-    name = options.get("name", f"{getattr(fn, '__module__', None) or '?'}.{_call_name(fn)}")
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"once(name={name!r}): name= must be a non-empty string")
-    unknown = set(options) - _OPTIONS
-    if unknown:
-        raise TypeError(
-            f"once({name}): unknown option(s) {', '.join(sorted(unknown))}; "
-            f"the options are {', '.join(sorted(_OPTIONS))}"
-        )
-    version = options.get("version")
-    if version is not None:
-        name = f"{name}@{version}"
-    across = options.get("across")
-    if across is not None:
-        across = _check_across(fn, name, across, options)
-    elif "on_backend_error" in options:
-        raise TypeError(
-            f"once({name}, on_backend_error=...): on_backend_error= applies only with across=; "
-            "pass across= too"
-        )
-    key = options.get("key")
-    if key is not None and not callable(key):
-        raise TypeError(
-            f"once({name}, key={key!r}): key= takes a function of {name}'s request-data "
-            "parameters that returns a hashable key, e.g. key=lambda url: url"
-        )
-    maxsize = options.get("maxsize", DEFAULT_MAXSIZE)
-    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
-        raise ValueError(
-            f"once({name}, maxsize={maxsize!r}): maxsize must be a positive integer, the number of "
-            "keyed values to keep"
-        )
-    if "maxsize" in options and key is None:
-        raise TypeError(
-            f"once({name}, maxsize=...): maxsize= applies only with key=; pass key= too"
-        )
-    log_keys = options.get("log_keys")
-    if log_keys is not None and (not isinstance(log_keys, bool) or key is None):
-        raise TypeError(
-            f"once({name}, log_keys={log_keys!r}): log_keys= takes True or False and applies "
-            "only with key="
-        )
-    ping = options.get("ping")
-    if ping is not None and (not callable(ping) or key is not None):
-        raise TypeError(
-            f"once({name}, ping={ping!r}): ping= takes a function check(value) for an unkeyed "
-            "once, e.g. ping=lambda pool: pool.execute('SELECT 1')"
-        )
-    scope = options.get("scope", "loop")
-    if scope not in ("loop", "process"):
-        raise ValueError(
-            f"once({name}, scope={scope!r}): scope= is 'loop' (one value per event loop, the "
-            "default) or 'process' (one value shared by every loop and thread)"
-        )
-    if scope == "process" and kind_of(fn) is Kind.ASYNC_GEN:
-        raise TypeError(
-            f"once({name}, scope='process'): an async generator's value and cleanup belong to "
-            "the event loop that made it, which other loops cannot use; make it a def generator "
-            "or an async def, or keep scope='loop'"
-        )
-    policy = Policy.from_options(name, options)
-    signature, injector = adapt(fn, name, keyed=key is not None)
+    checked = once_options(
+        fn, f"{getattr(fn, '__module__', None) or '?'}.{_call_name(fn)}", options
+    )
+    name = checked.name
+    across = None if options.get("across") is None else _bind_across(fn, name, options)
+    signature, injector = adapt(fn, name, keyed=checked.key is not None)
     made: Once[Any, Any] = Once(
         fn,
         name=name,
-        key=key,
-        maxsize=maxsize,
+        key=checked.key,
+        maxsize=checked.maxsize,
         injector=injector,
         across=across,
-        policy=policy,
+        policy=checked.policy,
         options=options,
-        scope=scope,
+        scope=checked.scope,
     )
     made.__signature__ = signature  # type: ignore[attr-defined]
     return made

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 
@@ -56,16 +56,22 @@ async def retire_process_values(target: Once[Any, Any], timeout: float) -> None:
         )
 
 
-def kick(target: Once[Any, Any], context: object) -> bool:
+def kick(target: Once[Any, Any], context: object, *, make: bool = True) -> bool:
     """Start making an unkeyed once's value in the background unless it is there or on its way.
 
-    Returns whether an attempt was started. For readiness probes: nothing waits.
+    With ``make=False``, start only a refresh that is due before the value's ttl ends: a value
+    there is kept alive, none is made. Returns whether an attempt was started. For readiness
+    probes: nothing waits.
     """
     if target.process_scope and not in_process_loop():
-        return run_in_process_loop(lambda: kick(target, context))
+        return run_in_process_loop(lambda: kick(target, context, make=make))
     now = _core.monotonic()
     rec = target.store_here().record(NOKEY, now)
-    if rec.state != IDLE and not (rec.state == READY and rec.refresh_due(now)):
+    refresh = rec.state == READY and rec.refresh_due(now)
+    if refresh and not make:  # past the ttl a value is made anew, not refreshed
+        ends = cast(Value, rec.made).expires_at
+        refresh = ends is None or now < ends
+    if not (refresh or (make and rec.state == IDLE)):
         return False
     try:
         rec.start((), {}, target.bind(context))

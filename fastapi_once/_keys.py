@@ -112,3 +112,35 @@ def _hashable(value: object) -> bool:
     except TypeError:
         return False
     return True
+
+
+def key_call_error(
+    name: str,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    error: TypeError,
+) -> TypeError:
+    """The error for a keyed once's call whose key function raised ``error``.
+
+    Arguments that do not fit the once's function name the once and its signature (the bare
+    error named the user's ``key=`` lambda); any other ``TypeError`` is ``error`` itself. Only
+    parameter names are shown, never the arguments' values.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return error
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as wrong:
+        # Parameter names (and defaults) only: annotations may be strings, and are noise here.
+        shown = signature.replace(
+            parameters=[p.replace(annotation=p.empty) for p in signature.parameters.values()],
+            return_annotation=signature.empty,
+        )
+        return TypeError(
+            f"{name}{shown} was called with arguments that do not fit: {wrong}; "
+            f"call it as {name}{shown}"
+        )
+    return error

@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Protocol, TypeVar
@@ -30,6 +29,7 @@ import anyio
 import anyio.to_thread
 
 from ._attempts import Attempt, check_wait, wait, working
+from ._perloop import forget_all, left_to_loop_end, torn_down
 from ._telemetry import carry, error_type, fields
 from ._values import Value, raise_all
 
@@ -131,16 +131,7 @@ class LoopState:
         if name in self.warned:
             return
         self.warned.add(name)
-        # Warnings turned into errors cannot be raised from the library's own task.
-        with contextlib.suppress(Warning):
-            warnings.warn(
-                f"{name}: a value was still in service when its event loop ended, so its cleanup "
-                "ran at loop shutdown rather than at a teardown. Use `with TestClient(app)` (a "
-                "bare TestClient(app) runs each request in a new loop), once_lifespan, or await "
-                "reset_all() before the loop ends",
-                ResourceWarning,
-                stacklevel=1,
-            )
+        left_to_loop_end(name)
 
 
 _states: weakref.WeakKeyDictionary[object, LoopState] = weakref.WeakKeyDictionary()
@@ -231,6 +222,7 @@ async def reset_all() -> None:
     state = running_state()
     if state is not None:
         await drain(lambda: list(state.stores.values()), "reset_all()")
+        torn_down(current_loop())
 
 
 async def close(timeout: float) -> None:  # noqa: ASYNC109 - a bound, not the caller's deadline
@@ -239,10 +231,12 @@ async def close(timeout: float) -> None:  # noqa: ASYNC109 - a bound, not the ca
     Waits at most ``timeout`` seconds for work in flight; what is still running then is logged
     and left to finish (what it makes is cleaned up as soon as it settles).
     """
-    state = state_of(current_loop())
+    loop = current_loop()
+    state = state_of(loop)
     state.closed = True
     with anyio.CancelScope(shield=True):
         left = await drain(lambda: list(state.stores.values()), "shutdown", timeout)
+    torn_down(loop)
     if left:
         logger.warning(
             "shutdown stopped waiting after %.1f s; still running: %s",
@@ -278,6 +272,7 @@ def forget_everything() -> None:
         _states.clear()
         if here is not None and (kept := _process_state) is not None:
             _states[here] = kept
+    forget_all()
     orphans = [v for s in states for store in s.stores.values() for v in store.forget()]
     if orphans:
         with contextlib.suppress(BaseException):
@@ -510,4 +505,5 @@ def _forget_in_child() -> None:
     _exited = False
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_forget_in_child)

@@ -66,7 +66,8 @@ def classmethod_refused(fn: object) -> TypeError:
     return TypeError(
         f"@once on {name}: a classmethod has one value per class, which @once cannot bind in "
         f"the class body; drop @once there and, after the class is defined, use once({name}) "
-        "(the class's bound method: one value for the class), or make it a module-level function"
+        "(the class's bound method: one value for the class; with key=, one per key), or make "
+        "it a module-level function"
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +20,7 @@ MAX_BACKOFF = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Validated timing options; every one is off (None or 0) unless given."""
+    """Timing options (checked by ``_options``); every one is off (None or 0) unless given."""
 
     timeout: float | None = None
     retries: int = 0
@@ -33,65 +32,6 @@ class Policy:
     jitter: float | None = None
     stale_if_error: float | None = None  # seconds past ttl a value is kept for failed refreshes
     log_keys: bool = False  # not timing, but fixed per once and read where attempts start
-
-    @classmethod
-    def from_options(cls, name: str, options: dict[str, Any]) -> Policy:
-        """Check the timing options of ``once(name, **options)``; raise at the mistake.
-
-        Raises:
-            TypeError: an option has the wrong type.
-            ValueError: an option is out of range, or refresh is not below ttl.
-        """
-        for option in ("timeout", "cooldown", "ttl", "refresh", "stale_if_error"):
-            _positive_seconds(name, option, options.get(option))
-        _positive_seconds(name, "backoff", options.get("backoff"), zero_ok=True)
-        retries = options.get("retries", 0)
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(
-                f"once({name}, retries={retries!r}): retries must be a whole number >= 0, the "
-                "number of extra tries within one attempt"
-            )
-        retry_on = options.get("retry_on", (Exception,))
-        if isinstance(retry_on, type):
-            retry_on = (retry_on,)
-        if not (
-            isinstance(retry_on, tuple)
-            and retry_on
-            and all(isinstance(t, type) and issubclass(t, BaseException) for t in retry_on)
-        ):
-            raise TypeError(
-                f"once({name}, retry_on={retry_on!r}): retry_on takes an exception class or a "
-                "tuple of them, e.g. retry_on=(ConnectionError, TimeoutError)"
-            )
-        if ("backoff" in options or "retry_on" in options) and not retries:
-            raise TypeError(f"once({name}): backoff= and retry_on= apply only with retries=")
-        ttl, refresh = options.get("ttl"), options.get("refresh")
-        _positive_seconds(name, "jitter", options.get("jitter"))
-        if options.get("jitter") is not None and ttl is None and refresh is None:
-            raise TypeError(f"once({name}, jitter=...): jitter= applies only with ttl= or refresh=")
-        if options.get("stale_if_error") is not None and ttl is None:
-            raise TypeError(
-                f"once({name}, stale_if_error=...): stale_if_error= is how long a value may be "
-                "served past its ttl while making a new one fails, so it applies only with ttl=; "
-                "pass ttl= too"
-            )
-        if refresh is not None and ttl is not None and refresh >= ttl:
-            raise ValueError(
-                f"once({name}, ttl={ttl!r}, refresh={refresh!r}): refresh must be shorter than "
-                "ttl, so the value is refreshed before it expires"
-            )
-        return cls(
-            timeout=options.get("timeout"),
-            retries=retries,
-            backoff=options.get("backoff", 0.1),
-            retry_on=retry_on,
-            cooldown=options.get("cooldown"),
-            jitter=options.get("jitter"),
-            ttl=ttl,
-            refresh=refresh,
-            stale_if_error=options.get("stale_if_error"),
-            log_keys=options.get("log_keys", False),
-        )
 
     def deadlines(self, made_at: float) -> tuple[float | None, float | None]:
         """When a value made at ``made_at`` is due for refresh, and when it expires.
@@ -169,19 +109,3 @@ class Policy:
                     ),
                 )
                 await anyio.sleep(delay)
-
-
-def _positive_seconds(name: str, option: str, value: object, zero_ok: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"once({name}, {option}={value!r}): {option} takes seconds as a number")
-    if not math.isfinite(value):
-        raise ValueError(
-            f"once({name}, {option}={value!r}): {option} must be a finite number of seconds; "
-            f"leave {option} out to turn it off"
-        )
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(
-            f"once({name}, {option}={value!r}): {option} must be a positive number of seconds"
-        )

@@ -2,10 +2,11 @@
 
 A once can serve when it has a value (``ready``, ``refreshing``) that its ``ping=`` check, if
 any, accepts. A probe never lets an idle once's value lapse for want of traffic: it starts a
-due refresh as a call would, and with ``warm=`` a value that expired (after a success) being
-made again still counts as serving — requests wait for it as they would on any expiry — so
-the probe does not flap once per ``ttl``. A value kept past its ttl under ``stale_if_error=``
-counts as serving too (requests get it, or the new one): the probe marks it ``"stale": true``.
+refresh due before the ttl ends as a call would (with ``warm=`` or without), and with ``warm=``
+a value that expired (after a success) being made again still counts as serving — requests
+wait for it as they would on any expiry — so the probe does not flap once per ``ttl``. A
+value kept past its ttl under ``stale_if_error=`` counts as serving too (requests get it, or
+the new one): the probe marks it ``"stale": true``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ._handles import kick, served
 from ._kinds import Kind, kind_of
 from ._loops import current_loop
 from ._methods import refuse_class_level
+from ._options import readiness_options
 from ._status import OnceStatus
 from ._telemetry import error_type, fields, ping_failed
 
@@ -46,12 +48,16 @@ class _Ping:
         self.running: anyio.Event | None = None  # set when the ping in flight ends
 
 
+class _ReturnedFalse(Exception):
+    """A ping returned False: reported as such, not as an exception of the ping's."""
+
+
 async def _check(check: Callable[[Any], Any], value: Any, limit: float) -> None:
     """Run ``check(value)`` within ``limit`` s (a sync one in a worker thread).
 
     Raises:
         TimeoutError: it took longer.
-        Exception: what it raised, or ``ConnectionError`` if it returned False.
+        Exception: what it raised, or ``_ReturnedFalse`` if it returned False.
     """
     with anyio.fail_after(limit):
         if kind_of(check) is Kind.ASYNC:
@@ -59,7 +65,7 @@ async def _check(check: Callable[[Any], Any], value: Any, limit: float) -> None:
         else:
             result = await anyio.to_thread.run_sync(check, value, abandon_on_cancel=True)
     if result is False:
-        raise ConnectionError("the ping returned False")
+        raise _ReturnedFalse("ping returned False")
 
 
 async def _pinged(
@@ -82,13 +88,17 @@ async def _pinged(
     try:
         await _check(item.options["ping"], value, limit)
     except Exception as exc:
-        kind = "TimeoutError" if isinstance(exc, TimeoutError) else error_type(exc)
-        state.error = (str(kind), str(exc) or f"no answer within {limit} s")
-        ping_failed(item.name, str(kind))
+        if isinstance(exc, _ReturnedFalse):
+            kind, how = "returned False", "ping returned False"
+        else:
+            kind = "TimeoutError" if isinstance(exc, TimeoutError) else str(error_type(exc))
+            how = f"ping failed with {kind}"
+        state.error = (kind, str(exc) or f"no answer within {limit} s")
+        ping_failed(item.name, kind)
         logger.warning(
-            "%s: readiness ping failed with %s",
+            "%s: readiness %s",
             item.name,
-            kind,
+            how,
             extra=fields(item.name, "ping_failed", error_type=kind),
         )
     else:
@@ -117,10 +127,11 @@ def readiness_router(
     liveness separate: a failing dependency should take a pod out of rotation, not restart it.
 
     A once can serve when it has a value its ``ping=`` check (if any) accepts. The probe starts
-    a refresh that is due (``refresh=``), as a call would, so an idle pod's value does not
-    expire between probes; with ``warm=True``, a value that expired after a successful attempt
-    and is being made again counts as serving (``"renewing": true``): requests would wait for
-    it as on any expiry, and taking the pod out of rotation for that would make it flap.
+    a refresh that is due (``refresh=``) before the value's ttl ends, as a call would and also
+    with ``warm=False``, so an idle pod's value does not expire between probes; with
+    ``warm=True``, a value that expired after a successful attempt and is being made again
+    counts as serving (``"renewing": true``): requests would wait for it as on any expiry, and
+    taking the pod out of rotation for that would make it flap.
 
     Args:
         *onces: the unkeyed onces (or functions, taken as ``once(fn)``) the app needs to serve.
@@ -128,18 +139,22 @@ def readiness_router(
         details: also show each once's last error (type and message), attempt count, last
             duration, when its value was made, and a failed ping's error.
         retry_after: the ``Retry-After`` seconds sent with a 503.
-        warm: a probe starts making any listed once that is idle or failed (outside its
-            cooldown), without waiting for it — so a pod that receives no traffic until it is
-            ready still becomes ready.
+        warm: a probe starts making any listed once that is idle, failed (outside its
+            cooldown) or expired, without waiting for it — so a pod that receives no traffic
+            until it is ready still becomes ready. With ``warm=False`` a probe makes no value
+            that is not there; it still starts a due refresh of one that is.
         ping_timeout: seconds a ``ping=`` check may take before it counts as failed.
         ping_every: seconds a ping's result is reused, so that a probe storm does not hammer
             the dependency (concurrent probes share one ping in flight).
 
     Raises:
         TypeError: no onces, a keyed once (it has no single value to be ready), or a once method
-            looked up on its class (pass an instance's: ``obj.method``).
-        ValueError: ``retry_after`` is negative, or a ping interval is not positive.
+            looked up on its class (pass an instance's: ``obj.method``); an option of the wrong
+            type (``details`` and ``warm`` take a bool; a bool is not a number).
+        ValueError: ``path`` does not start with ``/``; ``retry_after`` is not 0 to 86400; a
+            ping interval is not a positive, finite number of seconds.
     """
+    readiness_options(path, details, retry_after, warm, ping_timeout, ping_every)
     if not onces:
         raise TypeError("readiness_router() needs the onces that must be ready, e.g. (get_db,)")
     items: list[Once[Any, Any]] = [once(item) for item in onces]
@@ -150,11 +165,6 @@ def readiness_router(
                 f"readiness_router({item.name}): a keyed once has one value per key, so it is "
                 "never ready as a whole; list unkeyed onces"
             )
-    if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
-        raise ValueError(f"readiness_router(retry_after={retry_after!r}): give whole seconds >= 0")
-    for option, seconds in (("ping_timeout", ping_timeout), ("ping_every", ping_every)):
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-            raise ValueError(f"readiness_router({option}={seconds!r}): give seconds > 0")
     router = APIRouter()
     # The pings of each event loop (a value belongs to one loop), dropped with it.
     pings: weakref.WeakKeyDictionary[object, dict[Once[Any, Any], _Ping]] = (
@@ -163,7 +173,9 @@ def readiness_router(
 
     async def probe(item: Once[Any, Any], app: object) -> dict[str, Any]:
         status = item.status(details=details)
-        if warm and kick(item, app):  # an idle or failed once, or a value due for refresh
+        # A value due for refresh (before its ttl ends) is refreshed as a call would, warm or
+        # not, so probes alone keep it alive; only warm= makes a value that is not there.
+        if kick(item, app, make=warm):
             status = item.status(details=details)
         entry: dict[str, Any] = {"state": status.state}
         if status.stale:

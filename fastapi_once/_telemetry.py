@@ -205,6 +205,7 @@ async def across(
     work: Callable[[], Awaitable[Any]],
     policy: Policy,
     key: object = NOKEY,
+    kept: bool = False,
 ) -> Any:
     """Run ``work`` once across processes through ``backend``; trace, time and log the role.
 
@@ -212,7 +213,8 @@ async def across(
     the backend called ``work`` here; otherwise it followed and waited for another's result.
     The record lives ``policy.ttl``; with a ``key`` (a keyed once) the backend keeps one record
     per key, named by the key's digest, with the policy's cooldown and refresh too, and the span
-    carries the key's digest.
+    carries the key's digest. With ``kept`` (the record keeps a value a failure leaves served),
+    the backend never falls back to making the value here.
     """
     led = fell_back = False
     shared = None if key is NOKEY else shared_key_digest(name, key)
@@ -245,6 +247,7 @@ async def across(
                 cooldown=policy.cooldown,
                 refresh=policy.refresh,
                 fell_back=fall_back,
+                kept=kept,
             )
     except BaseException as exc:
         error = exc
@@ -330,13 +333,32 @@ def _observe_states(options: Any) -> Iterable[Any]:
     ]
 
 
+#: Bucket boundaries (seconds) of the duration histograms: 1 ms to 10 minutes, about three per
+#: decade (the SDK's default, 0 to 10,000 in the histogram's unit, would put every attempt under
+#: 5 s in one bucket and resolve nothing past 10,000 s). An advice: a view set by the
+#: application takes precedence.
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+
+
+def _duration_histogram(name: str, description: str) -> Any:
+    try:
+        return _meter.create_histogram(
+            name, "s", description, explicit_bucket_boundaries_advisory=DURATION_BUCKETS
+        )
+    except TypeError:  # pragma: no cover - opentelemetry-api before 1.30 takes no advice
+        return _meter.create_histogram(name, "s", description)
+
+
 if OTEL:
     _meter = otel_metrics.get_meter(SCOPE)
     _attempts = _meter.create_counter(
         "fastapi_once.attempts", "{attempt}", "Attempts and refreshes that ended, by outcome"
     )
-    _duration = _meter.create_histogram(
-        "fastapi_once.attempt.duration", "s", "How long an attempt or refresh took"
+    _duration = _duration_histogram(
+        "fastapi_once.attempt.duration", "How long an attempt or refresh took"
     )
     _refresh_failures = _meter.create_counter(
         "fastapi_once.refresh.failures", "{refresh}", "Refreshes that failed (the value is kept)"
@@ -347,8 +369,8 @@ if OTEL:
     _evictions = _meter.create_counter(
         "fastapi_once.evictions", "{value}", "Keyed values evicted (least recently used)"
     )
-    _follower_wait = _meter.create_histogram(
-        "fastapi_once.follower.wait", "s", "How long a process waited for another to lead"
+    _follower_wait = _duration_histogram(
+        "fastapi_once.follower.wait", "How long a process waited for another to lead"
     )
     _fallbacks = _meter.create_counter(
         "fastapi_once.backend.fallbacks",

@@ -8,11 +8,12 @@ task group or cancel scope across its ``yield`` exits it in the task that entere
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -41,6 +42,7 @@ class Value:
     """
 
     __slots__ = (
+        "_around",
         "_cleaning",
         "_done",
         "_errors",
@@ -64,6 +66,7 @@ class Value:
         made_at: float,
         wall_time: float,
         deadlines: tuple[float | None, float | None],
+        around: anyio.CancelScope | None = None,
     ) -> None:
         self.label = label  # formatted with %s only when logged (a key's digest costs)
         self.serial = next(_serials)
@@ -71,6 +74,7 @@ class Value:
         self.stack = stack
         self.made_at, self.wall_time = made_at, wall_time
         self.refresh_at, self.expires_at = deadlines
+        self._around = around  # the scope of the making task that the cleanup shields
         self._cleaning = False
         self._errors: list[BaseException] = []
         self._retired = anyio.Event() if stack is not None else None
@@ -127,10 +131,15 @@ class Value:
                 loop_ends()
                 raise
             finally:
-                await self.clean_here()
+                await self.clean_here(self._around)
 
-    async def clean_here(self) -> None:
-        """Run the cleanup in the current task, once, shielded from cancellation."""
+    async def clean_here(self, around: anyio.CancelScope | None = None) -> None:
+        """Run the cleanup in the current task, once, shielded from cancellation.
+
+        Args:
+            around: in the task that made the value, the scope enclosing its making (see
+                :func:`shielded`); None elsewhere.
+        """
         if self.stack is None or self._cleaning:
             return
         self._cleaning, started = True, time.monotonic()
@@ -138,7 +147,7 @@ class Value:
             str(getattr(self.label, "name", self.label)),
             getattr(self.label, "number", None),
         )
-        with anyio.CancelScope(shield=True):
+        with shielded(around):
             try:
                 with cleanup_span(self.label):
                     await self.stack.aclose()
@@ -162,6 +171,25 @@ class Value:
         """What the cleanup raised, for the first one to ask."""
         errors, self._errors = self._errors, []
         return errors
+
+
+@contextlib.contextmanager
+def shielded(around: anyio.CancelScope | None) -> Iterator[None]:
+    """Shield the block from cancellation, through ``around`` if given, else a new scope.
+
+    ``around`` is a scope of the current task that encloses the block and every scope the block
+    exits: a generator's task group or cancel scope entered before its ``yield`` and exited by
+    its cleanup must be the task's innermost scope then, so no scope may be opened in between.
+    """
+    if around is None:
+        with anyio.CancelScope(shield=True):
+            yield
+        return
+    was, around.shield = around.shield, True
+    try:
+        yield
+    finally:
+        around.shield = was
 
 
 def raise_all(errors: list[BaseException]) -> None:

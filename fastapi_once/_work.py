@@ -22,7 +22,7 @@ from ._kinds import Kind, invoke
 from ._policy import Policy
 from ._records import Injector, Record, Resolve
 from ._telemetry import across
-from ._values import Value
+from ._values import Value, shielded
 
 if TYPE_CHECKING:
     from .backends import Backend
@@ -51,8 +51,10 @@ class Work:
         self._needs_stack = injector is not None or kind in (Kind.ASYNC_GEN, Kind.GEN)
         # An async def with no sub-dependencies and no backend: the attempt just awaits it.
         self._plain = kind is Kind.ASYNC and injector is None and across is None
-        # What a store runs per attempt: without a timeout there is no scope to open around it.
-        self.entry = self.attempt if policy.timeout is None else self.run
+        # What a store runs per attempt: a value with a cleanup is made and kept inside a scope
+        # of its own (see kept); without a timeout there is no other scope to open around it.
+        self._inner = self.kept if self._needs_stack else self.attempt
+        self.entry = self._inner if policy.timeout is None else self.run
 
     def fn(self) -> Callable[..., Any]:
         """The function that makes the value.
@@ -71,10 +73,27 @@ class Work:
         # generator opened before its yield are closed inside it.
         try:
             with anyio.CancelScope() as attempt.scope:
-                await self.attempt(rec, attempt, *call)
+                await self._inner(rec, attempt, *call)
         finally:
             if attempt.ended is not None:  # timed out: teardown waits for this
                 attempt.ended.set()
+
+    async def kept(
+        self,
+        rec: Record,
+        attempt: Attempt,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        resolve: Resolve | None,
+    ) -> None:
+        """Run an attempt whose value has a cleanup inside a scope that the cleanup shields.
+
+        A generator may hold a task group or cancel scope across its ``yield``: that scope
+        must be the task's innermost when the cleanup exits it, so the cleanup shields this
+        scope, which encloses it, instead of opening one of its own inside it.
+        """
+        with anyio.CancelScope() as around:
+            await self.attempt(rec, attempt, args, kwargs, resolve, around)
 
     async def attempt(
         self,
@@ -83,34 +102,53 @@ class Work:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         resolve: Resolve | None,
+        around: anyio.CancelScope | None = None,
     ) -> None:
-        """Make the value in a library task, settle ``attempt``, keep the value; never raises."""
+        """Make the value in a library task, settle ``attempt``, keep the value; never raises.
+
+        ``around`` (for a value with a cleanup) is the scope of this task that encloses the
+        making and the keeping: cleanups shield it.
+        """
         started = monotonic()
         working.set(attempt)
         try:
             if self._policy.retries:
-                make = functools.partial(self.make, args, kwargs, resolve)
+                make = functools.partial(
+                    self.make, args, kwargs, resolve, around, rec.made is not None
+                )
                 value, stack = await self._policy.run(attempt, make)
             elif self._plain:  # the common case, without the layers it does not need
                 value, stack = await self.fn()(*args, **kwargs), None
             else:
-                value, stack = await self.make(args, kwargs, resolve)
+                kept = rec.made is not None
+                value, stack = await self.make(args, kwargs, resolve, around, kept)
         except BaseException as exc:
             working.set(None)  # done with the attempt; its context must not keep it alive
             rec.fail(attempt, exc, monotonic() - started)
             return
         working.set(None)
         now = monotonic()
-        made = Value(attempt, value, stack, now, time.time(), self._policy.deadlines(now))
+        made = Value(
+            attempt, value, stack, now, time.time(), self._policy.deadlines(now), around=around
+        )
         if not rec.succeed(attempt, made, now - started):
-            await made.clean_here()  # made too late: nobody can get it
+            await made.clean_here(around)  # made too late: nobody can get it
         elif stack is not None:
             await rec.keep(made, attempt)
 
     async def make(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        resolve: Resolve | None,
+        around: anyio.CancelScope | None = None,
+        kept: bool = False,
     ) -> tuple[Any, AsyncExitStack | None]:
-        """One try: resolve sub-dependencies, call fn (through the backend, if any)."""
+        """One try: resolve sub-dependencies, call fn (through the backend, if any).
+
+        ``kept``: the record keeps a value (being refreshed, or stale for ``stale_if_error=``),
+        which a failure leaves served: the backend then never makes one in this process.
+        """
         stack = AsyncExitStack() if self._needs_stack else None
         try:
             if resolve is not None:
@@ -130,12 +168,12 @@ class Work:
                 value = await make()
             else:  # a keyed once's backend keeps one record per key (the attempt's)
                 key: Hashable = cast(Attempt, working.get()).key
-                value = await across(self._across, self.name, make, self._policy, key)
+                value = await across(self._across, self.name, make, self._policy, key, kept)
         except BaseException:
             if stack is not None:
                 # Release what the failed try had set up; the waiters get the try's own
                 # exception, not one of its cleanup.
-                with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                with shielded(around), contextlib.suppress(BaseException):
                     await stack.aclose()
             raise
         return value, stack

@@ -2,11 +2,13 @@
 
 This module does not import pytest, so ``override()`` works in any test runner, a script or a
 notebook. The ``once_reset`` fixture lives in :mod:`fastapi_once.pytest_plugin`, which pytest
-loads by itself.
+loads by itself; ``fastapi_once.testing.once_reset``, its home in 0.1, still finds it with a
+``DeprecationWarning`` until 0.3.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -43,3 +45,19 @@ async def override(target: Once[Any, T], value: T) -> AsyncIterator[T]:
         yield value
     finally:
         unpin(target, value)
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names: ``once_reset`` (moved to :mod:`fastapi_once.pytest_plugin` in 0.2)."""
+    if name == "once_reset":
+        warnings.warn(
+            "fastapi_once.testing.once_reset is deprecated since 0.2 and will be removed in 0.3: "
+            "the fixture lives in fastapi_once.pytest_plugin, which pytest loads by itself, so "
+            "delete the import and ask for once_reset in the test's arguments",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from .pytest_plugin import once_reset
+
+        return once_reset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

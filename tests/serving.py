@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
+from typing import Any
 
 import anyio
 import httpx
@@ -16,12 +17,17 @@ POOL_SIZE = 50  # httpcore scans its whole pool per request: many small pools ar
 
 
 @contextmanager
-def running(app: FastAPI) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread on a free port; yield its base URL; stop cleanly."""
+def running(app: FastAPI, **options: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a thread on a free port; yield its base URL; stop cleanly.
+
+    ``options`` go to ``uvicorn.Config`` (e.g. ``timeout_graceful_shutdown=5``).
+    """
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     host, port = sock.getsockname()
-    config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="on", backlog=2048)
+    config = uvicorn.Config(
+        app, log_level="warning", ws="none", lifespan="on", backlog=2048, **options
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -16,14 +16,20 @@ def test_once_of_something_that_is_not_a_function_is_a_type_error() -> None:
         once(42)  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize("maxsize", [-1, 0, 1.5, True, "10"])
-def test_a_maxsize_that_is_not_a_positive_integer_is_a_value_error(maxsize: Any) -> None:
-    """maxsize must be a positive integer; the message shows the value given."""
+@pytest.mark.parametrize(
+    ("maxsize", "error"),
+    [(-1, ValueError), (0, ValueError), (1.5, TypeError), (True, TypeError), ("10", TypeError)],
+)
+def test_a_maxsize_that_is_not_a_positive_integer_is_refused(
+    maxsize: Any, error: type[Exception]
+) -> None:
+    """maxsize must be a positive integer: another type is a TypeError, a number below 1 a
+    ValueError; the message shows the value given."""
 
     async def get_stuff(url: str) -> str:
         return url
 
-    with pytest.raises(ValueError, match=rf"maxsize={maxsize!r}.*positive integer"):
+    with pytest.raises(error, match=rf"maxsize={maxsize!r}.*positive integer"):
         once(get_stuff, key=lambda url: url, maxsize=maxsize)
 
 

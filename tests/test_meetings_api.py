@@ -490,17 +490,22 @@ async def test_override_of_a_stale_once_serves_the_stand_in_and_then_makes_anew(
 
 @pytest.mark.parametrize(
     "stack",
-    [lambda f: once(classmethod(f)), lambda f: classmethod(once(f))],
-    ids=["once-outside", "classmethod-outside"],
+    [
+        lambda f: once(classmethod(f)),
+        lambda f: classmethod(once(f)),
+        lambda f: once(classmethod(f), key=lambda name: name),
+        lambda f: classmethod(once(f, key=lambda name: name)),
+    ],
+    ids=["once-outside", "classmethod-outside", "keyed-once-outside", "keyed-classmethod-outside"],
 )
 def test_once_over_a_classmethod_is_refused_with_a_fix_that_works(
     stack: Callable[[Any], Any],
 ) -> None:
-    """@once with @classmethod (either stacking order) is refused, and the message gives a
-    form that works rather than the other order."""
+    """@once with @classmethod (either stacking order, with or without key=) is refused, and
+    the message gives a form that works rather than the other order."""
 
-    async def make(cls: type) -> str:
-        return cls.__name__
+    async def make(cls: type, name: str = "") -> str:
+        return cls.__name__ + name
 
     make.__qualname__ = "Settings.make"
     with pytest.raises(TypeError, match=r"classmethod.*once\(Settings\.make\)") as refused:
@@ -522,6 +527,23 @@ async def test_once_of_a_classmethod_bound_to_its_class_makes_one_value() -> Non
     get = once(Settings.make)
     assert await get() == await get() == "Settings"
     assert Settings.runs == 1
+
+
+async def test_a_keyed_once_of_a_classmethod_bound_to_its_class_keeps_one_value_per_key() -> None:
+    """once(Cls.method, key=...) after the class body: the documented keyed form works."""
+
+    made: list[str] = []
+
+    class Tables:
+        @classmethod
+        async def table(cls, name: str) -> str:
+            made.append(name)
+            return f"{cls.__name__}/{name}"
+
+    get = once(Tables.table, key=lambda name: name)
+    assert await get("a") == await get("a") == "Tables/a"
+    assert await get("b") == "Tables/b"
+    assert made == ["a", "b"]
 
 
 async def test_once_stacks_with_staticmethod_in_either_order() -> None:

@@ -12,7 +12,14 @@ import trio
 from fastapi import FastAPI
 from timekeeping import FakeClock, wait_until
 
-from fastapi_once import OnceCycleError, OnceTimeoutError, once, once_lifespan, reset_all
+from fastapi_once import (
+    OnceCycleError,
+    OnceLoopWarning,
+    OnceTimeoutError,
+    once,
+    once_lifespan,
+    reset_all,
+)
 from fastapi_once._handles import kick
 
 pytestmark = pytest.mark.anyio
@@ -153,7 +160,7 @@ def test_loop_end_mid_refresh_cleans_old_value_and_the_refresh(runner: str) -> N
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
+        warnings.simplefilter("ignore", OnceLoopWarning)
         anyio.run(main, backend=runner)
     assert closed == [1], (closed, made)
     assert made == 2, (closed, made)

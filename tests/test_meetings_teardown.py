@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from timekeeping import FakeClock, wait_until
 
-from fastapi_once import OnceTimeoutError, once, once_lifespan, reset_all
+from fastapi_once import OnceLoopWarning, OnceTimeoutError, once, once_lifespan, reset_all
 
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +50,7 @@ def test_loop_end_with_a_timed_out_sync_generator_still_closes_it(runner: str) -
             await gen()
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
+        warnings.simplefilter("ignore", OnceLoopWarning)
         anyio.run(main, backend=runner)
     deadline = time.monotonic() + 2
     while not closed and time.monotonic() < deadline:

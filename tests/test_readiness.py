@@ -80,7 +80,7 @@ async def test_a_failed_once_is_unavailable_and_its_message_is_hidden(clock: Fak
 
 
 async def test_without_warm_a_probe_only_reports() -> None:
-    """warm=False: the probe does not start anything."""
+    """warm=False: the probe does not make a value that is not there."""
     runs = 0
 
     @once

@@ -104,7 +104,7 @@ async def test_a_sync_ping_runs_in_a_worker_thread_and_false_fails() -> None:
         await get_db()
         response = await http.get("/ready")
     assert response.status_code == 503
-    assert response.json()["onces"]["db"]["ping_error"] == "ConnectionError"
+    assert response.json()["onces"]["db"]["ping_error"] == "returned False"
     assert threads
     assert threads[0] != threading.get_ident()
 
@@ -164,10 +164,12 @@ async def test_a_once_without_a_value_is_not_pinged() -> None:
         await wait_until(lambda: get_db.status().state == "ready")
 
 
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "not-warm"])
 async def test_a_probe_refreshes_a_due_value_so_an_idle_pod_never_expires(
-    clock: FakeClock,
+    clock: FakeClock, warm: bool
 ) -> None:
-    """With refresh=, probes alone keep the value fresh: 200 on every probe, no expiry."""
+    """With refresh=, probes alone keep the value fresh: 200 on every probe, no expiry; also
+    with warm=False, which makes nothing but still starts a refresh due before the ttl."""
     runs = 0
 
     @once(name="token", refresh=5, ttl=10)
@@ -177,15 +179,46 @@ async def test_a_probe_refreshes_a_due_value_so_an_idle_pod_never_expires(
         return runs
 
     app = FastAPI()
-    app.include_router(readiness_router(get_token))
+    app.include_router(readiness_router(get_token, warm=warm))
     async with client(app) as http:
-        assert (await http.get("/ready")).status_code == 503  # cold: warming
-        await wait_until(lambda: get_token.status().state == "ready")
+        assert (await http.get("/ready")).status_code == 503  # cold
+        if warm:  # warming
+            await wait_until(lambda: get_token.status().state == "ready")
+        else:  # nothing made until a call
+            assert runs == 0
+            assert await get_token() == 1
         for _ in range(4):
             clock.advance(6)  # due for refresh, not expired
             assert (await http.get("/ready")).status_code == 200
             await wait_until(lambda: get_token.status().state == "ready")
     assert runs == 5
+
+
+@pytest.mark.parametrize("stale_if_error", [None, 30], ids=["expired", "kept-stale"])
+async def test_without_warm_a_probe_makes_nothing_past_the_ttl(
+    clock: FakeClock, stale_if_error: float | None
+) -> None:
+    """warm=False: past its ttl (no probe came in time) a value is not renewed by a probe, also
+    while stale_if_error= keeps it: idle, 503, nothing made."""
+    runs = 0
+    options = {} if stale_if_error is None else {"stale_if_error": stale_if_error}
+
+    @once(name="token", refresh=5, ttl=10, **options)  # type: ignore[call-overload]
+    async def get_token() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    app = FastAPI()
+    app.include_router(readiness_router(get_token, warm=False))
+    async with client(app) as http:
+        assert await get_token() == 1
+        clock.advance(10)
+        response = await http.get("/ready")
+        assert response.status_code == 503
+        assert response.json()["onces"]["token"]["state"] == "idle"
+        await anyio.sleep(0.01)  # an attempt started by the probe would run now
+    assert runs == 1
 
 
 async def test_an_expired_value_being_renewed_does_not_flap_the_probe(clock: FakeClock) -> None:

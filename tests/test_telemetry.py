@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ import anyio
 import httpx
 import pytest
 import test_exception
+from docblocks import python_blocks
 from fastapi import Depends, FastAPI
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -34,6 +34,8 @@ from timekeeping import FakeClock, wait_until
 from fastapi_once import OnceTimeoutError, once, once_lifespan, readiness_router
 from fastapi_once._keys import key_digest
 from fastapi_once.backends import FileLockBackend
+from fastapi_once.backends._lease import StoreBackend
+from fastapi_once.backends._store import StoreUnavailableError
 
 pytestmark = pytest.mark.anyio
 
@@ -580,6 +582,42 @@ def _python(code: str) -> str:
     return run.stdout
 
 
+class _Unreachable(StoreBackend):
+    """A store that can never be reached (every primitive raises the outage error)."""
+
+    def describe(self) -> str:
+        return "Unreachable"
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailableError("Unreachable: connection refused")
+
+    renew = complete = abandon = clear = claim
+
+    def watch(self, name: str, key: str) -> Any:
+        raise AssertionError("never reached")
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_value_made_here_while_the_backend_is_down_is_counted_and_spanned(
+    otel: Otel,
+) -> None:
+    """Each fallback adds 1 to fastapi_once.backend.fallbacks; the across span's role is
+    "local"."""
+    name = "tests.telemetry.fallback"
+
+    async def get_stuff(url: str) -> str:
+        return url
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, across=_Unreachable(), name=name)
+    before = otel.total("fastapi_once.backend.fallbacks", name)
+    assert [await stuff("a"), await stuff("b")] == ["a", "b"]
+    assert otel.total("fastapi_once.backend.fallbacks", name) == before + 2
+    roles = {s.attributes["fastapi_once.role"] for s in otel.finished("fastapi_once.across", name)}  # type: ignore[index]
+    assert roles == {"local"}
+
+
 def test_the_package_works_without_opentelemetry() -> None:
     """With opentelemetry unimportable, onces, logs and the readiness route work as before.
 
@@ -635,10 +673,8 @@ def test_without_a_configured_sdk_no_span_is_made() -> None:
 
 
 def test_the_readme_wiring_exports_the_packages_spans_and_metrics() -> None:
-    """The README's setup_telemetry(), in a fresh process: console output names our telemetry."""
-    readme = Path(__file__).parent.parent / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    wiring = next(block for block in blocks if "def setup_telemetry(" in block)
+    """The documented setup_telemetry(), in a fresh process: console output names our telemetry."""
+    wiring = next(b.code for b in python_blocks() if "def setup_telemetry(" in b.code)
     out = _python(
         f"""
         namespace = {{"__name__": "readme_wiring"}}
@@ -666,3 +702,74 @@ def test_the_readme_wiring_exports_the_packages_spans_and_metrics() -> None:
     assert '"name": "fastapi_once.attempt"' in out
     assert '"fastapi_once.name": "wired"' in out
     assert '"name": "fastapi_once.attempts"' in out
+
+
+async def test_the_duration_histograms_resolve_1_ms_to_10_minutes(otel: Otel) -> None:
+    """The SDK buckets attempt durations by the package's advice: 1 ms up to 10 minutes."""
+    name = unique("buckets")
+
+    @once(name=name)
+    async def load() -> int:
+        return 1
+
+    assert await load() == 1
+    (point,) = otel.points("fastapi_once.attempt.duration", name)
+    bounds = list(point.explicit_bounds)
+    assert bounds[0] == 0.001  # an attempt under 1 ms is told apart from one of 4 ms
+    assert bounds[-1] == 600  # and one of 5 minutes from one of 2
+    assert bounds == sorted(bounds)
+    assert len([b for b in bounds if b < 1]) >= 8  # sub-second attempts are resolved
+    assert sum(point.bucket_counts) == 1
+
+
+def test_the_observability_example_runs_outside_the_repository(tmp_path: Path) -> None:
+    """Saved as observed.py in an empty directory, `python observed.py` serves and exports.
+
+    example_app (which exists only in the repository) is made unimportable; uvicorn.run is
+    pointed at a free port and stops after one request.
+    """
+    (example,) = {b.code for b in python_blocks() if b.code.startswith("# observed.py\n")}
+    (tmp_path / "observed.py").write_text(example)
+    driver = textwrap.dedent(
+        """
+        import runpy, socket, sys, threading, time
+
+        import httpx
+        import uvicorn
+        from opentelemetry import trace
+
+        sys.modules["example_app"] = None  # not importable here
+        got = []
+
+        def run(app, port):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+
+            def hit():
+                while not server.started:
+                    time.sleep(0.01)
+                url = "http://%s:%d/predict" % sock.getsockname()
+                got.append(httpx.get(url).json())
+                server.should_exit = True
+
+            threading.Thread(target=hit, daemon=True).start()
+            server.run(sockets=[sock])
+
+        uvicorn.run = run
+        runpy.run_path("observed.py", run_name="__main__")
+        trace.get_tracer_provider().force_flush()
+        print("got", got)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", driver],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "got [{'weights': '...'}]" in run.stdout
+    assert '"name": "fastapi_once.attempt"' in run.stdout

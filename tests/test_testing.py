@@ -241,3 +241,31 @@ async def test_override_ends_cleanly_if_the_value_was_replaced_inside() -> None:
         await get_db.reset()
         assert await get_db() == "real"
     assert await get_db() == "real"
+
+
+def test_once_reset_from_fastapi_once_testing_is_deprecated_but_still_the_fixture() -> None:
+    """0.1's import keeps working through 0.2, warning at the importing line."""
+    import fastapi_once.pytest_plugin
+
+    with pytest.warns(DeprecationWarning, match=r"deprecated since 0\.2.*removed in 0\.3") as seen:
+        from fastapi_once.testing import once_reset
+    assert once_reset is fastapi_once.pytest_plugin.once_reset
+    assert [w.filename for w in seen] == [__file__]
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        fastapi_once.testing.nothing  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_a_conftest_that_imports_once_reset_the_old_way_still_runs(
+    pytester: pytest.Pytester,
+) -> None:
+    """A 0.1 conftest (`from fastapi_once.testing import once_reset`) gets the fixture."""
+    pytester.makeconftest("from fastapi_once.testing import once_reset  # noqa: F401")
+    pytester.makepyfile(
+        """
+        def test_uses_it(once_reset):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:fastapi_once")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*DeprecationWarning: fastapi_once.testing.once_reset*"])

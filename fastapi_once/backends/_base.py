@@ -32,8 +32,11 @@ DEFAULT_MAX_VALUE_BYTES = 1 << 20
 class Backend(abc.ABC):
     """Makes a piece of work run once across every process that shares the backend.
 
-    ``once(fn, across=backend)`` calls :meth:`run_once` from the in-process single-flight
-    attempt, so inside one process concurrent callers already share one call of it.
+    ``once(fn, across=backend)`` calls :meth:`run_once` (or :meth:`run_keyed`) from the
+    in-process single-flight attempt, so inside one process concurrent callers already share one
+    call of it. The package's backends are stores of one lease algorithm
+    (``fastapi_once.backends._lease.StoreBackend``, which also applies ``on_backend_error=``);
+    a backend of your own may subclass this class and implement these methods itself.
     """
 
     @abc.abstractmethod

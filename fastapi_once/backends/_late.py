@@ -151,12 +151,14 @@ class BoundBackend(Backend):
         cooldown: float | None = None,
         refresh: float | None = None,
         fell_back: Callable[[], None] | None = None,
+        kept: bool = False,
     ) -> Any:
         """Run ``work`` once across processes (for ``key``, a digest, if given); return its
         result as the annotated type.
 
         A backend of the lease algorithm applies the once's ``on_backend_error`` (calling
-        ``fell_back`` at each fallback); another backend runs as it always did.
+        ``fell_back`` at each fallback; never while the once ``kept`` a value, which its
+        failure leaves served); another backend runs as it always did.
 
         Raises:
             TypeError: as :meth:`run_once`, or the backend does not keep keyed records.
@@ -181,7 +183,7 @@ class BoundBackend(Backend):
             ttl=ttl,
             cooldown=cooldown,
             refresh=refresh,
-            on_error=self.on_error,
+            on_error="fail" if kept and self.on_error == "local" else self.on_error,
             fell_back=fell_back,
         )
         return codec.from_data(data)

@@ -13,13 +13,16 @@ claiming       Held                             waiting
 claiming       store unavailable, ``local``     done: make the value here (fallback)
 claiming       store unavailable, ``raise``     waiting out the outage (backoff), or raise
                                                 BackendError if the store was never reached
+claiming       store unavailable, ``fail``      done: raise BackendError (``local``, but the
+                                                once keeps a value its failure leaves served)
 waiting        the record changed / recheck     claiming
 waiting        wait_timeout passed              done: raise WaitTimeoutError
 leading        work returns, recorded           done: complete, return the value
 leading        work raises                      done: abandon with the cooldown, re-raise
 leading        lease lost (renewal failed)      done: work cancelled, abandon, LeaseLostError
 leading        cancelled                        done: abandon (shielded), re-raise
-leading        complete: store unavailable      ``local``: return the value made, unrecorded;
+leading        complete: store unavailable      ``local``, ``fail``: return the value made,
+                                                unrecorded;
                                                 ``raise``: BackendError
 =============  ===============================  ============================================
 
@@ -71,8 +74,11 @@ logger = logging.getLogger("fastapi_once")
 
 T = TypeVar("T")
 
-#: What a once does when its store cannot be reached (``once(on_backend_error=)``).
+#: What a once does when its store cannot be reached (``once(on_backend_error=)``); the
+#: algorithm also takes ``"fail"``: raise at once, without riding out the outage (a kept value
+#: is then served instead, see ``share``).
 OnBackendError = Literal["local", "raise"]
+OnError = Literal["local", "raise", "fail"]
 
 #: The core's callback that forgets, in the running loop, what another process reset:
 #: ``forget(name, key digest or None for every value of name)``. It does not block.
@@ -168,7 +174,7 @@ class StoreBackend(Backend, LeaseStore):
         ttl: float | None,
         cooldown: float | None = None,
         refresh: float | None = None,
-        on_error: OnBackendError = "raise",
+        on_error: OnError = "raise",
         fell_back: Callable[[], None] | None = None,
     ) -> Any:
         """Return the record's value (as JSON decodes it), running ``work`` here if this
@@ -183,7 +189,8 @@ class StoreBackend(Backend, LeaseStore):
             refresh: age in seconds after which one process makes the value again.
             on_error: ``"local"``: when the store cannot be reached, run ``work`` here (one
                 WARNING per once per outage, and ``fell_back()`` each time); ``"raise"``:
-                BackendError (followers first ride out an outage of a store they reached).
+                BackendError (followers first ride out an outage of a store they reached);
+                ``"fail"``: BackendError at once (the caller keeps a value to serve instead).
             fell_back: called at each fallback (the core counts them).
 
         Raises:
@@ -211,7 +218,7 @@ class StoreBackend(Backend, LeaseStore):
                     if on_error == "local":
                         return await self._fall_back(name, work, exc, fell_back)
                     left = deadline - anyio.current_time()
-                    if not reached or left <= 0:
+                    if not reached or left <= 0 or on_error == "fail":
                         raise
                     await anyio.sleep(min(backoff(failures), left))  # ride out the outage
                     failures += 1
@@ -229,8 +236,9 @@ class StoreBackend(Backend, LeaseStore):
                 if now >= deadline:
                     raise WaitTimeoutError(shown, self.describe(), now - started, claim.holder)
                 if watch is None:  # watch from now on, then claim again: no change is lost
-                    watching = self.watch(name, key)
-                    watch = await watching.__aenter__()
+                    entering = self.watch(name, key)
+                    watch = await entering.__aenter__()
+                    watching = entering  # entered: left in the finally below
                     continue
                 await watch.changed(min(self.recheck_interval, deadline - now))
         finally:
@@ -245,7 +253,7 @@ class StoreBackend(Backend, LeaseStore):
         work: Callable[[], Awaitable[Any]],
         ttl: float | None,
         cooldown: float | None,
-        on_error: OnBackendError,
+        on_error: OnError,
         fell_back: Callable[[], None] | None,
     ) -> Any:
         """Run ``work`` under ``lease`` (renewed, fenced), then complete or abandon it."""
@@ -268,7 +276,7 @@ class StoreBackend(Backend, LeaseStore):
             done = await self._bounded(self.complete(lease, text, ttl=ttl), math.inf)
         except StoreUnavailableError as exc:
             await self._abandon(lease, None)
-            if on_error == "local":  # the value is made: serve it, unrecorded
+            if on_error != "raise":  # the value is made: serve it, unrecorded
                 self._warn(lease.name, exc)
                 if fell_back is not None:
                     fell_back()

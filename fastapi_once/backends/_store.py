@@ -33,9 +33,15 @@ MySQL/MariaDB (planned)
     lock: ``GET_LOCK`` on the leader's own connection. record: one row per record. wake-up:
     the listener polls a generation row. fencing: a counter row.
 
-Writing a store: subclass :class:`LeaseStore` and implement every abstract method below;
-``tests/backends/store_contract.py`` is the suite it must pass (plug the store in with a fixture).
-The public backend class is the store with the algorithm on top (``_lease.StoreBackend``).
+Writing a store: the public backend class subclasses ``_lease.StoreBackend`` (a
+:class:`~fastapi_once.backends.Backend` and a :class:`LeaseStore`, whose ``run_once``,
+``run_keyed``, ``reset`` and ``reset_keyed`` are the algorithm), calls
+``super().__init__(wait_timeout=..., ttl=..., lease=..., recheck_interval=...,
+max_value_bytes=...)`` and implements every abstract method below with its own primitives: the
+store keeps no policy (no retries, no wait_timeout, no backoff, no JSON encoding). Its listener
+calls ``self.heard(Reset(...))`` for each reset it hears. ``tests/backends/store_contract.py``
+is the suite it must pass against the real server (subclass ``StoreContract``, give it a
+``kit`` fixture); ``tests/backends/memory_store.py`` is a complete store to read first.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ JSON line per command:
 - ``{"reset": url}`` (``null``: every key): ``await get_stuff.reset(...)``; replies
   ``{"ok": "reset"}``.
 
+With ``"unkeyed": true`` in the config the once is unkeyed (its url is always ``"one"``).
+
 The function appends ``start``/``end`` events with the url to the log file (one JSON object a
 line), from which the tests count the runs per key. Its value is a ``Stuff`` (a dataclass of a
 tuple and a datetime), so that the typed round trip is checked too; ``run`` is the how-manieth
@@ -80,12 +82,21 @@ def main() -> None:
         pad = "x" * config.get("pad", {}).get(url, 0)
         return Stuff(url, run, (run, run + 1), AT, pad)
 
-    shared = once(
-        get_stuff,
-        key=lambda url: url,
-        across=backend,
-        name=config["name"],
-        **config.get("once", {"ttl": 60}),
+    unkeyed = config.get("unkeyed", False)  # an unkeyed once whose url is always "one"
+
+    async def get_one() -> Stuff:
+        return await get_stuff("one")
+
+    shared: Any = (
+        once(get_one, across=backend, name=config["name"], **config.get("once", {}))
+        if unkeyed
+        else once(
+            get_stuff,
+            key=lambda url: url,
+            across=backend,
+            name=config["name"],
+            **config.get("once", {"ttl": 60}),
+        )
     )
 
     async def serve() -> None:
@@ -100,7 +111,7 @@ def main() -> None:
 
                 async def call(i: int, j: int, url: str, got: dict[Any, Any] = got) -> None:
                     try:
-                        got[i, j] = await shared(url)
+                        got[i, j] = await (shared() if unkeyed else shared(url))
                     except Exception as exc:
                         got[i, j] = exc
 

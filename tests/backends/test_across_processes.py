@@ -44,9 +44,10 @@ def test_the_work_runs_once_across_processes_and_every_process_gets_its_result(
     start_workers: Callable[..., list[Worker]],
     record_figure: Callable[[str], None],
 ) -> None:
-    """Four processes call the once together: one leads, three wait and get its JSON result."""
+    """Processes call the once together (16 on the file backend, 4 on the servers'): one leads,
+    the others wait and get its JSON result."""
     cfg = config(spec, tmp_path, sleep=0.5)
-    outcomes = run_all(start_workers(4, cfg))
+    outcomes = run_all(start_workers(16 if kind == "file" else 4, cfg))
     assert all(o.get("ok") == RESULT for o in outcomes), outcomes
     assert [o["ran"] for o in outcomes].count(True) == 1
     log = Path(cfg["log"])
@@ -75,6 +76,10 @@ def test_the_file_backend_runs_once_across_trio_processes(
     assert len(starts(Path(cfg["log"]))) == 1
 
 
+# The file backend's case is tested against the in-memory store (test_lease.py) and the store
+# contract (test_file_store.py); the real-process tests of the file backend are the 16-process
+# run, the trio run and the leader killed among many followers.
+@pytest.mark.kinds("redis", "postgres", "postgres-xact")
 def test_when_the_leaders_work_raises_a_follower_runs_it_and_nothing_is_recorded_for_the_failure(
     kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
 ) -> None:
@@ -91,6 +96,10 @@ def test_when_the_leaders_work_raises_a_follower_runs_it_and_nothing_is_recorded
     assert [e["event"] for e in events] == ["start", "fail", "start", "end"]
 
 
+# The file backend's case is tested against the in-memory store (test_lease.py) and the store
+# contract (test_file_store.py); the real-process tests of the file backend are the 16-process
+# run, the trio run and the leader killed among many followers.
+@pytest.mark.kinds("redis", "postgres", "postgres-xact")
 def test_a_killed_leader_is_replaced_by_a_follower(
     kind: str,
     spec: dict[str, Any],
@@ -122,6 +131,10 @@ def test_a_killed_leader_is_replaced_by_a_follower(
     assert takeover < (spec.get("lease", 0) + 2)
 
 
+# The file backend's case is tested against the in-memory store (test_lease.py) and the store
+# contract (test_file_store.py); the real-process tests of the file backend are the 16-process
+# run, the trio run and the leader killed among many followers.
+@pytest.mark.kinds("redis", "postgres", "postgres-xact")
 def test_a_reset_from_a_process_that_never_made_the_value_makes_the_next_call_run_it_again(
     kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
 ) -> None:
@@ -141,6 +154,10 @@ def test_a_reset_from_a_process_that_never_made_the_value_makes_the_next_call_ru
     assert len(starts(Path(cfg["log"]))) == 2
 
 
+# The file backend's case is tested against the in-memory store (test_lease.py) and the store
+# contract (test_file_store.py); the real-process tests of the file backend are the 16-process
+# run, the trio run and the leader killed among many followers.
+@pytest.mark.kinds("redis", "postgres", "postgres-xact")
 def test_every_process_gets_the_type_the_function_is_annotated_to_return(
     kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
 ) -> None:

@@ -193,6 +193,7 @@ async def test_bytes_that_json_cannot_carry_are_refused_naming_the_once_and_not_
     assert "secret-url" not in message
 
 
+@pytest.mark.kinds("file", "redis", "postgres", "postgres-xact")
 async def test_a_reset_reaches_the_other_event_loops_of_the_resetting_process(
     make: Callable[..., Backend], name: str
 ) -> None:

@@ -1,0 +1,47 @@
+"""The file backend passes the store contract (two backends in one process stand for two
+processes: each claim opens its own file, and flock locks belong to open files)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+from store_contract import StoreContract, StoreKit
+
+from fastapi_once import once
+from fastapi_once.backends import FileLockBackend
+
+
+class TestFileStore(StoreContract):
+    @pytest.fixture
+    async def kit(self, tmp_path: Path) -> AsyncIterator[StoreKit]:
+        directory = tmp_path / "locks"
+        async with StoreKit.closing(
+            lambda: FileLockBackend(directory), leases_expire=False, fenced=False
+        ) as kit:
+            yield kit
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+def test_a_loop_that_ends_without_aclose_ends_its_listener(tmp_path: Path, loop: str) -> None:
+    """A keyed once used in a loop run in a thread, never closed: the loop (and its listener of
+    resets) ends, again and again."""
+    backend = FileLockBackend(tmp_path / "locks")
+
+    async def get_stuff(url: str) -> str:
+        return url
+
+    stuff = once(get_stuff, key=lambda url: url, ttl=60, across=backend, name=f"t.end.{loop}")
+
+    async def use() -> None:
+        assert await stuff("a") == "a"
+        await stuff.reset("a")  # the listener is reading the log now and then
+
+    for _ in range(5):
+        thread = threading.Thread(target=anyio.run, args=(use,), kwargs={"backend": loop})
+        thread.start()
+        thread.join(timeout=20)  # a hang guard
+        assert not thread.is_alive()
