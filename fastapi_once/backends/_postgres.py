@@ -11,6 +11,7 @@ connection per event loop; fences from ``nextval('<table>_fence')``. Connections
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -67,6 +68,14 @@ _DELETE = (
     "WITH gone AS (DELETE FROM {t} WHERE name = $1 AND ($2::text IS NULL OR key = $2)) "
     "SELECT pg_notify($3, $4)"
 )
+_FREE = (  # which of the advisory locks $1 no session holds
+    "SELECT coalesce(array_agg(k), '{}') FROM unnest($1::bigint[]) AS k WHERE NOT EXISTS ("
+    "SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.classid = ((k >> 32) & 4294967295)::oid AND l.objid = (k & 4294967295)::oid)"
+)
+#: How often a listener checks the locks its loop's watches follow: a dead leader's lock ends
+#: with its session, which no NOTIFY announces.
+ORPHANS_EVERY = 0.1
 _RESOLVE = (  # the records table's schema-qualified name, if it and the sequence exist
     "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n "
     "ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1) AND to_regclass($2) IS NOT NULL"
@@ -177,6 +186,9 @@ class PostgresBackend(StoreBackend):
         self._connections = Connections(
             self._options, pool_size, self._setup, self.describe, self._scrub
         )
+        # Per event loop, the (lock, record id) its watches follow, counted; its listener wakes
+        # a record's watches when the lock is free. Touched only by the loop's own thread.
+        self._followed: dict[asyncio.AbstractEventLoop, collections.Counter[tuple[int, str]]] = {}
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -286,10 +298,18 @@ class PostgresBackend(StoreBackend):
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's NOTIFYs (see ``_listen``)."""
-        with contextlib.ExitStack() as stack:
-            watch = _Watch(self._listeners, _record(name, key), stack)
-            await watch.register(self.recheck_interval)
-            yield watch
+        followed = self._followed.setdefault(asyncio.get_running_loop(), collections.Counter())
+        entry = (self._lock_key(name, key), _record(name, key))
+        followed[entry] += 1
+        try:
+            with contextlib.ExitStack() as stack:
+                watch = _Watch(self._listeners, entry[1], stack)
+                await watch.register(self.recheck_interval)
+                yield watch
+        finally:
+            followed[entry] -= 1
+            if followed[entry] <= 0:
+                del followed[entry]
 
     async def aclose(self) -> None:
         """Stop the running loop's listener; its end ends the loop's connections."""
@@ -347,9 +367,11 @@ class PostgresBackend(StoreBackend):
         """Until cancelled, on one connection: LISTEN on the table's channel, wake the watches
         of a record whose leader ended, and hand resets to ``self.heard``.
 
-        Every ``check_interval`` without a message it checks that its session lives (a dead one
-        receives nothing). After an outage it listens again, with backoff, then wakes every
-        watch (what was announced meanwhile was missed).
+        Every ``ORPHANS_EVERY`` without a message, while watches wait, it wakes those whose
+        record's lock is free (a killed leader announces nothing); else every
+        ``check_interval`` it checks that its session lives (a dead one receives nothing). After
+        an outage it listens again, with backoff, then wakes every watch (what was announced
+        meanwhile was missed).
         """
         failures = 0
         try:
@@ -363,14 +385,25 @@ class PostgresBackend(StoreBackend):
                         failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                         wakeups.listening.set()
                         wakeups.wake_all()
+                        checked = anyio.current_time()
                         while True:
                             message: str | None = None
-                            with anyio.move_on_after(self.check_interval):
+                            with anyio.move_on_after(ORPHANS_EVERY):
                                 message = await got.get()
-                            if message is None:
-                                await conn.fetchval("SELECT 1", timeout=self.check_interval)
-                            else:
+                            followed = self._followed.get(asyncio.get_running_loop())
+                            if message is not None:
                                 self._heard(message, wakeups)
+                            elif followed:  # also tells that the session lives
+                                locks = sorted({lock for lock, _ in followed})
+                                free = await conn.fetchval(
+                                    _FREE, locks, timeout=self.check_interval
+                                )
+                                for lock, record in list(followed):
+                                    if lock in free:
+                                        wakeups.wake(record)
+                            elif anyio.current_time() - checked >= self.check_interval:
+                                await conn.fetchval("SELECT 1", timeout=self.check_interval)
+                                checked = anyio.current_time()
                 except BackendError:
                     pass  # the server went away: listen again, after a backoff
                 finally:
