@@ -82,16 +82,19 @@ async def held_lock(spec: dict[str, Any], name: str) -> AsyncIterator[None]:
             await client.delete(key)
             await client.aclose()
     else:
-        import asyncpg  # type: ignore[import-untyped]
+        from fastapi_once.backends import PostgresBackend
+        from fastapi_once.backends._store import UNKEYED, Lease
 
-        from fastapi_once.backends._postgres import _lock_key
-
-        conn = await asyncpg.connect(spec["dsn"])
-        await conn.execute("SELECT pg_advisory_lock($1)", _lock_key(spec["table"], name))
+        # Another process refreshing the value: its lease is the record's advisory lock.
+        other = build_backend(spec)
+        assert isinstance(other, PostgresBackend)
+        lease = await other.claim(name, UNKEYED, lease=10, refresh=1e-6, holder="someone else")
+        assert isinstance(lease, Lease)
         try:
             yield
         finally:
-            await conn.close()
+            await other.abandon(lease, cooldown=None)
+            await other.aclose()
 
 
 async def test_the_leader_runs_the_work_and_gets_its_result_as_json_decodes_it(

@@ -116,7 +116,7 @@ def store_names(spec: dict[str, Any]) -> list[str]:
             return sorted(client.scan_iter(match=f"{spec['namespace']}:*"))
         finally:
             client.close()
-    rows = pg_fetch(spec, f'SELECT name, key FROM "{spec["table"]}_keyed"')
+    rows = pg_fetch(spec, f'SELECT name, key FROM "{spec["table"]}_lease"')
     return sorted(f"{r['name']} {r['key']}" for r in rows)
 
 
@@ -443,7 +443,7 @@ def test_every_record_in_the_store_expires(
         finally:
             client.close()
         return
-    table = f'"{spec["table"]}_keyed"'
+    table = f'"{spec["table"]}_lease"'
     assert pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"] == 121
     time.sleep(max(0.0, written + ttl + 0.2 - time.monotonic()))
     process.call("new-1")  # one write prunes up to 100 expired rows

@@ -1,18 +1,25 @@
-"""PostgresBackend's own behaviour: its table, its locks, its errors."""
+"""PostgresBackend's own behaviour: its table, names, connections, bounds and errors.
+
+The store's primitives are checked by the store contract (test_postgres_store.py); the
+algorithm over them by test_lease.py; processes by test_across_processes.py.
+"""
 
 from __future__ import annotations
 
+import functools
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import pytest
 from backend_servers import PostgresServer, free_port, require
 
-from fastapi_once.backends import BackendError
+from fastapi_once.backends import BackendError, fencing_token
+from fastapi_once.backends._base import holder_id
+from fastapi_once.backends._store import Held, Lease, Reset
 
 asyncpg = require("asyncpg")
 from fastapi_once.backends import PostgresBackend  # noqa: E402
-from fastapi_once.backends._postgres import _lock_key  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -28,53 +35,167 @@ def table() -> str:
     return "t" + secrets.token_hex(6)
 
 
+@pytest.fixture
+async def sql(postgres_server: PostgresServer) -> AsyncIterator[object]:
+    """A connection of the test's own to the server (not counted as the backend's)."""
+    conn = await asyncpg.connect(postgres_server.dsn)
+    yield conn
+    await conn.close()
+
+
 async def answer() -> int:
     return 42
 
 
-async def test_the_marker_table_is_created_with_the_result_and_who_recorded_it(
-    postgres_server: PostgresServer, table: str
+async def test_the_table_holds_the_value_under_the_keys_digest_never_the_key(
+    postgres_server: PostgresServer, table: str, sql: object
 ) -> None:
-    """The first use creates the table; the row holds the JSON text and the leader's pid."""
+    """The first use creates <table>_lease; a row holds the value's JSON text, named by the
+    once's name and the key's digest; resets delete it."""
     backend = PostgresBackend(postgres_server.dsn, table=table)
-    assert await backend.run_once("tests.pg.job", answer, ttl=60) == 42
-    conn = await asyncpg.connect(postgres_server.dsn)
-    try:
-        row = await conn.fetchrow(
-            f"SELECT result, expires_at > now() AS fresh, done_by FROM {table} WHERE name = $1",
-            "tests.pg.job",
-        )
-    finally:
-        await conn.close()
-    assert row["result"] == "42"
-    assert row["fresh"] is True
-    assert row["done_by"].startswith("pid ")
+    digest = "ab" * 20
+    assert await backend.run_keyed("tests.pg.job", digest, answer, ttl=60) == 42
+    rows = await sql.fetch(f"SELECT name, key, value FROM {table}_lease")  # type: ignore[attr-defined]
+    assert [tuple(r) for r in rows] == [("tests.pg.job", digest, "42")]
+    await backend.reset_keyed("tests.pg.job", None)
+    assert await sql.fetchval(f"SELECT count(*) FROM {table}_lease") == 0  # type: ignore[attr-defined]
+    await backend.aclose()
 
 
-async def test_the_session_lock_is_released_when_the_work_is_cancelled(
+async def test_a_table_and_its_schema_qualified_name_are_one_namespace(
     postgres_server: PostgresServer, table: str
 ) -> None:
-    """A cancelled leader ends its session, so its advisory lock goes with it."""
+    """``table="t"`` and ``table="public.t"`` name one table: one lease per record, one
+    channel for wake-ups and resets (two processes never both lead key k)."""
+    plain = PostgresBackend(postgres_server.dsn, table=table)
+    qualified = PostgresBackend(postgres_server.dsn, table=f"public.{table}")
+    heard: list[Reset] = []
+    reached = anyio.Event()
+    plain.bind(lambda reset: (heard.append(reset), reached.set()))
+    lease = await plain.claim("tests.pg.ns", "k", lease=5, refresh=None, holder=holder_id())
+    assert isinstance(lease, Lease)
+    other = await qualified.claim("tests.pg.ns", "k", lease=5, refresh=None, holder=holder_id())
+    assert other == Held(holder_id())
+    assert await plain.complete(lease, "1", ttl=None)
+    await qualified.clear("tests.pg.ns", "k", origin="elsewhere")
+    with anyio.fail_after(5):
+        await reached.wait()
+    assert heard == [Reset("tests.pg.ns", "k", "elsewhere")]
+    await plain.aclose()
+    await qualified.aclose()
+
+
+@pytest.mark.parametrize("lock", ["session", "transaction"])
+async def test_a_locked_table_holds_no_call_longer_than_wait_timeout(
+    postgres_server: PostgresServer, table: str, sql: object, lock: str
+) -> None:
+    """Another connection holds the table in ACCESS EXCLUSIVE mode: a first call and a
+    follower waiting on a leader each fail with BackendError within wait_timeout + 1 s."""
+    leader = PostgresBackend(postgres_server.dsn, table=table, lock=lock)  # type: ignore[arg-type]
+    stalled = PostgresBackend(postgres_server.dsn, table=table, lock=lock, wait_timeout=2)  # type: ignore[arg-type]
+    assert await stalled.run_once("tests.pg.warm", answer) == 42  # the table exists
+    working, done = anyio.Event(), anyio.Event()
+
+    async def work() -> int:
+        working.set()
+        await done.wait()
+        return 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(leader.run_keyed, "tests.pg.stall", "k", work, ttl=60))
+        await working.wait()
+
+        async def follow() -> None:
+            with anyio.fail_after(2 + 1), pytest.raises(BackendError):
+                await stalled.run_keyed("tests.pg.stall", "k", answer, ttl=60)
+
+        tg.start_soon(follow)
+        await anyio.sleep(0.5)  # the follower waits on the leader
+        unlock = anyio.Event()
+
+        async def lock_the_table() -> None:
+            # Granted at once with session locks; with transaction locks it queues behind the
+            # leader's open transaction, and the statements after it queue behind it.
+            async with sql.transaction():  # type: ignore[attr-defined]
+                await sql.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")  # type: ignore[attr-defined]
+                await unlock.wait()
+
+        tg.start_soon(lock_the_table)
+        await anyio.sleep(0.2)
+        with anyio.fail_after(2 + 1), pytest.raises(BackendError):
+            await stalled.run_once("tests.pg.first", answer)
+        await anyio.sleep(2.5)  # the follower's bound passes with the table locked
+        done.set()
+        unlock.set()
+    await leader.aclose()
+    await stalled.aclose()
+
+
+async def test_connections_stay_bounded_with_40_keys_in_flight_and_after(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """Leading 40 keys at once holds one lock session per key besides the pool (pool_size)
+    and the listener; afterwards at most the pool, the listener and 4 idle lock sessions."""
+    backend = PostgresBackend(postgres_server.dsn, table=table, pool_size=5)
+    mine = ("fastapi_once " + holder_id())[:63]
+
+    async def count() -> int:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        return int(await sql.fetchval(query, mine))  # type: ignore[attr-defined]
+
+    async def settles_at_most(bound: int) -> None:
+        # A session whose socket was closed shows until its server process has exited.
+        with anyio.fail_after(10):
+            while await count() > bound:  # noqa: ASYNC110 - the server's view, polled
+                await anyio.sleep(0.05)
+
+    working, done = [anyio.Event() for _ in range(40)], anyio.Event()
+
+    def work(i: int) -> Callable[[], Awaitable[int]]:
+        async def run() -> int:
+            working[i].set()
+            await done.wait()
+            return i
+
+        return run
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(
+                    functools.partial(
+                        backend.run_keyed, "tests.pg.many", f"{i:040}", work(i), ttl=60
+                    )
+                )
+            for event in working:
+                await event.wait()
+            assert 40 < await count() <= 40 + 5 + 1
+            done.set()
+        await settles_at_most(5 + 1 + 4)
+    await backend.aclose()
+    await settles_at_most(0)
+
+
+async def test_a_cancelled_leader_frees_the_record_at_once(
+    postgres_server: PostgresServer, table: str
+) -> None:
+    """A cancelled leader ends (or unlocks) its lock session: another process leads at once."""
     backend = PostgresBackend(postgres_server.dsn, table=table)
+    other = PostgresBackend(postgres_server.dsn, table=table, recheck_interval=600)
     started = anyio.Event()
 
     async def forever() -> None:
         started.set()
         await anyio.sleep(60)
 
-    with anyio.move_on_after(5) as scope:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(backend.run_once, "tests.pg.cancelled", forever)
-            await started.wait()
-            tg.cancel_scope.cancel()
-    assert not scope.cancelled_caught
-    conn = await asyncpg.connect(postgres_server.dsn)
-    try:
-        key = _lock_key(table, "tests.pg.cancelled")
-        await conn.execute("SET lock_timeout = 5000")
-        await conn.execute("SELECT pg_advisory_lock($1)", key)
-    finally:
-        await conn.close()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(backend.run_once, "tests.pg.cancelled", forever)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    with anyio.fail_after(5):
+        assert await other.run_once("tests.pg.cancelled", answer) == 42
+    await backend.aclose()
+    await other.aclose()
 
 
 @pytest.mark.parametrize("lock", ["session", "transaction"])
@@ -88,11 +209,12 @@ async def test_a_wrong_password_or_a_closed_port_raises_backend_error_without_th
     ]
     for dsn in dsns:
         backend = PostgresBackend(dsn, lock=lock, connect_timeout=5)  # type: ignore[arg-type]
-        with pytest.raises(BackendError, match="failed connecting") as info:
+        with pytest.raises(BackendError) as info:
             await backend.run_once("tests.pg.job", answer)
         assert "wrong-secret-pw" not in str(info.value)
         assert "fastapi_once:***@127.0.0.1" in str(info.value)
         assert info.value.__cause__ is not None
+        await backend.aclose()
 
 
 def test_a_password_in_a_keyword_dsn_is_masked_too() -> None:
@@ -103,11 +225,13 @@ def test_a_password_in_a_keyword_dsn_is_masked_too() -> None:
 
 
 def test_options_are_checked() -> None:
-    """A bad table name or lock mode is a ValueError that says what is allowed."""
+    """A bad table name, lock mode or pool size is a ValueError that says what is allowed."""
     with pytest.raises(ValueError, match="table"):
         PostgresBackend("postgresql://h/db", table="x; DROP TABLE y")
     with pytest.raises(ValueError, match="'session' or 'transaction'"):
         PostgresBackend("postgresql://h/db", lock="advisory")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pool_size"):
+        PostgresBackend("postgresql://h/db", pool_size=0)
     assert "schema.t" in PostgresBackend("postgresql://h/db", table="schema.t").describe()
 
 
@@ -121,6 +245,7 @@ async def test_a_libpq_keyword_dsn_connects(postgres_server: PostgresServer, tab
     assert await backend.run_once("tests.pg.keywords", answer) == 42
     assert postgres_server.password not in backend.describe()
     assert "password=***" in backend.describe()
+    await backend.aclose()
 
 
 def test_a_keyword_dsn_with_an_unknown_keyword_names_it_and_what_works() -> None:
@@ -136,8 +261,6 @@ async def test_a_leader_draws_its_fencing_token_from_the_tables_sequence(
     postgres_server: PostgresServer, table: str
 ) -> None:
     """Each leader's token is the next value of ``<table>_fence``, so it only grows."""
-    from fastapi_once.backends import fencing_token
-
     backend = PostgresBackend(postgres_server.dsn, table=table)
     tokens: list[int | None] = []
 
@@ -150,24 +273,27 @@ async def test_a_leader_draws_its_fencing_token_from_the_tables_sequence(
     await backend.run_once("tests.pg.other", work)
     assert tokens == [1, 2, 3]
     assert fencing_token() is None
+    await backend.aclose()
 
 
 @pytest.mark.parametrize("lock", ["session", "transaction"])
-async def test_a_markers_ttl_runs_from_when_it_is_recorded_even_after_long_work(
+async def test_a_values_ttl_runs_from_when_it_is_recorded_even_after_long_work(
     postgres_server: PostgresServer, table: str, lock: str
 ) -> None:
-    """Work that takes longer than the ttl still records a live marker that another instance
+    """Work that takes longer than the ttl still records a live value that another instance
     is served (with transaction locks, now() is when the lock was taken, not the record)."""
-    first = PostgresBackend(postgres_server.dsn, table=table, lock=lock)
-    second = PostgresBackend(postgres_server.dsn, table=table, lock=lock)
+    first = PostgresBackend(postgres_server.dsn, table=table, lock=lock)  # type: ignore[arg-type]
+    second = PostgresBackend(postgres_server.dsn, table=table, lock=lock)  # type: ignore[arg-type]
 
     async def slow() -> str:
         await anyio.sleep(1.5)
         return "made slowly"
 
     async def never() -> str:
-        raise AssertionError("the marker expired as it was written")
+        raise AssertionError("the value expired as it was written")
 
     with anyio.fail_after(20):
         assert await first.run_once("tests.pg.slow", slow, ttl=1.0) == "made slowly"
         assert await second.run_once("tests.pg.slow", never, ttl=1.0) == "made slowly"
+    await first.aclose()
+    await second.aclose()

@@ -1,0 +1,141 @@
+"""The PostgreSQL store's connections, per event loop, and the driver's errors as store errors.
+
+Per process and event loop: a pool (``asyncpg.create_pool``) of at most ``pool_size`` for the
+short statements; one lock session per lease held (a connection of its own: its lock ends
+with it); up to :data:`IDLE_SESSIONS` idle lock sessions kept for the next claims. The store's
+listener (one more connection) ends them all when it ends (:meth:`Connections.end`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+from .._errors import BackendError
+from ._store import StoreUnavailableError
+
+try:
+    import asyncpg  # type: ignore[import-untyped]
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "PostgresBackend needs the asyncpg package: pip install 'fastapi-once[postgres]'"
+    ) from exc
+
+#: Idle lock sessions a loop keeps for its next claims (a connection is a server process).
+IDLE_SESSIONS = 4
+
+#: The server cannot be reached or did not answer in time: :class:`StoreUnavailableError`.
+OUTAGES = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cancelled, starting up
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections
+    asyncpg.exceptions.LockNotAvailableError,
+)
+
+#: Every error of the driver: an outage, or the server refusing a statement.
+DRIVER_ERRORS = (*OUTAGES, asyncpg.PostgresError)
+
+
+class Connections:
+    """One store's connections in each event loop (only the loop's own thread touches its
+    entries), and how its driver errors read.
+
+    Args:
+        options: ``asyncpg.connect()``'s arguments (bounds, application_name included).
+        pool_size: the most pooled connections per loop.
+        setup: run on every new connection's first use until it has made the tables.
+        describe: the store's description, for errors.
+        scrub: masks the password in a driver's message.
+    """
+
+    def __init__(
+        self,
+        options: Callable[[], dict[str, Any]],
+        pool_size: int,
+        setup: Callable[[Any], Awaitable[None]],
+        describe: Callable[[], str],
+        scrub: Callable[[str], str],
+    ) -> None:
+        self._options, self._pool_size, self._setup = options, pool_size, setup
+        self._describe, self._scrub = describe, scrub
+        self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions held
+        self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+
+    @contextlib.contextmanager
+    def errors(self, doing: str) -> Iterator[None]:
+        """Driver errors as StoreUnavailableError (an outage) or BackendError, scrubbed."""
+        try:
+            yield
+        except DRIVER_ERRORS as exc:
+            detail = self._scrub(f"{type(exc).__name__}: {exc}")
+            kind = StoreUnavailableError if isinstance(exc, OUTAGES) else BackendError
+            raise kind(f"{self._describe()}: failed {doing}: {detail}") from exc
+
+    @contextlib.asynccontextmanager
+    async def pooled(self, doing: str) -> AsyncIterator[Any]:
+        """A connection of this loop's pool for the block; errors as :meth:`errors`."""
+        loop = asyncio.get_running_loop()
+        with self.errors(doing):
+            pool = self._pools.get(loop)
+            if pool is None:  # min_size=0: made without a round trip, so without a race
+                pool = await asyncpg.create_pool(
+                    min_size=0, max_size=self._pool_size, **self._options()
+                )
+                if self._pools.setdefault(loop, pool) is not pool:
+                    pool.terminate()
+                    pool = self._pools[loop]
+            async with pool.acquire(timeout=self._options()["command_timeout"]) as conn:
+                await self._setup(conn)
+                yield conn
+
+    async def connect(self) -> Any:
+        """A connection of its own (a lock session, or a listener's)."""
+        with self.errors("connecting"):
+            conn = await asyncpg.connect(**self._options())
+            try:
+                await self._setup(conn)
+            except BaseException:
+                conn.terminate()
+                raise
+        return conn
+
+    async def session(self) -> Any:
+        """An idle lock session of this loop's, or a new one."""
+        idle = self._idle.get(asyncio.get_running_loop(), [])
+        while idle:
+            conn = idle.pop()
+            if not conn.is_closed():
+                return conn
+        return await self.connect()
+
+    def lease(self, conn: Any) -> None:
+        """Count ``conn`` as a lease's lock session (ended with the loop's connections)."""
+        self._leased.setdefault(asyncio.get_running_loop(), set()).add(conn)
+
+    def release(self, conn: Any, *, keep: bool) -> None:
+        """Keep a lock session that holds nothing (``keep``) for the next claim, up to
+        :data:`IDLE_SESSIONS`; else end it, and its lock."""
+        loop = asyncio.get_running_loop()
+        self._leased.get(loop, set()).discard(conn)
+        idle = self._idle.setdefault(loop, [])
+        if keep and not conn.is_closed() and len(idle) < IDLE_SESSIONS:
+            idle.append(conn)
+        else:
+            conn.terminate()
+
+    def end(self) -> None:
+        """End the running loop's connections: its pool, idle and leased lock sessions (a
+        lease's renewal then finds it lost)."""
+        loop = asyncio.get_running_loop()
+        for conn in [*self._leased.pop(loop, ()), *self._idle.pop(loop, ())]:
+            conn.terminate()
+        pool = self._pools.pop(loop, None)
+        if pool is not None:
+            pool.terminate()
