@@ -9,8 +9,9 @@ Without the host's ``once_lifespan`` it still works: each once is made on first 
 
 With several worker processes (``uvicorn example_app:app --workers 4``) they must share the
 database file, ``$EXAMPLE_DB``. Each worker opens its own connection, HTTP client and model, once;
-the schema migration (:func:`~example_app.service.schema`) runs once per deployment in total,
-across the backend that ``$EXAMPLE_BACKEND_URL`` names (see :mod:`example_app.deployment`).
+the schema migration (:data:`~example_app.service.schema`: ``fastapi_once.alembic.upgrade`` over
+the Alembic revisions in ``example_app/migrations``) runs once per deployment in total, across
+the backend that ``$EXAMPLE_BACKEND_URL`` names (see :mod:`example_app.deployment`).
 
 Why not an ``asyncio.Lock``?
 ----------------------------

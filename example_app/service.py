@@ -2,10 +2,11 @@
 
 - ``database``: a generator ``def``; a shared resource whose code after ``yield`` closes it.
 - ``http_client``: an async generator; a shared ``httpx.AsyncClient``, closed after ``yield``.
-- ``schema``: the once-per-deployment migration, warmed by ``once_lifespan`` (and on first use);
-  ``across=`` a backend (see :mod:`example_app.deployment`), so however many worker processes
-  start, one of them migrates the shared database and the others wait for it. Each real run is
-  recorded in the ``migrations_log`` table, which ``GET /migrations`` lists.
+- ``schema``: the once-per-deployment migration (``fastapi_once.alembic.upgrade``: Alembic's
+  ``upgrade`` to the heads of ``migrations/``, two revisions), warmed by ``once_lifespan`` (and on
+  first use); ``across=`` a backend (see :mod:`example_app.deployment`), so however many worker
+  processes start, one of them migrates the shared database and the others wait for it. Each run
+  of the upgrade is recorded in the ``migrations_log`` table, which ``GET /migrations`` lists.
 - ``sentiment_model``: a slow ``async def`` load, paid once however many requests wait for it.
 - ``get_stuff``: keyed by ``url``; one fetch per distinct URL, the last 64 kept.
 
@@ -21,29 +22,36 @@ each response says which process answered and when the app received the request
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 import httpx
+import sqlalchemy as sa
+from alembic.config import Config
 from fastapi import Depends, FastAPI, HTTPException, Query
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fastapi_once import Once, once, once_lifespan, readiness_router
+from fastapi_once.alembic import upgrade
 
 from . import deployment
 from .upstream import upstream
 
-#: The schema's version: a new one is a new deployment task, which runs once more.
-SCHEMA_VERSION = 1
+#: The Alembic scripts of the schema: a new revision there runs the migration once more.
+MIGRATIONS = Path(__file__).with_name("migrations")
 
 #: How long loading the model takes, in seconds.
 MODEL_LOAD_SECONDS = 0.2
@@ -76,27 +84,39 @@ def reset_stats() -> None:
 # --- the onces ------------------------------------------------------------------------------------
 
 
+# Without $EXAMPLE_DB: a database file of this process's own, made at first use. Guarded by
+# _scratch_lock; its directory is removed at exit.
+_scratch: str | None = None
+_scratch_lock = threading.Lock()
+
+
+def database_path() -> str:
+    """The database file: ``$EXAMPLE_DB`` (worker processes that share a database must set it),
+    otherwise a file in a temporary directory of this process's own, removed at exit."""
+    global _scratch
+    path = os.environ.get("EXAMPLE_DB")
+    if path:
+        return path
+    with _scratch_lock:
+        if _scratch is None:
+            directory = tempfile.mkdtemp(prefix="example_app-")
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            _scratch = os.path.join(directory, "example.db")
+        return _scratch
+
+
 @once
 def database() -> Iterator[sqlite3.Connection]:
-    """Open the process's one SQLite connection; close it (and drop its temporary file) at shutdown.
+    """Open the process's one SQLite connection to :func:`database_path`; close it at shutdown.
 
-    The file is ``$EXAMPLE_DB`` when set (worker processes that share a database must set it),
-    otherwise a file in a fresh temporary directory. A generator ``def`` runs in a worker thread,
-    hence ``check_same_thread=False``.
+    A generator ``def`` runs in a worker thread, hence ``check_same_thread=False``.
     """
     setups["database"] += 1
-    path = os.environ.get("EXAMPLE_DB")
-    tmp = None
-    if not path:
-        tmp = tempfile.TemporaryDirectory(prefix="example_app-")
-        path = os.path.join(tmp.name, "example.db")
-    connection = sqlite3.connect(path, check_same_thread=False)
+    connection = sqlite3.connect(database_path(), check_same_thread=False)
     try:
         yield connection
     finally:
         connection.close()
-        if tmp is not None:
-            tmp.cleanup()
 
 
 Database = Annotated[sqlite3.Connection, Depends(database)]
@@ -108,34 +128,34 @@ def database_file(db: sqlite3.Connection) -> str:
     return str(row[2])
 
 
-@once(across=deployment.backend, version=SCHEMA_VERSION)
-async def schema(db: Database) -> dict[str, int]:
-    """Migrate the database once per deployment; return the schema version and who migrated it.
-
-    Every process calls it at startup (or on first use if mounted); one process runs it, the
-    others wait and get its result. Each run is recorded in ``migrations_log``.
-    """
+def record_run(connection: sa.Connection, heads: tuple[str, ...]) -> None:
+    """Count a run of the upgrade and log it in ``migrations_log`` (``env.py`` calls it after
+    the revisions, in the process that runs them)."""
     setups["schema"] += 1
-    db.executescript(
-        f"""
-        CREATE TABLE IF NOT EXISTS notes (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            text TEXT NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS migrations_log (
-            pid INTEGER NOT NULL,
-            at REAL NOT NULL,
-            version INTEGER NOT NULL
-        );
-        PRAGMA user_version = {SCHEMA_VERSION};
-        """
+    connection.execute(
+        sa.text("INSERT INTO migrations_log (pid, at, head) VALUES (:pid, :at, :head)"),
+        {"pid": os.getpid(), "at": time.time(), "head": "+".join(heads)},
     )
-    with db:
-        db.execute(
-            "INSERT INTO migrations_log (pid, at, version) VALUES (?, ?, ?)",
-            (os.getpid(), time.time(), SCHEMA_VERSION),
-        )
-    return {"version": SCHEMA_VERSION, "pid": os.getpid()}
+
+
+def alembic_config() -> Config:
+    """The Alembic config of :data:`MIGRATIONS`; ``env.py`` calls :func:`record_run` after each
+    upgrade."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["after_upgrade"] = record_run
+    return config
+
+
+#: Migrate the database to the head revisions once per deployment: every process calls it at
+#: startup (or on first use if mounted); one process runs it, the others wait and get the heads.
+#: ``url=`` is read at each run, so ``$EXAMPLE_DB`` may be set after import.
+schema = upgrade(
+    alembic_config(),
+    url=lambda: f"sqlite:///{database_path()}",
+    across=deployment.backend,
+    name="example_app.service.schema",
+)
 
 
 @once
@@ -194,7 +214,7 @@ async def get_stuff(
 
 #: The onces the app makes before it serves. A host app that mounts this one lists them in its own
 #: ``once_lifespan``; without that, they are made on first use.
-STARTUP: tuple[Once[..., Any], ...] = (schema,)
+STARTUP: tuple[Once[..., Any], ...] = (database, schema)
 
 
 # --- the app --------------------------------------------------------------------------------------
@@ -240,17 +260,17 @@ class Note(NoteIn):
 
 
 class Migration(BaseModel):
-    """One real run of the migration, from ``migrations_log``."""
+    """One run of the upgrade, from ``migrations_log``: the process, when, the head it reached."""
 
     pid: int
     at: float
-    version: int
+    head: str
 
 
 class Migrations(BaseModel):
-    """The schema version the processes share, and every run of its migration in this database."""
+    """The head revisions the processes share, and every run of the upgrade in this database."""
 
-    version: int
+    heads: list[str]
     runs: list[Migration]
 
 
@@ -310,11 +330,11 @@ async def stats() -> dict[str, dict[str, int]]:
 
 
 @app.get("/migrations")
-async def migrations(db: Database, done: Annotated[dict[str, int], Depends(schema)]) -> Migrations:
-    """List every run of the migration recorded in the database: one per deployment."""
-    rows = db.execute("SELECT pid, at, version FROM migrations_log ORDER BY rowid").fetchall()
-    runs = [Migration(pid=pid, at=at, version=version) for pid, at, version in rows]
-    return Migrations(version=done["version"], runs=runs)
+async def migrations(db: Database, heads: Annotated[list[str], Depends(schema)]) -> Migrations:
+    """List every run of the upgrade recorded in the database: one per deployment."""
+    rows = db.execute("SELECT pid, at, head FROM migrations_log ORDER BY rowid").fetchall()
+    runs = [Migration(pid=pid, at=at, head=head) for pid, at, head in rows]
+    return Migrations(heads=heads, runs=runs)
 
 
 @app.get("/worker")

@@ -39,11 +39,12 @@ EXAMPLE_VARIABLES = ("EXAMPLE_DB", "EXAMPLE_BACKEND_URL")
 
 
 @pytest.fixture(autouse=True)
-def fresh_stats(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Zero the example's counters; use a temporary database and the file backend unless a test
-    sets others."""
+def fresh_stats(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Zero the example's counters; use a database of the test's own and the file backend
+    beside it unless a test sets others."""
     for name in EXAMPLE_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EXAMPLE_DB", str(tmp_path / "example.db"))
     example_app.reset_stats()
     yield
     example_app.reset_stats()
@@ -227,11 +228,34 @@ async def test_responses_say_which_worker_and_when_it_received_them() -> None:
 
 @pytest.mark.anyio
 async def test_migrations_lists_the_one_run_after_startup() -> None:
-    """GET /migrations shows the schema version and the one logged run, by this process."""
+    """GET /migrations shows the head revision and the one logged run of the upgrade, by this
+    process, which applied both revisions of the example's migrations."""
     async with serving(example_app.app) as client:
         body = (await client.get("/migrations")).json()
-    assert body["version"] == example_app.service.SCHEMA_VERSION
-    assert [(run["pid"], run["version"]) for run in body["runs"]] == [(os.getpid(), 1)]
+    assert body["heads"] == ["0002"]
+    assert [(run["pid"], run["head"]) for run in body["runs"]] == [(os.getpid(), "0002")]
+    assert (await anyio.to_thread.run_sync(applied_revisions)) == ["0002"]
+
+
+def applied_revisions() -> list[str]:
+    """The revisions in the version table of the database ``$EXAMPLE_DB``."""
+    with sqlite3.connect(os.environ["EXAMPLE_DB"]) as connection:
+        rows = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+    connection.close()
+    return [row[0] for row in rows]
+
+
+@pytest.mark.anyio
+async def test_without_example_db_the_database_is_a_file_of_the_process_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without $EXAMPLE_DB the app migrates and uses one scratch file, the same all along."""
+    monkeypatch.delenv("EXAMPLE_DB")
+    path = example_app.service.database_path()
+    assert path == example_app.service.database_path()
+    async with serving(example_app.app) as client:
+        assert (await client.post("/notes", json={"text": "scratch"})).status_code == 201
+        assert example_app.service.database_file(await example_app.database()) == path
 
 
 @pytest.mark.anyio
@@ -240,7 +264,7 @@ async def test_a_restart_on_the_same_database_does_not_migrate_again(
 ) -> None:
     """The migration's marker outlives the app: a second start on one database file skips it."""
     monkeypatch.setenv("EXAMPLE_DB", str(tmp_path / "kept.db"))
-    for _ in range(2):
+    for _ in range(2):  # the marker is in the lock directory beside the database
         async with serving(example_app.app) as client:
             runs = (await client.get("/migrations")).json()["runs"]
             assert len(runs) == 1
@@ -252,7 +276,8 @@ async def test_a_restart_on_the_same_database_does_not_migrate_again(
 async def test_resetting_the_migration_runs_it_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """schema.reset() clears the backend's marker too, so the next request migrates once more."""
+    """schema.reset() clears the backend's marker too, so the next request runs the upgrade once
+    more (finding the database at the heads already, it applies nothing)."""
     monkeypatch.setenv("EXAMPLE_DB", str(tmp_path / "app.db"))
     async with serving(example_app.app) as client:
         await example_app.schema.reset()
@@ -304,7 +329,7 @@ def test_the_migration_runs_once_across_processes_with_the_file_backend(tmp_path
     connection.close()
     assert len(rows) == 1
     assert rows[0][0] in {process.pid for process in processes}
-    assert results == [{"version": 1, "pid": rows[0][0]}] * 4
+    assert results == [["0002"]] * 4
 
 
 # --- choosing the backend -------------------------------------------------------------------------
@@ -464,7 +489,7 @@ def healthy_result(sent: list[str], workers: int = 2) -> burst.Result:
     for path in sent:
         result.bodies[path].add("same")
     result.processes = {100 + i: worker_stats(sent, migrated=i == 0) for i in range(workers)}
-    result.migrations = [{"pid": 100, "at": 0.0, "version": 1}]
+    result.migrations = [{"pid": 100, "at": 0.0, "head": "0002"}]
     return result
 
 
@@ -504,7 +529,7 @@ def test_burst_result_allows_one_value_per_path_in_each_worker() -> None:
 def test_burst_result_fails_when_the_migration_ran_twice() -> None:
     """Two runs in the migration log (one in each worker) make the verdict FAILED."""
     result = healthy_result(burst.paths(4))
-    result.migrations.append({"pid": 101, "at": 1.0, "version": 1})
+    result.migrations.append({"pid": 101, "at": 1.0, "head": "0002"})
     result.processes[101]["setups"]["schema"] = 1
     assert result.stats["setups"]["schema"] == 2
     assert "the migration ran 2 times in total" in result.problems

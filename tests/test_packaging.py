@@ -47,9 +47,11 @@ def test_the_metadata_names_the_mit_license_and_each_supported_python() -> None:
 
 
 def test_only_user_extras_are_published() -> None:
-    """The published extras are redis, postgres, otel and example; test/bench/lint are not."""
+    """The published extras are alembic, redis, postgres, otel and example; test/bench/lint are
+    not."""
     metadata = importlib.metadata.metadata("fastapi-once")
     assert sorted(metadata.get_all("Provides-Extra") or []) == [
+        "alembic",
         "example",
         "otel",
         "postgres",
@@ -139,6 +141,8 @@ def test_the_package_imports_and_works_where_os_has_no_fork_hooks() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["pool", "settings"]
+
+
 def _pyproject() -> dict[str, Any]:
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     return dict(tomllib.loads((ROOT / "pyproject.toml").read_text()))
