@@ -59,5 +59,5 @@ SMOKE = Config(
     keyed_rounds=2,
     keyed_calls=200,
     keyed_maxsize=50,
-    import_runs=2,
+    import_runs=1,
 )

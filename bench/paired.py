@@ -10,6 +10,9 @@ def spread(values: list[float]) -> dict[str, Any]:
     """The median of ``values``, their quartiles and their range."""
     if len(values) > 1:
         q1, _, q3 = statistics.quantiles(values, n=4)
+        # Of two values the quartiles are extrapolated past them (a ratio's q1 can even be
+        # negative); from three on they lie within the values already.
+        q1, q3 = max(q1, min(values)), min(q3, max(values))
     else:
         q1 = q3 = values[0]
     return {

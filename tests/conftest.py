@@ -15,7 +15,9 @@ from timekeeping import FakeClock
 # pytest-timeout fails a test past its timeout by raising in the main thread. A hang that
 # survives that (a task the event loop's shutdown cannot cancel, say) would hold the run until
 # CI gives up on it: this long after the timeout the watchdog prints every thread's stack and
-# ends the run.
+# ends the run. Under pytest-xdist it ends its worker process; the stacks still reach the
+# terminal (capture is suspended first), xdist reports the test as crashed, and with
+# --max-worker-restart 0 (pyproject.toml) that ends the run too.
 WATCHDOG_GRACE = 120.0
 
 

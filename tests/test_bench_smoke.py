@@ -70,6 +70,15 @@ def test_smoke_run_writes_every_scenario_and_contender(tmp_path: Path) -> None:
     assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_spread_of_two_rounds_stays_within_them() -> None:
+    """Quartiles of two rounds (the smoke run's) lie between them: a ratio's spread drawn as an
+    error bar never goes negative, which the plot refuses."""
+    from bench.paired import ratios
+
+    spread = ratios([0.2, 1.5], [1.0, 1.0])
+    assert spread["min"] == spread["q1"] <= spread["median"] <= spread["q3"] == spread["max"]
+
+
 FLEET_PACKAGES = ("uvicorn", "cashews", "aiocache")
 
 
