@@ -139,7 +139,7 @@ def test_across_takes_a_backend_a_url_or_a_factory() -> None:
     with pytest.raises(TypeError, match="across= takes a backend"):
         once(migrate, across=42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown scheme; give file:///path") as info:
-        once(migrate, across="mysql://root:hunter2@db/app", name="tests.errors.url")
+        once(migrate, across="mssql://root:hunter2@db/app", name="tests.errors.url")
     assert "hunter2" not in str(info.value)
 
 

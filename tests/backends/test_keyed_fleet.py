@@ -444,9 +444,12 @@ def test_every_record_in_the_store_expires(
             client.close()
         return
     table = f'"{spec["table"]}_lease"'
-    assert pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"] == 121
+    # 121 records, less those of the first batches that expired (and were pruned by the later
+    # batches' writes) if the batches took longer than the ttl, as on a loaded machine.
+    before = pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"]
+    assert 100 < before <= 121
     time.sleep(max(0.0, written + ttl + 0.2 - time.monotonic()))
     process.call("new-1")  # one write prunes up to 100 expired rows
-    assert pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"] == 121 + 1 - 100
+    assert pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"] == before + 1 - 100
     process.call("new-2")
     assert pg_fetch(spec, f"SELECT count(*) AS n FROM {table}")[0]["n"] == 2
