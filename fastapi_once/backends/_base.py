@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import abc
-import asyncio
 import contextvars
-import json
 import logging
 import os
 import random
@@ -18,7 +16,6 @@ from urllib.parse import unquote, urlsplit
 import anyio
 
 from .._errors import LeaseLostError
-from .._logs import fields
 
 logger = logging.getLogger("fastapi_once")
 
@@ -257,40 +254,6 @@ def max_bytes(value: int | None) -> int | None:
     return value
 
 
-def reset_message(name: str, key: str | None, sender: str) -> str:
-    """The message a keyed reset publishes: the once's name, the key's digest, who reset it.
-
-    Who: the backend instance (``sender``) in the running event loop, which has forgotten the
-    key already; the process's other loops have not, and forget it as other processes do.
-    """
-    return json.dumps({"name": name, "key": key, "by": _in_this_loop(sender)})
-
-
-def _in_this_loop(backend: str) -> str:
-    # Loops alive at once have distinct ids.
-    return f"{backend}/{id(asyncio.get_running_loop())}"
-
-
-def forget_reset(message: str, me: str, forget: Callable[[str, str | None], None] | None) -> None:
-    """Forget in this process what another process reset (see :func:`reset_message`).
-
-    ``forget`` is the core's callback (see :meth:`Backend.attach`): it forgets in a task of its
-    own, not in the caller's (a backend's listener). Never raises.
-    """
-    try:
-        data = json.loads(message)
-        name, key, sender = data["name"], data["key"], data["by"]
-    except (ValueError, KeyError, TypeError):
-        logger.warning(
-            "ignored a reset message that is not one of ours",
-            extra=fields(None, "reset_message_ignored"),
-        )
-        return
-    if sender == _in_this_loop(me) or forget is None:  # this loop's own reset: forgotten
-        return
-    forget(str(name), None if key is None else str(key))
-
-
 def holder_id() -> str:
     """Who this process is, for other processes' messages: ``"pid 1234 on web-1"``."""
     return f"pid {os.getpid()} on {socket.gethostname()}"
@@ -300,11 +263,6 @@ def backoff(attempt: int, *, first: float = 0.05, cap: float = 1.0) -> float:
     """Seconds to sleep before reconnecting after ``attempt`` failures: doubling, jittered."""
     ceiling: float = min(cap, first * 2 ** min(attempt, 16))
     return random.uniform(0.5, 1.0) * ceiling
-
-
-def time_left(wait_timeout: float | None, waited: float) -> float:
-    """Seconds a follower may still wait (``inf`` without a ``wait_timeout``)."""
-    return float("inf") if wait_timeout is None else wait_timeout - waited
 
 
 # --- secrets --------------------------------------------------------------------------------------
