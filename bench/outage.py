@@ -258,7 +258,7 @@ def markdown(results: dict[str, Any]) -> str:
     """The results as Markdown: one table per mode."""
     before, after = results["load_average_before"], results["load_average_after"]
     lines = [
-        f"`once(get_stuff, key=..., ttl={results['ttl_s']:g}, across=\"redis://...\")` over "
+        f'`once(get_stuff, key=..., ttl={results["ttl_s"]:g}, across="redis://...")` over '
         f"{results['urls']} URLs, {results['workers_per_contender']} uvicorn workers per "
         f"contender, {results['rate_per_contender']:g} requests/s to each contender for "
         f"{results['seconds']:g} s, Redis gone for {results['outage_s']:g} s in the middle; "
