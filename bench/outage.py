@@ -40,6 +40,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -199,16 +200,28 @@ def _fleets(
     base: dict[str, Any], args: argparse.Namespace, directory: Path
 ) -> Iterator[dict[str, list[Worker]]]:
     """One fleet per policy, each warmed up; yield them by policy."""
-    with contextlib.ExitStack() as stack:
-        fleets: dict[str, list[Worker]] = {}
-        for policy in POLICIES:
-            config = {
+    managers = {
+        policy: workers(
+            args.workers,
+            {
                 **base,
                 "contender": "once_redis",
                 "on_backend_error": policy,
                 "name": f"bench.outage.{policy}",
-            }
-            fleets[policy] = stack.enter_context(workers(args.workers, config, directory))
+            },
+            directory,
+        )
+        for policy in POLICIES
+    }
+    with contextlib.ExitStack() as stack:
+        # The fleets start at the same time; each one that started is stopped on the way out,
+        # even when the other failed to.
+        with ThreadPoolExecutor(len(managers)) as pool:
+            starting = {policy: pool.submit(m.__enter__) for policy, m in managers.items()}
+        for policy, future in starting.items():
+            if future.exception() is None:
+                stack.push(managers[policy].__exit__)
+        fleets = {policy: future.result() for policy, future in starting.items()}
         for policy, fleet in fleets.items():
             asyncio.run(_warm(fleet, f"/warm/{policy}/", args.request_timeout))
         yield fleets
