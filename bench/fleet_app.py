@@ -1,7 +1,9 @@
 """The app each worker of ``bench.fleet`` serves: one route, ``GET /stuff?url=...``, one contender.
 
 ``uvicorn bench.fleet_app:app --factory`` builds it from the JSON in ``$BENCH_FLEET``:
-``{"contender": ..., "upstream": port, "redis": url, "postgres": dsn, "name": ..., "ttl": s}``.
+``{"contender": ..., "upstream": port, "redis": url, "postgres": dsn, "name": ..., "ttl": s}``
+and, for the ``across=`` onces, an optional ``"on_backend_error": "local" | "raise"`` (without it,
+once's default).
 The route awaits ``fetch(url)``, where ``fetch`` is ``get_stuff`` (one GET from the upstream)
 wrapped the way the contender's library would: the route's code is the same for every contender.
 """
@@ -64,13 +66,20 @@ def fetcher(contender: str, config: dict[str, Any]) -> Fetch:
     name = config["name"]
     if contender == "once":
         return once(get_stuff, key=lambda url: url, ttl=ttl, name=name)
+    policy: dict[str, Any] = (
+        {"on_backend_error": config["on_backend_error"]} if "on_backend_error" in config else {}
+    )
     if contender == "once_redis":
         # A plain URL: redis-py's default pool (100 connections, not blocking). Keyed
         # followers hold no connection while they wait, and a process runs at most 8 keyed
         # checks at once, so 100 keys in flight stay well within it.
-        return once(get_stuff, key=lambda url: url, ttl=ttl, name=name, across=config["redis"])
+        return once(
+            get_stuff, key=lambda url: url, ttl=ttl, name=name, across=config["redis"], **policy
+        )
     if contender == "once_postgres":
-        return once(get_stuff, key=lambda url: url, ttl=ttl, name=name, across=config["postgres"])
+        return once(
+            get_stuff, key=lambda url: url, ttl=ttl, name=name, across=config["postgres"], **policy
+        )
     if contender == "cashews":
         from cashews import cache
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,3 +164,37 @@ def test_floors_smoke_run_measures_every_ratio_of_the_core(tmp_path: Path) -> No
     for key, *_ in ROWS:
         assert {"median", "q1", "q3", "min", "max"} <= results["ratios"][key].keys(), key
     assert "load average" in (tmp_path / f"{name}.md").read_text()
+
+
+@pytest.mark.usefixtures("bench_packages")
+@pytest.mark.timeout(40)
+def test_outage_bench_reports_both_policies_in_each_mode(tmp_path: Path) -> None:
+    """``python -m bench.outage``, tiny, reports "raise" and "local" through a stall and a
+    restart of Redis: requests sent and failed in the window and overall, and upstream fetches."""
+    if shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None:
+        pytest.skip("the outage bench needs redis-server and the redis package")
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.outage", "--out", str(tmp_path)),
+            *("--workers", "1", "--seconds", "2", "--outage", "0.5", "--rate", "10"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=35,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / "outage.json").read_text())
+    assert set(results["modes"]) == {"stall", "restart"}
+    for measured in results["modes"].values():
+        assert set(measured["contenders"]) == {"raise", "local"}
+        for contender in measured["contenders"].values():
+            assert contender["overall"]["sent"] > 0
+            assert {"sent", "failed", "failed_by_status", "p50_ms", "p99_ms"} <= set(
+                contender["window"]
+            )
+            assert contender["upstream_fetches"] > 0
+    table = (tmp_path / "outage.md").read_text()
+    assert '`"raise"`' in table
+    assert '`"local"`' in table
