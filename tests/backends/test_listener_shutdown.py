@@ -96,11 +96,21 @@ def test_a_loop_ends_when_its_listener_loses_the_shutdowns_cancellation() -> Non
     assert took < ENDS_WITHIN
 
 
-def test_a_timeout_inside_the_listener_does_not_end_it() -> None:
+@pytest.mark.parametrize("unwinding", [False, True], ids=["at-once", "awaiting-a-cleanup"])
+def test_a_timeout_inside_the_listener_does_not_end_it(unwinding: bool) -> None:
     """A driver's own timeouts cancel the listener's task natively and take the cancellation
-    back; the listener goes on (a later stop() ends it)."""
+    back, at once or after awaiting a cleanup on the way out (a turn of the loop, a wait on the
+    network); the listener goes on (a later stop() ends it)."""
     timeouts = 0
     five = asyncio.Event()
+
+    async def read() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            if unwinding:
+                await asyncio.sleep(0)  # the driver's cleanup, one loop turn
+                await asyncio.sleep(0.05)  # and one that waits on the network
 
     async def listen(wakeups: Wakeups) -> None:
         nonlocal timeouts
@@ -108,7 +118,7 @@ def test_a_timeout_inside_the_listener_does_not_end_it() -> None:
         while True:
             try:
                 async with asyncio.timeout(0.01):  # as redis-py's reads time out when idle
-                    await asyncio.sleep(3600)
+                    await read()
             except TimeoutError:
                 timeouts += 1
                 if timeouts == 5:
