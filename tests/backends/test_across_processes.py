@@ -79,7 +79,7 @@ def test_the_file_backend_runs_once_across_trio_processes(
 # The file backend's case is tested against the in-memory store (test_lease.py) and the store
 # contract (test_file_store.py); the real-process tests of the file backend are the 16-process
 # run, the trio run and the leader killed among many followers.
-@pytest.mark.kinds("redis", "postgres", "postgres-xact")
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_when_the_leaders_work_raises_a_follower_runs_it_and_nothing_is_recorded_for_the_failure(
     kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
 ) -> None:
@@ -99,7 +99,7 @@ def test_when_the_leaders_work_raises_a_follower_runs_it_and_nothing_is_recorded
 # The file backend's case is tested against the in-memory store (test_lease.py) and the store
 # contract (test_file_store.py); the real-process tests of the file backend are the 16-process
 # run, the trio run and the leader killed among many followers.
-@pytest.mark.kinds("redis", "postgres", "postgres-xact")
+@pytest.mark.kinds("redis", "postgres-xact")  # postgres: the 12-process takeover below
 def test_a_killed_leader_is_replaced_by_a_follower(
     kind: str,
     spec: dict[str, Any],
@@ -134,7 +134,7 @@ def test_a_killed_leader_is_replaced_by_a_follower(
 # The file backend's case is tested against the in-memory store (test_lease.py) and the store
 # contract (test_file_store.py); the real-process tests of the file backend are the 16-process
 # run, the trio run and the leader killed among many followers.
-@pytest.mark.kinds("redis", "postgres", "postgres-xact")
+@pytest.mark.kinds("redis", "postgres")  # a reset does not depend on the lock mode
 def test_a_reset_from_a_process_that_never_made_the_value_makes_the_next_call_run_it_again(
     kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
 ) -> None:
@@ -157,7 +157,7 @@ def test_a_reset_from_a_process_that_never_made_the_value_makes_the_next_call_ru
 # The file backend's case is tested against the in-memory store (test_lease.py) and the store
 # contract (test_file_store.py); the real-process tests of the file backend are the 16-process
 # run, the trio run and the leader killed among many followers.
-@pytest.mark.kinds("redis", "postgres", "postgres-xact")
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_every_process_gets_the_type_the_function_is_annotated_to_return(
     kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
 ) -> None:

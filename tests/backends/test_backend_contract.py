@@ -22,7 +22,11 @@ from backend_worker import build_backend
 from fastapi_once import OnceError, once
 from fastapi_once.backends import Backend, WaitTimeoutError
 
-pytestmark = pytest.mark.anyio
+# The lease algorithm's behaviours are tested in test_lease.py and by every store in
+# store_contract.py; here they run end to end through once() on the file store (asyncio and
+# trio). What depends on a store's own primitives or options runs on every kind.
+pytestmark = [pytest.mark.anyio, pytest.mark.kinds("file")]
+EVERY_KIND = pytest.mark.kinds("file", "redis", "postgres", "postgres-xact")
 
 
 @pytest.fixture
@@ -116,6 +120,7 @@ async def test_a_recorded_result_is_returned_without_running_the_work_again(
     assert (first.runs, second.runs) == (1, 0)
 
 
+@EVERY_KIND
 async def test_a_recorded_result_is_read_without_taking_the_lock(
     spec: dict[str, Any], backend: Backend, name: str
 ) -> None:
@@ -168,6 +173,7 @@ async def test_a_marker_expires_after_its_ttl(backend: Backend, name: str) -> No
     assert work.runs == 2
 
 
+@EVERY_KIND
 async def test_the_backends_ttl_option_is_the_default_ttl(spec: dict[str, Any], name: str) -> None:
     """``ttl=`` on the backend applies when run_once is given none."""
     backend = build_backend(spec, ttl=0.3)
@@ -317,6 +323,7 @@ async def test_concurrent_callers_in_one_process_share_one_run_once_call(
     assert (calls, runs) == (1, 1)
 
 
+@EVERY_KIND
 async def test_describe_and_repr_never_show_the_password(
     spec: dict[str, Any], backend: Backend
 ) -> None:
@@ -329,6 +336,7 @@ async def test_describe_and_repr_never_show_the_password(
         assert "***" in backend.describe()
 
 
+@EVERY_KIND
 def test_the_default_wait_timeout_is_finite(spec: dict[str, Any]) -> None:
     """A follower never waits forever unless asked to: 300 s by default."""
     assert build_backend(spec).wait_timeout == 300  # type: ignore[attr-defined]

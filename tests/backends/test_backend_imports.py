@@ -81,6 +81,7 @@ def run_tests_without_drivers(ci: bool) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             *(sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--no-cov"),
+            *("-n", "0"),  # in this process: a few dozen quick tests need no xdist workers
             str(here / "test_file_backend.py"),
             str(here / "test_redis_backend.py"),
             str(here / "test_postgres_backend.py"),

@@ -163,6 +163,7 @@ def test_each_key_runs_once_across_processes_and_every_caller_gets_its_typed_val
     )
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_a_warm_key_is_served_from_memory_without_running_again(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -175,6 +176,7 @@ def test_a_warm_key_is_served_from_memory_without_running_again(
     assert len(starts(log_of(spec, tmp_path), "a")) == 1
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_waiting_processes_are_woken_by_the_leaders_end_not_by_the_recheck(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -225,6 +227,7 @@ def test_a_killed_leaders_key_is_taken_over_by_a_waiting_process(
     assert takeover < spec.get("lease", 0) + 1.0 + 3  # lease + recheck_interval, generously
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_a_failure_is_shared_in_its_process_and_not_recorded_so_another_process_runs_it(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -237,6 +240,7 @@ def test_a_failure_is_shared_in_its_process_and_not_recorded_so_another_process_
     assert len(starts(log_of(spec, tmp_path), "flaky")) == 2
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_a_failures_cooldown_holds_fleet_wide_for_that_key_only(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -255,6 +259,7 @@ def test_a_failures_cooldown_holds_fleet_wide_for_that_key_only(
     assert len(starts(log_of(spec, tmp_path), "bad")) == 1
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_a_reset_after_a_failure_ends_the_fleet_wide_cooldown(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -265,6 +270,7 @@ def test_a_reset_after_a_failure_ends_the_fleet_wide_cooldown(
     assert ok(second.call("bad")[0][0])["run"] == 2
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_refresh_runs_once_per_key_fleet_wide_while_every_process_serves_the_old_value(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -297,6 +303,7 @@ def test_refresh_runs_once_per_key_fleet_wide_while_every_process_serves_the_old
 # --- invalidation ---------------------------------------------------------------------------------
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_resetting_one_key_makes_only_that_key_run_again_in_any_process(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -334,7 +341,7 @@ def test_a_live_process_forgets_a_key_another_process_reset(
     assert (len(starts(log, "a")), len(starts(log, "b"))) == (2, 1)
 
 
-@pytest.mark.kinds("file", "redis", "postgres")
+@pytest.mark.kinds("file")  # every store's reset of a whole once: store_contract.py
 def test_a_live_process_forgets_every_key_when_another_resets_the_whole_once(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -361,6 +368,7 @@ def test_a_live_process_forgets_an_unkeyed_value_another_process_reset(
     assert len(starts(log_of(spec, tmp_path), "one")) == 2
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_reset_without_arguments_clears_every_keys_record_of_the_once_only(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
@@ -385,6 +393,7 @@ def test_reset_without_arguments_clears_every_keys_record_of_the_once_only(
 # --- bounds ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
 def test_a_value_over_max_value_bytes_is_refused_at_the_leader_and_not_recorded(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:

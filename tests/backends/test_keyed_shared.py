@@ -1,4 +1,4 @@
-"""Keyed records shared by two backend instances in one process, on Redis and PostgreSQL.
+"""Keyed records shared by two backend instances in one process (Redis; see pytestmark).
 
 Two instances of a backend hold separate connections (PostgreSQL advisory locks belong to a
 session, Redis locks to a token), so they meet as two processes would: one leads, the other
@@ -19,7 +19,9 @@ from fastapi_once import once
 from fastapi_once._keys import shared_key_digest
 from fastapi_once.backends import Backend, OnceCoolingDownError, WaitTimeoutError
 
-pytestmark = [pytest.mark.anyio, pytest.mark.kinds("redis", "postgres", "postgres-xact")]
+# The lease algorithm's behaviours (test_lease.py, store_contract.py), end to end on Redis; what
+# depends on a store's own statements runs on each store.
+pytestmark = [pytest.mark.anyio, pytest.mark.kinds("redis")]
 
 
 @pytest.fixture
@@ -343,6 +345,7 @@ async def test_a_cancelled_leader_frees_the_key_at_once_without_a_cooldown(
         assert await other.run_keyed(name, digest, value("ran"), ttl=60, cooldown=30) == "ran"
 
 
+@pytest.mark.kinds("redis", "postgres")  # each store deletes many records its own way
 async def test_resetting_every_key_deletes_them_all_when_there_are_many(
     make: Callable[..., Backend], name: str
 ) -> None:
