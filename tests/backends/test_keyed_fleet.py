@@ -353,7 +353,7 @@ def test_a_live_process_forgets_every_key_when_another_resets_the_whole_once(
     poll_run(holder, "b", 2)
 
 
-@pytest.mark.kinds("file")  # the lease stores; Redis and PostgreSQL join with their stores
+@pytest.mark.kinds("file", "redis", "postgres", "mysql")  # every store tells the fleet of resets
 def test_a_live_process_forgets_an_unkeyed_value_another_process_reset(
     spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
 ) -> None:
