@@ -86,8 +86,10 @@ async def test_forty_keys_in_flight_hold_at_most_max_connections(
     """One process leading 40 keys at once, with a follower of each in another backend (another
     process's view) of the same loop: the server sees at most max_connections (10) clients per
     backend, during the work and after it."""
-    leader = RedisBackend(private_redis.url, lease=0.6)
-    follower = RedisBackend(private_redis.url, lease=0.6)
+    # Leases renewed every 0.5 s: the renewals use the connections while they are counted, and a
+    # loaded machine does not delay one past its lease.
+    leader = RedisBackend(private_redis.url, lease=1.5)
+    follower = RedisBackend(private_redis.url, lease=1.5)
     keys = [digest() for _ in range(40)]
     started, release = anyio.Event(), anyio.Event()
     got: list[str] = []
@@ -109,8 +111,8 @@ async def test_forty_keys_in_flight_hold_at_most_max_connections(
             await anyio.sleep(0.3)  # every key led; now a follower of each claims and waits
             for key in keys:
                 tg.start_soon(call, follower, key)
-            for _ in range(4):  # renewals every 0.2 s meanwhile
-                await anyio.sleep(0.25)
+            for _ in range(4):  # renewals every 0.5 s meanwhile
+                await anyio.sleep(0.3)
                 seen.append(await clients(private_side))
             release.set()
         seen.append(await clients(private_side))
