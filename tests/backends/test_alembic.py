@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import pytest
 from alembic_project import add_revision, config_of, runs, write_project
-from backend_servers import HERE, ROOT, MariaDBServer, PostgresServer, wait_for
+from backend_servers import HERE, ROOT, MariaDBServer, PostgresServer, require, wait_for
 
 from fastapi_once import Once
 from fastapi_once.alembic import FENCE_TABLE, database_lock, include_name, upgrade
@@ -473,6 +473,7 @@ def test_a_mysql_url_of_any_driver_locks_on_that_database_without_its_password()
     """mysql+asyncmy://, mysql+pymysql://, mariadb+...:// give a MySQLBackend on the same
     database (mysql:// or mariadb://), waiting as long as the leader holds the lock; of the
     query, only ssl= is kept; the password (URL-quoted or not) never shows."""
+    require("asyncmy")
     from fastapi_once.backends import MySQLBackend
 
     for scheme in ("mysql+asyncmy", "mysql+pymysql", "mysql+aiomysql", "mysql", "mariadb+asyncmy"):
@@ -496,6 +497,7 @@ def test_a_mysql_url_of_any_driver_locks_on_that_database_without_its_password()
 def test_a_mysql_url_whose_tls_or_socket_the_lock_cannot_use_is_refused(query: str) -> None:
     """A connection option the MySQL store cannot carry over is refused, not dropped (the lock
     would connect in the clear, or elsewhere), naming it and across=, without the password."""
+    require("asyncmy")
     with pytest.raises(ValueError, match=f"cannot use {query.partition('=')[0]}=.*across=") as info:
         database_lock(f"mysql+pymysql://app:s3cret@db/shop?{query}")
     assert "s3cret" not in str(info.value)
