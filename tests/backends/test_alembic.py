@@ -272,6 +272,10 @@ def test_processes_starting_at_once_run_each_revision_once_and_a_new_one_once_mo
     (leader,) = {pid for _, pid in database.applied()}
     assert leader in {report["pid"] for report in reports}
     assert [r for r, _ in database.applied()] == ["0001", "0002"]
+    # Without a file store, the lock and its marker are the database's own: the records' table
+    # of its store (MariaDB's fastapi_once, PostgreSQL's fastapi_once_lease) is there.
+    records = database.tables() & {"fastapi_once", "fastapi_once_lease"}
+    assert bool(records) == (database.locks is None)
 
     add_revision(project, "0003", "0002")
     reports = apps.run(4)
