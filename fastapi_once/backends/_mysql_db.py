@@ -1,5 +1,5 @@
-"""MySQLBackend's connections: the URL, opening and pooling connections, bounded round trips,
-and the driver's errors as the store's (asyncmy: the ``mysql`` extra)."""
+"""MySQLBackend's connections (asyncmy, the ``mysql`` extra): the URL, one event loop's bounded
+connections and lock session, round trips bounded in time, the driver's errors as the store's."""
 
 from __future__ import annotations
 
@@ -31,22 +31,6 @@ _GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003,
 
 
 @dataclass
-class Pool:
-    """One event loop's statement connections; only that loop's thread touches it."""
-
-    slots: asyncio.Semaphore  # bounds the connections open, idle or in use
-    idle: list[Any] = field(default_factory=list)
-    closed: bool = False  # set when the loop's listener ended: connections given back close
-
-    def close(self) -> None:
-        """Close the idle connections; those in use close when given back."""
-        self.closed = True
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
-
-
-@dataclass
 class LockSession:
     """A connection that holds named locks (``GET_LOCK``) for as long as it lives."""
 
@@ -61,39 +45,28 @@ class LockSession:
         self.conn.close()
 
 
+@dataclass(repr=False)  # args hold the password
 class Database:
-    """Opens, lends and runs statements on connections to the database a URL names.
+    """One event loop's connections (only that loop's thread touches them): at most ``size``
+    for statements and one lock session; each round trip bounded by ``trip`` seconds."""
 
-    Args:
-        url: ``mysql://user:password@host[:port]/database`` or ``mariadb://...``, ``?ssl=true``.
-        describe: the store's description, for messages (never the password).
-        trip: the longest one round trip may take, in seconds (the server's lock waits too).
-        connect_timeout: the longest opening a connection may take, in seconds.
-        ssl: a TLS context, overriding ``?ssl=``.
-        setup: statements run once on the first connection (the store's tables).
+    args: dict[str, Any]  # asyncmy.connect()'s, from connect_args()
+    describe: Callable[[], str]  # the store, for messages (never the password)
+    trip: float
+    connect_timeout: float
+    setup: list[str]  # run on the backend's first connection (the tables), then emptied
+    size: int
+    idle: list[Any] = field(default_factory=list)
+    session: LockSession | None = None
+    closed: bool = False  # the loop's listener ended: connections given back close
 
-    Raises:
-        ValueError: not such a URL, no host or database, a bad port, an unknown ``?option``.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        describe: Callable[[], str],
-        *,
-        trip: float,
-        connect_timeout: float,
-        ssl: ssl_module.SSLContext | None,
-        setup: list[str],
-    ) -> None:
-        self.describe, self.trip, self.connect_timeout = describe, trip, connect_timeout
-        self.args = _connect_args(url, describe())
-        if ssl is not None:
-            self.args["ssl"] = ssl
-        self._setup = setup  # emptied once it has run
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.size)  # statement connections, idle or lent
+        self.opening = asyncio.Lock()  # opens one lock session at a time
 
     async def connect(self) -> Any:
-        """A new connection: autocommit, UTC, READ COMMITTED, lock waits bounded by ``trip``."""
+        """A new connection: autocommit, UTC, READ COMMITTED, the server's lock waits bounded by
+        ``trip``, its idle timeout a year (a lock session, or a kept connection, may idle)."""
         try:
             with anyio.fail_after(self.connect_timeout):
                 conn = await asyncmy.connect(
@@ -108,82 +81,92 @@ class Database:
             waits = math.ceil(self.trip)
             await self.run(
                 conn,
-                "SET SESSION time_zone = '+00:00', sql_notes = 0, "
+                "SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout = 31536000, "
                 "innodb_lock_wait_timeout = %s, lock_wait_timeout = %s",
                 (waits, waits),
             )
             await self.run(conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            for statement in self._setup:
+            for statement in self.setup:
                 await self.run(conn, statement)
-            self._setup = []
+            self.setup.clear()
         except BaseException:
             conn.close()
             raise
         return conn
 
-    async def lock_session(self) -> LockSession:
-        """A new lock session (the server's idle timeout raised: it may idle for long)."""
-        conn = await self.connect()
-        try:
-            rows = await self.run(conn, "SELECT CONNECTION_ID()")
-            await self.run(conn, "SET SESSION wait_timeout = 31536000")
-        except BaseException:
-            conn.close()
-            raise
-        return LockSession(conn, int(rows[0][0]))
-
-    async def on(self, session: LockSession, sql: str, name: str) -> bool:
-        """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session``, whole
-        (shielded, 1 s at most) or not at all; return whether it answered 1. A failure ends the
-        session, and with it every lock it held.
-
-        Raises:
-            StoreUnavailableError: the session has ended, or ends now.
-        """
-        async with session.busy:
-            if session.dead:
-                raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
-            with anyio.CancelScope(shield=True):
-                try:
-                    with anyio.fail_after(min(self.trip, 1.0)):
-                        async with session.conn.cursor() as cur:
-                            await cur.execute(sql, (name,))
-                            row = await cur.fetchone()
-                except BaseException as exc:
-                    session.close()
-                    raise self.error(exc) from exc
-        return row is not None and row[0] == 1
-
     @contextlib.asynccontextmanager
-    async def lend(self, pool: Pool) -> AsyncIterator[Any]:
-        """A connection of ``pool`` for the block: closed if the block fails (a transaction left
-        open rolls back), else kept for the next block."""
-        async with pool.slots:
-            conn = pool.idle.pop() if pool.idle else await self.connect()
+    async def lend(self) -> AsyncIterator[Any]:
+        """A connection for the block: closed if the block fails (a transaction left open rolls
+        back), else kept for the next block."""
+        async with self.slots:
+            conn = self.idle.pop() if self.idle else await self.connect()
             try:
                 yield conn
             except BaseException:
                 conn.close()
                 raise
-            if pool.closed:
+            if self.closed:
                 conn.close()
             else:
-                pool.idle.append(conn)
+                self.idle.append(conn)
 
-    async def run(self, conn: Any, sql: str, args: Any = (), *, rows: bool = True) -> Any:
-        """One round trip, bounded by ``trip``: its rows (``rows=False``: the rows it matched).
+    async def run(
+        self, conn: Any, sql: str, args: Any = (), *, rows: bool = True, trip: float = math.inf
+    ) -> Any:
+        """One round trip, bounded by ``trip`` (at most the loop's): its rows (``rows=False``:
+        how many it matched).
 
         Raises:
             StoreUnavailableError: no answer, or the connection is lost.
             BackendError: the server refused the statement.
         """
         try:
-            with anyio.fail_after(self.trip):
+            with anyio.fail_after(min(trip, self.trip)):
                 async with conn.cursor() as cur:
                     matched = await cur.execute(sql, args)
                     return list(await cur.fetchall()) if rows else matched
         except Exception as exc:
             raise self.error(exc) from exc
+
+    async def lock_session(self) -> LockSession:
+        """The loop's lock session, opened if it has none (or its last one ended)."""
+        async with self.opening:
+            if self.session is None or self.session.dead:
+                conn = await self.connect()
+                try:
+                    rows = await self.run(conn, "SELECT CONNECTION_ID()")
+                except BaseException:
+                    conn.close()
+                    raise
+                if self.closed:  # the loop's listener ended meanwhile
+                    conn.close()
+                    raise StoreUnavailableError(f"{self.describe()}: closed")
+                self.session = LockSession(conn, int(rows[0][0]))
+            return self.session
+
+    async def on(self, session: LockSession, sql: str, name: str) -> bool:
+        """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session``, whole
+        (shielded, 1 s at most) or not at all; return whether it answered 1. A failure ends the
+        session, and with it every lock it held (StoreUnavailableError)."""
+        async with session.busy:
+            if session.dead:
+                raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
+            with anyio.CancelScope(shield=True):
+                try:
+                    rows = await self.run(session.conn, sql, (name,), trip=1.0)
+                except BaseException:
+                    session.close()
+                    raise
+        return bool(rows == [(1,)])
+
+    def close(self) -> None:
+        """Close the idle connections and the lock session; those lent close when given back."""
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+        if self.session is not None:
+            self.session.close()
 
     def error(self, exc: BaseException) -> BaseException:
         """The store's exception for a driver's (its type and code, never its text)."""
@@ -202,8 +185,13 @@ class Database:
         return BackendError(f"{self.describe()}: the server failed a statement ({what})")
 
 
-def _connect_args(url: str, shown: str) -> dict[str, Any]:
-    """asyncmy.connect()'s arguments for ``url``; ValueError naming what is wrong."""
+def connect_args(url: str, shown: str) -> dict[str, Any]:
+    """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password).
+
+    Raises:
+        ValueError: not a mysql:// or mariadb:// URL, no host or database, a bad port, an
+            option other than ``?ssl=true|false``.
+    """
     parts = urlsplit(url)
     fix = "give mysql://user:password@host:3306/database"
     if parts.scheme.lower() not in ("mysql", "mariadb"):
