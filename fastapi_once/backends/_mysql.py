@@ -10,7 +10,8 @@ A lease is live while its row's deadline has not passed and ``GET_LOCK('fastapi_
 database and table>.<fence>')`` (no key text) is held by the loop's lock session, one
 connection holding every lease lock of the loop: a killed process or a restarted server ends
 its leases at once. Claims take the row's lock (``INSERT ... ON DUPLICATE KEY UPDATE``) in a
-transaction.
+transaction. The listener deletes, in batches, the rows of records with nothing left to serve
+or cool down and no live lease, old events, and spent fences.
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ from ._wakeups import Listeners, ListenerWatch, Wakeups
 #: Seconds between the listener's polls while no follower waits (resets arrive within 1 s).
 IDLE_POLL = 0.25
 _SETTLE = 0.5  # seconds after which no event of a smaller id is taken as still to commit
-_PRUNE_EVERY, _KEEP_EVENTS, _BATCH = 30.0, 60.0, 1000  # seconds, seconds, rows
+_PRUNE_EVERY, _KEEP_EVENTS, _BATCH = 30.0, 60.0, 500  # seconds, seconds, rows
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 _RECORD = "value, made_at, expires_at, cool_until, holder"
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
+# Nothing to serve (a row without a value expires when made), no cooldown, no live lease.
+_DEAD = (
+    "expires_at <= NOW(6) AND IFNULL(cool_until <= NOW(6), 1) AND IFNULL(lease_until <= NOW(6), 1)"
+)
+_OLD = "at < NOW(6) - INTERVAL %s MICROSECOND"
 _HELD = (
     "name = %s AND rkey = %s AND fence = %s AND lease_until > NOW(6) AND IS_USED_LOCK(%s) <=> %s"
 )
@@ -141,7 +147,7 @@ class MySQLBackend(StoreBackend):
             await db.run(conn, "START TRANSACTION")
             await db.run(  # takes the row's lock until COMMIT
                 conn,
-                f"INSERT INTO `{t}` (name, rkey) VALUES (%s, %s) "
+                f"INSERT INTO `{t}` (name, rkey, expires_at) VALUES (%s, %s, NOW(6)) "
                 "ON DUPLICATE KEY UPDATE rkey = rkey",
                 (name, key),
             )
@@ -191,7 +197,7 @@ class MySQLBackend(StoreBackend):
         async with db.lend() as conn:
             await db.run(
                 conn,
-                f"UPDATE `{self.table}` SET value = NULL, made_at = NULL, expires_at = NULL, "
+                f"UPDATE `{self.table}` SET value = NULL, made_at = NULL, expires_at = NOW(6), "
                 f"cool_until = NULL WHERE {which}",
                 (name,) if key is None else (name, key),
             )
@@ -268,9 +274,6 @@ class MySQLBackend(StoreBackend):
                 try:
                     async with here.db.lend() as conn:
                         events = await here.db.run(conn, sql, (floor, _us(window)))
-                        if time.monotonic() - pruned > _PRUNE_EVERY:
-                            await self._prune(here.db, conn)
-                            pruned = time.monotonic()
                 except (StoreUnavailableError, BackendError):
                     floor = 0  # the server's ids may have started again
                     wakeups.listening.clear()
@@ -292,6 +295,11 @@ class MySQLBackend(StoreBackend):
                             wakeups.wake(f"{name}\0{key}")
                 seen = {i for i in seen if i > floor}
                 wakeups.listening.set()
+                if time.monotonic() - pruned > _PRUNE_EVERY:  # after the wake-ups
+                    pruned = time.monotonic()
+                    with contextlib.suppress(BackendError):  # the next poll tells an outage
+                        if await self._prune(here.db):
+                            pruned = -math.inf  # a batch was full: the next one at the next poll
                 pace = self.poll_interval if wakeups.waiting() else IDLE_POLL
                 with anyio.move_on_after(pace):
                     await here.kick.wait()
@@ -300,14 +308,19 @@ class MySQLBackend(StoreBackend):
             here.db.close()
             self._loops.pop(wakeups, None)
 
-    async def _prune(self, db: Database, conn: Any) -> None:
-        """Delete a batch of old events and of the fences below the newest this backend drew
-        (the newest stays: it keeps the counter up)."""
-        t = self.table
-        sql = f"DELETE FROM `{t}_events` WHERE at < NOW(6) - INTERVAL %s MICROSECOND LIMIT %s"
-        await db.run(conn, sql, (_us(_KEEP_EVENTS), _BATCH), rows=False)
-        sql = f"DELETE FROM `{t}_fence` WHERE id < %s LIMIT %s"
-        await db.run(conn, sql, (self._fence, _BATCH), rows=False)
+    async def _prune(self, db: Database) -> bool:
+        """Delete a batch of each: records with nothing left (``_DEAD``), events older than
+        ``_KEEP_EVENTS``, fences below the newest this backend drew (the newest stays: it keeps
+        the counter up). Return whether a batch was full."""
+        t, deleted = self.table, 0
+        async with db.lend() as conn:
+            for sql, args in (
+                (f"DELETE FROM `{t}` WHERE {_DEAD} LIMIT %s", ()),
+                (f"DELETE FROM `{t}_events` WHERE {_OLD} LIMIT %s", (_us(_KEEP_EVENTS),)),
+                (f"DELETE FROM `{t}_fence` WHERE id < %s LIMIT %s", (self._fence,)),
+            ):
+                deleted = max(deleted, await db.run(conn, sql, (*args, _BATCH), rows=False))
+        return deleted >= _BATCH
 
 
 def _judge(row: Any, refresh: float | None) -> Served | Cooling | Held | None:
@@ -340,7 +353,8 @@ def _tables(t: str) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, "
         "value LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, made_at DATETIME(6), "
         "expires_at DATETIME(6), cool_until DATETIME(6), fence BIGINT, lease_until DATETIME(6),"
-        " holder VARCHAR(255), PRIMARY KEY (name, rkey)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+        " holder VARCHAR(255), PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB "
+        "ROW_FORMAT=DYNAMIC",
         f"CREATE TABLE IF NOT EXISTS `{t}_fence` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY)"
         " ENGINE=InnoDB",
         f"CREATE TABLE IF NOT EXISTS `{t}_events` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY "
