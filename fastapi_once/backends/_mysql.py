@@ -16,7 +16,6 @@ or cool down and no live lease, old events, and spent fences.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import math
@@ -24,7 +23,6 @@ import re
 import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -51,15 +49,6 @@ _OLD = "at < NOW(6) - INTERVAL %s MICROSECOND"
 _HELD = (
     "name = %s AND rkey = %s AND fence = %s AND lease_until > NOW(6) AND IS_USED_LOCK(%s) <=> %s"
 )
-
-
-@dataclass
-class _Loop:
-    """One event loop's connections and listener; only that loop's thread touches it."""
-
-    wakeups: Wakeups
-    db: Database
-    kick: asyncio.Event = field(default_factory=asyncio.Event)  # a watch began: poll now
 
 
 class MySQLBackend(StoreBackend):
@@ -126,7 +115,10 @@ class MySQLBackend(StoreBackend):
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
         self._fence = 0  # the newest fence this backend drew: the fences below it may go
-        self._loops: dict[Wakeups, _Loop] = {}  # by the loop's listener
+        self._loops: dict[Wakeups, Database] = {}  # each loop's, by its listener
+        self._note = (  # a record's change, for every process's listener (origin: a reset's)
+            f"INSERT INTO `{table}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
+        )
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -137,7 +129,7 @@ class MySQLBackend(StoreBackend):
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
         """See ``LeaseStore.claim``: a read, then, unless it decides, a transaction."""
-        db, t, where = self._here().db, self.table, (self._lock_prefix, name, key)
+        db, t, where = self._here(), self.table, (self._lock_prefix, name, key)
         select = f"SELECT {_RECORD}, NOW(6), {_LIVE} FROM `{t}` WHERE name = %s AND rkey = %s"
         async with db.lend() as conn:
             rows = await db.run(conn, select, where)
@@ -156,8 +148,9 @@ class MySQLBackend(StoreBackend):
                 await db.run(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
                 fence = int(conn.insert_id())
                 self._fence = max(self._fence, fence)
-                lock, session = self._lock_prefix + str(fence), await db.lock_session()
-                if not await db.on(session, "SELECT GET_LOCK(%s, 0)", lock):
+                lock = self._lock_prefix + str(fence)
+                taken, session = await db.lock("SELECT GET_LOCK(%s, 0)", lock)
+                if not taken:
                     raise BackendError(f"{self.describe()}: a lease lock was refused")
                 await db.run(
                     conn,
@@ -192,7 +185,7 @@ class MySQLBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """See ``LeaseStore.clear``: the reset goes to the events log."""
-        db = self._here().db
+        db = self._here()
         which = "name = %s" + ("" if key is None else " AND rkey = %s")
         async with db.lend() as conn:
             await db.run(
@@ -201,15 +194,14 @@ class MySQLBackend(StoreBackend):
                 f"cool_until = NULL WHERE {which}",
                 (name,) if key is None else (name, key),
             )
-            await self._note(db, conn, name, key, origin)
+            await db.run(conn, self._note, (name, key, origin))
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """See ``LeaseStore.watch``: the loop's listener polls at its fast pace from now."""
-        here = self._here()
-        here.kick.set()
+        self._here().kick.set()
         with ListenerWatch(self._listeners, f"{name}\0{key}") as watch:
-            await here.wakeups.until_listening(1.0)
+            await watch.wakeups.until_listening(1.0)
             yield watch
 
     async def aclose(self) -> None:
@@ -220,44 +212,34 @@ class MySQLBackend(StoreBackend):
         """Apply ``change`` to the record if ``lease`` is held (``final``: then free it and
         wake the record's watches); return whether it was held."""
         lock, session = lease.handle
-        db, held = self._here().db, False
+        db, held = self._here(), False
         if not session.dead:
             async with db.lend() as conn:
                 sql = f"UPDATE `{self.table}` SET {change} WHERE {_HELD}"
                 where = (lease.name, lease.key, lease.fence, lock, session.id)
                 held = await db.run(conn, sql, (*args, *where), rows=False) == 1
                 if held and final:
-                    await self._note(db, conn, lease.name, lease.key, None)
+                    await db.run(conn, self._note, (lease.name, lease.key, None))
         if final and not session.dead:
             with contextlib.suppress(BackendError):
-                await db.on(session, "SELECT RELEASE_LOCK(%s)", lock)
+                await db.lock("SELECT RELEASE_LOCK(%s)", lock, session)
         return held
 
-    async def _note(
-        self, db: Database, conn: Any, name: str, key: str | None, origin: str | None
-    ) -> None:
-        """Log a record's change for every process's listener (``origin``: a reset's)."""
-        sql = (
-            f"INSERT INTO `{self.table}_events` (at, name, rkey, origin) "
-            "VALUES (NOW(6), %s, %s, %s)"
-        )
-        await db.run(conn, sql, (name, key, origin))
-
-    def _here(self, wakeups: Wakeups | None = None) -> _Loop:
+    def _here(self, wakeups: Wakeups | None = None) -> Database:
         """The running loop's connections, by its listener (started if it is not running)."""
         wakeups = wakeups or self._listeners.start()
-        here = self._loops.get(wakeups)
-        if here is None:
+        db = self._loops.get(wakeups)
+        if db is None:
             db = Database(
-                self._args, self.describe, *self._timeouts, self._setup, self.max_connections
+                self._args, self.describe(), *self._timeouts, self._setup, self.max_connections
             )
-            here = self._loops[wakeups] = _Loop(wakeups, db)
-        return here
+            self._loops[wakeups] = db
+        return db
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Poll the events log: wake the watches of changed records, hear resets; prune the
         log now and then. Ends with its loop (or aclose), closing the loop's connections."""
-        here = self._here(wakeups)
+        db = self._here(wakeups)
         floor = 0  # every event at or below it has been handled
         seen: set[int] = set()  # the events above the floor handled
         started = last_ok = pruned = time.monotonic()  # last_ok: since when not polled
@@ -272,8 +254,8 @@ class MySQLBackend(StoreBackend):
                 now = time.monotonic()  # events may commit up to 1 s late; none before start
                 window = min(now - last_ok + 1.0, now - started, _KEEP_EVENTS)
                 try:
-                    async with here.db.lend() as conn:
-                        events = await here.db.run(conn, sql, (floor, _us(window)))
+                    async with db.lend() as conn:
+                        events = await db.run(conn, sql, (floor, _us(window)))
                 except (StoreUnavailableError, BackendError):
                     floor = 0  # the server's ids may have started again
                     wakeups.listening.clear()
@@ -298,14 +280,14 @@ class MySQLBackend(StoreBackend):
                 if time.monotonic() - pruned > _PRUNE_EVERY:  # after the wake-ups
                     pruned = time.monotonic()
                     with contextlib.suppress(BackendError):  # the next poll tells an outage
-                        if await self._prune(here.db):
+                        if await self._prune(db):
                             pruned = -math.inf  # a batch was full: the next one at the next poll
                 pace = self.poll_interval if wakeups.waiting() else IDLE_POLL
                 with anyio.move_on_after(pace):
-                    await here.kick.wait()
-                here.kick.clear()
+                    await db.kick.wait()
+                db.kick.clear()
         finally:
-            here.db.close()
+            db.close()
             self._loops.pop(wakeups, None)
 
     async def _prune(self, db: Database) -> bool:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import math
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -36,7 +36,6 @@ class LockSession:
 
     conn: Any
     id: int  # CONNECTION_ID(): IS_USED_LOCK() names the holder by it
-    busy: asyncio.Lock = field(default_factory=asyncio.Lock)  # one statement at a time
     dead: bool = False  # a statement on it failed, or it was closed: its locks are gone
 
     def close(self) -> None:
@@ -51,18 +50,19 @@ class Database:
     for statements and one lock session; each round trip bounded by ``trip`` seconds."""
 
     args: dict[str, Any]  # asyncmy.connect()'s, from connect_args()
-    describe: Callable[[], str]  # the store, for messages (never the password)
+    name: str  # the store, for messages (never the password)
     trip: float
     connect_timeout: float
     setup: list[str]  # run on the backend's first connection (the tables), then emptied
     size: int
     idle: list[Any] = field(default_factory=list)
-    session: LockSession | None = None
+    session: LockSession | None = None  # the lock session, once opened
     closed: bool = False  # the loop's listener ended: connections given back close
 
     def __post_init__(self) -> None:
         self.slots = asyncio.Semaphore(self.size)  # statement connections, idle or lent
-        self.opening = asyncio.Lock()  # opens one lock session at a time
+        self.locking = asyncio.Lock()  # one lock session opened, one statement on it, at once
+        self.kick = asyncio.Event()  # a watch began: the loop's listener polls now
 
     async def connect(self) -> Any:
         """A new connection: autocommit, UTC, READ COMMITTED, the server's lock waits bounded by
@@ -128,36 +128,38 @@ class Database:
         except Exception as exc:
             raise self.error(exc) from exc
 
-    async def lock_session(self) -> LockSession:
-        """The loop's lock session, opened if it has none (or its last one ended)."""
-        async with self.opening:
-            if self.session is None or self.session.dead:
+    async def lock(
+        self, sql: str, name: str, session: LockSession | None = None
+    ) -> tuple[bool, LockSession]:
+        """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session`` (by default the
+        loop's, opened if it has none or its last one ended), whole (shielded, 1 s at most) or
+        not at all: whether it answered 1, and the session. A failure ends the session, and
+        with it every lock it held.
+
+        Raises:
+            StoreUnavailableError: the session ended, or ends now.
+        """
+        async with self.locking:
+            if session is None and (self.session is None or self.session.dead):
                 conn = await self.connect()
                 try:
                     rows = await self.run(conn, "SELECT CONNECTION_ID()")
                 except BaseException:
                     conn.close()
                     raise
-                if self.closed:  # the loop's listener ended meanwhile
-                    conn.close()
-                    raise StoreUnavailableError(f"{self.describe()}: closed")
                 self.session = LockSession(conn, int(rows[0][0]))
-            return self.session
-
-    async def on(self, session: LockSession, sql: str, name: str) -> bool:
-        """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session``, whole
-        (shielded, 1 s at most) or not at all; return whether it answered 1. A failure ends the
-        session, and with it every lock it held (StoreUnavailableError)."""
-        async with session.busy:
-            if session.dead:
-                raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
+                if self.closed:  # the loop's listener ended meanwhile
+                    self.session.close()
+            session = session or self.session
+            if session is None or session.dead:
+                raise StoreUnavailableError(f"{self.name}: the lock session ended")
             with anyio.CancelScope(shield=True):
                 try:
                     rows = await self.run(session.conn, sql, (name,), trip=1.0)
                 except BaseException:
                     session.close()
                     raise
-        return bool(rows == [(1,)])
+        return rows == [(1,)], session
 
     def close(self) -> None:
         """Close the idle connections and the lock session; those lent close when given back."""
@@ -176,13 +178,13 @@ class Database:
         what = f"{type(exc).__name__}" + ("" if code is None else f" {code}")
         if code in _LOGIN:
             return BackendError(
-                f"{self.describe()}: the server refused the login or the database ({what}); "
+                f"{self.name}: the server refused the login or the database ({what}); "
                 "check the user, password and database in the URL"
             )
         lost = not code and isinstance(exc, DriverError)
         if isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost:
-            return StoreUnavailableError(f"{self.describe()}: cannot be reached ({what})")
-        return BackendError(f"{self.describe()}: the server failed a statement ({what})")
+            return StoreUnavailableError(f"{self.name}: cannot be reached ({what})")
+        return BackendError(f"{self.name}: the server failed a statement ({what})")
 
 
 def connect_args(url: str, shown: str) -> dict[str, Any]:
