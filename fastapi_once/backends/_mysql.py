@@ -7,11 +7,10 @@ the counter from ``MAX(id)`` at startup still grows it); ``<table>_events``, a s
 leaders' ends and resets that each event loop's listener polls (MySQL has no LISTEN).
 
 A lease is live while its row's deadline has not passed and ``GET_LOCK('fastapi_once.<hash of
-database and table>.<fence>')`` (no key text) is held by the loop's lock session, one
-connection holding every lease lock of the loop: a killed process or a restarted server ends
-its leases at once. Claims take the row's lock (``INSERT ... ON DUPLICATE KEY UPDATE``) in a
-transaction. The listener deletes, in batches, the rows of records with nothing left to serve
-or cool down and no live lease, old events, and spent fences.
+database and table>.<fence>')`` (no key text) is held by the loop's lock session: a killed
+process or a restarted server ends its leases at once. Claims take the row's lock (``INSERT ...
+ON DUPLICATE KEY UPDATE``) in a transaction. The listener also deletes, in batches, the rows of
+records with nothing left (``_DEAD``), old events, and spent fences.
 """
 
 from __future__ import annotations
@@ -39,15 +38,11 @@ IDLE_POLL = 0.25
 _SETTLE = 0.5  # seconds after which no event of a smaller id is taken as still to commit
 _PRUNE_EVERY, _KEEP_EVENTS, _BATCH = 30.0, 60.0, 500  # seconds, seconds, rows
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
-_RECORD = "value, made_at, expires_at, cool_until, holder"
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
+_HELD = "name = %s AND rkey = %s AND fence = %s AND " + _LIVE  # fence: lock names are unique
 # Nothing to serve (a row without a value expires when made), no cooldown, no live lease.
 _DEAD = (
     "expires_at <= NOW(6) AND IFNULL(cool_until <= NOW(6), 1) AND IFNULL(lease_until <= NOW(6), 1)"
-)
-_OLD = "at < NOW(6) - INTERVAL %s MICROSECOND"
-_HELD = (
-    "name = %s AND rkey = %s AND fence = %s AND lease_until > NOW(6) AND IS_USED_LOCK(%s) <=> %s"
 )
 
 
@@ -59,14 +54,14 @@ class MySQLBackend(StoreBackend):
             for TLS. The password never shows in errors, logs or ``describe()``.
         table: the records' table (``<table>_fence`` and ``<table>_events`` beside it), in the
             URL's database: letters, digits and underscores, at most 51.
-        wait_timeout: the longest a follower waits, and any one round trip takes, in seconds.
         lease: seconds a lease lives without renewal (a live leader renews it; a dead one's
             ends with its lock session at once).
         poll_interval: seconds between the listener's polls while followers wait.
         max_connections: statement connections per event loop (the lock session is one more).
         connect_timeout: seconds to open a connection.
         ssl: an ``ssl.SSLContext`` for TLS (e.g. with a private CA); overrides ``?ssl=``.
-        ttl, recheck_interval, max_value_bytes: as ``StoreBackend``'s.
+        wait_timeout, ttl, recheck_interval, max_value_bytes: as ``StoreBackend``'s
+            (``wait_timeout`` also bounds every round trip).
 
     Raises:
         ValueError: a bad URL or option (the message names it and the fix).
@@ -114,11 +109,8 @@ class MySQLBackend(StoreBackend):
         self._setup = _tables(table)  # emptied by the first connection
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
-        self._fence = 0  # the newest fence this backend drew: the fences below it may go
-        self._loops: dict[Wakeups, Database] = {}  # each loop's, by its listener
-        self._note = (  # a record's change, for every process's listener (origin: a reset's)
-            f"INSERT INTO `{table}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
-        )
+        self._fence = 0  # a committed fence this backend drew: the ones below it may go
+        self._loops: dict[Wakeups, Database] = {}  # each loop's connections, by its listener
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -128,12 +120,12 @@ class MySQLBackend(StoreBackend):
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
-        """See ``LeaseStore.claim``: a read, then, unless it decides, a transaction."""
+        """See ``LeaseStore.claim``: a read, then (unless it decides) a transaction."""
         db, t, where = self._here(), self.table, (self._lock_prefix, name, key)
-        select = f"SELECT {_RECORD}, NOW(6), {_LIVE} FROM `{t}` WHERE name = %s AND rkey = %s"
+        read = f"SELECT value, made_at, expires_at, cool_until, holder, NOW(6), {_LIVE} FROM `{t}`"
+        read += " WHERE name = %s AND rkey = %s"
         async with db.lend() as conn:
-            rows = await db.run(conn, select, where)
-            found = _judge(rows[0] if rows else None, refresh)
+            found = _judge(await db.run(conn, read, where), refresh)
             if found is not None:  # read without a lock: as good as with one
                 return found
             await db.run(conn, "START TRANSACTION")
@@ -143,11 +135,10 @@ class MySQLBackend(StoreBackend):
                 "ON DUPLICATE KEY UPDATE rkey = rkey",
                 (name, key),
             )
-            result: Claim | None = _judge((await db.run(conn, select, where))[0], refresh)
+            result: Claim | None = _judge(await db.run(conn, read, where), refresh)
             if result is None:  # the lease is free: take it
                 await db.run(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
                 fence = int(conn.insert_id())
-                self._fence = max(self._fence, fence)
                 lock = self._lock_prefix + str(fence)
                 taken, session = await db.lock("SELECT GET_LOCK(%s, 0)", lock)
                 if not taken:
@@ -160,7 +151,9 @@ class MySQLBackend(StoreBackend):
                 )
                 result = Lease(name, key, fence, (lock, session))
             await db.run(conn, "COMMIT")
-            return result
+        if isinstance(result, Lease):  # its fence is committed: the ones below it may go
+            self._fence = fence
+        return result
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
         """See ``LeaseStore.renew``: False also when its lock session ended."""
@@ -185,8 +178,7 @@ class MySQLBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """See ``LeaseStore.clear``: the reset goes to the events log."""
-        db = self._here()
-        which = "name = %s" + ("" if key is None else " AND rkey = %s")
+        db, which = self._here(), "name = %s" + ("" if key is None else " AND rkey = %s")
         async with db.lend() as conn:
             await db.run(
                 conn,
@@ -194,7 +186,7 @@ class MySQLBackend(StoreBackend):
                 f"cool_until = NULL WHERE {which}",
                 (name,) if key is None else (name, key),
             )
-            await db.run(conn, self._note, (name, key, origin))
+            await self._note(db, conn, name, key, origin)
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -211,19 +203,23 @@ class MySQLBackend(StoreBackend):
     async def _end(self, lease: Lease, change: str, args: tuple[Any, ...], final: bool) -> bool:
         """Apply ``change`` to the record if ``lease`` is held (``final``: then free it and
         wake the record's watches); return whether it was held."""
-        lock, session = lease.handle
-        db, held = self._here(), False
+        (lock, session), db, held = lease.handle, self._here(), False
         if not session.dead:
             async with db.lend() as conn:
                 sql = f"UPDATE `{self.table}` SET {change} WHERE {_HELD}"
-                where = (lease.name, lease.key, lease.fence, lock, session.id)
+                where = (lease.name, lease.key, lease.fence, self._lock_prefix)
                 held = await db.run(conn, sql, (*args, *where), rows=False) == 1
                 if held and final:
-                    await db.run(conn, self._note, (lease.name, lease.key, None))
+                    await self._note(db, conn, lease.name, lease.key, None)
         if final and not session.dead:
             with contextlib.suppress(BackendError):
                 await db.lock("SELECT RELEASE_LOCK(%s)", lock, session)
         return held
+
+    async def _note(self, db: Database, conn: Any, *event: str | None) -> None:
+        """Log a record's change (name, key, a reset's origin) for every process's listener."""
+        sql = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
+        await db.run(conn, sql.format(self.table), event)
 
     def _here(self, wakeups: Wakeups | None = None) -> Database:
         """The running loop's connections, by its listener (started if it is not running)."""
@@ -237,8 +233,8 @@ class MySQLBackend(StoreBackend):
         return db
 
     async def _listen(self, wakeups: Wakeups) -> None:
-        """Poll the events log: wake the watches of changed records, hear resets; prune the
-        log now and then. Ends with its loop (or aclose), closing the loop's connections."""
+        """Poll the events log: wake the watches of changed records, hear resets; prune now and
+        then. Ends with its loop (or aclose), closing the loop's connections."""
         db = self._here(wakeups)
         floor = 0  # every event at or below it has been handled
         seen: set[int] = set()  # the events above the floor handled
@@ -291,31 +287,30 @@ class MySQLBackend(StoreBackend):
             self._loops.pop(wakeups, None)
 
     async def _prune(self, db: Database) -> bool:
-        """Delete a batch of each: records with nothing left (``_DEAD``), events older than
-        ``_KEEP_EVENTS``, fences below the newest this backend drew (the newest stays: it keeps
-        the counter up). Return whether a batch was full."""
-        t, deleted = self.table, 0
+        """Delete a batch of each: records with nothing left, events older than
+        ``_KEEP_EVENTS``, fences below one this backend drew (the newest stays: it keeps the
+        counter up). Return whether a batch was full."""
+        t, deleted, old = self.table, 0, "at < NOW(6) - INTERVAL %s MICROSECOND"
         async with db.lend() as conn:
             for sql, args in (
                 (f"DELETE FROM `{t}` WHERE {_DEAD} LIMIT %s", ()),
-                (f"DELETE FROM `{t}_events` WHERE {_OLD} LIMIT %s", (_us(_KEEP_EVENTS),)),
+                (f"DELETE FROM `{t}_events` WHERE {old} LIMIT %s", (_us(_KEEP_EVENTS),)),
                 (f"DELETE FROM `{t}_fence` WHERE id < %s LIMIT %s", (self._fence,)),
             ):
                 deleted = max(deleted, await db.run(conn, sql, (*args, _BATCH), rows=False))
         return deleted >= _BATCH
 
 
-def _judge(row: Any, refresh: float | None) -> Served | Cooling | Held | None:
-    """What a claim finds in ``row`` (None: no value to serve and the lease free)."""
-    if row is None:
+def _judge(rows: list[Any], refresh: float | None) -> Served | Cooling | Held | None:
+    """What a claim finds in a read's ``rows`` (None: no value to serve and the lease free)."""
+    if not rows:
         return None
-    value, made, expires, cool, holder, now, live = row
+    value, made, expires, cool, holder, now, live = rows[0]
     if expires is not None and expires <= now:
         value = None
     cooling = cool is not None and cool > now
     if value is not None:
-        fresh = refresh is None or (now - made).total_seconds() < refresh
-        if fresh or live or cooling:
+        if refresh is None or (now - made).total_seconds() < refresh or live or cooling:
             return Served(value)
     elif cooling:
         return Cooling((cool - now).total_seconds())
@@ -332,11 +327,10 @@ def _tables(t: str) -> list[str]:
     name = "VARCHAR(700) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
     key = "VARCHAR(40) CHARACTER SET ascii COLLATE ascii_bin"
     return [
-        f"CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, "
-        "value LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, made_at DATETIME(6), "
-        "expires_at DATETIME(6), cool_until DATETIME(6), fence BIGINT, lease_until DATETIME(6),"
-        " holder VARCHAR(255), PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB "
-        "ROW_FORMAT=DYNAMIC",
+        f"CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, value LONGTEXT "
+        "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, made_at DATETIME(6), expires_at DATETIME(6),"
+        " cool_until DATETIME(6), fence BIGINT, lease_until DATETIME(6), holder VARCHAR(255), "
+        "PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
         f"CREATE TABLE IF NOT EXISTS `{t}_fence` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY)"
         " ENGINE=InnoDB",
         f"CREATE TABLE IF NOT EXISTS `{t}_events` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY "

@@ -35,7 +35,6 @@ class LockSession:
     """A connection that holds named locks (``GET_LOCK``) for as long as it lives."""
 
     conn: Any
-    id: int  # CONNECTION_ID(): IS_USED_LOCK() names the holder by it
     dead: bool = False  # a statement on it failed, or it was closed: its locks are gone
 
     def close(self) -> None:
@@ -141,13 +140,7 @@ class Database:
         """
         async with self.locking:
             if session is None and (self.session is None or self.session.dead):
-                conn = await self.connect()
-                try:
-                    rows = await self.run(conn, "SELECT CONNECTION_ID()")
-                except BaseException:
-                    conn.close()
-                    raise
-                self.session = LockSession(conn, int(rows[0][0]))
+                self.session = LockSession(await self.connect())
                 if self.closed:  # the loop's listener ended meanwhile
                     self.session.close()
             session = session or self.session
