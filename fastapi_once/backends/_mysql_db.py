@@ -66,6 +66,7 @@ class Database:
     async def connect(self) -> Any:
         """A new connection: autocommit, UTC, READ COMMITTED, the server's lock waits bounded by
         ``trip``, its idle timeout a year (a lock session, or a kept connection, may idle)."""
+        waits = math.ceil(self.trip)
         try:
             with anyio.fail_after(self.connect_timeout):
                 conn = await asyncmy.connect(
@@ -73,20 +74,14 @@ class Database:
                     autocommit=True,
                     client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
                     connect_timeout=self.connect_timeout,
+                    init_command="SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout "
+                    f"= 31536000, innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}",
                 )
         except BaseException as exc:
             raise self.error(exc) from exc
         try:
-            waits = math.ceil(self.trip)
-            await self.run(
-                conn,
-                "SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout = 31536000, "
-                "innodb_lock_wait_timeout = %s, lock_wait_timeout = %s",
-                (waits, waits),
-            )
-            await self.run(conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            for statement in self.setup:
-                await self.run(conn, statement)
+            for sql in ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", *self.setup):
+                await self.run(conn, sql)
             self.setup.clear()
         except BaseException:
             conn.close()
