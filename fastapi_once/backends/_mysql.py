@@ -288,8 +288,8 @@ class MySQLBackend(StoreBackend):
 
     async def _prune(self, db: Database) -> bool:
         """Delete a batch of each: records with nothing left, events older than
-        ``_KEEP_EVENTS``, fences below one this backend drew (the newest stays: it keeps the
-        counter up). Return whether a batch was full."""
+        ``_KEEP_EVENTS``, fences below one this backend committed (the newest stays: it keeps
+        the counter up). Return whether a batch was full."""
         t, deleted, old = self.table, 0, "at < NOW(6) - INTERVAL %s MICROSECOND"
         async with db.lend() as conn:
             for sql, args in (
