@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._errors import BackendError, LeaseLostError, OnceCoolingDownError, WaitTimeoutError
-from ._base import Backend, fencing_token
+from ._base import Backend
 from ._late import backend_from_url
+from ._lease import fencing_token
 
 if TYPE_CHECKING:
     from ._file import FileLockBackend

@@ -11,9 +11,9 @@ from urllib.parse import unquote, urlsplit
 import anyio.lowlevel
 
 from .._logs import error_type, fields
-from ._base import Backend, Scrubber, logger
+from ._base import Backend, Scrubber
 from ._codec import ResultCodec
-from ._lease import Forget, OnBackendError, StoreBackend
+from ._lease import Forget, OnBackendError, StoreBackend, logger
 from ._store import UNKEYED
 
 #: What ``once(across=)`` takes: a backend, a backend URL, or a function returning either.
