@@ -17,25 +17,24 @@ from typing import Any
 class ResultCodec:
     """Turns a once's result into JSON data for a backend, and the backend's JSON data back.
 
-    The plain codec (:data:`JSON`) passes values through: backends store them with
-    :func:`encode_json` and followers get what JSON decodes (a tuple comes back as a list, a
-    datetime is refused). :meth:`for_function` builds a typed codec from a function's return
-    annotation instead: pydantic's ``TypeAdapter`` turns the result into JSON data before the
-    backend stores it, and the data the backend returns back into the annotated type (tuples,
-    datetimes, enums, models, dataclasses...), for every process, the leader included.
+    The plain codec (:data:`JSON`) passes values through (a tuple comes back as a list, a
+    datetime is refused). A typed codec (:meth:`for_function`) converts with pydantic's
+    ``TypeAdapter`` for the function's return annotation, so every process, the leader
+    included, gets the annotated type (tuples, datetimes, enums, models, dataclasses...).
     """
 
     def __init__(self, annotation: Any = Any, *, owner: str = "") -> None:
         self._annotation = annotation
         self._owner = owner
-        self._typed = annotation is not Any
+        #: Whether results are decoded into an annotated type (not plain JSON).
+        self.typed = annotation is not Any
         self._type_adapter: Any = None
 
     @classmethod
     def for_function(cls, fn: Callable[..., Any], name: str) -> ResultCodec:
         """Return the codec for ``fn``'s return annotation (plain JSON without one).
 
-        An annotation that names a class defined later in its module is resolved at first use.
+        An annotation naming a class defined later in its module is resolved at first use.
 
         Raises:
             TypeError: pydantic cannot serialise the annotated type.
@@ -52,11 +51,6 @@ class ResultCodec:
         codec._adapter(lenient=True)  # a forward reference is resolved at first use
         return JSON if codec._annotation is Any else codec
 
-    @property
-    def typed(self) -> bool:
-        """Whether results are decoded into an annotated type (not plain JSON)."""
-        return self._typed
-
     def to_data(self, name: str, value: object, backend: str) -> Any:
         """Return ``value`` as JSON data (dicts, lists, strings, numbers, booleans, None).
 
@@ -64,7 +58,7 @@ class ResultCodec:
             TypeError: ``value`` cannot be encoded, or does not match the annotation (naming the
                 once, the backend, and the offending type, never the value).
         """
-        if not self._typed:
+        if not self.typed:
             return value
         from pydantic_core import PydanticSerializationError
 
@@ -86,7 +80,7 @@ class ResultCodec:
             TypeError: the recorded result does not match the annotation (it was recorded by a
                 version of the function with another annotation).
         """
-        if not self._typed:
+        if not self.typed:
             return data
         from pydantic import ValidationError
 
