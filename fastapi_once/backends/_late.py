@@ -191,10 +191,16 @@ class BoundBackend(Backend):
         failure leaves served); another backend runs as it always did.
 
         Raises:
-            TypeError: as :meth:`run_once`, or the backend does not keep keyed records.
+            TypeError: the result does not match the annotation or cannot be encoded, the
+                recorded result does not match it, or the backend does not keep keyed records.
         """
-        backend = self.backend
-        made = self._as_data(self._name, work, backend)
+        backend, codec = self.backend, self.codec
+        made = work
+        if codec.typed:
+
+            async def made() -> Any:
+                return codec.to_data(self._name, await work(), backend.describe())
+
         if isinstance(backend, StoreBackend):
             on_error = "fail" if kept and self.on_error == "local" else self.on_error
             data = await backend.share(
@@ -214,20 +220,13 @@ class BoundBackend(Backend):
             data = await backend.run_keyed(
                 self._name, key, made, ttl=ttl, cooldown=cooldown, refresh=refresh
             )
-        return self.codec.from_data(data)
+        return codec.from_data(data)
 
     async def run_once(
         self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
     ) -> Any:
-        """Run ``work`` once across processes; return its result as the annotated type.
-
-        Raises:
-            TypeError: the result does not match the annotation or cannot be encoded, or the
-                recorded result does not match the annotation.
-        """
-        backend = self.backend
-        made = self._as_data(name, work, backend)
-        return self.codec.from_data(await backend.run_once(name, made, ttl=ttl))
+        """As :meth:`share` without a key (``name`` is the once's)."""
+        return await self.share(None, work, ttl=ttl)
 
     async def run_keyed(
         self,
@@ -239,24 +238,8 @@ class BoundBackend(Backend):
         cooldown: float | None = None,
         refresh: float | None = None,
     ) -> Any:
-        """As :meth:`run_once`, for one key (a digest) of a keyed once."""
-        backend = self.backend
-        made = self._as_data(name, work, backend)
-        data = await backend.run_keyed(name, key, made, ttl=ttl, cooldown=cooldown, refresh=refresh)
-        return self.codec.from_data(data)
-
-    def _as_data(
-        self, name: str, work: Callable[[], Awaitable[Any]], backend: Backend
-    ) -> Callable[[], Awaitable[Any]]:
-        """``work``, returning JSON data for ``backend`` (a typed result is converted)."""
-        codec = self.codec
-        if not codec.typed:
-            return work
-
-        async def as_data() -> Any:
-            return codec.to_data(name, await work(), backend.describe())
-
-        return as_data
+        """As :meth:`share` for ``key`` (``name`` is the once's)."""
+        return await self.share(key, work, ttl=ttl, cooldown=cooldown, refresh=refresh)
 
     async def reset(self, name: str) -> None:
         """Clear ``name``'s record in the backend."""

@@ -112,13 +112,11 @@ class StoreBackend(Backend, LeaseStore):
     :class:`LeaseStore` methods; the :class:`Backend` API comes from here.
 
     Args:
-        wait_timeout: the longest a follower waits, and any one store call takes, in seconds
-            (default 300); None: no bound.
-        ttl: the default life of an unkeyed once's value in seconds; None keeps it until reset.
-        lease: seconds a lease lives without renewal (renewed every third of it while the
-            work runs).
+        wait_timeout: the longest a follower waits and a store call takes (None: no bound).
+        ttl: the default life of an unkeyed once's value in seconds (None: until reset).
+        lease: seconds a lease lives unrenewed (renewed every third of it while work runs).
         recheck_interval: how often a waiting follower claims again without being woken.
-        max_value_bytes: the largest value recorded, in bytes of JSON; None: no limit.
+        max_value_bytes: the largest value recorded, in bytes of JSON (None: no limit).
 
     Raises:
         ValueError: a time is not a positive number, or ``max_value_bytes`` not a positive int.
@@ -198,18 +196,12 @@ class StoreBackend(Backend, LeaseStore):
         on_error: OnError = "raise",
         fell_back: Callable[[], None] | None = None,
     ) -> Any:
-        """Return the record's value (as JSON decodes it), running ``work`` here if this
-        process leads (see the module's state table).
+        """Return the record's value (as JSON decodes it), running ``work`` (which returns JSON
+        data) here if this process leads or falls back: see the module's state table.
 
-        Args:
-            name: the once's name.
-            key: the key's digest, or :data:`UNKEYED`.
-            work: makes the value (JSON data) if this process leads, or falls back.
-            ttl: seconds the value lives; None: until reset.
-            cooldown: seconds a failure is recorded for, or None.
-            refresh: age in seconds after which one process makes the value again.
-            on_error: ``"local"``, ``"raise"`` or ``"fail"``: see the state table.
-            fell_back: called at each fallback (one WARNING per once per outage).
+        ``key`` is a digest or :data:`UNKEYED`; the value lives ``ttl`` seconds (None: until
+        reset), a failure is recorded for ``cooldown`` seconds, and a value older than
+        ``refresh`` is made again by one process. ``fell_back()`` is called at each fallback.
 
         Raises:
             OnceCoolingDownError: another process's run failed within ``cooldown``.
