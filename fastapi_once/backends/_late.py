@@ -144,15 +144,12 @@ class BoundBackend(Backend):
         Raises:
             TypeError: the factory returned something else than a backend or a URL.
         """
-        source = self._source
-        if isinstance(source, Backend):
-            return source
-        loop = _loop()
-        backend = _built.get(loop, {}).get(source)
+        backend, source = self._built_here(), self._source
         if backend is not None:
             return backend
+        assert not isinstance(source, Backend)
         with _lock:
-            built = _built.setdefault(loop, {})
+            built = _built.setdefault(_loop(), {})
             if source not in built:
                 made = source() if callable(source) else source
                 if isinstance(made, str):
@@ -251,26 +248,29 @@ class BoundBackend(Backend):
 
     async def aclose(self) -> None:
         """Close the backend, if it has been built (in the running event loop)."""
-        source = self._source
-        built = source if isinstance(source, Backend) else _built.get(_loop(), {}).get(source)
+        built = self._built_here()
         if built is not None:
             await built.aclose()
 
     def describe(self) -> str:
         """The backend's description; before it is built (in this loop), where it comes from."""
-        source = self._source
-        if isinstance(source, Backend):
-            return source.describe()
-        try:
-            built = _built.get(_loop(), {}).get(source)
-        except RuntimeError:  # no event loop running
-            built = None
+        built, source = self._built_here(), self._source
         if built is not None:
             return built.describe()
         if isinstance(source, str):
             return f"backend at {Scrubber(source).shown} (built at first use)"
         what = getattr(source, "__qualname__", type(source).__qualname__)
         return f"backend from {what}() (built at first use)"
+
+    def _built_here(self) -> Backend | None:
+        """The backend given, or the one built in the running loop (None: none yet)."""
+        source = self._source
+        if isinstance(source, Backend):
+            return source
+        try:
+            return _built.get(_loop(), {}).get(source)
+        except RuntimeError:  # no event loop running
+            return None
 
 
 # Backends built from a URL or a factory, by event loop and by that URL or factory: onces that

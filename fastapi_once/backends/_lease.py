@@ -295,14 +295,29 @@ class StoreBackend(Backend, LeaseStore):
     async def _guarded(
         self, lease: Lease, shown: str, work: Callable[[], Awaitable[Any]], *, give_up: bool
     ) -> Any:
-        """Run ``work`` with the lease's fencing token set while renewing the lease; if it is
-        lost (only when ``give_up``), cancel the work and raise LeaseLostError."""
+        """Run ``work`` with the lease's fencing token set, renewing the lease every third of
+        its life. With ``give_up`` (``"raise"``), a lease lost (a renewal refused, or none
+        answered for a whole lease) cancels the work: LeaseLostError. Without, the work goes
+        on, as this process would make the value anyway."""
         lost: str | None = None
         work_scope = anyio.CancelScope()
 
         async def renew() -> None:
             nonlocal lost
-            lost = await self._until_lost(lease, give_up=give_up)
+            every, renewed = self.lease / 3, anyio.current_time()
+            while lost is None:
+                await anyio.sleep(every)
+                sent = anyio.current_time()
+                try:
+                    with anyio.fail_after(every):
+                        held = await self.renew(lease, seconds=self.lease)
+                except (StoreUnavailableError, TimeoutError):
+                    if give_up and anyio.current_time() - renewed >= self.lease:
+                        lost = "the store could not be reached for a whole lease"
+                    continue
+                if not held and give_up:
+                    lost = "the lease expired or another process took it"
+                renewed = sent
             work_scope.cancel()
 
         result: Any = None
@@ -327,28 +342,6 @@ class StoreBackend(Backend, LeaseStore):
         if error is not None:
             raise error
         return result
-
-    async def _until_lost(self, lease: Lease, *, give_up: bool) -> str:
-        """Renew ``lease`` every third of its life until cancelled; return why it was lost.
-
-        Without ``give_up`` (``"local"``, ``"fail"``) a lost lease never stops the work, which
-        this process would make anyway: it goes on renewing until cancelled.
-        """
-        every = self.lease / 3
-        renewed = anyio.current_time()
-        while True:
-            await anyio.sleep(every)
-            sent = anyio.current_time()
-            try:
-                with anyio.fail_after(every):
-                    held = await self.renew(lease, seconds=self.lease)
-            except (StoreUnavailableError, TimeoutError):
-                if give_up and anyio.current_time() - renewed >= self.lease:
-                    return "the store could not be reached for a whole lease"
-                continue
-            if not held and give_up:
-                return "the lease expired or another process took it"
-            renewed = sent
 
     async def _abandon(self, lease: Lease, cooldown: float | None) -> None:
         """Free ``lease`` (recording ``cooldown``), shielded and bounded; if the store cannot
