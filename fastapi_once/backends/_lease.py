@@ -95,12 +95,13 @@ def fencing_token() -> int | None:
 
     Pass it with each write the work makes to a store that can compare it (e.g.
     ``UPDATE ... SET fence = :token WHERE fence < :token``), so that writes from a paused,
-    superseded leader are refused. Each leader's token is greater than every earlier one of
-    its record, also across restarts of the server (Redis: the server's clock in microseconds
-    floored by a counter; PostgreSQL and MySQL: a sequence in the database, for every name).
-    :class:`~fastapi_once.backends.FileLockBackend` gives None: its lock ends with the
-    holder's process, so no second leader starts while the first runs. The guarantees per
-    backend are in the docs' "Fencing" table.
+    superseded leader are refused. Redis, PostgreSQL and MySQL give each leader a token greater
+    than every earlier one, also across server restarts (Redis: the server's clock in
+    microseconds floored by a counter, so only a clock set back by more than the time between
+    two leaders breaks it; PostgreSQL, MySQL: a sequence, an ``AUTO_INCREMENT`` id).
+    :class:`~fastapi_once.backends.FileLockBackend` gives None: its lock ends with its
+    process, so no second leader starts while the first runs. The guarantees per backend: the
+    "Fencing" table of the cross-process docs (``docs/across.md``).
     """
     return _fencing_token.get()
 
