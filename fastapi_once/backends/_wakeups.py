@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 
@@ -120,12 +120,6 @@ TAKE_BACK_WITHIN = 1.0
 CONFIRM_EVERY = 0.05
 
 
-class _Running(NamedTuple):
-    task: asyncio.Task[None]
-    scope: anyio.CancelScope
-    wakeups: Wakeups
-
-
 class ListenerTask(asyncio.Task[None]):
     """A listener's task: a native cancellation of it also cancels its anyio scope.
 
@@ -142,9 +136,12 @@ class ListenerTask(asyncio.Task[None]):
     cancellations (3.11+), if nobody took it back within :data:`TAKE_BACK_WITHIN` seconds.
     """
 
-    def __init__(self, coro: Coroutine[Any, Any, None], scope: anyio.CancelScope) -> None:
+    def __init__(
+        self, coro: Coroutine[Any, Any, None], scope: anyio.CancelScope, wakeups: Wakeups
+    ) -> None:
         super().__init__(coro, name="fastapi_once listener")
-        self._scope = scope
+        self.scope = scope
+        self.wakeups = wakeups  # the followers this listener wakes
 
     def cancel(self, msg: Any = None) -> bool:
         """Cancel the task (see the class docstring for when the scope is cancelled too)."""
@@ -161,7 +158,7 @@ class ListenerTask(asyncio.Task[None]):
 
     def _end(self) -> None:
         if not self.done():
-            self._scope.cancel()
+            self.scope.cancel()
 
     def _confirm(self, until: float) -> None:
         cancelling = getattr(self, "cancelling", None)  # Python 3.11+
@@ -171,7 +168,7 @@ class ListenerTask(asyncio.Task[None]):
         if loop.time() < until:
             loop.call_later(CONFIRM_EVERY, self._confirm, until)
         else:
-            self._scope.cancel()
+            self.scope.cancel()
 
 
 class Listeners:
@@ -187,7 +184,7 @@ class Listeners:
         self._listen = listen
         # Per event loop, its listener; only the loop's own thread touches its entry. The
         # entry leaves when the task ends (or stop() takes it), so a closed loop's is gone.
-        self._running: dict[asyncio.AbstractEventLoop, _Running] = {}
+        self._running: dict[asyncio.AbstractEventLoop, ListenerTask] = {}
 
     def __contains__(self, loop: asyncio.AbstractEventLoop) -> bool:
         return loop in self._running
@@ -205,11 +202,12 @@ class Listeners:
                 await self._listen(wakeups)
 
         # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
-        task = contextvars.Context().run(ListenerTask, listen(), scope)
-        entry = self._running[loop] = _Running(task, scope, wakeups)
+        task = self._running[loop] = contextvars.Context().run(
+            ListenerTask, listen(), scope, wakeups
+        )
 
         def ended(_: object) -> None:
-            if self._running.get(loop) is entry:  # not a listener started after stop()
+            if self._running.get(loop) is task:  # not a listener started after stop()
                 del self._running[loop]
             wakeups.ended = True
             wakeups.listening.clear()
@@ -231,4 +229,4 @@ class Listeners:
         running = self._running.pop(asyncio.get_running_loop(), None)
         if running is not None:
             running.scope.cancel()
-            await asyncio.wait([running.task])
+            await asyncio.wait([running])
