@@ -23,8 +23,9 @@ class ResultCodec:
     included, gets the annotated type (tuples, datetimes, enums, models, dataclasses...).
     """
 
-    def __init__(self, annotation: Any = Any, *, owner: str = "") -> None:
-        self._annotation = annotation
+    def __init__(self, annotation: Any = Any, *, owner: str = "", fn: Any = None) -> None:
+        self._annotation = annotation  # while ``_fn`` is set: the annotation's text
+        self._fn = fn  # the function whose return annotation is yet to evaluate, or None
         self._owner = owner
         #: Whether results are decoded into an annotated type (not plain JSON).
         self.typed = annotation is not Any
@@ -47,7 +48,8 @@ class ResultCodec:
         raw = getattr(target, "__annotations__", {}).get("return", inspect.Signature.empty)
         if raw is inspect.Signature.empty or raw is Any or raw in ("Any", "typing.Any"):
             return JSON
-        codec = cls(_Deferred(target), owner=name)
+        text = raw if isinstance(raw, str) else getattr(raw, "__qualname__", repr(raw))
+        codec = cls(text, owner=name, fn=target)
         codec._adapter(lenient=True)  # a forward reference is resolved at first use
         return JSON if codec._annotation is Any else codec
 
@@ -103,9 +105,10 @@ class ResultCodec:
         if self._type_adapter is None:
             from pydantic import PydanticSchemaGenerationError, TypeAdapter
 
-            if isinstance(self._annotation, _Deferred):
+            if self._fn is not None:  # ``from __future__ import annotations`` leaves text
                 try:
-                    self._annotation = self._annotation.evaluate()
+                    hints = typing.get_type_hints(self._fn, include_extras=True)
+                    self._annotation, self._fn = hints["return"], None
                 except NameError as exc:
                     if lenient:
                         return None
@@ -127,23 +130,11 @@ class ResultCodec:
 
     def _shown(self) -> str:
         annotation = self._annotation
-        if isinstance(annotation, _Deferred):
-            return annotation.text
+        if self._fn is not None:
+            return str(annotation)
         if isinstance(annotation, type):
             return annotation.__qualname__
         return repr(annotation).replace("typing.", "")
-
-
-class _Deferred:
-    """A return annotation to evaluate (``from __future__ import annotations`` leaves text)."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        raw = fn.__annotations__["return"]
-        self.text = raw if isinstance(raw, str) else getattr(raw, "__qualname__", repr(raw))
-
-    def evaluate(self) -> Any:
-        return typing.get_type_hints(self.fn, include_extras=True)["return"]
 
 
 def encode_json(name: str, value: object, backend: str) -> str:
