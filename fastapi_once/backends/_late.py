@@ -204,7 +204,7 @@ class BoundBackend(Backend):
                 self._name,
                 UNKEYED if key is None else key,
                 made,
-                ttl=ttl,
+                ttl=backend.ttl if ttl is None else ttl,  # the backend's ttl= is the default
                 cooldown=cooldown,
                 refresh=refresh,
                 on_error=on_error,

@@ -16,6 +16,7 @@ import anyio
 import pytest
 from memory_store import MemoryServer, MemoryStore
 
+from fastapi_once import once
 from fastapi_once.backends import (
     BackendError,
     LeaseLostError,
@@ -481,3 +482,24 @@ async def test_the_value_travels_as_json(make: Callable[..., MemoryStore], name:
     value = {"a": [1, 2.5, None, True], "b": "é"}
     assert await make().share(name, KEY, Work(value), ttl=30) == value
     assert json.loads(json.dumps(value)) == await make().share(name, KEY, Work(), ttl=30)
+
+
+async def test_an_unkeyed_once_without_a_ttl_records_its_value_for_the_backends_ttl(
+    make: Callable[..., MemoryStore], server: MemoryServer, name: str
+) -> None:
+    """The backend's ttl= is the default life of an unkeyed once's record; the once's own
+    ttl= comes first."""
+
+    @once(across=make(ttl=30), name=name)
+    async def setup() -> str:
+        return "v"
+
+    @once(across=make(ttl=30), name=name + ".own", ttl=5)
+    async def own() -> str:
+        return "v"
+
+    now = anyio.current_time()
+    assert (await setup(), await own()) == ("v", "v")
+    lives = {n: r.expires - now for (n, _), r in server.records.items() if r.expires is not None}
+    assert sorted(lives) == sorted(n for n, _ in server.records)  # both records expire
+    assert sorted(round(life) for life in lives.values()) == [5, 30]
