@@ -139,8 +139,7 @@ class RedisBackend(StoreBackend):
             (default 300); None: no bound.
         ttl: the default life of an unkeyed once's value in seconds; None keeps it until reset.
         poll_interval: no longer used (followers are woken by ``PUBLISH``); passing it warns.
-        max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB); None: no
-            limit.
+        max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB; None: any).
         recheck_interval: how often a waiting follower claims again without being woken, in
             seconds (default 1): how late it learns of a leader that died.
         max_connections: the most connections open to Redis per process and event loop, the
