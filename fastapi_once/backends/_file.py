@@ -38,22 +38,19 @@ _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 class FileLockBackend(StoreBackend):
     """Run a once's work once across the processes of one host, with lock and marker files.
 
-    A record's leader holds an exclusive ``flock`` on its lock file while the work runs, then
-    writes the record's marker file (the value, when it was made and expires, or a failure's
-    cooldown) atomically before unlocking; the kernel drops the lock when the leader's process
-    dies. Followers try the lock in shared mode every ``poll_interval`` seconds. An unkeyed once
-    has one lock file; a keyed once spreads its keys over 256 (keys sharing one wait for each
-    other's runs) and one marker per key, pruned by the leaders once expired. A reset appends a
-    line to ``resets.log``, which a listener per event loop polls every 0.2 s. Works on asyncio
-    and trio, on a POSIX system. Fencing tokens are None: no second leader can start while the
-    first one's process lives.
+    The leader holds an ``flock`` on the record's lock file while the work runs, and writes the
+    record's marker file before unlocking; the kernel ends the lock with the leader's process, so
+    no second leader starts while the first lives (fencing tokens are None). Followers try the
+    lock every ``poll_interval`` seconds. A keyed once's keys share 256 lock files (keys sharing
+    one wait for each other's runs). A reset reaches every live process through a log that a
+    listener per event loop polls every 0.2 s. Asyncio and trio, on a POSIX system; one host, or
+    a filesystem whose ``flock`` works across hosts (not NFS as commonly mounted). A leader that
+    forks a child which outlives it keeps the lock until the child exits too.
 
     The directory is private: created 0700 at first use (the constructor touches nothing),
     refused if it is a symlink, another user's, or writable by group or others; its files are
     created 0600 and opened without following symlinks. Lock files are never deleted (two
-    processes could then lock two different files). One host only, or a shared filesystem whose
-    ``flock`` works across hosts (not NFS as commonly mounted). A leader that forks a child
-    which outlives it keeps the lock until the child exits too.
+    processes could then lock two different files).
 
     Args:
         directory: where the lock and marker files live; created (mode 0700) if missing.
