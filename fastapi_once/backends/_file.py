@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
+import stat
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -23,41 +26,31 @@ import anyio.to_thread
 from .._errors import BackendError
 from ._base import DEFAULT_WAIT_TIMEOUT, seconds
 from ._lease import StoreBackend
-from ._private_dir import PrivateDirectory
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._wakeups import Listeners, Wakeups
 
 _RESETS = "resets.log"  # one JSON line per reset, appended; the listeners poll its size
 _RESETS_MAX = 1 << 20  # past this many bytes the next reset starts the log again
 _LISTEN_EVERY = 0.2  # seconds between a listener's looks at the resets log
+_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class FileLockBackend(StoreBackend):
     """Run a once's work once across the processes of one host, with lock and marker files.
 
-    A record's leader holds an exclusive ``flock`` on its lock file while the work runs, then
-    writes the record's marker file (the value, when it was made, when it expires; or a
-    failure's cooldown) atomically before unlocking. The kernel drops the lock when the
-    leader's process dies, so a follower takes over at once. Followers try the lock in shared
-    mode every ``poll_interval`` seconds, so all of them see the leader's end within that
-    interval, together. An unkeyed once has one lock file; a keyed once (``once(key=...,
-    across=...)``) spreads its keys over 256 lock files, so the files do not grow with the
-    keys (keys sharing a lock file wait for each other's runs), and one marker per key, which
-    the leaders prune once expired. A reset (``o.reset()``) deletes the marker(s) and appends
-    a line to ``resets.log``, which a listener per event loop polls every 0.2 s: every live
-    process forgets the value within 1 s. Works on asyncio and trio; needs only the standard
-    library and a POSIX system. Fencing tokens are None: no second leader can start while the
-    first one's process lives.
+    The leader holds an ``flock`` on the record's lock file while the work runs, and writes the
+    record's marker file before unlocking; the kernel ends the lock with the leader's process, so
+    no second leader starts while the first lives (fencing tokens are None). Followers try the
+    lock every ``poll_interval`` seconds. A keyed once's keys share 256 lock files (keys sharing
+    one wait for each other's runs). A reset reaches every live process through a log that a
+    listener per event loop polls every 0.2 s. Asyncio and trio, on a POSIX system; one host, or
+    a filesystem whose ``flock`` works across hosts (not NFS as commonly mounted). A leader that
+    forks a child which outlives it keeps the lock until the child exits too.
 
-    The directory is private: created with mode 0700 if missing, refused if it is a symlink,
-    owned by another user, or writable by group or others; files are created 0600 and opened
-    without following symlinks. Lock files are never deleted (deleting a lock file that another
-    process has open would let two processes lock two different files). The constructor touches
-    nothing: the directory is created and checked at first use.
-
-    Limits: processes on one host only, or a shared filesystem whose ``flock`` works across
-    hosts (not NFS as commonly mounted). A leader that forks a child which outlives it keeps the
-    lock until the child exits too.
+    The directory is private: created 0700 at first use (the constructor touches nothing),
+    refused if it is a symlink, another user's, or writable by group or others; its files are
+    created 0600 and opened without following symlinks. Lock files are never deleted (two
+    processes could then lock two different files).
 
     Args:
         directory: where the lock and marker files live; created (mode 0700) if missing.
@@ -86,7 +79,7 @@ class FileLockBackend(StoreBackend):
         super().__init__(wait_timeout=wait_timeout, ttl=ttl, max_value_bytes=None)
         self._directory = None if directory is None else os.path.abspath(os.fspath(directory))
         self.poll_interval: float = seconds("poll_interval", poll_interval)
-        self._private: PrivateDirectory | None = None  # made at first use (see _files)
+        self._private: _PrivateDirectory | None = None  # made at first use (see _files)
         # The listener of resets per event loop: an asyncio task (Listeners), or a trio system
         # task and its scope, by trio token. Each loop's own thread touches its entry only.
         self._listeners = Listeners(self._listen_asyncio)
@@ -107,8 +100,6 @@ class FileLockBackend(StoreBackend):
     def describe(self) -> str:
         """Return ``FileLockBackend(<directory>)``."""
         return f"FileLockBackend({self.directory})"
-
-    # --- the store primitives -----------------------------------------------------------------
 
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
@@ -208,8 +199,6 @@ class FileLockBackend(StoreBackend):
             if scope is not None:
                 scope.cancel()
 
-    # --- the listener of resets ---------------------------------------------------------------
-
     async def _listen(self) -> None:
         """Start the running loop's listener of resets unless it runs."""
         try:
@@ -252,12 +241,10 @@ class FileLockBackend(StoreBackend):
                         continue  # not a line this backend wrote
                     self.heard(reset)
 
-    # --- blocking file operations, run in a worker thread -------------------------------------
-
     @property
-    def _files(self) -> PrivateDirectory:
+    def _files(self) -> _PrivateDirectory:
         if self._private is None:  # a benign race: two equal objects, one kept
-            self._private = PrivateDirectory(self.directory, self.describe())
+            self._private = _PrivateDirectory(self.directory, self.describe())
         return self._private
 
     def _open_lock(self, name: str, key: str) -> int:
@@ -265,19 +252,18 @@ class FileLockBackend(StoreBackend):
         suffix = "" if key == UNKEYED else f".{key[:2]}"
         return self._files.open(f"{_file_key(name)}{suffix}.lock", os.O_RDWR | os.O_CREAT)
 
+    def _load(self, filename: str) -> Any:
+        """The JSON in ``filename``, or None if it is missing or not JSON."""
+        try:
+            with os.fdopen(self._files.open(filename, os.O_RDONLY), "rb") as f:
+                return json.loads(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+
     def _read(self, name: str, key: str) -> dict[str, Any] | None:
         """The record's marker (expired parts dropped), or None if there is none valid."""
+        marker = self._load(_marker(name, key))
         try:
-            fd = self._files.open(_marker(name, key), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                raw = f.read()
-        finally:
-            os.close(fd)
-        try:
-            marker = json.loads(raw)
             # Names are hashed into file names: the marker says whose it is.
             if marker["name"] != name or marker["key"] != key:
                 return None
@@ -286,8 +272,8 @@ class FileLockBackend(StoreBackend):
                 marker["value"] = None
             if marker.get("cool_until") is not None and now >= marker["cool_until"]:
                 marker["cool_until"] = None
-        except (ValueError, KeyError, TypeError):
-            return None  # not a marker this backend wrote; the leader overwrites it
+        except (KeyError, TypeError):
+            return None  # none, or not a marker this backend wrote; the leader overwrites it
         return dict(marker)
 
     def _write(self, name: str, key: str, marker: dict[str, Any]) -> None:
@@ -311,21 +297,17 @@ class FileLockBackend(StoreBackend):
         os.fsync(directory)
 
     def _markers(self, name: str) -> list[str]:
-        prefix = _file_key(name)
+        prefix = f"{_file_key(name)}."
         return [
-            f
-            for f in os.listdir(self._files.fd)
-            if f == f"{prefix}.json" or (f.startswith(f"{prefix}.") and f.endswith(".json"))
+            f for f in os.listdir(self._files.fd) if f.startswith(prefix) and f.endswith(".json")
         ]
 
     def _prune(self, name: str) -> None:
         """Delete the expired markers of ``name``'s keys."""
         now = time.time()
         for filename in self._markers(name):
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                fd = self._files.open(filename, os.O_RDONLY)
-                with os.fdopen(fd, "rb") as f:
-                    marker = json.loads(f.read())
+            with contextlib.suppress(OSError, KeyError, TypeError):
+                marker = self._load(filename)
                 expired = marker["expires"] is not None and marker["expires"] <= now
                 if expired and (marker.get("cool_until") or 0) <= now:
                     os.unlink(filename, dir_fd=self._files.fd)
@@ -413,12 +395,81 @@ def _unlock(fd: int) -> None:
     os.close(fd)
 
 
+class _PrivateDirectory:
+    """The store's directory (see FileLockBackend), opened at first use, and its files.
+
+    Every file is opened relative to the directory's descriptor, so the directory checked once is
+    the one used, even if its path is later replaced.
+    """
+
+    def __init__(self, path: str, owner: str) -> None:
+        self.path = path
+        self._owner = owner  # who uses it, for messages
+        self._fd: int | None = None  # set once under _opening; closed with this object
+        self._opening = threading.Lock()
+
+    @property
+    def fd(self) -> int:
+        """The directory's descriptor, opening (creating, checking) it at first use."""
+        with self._opening:
+            if self._fd is None:
+                self._fd = self._open_directory()
+                weakref.finalize(self, os.close, self._fd)
+            return self._fd
+
+    def open(self, filename: str, flags: int) -> int:
+        """Open ``filename`` in the directory (0600 if created), this user's regular file only."""
+        try:
+            fd = os.open(filename, flags | _OPEN, 0o600, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise PermissionError(
+                f"{self._owner}: {filename} is a symlink; the backend does not follow "
+                "symlinks in its directory. Remove it"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            raise PermissionError(
+                f"{self._owner}: {filename} is not a regular file owned by this process's user; "
+                "remove it"
+            )
+        return fd
+
+    def _open_directory(self) -> int:
+        path = self.path
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
+        except OSError as exc:
+            if os.path.islink(path):
+                raise PermissionError(
+                    f"{self._owner}: the directory is a symlink; give the real path of a "
+                    "private directory"
+                ) from None
+            raise PermissionError(f"{self._owner}: cannot open the directory: {exc}") from exc
+        st = os.fstat(fd)
+        problem = None
+        if st.st_uid != os.geteuid():
+            problem = (
+                f"is owned by uid {st.st_uid}, not by this process's user (uid {os.geteuid()})"
+            )
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+        if problem is not None:
+            os.close(fd)
+            raise PermissionError(
+                f"{self._owner}: the directory {problem}; other users could forge or hold its "
+                f"locks. Use a private directory (chmod 700 {path}) owned by this user"
+            )
+        return fd
+
+
 @contextlib.contextmanager
 def _failures(store: FileLockBackend) -> Iterator[None]:
-    """An OSError of the directory (not a directory, read-only, full...) is the store's
-    failure: :class:`BackendError` naming the store, from the OSError. A PermissionError (the
-    directory or a file in it is not this user's, or a symlink) goes on as it is: its message
-    says what to fix."""
+    """An OSError of the directory (read-only, full...) is a BackendError naming the store; a
+    PermissionError (not this user's, a symlink) goes on as it is: it says what to fix."""
     try:
         yield
     except PermissionError:

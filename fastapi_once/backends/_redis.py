@@ -1,11 +1,10 @@
-"""RedisBackend: the lease algorithm over Redis: Lua scripts, pub/sub, a bounded pool per loop.
+"""RedisBackend: the lease store over Redis: a few Lua scripts, pub/sub, a bounded pool per loop.
 
-A record (a once's name and a key: a digest, or ``UNKEYED``) is a few keys under one hash tag
-(see ``_redis_scripts``); ``<name>`` has ``%``, ``{`` and ``}`` percent-encoded, so no two names
-share a key. A reset is published on ``<namespace>:k:resets``; one pub/sub connection per event
-loop hears resets and the records' ends (``Listeners``). Per event loop, one
-``BlockingConnectionPool`` of at most ``max_connections``, the listener's included: a call waits
-for a free connection rather than opening another.
+A record (a once's name and a key) is a few keys under one hash tag,
+``<namespace>:k:{<name>:<key>}:`` (the name's ``%``, ``{``, ``}`` percent-encoded: no two names
+share a key): ``v`` holds the value as ``"<made ms> <json>"``, ``lock`` the lease as
+``"<token> <holder>"``, ``cool`` a failure's cooldown, ``fence`` the last fencing token; a
+leader's end is published on ``ev``.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import secrets
 import warnings
 import weakref
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -28,7 +26,6 @@ from .._errors import BackendError
 from .._logs import fields
 from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, seconds
 from ._lease import StoreBackend
-from ._redis_scripts import ABANDON, CLAIM, COMPLETE, RENEW
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._store import StoreUnavailableError as Unavailable
 from ._wakeups import Listeners, ListenerWatch, Wakeups
@@ -51,38 +48,86 @@ _IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its conne
 _LISTENING_WITHIN = 0.5  # the longest a loop's first claim or a watch waits for the listener
 _FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
 
+# KEYS: v, lock, cool, fence[, 0.2's marker]. ARGV: lock value, lease (ms), refresh age (ms, or '').
+# {1, record} to serve; {3, ms left} while a failure cools down; {2, fence} when the lease is now
+# ours; {0, lock value} while another holds it. The fence is the record's counter plus one,
+# floored at the server's clock in microseconds: after a restart that lost the counter it still
+# exceeds every token drawn before (the clock moved on). The counter outlives the lease by 60 s.
+# An unkeyed record that 0.2 made (its marker: the JSON alone) is served as made at time 0.
+CLAIM = """
+local record = redis.call('GET', KEYS[1])
+if not record and KEYS[5] then
+  record = redis.call('GET', KEYS[5])
+  if record then record = '0 ' .. record end
+end
+local now = redis.call('TIME')
+if record then
+  if ARGV[3] == '' or redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {1, record} end
+  local made = tonumber(string.sub(record, 1, string.find(record, ' ') - 1))
+  if now[1] * 1000 + math.floor(now[2] / 1000) - made < tonumber(ARGV[3]) then
+    return {1, record}
+  end
+else
+  local cool = redis.call('PTTL', KEYS[3])
+  if cool > 0 then return {3, cool} end
+end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0, redis.call('GET', KEYS[2]) or ''}
+end
+local fence = redis.call('INCR', KEYS[4])
+local floor = tonumber(now[1] .. string.format('%06d', tonumber(now[2])))
+if fence < floor then
+  fence = floor
+  redis.call('SET', KEYS[4], string.format('%.0f', floor))
+end
+redis.call('PEXPIRE', KEYS[4], ARGV[2] + 60000)
+return {2, fence}
+"""
 
-@dataclass
-class _Client:
-    """One event loop's client (redis.asyncio clients are loop-bound) and its scripts."""
+# KEYS: lock, fence. ARGV: lock value, lease (ms). Extends the lease only if it is still ours.
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[2], ARGV[2] + 60000)
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
 
-    redis: Any
-    claim: Any
-    renew: Any
-    complete: Any
-    abandon: Any
+# KEYS: lock, v, cool. ARGV: lock value, value, ttl (ms, or ''), channel.
+# Records the value stamped with the server's time, frees the lease and wakes the watches, only
+# if the lease is still ours.
+COMPLETE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local now = redis.call('TIME')
+local record = now[1] .. string.format('%03d', math.floor(now[2] / 1000)) .. ' ' .. ARGV[2]
+if ARGV[3] == '' then
+  redis.call('SET', KEYS[2], record)
+else
+  redis.call('SET', KEYS[2], record, 'PX', ARGV[3])
+end
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('PUBLISH', ARGV[4], 'done')
+return 1
+"""
 
-
-class _Keys(NamedTuple):
-    value: str
-    lock: str
-    cool: str
-    fence: str
-    channel: str
+# KEYS: lock, cool. ARGV: lock value, cooldown (ms, or ''), channel.
+# Records the cooldown, frees the lease and wakes the watches, only if the lease is still ours.
+ABANDON = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], 'failed')
+return 1
+"""
 
 
 class RedisBackend(StoreBackend):
     """Share a once's value across every process (and host) that uses one Redis server.
 
-    The lease algorithm over Redis: each step on a record is one Lua script; a lease is a
-    ``SET NX PX`` key renewed every ``lease / 3`` seconds while the work runs; followers hold no
-    connection while they wait, woken by ``PUBLISH`` through one pub/sub connection per process
-    and event loop, which also hears resets (a reset in any process reaches every live one). The
-    fencing token is the record's counter floored at the server's clock in microseconds: it grows
-    also after a restart that lost the data. Asyncio only (redis.asyncio). The lease is
-    efficiency-grade: a leader paused longer than its lease, or a restart without persistence,
-    lets a second leader start while the first still runs (its value is refused, its side
-    effects happen): make the work idempotent, or pass ``fencing_token()`` to its stores.
+    Asyncio only (redis.asyncio). Waiting followers hold no connection: one pub/sub connection
+    per process and event loop wakes them and hears resets; per event loop, one pool of at most
+    ``max_connections``. The lease is efficiency-grade: a leader paused longer than its lease, or
+    a restart without persistence, lets a second leader start while the first still runs (its
+    value is refused, its side effects happen): make the work idempotent, or pass
+    ``fencing_token()`` (never below the server's clock in microseconds) to its stores.
 
     Args:
         url: a Redis URL (``redis://:password@host:6379/0``, ``rediss://`` for TLS); its
@@ -94,8 +139,7 @@ class RedisBackend(StoreBackend):
             (default 300); None: no bound.
         ttl: the default life of an unkeyed once's value in seconds; None keeps it until reset.
         poll_interval: no longer used (followers are woken by ``PUBLISH``); passing it warns.
-        max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB); None: no
-            limit.
+        max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB; None: any).
         recheck_interval: how often a waiting follower claims again without being woken, in
             seconds (default 1): how late it learns of a leader that died.
         max_connections: the most connections open to Redis per process and event loop, the
@@ -148,12 +192,14 @@ class RedisBackend(StoreBackend):
         _check_url(url, self._scrub.shown)
         self._url = url
         self.namespace = namespace
+        self._resets = f"{namespace}:k:resets"  # the channel of every name's resets
         self._timeout = min(self.lease / 2, 5.0)
         self.max_connections = max_connections
-        # Per event loop, its client; the entry goes with the loop (or aclose).
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Client] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Per event loop (redis.asyncio clients are loop-bound), its client and its scripts;
+        # the entry goes with the loop (or aclose).
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[Any, dict[str, Any]]
+        ] = weakref.WeakKeyDictionary()
         # Per event loop, the listener of the leaders' ends and of resets, and the watches.
         self._listeners = Listeners(self._listen)
 
@@ -164,19 +210,17 @@ class RedisBackend(StoreBackend):
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
-        """Read the record and take its lease if due, in one script (see LeaseStore)."""
-        client = self._client()
+        """See :meth:`LeaseStore.claim`: one script."""
+        self._client()  # asyncio only: say so before the listener would
         fresh = asyncio.get_running_loop() not in self._listeners
         wakeups = self._listeners.start()
-        keys = self._keys(name, key)
+        keys = self._keys(name, key, "v", "lock", "cool", "fence")
+        if key == UNKEYED:
+            keys.append(self._legacy(name))
         mine = f"{secrets.token_hex(16)} {holder}"
-        ages = "" if refresh is None else _ms(refresh)
         try:
-            with self._answering(f"claiming {name}"):
-                status, data = await client.claim(
-                    keys=[keys.value, keys.lock, keys.cool, keys.fence, self._legacy(name, key)],
-                    args=[mine, _ms(lease), ages],
-                )
+            args = (mine, _ms(lease), _ms(refresh))
+            status, data = await self._run(CLAIM, f"claiming {name}", keys, *args)
             if fresh:  # this loop's first claim: resets are heard from its return on
                 await wakeups.until_listening(_LISTENING_WITHIN)
         except anyio.get_cancelled_exc_class():
@@ -197,43 +241,32 @@ class RedisBackend(StoreBackend):
         return Held(str(data).partition(" ")[2] or None)
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
-        """Extend the lease if it is still ours (one script)."""
-        keys = self._keys(lease.name, lease.key)
-        with self._answering(f"renewing the lease of {lease.name}"):
-            renewed = await self._client().renew(
-                keys=[keys.lock, keys.fence], args=[lease.handle, _ms(seconds)]
-            )
-        return bool(renewed)
+        """See :meth:`LeaseStore.renew`: one script."""
+        keys = self._keys(lease.name, lease.key, "lock", "fence")
+        doing = f"renewing the lease of {lease.name}"
+        return bool(await self._run(RENEW, doing, keys, lease.handle, _ms(seconds)))
 
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
-        """Record the value, free the lease and publish on the record's channel (one script)."""
-        keys = self._keys(lease.name, lease.key)
-        ttl_ms = "" if ttl is None else _ms(ttl)
-        with self._answering(f"recording the value of {lease.name}"):
-            done = await self._client().complete(
-                keys=[keys.lock, keys.value, keys.cool],
-                args=[lease.handle, value, ttl_ms, keys.channel],
-            )
-        return bool(done)
+        """See :meth:`LeaseStore.complete`: one script, which publishes on the record's channel."""
+        *keys, channel = self._keys(lease.name, lease.key, "lock", "v", "cool", "ev")
+        doing = f"recording the value of {lease.name}"
+        return bool(await self._run(COMPLETE, doing, keys, lease.handle, value, _ms(ttl), channel))
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
-        """Record the cooldown, free the lease and publish on its channel (one script)."""
-        keys = self._keys(lease.name, lease.key)
-        cool = "" if cooldown is None else _ms(cooldown)
-        with self._answering(f"freeing the lease of {lease.name}"):
-            await self._client().abandon(
-                keys=[keys.lock, keys.cool], args=[lease.handle, cool, keys.channel]
-            )
+        """See :meth:`LeaseStore.abandon`: one script, which publishes on the record's channel."""
+        *keys, channel = self._keys(lease.name, lease.key, "lock", "cool", "ev")
+        doing = f"freeing the lease of {lease.name}"
+        await self._run(ABANDON, doing, keys, lease.handle, _ms(cooldown), channel)
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
-        redis = self._client().redis
+        redis = self._client()[0]
         message = json.dumps({"name": name, "key": key, "origin": origin})
         with self._answering(f"resetting {name}"):
             if key is not None:
-                keys = self._keys(name, key)
-                await redis.unlink(keys.value, keys.cool)  # one record: one slot
-                await redis.unlink(self._legacy(name, key))
+                await redis.unlink(*self._keys(name, key, "v", "cool"))  # one record: one slot
+                if key == UNKEYED:
+                    await redis.unlink(self._legacy(name))
             else:
                 prefix = self._prefix(name)
                 async for found in redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
@@ -247,7 +280,7 @@ class RedisBackend(StoreBackend):
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's channel (see LeaseStore)."""
         self._client()  # asyncio only: say so before the listener would
-        with ListenerWatch(self._listeners, self._keys(name, key).channel) as watch:
+        with ListenerWatch(self._listeners, self._keys(name, key, "ev")[0]) as watch:
             await watch.wakeups.until_listening(_LISTENING_WITHIN)
             yield watch
 
@@ -259,13 +292,7 @@ class RedisBackend(StoreBackend):
         await self._listeners.stop()
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
-                await client.redis.aclose()
-
-    # --- the listener ---------------------------------------------------------------------------
-
-    @property
-    def _resets(self) -> str:
-        return f"{self.namespace}:k:resets"
+                await client[0].aclose()
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Until cancelled, on one pub/sub connection: wake the watches of a record whose leader
@@ -274,7 +301,7 @@ class RedisBackend(StoreBackend):
         pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
         failures = 0
         while True:
-            pubsub = self._client().redis.pubsub()
+            pubsub = self._client()[0].pubsub()
             try:
                 await pubsub.subscribe(self._resets)
                 await pubsub.psubscribe(pattern)
@@ -317,12 +344,11 @@ class RedisBackend(StoreBackend):
         if reset.key is None:
             wakeups.wake_all()
         else:
-            wakeups.wake(self._keys(reset.name, reset.key).channel)
+            wakeups.wake(self._keys(reset.name, reset.key, "ev")[0])
         self.heard(reset)
 
-    # --- helpers --------------------------------------------------------------------------------
-
-    def _client(self) -> _Client:
+    def _client(self) -> tuple[Any, dict[str, Any]]:
+        """The running loop's client and scripts, made at its first use."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -344,9 +370,14 @@ class RedisBackend(StoreBackend):
                 retry=Retry(NoBackoff(), 1),
             )
             redis = aioredis.Redis.from_pool(pool)
-            scripts = (redis.register_script(s) for s in (CLAIM, RENEW, COMPLETE, ABANDON))
-            client = self._clients[loop] = _Client(redis, *scripts)
+            scripts = {s: redis.register_script(s) for s in (CLAIM, RENEW, COMPLETE, ABANDON)}
+            client = self._clients[loop] = (redis, scripts)
         return client
+
+    async def _run(self, script: str, doing: str, keys: list[str], *args: object) -> Any:
+        """Run one of the scripts above on the running loop's client."""
+        with self._answering(doing):
+            return await self._client()[1][script](keys=keys, args=list(args))
 
     @contextlib.contextmanager
     def _answering(self, doing: str) -> Iterator[None]:
@@ -364,17 +395,15 @@ class RedisBackend(StoreBackend):
     def _prefix(self, name: str) -> str:
         return f"{self.namespace}:k:{{{_tag(name)}:"
 
-    def _legacy(self, name: str, key: str) -> str:
-        """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM)."""
-        if key != UNKEYED:
-            return self._keys(name, key).value
-        return f"{self.namespace}:{{{_tag(name)}}}:done"
-
-    def _keys(self, name: str, key: str) -> _Keys:
+    def _keys(self, name: str, key: str, *parts: str) -> list[str]:
+        """The record's keys (or channel) named by ``parts``: ``v``, ``lock``, ``cool``..."""
         # The hash tag is the name and the key: one record's keys share a cluster slot, and
         # different records spread over the slots.
-        prefix = f"{self._prefix(name)}{key}}}:"
-        return _Keys(*(prefix + part for part in ("v", "lock", "cool", "fence", "ev")))
+        return [f"{self._prefix(name)}{key}}}:{part}" for part in parts]
+
+    def _legacy(self, name: str) -> str:
+        """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM)."""
+        return f"{self.namespace}:{{{_tag(name)}}}:done"
 
 
 def _check_url(url: str, shown: str) -> None:
@@ -405,5 +434,6 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "\\*?[]^" else c for c in text)
 
 
-def _ms(duration: float) -> int:
-    return max(1, round(duration * 1000))
+def _ms(duration: float | None) -> int | str:
+    """Milliseconds (at least 1) for a script's argument; None: ``''``."""
+    return "" if duration is None else max(1, round(duration * 1000))

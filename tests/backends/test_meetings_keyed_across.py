@@ -84,10 +84,12 @@ async def test_a_leader_cancelled_before_the_lock_reply_arrives_leaves_the_key_f
 ) -> None:
     """A caller cancelled while the lock script's reply is on its way (the server took the
     lock for it) frees the lock: another instance leads at once, not after the 60 s lease."""
+    from fastapi_once.backends._redis import CLAIM
+
     first, second = make(lease=60), make(lease=60, recheck_interval=600)
     digest = shared_key_digest(name, "/a")
-    client = first._client()  # type: ignore[attr-defined]
-    real = client.claim
+    scripts = first._client()[1]  # type: ignore[attr-defined]
+    real = scripts[CLAIM]
     sent = anyio.Event()
 
     async def reply_delayed(**kwargs: Any) -> Any:
@@ -96,7 +98,7 @@ async def test_a_leader_cancelled_before_the_lock_reply_arrives_leaves_the_key_f
         await anyio.sleep_forever()  # the reply never reaches the caller
         return got  # pragma: no cover
 
-    client.claim = reply_delayed
+    scripts[CLAIM] = reply_delayed
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: first.run_keyed(name, digest, value("first"), ttl=60))

@@ -222,7 +222,7 @@ async def take_the_lock_away(
         import redis.asyncio
 
         client = redis.asyncio.Redis.from_url(server.url)
-        await client.delete(backend._keys(name, "-").lock)  # type: ignore[attr-defined]
+        await client.delete(backend._keys(name, "-", "lock")[0])  # type: ignore[attr-defined]
         await client.aclose()
         return
     import asyncpg  # type: ignore[import-untyped]
