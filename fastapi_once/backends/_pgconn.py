@@ -85,8 +85,10 @@ class Connections:
         with self.errors(doing):
             pool = self._pools.get(loop)
             if pool is None:  # min_size=0: made without a round trip, so without a race
+                # reset: the pooled statements leave no session state to reset, so a
+                # connection goes back to the pool without a round trip.
                 pool = await asyncpg.create_pool(
-                    min_size=0, max_size=self._pool_size, **self._options()
+                    min_size=0, max_size=self._pool_size, reset=_keep, **self._options()
                 )
                 if self._pools.setdefault(loop, pool) is not pool:
                     pool.terminate()
@@ -139,3 +141,7 @@ class Connections:
         pool = self._pools.pop(loop, None)
         if pool is not None:
             pool.terminate()
+
+
+async def _keep(conn: Any) -> None:
+    """A pooled connection's reset: nothing (asyncpg's default costs a round trip)."""

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -189,6 +190,10 @@ class PostgresBackend(StoreBackend):
         # Per event loop, the (lock, record id) its watches follow, counted; its listener wakes
         # a record's watches when the lock is free. Touched only by the loop's own thread.
         self._followed: dict[asyncio.AbstractEventLoop, collections.Counter[tuple[int, str]]] = {}
+        # Per event loop, the values its listener heard leaders record for followed records
+        # (record id -> value, when heard, ttl): a woken follower's claim serves one without a
+        # round trip. Dropped when the record's last watch ends and at any reset.
+        self._news: dict[asyncio.AbstractEventLoop, dict[str, tuple[str, float, float | None]]] = {}
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -202,6 +207,12 @@ class PostgresBackend(StoreBackend):
     ) -> Claim:
         """Read the record (one pooled statement); with nothing to serve and its lock free,
         try the lock on a lock session and read again there."""
+        news = self._news.get(asyncio.get_running_loop(), {}).get(_record(name, key))
+        if news is not None:  # heard as the leader recorded it: as fresh as a read
+            value, heard, ttl = news
+            fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
+            if anyio.current_time() - heard < fresh:
+                return Served(value)
         async with self._pooled("reading the record") as conn:
             lock = self._lock_key(name, key)  # after _pooled: the namespace is resolved
             row = await conn.fetchrow(self._sql["read"], name, key, refresh, *_halves(lock))
@@ -254,7 +265,7 @@ class PostgresBackend(StoreBackend):
         record = _record(lease.name, lease.key)
         try:
             with self._connections.errors("recording the value"):
-                args = (lease.name, lease.key, value, ttl, self._channel, record)
+                args = (lease.name, lease.key, value, ttl, self._channel, _news(record, value, ttl))
                 await conn.execute(self._sql["write"], *args)
                 # Session locks: after the write's commit, or another could lead on the old row.
                 await self._unlock(conn, self._lock_key(lease.name, lease.key))
@@ -292,6 +303,7 @@ class PostgresBackend(StoreBackend):
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the record(s) and NOTIFY the reset, in one statement."""
         message = json.dumps({"name": name, "key": key, "origin": origin})
+        self._news.pop(asyncio.get_running_loop(), None)
         async with self._pooled("clearing the record") as conn:
             await conn.execute(self._sql["delete"], name, key, self._channel, message)
 
@@ -310,6 +322,7 @@ class PostgresBackend(StoreBackend):
             followed[entry] -= 1
             if followed[entry] <= 0:
                 del followed[entry]
+                self._news.get(asyncio.get_running_loop(), {}).pop(entry[1], None)
 
     async def aclose(self) -> None:
         """Stop the running loop's listener; its end ends the loop's connections."""
@@ -379,21 +392,22 @@ class PostgresBackend(StoreBackend):
                 conn: Any = None
                 try:
                     conn = await self._connections.connect()
-                    got: asyncio.Queue[str] = asyncio.Queue()
+
+                    async def heard(*args: Any) -> None:
+                        # The driver runs each NOTIFY in a task of its own: its wake-up is not
+                        # held up behind this task's check of the locks.
+                        self._heard(args[3], wakeups)
+
                     with self._connections.errors("listening"):
-                        await conn.add_listener(self._channel, lambda *a, q=got: q.put_nowait(a[3]))
+                        await conn.add_listener(self._channel, heard)
                         failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                         wakeups.listening.set()
                         wakeups.wake_all()
                         checked = anyio.current_time()
                         while True:
-                            message: str | None = None
-                            with anyio.move_on_after(ORPHANS_EVERY):
-                                message = await got.get()
+                            await anyio.sleep(ORPHANS_EVERY)
                             followed = self._followed.get(asyncio.get_running_loop())
-                            if message is not None:
-                                self._heard(message, wakeups)
-                            elif followed:  # also tells that the session lives
+                            if followed:  # also tells that the session lives
                                 locks = sorted({lock for lock, _ in followed})
                                 free = await conn.fetchval(
                                     _FREE, locks, timeout=self.check_interval
@@ -416,10 +430,18 @@ class PostgresBackend(StoreBackend):
             self._connections.end()
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
-        """A NOTIFY: a record's id (its leader ended) or a JSON reset."""
+        """A NOTIFY: a record's id (its leader ended), with the value recorded if it fits, or
+        a JSON reset."""
+        loop = asyncio.get_running_loop()
         if not message.startswith("{"):
-            wakeups.wake(message)
+            record, _, news = message.partition(" ")
+            if news and any(r == record for _, r in self._followed.get(loop, ())):
+                ttl, _, value = news.partition(" ")
+                heard = anyio.current_time()
+                self._news.setdefault(loop, {})[record] = (value, heard, _ttl(ttl))
+            wakeups.wake(record)
             return
+        self._news.pop(loop, None)
         with contextlib.suppress(ValueError, KeyError, TypeError):  # not one of ours
             data = json.loads(message)
             reset = Reset(str(data["name"]), data["key"], str(data["origin"]))
@@ -470,6 +492,16 @@ def _decide(row: Any, *, held: bool) -> Served | Cooling | None:
 def _record(name: str, key: str) -> str:
     """A record's id in NOTIFY payloads (a digest: any name fits the payload's limit)."""
     return hashlib.sha256(f"{name}\0{key}".encode()).hexdigest()[:40]
+
+
+def _news(record: str, value: str, ttl: float | None) -> str:
+    """A leader's NOTIFY payload: the record's id, then its ttl and value if they fit."""
+    news = f"{record} {'-' if ttl is None else repr(ttl)} {value}"
+    return news if len(news.encode()) <= 7900 else record  # NOTIFY's limit: 8000 bytes
+
+
+def _ttl(text: str) -> float | None:
+    return None if text == "-" else float(text)
 
 
 def _lock_key(text: str) -> int:
