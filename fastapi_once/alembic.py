@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -52,6 +52,7 @@ _LIBPQ_PARAMS = frozenset(
     {"host", "port", "sslmode", "sslrootcert", "sslcert", "sslkey", "passfile", "service"}
     | {"target_session_attrs"}
 )
+_YES, _NO = frozenset({"true", "1", "yes", "on"}), frozenset({"false", "0", "no", "off"})
 
 Url = str | Callable[[], str]
 
@@ -73,8 +74,9 @@ def upgrade(
         config: the Alembic ``Config`` (``Config("alembic.ini")``); its scripts are read now, to
             make the version, and its ``env.py`` runs in the leader, in a worker thread.
         across: a backend, URL or factory as in ``once(across=)``. Default: the database the
-            migrations target, where it can lock: PostgreSQL (a ``PostgresBackend`` on its URL,
-            with ``wait_timeout=None``). SQLite needs a ``FileLockBackend``.
+            migrations target, where it can lock: PostgreSQL or MySQL/MariaDB (a
+            ``PostgresBackend`` or ``MySQLBackend`` on its URL, with ``wait_timeout=None``).
+            SQLite needs a ``FileLockBackend``.
         url: the database's SQLAlchemy URL, or a function returning it at first use; it is set
             as the config's ``sqlalchemy.url`` before each run. Default: that option as it is.
         name: the once's name in the backend (give each migrated database its own).
@@ -128,10 +130,13 @@ def database_lock(url: str) -> Backend:
     """Return the backend that locks in the database ``url`` names (a SQLAlchemy URL).
 
     ``postgresql+asyncpg://``, ``postgresql+psycopg://``... become a ``PostgresBackend`` on the
-    same database, whose followers wait as long as the leader holds the lock.
+    same database; ``mysql+asyncmy://``, ``mysql+pymysql://``, ``mariadb+mariadbconnector://``...
+    a ``MySQLBackend`` on it. Their followers wait as long as the leader holds the lock.
 
     Raises:
-        ValueError: the URL cannot be read, or names a database with no lock fastapi_once uses.
+        ValueError: the URL cannot be read, names a database with no lock fastapi_once uses, or
+            has a connection option the lock's store cannot use (MySQL's ``ssl_*=``,
+            ``unix_socket=``).
     """
     try:
         parsed = sa.engine.make_url(url)
@@ -147,12 +152,38 @@ def database_lock(url: str) -> Backend:
         query = {k: v for k, v in parsed.query.items() if k in _LIBPQ_PARAMS}
         dsn = parsed.set(drivername="postgresql", query=query)
         return PostgresBackend(dsn.render_as_string(hide_password=False), wait_timeout=None)
+    if dialect in ("mysql", "mariadb"):
+        from .backends import MySQLBackend
+
+        dsn = parsed.set(drivername=dialect, query=_mysql_query(parsed.query))
+        return MySQLBackend(dsn.render_as_string(hide_password=False), wait_timeout=None)
     fix = "across=FileLockBackend('/var/lib/app/locks')" if dialect == "sqlite" else "across="
     raise ValueError(
         f"fastapi_once.alembic.upgrade(): the migrations target {dialect}, where fastapi_once "
         f"cannot lock; pass {fix} (on one host: a FileLockBackend directory; across hosts: a "
-        "RedisBackend or PostgresBackend)"
+        "RedisBackend, PostgresBackend or MySQLBackend)"
     )
+
+
+def _mysql_query(query: Mapping[str, str | tuple[str, ...]]) -> dict[str, str]:
+    """The options of a SQLAlchemy MySQL URL that the lock's store keeps: ``ssl`` alone.
+
+    A TLS option it cannot take (``ssl_ca=``...) or a socket is refused, not dropped: the lock
+    would connect in the clear, or elsewhere. Other options (``charset=``...) are the driver's.
+    """
+    kept: dict[str, str] = {}
+    for option, given in query.items():
+        value = (given if isinstance(given, str) else given[-1]).lower()
+        if option == "ssl" and value in _YES | _NO:
+            kept["ssl"] = "true" if value in _YES else "false"
+        elif option.startswith("ssl") or option == "unix_socket":
+            raise ValueError(
+                f"fastapi_once.alembic.upgrade(): the database's lock cannot use {option}= of "
+                "sqlalchemy.url (the MySQL store connects over TCP, and takes TLS as ssl=true "
+                "or an SSLContext); pass across=MySQLBackend('mysql://user:password@host/db', "
+                "ssl=ssl.create_default_context(cafile=...), wait_timeout=None)"
+            )
+    return kept
 
 
 def _lock_of(target: Callable[[], str | None]) -> Backend:

@@ -1,15 +1,10 @@
 """Backends that make a once run once across worker processes and hosts.
 
-``FileLockBackend`` needs only the standard library; ``RedisBackend`` needs the ``redis`` extra
-(``pip install 'fastapi-once[redis]'``) and ``PostgresBackend`` the ``postgres`` extra
-(``pip install 'fastapi-once[postgres]'``), ``MySQLBackend`` the ``mysql`` extra
-(``pip install 'fastapi-once[mysql]'``). They are imported on first use, so importing this
-package imports no driver. :func:`backend_from_url` builds one from a URL (``file:///dir``,
-``redis://...``, ``rediss://...``, ``postgresql://...``, ``mysql://...``, ``mariadb://...``);
-``once(across=)`` also takes the URL itself, or a function returning a backend or a URL, and
-builds it at first use.
-
-The exceptions are defined with the package's others and re-exported here.
+``FileLockBackend`` needs only the standard library; ``RedisBackend``, ``PostgresBackend`` and
+``MySQLBackend`` need the ``redis``, ``postgres`` and ``mysql`` extras
+(``pip install 'fastapi-once[redis]'``), imported on first use: importing this package imports
+no driver. :func:`backend_from_url` builds one from a URL; ``once(across=)`` also takes the URL
+itself, or a function returning a backend or a URL, and builds it at first use.
 """
 
 from __future__ import annotations
@@ -17,8 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .._errors import BackendError, LeaseLostError, OnceCoolingDownError, WaitTimeoutError
-from ._base import Backend, fencing_token
+from ._base import Backend
 from ._late import backend_from_url
+from ._lease import fencing_token
 
 if TYPE_CHECKING:
     from ._file import FileLockBackend

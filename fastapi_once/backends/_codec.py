@@ -17,25 +17,25 @@ from typing import Any
 class ResultCodec:
     """Turns a once's result into JSON data for a backend, and the backend's JSON data back.
 
-    The plain codec (:data:`JSON`) passes values through: backends store them with
-    :func:`encode_json` and followers get what JSON decodes (a tuple comes back as a list, a
-    datetime is refused). :meth:`for_function` builds a typed codec from a function's return
-    annotation instead: pydantic's ``TypeAdapter`` turns the result into JSON data before the
-    backend stores it, and the data the backend returns back into the annotated type (tuples,
-    datetimes, enums, models, dataclasses...), for every process, the leader included.
+    The plain codec (:data:`JSON`) passes values through (a tuple comes back as a list, a
+    datetime is refused). A typed codec (:meth:`for_function`) converts with pydantic's
+    ``TypeAdapter`` for the function's return annotation, so every process, the leader
+    included, gets the annotated type (tuples, datetimes, enums, models, dataclasses...).
     """
 
-    def __init__(self, annotation: Any = Any, *, owner: str = "") -> None:
-        self._annotation = annotation
+    def __init__(self, annotation: Any = Any, *, owner: str = "", fn: Any = None) -> None:
+        self._annotation = annotation  # while ``_fn`` is set: the annotation's text
+        self._fn = fn  # the function whose return annotation is yet to evaluate, or None
         self._owner = owner
-        self._typed = annotation is not Any
+        #: Whether results are decoded into an annotated type (not plain JSON).
+        self.typed = annotation is not Any
         self._type_adapter: Any = None
 
     @classmethod
     def for_function(cls, fn: Callable[..., Any], name: str) -> ResultCodec:
         """Return the codec for ``fn``'s return annotation (plain JSON without one).
 
-        An annotation that names a class defined later in its module is resolved at first use.
+        An annotation naming a class defined later in its module is resolved at first use.
 
         Raises:
             TypeError: pydantic cannot serialise the annotated type.
@@ -48,14 +48,10 @@ class ResultCodec:
         raw = getattr(target, "__annotations__", {}).get("return", inspect.Signature.empty)
         if raw is inspect.Signature.empty or raw is Any or raw in ("Any", "typing.Any"):
             return JSON
-        codec = cls(_Deferred(target), owner=name)
+        text = raw if isinstance(raw, str) else getattr(raw, "__qualname__", repr(raw))
+        codec = cls(text, owner=name, fn=target)
         codec._adapter(lenient=True)  # a forward reference is resolved at first use
         return JSON if codec._annotation is Any else codec
-
-    @property
-    def typed(self) -> bool:
-        """Whether results are decoded into an annotated type (not plain JSON)."""
-        return self._typed
 
     def to_data(self, name: str, value: object, backend: str) -> Any:
         """Return ``value`` as JSON data (dicts, lists, strings, numbers, booleans, None).
@@ -64,7 +60,7 @@ class ResultCodec:
             TypeError: ``value`` cannot be encoded, or does not match the annotation (naming the
                 once, the backend, and the offending type, never the value).
         """
-        if not self._typed:
+        if not self.typed:
             return value
         from pydantic_core import PydanticSerializationError
 
@@ -86,7 +82,7 @@ class ResultCodec:
             TypeError: the recorded result does not match the annotation (it was recorded by a
                 version of the function with another annotation).
         """
-        if not self._typed:
+        if not self.typed:
             return data
         from pydantic import ValidationError
 
@@ -109,9 +105,10 @@ class ResultCodec:
         if self._type_adapter is None:
             from pydantic import PydanticSchemaGenerationError, TypeAdapter
 
-            if isinstance(self._annotation, _Deferred):
+            if self._fn is not None:  # ``from __future__ import annotations`` leaves text
                 try:
-                    self._annotation = self._annotation.evaluate()
+                    hints = typing.get_type_hints(self._fn, include_extras=True)
+                    self._annotation, self._fn = hints["return"], None
                 except NameError as exc:
                     if lenient:
                         return None
@@ -133,23 +130,11 @@ class ResultCodec:
 
     def _shown(self) -> str:
         annotation = self._annotation
-        if isinstance(annotation, _Deferred):
-            return annotation.text
+        if self._fn is not None:
+            return str(annotation)
         if isinstance(annotation, type):
             return annotation.__qualname__
         return repr(annotation).replace("typing.", "")
-
-
-class _Deferred:
-    """A return annotation to evaluate (``from __future__ import annotations`` leaves text)."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        raw = fn.__annotations__["return"]
-        self.text = raw if isinstance(raw, str) else getattr(raw, "__qualname__", repr(raw))
-
-    def evaluate(self) -> Any:
-        return typing.get_type_hints(self.fn, include_extras=True)["return"]
 
 
 def encode_json(name: str, value: object, backend: str) -> str:

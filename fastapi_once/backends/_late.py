@@ -11,9 +11,9 @@ from urllib.parse import unquote, urlsplit
 import anyio.lowlevel
 
 from .._logs import error_type, fields
-from ._base import Backend, Scrubber, logger
+from ._base import Backend, Scrubber
 from ._codec import ResultCodec
-from ._lease import Forget, OnBackendError, StoreBackend
+from ._lease import Forget, OnBackendError, StoreBackend, logger
 from ._store import UNKEYED
 
 #: What ``once(across=)`` takes: a backend, a backend URL, or a function returning either.
@@ -40,7 +40,8 @@ def backend_from_url(url: str, **options: Any) -> Backend:
             ``namespace=``, ``table=``...).
 
     Raises:
-        ValueError: the URL's scheme is none of the above, or a ``file:`` URL names a host.
+        ValueError: the URL's scheme is none of the above, a ``file:`` URL names a host, or a
+            Redis URL's database part is not a number.
         ImportError: the backend's driver is not installed (the message names the extra).
     """
     scheme = _scheme(url)
@@ -69,40 +70,38 @@ def backend_from_url(url: str, **options: Any) -> Backend:
 
 def _scheme(url: str) -> str:
     scheme, sep, _ = url.partition("://")
-    if not sep or scheme.lower() not in _SCHEMES:
+    scheme = scheme.lower()
+    if not sep or scheme not in _SCHEMES:
         raise ValueError(
             f"backend URL {Scrubber(url).shown!r}: unknown scheme; give file:///path, "
             "redis://host:6379/0, rediss://host:6380/0, postgresql://user@host/db or "
             "mysql://user@host/db"
         )
-    if scheme.lower() in ("redis", "rediss"):
+    if scheme in ("redis", "rediss"):
         db = urlsplit(url).path.strip("/")
         if db and not db.isdigit():  # the driver would silently use database 0
             raise ValueError(
                 f"backend URL {Scrubber(url).shown!r}: the database part /{db} is not a "
                 "number; give the Redis database index, e.g. redis://host:6379/0"
             )
-    return scheme.lower()
+    return scheme
 
 
 class BoundBackend(Backend):
-    """The backend of one once: built at first use when given as a URL or factory, and decoding
-    results into the type the once's function is annotated to return.
+    """The backend of one once, built at first use from a URL or factory, and decoding results
+    into the type the once's function is annotated to return.
 
-    ``once(fn, across=...)`` wraps whatever it is given in one of these. A URL's scheme is
-    checked at once, but the backend itself is built at the first call of the once (or of its
-    :meth:`reset`) in each event loop — e.g. in the lifespan, after configuration is loaded; in
-    a server process that is once. Every once given the same URL string or factory shares the
-    backend built from it in that loop; a new loop (a test's new ``TestClient``) builds a new
-    one, reading the configuration again.
+    A URL's scheme is checked at once; the backend is built at the first call of the once (or
+    of its reset) in each event loop. Every once given the same URL string or factory shares
+    the backend built from it in that loop; a new loop (a test's new ``TestClient``) builds a
+    new one, reading the configuration again.
 
     Args:
         across: a :class:`Backend`, a backend URL (see :func:`backend_from_url`), or a function
             of no arguments returning either.
         fn: the once's function, whose return annotation types the shared result.
         name: the once's name, for messages.
-        on_error: what the once does when a store of the lease algorithm cannot be reached
-            (``once(on_backend_error=)``).
+        on_error: ``once(on_backend_error=)``, for a backend of the lease algorithm.
         forget: the core's callback for resets heard from other processes.
 
     Raises:
@@ -140,14 +139,35 @@ class BoundBackend(Backend):
 
     @property
     def backend(self) -> Backend:
-        """The backend itself, built now if it was given as a URL or a factory.
+        """The backend itself, built now (in the running loop) if given as a URL or factory.
 
         Raises:
             TypeError: the factory returned something else than a backend or a URL.
         """
-        if isinstance(self._source, Backend):
-            return self._source
-        return _resolve(self._source, self._name, _loop(), self._forget)
+        backend, source = self._built_here(), self._source
+        if backend is not None:
+            return backend
+        assert not isinstance(source, Backend)
+        with _lock:
+            built = _built.setdefault(_loop(), {})
+            if source not in built:
+                made = source() if callable(source) else source
+                if isinstance(made, str):
+                    try:
+                        made = backend_from_url(made)
+                    except ValueError as exc:
+                        raise ValueError(f"once({self._name}, across=...): {exc}") from None
+                if not isinstance(made, Backend):
+                    what = getattr(source, "__qualname__", repr(source))
+                    raise TypeError(
+                        f"once({self._name}, across={what}): the factory returned a "
+                        f"{type(made).__qualname__}; it must return a backend from "
+                        "fastapi_once.backends or a backend URL string"
+                    )
+                if self._forget is not None:
+                    made.attach(self._forget)
+                built[source] = made
+            return built[source]
 
     async def share(
         self,
@@ -168,55 +188,42 @@ class BoundBackend(Backend):
         failure leaves served); another backend runs as it always did.
 
         Raises:
-            TypeError: as :meth:`run_once`, or the backend does not keep keyed records.
+            TypeError: the result does not match the annotation or cannot be encoded, the
+                recorded result does not match it, or the backend does not keep keyed records.
         """
-        backend = self.backend
-        if not isinstance(backend, StoreBackend):
-            if key is None:
-                return await self.run_once(self._name, work, ttl=ttl)
-            assert ttl is not None  # a keyed once across processes has a ttl
-            return await self.run_keyed(
-                self._name, key, work, ttl=ttl, cooldown=cooldown, refresh=refresh
+        backend, codec = self.backend, self.codec
+        made = work
+        if codec.typed:
+
+            async def made() -> Any:
+                return codec.to_data(self._name, await work(), backend.describe())
+
+        if isinstance(backend, StoreBackend):
+            on_error = "fail" if kept and self.on_error == "local" else self.on_error
+            data = await backend.share(
+                self._name,
+                UNKEYED if key is None else key,
+                made,
+                ttl=backend.ttl if ttl is None else ttl,  # the backend's ttl= is the default
+                cooldown=cooldown,
+                refresh=refresh,
+                on_error=on_error,
+                fell_back=fell_back,
             )
-        codec = self.codec
-
-        async def as_data() -> Any:
-            return codec.to_data(self._name, await work(), backend.describe())
-
-        data = await backend.share(
-            self._name,
-            UNKEYED if key is None else key,
-            as_data if codec.typed else work,
-            ttl=ttl,
-            cooldown=cooldown,
-            refresh=refresh,
-            on_error="fail" if kept and self.on_error == "local" else self.on_error,
-            fell_back=fell_back,
-        )
+        elif key is None:
+            data = await backend.run_once(self._name, made, ttl=ttl)
+        else:
+            assert ttl is not None  # a keyed once across processes has a ttl
+            data = await backend.run_keyed(
+                self._name, key, made, ttl=ttl, cooldown=cooldown, refresh=refresh
+            )
         return codec.from_data(data)
 
     async def run_once(
         self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
     ) -> Any:
-        """Run ``work`` once across processes; return its result as the annotated type.
-
-        A typed result is turned into JSON data before the backend stores it, and the data the
-        backend returns is turned back into the annotated type, so that any backend (its own
-        encoding is plain JSON) shares typed results.
-
-        Raises:
-            TypeError: the result does not match the annotation or cannot be encoded, or the
-                recorded result does not match the annotation.
-        """
-        backend = self.backend
-        codec = self.codec
-        if not codec.typed:
-            return await backend.run_once(name, work, ttl=ttl)
-
-        async def as_data() -> Any:
-            return codec.to_data(name, await work(), backend.describe())
-
-        return codec.from_data(await backend.run_once(name, as_data, ttl=ttl))
+        """As :meth:`share` without a key (``name`` is the once's)."""
+        return await self.share(None, work, ttl=ttl)
 
     async def run_keyed(
         self,
@@ -228,21 +235,8 @@ class BoundBackend(Backend):
         cooldown: float | None = None,
         refresh: float | None = None,
     ) -> Any:
-        """Run ``work`` once across processes for ``key``; return its result as annotated.
-
-        Raises:
-            TypeError: as :meth:`run_once`, or the backend does not keep keyed records.
-        """
-        backend = self.backend
-        codec = self.codec
-        options: dict[str, Any] = {"ttl": ttl, "cooldown": cooldown, "refresh": refresh}
-        if not codec.typed:
-            return await backend.run_keyed(name, key, work, **options)
-
-        async def as_data() -> Any:
-            return codec.to_data(name, await work(), backend.describe())
-
-        return codec.from_data(await backend.run_keyed(name, key, as_data, **options))
+        """As :meth:`share` for ``key`` (``name`` is the once's)."""
+        return await self.share(key, work, ttl=ttl, cooldown=cooldown, refresh=refresh)
 
     async def reset(self, name: str) -> None:
         """Clear ``name``'s record in the backend."""
@@ -254,28 +248,29 @@ class BoundBackend(Backend):
 
     async def aclose(self) -> None:
         """Close the backend, if it has been built (in the running event loop)."""
-        if isinstance(self._source, Backend):
-            await self._source.aclose()
-        else:
-            built = _built.get(_loop(), {}).get(self._source)
-            if built is not None:
-                await built.aclose()
+        built = self._built_here()
+        if built is not None:
+            await built.aclose()
 
     def describe(self) -> str:
         """The backend's description; before it is built (in this loop), where it comes from."""
-        source = self._source
-        if isinstance(source, Backend):
-            return source.describe()
-        try:
-            built = _built.get(_loop(), {}).get(source)
-        except RuntimeError:  # no event loop running
-            built = None
+        built, source = self._built_here(), self._source
         if built is not None:
             return built.describe()
         if isinstance(source, str):
             return f"backend at {Scrubber(source).shown} (built at first use)"
         what = getattr(source, "__qualname__", type(source).__qualname__)
         return f"backend from {what}() (built at first use)"
+
+    def _built_here(self) -> Backend | None:
+        """The backend given, or the one built in the running loop (None: none yet)."""
+        source = self._source
+        if isinstance(source, Backend):
+            return source
+        try:
+            return _built.get(_loop(), {}).get(source)
+        except RuntimeError:  # no event loop running
+            return None
 
 
 # Backends built from a URL or a factory, by event loop and by that URL or factory: onces that
@@ -289,47 +284,14 @@ def _loop() -> object:
     return anyio.lowlevel.current_token().native_token
 
 
-def _resolve(
-    source: str | Callable[[], Backend | str],
-    name: str,
-    loop: object,
-    forget: Forget | None,
-) -> Backend:
-    built = _built.get(loop)
-    backend = None if built is None else built.get(source)
-    if backend is not None:
-        return backend
-    with _lock:
-        built = _built.setdefault(loop, {})
-        backend = built.get(source)
-        if backend is None:
-            made = source() if callable(source) else source
-            if isinstance(made, str):
-                try:
-                    made = backend_from_url(made)
-                except ValueError as exc:
-                    raise ValueError(f"once({name}, across=...): {exc}") from None
-            if not isinstance(made, Backend):
-                what = getattr(source, "__qualname__", repr(source))
-                raise TypeError(
-                    f"once({name}, across={what}): the factory returned a "
-                    f"{type(made).__qualname__}; it must return a backend from "
-                    "fastapi_once.backends or a backend URL string"
-                )
-            if forget is not None:
-                made.attach(forget)
-            backend = built[source] = made
-    return backend
-
-
 async def close_built() -> None:
     """Close the backends built from URLs and factories in the running event loop.
 
     ``once_lifespan`` calls it at shutdown, after the values' cleanups, so that a served app
     never leaves a store's listener or connections to the loop's last-resort cancellation. The
     backends are forgotten first: a later call in this loop builds new ones. Backend objects
-    the app made itself (``across=RedisBackend(...)``) are the app's to close. Never raises; a
-    backend that fails to close is logged by the error's type.
+    the app made itself are the app's to close. Never raises; a failure is logged by its type
+    (a driver's message may hold a DSN).
     """
     with _lock:
         built = _built.pop(_loop(), {})
@@ -337,7 +299,7 @@ async def close_built() -> None:
         try:
             await backend.aclose()
         except Exception as exc:
-            kind = error_type(exc)  # the type only: a driver's message may hold a DSN
+            kind = error_type(exc)
             logger.warning(
                 "closing %s failed with %s",
                 backend.describe(),

@@ -24,20 +24,20 @@ leading        lease lost (renewal failed)      ``raise``: done: work cancelled,
                                                 goes on (this process would make it anyway)
 leading        cancelled                        done: abandon (shielded), re-raise
 leading        complete: store unavailable      ``local``, ``fail``: return the value made,
-                                                unrecorded;
-                                                ``raise``: BackendError
+                                                unrecorded; ``raise``: BackendError
 leading        complete: the lease was gone     ``local``, ``fail``: return the value made,
                                                 unrecorded; ``raise``: LeaseLostError
 =============  ===============================  ============================================
 
 Every store call is bounded by ``wait_timeout``: a store that does not answer is unavailable.
-A reset (``clear``) is announced by the store to every process's listener, which calls the
-``forget`` callback the core handed over (not in the loop that reset: it forgot already).
+A reset (``clear``) reaches every process's listener, which calls the core's ``forget``
+callback (not in the loop that reset: it forgot already).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -55,17 +55,13 @@ from ._base import (
     DEFAULT_WAIT_TIMEOUT,
     Backend,
     backoff,
-    check_size,
     holder_id,
-    max_bytes,
-    run_guarded,
     seconds,
 )
 from ._codec import encode_json
 from ._store import (
     UNKEYED,
     Cooling,
-    Held,
     Lease,
     LeaseStore,
     Reset,
@@ -88,23 +84,40 @@ OnError = Literal["local", "raise", "fail"]
 #: ``forget(name, key digest or None for every value of name)``. It does not block.
 Forget = Callable[[str, str | None], None]
 
+# The fencing token of the lease under which the work of this context runs; None outside one.
+_fencing_token: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "fastapi_once_fencing_token", default=None
+)
+
+
+def fencing_token() -> int | None:
+    """Return the fencing token of the lock under which the current work runs, or None.
+
+    Pass it with each write the work makes to a store that can compare it (e.g.
+    ``UPDATE ... SET fence = :token WHERE fence < :token``), so that writes from a paused,
+    superseded leader are refused. Redis, PostgreSQL and MySQL give each leader a token greater
+    than every earlier one, also across server restarts (Redis: the server's clock in
+    microseconds floored by a counter, so only a clock set back by more than the time between
+    two leaders breaks it; PostgreSQL, MySQL: a sequence, an ``AUTO_INCREMENT`` id).
+    :class:`~fastapi_once.backends.FileLockBackend` gives None: its lock ends with its
+    process, so no second leader starts while the first runs. The guarantees per backend: the
+    "Fencing" table of the cross-process docs (``docs/across.md``).
+    """
+    return _fencing_token.get()
+
 
 class StoreBackend(Backend, LeaseStore):
     """A backend made of a store's primitives: the lease algorithm over :class:`LeaseStore`.
 
-    A store subclasses this, calls ``super().__init__(...)`` with the options below, and
-    implements the :class:`LeaseStore` methods; ``run_once``, ``run_keyed``, ``reset`` and
-    ``reset_keyed`` (the :class:`Backend` API) come from here.
+    A store subclasses this, calls ``super().__init__(...)`` and implements the
+    :class:`LeaseStore` methods; the :class:`Backend` API comes from here.
 
     Args:
-        wait_timeout: the longest a follower waits, and any one store call takes, in seconds
-            (default 300); None: no bound.
-        ttl: the default life of an unkeyed once's value in seconds; None keeps it until reset.
-        lease: seconds a lease lives without renewal (renewed every third of it while the
-            work runs): how long a dead leader blocks the others where the store's lock does
-            not end with its holder.
+        wait_timeout: the longest a follower waits and a store call takes (None: no bound).
+        ttl: the default life of an unkeyed once's value in seconds (None: until reset).
+        lease: seconds a lease lives unrenewed (renewed every third of it while work runs).
         recheck_interval: how often a waiting follower claims again without being woken.
-        max_value_bytes: the largest value recorded, in bytes of JSON; None: no limit.
+        max_value_bytes: the largest value recorded, in bytes of JSON (None: no limit).
 
     Raises:
         ValueError: a time is not a positive number, or ``max_value_bytes`` not a positive int.
@@ -123,19 +136,24 @@ class StoreBackend(Backend, LeaseStore):
         self.ttl = seconds("ttl", ttl)
         self.lease: float = seconds("lease", lease)
         self.recheck_interval: float = seconds("recheck_interval", recheck_interval)
-        self.max_value_bytes = max_bytes(max_value_bytes)
+        if max_value_bytes is not None and (
+            isinstance(max_value_bytes, bool)
+            or not isinstance(max_value_bytes, int)
+            or max_value_bytes < 1
+        ):
+            raise ValueError(
+                f"max_value_bytes={max_value_bytes!r}: give a positive whole number of bytes, "
+                "or None for no limit"
+            )
+        self.max_value_bytes = max_value_bytes
         self._me = secrets.token_hex(8)  # tells this backend's own resets apart, per loop
-        self._forget: Forget | None = None  # set by the core at bind time
         self._outages: set[str] = set()  # names of onces falling back now (one warning each)
         self.bind(self._hear)
-
-    # --- the Backend API ----------------------------------------------------------------------
 
     async def run_once(
         self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
     ) -> Any:
-        """Return ``name``'s recorded value, running ``work`` first if no process has (see
-        :meth:`share`); ``ttl`` defaults to the backend's."""
+        """See :meth:`Backend.run_once` and :meth:`share`; ``ttl`` defaults to the backend's."""
         ttl = self.ttl if ttl is None else seconds("ttl", ttl)
         return await self.share(name, UNKEYED, work, ttl=ttl)
 
@@ -149,25 +167,23 @@ class StoreBackend(Backend, LeaseStore):
         cooldown: float | None = None,
         refresh: float | None = None,
     ) -> Any:
-        """As :meth:`run_once`, for one key (a digest) of a keyed once (see :meth:`share`)."""
+        """See :meth:`Backend.run_keyed` and :meth:`share`."""
         return await self.share(
             name, key, work, ttl=seconds("ttl", ttl), cooldown=cooldown, refresh=refresh
         )
 
     async def reset(self, name: str) -> None:
         """Clear ``name``'s record; every live process forgets its value within 1 s."""
-        await self.forget_everywhere(name, UNKEYED)
+        await self.reset_keyed(name, UNKEYED)
 
     async def reset_keyed(self, name: str, key: str | None) -> None:
-        """Clear ``name``'s record for ``key`` (a digest; every key's if None); every live
-        process forgets its value(s) within 1 s."""
-        await self.forget_everywhere(name, key)
+        """Clear ``name``'s record for ``key`` (every key's if None); every live process
+        forgets its value(s) within 1 s.
 
-    def attach(self, forget: Forget) -> None:
-        """Hand over the core's callback for resets heard from other processes (at bind)."""
-        self._forget = forget
-
-    # --- the algorithm ------------------------------------------------------------------------
+        Raises:
+            BackendError: the store failed or could not be reached (within ``wait_timeout``).
+        """
+        await self._bounded(self.clear(name, key, origin=self._origin()), math.inf)
 
     async def share(
         self,
@@ -181,21 +197,12 @@ class StoreBackend(Backend, LeaseStore):
         on_error: OnError = "raise",
         fell_back: Callable[[], None] | None = None,
     ) -> Any:
-        """Return the record's value (as JSON decodes it), running ``work`` here if this
-        process leads; see the module's state table.
+        """Return the record's value (as JSON decodes it), running ``work`` (which returns JSON
+        data) here if this process leads or falls back: see the module's state table.
 
-        Args:
-            name: the once's name.
-            key: the key's digest, or :data:`UNKEYED`.
-            work: makes the value (JSON data) if this process leads, or falls back.
-            ttl: seconds the value lives; None: until reset.
-            cooldown: seconds a failure is recorded for, or None.
-            refresh: age in seconds after which one process makes the value again.
-            on_error: ``"local"``: when the store cannot be reached, run ``work`` here (one
-                WARNING per once per outage, and ``fell_back()`` each time); ``"raise"``:
-                BackendError (followers first ride out an outage of a store they reached);
-                ``"fail"``: BackendError at once (the caller keeps a value to serve instead).
-            fell_back: called at each fallback (the core counts them).
+        ``key`` is a digest or :data:`UNKEYED`; the value lives ``ttl`` seconds (None: until
+        reset), a failure is recorded for ``cooldown`` seconds, and a value older than
+        ``refresh`` is made again by one process. ``fell_back()`` is called at each fallback.
 
         Raises:
             OnceCoolingDownError: another process's run failed within ``cooldown``.
@@ -209,7 +216,7 @@ class StoreBackend(Backend, LeaseStore):
         started = anyio.current_time()
         deadline = math.inf if self.wait_timeout is None else started + self.wait_timeout
         holder, failures, reached = holder_id(), 0, False
-        watching: Any = None  # the watch's context manager, once the first Held was seen
+        watching = contextlib.AsyncExitStack()  # the watch, entered at the first Held
         watch: Watch | None = None
         try:
             while True:
@@ -220,7 +227,8 @@ class StoreBackend(Backend, LeaseStore):
                     )
                 except StoreUnavailableError as exc:
                     if on_error == "local":
-                        return await self._fall_back(name, work, exc, fell_back)
+                        self._fell_back(name, exc, fell_back)
+                        return json.loads(encode_json(name, await work(), self.describe()))
                     left = deadline - anyio.current_time()
                     if not reached or left <= 0 or on_error == "fail":
                         raise
@@ -235,20 +243,16 @@ class StoreBackend(Backend, LeaseStore):
                     raise OnceCoolingDownError(shown, claim.seconds_left)
                 if isinstance(claim, Lease):
                     return await self._lead(claim, shown, work, ttl, cooldown, on_error, fell_back)
-                assert isinstance(claim, Held)
                 now = anyio.current_time()
                 if now >= deadline:
                     raise WaitTimeoutError(shown, self.describe(), now - started, claim.holder)
                 if watch is None:  # watch from now on, then claim again: no change is lost
-                    entering = self.watch(name, key)
-                    watch = await entering.__aenter__()
-                    watching = entering  # entered: left in the finally below
+                    watch = await watching.enter_async_context(self.watch(name, key))
                     continue
                 await watch.changed(min(self.recheck_interval, deadline - now))
         finally:
-            if watching is not None:
-                with anyio.CancelScope(shield=True):
-                    await watching.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):
+                await watching.aclose()
 
     async def _lead(
         self,
@@ -262,123 +266,120 @@ class StoreBackend(Backend, LeaseStore):
     ) -> Any:
         """Run ``work`` under ``lease`` (renewed, fenced), then complete or abandon it."""
         try:
-            value = await run_guarded(
-                shown,
-                self.describe(),
-                lease.fence,
-                work,
-                lambda: self._until_lost(lease, give_up=on_error == "raise"),
-            )
+            value = await self._guarded(lease, shown, work, give_up=on_error == "raise")
             text = encode_json(shown, value, self.describe())
-            check_size(shown, text, self.max_value_bytes, self.describe())
-        except LeaseLostError:
-            await self._abandon(lease, None)
-            raise
-        except Exception:
-            await self._abandon(lease, cooldown)  # the work failed
+            size = len(text.encode())
+            if self.max_value_bytes is not None and size > self.max_value_bytes:
+                raise ValueError(
+                    f"{shown}'s result is {size} bytes of JSON, over the limit of "
+                    f"{self.max_value_bytes} bytes of {self.describe()} (max_value_bytes=); it "
+                    "was not recorded. Return a smaller value, or raise max_value_bytes="
+                )
+        except Exception as exc:  # the work failed: a cooldown, unless the lease was lost
+            await self._abandon(lease, None if isinstance(exc, LeaseLostError) else cooldown)
             raise
         except BaseException:
             await self._abandon(lease, None)  # cancelled: no cooldown, the next caller leads
             raise
         try:
             done = await self._bounded(self.complete(lease, text, ttl=ttl), math.inf)
-        except StoreUnavailableError as exc:
+        except BaseException as exc:
             await self._abandon(lease, None)
-            if on_error != "raise":  # the value is made: serve it, unrecorded
-                self._warn(lease.name, exc)
-                if fell_back is not None:
-                    fell_back()
-                return json.loads(text)
-            raise
-        except BaseException:
-            await self._abandon(lease, None)
-            raise
-        if not done:
-            if on_error != "raise":  # made here, as a fallback would: serve it, unrecorded
-                return json.loads(text)
-            raise LeaseLostError(shown, self.describe(), "the lease expired or another took it")
+            if on_error == "raise" or not isinstance(exc, StoreUnavailableError):
+                raise
+            self._fell_back(lease.name, exc, fell_back)  # the value is made: serve it, unrecorded
+        else:
+            if not done and on_error == "raise":  # else served unrecorded, as a fallback would
+                raise LeaseLostError(shown, self.describe(), "the lease expired or another took it")
         return json.loads(text)
 
-    async def _until_lost(self, lease: Lease, *, give_up: bool = True) -> str:
-        """Renew ``lease`` every third of its life until cancelled; return why it was lost.
+    async def _guarded(
+        self, lease: Lease, shown: str, work: Callable[[], Awaitable[Any]], *, give_up: bool
+    ) -> Any:
+        """Run ``work`` with the lease's fencing token set, renewing the lease every third of
+        its life. With ``give_up`` (``"raise"``), a lease lost (a renewal refused, or none
+        answered for a whole lease) cancels the work: LeaseLostError. Without, the work goes
+        on, as this process would make the value anyway."""
+        lost: str | None = None
+        work_scope = anyio.CancelScope()
 
-        ``give_up=False`` (``on_backend_error="local"``): a lost lease never stops the work,
-        which this process would make anyway while the store cannot be reached; it goes on
-        renewing, and the value is served unrecorded if it cannot be recorded.
-        """
-        every = self.lease / 3
-        renewed = anyio.current_time()
-        while True:
-            await anyio.sleep(every)
-            sent = anyio.current_time()
-            try:
-                with anyio.fail_after(every):
-                    held = await self.renew(lease, seconds=self.lease)
-            except (StoreUnavailableError, TimeoutError):
-                if give_up and anyio.current_time() - renewed >= self.lease:
-                    return "the store could not be reached for a whole lease"
-                continue
-            if not held and give_up:
-                return "the lease expired or another process took it"
-            renewed = sent
+        async def renew() -> None:
+            nonlocal lost
+            every, renewed = self.lease / 3, anyio.current_time()
+            while lost is None:
+                await anyio.sleep(every)
+                sent = anyio.current_time()
+                try:
+                    with anyio.fail_after(every):
+                        held = await self.renew(lease, seconds=self.lease)
+                except (StoreUnavailableError, TimeoutError):
+                    if give_up and anyio.current_time() - renewed >= self.lease:
+                        lost = "the store could not be reached for a whole lease"
+                    continue
+                if not held and give_up:
+                    lost = "the lease expired or another process took it"
+                renewed = sent
+            work_scope.cancel()
+
+        result: Any = None
+        error: BaseException | None = None
+        token = _fencing_token.set(lease.fence)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(renew)
+                try:
+                    # The work runs in this task, not in the task group, so that its exception
+                    # reaches the caller unchanged rather than inside an exception group.
+                    with work_scope:
+                        result = await work()
+                except BaseException as exc:
+                    error = exc
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            _fencing_token.reset(token)
+        if lost is not None:
+            raise LeaseLostError(shown, self.describe(), lost) from error
+        if error is not None:
+            raise error
+        return result
 
     async def _abandon(self, lease: Lease, cooldown: float | None) -> None:
-        """Free ``lease`` (recording ``cooldown``), shielded; if the store cannot be told, the
-        lease ends by itself."""
+        """Free ``lease`` (recording ``cooldown``), shielded and bounded; if the store cannot
+        be told, the lease ends by itself."""
+        longest = math.inf if self.wait_timeout is None else self.wait_timeout
         with (
             anyio.CancelScope(shield=True),
-            anyio.move_on_after(self._bound()),
+            anyio.move_on_after(longest),
             contextlib.suppress(StoreUnavailableError),
         ):
             await self.abandon(lease, cooldown=cooldown)
 
-    async def forget_everywhere(self, name: str, key: str | None) -> None:
-        """Clear ``name``'s record for ``key`` (every key's if None) and tell every process.
-
-        Raises:
-            BackendError: the store failed or could not be reached (within ``wait_timeout``).
-        """
-        await self._bounded(self.clear(name, key, origin=self._origin()), math.inf)
-
-    # --- helpers ------------------------------------------------------------------------------
-
-    def _bound(self) -> float:
-        return math.inf if self.wait_timeout is None else self.wait_timeout
-
     async def _bounded(self, call: Awaitable[T], deadline: float) -> T:
         """Await one store call for at most ``wait_timeout`` (and not past ``deadline``, but
         at least a little): a store that does not answer is unavailable."""
-        longest = max(min(self._bound(), deadline - anyio.current_time()), 0.05)
-        with anyio.move_on_after(longest) as scope:
+        longest = math.inf if self.wait_timeout is None else self.wait_timeout
+        longest = max(min(longest, deadline - anyio.current_time()), 0.05)
+        with anyio.move_on_after(longest):
             return await call
-        assert scope.cancelled_caught
         raise StoreUnavailableError(f"{self.describe()}: no answer within {longest:.1f} s")
 
-    async def _fall_back(
-        self,
-        name: str,
-        work: Callable[[], Awaitable[Any]],
-        exc: StoreUnavailableError,
-        fell_back: Callable[[], None] | None,
-    ) -> Any:
-        """Make the value in this process: the store cannot be reached (``"local"``)."""
-        self._warn(name, exc)
+    def _fell_back(
+        self, name: str, exc: BaseException, fell_back: Callable[[], None] | None
+    ) -> None:
+        """Warn at the first fallback of ``name`` in an outage; count each one."""
+        if name not in self._outages:
+            self._outages.add(name)
+            kind = error_type(exc)
+            logger.warning(
+                "%s: %s cannot be reached (%s); making values in this process until it answers",
+                name,
+                self.describe(),
+                kind,
+                extra=fields(name, "backend_fallback", error_type=kind),
+            )
         if fell_back is not None:
             fell_back()
-        return json.loads(encode_json(name, await work(), self.describe()))
-
-    def _warn(self, name: str, exc: BaseException) -> None:
-        if name in self._outages:
-            return
-        self._outages.add(name)
-        kind = error_type(exc)
-        logger.warning(
-            "%s: %s cannot be reached (%s); making values in this process until it answers",
-            name,
-            self.describe(),
-            kind,
-            extra=fields(name, "backend_fallback", error_type=kind),
-        )
 
     def _answered(self, name: str) -> None:
         if name in self._outages:
@@ -396,6 +397,5 @@ class StoreBackend(Backend, LeaseStore):
 
     def _hear(self, reset: Reset) -> None:
         """A reset heard by the store's listener: forget it here, unless this loop sent it."""
-        if reset.origin == self._origin() or self._forget is None:
-            return
-        self._forget(reset.name, None if reset.key == UNKEYED else reset.key)
+        if reset.origin != self._origin() and self._forget is not None:
+            self._forget(reset.name, None if reset.key == UNKEYED else reset.key)

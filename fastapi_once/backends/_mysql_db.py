@@ -1,5 +1,5 @@
-"""MySQLBackend's connections: the URL, opening and pooling connections, bounded round trips,
-and the driver's errors as the store's (asyncmy: the ``mysql`` extra)."""
+"""MySQLBackend's connections (asyncmy, the ``mysql`` extra): the URL, one event loop's bounded
+connections and lock session, round trips bounded in time, the driver's errors as the store's."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import math
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -31,28 +31,10 @@ _GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003,
 
 
 @dataclass
-class Pool:
-    """One event loop's statement connections; only that loop's thread touches it."""
-
-    slots: asyncio.Semaphore  # bounds the connections open, idle or in use
-    idle: list[Any] = field(default_factory=list)
-    closed: bool = False  # set when the loop's listener ended: connections given back close
-
-    def close(self) -> None:
-        """Close the idle connections; those in use close when given back."""
-        self.closed = True
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
-
-
-@dataclass
 class LockSession:
     """A connection that holds named locks (``GET_LOCK``) for as long as it lives."""
 
     conn: Any
-    id: int  # CONNECTION_ID(): IS_USED_LOCK() names the holder by it
-    busy: asyncio.Lock = field(default_factory=asyncio.Lock)  # one statement at a time
     dead: bool = False  # a statement on it failed, or it was closed: its locks are gone
 
     def close(self) -> None:
@@ -61,39 +43,30 @@ class LockSession:
         self.conn.close()
 
 
+@dataclass(repr=False)  # args hold the password
 class Database:
-    """Opens, lends and runs statements on connections to the database a URL names.
+    """One event loop's connections (only that loop's thread touches them): at most ``size``
+    for statements and one lock session; each round trip bounded by ``trip`` seconds."""
 
-    Args:
-        url: ``mysql://user:password@host[:port]/database`` or ``mariadb://...``, ``?ssl=true``.
-        describe: the store's description, for messages (never the password).
-        trip: the longest one round trip may take, in seconds (the server's lock waits too).
-        connect_timeout: the longest opening a connection may take, in seconds.
-        ssl: a TLS context, overriding ``?ssl=``.
-        setup: statements run once on the first connection (the store's tables).
+    args: dict[str, Any]  # asyncmy.connect()'s, from connect_args()
+    name: str  # the store, for messages (never the password)
+    trip: float
+    connect_timeout: float
+    setup: list[str]  # run on the backend's first connection (the tables), then emptied
+    size: int
+    idle: list[Any] = field(default_factory=list)
+    session: LockSession | None = None  # the lock session, once opened
+    closed: bool = False  # the loop's listener ended: connections given back close
 
-    Raises:
-        ValueError: not such a URL, no host or database, a bad port, an unknown ``?option``.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        describe: Callable[[], str],
-        *,
-        trip: float,
-        connect_timeout: float,
-        ssl: ssl_module.SSLContext | None,
-        setup: list[str],
-    ) -> None:
-        self.describe, self.trip, self.connect_timeout = describe, trip, connect_timeout
-        self.args = _connect_args(url, describe())
-        if ssl is not None:
-            self.args["ssl"] = ssl
-        self._setup = setup  # emptied once it has run
+    def __post_init__(self) -> None:
+        self.slots = asyncio.Semaphore(self.size)  # statement connections, idle or lent
+        self.locking = asyncio.Lock()  # one lock session opened, one statement on it, at once
+        self.kick = asyncio.Event()  # a watch began: the loop's listener polls now
 
     async def connect(self) -> Any:
-        """A new connection: autocommit, UTC, READ COMMITTED, lock waits bounded by ``trip``."""
+        """A new connection: autocommit, UTC, READ COMMITTED, the server's lock waits bounded by
+        ``trip``, its idle timeout a year (a lock session, or a kept connection, may idle)."""
+        waits = math.ceil(self.trip)
         try:
             with anyio.fail_after(self.connect_timeout):
                 conn = await asyncmy.connect(
@@ -101,89 +74,89 @@ class Database:
                     autocommit=True,
                     client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
                     connect_timeout=self.connect_timeout,
+                    init_command="SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout "
+                    f"= 31536000, innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}",
                 )
         except BaseException as exc:
             raise self.error(exc) from exc
         try:
-            waits = math.ceil(self.trip)
-            await self.run(
-                conn,
-                "SET SESSION time_zone = '+00:00', sql_notes = 0, "
-                "innodb_lock_wait_timeout = %s, lock_wait_timeout = %s",
-                (waits, waits),
-            )
-            await self.run(conn, "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            for statement in self._setup:
-                await self.run(conn, statement)
-            self._setup = []
+            for sql in ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", *self.setup):
+                await self.run(conn, sql)
+            self.setup.clear()
         except BaseException:
             conn.close()
             raise
         return conn
 
-    async def lock_session(self) -> LockSession:
-        """A new lock session (the server's idle timeout raised: it may idle for long)."""
-        conn = await self.connect()
-        try:
-            rows = await self.run(conn, "SELECT CONNECTION_ID()")
-            await self.run(conn, "SET SESSION wait_timeout = 31536000")
-        except BaseException:
-            conn.close()
-            raise
-        return LockSession(conn, int(rows[0][0]))
-
-    async def on(self, session: LockSession, sql: str, name: str) -> bool:
-        """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session``, whole
-        (shielded, 1 s at most) or not at all; return whether it answered 1. A failure ends the
-        session, and with it every lock it held.
-
-        Raises:
-            StoreUnavailableError: the session has ended, or ends now.
-        """
-        async with session.busy:
-            if session.dead:
-                raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
-            with anyio.CancelScope(shield=True):
-                try:
-                    with anyio.fail_after(min(self.trip, 1.0)):
-                        async with session.conn.cursor() as cur:
-                            await cur.execute(sql, (name,))
-                            row = await cur.fetchone()
-                except BaseException as exc:
-                    session.close()
-                    raise self.error(exc) from exc
-        return row is not None and row[0] == 1
-
     @contextlib.asynccontextmanager
-    async def lend(self, pool: Pool) -> AsyncIterator[Any]:
-        """A connection of ``pool`` for the block: closed if the block fails (a transaction left
-        open rolls back), else kept for the next block."""
-        async with pool.slots:
-            conn = pool.idle.pop() if pool.idle else await self.connect()
+    async def lend(self) -> AsyncIterator[Any]:
+        """A connection for the block: closed if the block fails (a transaction left open rolls
+        back), else kept for the next block."""
+        async with self.slots:
+            conn = self.idle.pop() if self.idle else await self.connect()
             try:
                 yield conn
             except BaseException:
                 conn.close()
                 raise
-            if pool.closed:
+            if self.closed:
                 conn.close()
             else:
-                pool.idle.append(conn)
+                self.idle.append(conn)
 
-    async def run(self, conn: Any, sql: str, args: Any = (), *, rows: bool = True) -> Any:
-        """One round trip, bounded by ``trip``: its rows (``rows=False``: the rows it matched).
+    async def run(
+        self, conn: Any, sql: str, args: Any = (), *, rows: bool = True, trip: float = math.inf
+    ) -> Any:
+        """One round trip, bounded by ``trip`` (at most the loop's): its rows (``rows=False``:
+        how many it matched).
 
         Raises:
             StoreUnavailableError: no answer, or the connection is lost.
             BackendError: the server refused the statement.
         """
         try:
-            with anyio.fail_after(self.trip):
+            with anyio.fail_after(min(trip, self.trip)):
                 async with conn.cursor() as cur:
                     matched = await cur.execute(sql, args)
                     return list(await cur.fetchall()) if rows else matched
         except Exception as exc:
             raise self.error(exc) from exc
+
+    async def lock(
+        self, sql: str, name: str, session: LockSession | None = None
+    ) -> tuple[bool, LockSession]:
+        """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session`` (by default the
+        loop's, opened if it has none or its last one ended), whole (shielded, 1 s at most) or
+        not at all: whether it answered 1, and the session. A failure ends the session, and
+        with it every lock it held.
+
+        Raises:
+            StoreUnavailableError: the session ended, or ends now.
+        """
+        async with self.locking:
+            if session is None and (self.session is None or self.session.dead):
+                self.session = LockSession(await self.connect())
+                if self.closed:  # the loop's listener ended meanwhile
+                    self.session.close()
+            session = session or self.session
+            if session is None or session.dead:
+                raise StoreUnavailableError(f"{self.name}: the lock session ended")
+            with anyio.CancelScope(shield=True):
+                try:
+                    rows = await self.run(session.conn, sql, (name,), trip=1.0)
+                except BaseException:
+                    session.close()
+                    raise
+        return rows == [(1,)], session
+
+    def close(self) -> None:
+        """Close the idle connections and the lock session; those lent close when given back."""
+        self.closed = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+        if self.session is not None:
+            self.session.close()
 
     def error(self, exc: BaseException) -> BaseException:
         """The store's exception for a driver's (its type and code, never its text)."""
@@ -193,17 +166,22 @@ class Database:
         what = f"{type(exc).__name__}" + ("" if code is None else f" {code}")
         if code in _LOGIN:
             return BackendError(
-                f"{self.describe()}: the server refused the login or the database ({what}); "
+                f"{self.name}: the server refused the login or the database ({what}); "
                 "check the user, password and database in the URL"
             )
         lost = not code and isinstance(exc, DriverError)
         if isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost:
-            return StoreUnavailableError(f"{self.describe()}: cannot be reached ({what})")
-        return BackendError(f"{self.describe()}: the server failed a statement ({what})")
+            return StoreUnavailableError(f"{self.name}: cannot be reached ({what})")
+        return BackendError(f"{self.name}: the server failed a statement ({what})")
 
 
-def _connect_args(url: str, shown: str) -> dict[str, Any]:
-    """asyncmy.connect()'s arguments for ``url``; ValueError naming what is wrong."""
+def connect_args(url: str, shown: str) -> dict[str, Any]:
+    """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password).
+
+    Raises:
+        ValueError: not a mysql:// or mariadb:// URL, no host or database, a bad port, an
+            option other than ``?ssl=true|false``.
+    """
     parts = urlsplit(url)
     fix = "give mysql://user:password@host:3306/database"
     if parts.scheme.lower() not in ("mysql", "mariadb"):

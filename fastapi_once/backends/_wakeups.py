@@ -1,8 +1,7 @@
-"""Wakeups and Listeners: one event loop's keyed followers, and the listener that wakes them.
+"""Wakeups and Listeners: one event loop's waiting followers, and the listener that wakes them.
 
-A backend keeps one listener connection per event loop that receives every keyed
-notification (a leader's success or failure); followers do not hold a connection while they
-wait, they register here and are woken by record.
+A store keeps one listener per event loop that hears every record's end and every reset;
+followers hold no connection while they wait: they register here and are woken by record.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import anyio
 
@@ -21,13 +20,9 @@ from ._store import Watch
 
 logger = logging.getLogger("fastapi_once")
 
-# Keyed reads one event loop runs at once, each on a connection borrowed for the read only:
-# followers woken together share a few connections rather than opening one each.
-READS_AT_ONCE = 8
-
 
 class Wakeups:
-    """The followers of one event loop waiting on keyed records, by record.
+    """The followers of one event loop waiting on records, by record.
 
     Only the loop's own thread touches it (the listener task and the followers all run on that
     loop), so it needs no lock.
@@ -39,8 +34,6 @@ class Wakeups:
         # Set while the listener is subscribed: a notification sent after a follower saw it
         # set reaches the follower (or, if the listener reconnects meanwhile, wake_all does).
         self.listening = asyncio.Event()
-        # Bounds the loop's keyed reads in flight (see READS_AT_ONCE).
-        self.gate = asyncio.Semaphore(READS_AT_ONCE)
         # Set once the listener has ended (aclose, or it failed): nobody wakes these followers
         # any more, so a follower still waiting registers with the loop's next listener.
         self.ended = False
@@ -60,7 +53,7 @@ class Wakeups:
                     del self._waiting[record]
 
     def wake(self, record: str) -> None:
-        """Wake every follower of ``record`` (its leader has ended)."""
+        """Wake every follower of ``record`` (its leader has ended, or it was reset)."""
         for event in self._waiting.get(record, ()):
             event.set()
 
@@ -77,23 +70,21 @@ class Wakeups:
     async def until_listening(self, longest: float) -> None:
         """Return once the listener is subscribed, or after ``longest`` seconds (it may be
         reconnecting: followers then rely on their recheck interval)."""
-        if not self.listening.is_set():
-            with anyio.move_on_after(longest):
-                await self.listening.wait()
+        await self.woken(self.listening, longest)
 
     @staticmethod
     async def woken(event: asyncio.Event, longest: float) -> None:
         """Return when ``event`` is set, or after ``longest`` seconds."""
-        with anyio.move_on_after(longest):
-            await event.wait()
+        if not event.is_set():
+            with anyio.move_on_after(longest):
+                await event.wait()
 
 
 class ListenerWatch(Watch):
     """A store's watch of one record, registered with its loop's listener for the block.
 
-    A store whose listener wakes records by name (:meth:`Wakeups.wake`) returns one from its
-    ``watch()``. After the listener ended (``aclose()``), the next :meth:`changed` registers with
-    the loop's next listener and returns at once: changes may have been missed meanwhile.
+    After the listener ended (``aclose()``), the next :meth:`changed` registers with the loop's
+    next listener and returns at once: changes may have been missed meanwhile.
     """
 
     def __init__(self, listeners: Listeners, record: str) -> None:
@@ -108,12 +99,11 @@ class ListenerWatch(Watch):
         self._event = self._registered.enter_context(self.wakeups.waiter(self._record))
 
     async def changed(self, timeout: float) -> None:  # noqa: ASYNC109 - the protocol's
-        """Return when the record's leader ended or it was reset, or after ``timeout``."""
+        """See :meth:`Watch.changed`."""
         if self.wakeups.ended:
             self._register()
             return
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
+        await Wakeups.woken(self._event, timeout)
         self._event.clear()
 
     def __enter__(self) -> ListenerWatch:
@@ -130,33 +120,28 @@ TAKE_BACK_WITHIN = 1.0
 CONFIRM_EVERY = 0.05
 
 
-class _Running(NamedTuple):
-    task: asyncio.Task[None]
-    scope: anyio.CancelScope
-    wakeups: Wakeups
-
-
 class ListenerTask(asyncio.Task[None]):
     """A listener's task: a native cancellation of it also cancels its anyio scope.
 
-    The event loop's shutdown (``asyncio.run()`` ending, with or without the backend's
-    ``aclose()``) cancels every task once, natively. A driver may swallow that one
-    ``CancelledError`` (``asyncio.wait_for`` on Python 3.11 returns a result that finished in
-    the same turn and drops the cancellation: CPython gh-86296), and a listener is a loop that
-    never returns on its own, so the shutdown would wait forever. Cancelling the scope makes
-    anyio deliver the cancellation again at every await until the task has left it.
+    The event loop's shutdown (``asyncio.run()`` ending, with or without ``aclose()``) cancels
+    every task once, natively. A driver may swallow that one ``CancelledError``
+    (``asyncio.wait_for`` on Python 3.11 drops it for a result that finished in the same turn:
+    CPython gh-86296), and a listener never returns on its own, so the shutdown would wait
+    forever. Cancelling the scope makes anyio deliver the cancellation again at every await
+    until the task has left it.
 
-    Timeouts inside the driver also cancel the task natively, and take it back
-    (``uncancel()``) as they turn it into their ``TimeoutError``; that may be some loop turns
-    later when the driver awaits a cleanup on its way out. So a cancellation counts as the task's
-    end if the loop was not running when it came (only code outside the loop, i.e. its shutdown,
-    cancels then), or, where Python counts cancellations (3.11+), if nobody took it back within
-    :data:`TAKE_BACK_WITHIN` seconds.
+    A driver's own timeouts also cancel the task natively and take that back (``uncancel()``),
+    maybe some loop turns later. So a cancellation counts as the task's end if the loop was not
+    running when it came (only its shutdown cancels then), or, where Python counts
+    cancellations (3.11+), if nobody took it back within :data:`TAKE_BACK_WITHIN` seconds.
     """
 
-    def __init__(self, coro: Coroutine[Any, Any, None], scope: anyio.CancelScope) -> None:
+    def __init__(
+        self, coro: Coroutine[Any, Any, None], scope: anyio.CancelScope, wakeups: Wakeups
+    ) -> None:
         super().__init__(coro, name="fastapi_once listener")
-        self._scope = scope
+        self.scope = scope
+        self.wakeups = wakeups  # the followers this listener wakes
 
     def cancel(self, msg: Any = None) -> bool:
         """Cancel the task (see the class docstring for when the scope is cancelled too)."""
@@ -173,7 +158,7 @@ class ListenerTask(asyncio.Task[None]):
 
     def _end(self) -> None:
         if not self.done():
-            self._scope.cancel()
+            self.scope.cancel()
 
     def _confirm(self, until: float) -> None:
         cancelling = getattr(self, "cancelling", None)  # Python 3.11+
@@ -183,25 +168,23 @@ class ListenerTask(asyncio.Task[None]):
         if loop.time() < until:
             loop.call_later(CONFIRM_EVERY, self._confirm, until)
         else:
-            self._scope.cancel()
+            self.scope.cancel()
 
 
 class Listeners:
-    """A backend's listener task per event loop, started on first use, and its followers.
+    """A store's listener task per event loop, started on first use, and its followers.
 
     ``listen(wakeups)`` runs until cancelled (it reconnects on its own). It is stopped through
-    an anyio cancel scope: the cancellation is delivered again at every await until the task
-    has left the scope, so a driver that swallows one ``CancelledError`` (redis-py can, when a
-    read's own timeout meets it) cannot keep the listener, and :meth:`stop`, waiting. The same
-    holds when the event loop's shutdown cancels the task natively (see :class:`ListenerTask`):
-    a loop that ends without :meth:`stop` does not wait on its listener either.
+    an anyio cancel scope, which delivers the cancellation again at every await until the task
+    has left it: a driver that swallows one ``CancelledError`` cannot keep the listener, nor
+    :meth:`stop` or the loop's shutdown (see :class:`ListenerTask`), waiting.
     """
 
     def __init__(self, listen: Callable[[Wakeups], Awaitable[None]]) -> None:
         self._listen = listen
         # Per event loop, its listener; only the loop's own thread touches its entry. The
         # entry leaves when the task ends (or stop() takes it), so a closed loop's is gone.
-        self._running: dict[asyncio.AbstractEventLoop, _Running] = {}
+        self._running: dict[asyncio.AbstractEventLoop, ListenerTask] = {}
 
     def __contains__(self, loop: asyncio.AbstractEventLoop) -> bool:
         return loop in self._running
@@ -219,19 +202,18 @@ class Listeners:
                 await self._listen(wakeups)
 
         # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
-        task = contextvars.Context().run(ListenerTask, listen(), scope)
-        entry = self._running[loop] = _Running(task, scope, wakeups)
+        task = self._running[loop] = contextvars.Context().run(
+            ListenerTask, listen(), scope, wakeups
+        )
 
         def ended(_: object) -> None:
-            if self._running.get(loop) is entry:  # not a listener started after stop()
+            if self._running.get(loop) is task:  # not a listener started after stop()
                 del self._running[loop]
             wakeups.ended = True
             wakeups.listening.clear()
             wakeups.wake_all()  # they check again, and wait on the next listener
             if not task.cancelled() and (exc := task.exception()) is not None:
-                # The type only: a driver's message may hold a DSN. The next keyed call
-                # starts another listener.
-                kind = error_type(exc)
+                kind = error_type(exc)  # the type only: a driver's message may hold a DSN
                 logger.error(
                     "the keyed listener failed with %s",
                     kind,
@@ -247,4 +229,4 @@ class Listeners:
         running = self._running.pop(asyncio.get_running_loop(), None)
         if running is not None:
             running.scope.cancel()
-            await asyncio.wait([running.task])
+            await asyncio.wait([running])

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import async_engine_from_config
 from fastapi_once.alembic import include_name
 
 config = context.config
-ASYNC_DRIVERS = ("+asyncpg", "+aiosqlite")
+ASYNC_DRIVERS = ("+asyncpg", "+asyncmy", "+aiosqlite")
 
 
 def migrate(connection):

@@ -79,27 +79,7 @@ def test_the_file_backend_runs_once_across_trio_processes(
 # The file backend's case is tested against the in-memory store (test_lease.py) and the store
 # contract (test_file_store.py); the real-process tests of the file backend are the 16-process
 # run, the trio run and the leader killed among many followers.
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_when_the_leaders_work_raises_a_follower_runs_it_and_nothing_is_recorded_for_the_failure(
-    kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
-) -> None:
-    """The exception stays in the failing process; one follower becomes leader and succeeds."""
-    cfg = config(spec, tmp_path, sleep=0.3, fail_first=True)
-    outcomes = run_all(start_workers(3, cfg))
-    failed = [o for o in outcomes if "error" in o]
-    assert len(failed) == 1, outcomes
-    assert failed[0]["error"] == "RuntimeError"
-    assert failed[0]["message"] == "the first run fails"
-    assert failed[0]["ran"]
-    assert all(o.get("ok") == RESULT for o in outcomes if o is not failed[0])
-    events = read_log(Path(cfg["log"]))
-    assert [e["event"] for e in events] == ["start", "fail", "start", "end"]
-
-
-# The file backend's case is tested against the in-memory store (test_lease.py) and the store
-# contract (test_file_store.py); the real-process tests of the file backend are the 16-process
-# run, the trio run and the leader killed among many followers.
-@pytest.mark.kinds("redis", "postgres-xact")  # postgres: the 12-process takeover below
+@pytest.mark.kinds("redis", "postgres-xact")  # postgres: the 8-process takeover below
 def test_a_killed_leader_is_replaced_by_a_follower(
     kind: str,
     spec: dict[str, Any],
@@ -154,30 +134,14 @@ def test_a_reset_from_a_process_that_never_made_the_value_makes_the_next_call_ru
     assert len(starts(Path(cfg["log"]))) == 2
 
 
-# The file backend's case is tested against the in-memory store (test_lease.py) and the store
-# contract (test_file_store.py); the real-process tests of the file backend are the 16-process
-# run, the trio run and the leader killed among many followers.
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_every_process_gets_the_type_the_function_is_annotated_to_return(
-    kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
-) -> None:
-    """A dataclass of a tuple, an aware datetime and an enum reaches the followers as itself,
-    not as the dicts, lists and strings JSON would give."""
-    cfg = config(spec, tmp_path, typed=True, sleep=0.3)
-    outcomes = run_all(start_workers(3, cfg))
-    typed = [True, "Release", "tuple", "datetime", "Channel"]
-    assert [o.get("ok") for o in outcomes] == [typed] * 3, outcomes
-    assert [o["ran"] for o in outcomes].count(True) == 1
-
-
 @pytest.mark.kinds("file", "postgres")
 def test_when_the_leader_dies_among_many_followers_exactly_one_takes_over(
     kind: str, spec: dict[str, Any], tmp_path: Path, start_workers: Callable[..., list[Worker]]
 ) -> None:
-    """Twelve processes wake at once to no marker: they race, one leads, none goes round in
+    """Eight processes wake at once to no marker: they race, one leads, none goes round in
     circles (the suite's timeout would catch that), and all get the second leader's result."""
     cfg = config(spec, tmp_path, first_sleep=60)
-    workers = start_workers(12, cfg)
+    workers = start_workers(8, cfg)
     for worker in workers:
         worker.go()
     log = Path(cfg["log"])
@@ -186,5 +150,5 @@ def test_when_the_leader_dies_among_many_followers_exactly_one_takes_over(
     leader_pid = starts(log)[0]["pid"]
     os.kill(leader_pid, signal.SIGKILL)
     outcomes = [w.outcome() for w in workers if w.proc.pid != leader_pid]
-    assert [o.get("ok") for o in outcomes] == [RESULT] * 11, outcomes
+    assert [o.get("ok") for o in outcomes] == [RESULT] * 7, outcomes
     assert len(starts(log)) == 2

@@ -1,12 +1,13 @@
 """fastapi_once.alembic: the upgrade to the scripts' heads, once across processes.
 
-On real PostgreSQL (async engine, asyncpg; the lock is the migrated database's own) and SQLite
-with the file store (sync engine under asyncio, and async with aiosqlite under trio), with real
-processes whose lifespans start together: each revision runs once; a new revision runs once more,
-alone; a failing revision is not recorded and the next start retries it; a killed leader's
-upgrade is completed by another process. In process: the lock lost or a newer fencing token
-stops the leader before the next revision; an older app leaves a newer database alone and says
-so; callers in one process share one upgrade and its failure.
+On real PostgreSQL and MariaDB (async engines, asyncpg and asyncmy; the lock is the migrated
+database's own) and SQLite with the file store (sync engine under asyncio, and async with
+aiosqlite under trio), with real processes whose lifespans start together: each revision runs
+once; a new revision runs once more, alone; a failing revision is not recorded and the next
+start retries it; a killed leader's upgrade is completed by another process. In process: the
+lock lost or a newer fencing token (PostgreSQL, MariaDB) stops the leader before the next
+revision; an older app leaves a newer database alone and says so; callers in one process share
+one upgrade and its failure.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import anyio
 import pytest
 from alembic_project import add_revision, config_of, runs, write_project
-from backend_servers import HERE, ROOT, PostgresServer, wait_for
+from backend_servers import HERE, ROOT, MariaDBServer, PostgresServer, require, wait_for
 
 from fastapi_once import Once
 from fastapi_once.alembic import FENCE_TABLE, database_lock, include_name, upgrade
@@ -41,12 +42,14 @@ WORKER = HERE / "alembic_worker.py"
 @dataclass
 class Database:
     """A database to migrate: its SQLAlchemy URL, the file store's directory (None: the
-    database's own lock), the event loop the workers run on, and how to query it."""
+    database's own lock), the event loop the workers run on, how to query it, and the query
+    that lists its tables."""
 
     url: str
     locks: str | None
     loop: str
     query: Callable[[str], list[tuple[Any, ...]]]
+    list_tables: str
     per_revision: bool = False
 
     def spec(self, project: Path) -> dict[str, Any]:
@@ -59,11 +62,7 @@ class Database:
         }
 
     def tables(self) -> set[str]:
-        if self.url.startswith("sqlite"):
-            rows = self.query("SELECT name FROM sqlite_master WHERE type = 'table'")
-        else:
-            rows = self.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        return {row[0] for row in rows}
+        return {row[0] for row in self.query(self.list_tables)}
 
     def version(self) -> list[str]:
         """The revisions in the version table (none if it does not exist)."""
@@ -87,7 +86,8 @@ def sqlite_database(path: Path, driver: str, loop: str) -> Database:
             connection.close()
 
     locks = str(path.parent / "locks")
-    return Database(f"sqlite{driver}:///{path}", locks, loop, query)
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    return Database(f"sqlite{driver}:///{path}", locks, loop, query, tables)
 
 
 def postgres_database(server: PostgresServer) -> Database:
@@ -105,13 +105,43 @@ def postgres_database(server: PostgresServer) -> Database:
     asyncio.run(run(server.dsn, f'CREATE DATABASE "{name}"'))
     dsn = server.dsn.rpartition("/")[0] + f"/{name}"
     url = dsn.replace("postgresql://", "postgresql+asyncpg://")
-    return Database(url, None, "asyncio", lambda sql: asyncio.run(run(dsn, sql)))
+    tables = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    return Database(url, None, "asyncio", lambda sql: asyncio.run(run(dsn, sql)), tables)
 
 
-@pytest.fixture(params=["postgres", "sqlite", "sqlite-async"])
+def mariadb_database(server: MariaDBServer) -> Database:
+    import asyncmy  # type: ignore[import-untyped,unused-ignore]
+
+    name = "m" + secrets.token_hex(6)
+
+    async def run(database: str, sql: str) -> list[tuple[Any, ...]]:
+        connection = await asyncmy.connect(
+            host="127.0.0.1",
+            port=server.port,
+            user="fastapi_once",
+            password=server.password,
+            db=database,
+            autocommit=True,
+        )
+        try:
+            async with connection.cursor() as cursor:
+                await cursor.execute(sql)
+                return [tuple(row) for row in await cursor.fetchall()]
+        finally:
+            connection.close()
+
+    asyncio.run(run("fastapi_once_tests", f"CREATE DATABASE {name}"))
+    url = f"mariadb+asyncmy://fastapi_once:{server.password}@127.0.0.1:{server.port}/{name}"
+    tables = "SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE()"
+    return Database(url, None, "asyncio", lambda sql: asyncio.run(run(name, sql)), tables)
+
+
+@pytest.fixture(params=["postgres", "mariadb", "sqlite", "sqlite-async"])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
     """A fresh database: PostgreSQL (asyncpg; in one transaction per revision, or one for the
-    whole upgrade), SQLite (pysqlite) or SQLite (aiosqlite)."""
+    whole upgrade), MariaDB (asyncmy), SQLite (pysqlite) or SQLite (aiosqlite)."""
+    if request.param == "mariadb":
+        return mariadb_database(request.getfixturevalue("mariadb_server"))
     if request.param.startswith("postgres"):
         made = postgres_database(request.getfixturevalue("postgres_server"))
         made.per_revision = request.param == "postgres-per-revision"
@@ -242,6 +272,10 @@ def test_processes_starting_at_once_run_each_revision_once_and_a_new_one_once_mo
     (leader,) = {pid for _, pid in database.applied()}
     assert leader in {report["pid"] for report in reports}
     assert [r for r, _ in database.applied()] == ["0001", "0002"]
+    # Without a file store, the lock and its marker are the database's own: the records' table
+    # of its store (MariaDB's fastapi_once, PostgreSQL's fastapi_once_lease) is there.
+    records = database.tables() & {"fastapi_once", "fastapi_once_lease"}
+    assert bool(records) == (database.locks is None)
 
     add_revision(project, "0003", "0002")
     reports = apps.run(4)
@@ -276,7 +310,9 @@ def test_a_failing_revision_is_not_recorded_and_the_next_start_retries_it(
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
-    "database", ["postgres", "postgres-per-revision", "sqlite", "sqlite-async"], indirect=True
+    "database",
+    ["postgres", "postgres-per-revision", "mariadb", "sqlite", "sqlite-async"],
+    indirect=True,
 )
 def test_a_killed_leader_mid_upgrade_leaves_the_upgrade_to_another_process(
     database: Database, project: Path, apps: Apps, tmp_path: Path
@@ -300,7 +336,8 @@ def test_a_killed_leader_mid_upgrade_leaves_the_upgrade_to_another_process(
     assert list(committed) == ["0001", "0002"]
     assert committed["0002"] in survivors
     # One transaction for the whole upgrade (PostgreSQL's default), which the kill rolled back;
-    # or one per revision (SQLite's, without transactional DDL): 0001 was committed already.
+    # or one per revision (SQLite's and MariaDB's, without transactional DDL): 0001 was
+    # committed already.
     whole = database.url.startswith("postgresql") and not database.per_revision
     assert committed["0001"] in (survivors if whole else {killed})
     assert ("0002", killed) in runs(project)
@@ -436,10 +473,44 @@ def test_a_postgres_url_of_any_driver_locks_on_that_database_without_its_passwor
         assert "s3cret" not in backend.describe() + repr(backend)
 
 
+def test_a_mysql_url_of_any_driver_locks_on_that_database_without_its_password() -> None:
+    """mysql+asyncmy://, mysql+pymysql://, mariadb+...:// give a MySQLBackend on the same
+    database (mysql:// or mariadb://), waiting as long as the leader holds the lock; of the
+    query, only ssl= is kept; the password (URL-quoted or not) never shows."""
+    require("asyncmy")
+    from fastapi_once.backends import MySQLBackend
+
+    for scheme in ("mysql+asyncmy", "mysql+pymysql", "mysql+aiomysql", "mysql", "mariadb+asyncmy"):
+        url = f"{scheme}://app:s3cr%40t@db.internal:3307/shop?charset=utf8mb4&ssl=true"
+        backend = database_lock(url)
+        assert isinstance(backend, MySQLBackend)
+        assert backend.wait_timeout is None
+        dialect = scheme.partition("+")[0]
+        shown = f"{dialect}://app:***@db.internal:3307/shop?ssl=true"
+        assert backend.describe() == f"MySQLBackend({shown}, table=fastapi_once)"
+        assert "s3cr" not in backend.describe() + repr(backend)
+    plain = database_lock("mariadb+pymysql://app:pw@db/shop?ssl=0&read_timeout=5")
+    assert (
+        plain.describe() == "MySQLBackend(mariadb://app:***@db/shop?ssl=false, table=fastapi_once)"
+    )
+
+
+@pytest.mark.parametrize(
+    "query", ["ssl_ca=/etc/ca.pem", "ssl=required", "ssl_mode=REQUIRED", "unix_socket=/run/s"]
+)
+def test_a_mysql_url_whose_tls_or_socket_the_lock_cannot_use_is_refused(query: str) -> None:
+    """A connection option the MySQL store cannot carry over is refused, not dropped (the lock
+    would connect in the clear, or elsewhere), naming it and across=, without the password."""
+    require("asyncmy")
+    with pytest.raises(ValueError, match=f"cannot use {query.partition('=')[0]}=.*across=") as info:
+        database_lock(f"mysql+pymysql://app:s3cret@db/shop?{query}")
+    assert "s3cret" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("mssql+pyodbc://sa:s3cret@db/app", "target mssql, where fastapi_once cannot lock"),
+        ("mssql+pyodbc://sa:s3cret@db/app", "target mssql, where fastapi_once cannot lock.*MySQL"),
         ("not a url with s3cret", "is not a SQLAlchemy URL"),
     ],
 )
@@ -465,6 +536,14 @@ def test_autogenerate_skips_the_tables_of_fastapi_once() -> None:
 @pytest.fixture
 def postgres(postgres_server: PostgresServer) -> Database:
     return postgres_database(postgres_server)
+
+
+@pytest.fixture(params=["postgres", "mariadb"])
+def fenced(request: pytest.FixtureRequest) -> Database:
+    """A fresh database whose own lock (the default) has a fencing token."""
+    if request.param == "mariadb":
+        return mariadb_database(request.getfixturevalue("mariadb_server"))
+    return postgres_database(request.getfixturevalue("postgres_server"))
 
 
 @pytest.mark.anyio
@@ -509,19 +588,19 @@ async def test_a_leader_that_loses_its_lock_stops_before_the_next_revision(
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_leader_with_an_older_fencing_token_than_the_database_s_does_not_migrate(
-    postgres: Database, project: Path
+    fenced: Database, project: Path
 ) -> None:
     """A newer leader's token is in fastapi_once_alembic: this leader's upgrade is refused with
     LeaseLostError before any revision, and nothing is committed."""
     add_revision(project, "0001", None)
-    query = functools.partial(anyio.to_thread.run_sync, postgres.query)
+    query = functools.partial(anyio.to_thread.run_sync, fenced.query)
     await query(f"CREATE TABLE {FENCE_TABLE} (name VARCHAR(200) PRIMARY KEY, token BIGINT)")
     await query(f"INSERT INTO {FENCE_TABLE} VALUES ('fenced', {2**62})")
-    migrate = upgrade(config_of(project, postgres.url), name="fenced")
+    migrate = upgrade(config_of(project, fenced.url), name="fenced")
     with pytest.raises(LeaseLostError, match="a newer leader wrote fencing token"):
         await migrate()
     assert revisions_run(project) == []
-    assert await anyio.to_thread.run_sync(postgres.version) == []
+    assert await anyio.to_thread.run_sync(fenced.version) == []
     await query(f"DELETE FROM {FENCE_TABLE}")
     assert await migrate() == ["0001"]
     assert await query(f"SELECT token < {2**62} FROM {FENCE_TABLE}") == [(True,)]

@@ -163,42 +163,6 @@ def test_each_key_runs_once_across_processes_and_every_caller_gets_its_typed_val
     )
 
 
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_a_warm_key_is_served_from_memory_without_running_again(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """A second call of a key in a process that has it, and a first call in another process
-    after it was recorded, get the one run's value."""
-    first, second = fleet(2)
-    assert ok(first.call("a")[0][0])["run"] == 1
-    assert ok(first.call("a")[0][0])["run"] == 1
-    assert ok(second.call("a")[0][0])["run"] == 1
-    assert len(starts(log_of(spec, tmp_path), "a")) == 1
-
-
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_waiting_processes_are_woken_by_the_leaders_end_not_by_the_recheck(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """With recheck_interval=60 and wait_timeout=10, waiting processes still get the value (a
-    wait_timeout would fail them): the leader's success and failure both wake them."""
-    options = {"recheck_interval": 60, "wait_timeout": 10}
-    leader, *followers = fleet(3, sleep=1.0, backend=options, fail={"flaky": [1]})
-    log = log_of(spec, tmp_path)
-    leader.send({"call": ["k", "flaky"]})
-    wait_for(lambda: len(read_log(log)) >= 2, what="the leader to start both keys")
-    for follower in followers:
-        follower.send({"call": ["k", "flaky"]})
-    k, flaky = leader.reply()["results"]
-    assert ok(k[0])["run"] == 1
-    assert flaky[0]["error"] == "RuntimeError"
-    for follower in followers:
-        k, flaky = follower.reply()["results"]
-        assert ok(k[0])["run"] == 1
-        assert ok(flaky[0])["run"] == 2  # woken by the failure: one of them ran it again
-    assert (len(starts(log, "k")), len(starts(log, "flaky"))) == (1, 2)
-
-
 # --- faults ---------------------------------------------------------------------------------------
 
 
@@ -227,95 +191,7 @@ def test_a_killed_leaders_key_is_taken_over_by_a_waiting_process(
     assert takeover < spec.get("lease", 0) + 1.0 + 3  # lease + recheck_interval, generously
 
 
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_a_failure_is_shared_in_its_process_and_not_recorded_so_another_process_runs_it(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """Without cooldown=: the leader's three callers get its exception; another process then
-    runs the key again and gets a value."""
-    first, second = fleet(2, fail={"flaky": [1]})
-    outcomes = first.call("flaky", each=3)[0]
-    assert [o.get("error") for o in outcomes] == ["RuntimeError"] * 3
-    assert ok(second.call("flaky")[0][0])["run"] == 2
-    assert len(starts(log_of(spec, tmp_path), "flaky")) == 2
-
-
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_a_failures_cooldown_holds_fleet_wide_for_that_key_only(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """With cooldown=: another process that misses the failed key fails fast with
-    OnceCoolingDownError (no run, no exception text); other keys are served as usual."""
-    first, second = fleet(2, fail={"bad": [1]}, once={"ttl": 60, "cooldown": 30})
-    assert first.call("bad")[0][0]["error"] == "RuntimeError"
-    bad, good = second.call("bad", "good")
-    assert bad[0]["error"] == "OnceCoolingDownError"
-    message = bad[0]["message"]
-    assert "cooling down for" in message
-    assert "hunter2" not in message
-    assert "fetching" not in message
-    assert "[#" + key_digest("bad") + "]" in message
-    assert ok(good[0])["run"] == 1
-    assert len(starts(log_of(spec, tmp_path), "bad")) == 1
-
-
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_a_reset_after_a_failure_ends_the_fleet_wide_cooldown(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """reset(key) clears the recorded cooldown too: the next process runs the key."""
-    first, second = fleet(2, fail={"bad": [1]}, once={"ttl": 60, "cooldown": 30})
-    assert first.call("bad")[0][0]["error"] == "RuntimeError"
-    first.reset("bad")
-    assert ok(second.call("bad")[0][0])["run"] == 2
-
-
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_refresh_runs_once_per_key_fleet_wide_while_every_process_serves_the_old_value(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """Past refresh=, three processes call together: each gets the old value at once, the key
-    runs once more in total, and a process that did not run it later gets the new value from
-    the backend without running it."""
-    refresh = 3.0
-    processes = fleet(3, sleeps={"1": 0.1, "2": 1.5}, once={"ttl": 60, "refresh": refresh})
-    log = log_of(spec, tmp_path)
-    for process in processes:
-        assert ok(process.call("k")[0][0])["run"] == 1
-    time.sleep(refresh + 0.2)
-    for process in processes:
-        process.send({"call": ["k"]})
-    # Served at once from memory, each process starting its own background refresh.
-    assert [ok(p.reply()["results"][0][0])["run"] for p in processes] == [1, 1, 1]
-    wait_for(lambda: any(e["event"] == "end" for e in read_log(log)[2:]), what="the refresh")
-    time.sleep(0.5)  # the other processes' refreshes reach the backend and return
-    assert len(starts(log, "k")) == 2
-    refresher = starts(log, "k")[1]["pid"]
-    other = next(p for p in processes if p.proc.pid != refresher)
-    # Its own next refresh finds the backend's record fresh: it gets it without a run.
-    deadline = time.monotonic() + 2 * refresh
-    while ok(other.call("k")[0][0])["run"] != 2:
-        assert time.monotonic() < deadline, "the new value never reached the other process"
-        time.sleep(0.2)
-    assert len(starts(log, "k")) == 2
-
-
 # --- invalidation ---------------------------------------------------------------------------------
-
-
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_resetting_one_key_makes_only_that_key_run_again_in_any_process(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """reset("a") from one process deletes a's record: a new process runs a again, not b."""
-    (first,) = fleet(1)
-    first.call("a", "b")
-    first.reset("a")
-    (second,) = fleet(1)
-    a, b = second.call("a", "b")
-    assert (ok(a[0])["run"], ok(b[0])["run"]) == (2, 1)
-    log = log_of(spec, tmp_path)
-    assert (len(starts(log, "a")), len(starts(log, "b"))) == (2, 1)
 
 
 def poll_run(process: Process, url: str, run: int) -> None:
@@ -368,48 +244,7 @@ def test_a_live_process_forgets_an_unkeyed_value_another_process_reset(
     assert len(starts(log_of(spec, tmp_path), "one")) == 2
 
 
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_reset_without_arguments_clears_every_keys_record_of_the_once_only(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """reset() on a keyed once deletes every key's record of that once; another once's
-    records on the same backend stay."""
-    (first,) = fleet(1)
-    first.call("a", "b")
-    other = {"name": unique_name(), "log": str(tmp_path / "others.log")}
-    fleet(1, **other)[0].call("a")
-    before = len(store_names(spec))
-    first.reset(None)
-    (second,) = fleet(1)
-    assert [ok(o[0])["run"] for o in second.call("a", "b")] == [2, 2]
-    # The other once's record stays: a new process of it gets it without a run.
-    assert ok(fleet(1, **other)[0].call("a")[0][0])["run"] == 1
-    assert len(starts(Path(other["log"]), "a")) == 1
-    assert len(store_names(spec)) == before
-    events = read_log(log_of(spec, tmp_path))
-    assert sum(e["event"] == "start" for e in events) == 4
-
-
 # --- bounds ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.kinds("redis")  # the algorithm's; end to end on one store
-def test_a_value_over_max_value_bytes_is_refused_at_the_leader_and_not_recorded(
-    spec: dict[str, Any], tmp_path: Path, fleet: Callable[..., list[Process]]
-) -> None:
-    """The leader's callers all get a ValueError naming the once, the size and the limit; no
-    record is written, so another process runs the key again."""
-    first, second = fleet(2, backend={"max_value_bytes": 2000}, pad={"big": 5000})
-    outcomes = first.call("big", "small", each=3)
-    assert [o.get("error") for o in outcomes[0]] == ["ValueError"] * 3
-    message = outcomes[0][0]["message"]
-    assert "get_stuff" in message
-    assert "[#" + key_digest("big") + "]" in message
-    assert "over the limit of 2000 bytes" in message
-    assert "max_value_bytes=" in message
-    assert ok(outcomes[1][0])["run"] == 1
-    assert second.call("big")[0][0]["error"] == "ValueError"
-    assert len(starts(log_of(spec, tmp_path), "big")) == 2
 
 
 def test_key_names_in_the_store_are_digests_never_the_key(

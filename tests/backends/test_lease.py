@@ -16,6 +16,7 @@ import anyio
 import pytest
 from memory_store import MemoryServer, MemoryStore
 
+from fastapi_once import once
 from fastapi_once.backends import (
     BackendError,
     LeaseLostError,
@@ -164,8 +165,69 @@ async def test_a_failure_cools_down_for_the_other_processes(
         await other.share(name, KEY, Work(), ttl=30, cooldown=0.5)
     assert 0 < info.value.seconds_left <= 0.5
     assert "s3cret" not in str(info.value)  # the failure's text stays in its process
+    assert f"{name}[#{KEY[:8]}]" in str(info.value)  # the key by its digest, as logs name it
+    assert "cooling down for" in str(info.value)
+    assert await other.share(name, "cd" * 20, Work("other key"), ttl=30) == "other key"
     await anyio.sleep(0.7)
     assert await other.share(name, KEY, Work("after"), ttl=30, cooldown=0.5) == "after"
+
+
+async def test_a_reset_after_a_failure_ends_its_cooldown_everywhere(
+    make: Callable[..., MemoryStore], name: str
+) -> None:
+    with pytest.raises(RuntimeError):
+        await make().share(name, KEY, Work(error=RuntimeError()), ttl=30, cooldown=30)
+    other = make()
+    with pytest.raises(OnceCoolingDownError):
+        await other.share(name, KEY, Work(), ttl=30, cooldown=30)
+    await make().reset_keyed(name, KEY)
+    assert await other.share(name, KEY, Work("again"), ttl=30, cooldown=30) == "again"
+
+
+async def test_followers_are_woken_by_the_leaders_completion_not_by_their_recheck(
+    make: Callable[..., MemoryStore], name: str
+) -> None:
+    """Followers that recheck only every 60 s get the value as soon as the leader records it
+    (on asyncio the times are real: a recheck would fail the 5 s bound)."""
+    work = Work("made", delay=0.2)
+    got: list[Any] = []
+
+    async def follow() -> None:
+        await work.started.wait()
+        got.append(await make(recheck_interval=60).share(name, KEY, Work("never"), ttl=30))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(follow)
+            got.append(await make().share(name, KEY, work, ttl=30))
+    assert got == ["made"] * 4
+    assert work.runs == 1
+
+
+async def test_past_refresh_one_process_makes_the_value_again_while_the_others_get_the_old_one(
+    make: Callable[..., MemoryStore], name: str
+) -> None:
+    a, b, c = make(), make(), make()
+    assert await a.share(name, KEY, Work("old"), ttl=30, refresh=0.3) == "old"
+    await anyio.sleep(0.4)
+    new = Work("new", delay=0.3)
+    others = Work("never")
+    got: list[Any] = []
+
+    async def other(store: MemoryStore) -> None:
+        await new.started.wait()
+        got.append(await store.share(name, KEY, others, ttl=30, refresh=0.3))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other, b)
+            tg.start_soon(other, c)
+            assert await a.share(name, KEY, new, ttl=30, refresh=0.3) == "new"
+    assert got == ["old", "old"]  # served at once while the refresh ran elsewhere
+    assert (new.runs, others.runs) == (1, 0)
+    assert await b.share(name, KEY, others, ttl=30, refresh=0.3) == "new"
+    assert others.runs == 0
 
 
 async def test_a_value_expires_after_its_ttl(make: Callable[..., MemoryStore], name: str) -> None:
@@ -354,9 +416,15 @@ async def test_a_value_that_is_not_json_is_refused_and_cools_down_as_a_failure(
 async def test_a_value_over_max_value_bytes_is_refused(
     make: Callable[..., MemoryStore], server: MemoryServer, name: str
 ) -> None:
-    with pytest.raises(ValueError, match="over the limit of 10 bytes"):
+    with pytest.raises(ValueError, match="over the limit of 10 bytes") as info:
         await make(max_value_bytes=10).share(name, KEY, Work("x" * 20), ttl=30)
+    assert f"{name}[#{KEY[:8]}]'s result is 22 bytes" in str(info.value)
+    assert "max_value_bytes=" in str(info.value)
     assert server.records[name, KEY].value is None
+    work = Work("x" * 20)  # nothing was recorded: the next process runs it again
+    with pytest.raises(ValueError, match="over the limit"):
+        await make(max_value_bytes=10).share(name, KEY, work, ttl=30)
+    assert work.runs == 1
 
 
 async def test_cancelling_a_call_at_any_store_call_leaves_no_lease_nor_watch(
@@ -414,3 +482,24 @@ async def test_the_value_travels_as_json(make: Callable[..., MemoryStore], name:
     value = {"a": [1, 2.5, None, True], "b": "é"}
     assert await make().share(name, KEY, Work(value), ttl=30) == value
     assert json.loads(json.dumps(value)) == await make().share(name, KEY, Work(), ttl=30)
+
+
+async def test_an_unkeyed_once_without_a_ttl_records_its_value_for_the_backends_ttl(
+    make: Callable[..., MemoryStore], server: MemoryServer, name: str
+) -> None:
+    """The backend's ttl= is the default life of an unkeyed once's record; the once's own
+    ttl= comes first."""
+
+    @once(across=make(ttl=30), name=name)
+    async def setup() -> str:
+        return "v"
+
+    @once(across=make(ttl=30), name=name + ".own", ttl=5)
+    async def own() -> str:
+        return "v"
+
+    now = anyio.current_time()
+    assert (await setup(), await own()) == ("v", "v")
+    lives = {n: r.expires - now for (n, _), r in server.records.items() if r.expires is not None}
+    assert sorted(lives) == sorted(n for n, _ in server.records)  # both records expire
+    assert sorted(round(life) for life in lives.values()) == [5, 30]

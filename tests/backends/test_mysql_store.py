@@ -16,7 +16,8 @@ from store_contract import StoreContract, StoreKit
 asyncmy = require("asyncmy")
 
 from fastapi_once.backends import BackendError, MySQLBackend  # noqa: E402
-from fastapi_once.backends._store import Lease, StoreUnavailableError  # noqa: E402
+from fastapi_once.backends import _mysql as mysql_store  # noqa: E402
+from fastapi_once.backends._store import Cooling, Lease, StoreUnavailableError  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
@@ -217,3 +218,51 @@ async def test_40_keys_in_flight_hold_at_most_max_connections_and_the_lock_sessi
         assert await clients() - before <= 0
     finally:
         counter.close()
+
+
+async def test_records_with_nothing_left_to_serve_are_pruned_and_the_others_kept(
+    mariadb_server: MariaDBServer, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener deletes, in batches (7 rows here), the rows of records with nothing left:
+    20 keys whose ttl passed, and a reset key; and events older than their keep (0.5 s here).
+    A value with no ttl or an unexpired one, a failure cooling down, and a live lease on a
+    record whose value expired stay."""
+    monkeypatch.setattr(mysql_store, "_KEEP_EVENTS", 0.5)
+    monkeypatch.setattr(mysql_store, "_BATCH", 7)
+    backend = MySQLBackend(mariadb_server.url, table=table)
+    name = "tests.mysql.prune"
+
+    async def lead(key: str) -> Lease:
+        lease = await backend.claim(name, key, lease=60, refresh=None, holder="h")
+        assert isinstance(lease, Lease)
+        return lease
+
+    for i in range(20):
+        assert await backend.complete(await lead(f"expired{i:02}"), "1", ttl=0.2)
+    assert await backend.complete(await lead("reset"), "1", ttl=None)
+    await backend.clear(name, "reset", origin="o")
+    assert await backend.complete(await lead("forever"), "1", ttl=None)
+    assert await backend.complete(await lead("unexpired"), "1", ttl=60)
+    await backend.abandon(await lead("cooling"), cooldown=60)
+    assert await backend.complete(await lead("refreshing"), "1", ttl=0.2)
+    await anyio.sleep(0.2)
+    refreshing = await lead("refreshing")  # the value expired: the next leader holds it
+    kept = {"forever", "unexpired", "cooling", "refreshing"}
+
+    async def left() -> tuple[set[str], int]:
+        rows = await query(mariadb_server, f"SELECT rkey FROM `{table}`")
+        events = await query(mariadb_server, f"SELECT COUNT(*) FROM `{table}_events`")
+        return {key for (key,) in rows}, int(events[0][0])
+
+    assert len((await left())[0]) == 20 + 1 + len(kept)
+    monkeypatch.setattr(mysql_store, "_PRUNE_EVERY", 0.2)  # from 30 s
+    for _ in range(300):  # a hang guard (30 s): the listener prunes every 0.2 s here
+        if await left() == (kept, 0):
+            break
+        await anyio.sleep(0.1)
+    assert await left() == (kept, 0)
+    assert await backend.claim(name, "cooling", lease=1, refresh=None, holder="h") == Cooling(
+        pytest.approx(60, abs=30)
+    )
+    assert await backend.complete(refreshing, "2", ttl=60)
+    await backend.aclose()
