@@ -1,10 +1,5 @@
-"""The PostgreSQL store's connections, per event loop, and the driver's errors as store errors.
-
-Per process and event loop: a pool (``asyncpg.create_pool``) of at most ``pool_size`` for the
-short statements; one lock session per lease held (a connection of its own: its lock ends
-with it); up to :data:`IDLE_SESSIONS` idle lock sessions kept for the next claims. The store's
-listener (one more connection) ends them all when it ends (:meth:`Connections.end`).
-"""
+"""The PostgreSQL store's connections per event loop (counted in ``PostgresBackend``'s
+docstring), its DSN's arguments, and the driver's errors as store errors."""
 
 from __future__ import annotations
 

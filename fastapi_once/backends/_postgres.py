@@ -295,8 +295,6 @@ class PostgresBackend(StoreBackend):
         """Stop the running loop's listener; its end ends the loop's connections."""
         await self._listeners.stop()
 
-    # --- connections --------------------------------------------------------------------------
-
     def _options(self) -> dict[str, Any]:
         return {
             "timeout": self.connect_timeout,
