@@ -408,6 +408,7 @@ class PostgresBackend(StoreBackend):
                 failures += 1
         finally:
             self._connections.end()
+            self._news.pop(asyncio.get_running_loop(), None)  # nothing wakes with them now
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
         """A NOTIFY: a record's id (its leader ended), then the value recorded if it fit; or a
