@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
@@ -182,8 +183,14 @@ class PostgresBackend(StoreBackend):
         # follow, counted (its listener wakes a record's watches when the lock is free), and the
         # values heard for them (record id -> value, when heard, ttl), dropped with the
         # record's last watch and at any reset.
-        self._followed: dict[asyncio.AbstractEventLoop, collections.Counter[tuple[int, str]]] = {}
-        self._news: dict[asyncio.AbstractEventLoop, dict[str, tuple[str, float, float | None]]] = {}
+        # Per event loop, held weakly (a closed loop is collected): the watched records' lock
+        # ids and the values their NOTIFYs carried.
+        self._followed: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, collections.Counter[tuple[int, str]]
+        ] = weakref.WeakKeyDictionary()
+        self._news: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, tuple[str, float, float | None]]
+        ] = weakref.WeakKeyDictionary()
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
