@@ -78,8 +78,8 @@ from ._events import event_factory, new_event
 from ._loops import LoopState, in_process_loop
 from ._policy import Policy
 from ._status import State
-from ._tasks import spawn
-from ._telemetry import ended, error_type, evicted, fast_failed, fields, register, traced, waits
+from ._tasks import spawn, spawner
+from ._telemetry import ended, error_type, fast_failed, fields, register, traced, waits
 from ._values import Value
 
 logger = logging.getLogger("fastapi_once")
@@ -236,7 +236,11 @@ class Record:
 
         With ``now=False`` the value's cleanup waits for the store's owner to start it.
         """
-        self._retire(now)
+        made = self.made
+        if self.attempt is None and (made is None or made.stack is None):
+            self.made, self.failing, self.retry_at = None, False, None  # nothing to clean up
+        else:
+            self._retire(now)
         self.failure = self.attempt = self.until = None
         self.state = IDLE  # what _to(IDLE) does, with no value left
         if self.store.records.get(self.key) is self:
@@ -305,20 +309,32 @@ class Record:
             waits(attempt, joined)
         return attempt
 
-    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None) -> None:
-        """Start an attempt (idle -> running) or a refresh (ready -> refreshing)."""
+    def start(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None
+    ) -> Attempt:
+        """Start an attempt (idle -> running) or a refresh (ready -> refreshing); return it.
+
+        A record without a value (a miss) takes the lean way: no clock read, no table lookup
+        beyond the state itself, and no span or log unless someone watches (see ``watched``).
+        """
         store = self.store
         if store.loop_state.closed:
             self.drop()
             raise OnceClosedError(store.name, process=in_process_loop())
-        serves = self.made is not None and self.serves(_clock.monotonic())
+        made = self.made
         self.attempt = attempt = Attempt(store.name, self.key, store.new_event())
         attempt.show_key = store.policy.log_keys
-        attempt.logs = logger.isEnabledFor(logging.INFO)
-        self._to(REFRESHING if serves else RUNNING)
         store.tries += 1
-        attempt.number, refresh = store.tries, serves
-        if attempt.logs:
+        attempt.number = store.tries
+        refresh = False
+        if made is None:
+            self.state, self.until = RUNNING, None  # what _to(RUNNING) says with no value
+        else:
+            refresh = self.serves(_clock.monotonic())
+            self._to(REFRESHING if refresh else RUNNING)
+        work = store.work(self, attempt, args, kwargs, resolve)
+        if logger.isEnabledFor(logging.INFO):
+            attempt.logs = True
             logger.info(
                 "%s: %s started",
                 attempt.label,
@@ -327,11 +343,12 @@ class Record:
                     store.name, "refresh_start" if refresh else "start", attempt=attempt.number
                 ),
             )
-        work = traced(attempt, refresh, store.work(self, attempt, args, kwargs, resolve))
+        work = traced(attempt, refresh, work)
         # Work that keeps no value ends when it settles: its attempt holds its task until then.
-        attempt.task = spawn(store.loop, work, "fastapi_once: attempt", track=store.keeps)
+        attempt.task = store.spawn(work, name="fastapi_once: attempt")
         if store.policy.timeout is not None:
             spawn(store.loop, self._watch(attempt), "fastapi_once: timeout")
+        return attempt
 
     async def _watch(self, attempt: Attempt) -> None:
         """Past ``timeout=``: release the waiters with OnceTimeoutError and cancel the run.
@@ -435,11 +452,13 @@ class Record:
             closed = OnceClosedError(store.name, process=in_process_loop())
             made, error, traceback, applied = None, closed, None, False
         now = _clock.monotonic()
-        if not attempt.done.is_set():
+        # Its waiters were released already only by a timeout, which set ``ended`` first.
+        if attempt.ended is None:
             if error is not None:
                 self._release(attempt, error, traceback, now)
             else:
-                attempt.succeed(made.value)  # type: ignore[union-attr]
+                attempt.value = made.value  # type: ignore[union-attr]
+                attempt.done.set()
         if not mine:
             return False
         store.last_error = None if error is None else (type(error).__name__, str(error), self.key)
@@ -518,9 +537,9 @@ class Store:
     """What one once keeps in one event loop. Only that loop's thread touches it."""
 
     __slots__ = (
-        "__weakref__", "_loop", "hits", "hot_loop", "joins", "keeps", "last_duration", "last_error",
-        "loop_state", "maxsize", "name", "new_event", "on_forget", "policy", "records", "retired",
-        "tries", "work",
+        "__weakref__", "_loop", "evictions", "hits", "hot_loop", "joins", "keeps", "last_duration",
+        "last_error", "loop_state", "maxsize", "name", "new_event", "on_forget", "policy",
+        "records", "retired", "spawn", "tries", "work",
     )  # fmt: skip
 
     def __init__(
@@ -552,9 +571,10 @@ class Store:
         self.hot_loop: Any = weakref.proxy(loop, loop_gone)  # for the once's hot cell
         self.loop_state = loop_state
         self.new_event = event_factory(loop)  # its library's own event class
+        self.spawn = spawner(loop, keeps)  # starts an attempt's task (tracked if it keeps)
         self.records: OrderedDict[Hashable, Record] = OrderedDict()  # least recent first
         self.retired: list[Value] = []  # retired values with a cleanup, until it has run
-        self.hits = self.joins = self.tries = 0
+        self.hits = self.joins = self.tries = self.evictions = 0
         self.last_duration: float | None = None
         # Type name, message (no frames) and key of the last attempt's error.
         self.last_error: tuple[str, str, Hashable] | None = None
@@ -600,7 +620,7 @@ class Store:
                     break
         for rec in victims:
             rec.drop()
-        evicted(self, len(victims))
+        self.evictions += len(victims)
 
     def busy(self) -> list[Attempt]:
         return [r.attempt for r in self.records.values() if r.attempt is not None]

@@ -1,7 +1,8 @@
 """What an operator sees of a once: OpenTelemetry spans and metrics, and the fields of its logs.
 
-The state machine calls the hooks below at its transitions; none is on the hot path (a hit only
-counts, as before, and the counts are read by observable instruments when a reader collects).
+The state machine calls the hooks below at its transitions; none is on the hot path (a hit, a
+join and an eviction only count, and the counts are read by observable instruments when a
+reader collects).
 
 OpenTelemetry is used through ``opentelemetry-api`` when it can be imported; without it every
 hook does nothing. The tracer and the meter's instruments are obtained once, at import, from the
@@ -74,6 +75,7 @@ class Source(Protocol):
     name: str
     hits: int
     joins: int
+    evictions: int
 
     def census(self) -> tuple[int, Sequence[str]]:
         """How many values it holds, and the state of each record (read from any thread)."""
@@ -158,7 +160,8 @@ def traced(
     task then runs with the attempt's span current, so spans made by the once's function are
     its children rather than the (possibly long gone) first request's.
     """
-    if tracer() is None:
+    # No SDK's provider set (the API's global still None): no look-up, not even tracer()'s.
+    if not OTEL or (_GLOBAL and otel_trace._TRACER_PROVIDER is None) or tracer() is None:
         return work
     attributes = {**_named(attempt), ATTEMPT: attempt.number, REFRESH: refresh}
     span = _root("fastapi_once.refresh" if refresh else "fastapi_once.attempt", attributes)
@@ -346,6 +349,10 @@ def _observe_joins(options: Any) -> Iterable[Any]:
     return _summed(lambda store: store.joins)
 
 
+def _observe_evictions(options: Any) -> Iterable[Any]:
+    return _summed(lambda store: store.evictions)
+
+
 def _observe_values(options: Any) -> Iterable[Any]:
     return _summed(lambda store: store.census()[0])
 
@@ -405,9 +412,6 @@ if OTEL:
     _fast_failures = _meter.create_counter(
         "fastapi_once.fast_failures", "{call}", "Calls failed fast within a failure's cooldown"
     )
-    _evictions = _meter.create_counter(
-        "fastapi_once.evictions", "{value}", "Keyed values evicted (least recently used)"
-    )
     _follower_wait = _duration_histogram(
         "fastapi_once.follower.wait", "How long a process waited for another to lead"
     )
@@ -424,6 +428,12 @@ if OTEL:
     )
     _meter.create_observable_counter(
         "fastapi_once.joins", [_observe_joins], "{call}", "Calls that joined an attempt"
+    )
+    _meter.create_observable_counter(
+        "fastapi_once.evictions",
+        [_observe_evictions],
+        "{value}",
+        "Keyed values evicted (least recently used)",
     )
     _meter.create_observable_up_down_counter(
         "fastapi_once.values", [_observe_values], "{value}", "Values held"
@@ -464,12 +474,6 @@ def fast_failed(store: Any) -> None:
     """A call failed fast with the error whose cooldown is on."""
     if OTEL and _metering():
         _fast_failures.add(1, {NAME: store.name})
-
-
-def evicted(store: Any, count: int) -> None:
-    """``count`` keyed records were evicted."""
-    if OTEL and count and (not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER):
-        _evictions.add(count, {NAME: store.name})
 
 
 def ping_failed(name: str, kind: str) -> None:
