@@ -80,11 +80,6 @@ class Attempt:
         """Whether the outcome is in (waiters are being or have been woken)."""
         return self.done.is_set()
 
-    def succeed(self, value: Any) -> None:
-        """Deliver ``value`` to every waiter."""
-        self.value = value
-        self.done.set()
-
     def fail(self, error: BaseException, traceback: Any) -> None:
         """Deliver ``error`` (raised with ``traceback``) to every waiter."""
         self.error, self.traceback, self.context = error, traceback, error.__context__

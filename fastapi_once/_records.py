@@ -373,38 +373,14 @@ class Record:
         if attempt.scope is not None:
             attempt.scope.cancel()
 
-    def succeed(self, attempt: Attempt, made: Value, took: float) -> bool:
-        """The attempt made ``made`` in ``took`` seconds: serve it (see :meth:`settle`)."""
-        store, refresh = self.store, self.state == REFRESHING
-        store.last_duration = took
-        mine = self.settle(attempt, made, None, None)
-        ended(store, attempt, took, refresh)
-        if mine and attempt.logs:
-            logger.info(
-                "%s: %s in %.2f s",
-                attempt.label,
-                "refreshed" if refresh else "ready",
-                took,
-                extra=fields(
-                    store.name,
-                    "refreshed" if refresh else "ready",
-                    duration_s=took,
-                    attempt=attempt.number,
-                ),
-            )
-        return mine
-
     def fail(self, attempt: Attempt, exc: BaseException, took: float) -> None:
         """The attempt raised ``exc`` after ``took`` seconds: share it (see :meth:`settle`)."""
         error, traceback = exc, exc.__traceback__
         if not isinstance(exc, Exception) and isinstance(exc, anyio.get_cancelled_exc_class()):
             error, traceback = OnceCancelledError(attempt.label), None
             error.__cause__ = exc
-        store, refresh = self.store, self.state == REFRESHING
-        store.last_duration = took
-        mine = self.settle(attempt, None, error, traceback)
-        ended(store, attempt, took, refresh)
-        if mine:
+        if self.settle(attempt, None, error, traceback, took):
+            store = self.store
             refresh = self.made is not None
             stale = refresh and attempt.stale  # its waiters got the value past its ttl
             # The type only: exception text can hold secrets (a DSN, a token); DEBUG has it.
@@ -436,58 +412,83 @@ class Record:
             )
 
     def settle(
-        self, attempt: Attempt, made: Value | None, error: BaseException | None, traceback: Any
+        self,
+        attempt: Attempt,
+        made: Value | None,
+        error: BaseException | None,
+        traceback: Any,
+        took: float,
     ) -> bool:
-        """Deliver an attempt's outcome; apply it here if the attempt is still this record's.
+        """Deliver an attempt's outcome, ``took`` seconds after it started; apply it here if the
+        attempt is still this record's (a value made is then served).
 
         Returns whether ``made`` (or ``error``) was applied as given. A run that timed out has
         its waiters released already: the timeout is its outcome. A run that a teardown stopped
         waiting for is no longer this record's: its waiters get :class:`OnceClosedError`. In
         both cases ``made`` is given to nobody and its maker must clean it up.
         """
-        store, mine, applied = self.store, self.attempt is attempt, True
+        store, refresh = self.store, self.state == REFRESHING
+        store.last_duration = took
+        mine, applied = self.attempt is attempt, True
         if attempt.ended is not None:  # timed out: its waiters were released then
             made, error, traceback, applied = None, attempt.error, attempt.traceback, False
         elif not mine and error is None:
             closed = OnceClosedError(store.name, process=in_process_loop())
             made, error, traceback, applied = None, closed, None, False
-        now = _clock.monotonic()
         # Its waiters were released already only by a timeout, which set ``ended`` first.
         if attempt.ended is None:
             if error is not None:
-                self._release(attempt, error, traceback, now)
+                self._release(attempt, error, traceback, _clock.monotonic())
             else:
                 attempt.value = made.value  # type: ignore[union-attr]
                 attempt.done.set()
-        if not mine:
-            return False
-        store.last_error = None if error is None else (type(error).__name__, str(error), self.key)
-        if self.made is not None:
-            self.advance(now)  # the ttl may have ended while the run went on
-        self.attempt = None
-        if error is None:
-            if self.key in store.records:
-                store.records.move_to_end(self.key)  # the newest value is the last to go
-            if self.made is not None:
-                self._retire()
-            self.made, self.retry_at = made, None
-            if made.expires_at is None and made.refresh_at is None:  # type: ignore[union-attr]
-                self.state, self.until = READY, None  # what _to(READY) says of a timeless value
-            else:
+        if mine:
+            kept = self.made
+            # The clock only where the outcome depends on it: a success on no value needs none.
+            now = 0.0 if kept is None and error is None else _clock.monotonic()
+            store.last_error = (
+                None if error is None else (type(error).__name__, str(error), self.key)
+            )
+            if kept is not None:
+                self.advance(now)  # the ttl may have ended while the run went on
+            self.attempt = None
+            if error is None:
+                if self.key in store.records:
+                    store.records.move_to_end(self.key)  # the newest value is the last to go
+                if self.made is not None:
+                    self._retire()
+                self.made, self.retry_at = made, None
+                if made.expires_at is None and made.refresh_at is None:  # type: ignore[union-attr]
+                    self.state, self.until = READY, None  # what _to(READY) says of a timeless value
+                else:
+                    self._to(READY)
+                store.evict(keep=self)
+            elif self.made is not None:  # a failed refresh, or a stale value served instead
+                self.retry_at = store.policy.cooldown_until(now, error)
+                self.failing = True
                 self._to(READY)
-        elif self.made is not None:  # a failed refresh, or a stale value served instead
-            self.retry_at = store.policy.cooldown_until(now, error)
-            self.failing = True
-            self._to(READY)
-        else:
-            until = store.policy.cooldown_until(now, error)
-            if until is None:
+                store.evict(keep=self)
+            elif (until := store.policy.cooldown_until(now, error)) is None:
                 self.drop()
-                return applied
-            self.failure = (error, traceback, error.__context__, until)
-            self._to(FAILED)
-        store.evict(keep=self)
-        return applied
+            else:
+                self.failure = (error, traceback, error.__context__, until)
+                self._to(FAILED)
+                store.evict(keep=self)
+        ended(store, attempt, took, refresh)
+        if mine and applied and error is None and attempt.logs:
+            logger.info(
+                "%s: %s in %.2f s",
+                attempt.label,
+                "refreshed" if refresh else "ready",
+                took,
+                extra=fields(
+                    store.name,
+                    "refreshed" if refresh else "ready",
+                    duration_s=took,
+                    attempt=attempt.number,
+                ),
+            )
+        return mine and applied
 
     def _release(self, attempt: Attempt, error: BaseException, traceback: Any, now: float) -> None:
         """Wake ``attempt``'s waiters with ``error``, or with the stale value kept for them.

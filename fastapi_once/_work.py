@@ -148,7 +148,7 @@ class Work:
         # keeps no attempt, event or task alive.
         label = attempt if stack is not None else self.name
         made = Value(label, value, stack, now, time.time(), deadlines, around=around)
-        if not rec.succeed(attempt, made, now - started):
+        if not rec.settle(attempt, made, None, None, now - started):
             await made.clean_here(around)  # made too late: nobody can get it
         elif stack is not None:
             await rec.keep(made, attempt)
