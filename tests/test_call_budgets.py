@@ -26,7 +26,7 @@ BUDGETS = {
     "keyed_hit": 1,
     "keyed_miss": 16,
     "waiter": 3,
-    "failed_attempt": 62,
+    "failed_attempt": 56,
 }
 
 SCRIPT = textwrap.dedent(
