@@ -474,7 +474,8 @@ class Record:
                 self.failure = (error, traceback, error.__context__, until)
                 self._to(FAILED)
                 store.evict(keep=self)
-        ended(store, attempt, took, refresh)
+        if attempt.watched:
+            ended(store, attempt, took, refresh)
         if mine and applied and error is None and attempt.logs:
             logger.info(
                 "%s: %s in %.2f s",
@@ -619,8 +620,14 @@ class Store:
                 victims.append(rec)
                 if len(victims) == over:
                     break
+        records = self.records
         for rec in victims:
-            rec.drop()
+            made = rec.made
+            if made is None or made.stack is None:  # no cleanup, no attempt: forget it at once
+                del records[rec.key]
+                rec.state = IDLE
+            else:
+                rec.drop()
         self.evictions += len(victims)
 
     def busy(self) -> list[Attempt]:

@@ -6,11 +6,12 @@ reader collects).
 
 OpenTelemetry is used through ``opentelemetry-api`` when it can be imported; without it every
 hook does nothing. The tracer and the meter's instruments are obtained once, at import, from the
-API's proxies, which bind to an SDK's providers installed later. Spans are made only once a real
-tracer provider is set: an attempt asks :func:`tracer`, which reads the API's global (no
-environment read, no provider look-up) and compares it with the one it last saw; metrics are
-recorded only once a meter provider is set (read the same way). Every hook checks ``OTEL``
-first, so switching it off (the bench does) compiles the telemetry out.
+API's proxies, which bind to an SDK's providers installed later. An attempt is observed by the
+providers set when it starts (:func:`traced`, which reads the API's globals: no environment
+read, no provider look-up): it gets a span if a real tracer provider is set, and is counted by
+the metrics if a meter provider is set; with neither it costs no telemetry call after that one.
+Every hook checks ``OTEL`` first, so switching it off (the bench does) compiles the telemetry
+out.
 
 Spans (instrumentation scope ``fastapi_once``) never carry an exception message, only its type,
 nor a key, only its digest (see :mod:`fastapi_once._keys`), unless the once has ``log_keys=True``.
@@ -66,6 +67,7 @@ class Traced(Protocol):
     show_key: bool
     number: int
     span: Any
+    watched: bool  # set by traced(): whether ended() records its metrics (and span)
     error: BaseException | None
 
 
@@ -158,11 +160,17 @@ def traced(
 
     Called by the caller that starts the attempt, so the span links to that caller's span; the
     task then runs with the attempt's span current, so spans made by the once's function are
-    its children rather than the (possibly long gone) first request's.
+    its children rather than the (possibly long gone) first request's. Marks the attempt
+    ``watched`` if a meter provider or a real tracer provider is set: :func:`ended` is called
+    for watched attempts only.
     """
-    # No SDK's provider set (the API's global still None): no look-up, not even tracer()'s.
-    if not OTEL or (_GLOBAL and otel_trace._TRACER_PROVIDER is None) or tracer() is None:
+    if not OTEL:
         return work
+    attempt.watched = not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER is not None
+    # No SDK's provider set (the API's global still None): no look-up, not even tracer()'s.
+    if (_GLOBAL and otel_trace._TRACER_PROVIDER is None) or tracer() is None:
+        return work
+    attempt.watched = True
     attributes = {**_named(attempt), ATTEMPT: attempt.number, REFRESH: refresh}
     span = _root("fastapi_once.refresh" if refresh else "fastapi_once.attempt", attributes)
     attempt.span = span.get_span_context()
@@ -449,7 +457,7 @@ def _metering() -> bool:
 
 
 def ended(store: Any, attempt: Traced, took: float, refresh: bool) -> None:
-    """An attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
+    """A watched attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
     if not OTEL or (
         attempt.span is None and _METER_GLOBAL and not otel_metrics_state._METER_PROVIDER
     ):
