@@ -37,6 +37,7 @@ class Attempt:
     __slots__ = (
         "_label", "context", "done", "ended", "error", "key", "logs", "name", "number", "picked",
         "scope", "show_key", "span", "stale", "task", "traceback", "value", "waiters", "waiting_on",
+        "watched",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
@@ -46,6 +47,7 @@ class Attempt:
         self.logs = False  # log its start and success at INFO (the level was on when it started)
         self.number = 0  # the how-manieth attempt of its once in its loop (status().attempts)
         self.span: Any = None  # its span's context, when traced: callers that wait link to it
+        self.watched = False  # telemetry was set up when it started: its end is recorded
         self.done = done  # set once the outcome is in
         # Set when the run itself ends, where that is later than its outcome (it timed out).
         self.ended: Event | None = None
@@ -79,11 +81,6 @@ class Attempt:
     def settled(self) -> bool:
         """Whether the outcome is in (waiters are being or have been woken)."""
         return self.done.is_set()
-
-    def succeed(self, value: Any) -> None:
-        """Deliver ``value`` to every waiter."""
-        self.value = value
-        self.done.set()
 
     def fail(self, error: BaseException, traceback: Any) -> None:
         """Deliver ``error`` (raised with ``traceback``) to every waiter."""

@@ -6,7 +6,6 @@ value on its hot path; everything else goes through the state machine in ``_reco
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import weakref
@@ -46,8 +45,6 @@ else:  # pragma: no cover
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-logger = logging.getLogger("fastapi_once")
 
 
 _NOWHERE = (object(), None, None, None)  # the hot cell before any call
@@ -186,6 +183,10 @@ class Once(Generic[P, T]):
             store.joins += 1  # type: ignore[union-attr]
             if got.span is not None:
                 waits(got, True)
+        elif rec is None and self._key is not None:  # a keyed miss: the start row, nothing else
+            injector = self._injector
+            rec = store.records[key] = Record(store, key)  # type: ignore[union-attr,arg-type]
+            got = rec.start(args, kwargs, None if injector is None else injector.bind(hidden))
         else:
             got = self._enter(store, key, args, kwargs, hidden)  # type: ignore[arg-type]
             if type(got) is Value:

@@ -70,21 +70,20 @@ class Flag:
     waiter's future does, until it is set).
     """
 
-    __slots__ = ("_set", "_waiters")
+    __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._set = False
-        self._waiters: list[asyncio.Future[None]] = []
+        # The futures of the calls waiting; None once set.
+        self._waiters: list[asyncio.Future[None]] | None = []
 
     def is_set(self) -> bool:
         """Whether it is set."""
-        return self._set
+        return self._waiters is None
 
     def set(self) -> None:
         """Wake every waiter (once)."""
-        if not self._set:
-            self._set = True
-            waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters, None
+        if waiters:
             for future in waiters:
                 if not future.done():
                     future.set_result(None)
@@ -92,7 +91,7 @@ class Flag:
     def wait(self) -> asyncio.Future[None]:
         """A future that completes when the flag is set (at once if it is)."""
         future: asyncio.Future[None] = asyncio.Future()  # the running loop's
-        if self._set:
+        if self._waiters is None:
             future.set_result(None)
         else:
             self._waiters.append(future)

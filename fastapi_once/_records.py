@@ -78,8 +78,8 @@ from ._events import event_factory, new_event
 from ._loops import LoopState, in_process_loop
 from ._policy import Policy
 from ._status import State
-from ._tasks import spawn
-from ._telemetry import ended, error_type, evicted, fast_failed, fields, register, traced, waits
+from ._tasks import spawn, spawner
+from ._telemetry import ended, error_type, fast_failed, fields, register, traced, waits
 from ._values import Value
 
 logger = logging.getLogger("fastapi_once")
@@ -236,7 +236,11 @@ class Record:
 
         With ``now=False`` the value's cleanup waits for the store's owner to start it.
         """
-        self._retire(now)
+        made = self.made
+        if self.attempt is None and (made is None or made.stack is None):
+            self.made, self.failing, self.retry_at = None, False, None  # nothing to clean up
+        else:
+            self._retire(now)
         self.failure = self.attempt = self.until = None
         self.state = IDLE  # what _to(IDLE) does, with no value left
         if self.store.records.get(self.key) is self:
@@ -305,20 +309,32 @@ class Record:
             waits(attempt, joined)
         return attempt
 
-    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None) -> None:
-        """Start an attempt (idle -> running) or a refresh (ready -> refreshing)."""
+    def start(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], resolve: Resolve | None
+    ) -> Attempt:
+        """Start an attempt (idle -> running) or a refresh (ready -> refreshing); return it.
+
+        A record without a value (a miss) takes the lean way: no clock read, no table lookup
+        beyond the state itself, and no span or log unless someone watches (see ``watched``).
+        """
         store = self.store
         if store.loop_state.closed:
             self.drop()
             raise OnceClosedError(store.name, process=in_process_loop())
-        serves = self.made is not None and self.serves(_clock.monotonic())
+        made = self.made
         self.attempt = attempt = Attempt(store.name, self.key, store.new_event())
         attempt.show_key = store.policy.log_keys
-        attempt.logs = logger.isEnabledFor(logging.INFO)
-        self._to(REFRESHING if serves else RUNNING)
         store.tries += 1
-        attempt.number, refresh = store.tries, serves
-        if attempt.logs:
+        attempt.number = store.tries
+        refresh = False
+        if made is None:
+            self.state, self.until = RUNNING, None  # what _to(RUNNING) says with no value
+        else:
+            refresh = self.serves(_clock.monotonic())
+            self._to(REFRESHING if refresh else RUNNING)
+        work = store.work(self, attempt, args, kwargs, resolve)
+        if logger.isEnabledFor(logging.INFO):
+            attempt.logs = True
             logger.info(
                 "%s: %s started",
                 attempt.label,
@@ -327,11 +343,12 @@ class Record:
                     store.name, "refresh_start" if refresh else "start", attempt=attempt.number
                 ),
             )
-        work = traced(attempt, refresh, store.work(self, attempt, args, kwargs, resolve))
+        work = traced(attempt, refresh, work)
         # Work that keeps no value ends when it settles: its attempt holds its task until then.
-        attempt.task = spawn(store.loop, work, "fastapi_once: attempt", track=store.keeps)
+        attempt.task = store.spawn(work, name="fastapi_once: attempt")
         if store.policy.timeout is not None:
             spawn(store.loop, self._watch(attempt), "fastapi_once: timeout")
+        return attempt
 
     async def _watch(self, attempt: Attempt) -> None:
         """Past ``timeout=``: release the waiters with OnceTimeoutError and cancel the run.
@@ -356,38 +373,14 @@ class Record:
         if attempt.scope is not None:
             attempt.scope.cancel()
 
-    def succeed(self, attempt: Attempt, made: Value, took: float) -> bool:
-        """The attempt made ``made`` in ``took`` seconds: serve it (see :meth:`settle`)."""
-        store, refresh = self.store, self.state == REFRESHING
-        store.last_duration = took
-        mine = self.settle(attempt, made, None, None)
-        ended(store, attempt, took, refresh)
-        if mine and attempt.logs:
-            logger.info(
-                "%s: %s in %.2f s",
-                attempt.label,
-                "refreshed" if refresh else "ready",
-                took,
-                extra=fields(
-                    store.name,
-                    "refreshed" if refresh else "ready",
-                    duration_s=took,
-                    attempt=attempt.number,
-                ),
-            )
-        return mine
-
     def fail(self, attempt: Attempt, exc: BaseException, took: float) -> None:
         """The attempt raised ``exc`` after ``took`` seconds: share it (see :meth:`settle`)."""
         error, traceback = exc, exc.__traceback__
         if not isinstance(exc, Exception) and isinstance(exc, anyio.get_cancelled_exc_class()):
             error, traceback = OnceCancelledError(attempt.label), None
             error.__cause__ = exc
-        store, refresh = self.store, self.state == REFRESHING
-        store.last_duration = took
-        mine = self.settle(attempt, None, error, traceback)
-        ended(store, attempt, took, refresh)
-        if mine:
+        if self.settle(attempt, None, error, traceback, took):
+            store = self.store
             refresh = self.made is not None
             stale = refresh and attempt.stale  # its waiters got the value past its ttl
             # The type only: exception text can hold secrets (a DSN, a token); DEBUG has it.
@@ -419,56 +412,84 @@ class Record:
             )
 
     def settle(
-        self, attempt: Attempt, made: Value | None, error: BaseException | None, traceback: Any
+        self,
+        attempt: Attempt,
+        made: Value | None,
+        error: BaseException | None,
+        traceback: Any,
+        took: float,
     ) -> bool:
-        """Deliver an attempt's outcome; apply it here if the attempt is still this record's.
+        """Deliver an attempt's outcome, ``took`` seconds after it started; apply it here if the
+        attempt is still this record's (a value made is then served).
 
         Returns whether ``made`` (or ``error``) was applied as given. A run that timed out has
         its waiters released already: the timeout is its outcome. A run that a teardown stopped
         waiting for is no longer this record's: its waiters get :class:`OnceClosedError`. In
         both cases ``made`` is given to nobody and its maker must clean it up.
         """
-        store, mine, applied = self.store, self.attempt is attempt, True
+        store, refresh = self.store, self.state == REFRESHING
+        store.last_duration = took
+        mine, applied = self.attempt is attempt, True
         if attempt.ended is not None:  # timed out: its waiters were released then
             made, error, traceback, applied = None, attempt.error, attempt.traceback, False
         elif not mine and error is None:
             closed = OnceClosedError(store.name, process=in_process_loop())
             made, error, traceback, applied = None, closed, None, False
-        now = _clock.monotonic()
-        if not attempt.done.is_set():
+        # Its waiters were released already only by a timeout, which set ``ended`` first.
+        if attempt.ended is None:
             if error is not None:
-                self._release(attempt, error, traceback, now)
+                self._release(attempt, error, traceback, _clock.monotonic())
             else:
-                attempt.succeed(made.value)  # type: ignore[union-attr]
-        if not mine:
-            return False
-        store.last_error = None if error is None else (type(error).__name__, str(error), self.key)
-        if self.made is not None:
-            self.advance(now)  # the ttl may have ended while the run went on
-        self.attempt = None
-        if error is None:
-            if self.key in store.records:
-                store.records.move_to_end(self.key)  # the newest value is the last to go
-            if self.made is not None:
-                self._retire()
-            self.made, self.retry_at = made, None
-            if made.expires_at is None and made.refresh_at is None:  # type: ignore[union-attr]
-                self.state, self.until = READY, None  # what _to(READY) says of a timeless value
-            else:
+                attempt.value = made.value  # type: ignore[union-attr]
+                attempt.done.set()
+        if mine:
+            kept = self.made
+            # The clock only where the outcome depends on it: a success on no value needs none.
+            now = 0.0 if kept is None and error is None else _clock.monotonic()
+            store.last_error = (
+                None if error is None else (type(error).__name__, str(error), self.key)
+            )
+            if kept is not None:
+                self.advance(now)  # the ttl may have ended while the run went on
+            self.attempt = None
+            if error is None:
+                if self.key in store.records:
+                    store.records.move_to_end(self.key)  # the newest value is the last to go
+                if self.made is not None:
+                    self._retire()
+                self.made, self.retry_at = made, None
+                if made.expires_at is None and made.refresh_at is None:  # type: ignore[union-attr]
+                    self.state, self.until = READY, None  # what _to(READY) says of a timeless value
+                else:
+                    self._to(READY)
+                store.evict(keep=self)
+            elif self.made is not None:  # a failed refresh, or a stale value served instead
+                self.retry_at = store.policy.cooldown_until(now, error)
+                self.failing = True
                 self._to(READY)
-        elif self.made is not None:  # a failed refresh, or a stale value served instead
-            self.retry_at = store.policy.cooldown_until(now, error)
-            self.failing = True
-            self._to(READY)
-        else:
-            until = store.policy.cooldown_until(now, error)
-            if until is None:
+                store.evict(keep=self)
+            elif (until := store.policy.cooldown_until(now, error)) is None:
                 self.drop()
-                return applied
-            self.failure = (error, traceback, error.__context__, until)
-            self._to(FAILED)
-        store.evict(keep=self)
-        return applied
+            else:
+                self.failure = (error, traceback, error.__context__, until)
+                self._to(FAILED)
+                store.evict(keep=self)
+        if attempt.watched:
+            ended(store, attempt, took, refresh)
+        if mine and applied and error is None and attempt.logs:
+            logger.info(
+                "%s: %s in %.2f s",
+                attempt.label,
+                "refreshed" if refresh else "ready",
+                took,
+                extra=fields(
+                    store.name,
+                    "refreshed" if refresh else "ready",
+                    duration_s=took,
+                    attempt=attempt.number,
+                ),
+            )
+        return mine and applied
 
     def _release(self, attempt: Attempt, error: BaseException, traceback: Any, now: float) -> None:
         """Wake ``attempt``'s waiters with ``error``, or with the stale value kept for them.
@@ -518,9 +539,9 @@ class Store:
     """What one once keeps in one event loop. Only that loop's thread touches it."""
 
     __slots__ = (
-        "__weakref__", "_loop", "hits", "hot_loop", "joins", "keeps", "last_duration", "last_error",
-        "loop_state", "maxsize", "name", "new_event", "on_forget", "policy", "records", "retired",
-        "tries", "work",
+        "__weakref__", "_loop", "evictions", "hits", "hot_loop", "joins", "keeps", "last_duration",
+        "last_error", "loop_state", "maxsize", "name", "new_event", "on_forget", "policy",
+        "records", "retired", "spawn", "tries", "work",
     )  # fmt: skip
 
     def __init__(
@@ -552,9 +573,10 @@ class Store:
         self.hot_loop: Any = weakref.proxy(loop, loop_gone)  # for the once's hot cell
         self.loop_state = loop_state
         self.new_event = event_factory(loop)  # its library's own event class
+        self.spawn = spawner(loop, keeps)  # starts an attempt's task (tracked if it keeps)
         self.records: OrderedDict[Hashable, Record] = OrderedDict()  # least recent first
         self.retired: list[Value] = []  # retired values with a cleanup, until it has run
-        self.hits = self.joins = self.tries = 0
+        self.hits = self.joins = self.tries = self.evictions = 0
         self.last_duration: float | None = None
         # Type name, message (no frames) and key of the last attempt's error.
         self.last_error: tuple[str, str, Hashable] | None = None
@@ -598,9 +620,15 @@ class Store:
                 victims.append(rec)
                 if len(victims) == over:
                     break
+        records = self.records
         for rec in victims:
-            rec.drop()
-        evicted(self, len(victims))
+            made = rec.made
+            if made is None or made.stack is None:  # no cleanup, no attempt: forget it at once
+                del records[rec.key]
+                rec.state = IDLE
+            else:
+                rec.drop()
+        self.evictions += len(victims)
 
     def busy(self) -> list[Attempt]:
         return [r.attempt for r in self.records.values() if r.attempt is not None]

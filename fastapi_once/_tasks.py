@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 # asyncio keeps only weak references to tasks: these strong ones keep the library's work alive
 # after every caller has left.
@@ -56,6 +57,25 @@ def spawn(loop: object, work: Coroutine[Any, Any, None], name: str, track: bool 
         # exception escaping it into a crash of the whole run, hence work's promise not to raise.
         trio.lowlevel.spawn_system_task(main, name=name, context=contextvars.copy_context())
         return None
+
+
+class Spawn(Protocol):
+    """Starts a library task for ``work`` (see :func:`spawner`)."""
+
+    def __call__(self, work: Coroutine[Any, Any, None], *, name: str) -> object:
+        """Run ``work`` in a task of the library's named ``name``; return the task, if any."""
+
+
+def spawner(loop: object, track: bool) -> Spawn:
+    """What spawns ``loop``'s library tasks (see :func:`spawn`), called in that loop only.
+
+    An asyncio loop's untracked work is an ``asyncio.Task`` of the running loop, made with no
+    call in between; the spawner holds no reference to ``loop`` (a store keeps it).
+    """
+    if track or not isinstance(loop, asyncio.AbstractEventLoop):
+        held = weakref.ref(loop)
+        return lambda work, *, name: spawn(held(), work, name, track)
+    return asyncio.Task  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

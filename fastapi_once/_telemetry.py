@@ -1,15 +1,17 @@
 """What an operator sees of a once: OpenTelemetry spans and metrics, and the fields of its logs.
 
-The state machine calls the hooks below at its transitions; none is on the hot path (a hit only
-counts, as before, and the counts are read by observable instruments when a reader collects).
+The state machine calls the hooks below at its transitions; none is on the hot path (a hit, a
+join and an eviction only count, and the counts are read by observable instruments when a
+reader collects).
 
 OpenTelemetry is used through ``opentelemetry-api`` when it can be imported; without it every
 hook does nothing. The tracer and the meter's instruments are obtained once, at import, from the
-API's proxies, which bind to an SDK's providers installed later. Spans are made only once a real
-tracer provider is set: an attempt asks :func:`tracer`, which reads the API's global (no
-environment read, no provider look-up) and compares it with the one it last saw; metrics are
-recorded only once a meter provider is set (read the same way). Every hook checks ``OTEL``
-first, so switching it off (the bench does) compiles the telemetry out.
+API's proxies, which bind to an SDK's providers installed later. An attempt is observed by the
+providers set when it starts (:func:`traced`, which reads the API's globals: no environment
+read, no provider look-up): it gets a span if a real tracer provider is set, and is counted by
+the metrics if a meter provider is set; with neither it costs no telemetry call after that one.
+Every hook checks ``OTEL`` first, so switching it off (the bench does) compiles the telemetry
+out.
 
 Spans (instrumentation scope ``fastapi_once``) never carry an exception message, only its type,
 nor a key, only its digest (see :mod:`fastapi_once._keys`), unless the once has ``log_keys=True``.
@@ -65,6 +67,7 @@ class Traced(Protocol):
     show_key: bool
     number: int
     span: Any
+    watched: bool  # set by traced(): whether ended() records its metrics (and span)
     error: BaseException | None
 
 
@@ -74,6 +77,7 @@ class Source(Protocol):
     name: str
     hits: int
     joins: int
+    evictions: int
 
     def census(self) -> tuple[int, Sequence[str]]:
         """How many values it holds, and the state of each record (read from any thread)."""
@@ -156,10 +160,17 @@ def traced(
 
     Called by the caller that starts the attempt, so the span links to that caller's span; the
     task then runs with the attempt's span current, so spans made by the once's function are
-    its children rather than the (possibly long gone) first request's.
+    its children rather than the (possibly long gone) first request's. Marks the attempt
+    ``watched`` if a meter provider or a real tracer provider is set: :func:`ended` is called
+    for watched attempts only.
     """
-    if tracer() is None:
+    if not OTEL:
         return work
+    attempt.watched = not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER is not None
+    # No SDK's provider set (the API's global still None): no look-up, not even tracer()'s.
+    if (_GLOBAL and otel_trace._TRACER_PROVIDER is None) or tracer() is None:
+        return work
+    attempt.watched = True
     attributes = {**_named(attempt), ATTEMPT: attempt.number, REFRESH: refresh}
     span = _root("fastapi_once.refresh" if refresh else "fastapi_once.attempt", attributes)
     attempt.span = span.get_span_context()
@@ -346,6 +357,10 @@ def _observe_joins(options: Any) -> Iterable[Any]:
     return _summed(lambda store: store.joins)
 
 
+def _observe_evictions(options: Any) -> Iterable[Any]:
+    return _summed(lambda store: store.evictions)
+
+
 def _observe_values(options: Any) -> Iterable[Any]:
     return _summed(lambda store: store.census()[0])
 
@@ -405,9 +420,6 @@ if OTEL:
     _fast_failures = _meter.create_counter(
         "fastapi_once.fast_failures", "{call}", "Calls failed fast within a failure's cooldown"
     )
-    _evictions = _meter.create_counter(
-        "fastapi_once.evictions", "{value}", "Keyed values evicted (least recently used)"
-    )
     _follower_wait = _duration_histogram(
         "fastapi_once.follower.wait", "How long a process waited for another to lead"
     )
@@ -425,6 +437,12 @@ if OTEL:
     _meter.create_observable_counter(
         "fastapi_once.joins", [_observe_joins], "{call}", "Calls that joined an attempt"
     )
+    _meter.create_observable_counter(
+        "fastapi_once.evictions",
+        [_observe_evictions],
+        "{value}",
+        "Keyed values evicted (least recently used)",
+    )
     _meter.create_observable_up_down_counter(
         "fastapi_once.values", [_observe_values], "{value}", "Values held"
     )
@@ -439,7 +457,7 @@ def _metering() -> bool:
 
 
 def ended(store: Any, attempt: Traced, took: float, refresh: bool) -> None:
-    """An attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
+    """A watched attempt's work ended after ``took`` s; ``attempt`` holds what its waiters got."""
     if not OTEL or (
         attempt.span is None and _METER_GLOBAL and not otel_metrics_state._METER_PROVIDER
     ):
@@ -464,12 +482,6 @@ def fast_failed(store: Any) -> None:
     """A call failed fast with the error whose cooldown is on."""
     if OTEL and _metering():
         _fast_failures.add(1, {NAME: store.name})
-
-
-def evicted(store: Any, count: int) -> None:
-    """``count`` keyed records were evicted."""
-    if OTEL and count and (not _METER_GLOBAL or otel_metrics_state._METER_PROVIDER):
-        _evictions.add(count, {NAME: store.name})
 
 
 def ping_failed(name: str, kind: str) -> None:

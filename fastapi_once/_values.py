@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from ._attempts import Attempt, working
-from ._events import running_event
+from ._events import Event, running_event
 from ._keys import NOKEY
 from ._tasks import cancelling_retires
 from ._telemetry import cleanup_span, error_type, fields
@@ -71,20 +71,21 @@ class Value:
     ) -> None:
         self.label = label  # formatted with %s only when logged (a key's digest costs)
         self.serial = next(_serials)
-        self.value = value
-        self.stack = stack
+        self.value, self.stack = value, stack
         self.made_at, self.wall_time = made_at, wall_time
         self.refresh_at, self.expires_at = deadlines
         self._around = around  # the scope of the making task that the cleanup shields
         self._cleaning = False
-        self._errors: list[BaseException] = []
-        # The running loop's own events, which hold no reference to it (see _events).
-        self._retired = running_event() if stack is not None else None
-        self._done = running_event() if stack is not None else None
-        # The cleanup as a node of the wait-for graph: a reset that waits for it from inside
-        # the cleanup itself (or from work the cleanup waits for) raises instead of hanging.
+        self._errors: list[BaseException] | None = None  # what the cleanup raised
+        # The running loop's own events, which hold no reference to it (see _events); and the
+        # cleanup as a node of the wait-for graph: a reset that waits for it from inside the
+        # cleanup itself (or from work the cleanup waits for) raises instead of hanging. A value
+        # without a cleanup needs none of them.
+        self._retired: Event | None = None
+        self._done: Event | None = None
         self.node: Attempt | None = None
-        if self._done is not None:
+        if stack is not None:
+            self._retired, self._done = running_event(), running_event()
             name = getattr(label, "name", label)
             self.node = Attempt(f"{name} (cleanup)", NOKEY, self._done)
 
@@ -162,7 +163,7 @@ class Value:
                 )
                 logger.error("%s: cleanup failed with %s", self.label, kind, extra=extra)
                 logger.debug("%s: cleanup failure", self.label, exc_info=exc, extra=extra)
-                self._errors.append(exc)
+                self._errors = [*(self._errors or ()), exc]
             else:
                 took = time.monotonic() - started
                 extra = fields(name, "cleaned_up", duration_s=took, attempt=attempt)
@@ -172,8 +173,8 @@ class Value:
 
     def take_errors(self) -> list[BaseException]:
         """What the cleanup raised, for the first one to ask."""
-        errors, self._errors = self._errors, []
-        return errors
+        errors, self._errors = self._errors, None
+        return errors or []
 
 
 @contextlib.contextmanager

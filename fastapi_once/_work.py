@@ -144,8 +144,11 @@ class Work:
         attempt.task = None
         now = _clock.monotonic()
         deadlines = (None, None) if self._timeless else self._policy.deadlines(now)
-        made = Value(attempt, value, stack, now, time.time(), deadlines, around=around)
-        if not rec.succeed(attempt, made, now - started):
+        # Only a value with a cleanup names its attempt (its logs and span do): a value alone
+        # keeps no attempt, event or task alive.
+        label = attempt if stack is not None else self.name
+        made = Value(label, value, stack, now, time.time(), deadlines, around=around)
+        if not rec.settle(attempt, made, None, None, now - started):
             await made.clean_here(around)  # made too late: nobody can get it
         elif stack is not None:
             await rec.keep(made, attempt)

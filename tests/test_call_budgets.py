@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = {
     "warm_hit": 1,
     "keyed_hit": 1,
-    "keyed_miss": 28,
+    "keyed_miss": 14,
     "waiter": 3,
-    "failed_attempt": 62,
+    "failed_attempt": 55,
 }
 
 SCRIPT = textwrap.dedent(

@@ -672,6 +672,49 @@ def test_without_a_configured_sdk_no_span_is_made() -> None:
     assert out.strip() == "[None] None"
 
 
+def test_an_sdk_installed_after_the_first_calls_gets_the_spans_and_metrics_from_then_on() -> None:
+    """Keyed misses made before any SDK is set make no span; once the real SDK's providers are
+    set (after those calls), the next miss makes its span, and attempts and evictions count."""
+    out = _python(
+        """
+        import asyncio
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        from fastapi_once import once
+
+        @once(name="late", key=lambda k: k, maxsize=1)
+        async def get(k):
+            return k
+
+        async def main():
+            assert [await get(1), await get(2)] == [1, 2]  # no SDK yet: the lean way
+            spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(spans))
+            trace.set_tracer_provider(provider)
+            metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+            assert await get(3) == 3
+            names = [s.name for s in spans.get_finished_spans()]
+            totals = {}
+            for resource in reader.get_metrics_data().resource_metrics:
+                for scope in resource.scope_metrics:
+                    for metric in scope.metrics:
+                        for point in metric.data.data_points:
+                            count = getattr(point, "value", None)  # histograms: none
+                            totals[metric.name] = totals.get(metric.name, 0) + (count or 0)
+            print(names, totals["fastapi_once.attempts"], totals["fastapi_once.evictions"])
+
+        asyncio.run(main())
+        """
+    )
+    # One span and one attempt counted (the third); the evictions are the store's: all two.
+    assert out.strip() == "['fastapi_once.attempt'] 1 2"
+
+
 def test_the_readme_wiring_exports_the_packages_spans_and_metrics() -> None:
     """The documented setup_telemetry(), in a fresh process: console output names our telemetry."""
     wiring = next(b.code for b in python_blocks() if "def setup_telemetry(" in b.code)
