@@ -23,12 +23,14 @@ import test_exception
 from docblocks import python_blocks
 from fastapi import Depends, FastAPI
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import _internal as metrics_api
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from opentelemetry.util._once import Once
 from timekeeping import FakeClock, wait_until
 
 from fastapi_once import OnceTimeoutError, once, once_lifespan, readiness_router
@@ -93,9 +95,15 @@ def installed() -> Iterator[Otel]:
     trace.set_tracer_provider(otel.tracer_provider)
     metrics.set_meter_provider(otel.meter_provider)
     yield otel
-    # The global providers stay set for the rest of the run: make them cheap and silent.
     otel.tracer_provider.shutdown()
     otel.meter_provider.shutdown()
+    # Then no provider is set again, as before this module: the API would keep the shut-down
+    # ones for the rest of the run, and every once in a later test would still make its spans
+    # through them (each end logged as a warning) and look up its meter.
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+    metrics_api._METER_PROVIDER_SET_ONCE = Once()
+    metrics_api._METER_PROVIDER = None
 
 
 @pytest.fixture
