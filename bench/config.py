@@ -26,6 +26,7 @@ class Config:
     http_rounds: int = 10
     http_seconds: float = 2.0
     http_connections: int = 32
+    http_warm_up: bool = True  # a round on each route before the measured ones
     # 5. memory of a keyed once
     memory_keys: int = 1_000_000
     memory_maxsize: int = 1_000
@@ -48,12 +49,14 @@ SMOKE = Config(
     hot_requests=50,
     burst_sizes=(10, 100),
     burst_rounds=1,
+    burst_sleep_s=0.01,
     busy_tasks=10,
     failure_callers=10,
     failure_rounds=1,
     http_rounds=1,
     http_seconds=0.3,
     http_connections=4,
+    http_warm_up=False,
     memory_keys=2_000,
     memory_maxsize=100,
     keyed_rounds=2,

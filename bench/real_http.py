@@ -156,7 +156,7 @@ def run(config: Config, loadgen: str = "auto") -> dict[str, Any]:
     errors = 0
     with _server() as (port, pid):
         urls = {cid: f"http://127.0.0.1:{port}{path}" for cid, path in ROUTES.items()}
-        for url in urls.values():  # warm-up
+        for url in urls.values() if config.http_warm_up else ():
             measure(url, min(config.http_seconds, 1.0), config.http_connections)
         for round_ in range(config.http_rounds):
             order = list(ROUTES) if round_ % 2 == 0 else list(reversed(ROUTES))

@@ -176,7 +176,7 @@ def test_outage_bench_reports_both_policies_in_each_mode(tmp_path: Path) -> None
     run = subprocess.run(
         [
             *(sys.executable, "-m", "bench.outage", "--out", str(tmp_path)),
-            *("--workers", "1", "--seconds", "2", "--outage", "0.5", "--rate", "10"),
+            *("--workers", "1", "--seconds", "1", "--outage", "0.4", "--rate", "20"),
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -9,6 +9,7 @@ import importlib
 import io
 import json
 import os
+import runpy
 import shutil
 import socket
 import sqlite3
@@ -559,10 +560,11 @@ def test_percentile_is_nearest_rank() -> None:
     assert [burst.percentile(values, p) for p in (0, 50, 99, 100)] == [1, 50, 99, 100]
 
 
-def test_python_m_example_app_reports_one_setup_each_and_exits_0() -> None:
-    """The main job runs uvicorn, bursts 300 cold requests, reports each setup ran once, and says
-    each phase on stderr as it goes."""
-    completed = subprocess.run(
+@pytest.fixture(scope="module")
+def default_run() -> subprocess.CompletedProcess[str]:
+    """One ``python -m example_app --requests 300`` run, as the README runs it (its default: two
+    uvicorn workers on the file backend), that the two tests below each read."""
+    return subprocess.run(
         [sys.executable, "-m", "example_app", "--requests", "300"],
         cwd=ROOT,
         capture_output=True,
@@ -570,6 +572,14 @@ def test_python_m_example_app_reports_one_setup_each_and_exits_0() -> None:
         timeout=50,
         check=False,
     )
+
+
+def test_python_m_example_app_reports_one_setup_each_and_exits_0(
+    default_run: subprocess.CompletedProcess[str],
+) -> None:
+    """The main job runs uvicorn, bursts 300 cold requests, reports each setup ran once, and says
+    each phase on stderr as it goes."""
+    completed = default_run
     assert completed.returncode == 0, completed.stdout + completed.stderr
     lines = completed.stdout.splitlines()
     assert lines[0].startswith("300 concurrent cold requests to uvicorn at http://127.0.0.1:")
@@ -620,9 +630,13 @@ def assert_migrated_once(output: str, workers: int) -> None:
     assert lines[-1].startswith(f"OK: the migration ran once in total; in each of the {workers}")
 
 
-def test_python_m_example_app_with_two_workers_migrates_once_in_total() -> None:
-    """Two uvicorn workers on the file backend: one migration in all, one setup each per worker."""
-    output = run_example("--requests", "300", "--workers", "2")
+def test_python_m_example_app_with_two_workers_migrates_once_in_total(
+    default_run: subprocess.CompletedProcess[str],
+) -> None:
+    """Two uvicorn workers (the default) on the file backend: one migration in all, one setup
+    each per worker."""
+    output = default_run.stderr + default_run.stdout
+    assert default_run.returncode == 0, output
     assert "300 concurrent cold requests to uvicorn at http://127.0.0.1:" in output
     assert "(2 workers)" in output
     assert_migrated_once(output, workers=2)
@@ -671,9 +685,10 @@ def test_python_m_example_app_migrates_once_across_a_server_backend(
     fixture = {"redis": "redis_url", "postgres": "postgres_dsn", "mysql": "mysql_url"}[kind]
     url: str = request.getfixturevalue(fixture)
     env = {"EXAMPLE_BACKEND_URL": url}
-    output = run_example("--requests", "200", "--workers", "2", env=env)
+    # A small burst: the migration runs at each worker's startup, whatever the requests.
+    output = run_example("--requests", "50", "--workers", "2", env=env)
     assert_migrated_once(output, workers=2)
-    output = run_example("--requests", "200", "--workers", "2", env=env)
+    output = run_example("--requests", "50", "--workers", "2", env=env)
     assert_migrated_once(output, workers=2)
     password = urlsplit(url).password
     assert password
@@ -690,17 +705,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_failing_example(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m example_app`` with ``env`` added, expecting it to fail."""
-    return subprocess.run(
-        [sys.executable, "-m", "example_app", "--requests", "10"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+def run_failing_example(
+    env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[object, str, str]:
+    """Run ``python -m example_app`` with ``env`` added, expecting it to fail: its exit status,
+    stdout and stderr.
+
+    In this process, as ``python -m`` runs it (runpy, ``__main__``): it fails before it starts
+    a server, so a fresh interpreter would only import the app again.
+    """
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["example_app", "--requests", "10"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("example_app", run_name="__main__", alter_sys=True)
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
 
 
 @pytest.mark.parametrize(
@@ -729,15 +749,19 @@ def run_failing_example(env: Mapping[str, str]) -> subprocess.CompletedProcess[s
     ],
 )
 def test_python_m_example_app_without_its_backend_says_what_to_set_and_exits_2(
-    env: dict[str, str], variable: str
+    env: dict[str, str],
+    variable: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """No server for the chosen backend (or no way to find one): one line naming the variable to
     set, exit status 2, no traceback, and no worker started."""
     port = free_port()
-    completed = run_failing_example({k: v.format(port=port) for k, v in env.items()})
-    assert completed.returncode == 2, completed.stdout + completed.stderr
-    assert completed.stdout == ""
-    (line,) = completed.stderr.splitlines()
+    env = {k: v.format(port=port) for k, v in env.items()}
+    status, out, err = run_failing_example(env, monkeypatch, capsys)
+    assert status == 2, out + err
+    assert out == ""
+    (line,) = err.splitlines()
     assert line.startswith("python -m example_app: ")
     assert variable in line
     assert "s3cret" not in line

@@ -20,6 +20,13 @@ from fastapi_once.testing import override
 # loaded here by module name, as a project that turned automatic loading off would load it.
 pytest_plugins = ["pytester", "fastapi_once.pytest_plugin"]
 
+# The pytester runs below happen in this process (pytest's own plugins and the entry points are
+# loaded afresh for each, -p no:fastapi_once included), not in a subprocess that would import
+# and assertion-rewrite every plugin's package again. Hypothesis's plugin is left out: none of
+# these runs uses it, and its summary would import all of hypothesis inside the run, which
+# pytester then unloads again.
+INNER = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+
 #: A module-level once that the in-process once_reset test makes and expects cleaned up.
 cleanups: list[str] = []
 
@@ -110,7 +117,7 @@ def test_the_plugin_is_off_with_p_no_fastapi_once(pytester: pytest.Pytester) -> 
             pass
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:fastapi_once")
+    result = pytester.runpytest_inprocess(*INNER, "-p", "no:fastapi_once")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'once_reset' not found*"])
 
@@ -124,7 +131,7 @@ def test_the_plugin_can_be_loaded_by_name_when_turned_off(pytester: pytest.Pytes
             pass
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:fastapi_once")
+    result = pytester.runpytest_inprocess(*INNER, "-p", "no:fastapi_once")
     result.assert_outcomes(passed=1)
 
 
@@ -160,7 +167,7 @@ def test_the_once_reset_fixture_forgets_values_between_tests(pytester: pytest.Py
             assert log == ["made", "cleaned", "made"]
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess(*INNER)
     result.assert_outcomes(passed=2)
 
 
@@ -266,6 +273,6 @@ def test_a_conftest_that_imports_once_reset_the_old_way_still_runs(
             pass
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:fastapi_once")
+    result = pytester.runpytest_inprocess(*INNER, "-p", "no:fastapi_once")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*DeprecationWarning: fastapi_once.testing.once_reset*"])

@@ -10,11 +10,11 @@ from serving import fire, running
 
 from fastapi_once import once, once_lifespan
 
-BURST = 500
+BURST = 100
 
 
 def test_burst_under_uvicorn_runs_the_setup_once() -> None:
-    """500 concurrent cold requests all get 200 and the one value that one setup made."""
+    """100 concurrent cold requests all get 200 and the one value that one setup made."""
     calls: list[str] = []
 
     async def load() -> str:
@@ -37,7 +37,7 @@ def test_burst_under_uvicorn_runs_the_setup_once() -> None:
 
 
 def test_keyed_burst_under_uvicorn_runs_the_setup_once_per_key() -> None:
-    """500 concurrent cold requests over 5 keys make each key's value once and share it."""
+    """100 concurrent cold requests over 5 keys make each key's value once and share it."""
     calls: list[str] = []
 
     async def fetch(name: str) -> str:

@@ -1,6 +1,6 @@
 """An app whose startup runs a once-per-deployment task across its uvicorn workers.
 
-Run by test_uvicorn_workers.py as ``uvicorn e2e_app:app --workers 4``; the environment variable
+Run by test_uvicorn_workers.py as ``uvicorn e2e_app:app --workers 2``; the environment variable
 ``FASTAPI_ONCE_E2E`` (JSON: backend spec, log file, once name) selects the backend.
 """
 

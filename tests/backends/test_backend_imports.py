@@ -82,6 +82,9 @@ def run_tests_without_drivers(ci: bool) -> subprocess.CompletedProcess[str]:
         [
             *(sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--no-cov"),
             *("-n", "0"),  # in this process: a few dozen quick tests need no xdist workers
+            # None of these files uses Hypothesis: its plugin would import (and, as an installed
+            # plugin's package, assertion-rewrite) all of it for nothing.
+            *("-p", "no:hypothesispytest"),
             str(here / "test_file_backend.py"),
             str(here / "test_redis_backend.py"),
             str(here / "test_postgres_backend.py"),

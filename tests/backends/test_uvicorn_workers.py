@@ -1,4 +1,4 @@
-"""End to end: ``uvicorn --workers 4`` runs a once-per-deployment task once in total."""
+"""End to end: ``uvicorn --workers 2`` runs a once-per-deployment task once in total."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from backend_servers import HERE, ROOT, free_port, read_log
 
-WORKERS = 4
+WORKERS = 2  # more workers would each be one more interpreter that imports the app
 
 
 def get(port: int) -> dict[str, Any] | None:
