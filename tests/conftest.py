@@ -12,6 +12,11 @@ from collections.abc import Iterator
 import pytest
 from timekeeping import FakeClock
 
+# The interpreters the tests start (the multi-process tests' workers, uvicorn, pytest runs)
+# cache what they compile, as Python does by default, even where the environment turns that
+# off: otherwise each of them compiles the package anew.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 # pytest-timeout fails a test past its timeout by raising in the main thread. A hang that
 # survives that (a task the event loop's shutdown cannot cancel, say) would hold the run until
 # CI gives up on it: this long after the timeout the watchdog prints every thread's stack and
