@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import secrets
 import warnings
 import weakref
@@ -23,7 +21,6 @@ from urllib.parse import unquote, urlsplit
 import anyio
 
 from .._errors import BackendError
-from .._logs import fields
 from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, seconds
 from ._lease import StoreBackend
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
@@ -41,8 +38,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "RedisBackend needs the redis package: pip install 'fastapi-once[redis]'"
     ) from exc
-
-logger = logging.getLogger("fastapi_once")
 
 _IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
 _LISTENING_WITHIN = 0.5  # the longest a loop's first claim or a watch waits for the listener
@@ -261,7 +256,7 @@ class RedisBackend(StoreBackend):
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
         redis = self._client()[0]
-        message = json.dumps({"name": name, "key": key, "origin": origin})
+        message = Reset(name, key, origin).to_json()
         with self._answering(f"resetting {name}"):
             if key is not None:
                 await redis.unlink(*self._keys(name, key, "v", "cool"))  # one record: one slot
@@ -330,16 +325,8 @@ class RedisBackend(StoreBackend):
             failures += 1
 
     def _announced(self, message: str, wakeups: Wakeups) -> None:
-        try:
-            data = json.loads(message)
-            reset = Reset(data["name"], data["key"], data["origin"])
-            if not all(isinstance(v, str) for v in (reset.name, reset.key or "", reset.origin)):
-                raise TypeError(reset)
-        except (ValueError, KeyError, TypeError):
-            logger.warning(
-                "ignored a reset message that is not one of ours",
-                extra=fields(None, "reset_message_ignored"),
-            )
+        reset = Reset.from_json(message)
+        if reset is None:
             return
         if reset.key is None:
             wakeups.wake_all()
