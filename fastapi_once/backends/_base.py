@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import random
 import re
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any, overload
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeAlias, overload
 from urllib.parse import unquote, urlsplit
+
+from .._errors import BackendError
+from ._store import StoreUnavailableError
 
 #: How long a follower waits for the leader by default, in seconds (``wait_timeout=``).
 DEFAULT_WAIT_TIMEOUT = 300.0
@@ -172,3 +176,42 @@ class Scrubber:
             text = text.replace(password, "***")
         text = _PASSWORD_PARAM.sub(r"\1***", text)
         return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+#: Which of a driver's errors are of a kind: these classes, or those a test says yes to.
+ErrorKind: TypeAlias = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
+
+
+@contextlib.contextmanager
+def store_errors(
+    store: str, doing: str, errors: ErrorKind, *, outage: ErrorKind, refused: ErrorKind = ()
+) -> Iterator[None]:
+    """Raise a driver's ``errors`` in the block as the store's: a ``refused`` login or database,
+    or an ``outage`` (:class:`StoreUnavailableError`), or any other failure (``BackendError``).
+
+    The message names the ``store`` (its description), what it was ``doing``, and the error's
+    type and code, never the driver's text (it may hold a password or a client's key). A
+    ``BackendError`` raised in the block goes on as it is.
+    """
+    try:
+        yield
+    except BackendError:
+        raise
+    except Exception as exc:
+        if not _is(exc, errors):
+            raise
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        what = type(exc).__name__ + ("" if code is None else f" {code}")
+        failed = f"{store}: failed {doing}:"
+        if _is(exc, refused):
+            raise BackendError(
+                f"{failed} the server refused the login or the database ({what}); check the "
+                "user, password and database in the URL"
+            ) from exc
+        if _is(exc, outage):
+            raise StoreUnavailableError(f"{failed} cannot be reached ({what})") from exc
+        raise BackendError(f"{failed} the server answered with an error ({what})") from exc
+
+
+def _is(exc: Exception, kind: ErrorKind) -> bool:
+    return isinstance(exc, kind) if isinstance(kind, type | tuple) else kind(exc)

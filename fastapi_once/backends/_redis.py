@@ -14,17 +14,23 @@ import contextlib
 import secrets
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
 
 from .._errors import BackendError
-from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, seconds
+from ._base import (
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_WAIT_TIMEOUT,
+    Scrubber,
+    backoff,
+    seconds,
+    store_errors,
+)
 from ._lease import StoreBackend
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
-from ._store import StoreUnavailableError as Unavailable
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
 try:
@@ -39,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "RedisBackend needs the redis package: pip install 'fastapi-once[redis]'"
     ) from exc
 
+_OUTAGES = (RedisConnectionError, RedisTimeoutError)  # refused logins aside (AuthenticationError)
 _IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
 _LISTENING_WITHIN = 0.5  # the longest a loop's first claim or a watch waits for the listener
 _FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
@@ -183,8 +190,8 @@ class RedisBackend(StoreBackend):
                 f"RedisBackend(max_connections={max_connections!r}): give a whole number of at "
                 "least 2 (the listener's connection and one for commands)"
             )
-        self._scrub = Scrubber(url)
-        _check_url(url, self._scrub.shown)
+        self._shown = Scrubber(url).shown
+        _check_url(url, self._shown)
         self._url = url
         self.namespace = namespace
         self._resets = f"{namespace}:k:resets"  # the channel of every name's resets
@@ -200,7 +207,7 @@ class RedisBackend(StoreBackend):
 
     def describe(self) -> str:
         """Return ``RedisBackend(<url with the password masked>, namespace=...)``."""
-        return f"RedisBackend({self._scrub.shown}, namespace={self.namespace})"
+        return f"RedisBackend({self._shown}, namespace={self.namespace})"
 
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
@@ -257,7 +264,10 @@ class RedisBackend(StoreBackend):
         """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
         redis = self._client()[0]
         message = Reset(name, key, origin).to_json()
-        with self._answering(f"resetting {name}"):
+        doing = f"resetting {name}"
+        with store_errors(
+            self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
+        ):
             if key is not None:
                 await redis.unlink(*self._keys(name, key, "v", "cool"))  # one record: one slot
                 if key == UNKEYED:
@@ -363,21 +373,10 @@ class RedisBackend(StoreBackend):
 
     async def _run(self, script: str, doing: str, keys: list[str], *args: object) -> Any:
         """Run one of the scripts above on the running loop's client."""
-        with self._answering(doing):
+        with store_errors(
+            self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
+        ):
             return await self._client()[1][script](keys=keys, args=list(args))
-
-    @contextlib.contextmanager
-    def _answering(self, doing: str) -> Iterator[None]:
-        """Turn the driver's errors into the store's: an outage, or any other failure."""
-        try:
-            yield
-        except RedisError as exc:
-            detail = self._scrub(f"{type(exc).__name__}: {exc}")
-            message = f"{self.describe()}: failed {doing}: {detail}"
-            outage = isinstance(exc, (RedisConnectionError, RedisTimeoutError))
-            if outage and not isinstance(exc, AuthenticationError):
-                raise Unavailable(message) from exc
-            raise BackendError(message) from exc
 
     def _prefix(self, name: str) -> str:
         return f"{self.namespace}:k:{{{_tag(name)}:"
