@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import os
 import random
 import re
 import socket
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeAlias, overload
+from typing import Any, Generic, TypeAlias, TypeVar, overload
 from urllib.parse import unquote, urlsplit
 
 from .._errors import BackendError
@@ -17,6 +19,8 @@ from ._store import StoreUnavailableError
 
 #: How long a follower waits for the leader by default, in seconds (``wait_timeout=``).
 DEFAULT_WAIT_TIMEOUT = 300.0
+
+T = TypeVar("T")
 
 #: The largest value a backend records by default, in bytes of JSON (``max_value_bytes=``).
 DEFAULT_MAX_VALUE_BYTES = 1 << 20
@@ -117,6 +121,41 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{self.describe()}>"
+
+
+class PerLoop(Generic[T]):
+    """A store's driver object (a client, a pool) per asyncio event loop: drivers' objects are
+    bound to their loop. Made at the loop's first use; the entry goes with the loop, or
+    :meth:`pop`. Only the loop's own thread touches its entry.
+
+    Args:
+        make: makes the running loop's object.
+        refusal: the message of the RuntimeError raised when not on asyncio (say what to do).
+    """
+
+    def __init__(self, make: Callable[[], T], refusal: str) -> None:
+        self._make, self._refusal = make, refusal
+        self._made: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T]
+        self._made = weakref.WeakKeyDictionary()
+
+    def get(self) -> T:
+        """The running loop's object, made at its first use.
+
+        Raises:
+            RuntimeError: not on an asyncio event loop.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(self._refusal) from None
+        made = self._made.get(loop)
+        if made is None:
+            made = self._made[loop] = self._make()
+        return made
+
+    def pop(self) -> T | None:
+        """Take the running loop's object out (the next :meth:`get` makes another)."""
+        return self._made.pop(asyncio.get_running_loop(), None)
 
 
 @overload

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import secrets
 import warnings
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -24,6 +23,7 @@ from .._errors import BackendError
 from ._base import (
     DEFAULT_MAX_VALUE_BYTES,
     DEFAULT_WAIT_TIMEOUT,
+    PerLoop,
     Scrubber,
     backoff,
     seconds,
@@ -197,11 +197,12 @@ class RedisBackend(StoreBackend):
         self._resets = f"{namespace}:k:resets"  # the channel of every name's resets
         self._timeout = min(self.lease / 2, 5.0)
         self.max_connections = max_connections
-        # Per event loop (redis.asyncio clients are loop-bound), its client and its scripts;
-        # the entry goes with the loop (or aclose).
-        self._clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[Any, dict[str, Any]]
-        ] = weakref.WeakKeyDictionary()
+        # Per event loop, its client and its scripts.
+        self._clients = PerLoop(
+            self._client,
+            f"{self.describe()} runs on asyncio only (redis.asyncio); run the app on asyncio or "
+            "use FileLockBackend",
+        )
         # Per event loop, the listener of the leaders' ends and of resets, and the watches.
         self._listeners = Listeners(self._listen)
 
@@ -213,7 +214,7 @@ class RedisBackend(StoreBackend):
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
         """See :meth:`LeaseStore.claim`: one script."""
-        self._client()  # asyncio only: say so before the listener would
+        self._clients.get()  # asyncio only: say so before the listener would
         fresh = asyncio.get_running_loop() not in self._listeners
         wakeups = self._listeners.start()
         keys = self._keys(name, key, "v", "lock", "cool", "fence")
@@ -262,7 +263,7 @@ class RedisBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
-        redis = self._client()[0]
+        redis = self._clients.get()[0]
         message = Reset(name, key, origin).to_json()
         doing = f"resetting {name}"
         with store_errors(
@@ -284,7 +285,7 @@ class RedisBackend(StoreBackend):
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's channel (see LeaseStore)."""
-        self._client()  # asyncio only: say so before the listener would
+        self._clients.get()  # asyncio only: say so before the listener would
         with ListenerWatch(self._listeners, self._keys(name, key, "ev")[0]) as watch:
             await watch.wakeups.until_listening(_LISTENING_WITHIN)
             yield watch
@@ -293,7 +294,7 @@ class RedisBackend(StoreBackend):
         """Stop this loop's listener and close its pool (a later call opens new ones)."""
         # The client leaves first: a watch that the listener's end wakes (and that starts the
         # next listener) uses a new one.
-        client = self._clients.pop(asyncio.get_running_loop(), None)
+        client = self._clients.pop()
         await self._listeners.stop()
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
@@ -306,7 +307,7 @@ class RedisBackend(StoreBackend):
         pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
         failures = 0
         while True:
-            pubsub = self._client()[0].pubsub()
+            pubsub = self._clients.get()[0].pubsub()
             try:
                 await pubsub.subscribe(self._resets)
                 await pubsub.psubscribe(pattern)
@@ -345,38 +346,27 @@ class RedisBackend(StoreBackend):
         self.heard(reset)
 
     def _client(self) -> tuple[Any, dict[str, Any]]:
-        """The running loop's client and scripts, made at its first use."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                f"{self.describe()} runs on asyncio only (redis.asyncio); run the app on asyncio "
-                "or use FileLockBackend"
-            ) from None
-        client = self._clients.get(loop)
-        if client is None:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self.max_connections,
-                timeout=self.wait_timeout,  # for a free connection: not an outage
-                decode_responses=True,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                # One immediate retry replaces a connection that a server restart broke;
-                # longer outages are the algorithm's, which knows the lease and wait_timeout.
-                retry=Retry(NoBackoff(), 1),
-            )
-            redis = aioredis.Redis.from_pool(pool)
-            scripts = {s: redis.register_script(s) for s in (CLAIM, RENEW, COMPLETE, ABANDON)}
-            client = self._clients[loop] = (redis, scripts)
-        return client
+        """A new client for the running loop, and its scripts."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=self.max_connections,
+            timeout=self.wait_timeout,  # for a free connection: not an outage
+            decode_responses=True,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            # One immediate retry replaces a connection that a server restart broke;
+            # longer outages are the algorithm's, which knows the lease and wait_timeout.
+            retry=Retry(NoBackoff(), 1),
+        )
+        redis = aioredis.Redis.from_pool(pool)
+        return redis, {s: redis.register_script(s) for s in (CLAIM, RENEW, COMPLETE, ABANDON)}
 
     async def _run(self, script: str, doing: str, keys: list[str], *args: object) -> Any:
         """Run one of the scripts above on the running loop's client."""
         with store_errors(
             self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
         ):
-            return await self._client()[1][script](keys=keys, args=list(args))
+            return await self._clients.get()[1][script](keys=keys, args=list(args))
 
     def _prefix(self, name: str) -> str:
         return f"{self.namespace}:k:{{{_tag(name)}:"
