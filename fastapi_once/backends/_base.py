@@ -175,6 +175,19 @@ def seconds(option: str, value: float | None) -> float | None:
     return float(value)
 
 
+def whole(owner: str, option: str, value: int, *, least: int, unit: str = "") -> int:
+    """Return ``value``, checking that it is a whole number of at least ``least``.
+
+    Raises:
+        ValueError: it is not (the message names ``owner``'s option, the value and ``unit``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(
+            f"{owner}({option}={value!r}): give a whole number of at least {least}{unit}"
+        )
+    return value
+
+
 def holder_id() -> str:
     """Who this process is, for other processes' messages: ``"pid 1234 on web-1"``."""
     return f"pid {os.getpid()} on {socket.gethostname()}"

@@ -14,22 +14,14 @@ import contextlib
 import secrets
 import warnings
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
 
 from .._errors import BackendError
-from ._base import (
-    DEFAULT_MAX_VALUE_BYTES,
-    DEFAULT_WAIT_TIMEOUT,
-    PerLoop,
-    Scrubber,
-    backoff,
-    seconds,
-    store_errors,
-)
-from ._lease import StoreBackend
+from ._base import PerLoop, Scrubber, backoff, seconds, store_errors, whole
+from ._lease import StoreBackend, StoreOptions
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
@@ -45,7 +37,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "RedisBackend needs the redis package: pip install 'fastapi-once[redis]'"
     ) from exc
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 _OUTAGES = (RedisConnectionError, RedisTimeoutError)  # refused logins aside (AuthenticationError)
+_LISTENER_AND_ONE = " (the listener's connection and one for commands)"
 _IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
 _LISTENING_WITHIN = 0.5  # the longest a loop's first claim or a watch waits for the listener
 _FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
@@ -157,21 +153,11 @@ class RedisBackend(StoreBackend):
         url: str = "redis://127.0.0.1:6379/0",
         *,
         namespace: str = "fastapi_once",
-        lease: float = 10.0,
-        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
-        ttl: float | None = None,
         poll_interval: float | None = None,
-        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
-        recheck_interval: float = 1.0,
         max_connections: int = 10,
+        **options: Unpack[StoreOptions],
     ) -> None:
-        super().__init__(
-            wait_timeout=wait_timeout,
-            ttl=ttl,
-            lease=lease,
-            recheck_interval=recheck_interval,
-            max_value_bytes=max_value_bytes,
-        )
+        super().__init__(**options)
         if poll_interval is not None:
             seconds("poll_interval", poll_interval)
             warnings.warn(
@@ -184,19 +170,15 @@ class RedisBackend(StoreBackend):
             raise ValueError(
                 f"RedisBackend(namespace={namespace!r}): give a non-empty string without braces"
             )
-        count = isinstance(max_connections, int) and not isinstance(max_connections, bool)
-        if not count or max_connections < 2:
-            raise ValueError(
-                f"RedisBackend(max_connections={max_connections!r}): give a whole number of at "
-                "least 2 (the listener's connection and one for commands)"
-            )
         self._shown = Scrubber(url).shown
         _check_url(url, self._shown)
         self._url = url
         self.namespace = namespace
         self._resets = f"{namespace}:k:resets"  # the channel of every name's resets
         self._timeout = min(self.lease / 2, 5.0)
-        self.max_connections = max_connections
+        self.max_connections = whole(
+            "RedisBackend", "max_connections", max_connections, least=2, unit=_LISTENER_AND_ONE
+        )
         # Per event loop, its client and its scripts.
         self._clients = PerLoop(
             self._client,
