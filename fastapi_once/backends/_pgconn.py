@@ -1,19 +1,16 @@
-"""The PostgreSQL store's connections, per event loop, and the driver's errors as store errors.
-
-Per process and event loop: a pool (``asyncpg.create_pool``) of at most ``pool_size`` for the
-short statements; one lock session per lease held (a connection of its own: its lock ends
-with it); up to :data:`IDLE_SESSIONS` idle lock sessions kept for the next claims. The store's
-listener (one more connection) ends them all when it ends (:meth:`Connections.end`).
-"""
+"""The PostgreSQL store's connections per event loop (counted in ``PostgresBackend``'s
+docstring), its DSN's arguments, and the driver's errors as store errors."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from .._errors import BackendError
+from ._base import Scrubber
 from ._store import StoreUnavailableError
 
 try:
@@ -25,6 +22,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 #: Idle lock sessions a loop keeps for its next claims (a connection is a server process).
 IDLE_SESSIONS = 4
+#: The ``application_name`` prefix of the store's connections: tells followers who holds a lock.
+APPLICATION = "fastapi_once "
 
 #: The server cannot be reached or did not answer in time: :class:`StoreUnavailableError`.
 OUTAGES = (
@@ -37,9 +36,15 @@ OUTAGES = (
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections
     asyncpg.exceptions.LockNotAvailableError,
 )
-
 #: Every error of the driver: an outage, or the server refusing a statement.
 DRIVER_ERRORS = (*OUTAGES, asyncpg.PostgresError)
+
+# The libpq connection keywords taken in a ``key=value`` DSN: asyncpg.connect()'s arguments of
+# the same name, or of the name given here.
+_RENAMED = {"hostaddr": "host", "dbname": "database", "sslmode": "ssl"}
+_KEYWORDS = {*_RENAMED, "host", "port", "user", "password", "passfile", "service"}
+_KEYWORDS |= {"servicefile", "target_session_attrs", "krbsrvname", "gsslib"}
+_CONNINFO = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']+)\s*")
 
 
 class Connections:
@@ -47,23 +52,28 @@ class Connections:
     entries), and how its driver errors read.
 
     Args:
-        options: ``asyncpg.connect()``'s arguments (bounds, application_name included).
+        dsn: the store's URL or libpq ``key=value`` string.
+        options: the rest of ``asyncpg.connect()``'s arguments (bounds, application_name).
         pool_size: the most pooled connections per loop.
         setup: run on every new connection's first use until it has made the tables.
         describe: the store's description, for errors.
-        scrub: masks the password in a driver's message.
+
+    Raises:
+        ValueError: a ``key=value`` string that cannot be parsed or has an unknown keyword.
     """
 
     def __init__(
         self,
+        dsn: str,
         options: Callable[[], dict[str, Any]],
         pool_size: int,
         setup: Callable[[Any], Awaitable[None]],
         describe: Callable[[], str],
-        scrub: Callable[[str], str],
     ) -> None:
+        self.scrub = Scrubber(dsn)
+        self._args = connect_args(dsn, self.scrub)
         self._options, self._pool_size, self._setup = options, pool_size, setup
-        self._describe, self._scrub = describe, scrub
+        self._describe = describe
         self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
         self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions held
         self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
@@ -74,31 +84,33 @@ class Connections:
         try:
             yield
         except DRIVER_ERRORS as exc:
-            detail = self._scrub(f"{type(exc).__name__}: {exc}")
+            detail = self.scrub(f"{type(exc).__name__}: {exc}")
             kind = StoreUnavailableError if isinstance(exc, OUTAGES) else BackendError
             raise kind(f"{self._describe()}: failed {doing}: {detail}") from exc
 
     @contextlib.asynccontextmanager
     async def pooled(self, doing: str) -> AsyncIterator[Any]:
         """A connection of this loop's pool for the block; errors as :meth:`errors`."""
-        loop = asyncio.get_running_loop()
+        loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
         with self.errors(doing):
             pool = self._pools.get(loop)
             if pool is None:  # min_size=0: made without a round trip, so without a race
+                # reset: the pooled statements leave no session state to reset, so a
+                # connection goes back without asyncpg's reset query (a round trip).
                 pool = await asyncpg.create_pool(
-                    min_size=0, max_size=self._pool_size, **self._options()
+                    min_size=0, max_size=self._pool_size, reset=_keep, **options
                 )
                 if self._pools.setdefault(loop, pool) is not pool:
                     pool.terminate()
                     pool = self._pools[loop]
-            async with pool.acquire(timeout=self._options()["command_timeout"]) as conn:
+            async with pool.acquire(timeout=options["command_timeout"]) as conn:
                 await self._setup(conn)
                 yield conn
 
     async def connect(self) -> Any:
         """A connection of its own (a lock session, or a listener's)."""
         with self.errors("connecting"):
-            conn = await asyncpg.connect(**self._options())
+            conn = await asyncpg.connect(**self._args, **self._options())
             try:
                 await self._setup(conn)
             except BaseException:
@@ -139,3 +151,39 @@ class Connections:
         pool = self._pools.pop(loop, None)
         if pool is not None:
             pool.terminate()
+
+
+async def _keep(conn: Any) -> None:
+    """A pooled connection's reset: nothing (see :meth:`Connections.pooled`)."""
+
+
+def connect_args(dsn: str, scrub: Scrubber) -> dict[str, Any]:
+    """asyncpg.connect()'s arguments for ``dsn``: a URL as it is, a libpq string parsed.
+
+    Raises:
+        ValueError: a ``key=value`` string that cannot be parsed or has an unknown keyword.
+    """
+    if "://" in dsn or not dsn.strip():
+        return {"dsn": dsn}
+    args: dict[str, Any] = {}
+    position = 0
+    while position < len(dsn):
+        match = _CONNINFO.match(dsn, position)
+        if match is None:
+            raise ValueError(
+                f"PostgresBackend({scrub.shown!r}): cannot read the connection string at "
+                f"character {position}; write key=value pairs separated by spaces, quoting "
+                "values with spaces as key='a value'"
+            )
+        keyword, value = match.group(1).lower(), match.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        if keyword in _KEYWORDS:
+            args[_RENAMED.get(keyword, keyword)] = int(value) if keyword == "port" else value
+        elif keyword not in ("connect_timeout", "application_name"):  # the store sets these
+            raise ValueError(
+                f"PostgresBackend(...): the connection keyword {keyword!r} is not supported; "
+                f"use {', '.join(sorted(_KEYWORDS))}, or a postgresql:// URL"
+            )
+        position = match.end()
+    return args

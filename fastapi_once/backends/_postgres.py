@@ -1,11 +1,8 @@
-"""PostgresBackend: the lease algorithm over PostgreSQL (asyncpg).
+"""PostgresBackend: the lease algorithm over PostgreSQL (asyncpg); connections in ``_pgconn``.
 
-The primitives (see ``_store``'s table): an advisory lock per record on the leader's own lock
-session (``pg_try_advisory_lock``, or ``pg_try_advisory_xact_lock`` in a transaction left open
-while the work runs, for PgBouncer); one row per record in ``<table>_lease`` (who holds a lease
-is read from ``pg_locks``: nothing about a lease is written); ``NOTIFY`` on the table's one
-channel, naming the record (a leader's end) or holding a JSON reset, heard by one ``LISTEN``
-connection per event loop; fences from ``nextval('<table>_fence')``. Connections: ``_pgconn``.
+A leader's ``NOTIFY`` names the record and, when it fits, carries the value recorded: the
+listener keeps it for the record's watches, and a woken follower's claim serves it without a
+round trip. A reset's ``NOTIFY`` is JSON.
 """
 
 from __future__ import annotations
@@ -15,34 +12,36 @@ import collections
 import contextlib
 import hashlib
 import json
+import math
 import re
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import anyio
 
 from .._errors import BackendError
-from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, holder_id
+from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, backoff, holder_id
 from ._base import seconds as _seconds
 from ._lease import StoreBackend
-from ._libpq import connect_args
-from ._pgconn import DRIVER_ERRORS, Connections
+from ._pgconn import APPLICATION, DRIVER_ERRORS, Connections
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
-from ._wakeups import Listeners, Wakeups
+from ._wakeups import Listeners, ListenerWatch, Wakeups
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for "_lease" and "_fence"
-_APPLICATION = "fastapi_once "  # application_name prefix: tells followers who holds a lock
 _UNTIL = "clock_timestamp() + make_interval(secs => {}::float8)"  # NULL seconds: never
-
+_HELD = (  # an advisory lock key k (bigint) as pg_locks shows it, granted
+    "l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid = "
+    "(({k} >> 32) & 4294967295)::oid AND l.objid = ({k} & 4294967295)::oid"
+)
 # The statements; {t} is the records table. clock_timestamp(), not now(): with
 # lock="transaction" the leader's transaction began before its work ran.
 _READ = (  # one row, record or not: value unless expired, due for refresh, cooldown, holder
-    # (looked up only when the value is not fresh)
+    # (looked up only when the value is not fresh; $4: the lock, 0 for none)
     "SELECT r.value, r.stale, r.cool_left, CASE WHEN r.value IS NULL OR r.stale THEN ("
     "SELECT coalesce(nullif(a.application_name, ''), 'PostgreSQL backend pid ' || l.pid) "
-    "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = "
-    "'advisory' AND l.granted AND l.objsubid = 1 AND l.mode = 'ExclusiveLock' AND l.classid "
-    "= $4::bigint::oid AND l.objid = $5::bigint::oid LIMIT 1) END AS holder "
+    "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.mode = "
+    f"'ExclusiveLock' AND {_HELD.format(k='$4::bigint')} LIMIT 1) END AS holder "
     "FROM (SELECT 1) AS one LEFT JOIN ("
     "SELECT CASE WHEN value_until IS NULL OR value_until > clock_timestamp() THEN value END "
     "AS value, coalesce(made_at <= clock_timestamp() - make_interval(secs => $3::float8), "
@@ -70,16 +69,15 @@ _DELETE = (
 )
 _FREE = (  # which of the advisory locks $1 no session holds
     "SELECT coalesce(array_agg(k), '{}') FROM unnest($1::bigint[]) AS k WHERE NOT EXISTS ("
-    "SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-    "AND l.classid = ((k >> 32) & 4294967295)::oid AND l.objid = (k & 4294967295)::oid)"
+    f"SELECT 1 FROM pg_locks l WHERE {_HELD.format(k='k')})"
 )
-#: How often a listener checks the locks its loop's watches follow: a dead leader's lock ends
-#: with its session, which no NOTIFY announces.
-ORPHANS_EVERY = 0.1
 _RESOLVE = (  # the records table's schema-qualified name, if it and the sequence exist
     "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n "
     "ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1) AND to_regclass($2) IS NOT NULL"
 )
+#: How often a listener checks the locks its loop's watches follow: a dead leader's lock ends
+#: with its session, which no NOTIFY announces.
+ORPHANS_EVERY = 0.1
 
 
 class PostgresBackend(StoreBackend):
@@ -160,16 +158,13 @@ class PostgresBackend(StoreBackend):
             recheck_interval=recheck_interval,
             max_value_bytes=max_value_bytes,
         )
-        self._scrub = Scrubber(dsn)
-        self._connect_args = connect_args(dsn, self._scrub)
         self.table, self.lock, self.pool_size = table, lock, pool_size
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self.check_interval, self.poll_interval = check_interval, poll_interval
         _seconds("poll_interval", poll_interval)
         schema = [f'"{p}"' for p in parts[:-1]]
         self._fences = ".".join([*schema, f'"{parts[-1]}_fence"'])
-        t = ".".join([*schema, f'"{parts[-1]}_lease"'])
-        self._records = t
+        self._records = t = ".".join([*schema, f'"{parts[-1]}_lease"'])
         self._sql = {
             "read": _READ.format(t=t),
             "write": _WRITE.format(t=t, u4=_UNTIL.format("$4")),
@@ -183,42 +178,51 @@ class PostgresBackend(StoreBackend):
         # one namespace of locks and one channel); set once the server was first reached.
         self._namespace: str | None = None
         self._channel = ""
-        self._connections = Connections(
-            self._options, pool_size, self._setup, self.describe, self._scrub
-        )
-        # Per event loop, the (lock, record id) its watches follow, counted; its listener wakes
-        # a record's watches when the lock is free. Touched only by the loop's own thread.
-        self._followed: dict[asyncio.AbstractEventLoop, collections.Counter[tuple[int, str]]] = {}
+        self._connections = Connections(dsn, self._options, pool_size, self._setup, self.describe)
+        # Per event loop, touched only by its own thread: the (lock, record id) its watches
+        # follow, counted (its listener wakes a record's watches when the lock is free), and the
+        # values heard for them (record id -> value, when heard, ttl), dropped with the
+        # record's last watch and at any reset.
+        # Per event loop, held weakly (a closed loop is collected): the watched records' lock
+        # ids and the values their NOTIFYs carried.
+        self._followed: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, collections.Counter[tuple[int, str]]
+        ] = weakref.WeakKeyDictionary()
+        self._news: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[str, tuple[str, float, float | None]]
+        ] = weakref.WeakKeyDictionary()
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
         """Return ``PostgresBackend(<dsn with the password masked>, table=..., lock=...)``."""
-        return f"PostgresBackend({self._scrub.shown}, table={self.table}, lock={self.lock})"
-
-    # --- the store's primitives ---------------------------------------------------------------
+        shown = self._connections.scrub.shown
+        return f"PostgresBackend({shown}, table={self.table}, lock={self.lock})"
 
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
-        """Read the record (one pooled statement); with nothing to serve and its lock free,
-        try the lock on a lock session and read again there."""
+        """See ``LeaseStore.claim``: a value heard, else a pooled read; with nothing to serve
+        and the lock free, try it on a lock session and read again there."""
+        news = self._news.get(asyncio.get_running_loop(), {}).get(_record(name, key))
+        if news is not None:  # heard as the leader recorded it: as fresh as a read
+            value, heard, ttl = news
+            fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
+            if anyio.current_time() - heard < fresh:
+                return Served(value)
         async with self._pooled("reading the record") as conn:
             lock = self._lock_key(name, key)  # after _pooled: the namespace is resolved
-            row = await conn.fetchrow(self._sql["read"], name, key, refresh, *_halves(lock))
+            row = await conn.fetchrow(self._sql["read"], name, key, refresh, lock)
         found = _decide(row, held=row["holder"] is not None)
-        if found is None and row["holder"] is not None:
-            return Held(row["holder"].removeprefix(_APPLICATION))
-        if found is not None:
-            return found
+        if found is not None or row["holder"] is not None:
+            return found or Held(row["holder"].removeprefix(APPLICATION))
         conn = await self._connections.session()
         try:
             with self._connections.errors("taking the lease"):
                 if self.lock == "transaction":
                     await conn.execute("BEGIN")
-                got = (await conn.fetchrow(self._sql["try"], lock, _APPLICATION + holder))[0]
+                got = (await conn.fetchrow(self._sql["try"], lock, APPLICATION + holder))[0]
                 if got:  # a statement after taking the lock sees the last holder's commit
-                    row = await conn.fetchrow(self._sql["read"], name, key, refresh, 0, 0)
-                    found = _decide(row, held=False)
+                    found = _decide(await conn.fetchrow(self._sql["read"], name, key, refresh, 0))
                     if found is None:
                         fence = int(await conn.fetchval(f"SELECT nextval('{self._fences}')"))
                         self._connections.lease(conn)
@@ -233,58 +237,39 @@ class PostgresBackend(StoreBackend):
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
         """Check that the lease's lock session lives (its lock cannot end otherwise)."""
-        conn = lease.handle
         # Shielded, bounded by its timeout: a check cut off half-way would leave the session
         # busy for the complete or abandon that follows.
-        with anyio.CancelScope(shield=True):
-            try:
-                with self._connections.errors("checking the lock session"):
-                    await conn.fetchval(
-                        "SELECT 1", timeout=min(seconds, self.wait_timeout or seconds)
-                    )
-            except StoreUnavailableError:
-                if conn.is_closed():
-                    return False
-                raise
-        return True
+        with anyio.CancelScope(shield=True), self._lost(lease.handle):
+            await lease.handle.fetchval(
+                "SELECT 1", timeout=min(seconds, self.wait_timeout or seconds)
+            )
+            return True
+        return False
 
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
-        """Record the value on the lock session (nothing if it has ended), NOTIFY, unlock."""
+        """See ``LeaseStore.complete``: on the lock session, write and NOTIFY, then unlock
+        (session locks: after the write's commit, or another could lead on the old row)."""
         conn, clean = lease.handle, False
-        record = _record(lease.name, lease.key)
+        news = _news(_record(lease.name, lease.key), value, ttl)
         try:
-            with self._connections.errors("recording the value"):
-                args = (lease.name, lease.key, value, ttl, self._channel, record)
+            with self._lost(conn):
+                args = (lease.name, lease.key, value, ttl, self._channel, news)
                 await conn.execute(self._sql["write"], *args)
-                # Session locks: after the write's commit, or another could lead on the old row.
                 await self._unlock(conn, self._lock_key(lease.name, lease.key))
-            clean = True
-            return True
-        except StoreUnavailableError:
-            if conn.is_closed():
-                return False
-            raise
+                clean = True
+            return clean
         finally:
             self._release(conn, clean)
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
-        """Record ``cooldown`` (if any), free the lock, NOTIFY; a lost lease is no error."""
+        """See ``LeaseStore.abandon``: record the cooldown, unlock and NOTIFY."""
         conn, clean = lease.handle, False
-        wake = (self._channel, _record(lease.name, lease.key))
         try:
             with contextlib.suppress(*DRIVER_ERRORS):
                 if cooldown is not None:
                     await conn.execute(self._sql["cool"], lease.name, lease.key, cooldown)
-                # Followers woken must find the lock free: a NOTIFY is delivered at its
-                # statement's commit, after the unlock in it (or by the COMMIT that unlocks).
-                if self.lock == "session":
-                    lock = self._lock_key(lease.name, lease.key)
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock($1), pg_notify($2, $3)", lock, *wake
-                    )
-                else:
-                    await conn.execute("SELECT pg_notify($1, $2)", *wake)
-                    await conn.execute("COMMIT")
+                wake = (self._channel, _record(lease.name, lease.key))
+                await self._unlock(conn, self._lock_key(lease.name, lease.key), wake)
                 clean = True
         finally:
             self._release(conn, clean)
@@ -292,39 +277,38 @@ class PostgresBackend(StoreBackend):
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the record(s) and NOTIFY the reset, in one statement."""
         message = json.dumps({"name": name, "key": key, "origin": origin})
+        self._news.pop(asyncio.get_running_loop(), None)
         async with self._pooled("clearing the record") as conn:
             await conn.execute(self._sql["delete"], name, key, self._channel, message)
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's NOTIFYs (see ``_listen``)."""
-        followed = self._followed.setdefault(asyncio.get_running_loop(), collections.Counter())
+        loop = asyncio.get_running_loop()
+        followed = self._followed.setdefault(loop, collections.Counter())
         entry = (self._lock_key(name, key), _record(name, key))
         followed[entry] += 1
         try:
-            with contextlib.ExitStack() as stack:
-                watch = _Watch(self._listeners, entry[1], stack)
-                await watch.register(self.recheck_interval)
+            with ListenerWatch(self._listeners, entry[1]) as watch:
+                await watch.wakeups.until_listening(self.recheck_interval)
                 yield watch
         finally:
             followed[entry] -= 1
             if followed[entry] <= 0:
                 del followed[entry]
+                self._news.get(loop, {}).pop(entry[1], None)
 
     async def aclose(self) -> None:
         """Stop the running loop's listener; its end ends the loop's connections."""
         await self._listeners.stop()
 
-    # --- connections --------------------------------------------------------------------------
-
     def _options(self) -> dict[str, Any]:
         return {
-            **self._connect_args,
             "timeout": self.connect_timeout,
             "command_timeout": self.wait_timeout,  # every statement's bound
             # Transaction pooling cannot keep prepared statements between transactions.
             "statement_cache_size": 0 if self.lock == "transaction" else 100,
-            "server_settings": {"application_name": (_APPLICATION + holder_id())[:63]},
+            "server_settings": {"application_name": (APPLICATION + holder_id())[:63]},
         }
 
     @contextlib.asynccontextmanager
@@ -338,11 +322,29 @@ class PostgresBackend(StoreBackend):
         keep = clean and asyncio.get_running_loop() in self._listeners
         self._connections.release(conn, keep=keep)
 
-    async def _unlock(self, conn: Any, lock: int) -> None:
-        if self.lock == "session":
-            await conn.execute("SELECT pg_advisory_unlock($1)", lock)
-        else:
+    @contextlib.contextmanager
+    def _lost(self, conn: Any) -> Iterator[None]:
+        """Driver errors as ``Connections.errors``, but none once ``conn`` has ended (its lock
+        with it): the caller's lease is then lost."""
+        try:
+            with self._connections.errors("using the lock session"):
+                yield
+        except StoreUnavailableError:
+            if not conn.is_closed():
+                raise
+
+    async def _unlock(self, conn: Any, lock: int, wake: tuple[str, str] | None = None) -> None:
+        """Free ``lock`` (NOTIFY ``wake``: channel, payload). A NOTIFY is delivered at its
+        statement's commit, after the unlock in it, or by the COMMIT that unlocks: followers
+        woken find the lock free."""
+        if self.lock == "transaction":
+            if wake:
+                await conn.execute("SELECT pg_notify($1, $2)", *wake)
             await conn.execute("COMMIT")  # releases the lock; publishes the writes and NOTIFY
+        elif wake:
+            await conn.execute("SELECT pg_advisory_unlock($1), pg_notify($2, $3)", lock, *wake)
+        else:
+            await conn.execute("SELECT pg_advisory_unlock($1)", lock)
 
     async def _setup(self, conn: Any) -> None:
         """Create the table and sequence unless they exist; resolve the table's full name."""
@@ -364,36 +366,35 @@ class PostgresBackend(StoreBackend):
         self._namespace = str(namespace)
 
     async def _listen(self, wakeups: Wakeups) -> None:
-        """Until cancelled, on one connection: LISTEN on the table's channel, wake the watches
-        of a record whose leader ended, and hand resets to ``self.heard``.
-
-        Every ``ORPHANS_EVERY`` without a message, while watches wait, it wakes those whose
+        """Until cancelled, on one connection: LISTEN on the table's channel; each NOTIFY goes
+        to ``_heard``. While watches wait, every ``ORPHANS_EVERY`` it wakes those whose
         record's lock is free (a killed leader announces nothing); else every
         ``check_interval`` it checks that its session lives (a dead one receives nothing). After
         an outage it listens again, with backoff, then wakes every watch (what was announced
         meanwhile was missed).
         """
+
+        async def heard(*args: Any) -> None:
+            # The driver runs each NOTIFY in a task of its own: its wake-up is not held up
+            # behind this task's check of the locks.
+            self._heard(args[3], wakeups)
+
         failures = 0
         try:
             while True:
                 conn: Any = None
                 try:
                     conn = await self._connections.connect()
-                    got: asyncio.Queue[str] = asyncio.Queue()
                     with self._connections.errors("listening"):
-                        await conn.add_listener(self._channel, lambda *a, q=got: q.put_nowait(a[3]))
+                        await conn.add_listener(self._channel, heard)
                         failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                         wakeups.listening.set()
                         wakeups.wake_all()
                         checked = anyio.current_time()
                         while True:
-                            message: str | None = None
-                            with anyio.move_on_after(ORPHANS_EVERY):
-                                message = await got.get()
+                            await anyio.sleep(ORPHANS_EVERY)
                             followed = self._followed.get(asyncio.get_running_loop())
-                            if message is not None:
-                                self._heard(message, wakeups)
-                            elif followed:  # also tells that the session lives
+                            if followed:  # also tells that the session lives
                                 locks = sorted({lock for lock, _ in followed})
                                 free = await conn.fetchval(
                                     _FREE, locks, timeout=self.check_interval
@@ -414,12 +415,21 @@ class PostgresBackend(StoreBackend):
                 failures += 1
         finally:
             self._connections.end()
+            self._news.pop(asyncio.get_running_loop(), None)  # nothing wakes with them now
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
-        """A NOTIFY: a record's id (its leader ended) or a JSON reset."""
+        """A NOTIFY: a record's id (its leader ended), then the value recorded if it fit; or a
+        JSON reset."""
+        loop = asyncio.get_running_loop()
         if not message.startswith("{"):
-            wakeups.wake(message)
+            record, _, news = message.partition(" ")
+            if news and any(r == record for _, r in self._followed.get(loop, ())):
+                ttl, _, value = news.partition(" ")
+                heard = (value, anyio.current_time(), None if ttl == "-" else float(ttl))
+                self._news.setdefault(loop, {})[record] = heard
+            wakeups.wake(record)
             return
+        self._news.pop(loop, None)
         with contextlib.suppress(ValueError, KeyError, TypeError):  # not one of ours
             data = json.loads(message)
             reset = Reset(str(data["name"]), data["key"], str(data["origin"]))
@@ -433,31 +443,7 @@ class PostgresBackend(StoreBackend):
         return _lock_key(f"{self._namespace}\0{name}\0{key}")
 
 
-class _Watch(Watch):
-    def __init__(self, listeners: Listeners, record: str, stack: contextlib.ExitStack) -> None:
-        self._listeners, self._record, self._stack = listeners, record, stack
-        self._wakeups: Wakeups | None = None
-        self._event = asyncio.Event()  # set by the loop's listener; cleared as a wait returns
-
-    async def register(self, bound: float) -> None:
-        """Register with the loop's listener (starting it); wait up to ``bound`` for it."""
-        self._stack.close()  # the registration with an ended listener, if any
-        self._wakeups = self._listeners.start()
-        self._event = self._stack.enter_context(self._wakeups.waiter(self._record))
-        await self._wakeups.until_listening(bound)
-
-    async def changed(self, timeout: float) -> None:  # noqa: ASYNC109
-        if self._wakeups is None or self._wakeups.ended:
-            # aclose() ended the listener: register with the loop's next one; what changed
-            # meanwhile was missed, so the caller claims again at once.
-            await self.register(timeout)
-            return
-        with anyio.move_on_after(timeout):
-            await self._event.wait()
-        self._event.clear()
-
-
-def _decide(row: Any, *, held: bool) -> Served | Cooling | None:
+def _decide(row: Any, *, held: bool = False) -> Served | Cooling | None:
     """A read's answer unless it is to lead: a value younger than the refresh age (or due,
     while another holds the lock or a failure cools down), else a cooldown."""
     value, cool = row["value"], row["cool_left"]
@@ -472,13 +458,14 @@ def _record(name: str, key: str) -> str:
     return hashlib.sha256(f"{name}\0{key}".encode()).hexdigest()[:40]
 
 
+def _news(record: str, value: str, ttl: float | None) -> str:
+    """A leader's NOTIFY payload: the record's id, then its value's ttl and the value if they
+    fit (NOTIFY's limit: 8000 bytes)."""
+    news = f"{record} {'-' if ttl is None else repr(ttl)} {value}"
+    return news if len(news.encode()) <= 7900 else record
+
+
 def _lock_key(text: str) -> int:
     """An advisory lock key (a signed 64-bit integer) for ``text``."""
     digest = hashlib.sha256(f"fastapi_once\0{text}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def _halves(lock: int) -> tuple[int, int]:
-    """The lock key as pg_locks shows it: (classid, objid), its high and low 32 bits."""
-    unsigned = lock & 0xFFFF_FFFF_FFFF_FFFF
-    return unsigned >> 32, unsigned & 0xFFFF_FFFF

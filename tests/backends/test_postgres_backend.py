@@ -6,8 +6,11 @@ algorithm over them by test_lease.py; processes by test_across_processes.py.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gc
 import secrets
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -16,7 +19,7 @@ from backend_servers import PostgresServer, free_port, require
 
 from fastapi_once.backends import BackendError, fencing_token
 from fastapi_once.backends._base import holder_id
-from fastapi_once.backends._store import Held, Lease, Reset
+from fastapi_once.backends._store import Held, Lease, Reset, Served
 
 asyncpg = require("asyncpg")
 from fastapi_once.backends import PostgresBackend  # noqa: E402
@@ -297,3 +300,81 @@ async def test_a_values_ttl_runs_from_when_it_is_recorded_even_after_long_work(
         assert await second.run_once("tests.pg.slow", never, ttl=1.0) == "made slowly"
     await first.aclose()
     await second.aclose()
+
+
+@pytest.mark.parametrize("lock", ["session", "transaction"])
+async def test_a_follower_woken_by_a_completion_is_served_the_value_it_carried(
+    postgres_server: PostgresServer, table: str, sql: object, lock: str
+) -> None:
+    """The leader's NOTIFY carries the value it recorded: the woken follower's next claim
+    serves it without reading the table (here locked by another connection)."""
+    leader = PostgresBackend(postgres_server.dsn, table=table, lock=lock)  # type: ignore[arg-type]
+    follower = PostgresBackend(postgres_server.dsn, table=table, lock=lock)  # type: ignore[arg-type]
+    lease = await leader.claim("tests.pg.news", "k", lease=5, refresh=None, holder=holder_id())
+    assert isinstance(lease, Lease)
+    async with follower.watch("tests.pg.news", "k") as watch:
+        got = await follower.claim("tests.pg.news", "k", lease=5, refresh=None, holder="f")
+        assert isinstance(got, Held)
+        assert await leader.complete(lease, "1", ttl=None)
+        with anyio.fail_after(5):
+            await watch.changed(timeout=60)
+        await anyio.sleep(1)  # the NOTIFY is heard (the first wake may be the listener's own)
+        async with sql.transaction():  # type: ignore[attr-defined]
+            await sql.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")  # type: ignore[attr-defined]
+            with anyio.fail_after(5):  # a read of the table would wait for the lock
+                got = await follower.claim("tests.pg.news", "k", lease=5, refresh=None, holder="f")
+        assert got == Served("1")
+    await leader.aclose()
+    await follower.aclose()
+
+
+async def test_a_carried_value_is_not_served_past_its_ttl_or_after_a_reset(
+    postgres_server: PostgresServer, table: str
+) -> None:
+    """A value heard in a NOTIFY is served only while it would be read from the table: not
+    after its ttl, nor once a reset of the record was heard."""
+    leader = PostgresBackend(postgres_server.dsn, table=table)
+    follower = PostgresBackend(postgres_server.dsn, table=table)
+    heard = anyio.Event()
+    follower.bind(lambda reset: heard.set())
+    for end in ("ttl", "reset"):
+        name = f"tests.pg.news.{end}"
+        lease = await leader.claim(name, "k", lease=5, refresh=None, holder=holder_id())
+        assert isinstance(lease, Lease)
+        async with follower.watch(name, "k"):
+            assert isinstance(
+                await follower.claim(name, "k", lease=5, refresh=None, holder="f"), Held
+            )
+            assert await leader.complete(lease, "1", ttl=0.5 if end == "ttl" else None)
+            await anyio.sleep(1)  # the NOTIFY is heard
+            if end == "ttl":
+                await anyio.sleep(0.7)
+            else:
+                await leader.clear(name, "k", origin="elsewhere")
+                with anyio.fail_after(5):
+                    await heard.wait()
+            got = await follower.claim(name, "k", lease=5, refresh=None, holder="f")
+            assert isinstance(got, Lease), got
+            await follower.abandon(got, cooldown=None)
+    await leader.aclose()
+    await follower.aclose()
+
+
+def test_closed_loops_that_used_the_store_are_collected(
+    postgres_server: PostgresServer, table: str
+) -> None:
+    """One backend used in three asyncio.run() loops (a value made, a watch entered), never
+    closed: once each loop has ended, nothing the store kept for it holds it alive."""
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        assert await backend.run_keyed("tests.loops", "ab" * 20, answer, ttl=30) == 42
+        async with backend.watch("tests.loops", "cd" * 20):
+            pass
+
+    for _ in range(3):
+        asyncio.run(main())
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 3
