@@ -11,7 +11,6 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import json
 import math
 import re
 import weakref
@@ -276,7 +275,7 @@ class PostgresBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the record(s) and NOTIFY the reset, in one statement."""
-        message = json.dumps({"name": name, "key": key, "origin": origin})
+        message = Reset(name, key, origin).to_json()
         self._news.pop(asyncio.get_running_loop(), None)
         async with self._pooled("clearing the record") as conn:
             await conn.execute(self._sql["delete"], name, key, self._channel, message)
@@ -430,14 +429,14 @@ class PostgresBackend(StoreBackend):
             wakeups.wake(record)
             return
         self._news.pop(loop, None)
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # not one of ours
-            data = json.loads(message)
-            reset = Reset(str(data["name"]), data["key"], str(data["origin"]))
-            if reset.key is None:
-                wakeups.wake_all()
-            else:
-                wakeups.wake(_record(reset.name, reset.key))
-            self.heard(reset)
+        reset = Reset.from_json(message)
+        if reset is None:
+            return
+        if reset.key is None:
+            wakeups.wake_all()
+        else:
+            wakeups.wake(_record(reset.name, reset.key))
+        self.heard(reset)
 
     def _lock_key(self, name: str, key: str) -> int:
         return _lock_key(f"{self._namespace}\0{name}\0{key}")

@@ -12,10 +12,12 @@ import gc
 import secrets
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
 from backend_servers import PostgresServer, free_port, require
+from timekeeping import wait_until
 
 from fastapi_once.backends import BackendError, fencing_token
 from fastapi_once.backends._base import holder_id
@@ -378,3 +380,23 @@ def test_closed_loops_that_used_the_store_are_collected(
         asyncio.run(main())
     gc.collect()
     assert [ref() for ref in loops] == [None] * 3
+
+
+async def test_a_notify_on_the_channel_that_is_not_a_reset_is_ignored(
+    postgres_server: PostgresServer, sql: Any, table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who may NOTIFY on the table's channel can send anything: a JSON message that is
+    not a reset is logged and skipped, and the listener goes on hearing real resets."""
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    heard: list[Reset] = []
+    backend.bind(heard.append)
+    try:
+        async with backend.watch("n", "-"):  # returns once the loop's listener listens
+            pass
+        for message in ("{not json", '{"name": "n", "key": 0, "origin": "o"}'):
+            await sql.execute("SELECT pg_notify($1, $2)", backend._channel, message)
+        await wait_until(lambda: caplog.text.count("not one of ours") == 2)
+        await backend.clear("n", None, origin="elsewhere")
+        await wait_until(lambda: heard == [Reset("n", None, "elsewhere")])
+    finally:
+        await backend.aclose()
