@@ -219,6 +219,8 @@ async def test_a_wrong_password_or_a_closed_port_raises_backend_error_without_th
         assert "wrong-secret-pw" not in str(info.value)
         assert "fastapi_once:***@127.0.0.1" in str(info.value)
         assert info.value.__cause__ is not None
+        refused = "refused the login or the database (InvalidPasswordError)"
+        assert (refused in str(info.value)) is (dsn == dsns[0])  # a closed port is an outage
         await backend.aclose()
 
 
