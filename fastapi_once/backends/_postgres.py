@@ -13,14 +13,13 @@ import contextlib
 import hashlib
 import math
 import re
-import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import anyio
 
 from .._errors import BackendError
-from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, backoff, holder_id
+from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, PerLoop, backoff, holder_id
 from ._base import seconds as _seconds
 from ._lease import StoreBackend
 from ._pgconn import APPLICATION, DRIVER_ERRORS, Connections
@@ -182,14 +181,9 @@ class PostgresBackend(StoreBackend):
         # follow, counted (its listener wakes a record's watches when the lock is free), and the
         # values heard for them (record id -> value, when heard, ttl), dropped with the
         # record's last watch and at any reset.
-        # Per event loop, held weakly (a closed loop is collected): the watched records' lock
-        # ids and the values their NOTIFYs carried.
-        self._followed: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, collections.Counter[tuple[int, str]]
-        ] = weakref.WeakKeyDictionary()
-        self._news: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, tuple[str, float, float | None]]
-        ] = weakref.WeakKeyDictionary()
+        refusal = f"{self.describe()} runs on asyncio only (asyncpg); run the app on asyncio"
+        self._followed = PerLoop(collections.Counter[tuple[int, str]], refusal)
+        self._news = PerLoop(dict[str, tuple[str, float, float | None]], refusal)
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -202,7 +196,7 @@ class PostgresBackend(StoreBackend):
     ) -> Claim:
         """See ``LeaseStore.claim``: a value heard, else a pooled read; with nothing to serve
         and the lock free, try it on a lock session and read again there."""
-        news = self._news.get(asyncio.get_running_loop(), {}).get(_record(name, key))
+        news = self._news.get().get(_record(name, key))
         if news is not None:  # heard as the leader recorded it: as fresh as a read
             value, heard, ttl = news
             fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
@@ -276,15 +270,14 @@ class PostgresBackend(StoreBackend):
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the record(s) and NOTIFY the reset, in one statement."""
         message = Reset(name, key, origin).to_json()
-        self._news.pop(asyncio.get_running_loop(), None)
+        self._news.pop()
         async with self._pooled("clearing the record") as conn:
             await conn.execute(self._sql["delete"], name, key, self._channel, message)
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's NOTIFYs (see ``_listen``)."""
-        loop = asyncio.get_running_loop()
-        followed = self._followed.setdefault(loop, collections.Counter())
+        followed = self._followed.get()
         entry = (self._lock_key(name, key), _record(name, key))
         followed[entry] += 1
         try:
@@ -295,7 +288,7 @@ class PostgresBackend(StoreBackend):
             followed[entry] -= 1
             if followed[entry] <= 0:
                 del followed[entry]
-                self._news.get(loop, {}).pop(entry[1], None)
+                self._news.get().pop(entry[1], None)
 
     async def aclose(self) -> None:
         """Stop the running loop's listener; its end ends the loop's connections."""
@@ -392,7 +385,7 @@ class PostgresBackend(StoreBackend):
                         checked = anyio.current_time()
                         while True:
                             await anyio.sleep(ORPHANS_EVERY)
-                            followed = self._followed.get(asyncio.get_running_loop())
+                            followed = self._followed.get()
                             if followed:  # also tells that the session lives
                                 locks = sorted({lock for lock, _ in followed})
                                 free = await conn.fetchval(
@@ -414,21 +407,20 @@ class PostgresBackend(StoreBackend):
                 failures += 1
         finally:
             self._connections.end()
-            self._news.pop(asyncio.get_running_loop(), None)  # nothing wakes with them now
+            self._news.pop()  # nothing wakes with them now
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
         """A NOTIFY: a record's id (its leader ended), then the value recorded if it fit; or a
         JSON reset."""
-        loop = asyncio.get_running_loop()
         if not message.startswith("{"):
             record, _, news = message.partition(" ")
-            if news and any(r == record for _, r in self._followed.get(loop, ())):
+            if news and any(r == record for _, r in self._followed.get()):
                 ttl, _, value = news.partition(" ")
                 heard = (value, anyio.current_time(), None if ttl == "-" else float(ttl))
-                self._news.setdefault(loop, {})[record] = heard
+                self._news.get()[record] = heard
             wakeups.wake(record)
             return
-        self._news.pop(loop, None)
+        self._news.pop()
         reset = Reset.from_json(message)
         if reset is None:
             return

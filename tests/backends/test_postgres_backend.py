@@ -402,3 +402,11 @@ async def test_a_notify_on_the_channel_that_is_not_a_reset_is_ignored(
         await wait_until(lambda: heard == [Reset("n", None, "elsewhere")])
     finally:
         await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_postgres_backend_refuses_trio_clearly(postgres_server: PostgresServer) -> None:
+    """asyncpg needs asyncio: on trio the error says so, naming the backend."""
+    backend = PostgresBackend(postgres_server.dsn)
+    with pytest.raises(RuntimeError, match=r"PostgresBackend\(.*\) runs on asyncio only"):
+        await backend.run_once("tests.pg.trio", answer)
