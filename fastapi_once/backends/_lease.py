@@ -108,13 +108,18 @@ def fencing_token() -> int | None:
 
 
 class StoreOptions(TypedDict, total=False):
-    """The options every store takes to hand to :class:`StoreBackend` (see there)."""
+    """The options every store hands to :class:`StoreBackend` (see there), ``lease`` aside."""
 
     wait_timeout: float | None
     ttl: float | None
-    lease: float
     recheck_interval: float
     max_value_bytes: int | None
+
+
+class LeaseOptions(StoreOptions, total=False):
+    """:class:`StoreOptions` and ``lease``, for a store whose caller chooses it."""
+
+    lease: float
 
 
 class StoreBackend(Backend, LeaseStore):

@@ -28,7 +28,7 @@ import anyio
 
 from .._errors import BackendError
 from ._base import Scrubber, backoff, seconds, whole
-from ._lease import StoreBackend, StoreOptions
+from ._lease import LeaseOptions, StoreBackend
 from ._mysql_db import Database, connect_args
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
@@ -79,7 +79,7 @@ class MySQLBackend(StoreBackend):
         max_connections: int = 10,
         connect_timeout: float = 10.0,
         ssl: ssl_module.SSLContext | None = None,
-        **options: Unpack[StoreOptions],
+        **options: Unpack[LeaseOptions],
     ) -> None:
         self._scrub = Scrubber(url)
         if not isinstance(table, str) or not _TABLE.fullmatch(table):

@@ -14,17 +14,20 @@ import hashlib
 import math
 import re
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
 from .._errors import BackendError
-from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, PerLoop, backoff, holder_id
+from ._base import PerLoop, backoff, holder_id, whole
 from ._base import seconds as _seconds
-from ._lease import StoreBackend
+from ._lease import StoreBackend, StoreOptions
 from ._pgconn import APPLICATION, DRIVER_ERRORS, Connections
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for "_lease" and "_fence"
 _UNTIL = "clock_timestamp() + make_interval(secs => {}::float8)"  # NULL seconds: never
@@ -125,14 +128,11 @@ class PostgresBackend(StoreBackend):
         *,
         table: str = "fastapi_once",
         lock: Literal["session", "transaction"] = "session",
-        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
-        ttl: float | None = None,
         connect_timeout: float = 10.0,
         check_interval: float = 1.0,
         poll_interval: float = 0.025,
-        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
-        recheck_interval: float = 1.0,
         pool_size: int = 8,
+        **options: Unpack[StoreOptions],
     ) -> None:
         parts = table.split(".")
         if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
@@ -146,17 +146,11 @@ class PostgresBackend(StoreBackend):
                 f"PostgresBackend(lock={lock!r}): lock is 'session' or 'transaction' (for "
                 "PgBouncer transaction pooling)"
             )
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise ValueError(f"PostgresBackend(pool_size={pool_size!r}): give a whole number >= 1")
         check_interval = _seconds("check_interval", check_interval)
-        super().__init__(
-            wait_timeout=wait_timeout,
-            ttl=ttl,
-            lease=3 * check_interval,  # renewed (its session checked) every check_interval
-            recheck_interval=recheck_interval,
-            max_value_bytes=max_value_bytes,
-        )
-        self.table, self.lock, self.pool_size = table, lock, pool_size
+        # The lease is renewed (its session checked) every check_interval.
+        super().__init__(lease=3 * check_interval, **options)
+        self.table, self.lock = table, lock
+        self.pool_size = whole("PostgresBackend", "pool_size", pool_size, least=1)
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self.check_interval, self.poll_interval = check_interval, poll_interval
         _seconds("poll_interval", poll_interval)

@@ -21,7 +21,7 @@ import anyio
 
 from .._errors import BackendError
 from ._base import PerLoop, Scrubber, backoff, seconds, store_errors, whole
-from ._lease import StoreBackend, StoreOptions
+from ._lease import LeaseOptions, StoreBackend
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
@@ -155,7 +155,7 @@ class RedisBackend(StoreBackend):
         namespace: str = "fastapi_once",
         poll_interval: float | None = None,
         max_connections: int = 10,
-        **options: Unpack[StoreOptions],
+        **options: Unpack[LeaseOptions],
     ) -> None:
         super().__init__(**options)
         if poll_interval is not None:
