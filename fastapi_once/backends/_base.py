@@ -153,9 +153,13 @@ class PerLoop(Generic[T]):
             made = self._made[loop] = self._make()
         return made
 
-    def pop(self) -> T | None:
-        """Take the running loop's object out (the next :meth:`get` makes another)."""
-        return self._made.pop(asyncio.get_running_loop(), None)
+    def pop(self, made: T | None = None) -> T | None:
+        """Take the running loop's object out (only if it is ``made``, when given) and return
+        it: the next :meth:`get` makes another."""
+        loop = asyncio.get_running_loop()
+        if made is not None and self._made.get(loop) is not made:
+            return None
+        return self._made.pop(loop, None)
 
 
 @overload

@@ -288,34 +288,44 @@ class RedisBackend(StoreBackend):
         backoff, and wakes every watch (what was published meanwhile was missed)."""
         pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
         failures = 0
-        while True:
-            pubsub = self._clients.get()[0].pubsub()
-            try:
-                await pubsub.subscribe(self._resets)
-                await pubsub.psubscribe(pattern)
-                while True:
-                    message = await pubsub.get_message(timeout=_IDLE_PING)
-                    if message is None:
-                        await pubsub.ping()  # a silent connection may be a dead one
-                        continue
-                    kind = message["type"]
-                    if kind == "pmessage":
-                        wakeups.wake(str(message["channel"]))
-                    elif kind == "message":
-                        self._announced(str(message["data"]), wakeups)
-                    elif kind == "psubscribe":
-                        # The server answers in order: both subscriptions hold from here.
-                        failures = 0
-                        wakeups.listening.set()
-                        wakeups.wake_all()
-            except RedisError:
-                pass  # Redis went away: subscribe again, after a backoff
-            finally:
-                wakeups.listening.clear()
-                with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
-            await anyio.sleep(backoff(failures, cap=5.0))
-            failures += 1
+        client = None
+        try:
+            while True:
+                client = self._clients.get()
+                pubsub = client[0].pubsub()
+                try:
+                    await pubsub.subscribe(self._resets)
+                    await pubsub.psubscribe(pattern)
+                    while True:
+                        message = await pubsub.get_message(timeout=_IDLE_PING)
+                        if message is None:
+                            await pubsub.ping()  # a silent connection may be a dead one
+                            continue
+                        kind = message["type"]
+                        if kind == "pmessage":
+                            wakeups.wake(str(message["channel"]))
+                        elif kind == "message":
+                            self._announced(str(message["data"]), wakeups)
+                        elif kind == "psubscribe":
+                            # The server answers in order: both subscriptions hold from here.
+                            failures = 0
+                            wakeups.listening.set()
+                            wakeups.wake_all()
+                except RedisError:
+                    pass  # Redis went away: subscribe again, after a backoff
+                finally:
+                    wakeups.listening.clear()
+                    with anyio.CancelScope(shield=True), contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()
+                await anyio.sleep(backoff(failures, cap=5.0))
+                failures += 1
+        finally:
+            # The listener ends with its loop (or aclose): the loop's client goes with it, so
+            # that nothing kept here holds a closed loop (a client made since stays).
+            if client is not None and self._clients.pop(client) is client:
+                bounded = anyio.CancelScope(shield=True, deadline=anyio.current_time() + 1)
+                with bounded, contextlib.suppress(RedisError, OSError):
+                    await client[0].aclose()
 
     def _announced(self, message: str, wakeups: Wakeups) -> None:
         reset = Reset.from_json(message)

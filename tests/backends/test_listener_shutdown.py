@@ -10,10 +10,13 @@ in a thread, so a hang fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import asyncio
+import gc
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -274,3 +277,51 @@ async def test_the_lifespan_closes_the_stores_it_built_after_the_values_cleanups
     assert events[2:] == ["cleaned up", f"closed {namespace}"]
     assert f"closed {namespace}own" not in events
     await own.aclose()
+
+
+async def answer() -> int:
+    return 42
+
+
+@pytest.mark.kinds("file", "redis", "postgres", "mysql")
+def test_closed_loops_that_used_a_store_are_collected(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """One backend used in three asyncio.run() loops (a value made, a watch entered), never
+    closed: once each loop has ended, nothing the store kept for it holds it alive (and its
+    connections were closed: an unclosed one would warn, failing the test)."""
+    backend: Any
+    if kind == "file":
+        from fastapi_once.backends import FileLockBackend
+
+        backend = FileLockBackend(str(tmp_path))
+    elif kind == "redis":
+        require("redis")
+        from fastapi_once.backends import RedisBackend
+
+        url = request.getfixturevalue("redis_server").url
+        backend = RedisBackend(url, namespace=f"loops-{secrets.token_hex(4)}")
+    elif kind == "postgres":
+        require("asyncpg")
+        from fastapi_once.backends import PostgresBackend
+
+        dsn = request.getfixturevalue("postgres_server").dsn
+        backend = PostgresBackend(dsn, table=f"loops_{secrets.token_hex(4)}")
+    else:
+        require("asyncmy")
+        from fastapi_once.backends import MySQLBackend
+
+        url = request.getfixturevalue("mariadb_server").url
+        backend = MySQLBackend(url, table=f"loops_{secrets.token_hex(4)}")
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def main() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        assert await backend.run_keyed("tests.loops", "ab" * 20, answer, ttl=30) == 42
+        async with backend.watch("tests.loops", "cd" * 20):
+            pass
+
+    for _ in range(3):
+        run_in_a_thread(main)
+    gc.collect()
+    assert [ref() for ref in loops] == [None] * 3

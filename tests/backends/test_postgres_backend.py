@@ -6,11 +6,8 @@ algorithm over them by test_lease.py; processes by test_across_processes.py.
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import gc
 import secrets
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -362,26 +359,6 @@ async def test_a_carried_value_is_not_served_past_its_ttl_or_after_a_reset(
             await follower.abandon(got, cooldown=None)
     await leader.aclose()
     await follower.aclose()
-
-
-def test_closed_loops_that_used_the_store_are_collected(
-    postgres_server: PostgresServer, table: str
-) -> None:
-    """One backend used in three asyncio.run() loops (a value made, a watch entered), never
-    closed: once each loop has ended, nothing the store kept for it holds it alive."""
-    backend = PostgresBackend(postgres_server.dsn, table=table)
-    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
-
-    async def main() -> None:
-        loops.append(weakref.ref(asyncio.get_running_loop()))
-        assert await backend.run_keyed("tests.loops", "ab" * 20, answer, ttl=30) == 42
-        async with backend.watch("tests.loops", "cd" * 20):
-            pass
-
-    for _ in range(3):
-        asyncio.run(main())
-    gc.collect()
-    assert [ref() for ref in loops] == [None] * 3
 
 
 async def test_a_notify_on_the_channel_that_is_not_a_reset_is_ignored(
