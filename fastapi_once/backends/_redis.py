@@ -179,7 +179,7 @@ class RedisBackend(StoreBackend):
         self.max_connections = whole(
             "RedisBackend", "max_connections", max_connections, least=2, unit=_LISTENER_AND_ONE
         )
-        # Per event loop, its client and its scripts.
+        # Per event loop, its client and its scripts; they go with its listener or aclose().
         self._clients = PerLoop(
             self._client,
             f"{self.describe()} runs on asyncio only (redis.asyncio); run the app on asyncio or "
