@@ -124,14 +124,9 @@ class Backend(abc.ABC):
 
 
 class PerLoop(Generic[T]):
-    """A store's driver object (a client, a pool) per asyncio event loop: drivers' objects are
-    bound to their loop. Made at the loop's first use; the entry goes with the loop, or
-    :meth:`pop`. Only the loop's own thread touches its entry.
-
-    Args:
-        make: makes the running loop's object.
-        refusal: the message of the RuntimeError raised when not on asyncio (say what to do).
-    """
+    """A store's driver object (a client, a pool: bound to their loop) per asyncio event loop,
+    made by ``make`` at the loop's first use; the entry goes with the loop, or :meth:`pop`.
+    Only the loop's own thread touches its entry."""
 
     def __init__(self, make: Callable[[], T], refusal: str) -> None:
         self._make, self._refusal = make, refusal
@@ -139,11 +134,7 @@ class PerLoop(Generic[T]):
         self._made = weakref.WeakKeyDictionary()
 
     def get(self) -> T:
-        """The running loop's object, made at its first use.
-
-        Raises:
-            RuntimeError: not on an asyncio event loop.
-        """
+        """The running loop's object; RuntimeError(``refusal``) if the loop is not asyncio's."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -180,11 +171,8 @@ def seconds(option: str, value: float | None) -> float | None:
 
 
 def whole(owner: str, option: str, value: int, *, least: int, unit: str = "") -> int:
-    """Return ``value``, checking that it is a whole number of at least ``least``.
-
-    Raises:
-        ValueError: it is not (the message names ``owner``'s option, the value and ``unit``).
-    """
+    """Return ``value`` if it is a whole number of at least ``least``; else raise ValueError
+    naming ``owner``'s option, the value and the fix (``unit``: what the number counts)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(
             f"{owner}({option}={value!r}): give a whole number of at least {least}{unit}"
