@@ -415,14 +415,7 @@ class PostgresBackend(StoreBackend):
             wakeups.wake(record)
             return
         self._news.pop()
-        reset = Reset.from_json(message)
-        if reset is None:
-            return
-        if reset.key is None:
-            wakeups.wake_all()
-        else:
-            wakeups.wake(_record(reset.name, reset.key))
-        self.heard(reset)
+        wakeups.announced(message, _record, self.heard)
 
     def _lock_key(self, name: str, key: str) -> int:
         return _lock_key(f"{self._namespace}\0{name}\0{key}")

@@ -268,7 +268,7 @@ class RedisBackend(StoreBackend):
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's channel (see LeaseStore)."""
         self._clients.get()  # asyncio only: say so before the listener would
-        with ListenerWatch(self._listeners, self._keys(name, key, "ev")[0]) as watch:
+        with ListenerWatch(self._listeners, self._channel(name, key)) as watch:
             await watch.wakeups.until_listening(_LISTENING_WITHIN)
             yield watch
 
@@ -305,7 +305,7 @@ class RedisBackend(StoreBackend):
                         if kind == "pmessage":
                             wakeups.wake(str(message["channel"]))
                         elif kind == "message":
-                            self._announced(str(message["data"]), wakeups)
+                            wakeups.announced(str(message["data"]), self._channel, self.heard)
                         elif kind == "psubscribe":
                             # The server answers in order: both subscriptions hold from here.
                             failures = 0
@@ -326,16 +326,6 @@ class RedisBackend(StoreBackend):
                 bounded = anyio.CancelScope(shield=True, deadline=anyio.current_time() + 1)
                 with bounded, contextlib.suppress(RedisError, OSError):
                     await client[0].aclose()
-
-    def _announced(self, message: str, wakeups: Wakeups) -> None:
-        reset = Reset.from_json(message)
-        if reset is None:
-            return
-        if reset.key is None:
-            wakeups.wake_all()
-        else:
-            wakeups.wake(self._keys(reset.name, reset.key, "ev")[0])
-        self.heard(reset)
 
     def _client(self) -> tuple[Any, dict[str, Any]]:
         """A new client for the running loop, and its scripts."""
@@ -368,6 +358,9 @@ class RedisBackend(StoreBackend):
         # The hash tag is the name and the key: one record's keys share a cluster slot, and
         # different records spread over the slots.
         return [f"{self._prefix(name)}{key}}}:{part}" for part in parts]
+
+    def _channel(self, name: str, key: str) -> str:
+        return self._keys(name, key, "ev")[0]
 
     def _legacy(self, name: str) -> str:
         """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM)."""
