@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import os
 import random
 import re
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Any, overload
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Generic, TypeAlias, TypeVar, overload
 from urllib.parse import unquote, urlsplit
+
+from .._errors import BackendError
+from ._store import StoreUnavailableError
 
 #: How long a follower waits for the leader by default, in seconds (``wait_timeout=``).
 DEFAULT_WAIT_TIMEOUT = 300.0
+
+T = TypeVar("T")
 
 #: The largest value a backend records by default, in bytes of JSON (``max_value_bytes=``).
 DEFAULT_MAX_VALUE_BYTES = 1 << 20
@@ -115,6 +123,36 @@ class Backend(abc.ABC):
         return f"<{self.describe()}>"
 
 
+class PerLoop(Generic[T]):
+    """A store's driver object (a client, a pool: bound to their loop) per asyncio event loop,
+    made by ``make`` at the loop's first use; the entry goes with the loop, or :meth:`pop`.
+    Only the loop's own thread touches its entry."""
+
+    def __init__(self, make: Callable[[], T], refusal: str) -> None:
+        self._make, self._refusal = make, refusal
+        self._made: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T]
+        self._made = weakref.WeakKeyDictionary()
+
+    def get(self) -> T:
+        """The running loop's object; RuntimeError(``refusal``) if the loop is not asyncio's."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(self._refusal) from None
+        made = self._made.get(loop)
+        if made is None:
+            made = self._made[loop] = self._make()
+        return made
+
+    def pop(self, made: T | None = None) -> T | None:
+        """Take the running loop's object out (only if it is ``made``, when given) and return
+        it: the next :meth:`get` makes another."""
+        loop = asyncio.get_running_loop()
+        if made is not None and self._made.get(loop) is not made:
+            return None
+        return self._made.pop(loop, None)
+
+
 @overload
 def seconds(option: str, value: float) -> float: ...
 @overload
@@ -130,6 +168,16 @@ def seconds(option: str, value: float | None) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{option}={value!r}: must be a positive number of seconds, or None")
     return float(value)
+
+
+def whole(owner: str, option: str, value: int, *, least: int, unit: str = "") -> int:
+    """Return ``value`` if it is a whole number of at least ``least``; else raise ValueError
+    naming ``owner``'s option, the value and the fix (``unit``: what the number counts)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(
+            f"{owner}({option}={value!r}): give a whole number of at least {least}{unit}"
+        )
+    return value
 
 
 def holder_id() -> str:
@@ -172,3 +220,42 @@ class Scrubber:
             text = text.replace(password, "***")
         text = _PASSWORD_PARAM.sub(r"\1***", text)
         return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+#: Which of a driver's errors are of a kind: these classes, or those a test says yes to.
+ErrorKind: TypeAlias = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
+
+
+@contextlib.contextmanager
+def store_errors(
+    store: str, doing: str, errors: ErrorKind, *, outage: ErrorKind, refused: ErrorKind = ()
+) -> Iterator[None]:
+    """Raise a driver's ``errors`` in the block as the store's: a ``refused`` login or database,
+    or an ``outage`` (:class:`StoreUnavailableError`), or any other failure (``BackendError``).
+
+    The message names the ``store`` (its description), what it was ``doing``, and the error's
+    type and code, never the driver's text (it may hold a password or a client's key). A
+    ``BackendError`` raised in the block goes on as it is.
+    """
+    try:
+        yield
+    except BackendError:
+        raise
+    except Exception as exc:
+        if not _is(exc, errors):
+            raise
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        what = type(exc).__name__ + ("" if code is None else f" {code}")
+        failed = f"{store}: failed {doing}:"
+        if _is(exc, refused):
+            raise BackendError(
+                f"{failed} the server refused the login or the database ({what}); check the "
+                "user, password and database in the URL"
+            ) from exc
+        if _is(exc, outage):
+            raise StoreUnavailableError(f"{failed} cannot be reached ({what})") from exc
+        raise BackendError(f"{failed} the server answered with an error ({what})") from exc
+
+
+def _is(exc: Exception, kind: ErrorKind) -> bool:
+    return isinstance(exc, kind) if isinstance(kind, type | tuple) else kind(exc)

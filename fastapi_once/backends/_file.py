@@ -173,7 +173,7 @@ class FileLockBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the marker(s), then append the reset to the log the listeners poll."""
-        line = json.dumps({"name": name, "key": key, "origin": origin}) + "\n"
+        line = Reset(name, key, origin).to_json() + "\n"
         with _failures(self):
             await anyio.to_thread.run_sync(self._clear, name, key, line.encode())
 
@@ -234,12 +234,9 @@ class FileLockBackend(StoreBackend):
                 except OSError:
                     continue  # the directory went away or is not ours: try again later
                 for line in lines:
-                    try:
-                        data = json.loads(line)
-                        reset = Reset(str(data["name"]), data["key"], str(data["origin"]))
-                    except (ValueError, KeyError, TypeError):
-                        continue  # not a line this backend wrote
-                    self.heard(reset)
+                    reset = Reset.from_json(line)
+                    if reset is not None:
+                        self.heard(reset)
 
     @property
     def _files(self) -> _PrivateDirectory:

@@ -43,7 +43,7 @@ import logging
 import math
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypedDict, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -57,6 +57,7 @@ from ._base import (
     backoff,
     holder_id,
     seconds,
+    whole,
 )
 from ._codec import encode_json
 from ._store import (
@@ -106,6 +107,21 @@ def fencing_token() -> int | None:
     return _fencing_token.get()
 
 
+class StoreOptions(TypedDict, total=False):
+    """The options every store hands to :class:`StoreBackend` (see there), ``lease`` aside."""
+
+    wait_timeout: float | None
+    ttl: float | None
+    recheck_interval: float
+    max_value_bytes: int | None
+
+
+class LeaseOptions(StoreOptions, total=False):
+    """:class:`StoreOptions` and ``lease``, for a store whose caller chooses it."""
+
+    lease: float
+
+
 class StoreBackend(Backend, LeaseStore):
     """A backend made of a store's primitives: the lease algorithm over :class:`LeaseStore`.
 
@@ -136,15 +152,9 @@ class StoreBackend(Backend, LeaseStore):
         self.ttl = seconds("ttl", ttl)
         self.lease: float = seconds("lease", lease)
         self.recheck_interval: float = seconds("recheck_interval", recheck_interval)
-        if max_value_bytes is not None and (
-            isinstance(max_value_bytes, bool)
-            or not isinstance(max_value_bytes, int)
-            or max_value_bytes < 1
-        ):
-            raise ValueError(
-                f"max_value_bytes={max_value_bytes!r}: give a positive whole number of bytes, "
-                "or None for no limit"
-            )
+        if max_value_bytes is not None:
+            owner, unit = type(self).__name__, " (bytes), or None for no limit"
+            whole(owner, "max_value_bytes", max_value_bytes, least=1, unit=unit)
         self.max_value_bytes = max_value_bytes
         self._me = secrets.token_hex(8)  # tells this backend's own resets apart, per loop
         self._outages: set[str] = set()  # names of onces falling back now (one warning each)

@@ -22,16 +22,19 @@ import re
 import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .._errors import BackendError
-from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, seconds
-from ._lease import StoreBackend
+from ._base import Scrubber, backoff, seconds, whole
+from ._lease import LeaseOptions, StoreBackend
 from ._mysql_db import Database, connect_args
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 #: Seconds between the listener's polls while no follower waits (resets arrive within 1 s).
 IDLE_POLL = 0.25
@@ -72,15 +75,11 @@ class MySQLBackend(StoreBackend):
         url: str,
         *,
         table: str = "fastapi_once",
-        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
-        ttl: float | None = None,
-        lease: float = 10.0,
         poll_interval: float = 0.025,
-        recheck_interval: float = 1.0,
         max_connections: int = 10,
         connect_timeout: float = 10.0,
-        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
         ssl: ssl_module.SSLContext | None = None,
+        **options: Unpack[LeaseOptions],
     ) -> None:
         self._scrub = Scrubber(url)
         if not isinstance(table, str) or not _TABLE.fullmatch(table):
@@ -88,18 +87,9 @@ class MySQLBackend(StoreBackend):
                 f"MySQLBackend(table={table!r}): give a table name of at most 51 letters, "
                 "digits and underscores, without a database (the URL names the database)"
             )
-        if type(max_connections) is not int or max_connections < 1:
-            raise ValueError(
-                f"MySQLBackend(max_connections={max_connections!r}): an int, at least 1"
-            )
-        super().__init__(
-            wait_timeout=wait_timeout,
-            ttl=ttl,
-            lease=lease,
-            recheck_interval=recheck_interval,
-            max_value_bytes=max_value_bytes,
-        )
-        self.table, self.max_connections = table, max_connections
+        super().__init__(**options)
+        self.table = table
+        self.max_connections = whole("MySQLBackend", "max_connections", max_connections, least=1)
         self.poll_interval: float = seconds("poll_interval", poll_interval)
         trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
         self._timeouts = trip, seconds("connect_timeout", connect_timeout)

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 
-from .._errors import BackendError
+from ._base import store_errors
 from ._store import StoreUnavailableError
 
 try:
@@ -67,18 +67,15 @@ class Database:
         """A new connection: autocommit, UTC, READ COMMITTED, the server's lock waits bounded by
         ``trip``, its idle timeout a year (a lock session, or a kept connection, may idle)."""
         waits = math.ceil(self.trip)
-        try:
-            with anyio.fail_after(self.connect_timeout):
-                conn = await asyncmy.connect(
-                    **self.args,
-                    autocommit=True,
-                    client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
-                    connect_timeout=self.connect_timeout,
-                    init_command="SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout "
-                    f"= 31536000, innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}",
-                )
-        except BaseException as exc:
-            raise self.error(exc) from exc
+        with self.errors("connecting"), anyio.fail_after(self.connect_timeout):
+            conn = await asyncmy.connect(
+                **self.args,
+                autocommit=True,
+                client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
+                connect_timeout=self.connect_timeout,
+                init_command="SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout "
+                f"= 31536000, innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}",
+            )
         try:
             for sql in ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", *self.setup):
                 await self.run(conn, sql)
@@ -114,13 +111,10 @@ class Database:
             StoreUnavailableError: no answer, or the connection is lost.
             BackendError: the server refused the statement.
         """
-        try:
-            with anyio.fail_after(min(trip, self.trip)):
-                async with conn.cursor() as cur:
-                    matched = await cur.execute(sql, args)
-                    return list(await cur.fetchall()) if rows else matched
-        except Exception as exc:
-            raise self.error(exc) from exc
+        with self.errors("running a statement"), anyio.fail_after(min(trip, self.trip)):
+            async with conn.cursor() as cur:
+                matched = await cur.execute(sql, args)
+                return list(await cur.fetchall()) if rows else matched
 
     async def lock(
         self, sql: str, name: str, session: LockSession | None = None
@@ -149,6 +143,10 @@ class Database:
                     raise
         return rows == [(1,)], session
 
+    def errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        """The driver's errors in the block as the store's (their type and code, never text)."""
+        return store_errors(self.name, doing, Exception, outage=_outage, refused=_refused)
+
     def close(self) -> None:
         """Close the idle connections and the lock session; those lent close when given back."""
         self.closed = True
@@ -158,21 +156,19 @@ class Database:
         if self.session is not None:
             self.session.close()
 
-    def error(self, exc: BaseException) -> BaseException:
-        """The store's exception for a driver's (its type and code, never its text)."""
-        if not isinstance(exc, Exception) or isinstance(exc, BackendError):
-            return exc
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-        what = f"{type(exc).__name__}" + ("" if code is None else f" {code}")
-        if code in _LOGIN:
-            return BackendError(
-                f"{self.name}: the server refused the login or the database ({what}); "
-                "check the user, password and database in the URL"
-            )
-        lost = not code and isinstance(exc, DriverError)
-        if isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost:
-            return StoreUnavailableError(f"{self.name}: cannot be reached ({what})")
-        return BackendError(f"{self.name}: the server failed a statement ({what})")
+
+def _code(exc: Exception) -> int | None:
+    return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+
+
+def _refused(exc: Exception) -> bool:
+    return _code(exc) in _LOGIN
+
+
+def _outage(exc: Exception) -> bool:
+    code = _code(exc)
+    lost = not code and isinstance(exc, DriverError)
+    return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost
 
 
 def connect_args(url: str, shown: str) -> dict[str, Any]:

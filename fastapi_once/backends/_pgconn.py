@@ -6,12 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from .._errors import BackendError
-from ._base import Scrubber
-from ._store import StoreUnavailableError
+from ._base import Scrubber, store_errors
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -38,6 +36,8 @@ OUTAGES = (
 )
 #: Every error of the driver: an outage, or the server refusing a statement.
 DRIVER_ERRORS = (*OUTAGES, asyncpg.PostgresError)
+# A refused login (InvalidPasswordError among them) or an unknown database.
+_REFUSED = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
 
 # The libpq connection keywords taken in a ``key=value`` DSN: asyncpg.connect()'s arguments of
 # the same name, or of the name given here.
@@ -78,15 +78,11 @@ class Connections:
         self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions held
         self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
 
-    @contextlib.contextmanager
-    def errors(self, doing: str) -> Iterator[None]:
-        """Driver errors as StoreUnavailableError (an outage) or BackendError, scrubbed."""
-        try:
-            yield
-        except DRIVER_ERRORS as exc:
-            detail = self.scrub(f"{type(exc).__name__}: {exc}")
-            kind = StoreUnavailableError if isinstance(exc, OUTAGES) else BackendError
-            raise kind(f"{self._describe()}: failed {doing}: {detail}") from exc
+    def errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        """The driver's errors in the block as the store's (see ``_base.store_errors``)."""
+        return store_errors(
+            self._describe(), doing, DRIVER_ERRORS, outage=OUTAGES, refused=_REFUSED
+        )
 
     @contextlib.asynccontextmanager
     async def pooled(self, doing: str) -> AsyncIterator[Any]:

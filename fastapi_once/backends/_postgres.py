@@ -11,22 +11,23 @@ import asyncio
 import collections
 import contextlib
 import hashlib
-import json
 import math
 import re
-import weakref
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
 from .._errors import BackendError
-from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, backoff, holder_id
+from ._base import PerLoop, backoff, holder_id, whole
 from ._base import seconds as _seconds
-from ._lease import StoreBackend
+from ._lease import StoreBackend, StoreOptions
 from ._pgconn import APPLICATION, DRIVER_ERRORS, Connections
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for "_lease" and "_fence"
 _UNTIL = "clock_timestamp() + make_interval(secs => {}::float8)"  # NULL seconds: never
@@ -127,14 +128,11 @@ class PostgresBackend(StoreBackend):
         *,
         table: str = "fastapi_once",
         lock: Literal["session", "transaction"] = "session",
-        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
-        ttl: float | None = None,
         connect_timeout: float = 10.0,
         check_interval: float = 1.0,
         poll_interval: float = 0.025,
-        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
-        recheck_interval: float = 1.0,
         pool_size: int = 8,
+        **options: Unpack[StoreOptions],
     ) -> None:
         parts = table.split(".")
         if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(p) for p in parts):
@@ -148,17 +146,11 @@ class PostgresBackend(StoreBackend):
                 f"PostgresBackend(lock={lock!r}): lock is 'session' or 'transaction' (for "
                 "PgBouncer transaction pooling)"
             )
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise ValueError(f"PostgresBackend(pool_size={pool_size!r}): give a whole number >= 1")
         check_interval = _seconds("check_interval", check_interval)
-        super().__init__(
-            wait_timeout=wait_timeout,
-            ttl=ttl,
-            lease=3 * check_interval,  # renewed (its session checked) every check_interval
-            recheck_interval=recheck_interval,
-            max_value_bytes=max_value_bytes,
-        )
-        self.table, self.lock, self.pool_size = table, lock, pool_size
+        # The lease is renewed (its session checked) every check_interval.
+        super().__init__(lease=3 * check_interval, **options)
+        self.table, self.lock = table, lock
+        self.pool_size = whole("PostgresBackend", "pool_size", pool_size, least=1)
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
         self.check_interval, self.poll_interval = check_interval, poll_interval
         _seconds("poll_interval", poll_interval)
@@ -183,14 +175,9 @@ class PostgresBackend(StoreBackend):
         # follow, counted (its listener wakes a record's watches when the lock is free), and the
         # values heard for them (record id -> value, when heard, ttl), dropped with the
         # record's last watch and at any reset.
-        # Per event loop, held weakly (a closed loop is collected): the watched records' lock
-        # ids and the values their NOTIFYs carried.
-        self._followed: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, collections.Counter[tuple[int, str]]
-        ] = weakref.WeakKeyDictionary()
-        self._news: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, dict[str, tuple[str, float, float | None]]
-        ] = weakref.WeakKeyDictionary()
+        refusal = f"{self.describe()} runs on asyncio only (asyncpg); run the app on asyncio"
+        self._followed = PerLoop(collections.Counter[tuple[int, str]], refusal)
+        self._news = PerLoop(dict[str, tuple[str, float, float | None]], refusal)
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -203,7 +190,7 @@ class PostgresBackend(StoreBackend):
     ) -> Claim:
         """See ``LeaseStore.claim``: a value heard, else a pooled read; with nothing to serve
         and the lock free, try it on a lock session and read again there."""
-        news = self._news.get(asyncio.get_running_loop(), {}).get(_record(name, key))
+        news = self._news.get().get(_record(name, key))
         if news is not None:  # heard as the leader recorded it: as fresh as a read
             value, heard, ttl = news
             fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
@@ -276,16 +263,15 @@ class PostgresBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the record(s) and NOTIFY the reset, in one statement."""
-        message = json.dumps({"name": name, "key": key, "origin": origin})
-        self._news.pop(asyncio.get_running_loop(), None)
+        message = Reset(name, key, origin).to_json()
+        self._news.pop()
         async with self._pooled("clearing the record") as conn:
             await conn.execute(self._sql["delete"], name, key, self._channel, message)
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's NOTIFYs (see ``_listen``)."""
-        loop = asyncio.get_running_loop()
-        followed = self._followed.setdefault(loop, collections.Counter())
+        followed = self._followed.get()
         entry = (self._lock_key(name, key), _record(name, key))
         followed[entry] += 1
         try:
@@ -296,7 +282,7 @@ class PostgresBackend(StoreBackend):
             followed[entry] -= 1
             if followed[entry] <= 0:
                 del followed[entry]
-                self._news.get(loop, {}).pop(entry[1], None)
+                self._news.get().pop(entry[1], None)
 
     async def aclose(self) -> None:
         """Stop the running loop's listener; its end ends the loop's connections."""
@@ -393,7 +379,7 @@ class PostgresBackend(StoreBackend):
                         checked = anyio.current_time()
                         while True:
                             await anyio.sleep(ORPHANS_EVERY)
-                            followed = self._followed.get(asyncio.get_running_loop())
+                            followed = self._followed.get()
                             if followed:  # also tells that the session lives
                                 locks = sorted({lock for lock, _ in followed})
                                 free = await conn.fetchval(
@@ -415,29 +401,21 @@ class PostgresBackend(StoreBackend):
                 failures += 1
         finally:
             self._connections.end()
-            self._news.pop(asyncio.get_running_loop(), None)  # nothing wakes with them now
+            self._news.pop()  # nothing wakes with them now
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
         """A NOTIFY: a record's id (its leader ended), then the value recorded if it fit; or a
         JSON reset."""
-        loop = asyncio.get_running_loop()
         if not message.startswith("{"):
             record, _, news = message.partition(" ")
-            if news and any(r == record for _, r in self._followed.get(loop, ())):
+            if news and any(r == record for _, r in self._followed.get()):
                 ttl, _, value = news.partition(" ")
                 heard = (value, anyio.current_time(), None if ttl == "-" else float(ttl))
-                self._news.setdefault(loop, {})[record] = heard
+                self._news.get()[record] = heard
             wakeups.wake(record)
             return
-        self._news.pop(loop, None)
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # not one of ours
-            data = json.loads(message)
-            reset = Reset(str(data["name"]), data["key"], str(data["origin"]))
-            if reset.key is None:
-                wakeups.wake_all()
-            else:
-                wakeups.wake(_record(reset.name, reset.key))
-            self.heard(reset)
+        self._news.pop()
+        wakeups.announced(message, _record, self.heard)
 
     def _lock_key(self, name: str, key: str) -> int:
         return _lock_key(f"{self._namespace}\0{name}\0{key}")

@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import secrets
 import warnings
-import weakref
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
 
 from .._errors import BackendError
-from .._logs import fields
-from ._base import DEFAULT_MAX_VALUE_BYTES, DEFAULT_WAIT_TIMEOUT, Scrubber, backoff, seconds
-from ._lease import StoreBackend
+from ._base import PerLoop, Scrubber, backoff, seconds, store_errors, whole
+from ._lease import LeaseOptions, StoreBackend
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
-from ._store import StoreUnavailableError as Unavailable
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
 try:
@@ -42,8 +37,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "RedisBackend needs the redis package: pip install 'fastapi-once[redis]'"
     ) from exc
 
-logger = logging.getLogger("fastapi_once")
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
+_OUTAGES = (RedisConnectionError, RedisTimeoutError)  # refused logins aside (AuthenticationError)
+_LISTENER_AND_ONE = " (the listener's connection and one for commands)"
 _IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
 _LISTENING_WITHIN = 0.5  # the longest a loop's first claim or a watch waits for the listener
 _FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
@@ -155,21 +153,11 @@ class RedisBackend(StoreBackend):
         url: str = "redis://127.0.0.1:6379/0",
         *,
         namespace: str = "fastapi_once",
-        lease: float = 10.0,
-        wait_timeout: float | None = DEFAULT_WAIT_TIMEOUT,
-        ttl: float | None = None,
         poll_interval: float | None = None,
-        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
-        recheck_interval: float = 1.0,
         max_connections: int = 10,
+        **options: Unpack[LeaseOptions],
     ) -> None:
-        super().__init__(
-            wait_timeout=wait_timeout,
-            ttl=ttl,
-            lease=lease,
-            recheck_interval=recheck_interval,
-            max_value_bytes=max_value_bytes,
-        )
+        super().__init__(**options)
         if poll_interval is not None:
             seconds("poll_interval", poll_interval)
             warnings.warn(
@@ -182,36 +170,33 @@ class RedisBackend(StoreBackend):
             raise ValueError(
                 f"RedisBackend(namespace={namespace!r}): give a non-empty string without braces"
             )
-        count = isinstance(max_connections, int) and not isinstance(max_connections, bool)
-        if not count or max_connections < 2:
-            raise ValueError(
-                f"RedisBackend(max_connections={max_connections!r}): give a whole number of at "
-                "least 2 (the listener's connection and one for commands)"
-            )
-        self._scrub = Scrubber(url)
-        _check_url(url, self._scrub.shown)
+        self._shown = Scrubber(url).shown
+        _check_url(url, self._shown)
         self._url = url
         self.namespace = namespace
         self._resets = f"{namespace}:k:resets"  # the channel of every name's resets
         self._timeout = min(self.lease / 2, 5.0)
-        self.max_connections = max_connections
-        # Per event loop (redis.asyncio clients are loop-bound), its client and its scripts;
-        # the entry goes with the loop (or aclose).
-        self._clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[Any, dict[str, Any]]
-        ] = weakref.WeakKeyDictionary()
+        self.max_connections = whole(
+            "RedisBackend", "max_connections", max_connections, least=2, unit=_LISTENER_AND_ONE
+        )
+        # Per event loop, its client and its scripts; they go with its listener or aclose().
+        self._clients = PerLoop(
+            self._client,
+            f"{self.describe()} runs on asyncio only (redis.asyncio); run the app on asyncio or "
+            "use FileLockBackend",
+        )
         # Per event loop, the listener of the leaders' ends and of resets, and the watches.
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
         """Return ``RedisBackend(<url with the password masked>, namespace=...)``."""
-        return f"RedisBackend({self._scrub.shown}, namespace={self.namespace})"
+        return f"RedisBackend({self._shown}, namespace={self.namespace})"
 
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
         """See :meth:`LeaseStore.claim`: one script."""
-        self._client()  # asyncio only: say so before the listener would
+        self._clients.get()  # asyncio only: say so before the listener would
         fresh = asyncio.get_running_loop() not in self._listeners
         wakeups = self._listeners.start()
         keys = self._keys(name, key, "v", "lock", "cool", "fence")
@@ -260,9 +245,12 @@ class RedisBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
-        redis = self._client()[0]
-        message = json.dumps({"name": name, "key": key, "origin": origin})
-        with self._answering(f"resetting {name}"):
+        redis = self._clients.get()[0]
+        message = Reset(name, key, origin).to_json()
+        doing = f"resetting {name}"
+        with store_errors(
+            self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
+        ):
             if key is not None:
                 await redis.unlink(*self._keys(name, key, "v", "cool"))  # one record: one slot
                 if key == UNKEYED:
@@ -279,8 +267,8 @@ class RedisBackend(StoreBackend):
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """Register with this loop's listener for the record's channel (see LeaseStore)."""
-        self._client()  # asyncio only: say so before the listener would
-        with ListenerWatch(self._listeners, self._keys(name, key, "ev")[0]) as watch:
+        self._clients.get()  # asyncio only: say so before the listener would
+        with ListenerWatch(self._listeners, self._channel(name, key)) as watch:
             await watch.wakeups.until_listening(_LISTENING_WITHIN)
             yield watch
 
@@ -288,7 +276,7 @@ class RedisBackend(StoreBackend):
         """Stop this loop's listener and close its pool (a later call opens new ones)."""
         # The client leaves first: a watch that the listener's end wakes (and that starts the
         # next listener) uses a new one.
-        client = self._clients.pop(asyncio.get_running_loop(), None)
+        client = self._clients.pop()
         await self._listeners.stop()
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
@@ -303,7 +291,7 @@ class RedisBackend(StoreBackend):
         client = None
         try:
             while True:
-                client = self._client()
+                client = self._clients.get()
                 pubsub = client[0].pubsub()
                 try:
                     await pubsub.subscribe(self._resets)
@@ -317,7 +305,7 @@ class RedisBackend(StoreBackend):
                         if kind == "pmessage":
                             wakeups.wake(str(message["channel"]))
                         elif kind == "message":
-                            self._announced(str(message["data"]), wakeups)
+                            wakeups.announced(str(message["data"]), self._channel, self.heard)
                         elif kind == "psubscribe":
                             # The server answers in order: both subscriptions hold from here.
                             failures = 0
@@ -334,75 +322,33 @@ class RedisBackend(StoreBackend):
         finally:
             # The listener ends with its loop (or aclose): the loop's client goes with it, so
             # that nothing kept here holds a closed loop (a client made since stays).
-            loop = asyncio.get_running_loop()
-            if client is not None and self._clients.get(loop) is client:
-                del self._clients[loop]
+            if client is not None and self._clients.pop(client) is client:
                 bounded = anyio.CancelScope(shield=True, deadline=anyio.current_time() + 1)
                 with bounded, contextlib.suppress(RedisError, OSError):
                     await client[0].aclose()
 
-    def _announced(self, message: str, wakeups: Wakeups) -> None:
-        try:
-            data = json.loads(message)
-            reset = Reset(data["name"], data["key"], data["origin"])
-            if not all(isinstance(v, str) for v in (reset.name, reset.key or "", reset.origin)):
-                raise TypeError(reset)
-        except (ValueError, KeyError, TypeError):
-            logger.warning(
-                "ignored a reset message that is not one of ours",
-                extra=fields(None, "reset_message_ignored"),
-            )
-            return
-        if reset.key is None:
-            wakeups.wake_all()
-        else:
-            wakeups.wake(self._keys(reset.name, reset.key, "ev")[0])
-        self.heard(reset)
-
     def _client(self) -> tuple[Any, dict[str, Any]]:
-        """The running loop's client and scripts, made at its first use."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError(
-                f"{self.describe()} runs on asyncio only (redis.asyncio); run the app on asyncio "
-                "or use FileLockBackend"
-            ) from None
-        client = self._clients.get(loop)
-        if client is None:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self.max_connections,
-                timeout=self.wait_timeout,  # for a free connection: not an outage
-                decode_responses=True,
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                # One immediate retry replaces a connection that a server restart broke;
-                # longer outages are the algorithm's, which knows the lease and wait_timeout.
-                retry=Retry(NoBackoff(), 1),
-            )
-            redis = aioredis.Redis.from_pool(pool)
-            scripts = {s: redis.register_script(s) for s in (CLAIM, RENEW, COMPLETE, ABANDON)}
-            client = self._clients[loop] = (redis, scripts)
-        return client
+        """A new client for the running loop, and its scripts."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=self.max_connections,
+            timeout=self.wait_timeout,  # for a free connection: not an outage
+            decode_responses=True,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            # One immediate retry replaces a connection that a server restart broke;
+            # longer outages are the algorithm's, which knows the lease and wait_timeout.
+            retry=Retry(NoBackoff(), 1),
+        )
+        redis = aioredis.Redis.from_pool(pool)
+        return redis, {s: redis.register_script(s) for s in (CLAIM, RENEW, COMPLETE, ABANDON)}
 
     async def _run(self, script: str, doing: str, keys: list[str], *args: object) -> Any:
         """Run one of the scripts above on the running loop's client."""
-        with self._answering(doing):
-            return await self._client()[1][script](keys=keys, args=list(args))
-
-    @contextlib.contextmanager
-    def _answering(self, doing: str) -> Iterator[None]:
-        """Turn the driver's errors into the store's: an outage, or any other failure."""
-        try:
-            yield
-        except RedisError as exc:
-            detail = self._scrub(f"{type(exc).__name__}: {exc}")
-            message = f"{self.describe()}: failed {doing}: {detail}"
-            outage = isinstance(exc, (RedisConnectionError, RedisTimeoutError))
-            if outage and not isinstance(exc, AuthenticationError):
-                raise Unavailable(message) from exc
-            raise BackendError(message) from exc
+        with store_errors(
+            self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
+        ):
+            return await self._clients.get()[1][script](keys=keys, args=list(args))
 
     def _prefix(self, name: str) -> str:
         return f"{self.namespace}:k:{{{_tag(name)}:"
@@ -412,6 +358,9 @@ class RedisBackend(StoreBackend):
         # The hash tag is the name and the key: one record's keys share a cluster slot, and
         # different records spread over the slots.
         return [f"{self._prefix(name)}{key}}}:{part}" for part in parts]
+
+    def _channel(self, name: str, key: str) -> str:
+        return self._keys(name, key, "ev")[0]
 
     def _legacy(self, name: str) -> str:
         """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM)."""

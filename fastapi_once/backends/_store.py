@@ -14,12 +14,17 @@ JSON encoding). It must pass ``tests/backends/store_contract.py`` against its re
 from __future__ import annotations
 
 import abc
+import json
+import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from .._errors import BackendError
+from .._logs import fields
+
+logger = logging.getLogger("fastapi_once")
 
 #: The key of an unkeyed once's one record (a digest is 40 hex digits: never this).
 UNKEYED = "-"
@@ -76,6 +81,27 @@ class Reset:
     name: str
     key: str | None  #: the key reset, :data:`UNKEYED`, or None for every key of ``name``
     origin: str  #: who reset it, as given to :meth:`LeaseStore.clear` (opaque to the store)
+
+    def to_json(self) -> str:
+        """The reset as the JSON text a store sends to the other processes."""
+        return json.dumps({"name": self.name, "key": self.key, "origin": self.origin})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Reset | None:
+        """The reset that :meth:`to_json` made ``text`` from; None, logging a warning, for
+        anything else (whoever can write to a store's channel can send it anything)."""
+        try:
+            data = json.loads(text)
+            name, key, origin = data["name"], data["key"], data["origin"]
+            if isinstance(name, str) and isinstance(origin, str) and isinstance(key, str | None):
+                return cls(name, key, origin)
+        except (ValueError, KeyError, TypeError):
+            pass
+        logger.warning(
+            "ignored a reset message that is not one of ours",
+            extra=fields(None, "reset_message_ignored"),
+        )
+        return None
 
 
 class Watch(abc.ABC):

@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 
 from .._logs import error_type, fields
-from ._store import Watch
+from ._store import Heard, Reset, Watch
 
 logger = logging.getLogger("fastapi_once")
 
@@ -62,6 +62,19 @@ class Wakeups:
         for events in self._waiting.values():
             for event in events:
                 event.set()
+
+    def announced(self, message: str, record: Callable[[str, str], str], heard: Heard) -> None:
+        """For a reset ``message`` (see :meth:`Reset.from_json`; anything else is ignored), wake
+        the followers of its ``record(name, key)`` (every follower, for every key), then hand
+        it to ``heard``."""
+        reset = Reset.from_json(message)
+        if reset is None:
+            return
+        if reset.key is None:
+            self.wake_all()
+        else:
+            self.wake(record(reset.name, reset.key))
+        heard(reset)
 
     def waiting(self) -> int:
         """How many followers wait."""

@@ -10,9 +10,11 @@ from pathlib import Path
 import anyio
 import pytest
 from store_contract import StoreContract, StoreKit
+from timekeeping import wait_until
 
 from fastapi_once import once
 from fastapi_once.backends import FileLockBackend
+from fastapi_once.backends._store import UNKEYED, Lease, Reset
 
 
 class TestFileStore(StoreContract):
@@ -45,3 +47,25 @@ def test_a_loop_that_ends_without_aclose_ends_its_listener(tmp_path: Path, loop:
         thread.start()
         thread.join(timeout=20)  # a hang guard
         assert not thread.is_alive()
+
+
+@pytest.mark.anyio
+async def test_a_line_in_the_resets_log_that_is_not_a_reset_is_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lines the store did not write are logged and skipped; the listener goes on, so a real
+    reset afterwards is still heard."""
+    backend = FileLockBackend(tmp_path / "locks")
+    heard: list[Reset] = []
+    backend.bind(heard.append)
+    try:
+        lease = await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+        assert isinstance(lease, Lease)  # the claim started the listener
+        await backend.abandon(lease, cooldown=None)
+        strangers = 'not json\n{"name": "n", "key": 0, "origin": "o"}\n'
+        (tmp_path / "locks" / "resets.log").write_text(strangers)
+        await wait_until(lambda: caplog.text.count("not one of ours") == 2)
+        await backend.clear("n", None, origin="elsewhere")
+        await wait_until(lambda: heard == [Reset("n", None, "elsewhere")])
+    finally:
+        await backend.aclose()

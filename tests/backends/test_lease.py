@@ -503,3 +503,11 @@ async def test_an_unkeyed_once_without_a_ttl_records_its_value_for_the_backends_
     lives = {n: r.expires - now for (n, _), r in server.records.items() if r.expires is not None}
     assert sorted(lives) == sorted(n for n, _ in server.records)  # both records expire
     assert sorted(round(life) for life in lives.values()) == [5, 30]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "1024"])
+def test_max_value_bytes_is_a_positive_whole_number_or_none(bad: Any) -> None:
+    """A bad max_value_bytes= is a ValueError naming the store, the option and the value."""
+    with pytest.raises(ValueError, match=rf"MemoryStore\(max_value_bytes={bad!r}\): give a whole"):
+        MemoryStore(MemoryServer(), max_value_bytes=bad)
+    assert MemoryStore(MemoryServer(), max_value_bytes=None).max_value_bytes is None

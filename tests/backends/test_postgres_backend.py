@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
 from backend_servers import PostgresServer, free_port, require
+from timekeeping import wait_until
 
 from fastapi_once.backends import BackendError, fencing_token
 from fastapi_once.backends._base import holder_id
@@ -214,6 +216,8 @@ async def test_a_wrong_password_or_a_closed_port_raises_backend_error_without_th
         assert "wrong-secret-pw" not in str(info.value)
         assert "fastapi_once:***@127.0.0.1" in str(info.value)
         assert info.value.__cause__ is not None
+        refused = "refused the login or the database (InvalidPasswordError)"
+        assert (refused in str(info.value)) is (dsn == dsns[0])  # a closed port is an outage
         await backend.aclose()
 
 
@@ -355,3 +359,31 @@ async def test_a_carried_value_is_not_served_past_its_ttl_or_after_a_reset(
             await follower.abandon(got, cooldown=None)
     await leader.aclose()
     await follower.aclose()
+
+
+async def test_a_notify_on_the_channel_that_is_not_a_reset_is_ignored(
+    postgres_server: PostgresServer, sql: Any, table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who may NOTIFY on the table's channel can send anything: a JSON message that is
+    not a reset is logged and skipped, and the listener goes on hearing real resets."""
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    heard: list[Reset] = []
+    backend.bind(heard.append)
+    try:
+        async with backend.watch("n", "-"):  # returns once the loop's listener listens
+            pass
+        for message in ("{not json", '{"name": "n", "key": 0, "origin": "o"}'):
+            await sql.execute("SELECT pg_notify($1, $2)", backend._channel, message)
+        await wait_until(lambda: caplog.text.count("not one of ours") == 2)
+        await backend.clear("n", None, origin="elsewhere")
+        await wait_until(lambda: heard == [Reset("n", None, "elsewhere")])
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_postgres_backend_refuses_trio_clearly(postgres_server: PostgresServer) -> None:
+    """asyncpg needs asyncio: on trio the error says so, naming the backend."""
+    backend = PostgresBackend(postgres_server.dsn)
+    with pytest.raises(RuntimeError, match=r"PostgresBackend\(.*\) runs on asyncio only"):
+        await backend.run_once("tests.pg.trio", answer)
