@@ -88,7 +88,7 @@ async def test_a_leader_cancelled_before_the_lock_reply_arrives_leaves_the_key_f
 
     first, second = make(lease=60), make(lease=60, recheck_interval=600)
     digest = shared_key_digest(name, "/a")
-    scripts = first._client()[1]  # type: ignore[attr-defined]
+    scripts = first._clients.get()[1]  # type: ignore[attr-defined]
     real = scripts[CLAIM]
     sent = anyio.Event()
 
