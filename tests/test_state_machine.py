@@ -2,14 +2,15 @@
 
 A real once (unkeyed or keyed with maxsize=2, with ttl/refresh/cooldown/stale_if_error, a
 generator value with a cleanup) runs in an event loop in a background thread (asyncio or trio).
-Rules make calls, finish or fail the runs of fn in flight, cancel callers, move the fake clock,
-reset one key or all.
+Rules make calls and readiness kicks, finish or fail the runs of fn in flight, cancel callers,
+move the fake clock, reset one key or all.
 After every step: never two runs of fn for one key at once, no cleanup twice, no value served
 after its cleanup, and each record holds exactly the data its state says applies (the table in
 ``fastapi_once._records``). The table's rows are walked: a call does what its key's state says
-and moves it to the row's next state; a run's outcome moves its record as the table says; time
-moves a record only along the table's time rows. A probe call behaves as status() said; at the
-end, after reset_all(), every value made was cleaned up once.
+and moves it to the row's next state; a kick starts exactly where a call would; a run's outcome
+moves its record as the table says; time moves a record only along the table's time rows;
+status() says what the table's column says. A probe call behaves as status() said; at the end,
+after reset_all(), every value made was cleaned up once.
 Hypothesis prints a failing sequence of steps, which replays it.
 """
 
@@ -31,6 +32,7 @@ from timekeeping import FakeClock
 
 from fastapi_once import _clock, once, reset_all
 from fastapi_once._keys import NOKEY
+from fastapi_once._readiness import kick
 from fastapi_once._records import (
     CAN_REFRESH,
     FAILED,
@@ -255,6 +257,24 @@ class OnceMachine(RuleBasedStateMachine):
         else:  # joins the attempt (started or in flight), whose run waits on its gate
             assert not fut.done(), state
         after, _ = self.phase(key)
+        assert after == (STARTS[state] if begins else state), (state, begins, after)
+
+    @precondition(lambda self: not self.keyed and all(f.done() for f in self.resets))
+    @rule()
+    def a_probe_kick_follows_the_start_rows(self) -> None:
+        """A readiness probe's kick starts an attempt exactly where a call would, with the same
+        next state, and never waits."""
+        assert self.portal is not None
+        state, begins = self.phase(None)
+        started = self.started
+
+        async def probe() -> bool:
+            return kick(self.once, None)
+
+        assert self.portal.call(probe) == begins, state
+        self.settle()
+        assert self.started == started + begins, state
+        after, _ = self.phase(None)
         assert after == (STARTS[state] if begins else state), (state, begins, after)
 
     @rule(seconds=st.sampled_from([1, 3, 6, 11]))
