@@ -28,16 +28,20 @@ working: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
 class Attempt:
     """One run of a once's function and its outcome, delivered to every waiter.
 
-    ``value``, ``error``, ``traceback`` and ``context`` are written once, before ``done`` is
-    set, and only read after. Only the loop's thread touches an attempt, except ``waiting_on``:
-    work its task hands to the process scope's loop adds and removes its own edges there (single
-    list operations, atomic under the GIL).
+    Its outcome, written before ``done`` is set and only read after, is what its waiters get
+    (``value``, or ``raises``, raised with ``traceback`` and ``context``) and what the run ended
+    with (``error``, None on success). They differ only where the run failed and its waiters get
+    a value kept past its ttl (``stale_if_error=``, see :meth:`fall_back`), which the record
+    withdraws if it retires that value while the run goes on (see :meth:`withdraw`). Only the
+    loop's thread touches an attempt, except ``waiting_on``: work its task hands to the process
+    scope's loop adds and removes its own edges there (single list operations, atomic under the
+    GIL).
     """
 
     __slots__ = (
         "_label", "context", "done", "ended", "error", "key", "logs", "name", "number", "picked",
-        "scope", "show_key", "span", "stale", "task", "traceback", "value", "waiters", "waiting_on",
-        "watched",
+        "raises", "scope", "show_key", "span", "task", "traceback", "value", "waiters",
+        "waiting_on", "watched",
     )  # fmt: skip
 
     def __init__(self, name: str, key: object, done: Event) -> None:
@@ -49,18 +53,18 @@ class Attempt:
         self.span: Any = None  # its span's context, when traced: callers that wait link to it
         self.watched = False  # telemetry was set up when it started: its end is recorded
         self.done = done  # set once the outcome is in
-        # Set when the run itself ends, where that is later than its outcome (it timed out).
+        # Set when the run itself ends, where that is later than its outcome (it timed out):
+        # what a teardown waits for.
         self.ended: Event | None = None
         # Calls waiting for the outcome; ``picked``, if someone asks, is set when none is left,
         # so that a value is not cleaned up before the calls it was made for have it.
         self.waiters = 0
         self.picked: Event | None = None
         self.value: Any = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # what the run failed with
+        self.raises: BaseException | None = None  # what its waiters raise (else get ``value``)
         self.traceback: Any = None
         self.context: BaseException | None = None
-        # The attempt failed, but its waiters get ``value``: one kept past its ttl for that.
-        self.stale = False
         # The cancel scope around the work, so that a timeout can stop it from another task.
         self.scope: anyio.CancelScope | None = None
         # The attempts this attempt's work waits for: the edges that cycle detection walks.
@@ -82,9 +86,15 @@ class Attempt:
         """Whether the outcome is in (waiters are being or have been woken)."""
         return self.done.is_set()
 
+    @property
+    def fell_back(self) -> bool:
+        """Whether the run failed and its waiters get a value instead (see :meth:`fall_back`)."""
+        return self.raises is None and self.error is not None
+
     def fail(self, error: BaseException, traceback: Any) -> None:
         """Deliver ``error`` (raised with ``traceback``) to every waiter."""
-        self.error, self.traceback, self.context = error, traceback, error.__context__
+        self.error = self.raises = error
+        self.traceback, self.context = traceback, error.__context__
         self.done.set()
 
     def fall_back(self, value: Any, error: BaseException, traceback: Any) -> None:
@@ -93,13 +103,18 @@ class Attempt:
         For a value kept past its ttl (``stale_if_error=``); ``error`` stays the outcome that
         logs, spans and ``status()`` report.
         """
-        self.value, self.stale = value, True
-        self.fail(error, traceback)
+        self.value, self.error = value, error
+        self.traceback, self.context = traceback, error.__context__
+        self.done.set()
+
+    def withdraw(self) -> None:
+        """The value given by :meth:`fall_back` is retired: waiters from now on get the error."""
+        self.value, self.raises = None, self.error
 
     def result(self) -> Any:
         """Return the value, or raise the error as the attempt raised it."""
-        error = self.error
-        if error is None or self.stale:
+        error = self.raises
+        if error is None:
             return self.value
         # Every waiter raises the one exception object. Raising sets its traceback and, inside
         # an ``except`` block, its context to the raiser's own: both are put back first, so that

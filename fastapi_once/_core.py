@@ -202,7 +202,7 @@ class Once(Generic[P, T]):
                     got.picked.set()
         else:
             await wait(got)
-        if got.error is None or got.stale:
+        if got.raises is None:
             return got.value  # type: ignore[no-any-return]
         return got.result()  # type: ignore[no-any-return]
 

@@ -29,7 +29,7 @@ from ._kinds import Kind, kind_of
 from ._loops import current_loop, in_process_loop, run_in_process_loop
 from ._methods import refuse_class_level
 from ._options import readiness_options
-from ._records import READY, REFRESHING
+from ._records import CAN_REFRESH, SERVING
 from ._status import OnceStatus
 from ._telemetry import error_type, fields, ping_failed
 
@@ -249,7 +249,7 @@ def kick(target: Once[Any, Any], context: object, *, make: bool = True) -> bool:
         return False
     made = rec.made
     if not make and (  # past the ttl a value is made anew, not refreshed
-        rec.state != READY
+        rec.state not in CAN_REFRESH
         or made is None
         or (made.expires_at is not None and now >= made.expires_at)
     ):
@@ -265,6 +265,6 @@ def served(target: Once[Any, Any]) -> tuple[bool, Any]:
     """Whether an unkeyed once serves a value in the running loop now, and that value."""
     store = target.store_seen()
     rec = None if store is None else store.records.get(NOKEY)
-    if rec is None or rec.made is None or rec.due(_clock.monotonic()) not in (READY, REFRESHING):
+    if rec is None or rec.made is None or rec.due(_clock.monotonic()) not in SERVING:
         return False, None
     return True, rec.made.value

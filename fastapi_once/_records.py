@@ -3,55 +3,80 @@
 An unkeyed once is the key-less case of the same store. Every transition is a method of
 ``Record``, and every entry point (a call's slow path, the readiness kick, reset, teardown, the
 task keeping a value) goes through them; whether an attempt starts is one rule,
-``Record.begins``, for calls and probes alike. This one table is the whole machine. A state
-may carry a sub-state: *stale* (the value is past its ttl, kept until ttl + S under
-``stale_if_error=S``: the value's age, a time row) and *failing* (a try to replace the value
-failed: ``Record.failing``, set and cleared only by these rows):
+``Record.begins``, for calls and probes alike. This one table is the whole machine.
 
-    state           event                 next            side effect
-    idle            call, kick            running         start one attempt in a library task
-    running         call                  running         join it (closing a cycle raises instead)
-    running         attempt succeeds      ready           serve the value; wake the waiters; retire
-                                                          a stale value kept
-    running         attempt fails         failed/idle     wake the waiters with the error; failed
-                                                          while cooldown= lasts, else idle
-    running, stale  attempt fails         ready, failing  wake the waiters with the stale value; no
-                                                          attempt before cooldown
-    ready           call, kick: refresh   refreshing      start one refresh (not within a failed
-                    due                                   refresh's cooldown); serve the value
-    ready           ttl ends              idle            retire the value
-    ready           ttl ends,             ready, stale    keep the value, not served (status() says
-                    stale_if_error=                       idle, and stale)
-    ready, stale    call, kick            running, stale  start one attempt; calls join it as on any
-                                                          expiry; the stale value is kept for them
-    ready, failing  call (past the ttl    refreshing,     serve the value at once; start one attempt
-                    too)                  failing         in the background (not within cooldown)
-    refreshing      call                  refreshing      serve the value
-    refreshing      refresh succeeds      ready           serve the new value; retire the old
-    refreshing      refresh fails         ready, failing  keep serving; no refresh before cooldown
-    refreshing      ttl ends              running (,      calls join the refresh; the value is
-                                          stale)          retired, or kept for them
-                                                          (stale_if_error=)
-    refreshing,     ttl ends              refreshing,     keep serving the value
-    failing                               failing
-    failed          call                  failed          raise the attempt's error
-    failed          cooldown ends         idle            forget the error
-    any, stale      ttl + S ends          idle/running    retire the stale value; the next failure
-                                                          reaches the callers
-    any             reset, eviction,      idle            after work in flight settles: retire
-                    teardown
+The state is stored whole in ``Record.state``, sub-states included: *stale* (the value is past
+its ttl, kept until ttl + S under ``stale_if_error=S``, not served) and *failing* (a try to
+replace the value failed: it is served, past its ttl too, until ttl + S). What a call gets is
+decided by the state alone; beside it a record keeps only data that its state says applies: the
+value ``made`` (in running-stale, ready*, refreshing*), the ``attempt`` in flight (in running*
+and refreshing*), the ``failure`` and the end of its cooldown (in failed), and ``retry_at``, the
+end of a failed replacement's cooldown (only in ready-failing; None without ``cooldown=``).
+
+    state               a call                                  status() says
+    idle                starts an attempt and joins it          idle
+    running             joins the attempt                       running
+    running-stale       joins the attempt (a value is kept)     running, stale
+    ready               gets the value (a due refresh starts)   ready
+    ready-stale         starts an attempt and joins it          idle, stale
+    ready-failing       gets the value (a due refresh starts    ready (stale past the ttl)
+                        once retry_at has passed)
+    refreshing          gets the value                          refreshing
+    refreshing-failing  gets the value                          refreshing (stale past the ttl)
+    failed              gets the error at once                  failed
+
+    state               event                 next                side effect
+    idle                call, kick            running             start one attempt in a library
+                                                                  task
+    running, running-   call                  the same            join it (closing a cycle raises
+    stale                                                         instead)
+    running, running-   attempt succeeds      ready               serve the value; wake the
+    stale                                                         waiters; retire a value kept
+    running             attempt fails         failed / idle       wake the waiters with the error;
+                                                                  failed while cooldown= lasts
+    running-stale       attempt fails         ready-failing       wake the waiters with the value
+                                                                  kept; retry_at = cooldown's end
+    running, running-   timeout               the same            wake the waiters (as on a
+    stale                                                         failure); the run goes on, and
+                                                                  calls joining it get the same
+    ready               call, kick: refresh   refreshing          start one refresh; serve the
+                        due                                       value
+    ready-failing       call, kick: refresh   refreshing-failing  the same, not before retry_at
+                        due
+    ready               ttl ends              idle                retire the value
+    ready               ttl ends, S           ready-stale         keep the value, not served
+    ready-stale         call, kick            running-stale       start one attempt; calls join it
+    refreshing,         call                  the same            serve the value
+    refreshing-failing
+    refreshing,         refresh succeeds      ready               serve the new value; retire the
+    refreshing-failing                                            old
+    refreshing,         refresh fails         ready-failing       keep serving; retry_at =
+    refreshing-failing                                            cooldown's end
+    refreshing          timeout               refreshing-failing  keep serving; the run goes on
+    refreshing          ttl ends              running /           calls join the refresh; the
+                                              running-stale (S)   value is retired, or kept (S)
+    refreshing-failing  ttl ends              the same            keep serving the value
+    failed              call                  failed              raise the attempt's error
+    failed              cooldown ends         idle                forget the error
+    running-stale,      ttl + S ends          running             retire the value; the next
+    refreshing-failing                                            failure reaches the callers
+    ready-stale,        ttl + S ends          idle                retire the value
+    ready-failing
+    any                 reset, eviction,      idle                after work in flight settles:
+                        teardown                                  retire
 
 Where options meet it: a failed ``refresh=`` before the ttl makes the value failing, so past
-the ttl it is served at once; ``cooldown=`` spaces the attempts made while a stale value is
-served; ``jitter=`` moves the ttl and so ttl + S; ``retries=`` are tries within one attempt,
-whose final failure is the one that counts; a ``timeout=`` is a failure (the waiters get the
-stale value when it strikes; a refresh it strikes is failing while its run goes on; a run
-going on past ttl + S does not keep the value: it is retired then, and calls joining the run
-get its timeout). Reset, eviction and teardown retire a stale value like any other (its
-cleanup runs once); each key of a keyed once (``None`` included) has its own record, so its
-own stale value. ``status()`` reports the states above as of now (the time rows applied),
-plus ``stale`` and ``stale_until`` while a stale value is kept; after shutdown a due attempt
-is refused with ``OnceClosedError`` as any refresh is.
+the ttl it is served at once; ``cooldown=`` spaces the attempts made while a failing value is
+served (``retry_at``); ``jitter=`` moves the ttl and so ttl + S; ``retries=`` are tries within
+one attempt, whose final failure is the one that counts; a ``timeout=`` is a failure (the
+waiters get the stale value when it strikes; a refresh it strikes is failing while its run goes
+on; a run going on past ttl + S does not keep the value: it is retired then, and calls joining
+the run get its timeout). Reset, eviction and teardown retire a stale value like any other (its
+cleanup runs once); each key of a keyed once (``None`` included) has its own record, so its own
+stale value. ``status()`` reads each record's state as of now (``Record.due``: the time rows
+applied), mapped by ``PUBLIC`` (the column above), plus ``stale`` and ``stale_until`` while a
+value is kept past its ttl; after shutdown a due attempt is refused with ``OnceClosedError`` as
+any refresh is.
 
 An idle record is dropped from its store. The time rows are applied by ``Record.advance`` when
 an entry point looks at a record, and on time by the task that keeps a value with a cleanup.
@@ -67,7 +92,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from contextlib import AsyncExitStack
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import anyio
 
@@ -85,11 +110,44 @@ from ._values import Value
 logger = logging.getLogger("fastapi_once")
 
 
-IDLE: State = "idle"
-RUNNING: State = "running"
-READY: State = "ready"
-REFRESHING: State = "refreshing"
-FAILED: State = "failed"
+# A record's state, sub-states included (see the table above).
+Phase = Literal[
+    "idle",
+    "running",
+    "running-stale",
+    "ready",
+    "ready-stale",
+    "ready-failing",
+    "refreshing",
+    "refreshing-failing",
+    "failed",
+]
+IDLE: Phase = "idle"
+RUNNING: Phase = "running"
+RUNNING_STALE: Phase = "running-stale"
+READY: Phase = "ready"
+READY_STALE: Phase = "ready-stale"
+READY_FAILING: Phase = "ready-failing"
+REFRESHING: Phase = "refreshing"
+REFRESHING_FAILING: Phase = "refreshing-failing"
+FAILED: Phase = "failed"
+# What status() says of each state (the table's last column).
+PUBLIC: dict[Phase, State] = {
+    IDLE: "idle",
+    RUNNING: "running",
+    RUNNING_STALE: "running",
+    READY: "ready",
+    READY_STALE: "idle",
+    READY_FAILING: "ready",
+    REFRESHING: "refreshing",
+    REFRESHING_FAILING: "refreshing",
+    FAILED: "failed",
+}
+SERVING = (READY, READY_FAILING, REFRESHING, REFRESHING_FAILING)  # a call gets the value
+FAILING = (READY_FAILING, REFRESHING_FAILING)  # served past the ttl, until ttl + S
+STALE = (RUNNING_STALE, READY_STALE)  # kept past the ttl, not served
+REFRESHES = (REFRESHING, REFRESHING_FAILING)  # a refresh in flight
+CAN_REFRESH = (READY, READY_FAILING)  # served, and may start a refresh
 
 Resolve = Callable[[AsyncExitStack], Awaitable[dict[str, Any]]]
 
@@ -114,35 +172,35 @@ class Record:
     """One key's life in one loop; all of a once's transitions (see the table above)."""
 
     __slots__ = (
-        "attempt", "failing", "failure", "key", "made", "retry_at", "state", "store", "until",
+        "attempt", "failure", "key", "made", "retry_at", "state", "store", "until",
     )  # fmt: skip
 
     def __init__(self, store: Store, key: Hashable) -> None:
         self.store, self.key = store, key
-        self.state: State = IDLE
-        # The value: served in ready and refreshing; in running, kept past its ttl
-        # (stale_if_error=) for the waiters in case the attempt fails.
+        self.state: Phase = IDLE  # changed only by this class's transitions
+        # The value: served in ready*, refreshing*; in running-stale and ready-stale, kept
+        # past its ttl (stale_if_error=) for the callers in case the next attempt fails.
         self.made: Value | None = None
-        self.attempt: Attempt | None = None  # set exactly in running and refreshing
+        self.attempt: Attempt | None = None  # set exactly in running* and refreshing*
+        # The error, as raised, and the end of its cooldown: set exactly in failed.
         self.failure: tuple[BaseException, Any, BaseException | None, float] | None = None
-        self.retry_at: float | None = None  # after a failed refresh: no refresh before this
-        # A try to replace ``made`` failed: past its ttl it is served until retired.
-        self.failing = False
+        self.retry_at: float | None = None  # only in ready-failing: no refresh before this
         self.until: float | None = None  # the hot path serves ``made`` before this (None: ever)
 
-    def _to(self, state: State) -> None:
+    def _to(self, state: Phase) -> None:
         self.state, made = state, self.made
         if made is None:
             self.until = None
-        elif state == RUNNING:  # a stale value kept for the waiters: not served
+        elif state not in SERVING:  # a stale value kept for the next attempt: not served
             self.until = -math.inf
         else:
-            ends = self.store.policy.retires(made.expires_at) if self.failing else made.expires_at
-            if state == REFRESHING:
+            failing = state in FAILING
+            ends = self.store.policy.retires(made.expires_at) if failing else made.expires_at
+            if state in REFRESHES:
                 self.until = ends
                 return
             wants = self._wants(made)
-            if wants is not None and self.retry_at is not None:
+            if wants is not None and failing and self.retry_at is not None:
                 wants = max(wants, self.retry_at)
             self.until = ends if wants is None else wants if ends is None else min(wants, ends)
 
@@ -158,22 +216,24 @@ class Record:
 
     def serves(self, now: float) -> bool:
         """Whether calls get the value at once: fresh, or stale after a failed try to replace it."""
-        made = self.made
-        if made is None or self.state == RUNNING:
+        made, state = self.made, self.state
+        if made is None or state not in SERVING:
             return False
         expires = made.expires_at
         if expires is None or now < expires:
             return True
-        return self.failing and now < cast(float, self._ends(made))
+        return state in FAILING and now < cast(float, self._ends(made))
 
-    def due(self, now: float) -> State:
+    def due(self, now: float) -> Phase:
         """The state that time has brought this record to (the table's time rows)."""
         made, state = self.made, self.state
-        if made is not None and made.expires_at is not None:
+        if made is not None and made.expires_at is not None and now >= made.expires_at:
             if now >= cast(float, self._ends(made)):
                 return RUNNING if self.attempt is not None else IDLE
-            if state == REFRESHING and now >= made.expires_at and not self.failing:
-                return RUNNING  # stale: calls join the refresh; the value is kept for them
+            if state == REFRESHING:
+                return RUNNING_STALE  # calls join the refresh; the value is kept for them
+            if state == READY:
+                return READY_STALE  # not served; kept for the next attempt's callers
         if state == FAILED and self.failure is not None and now >= self.failure[3]:
             return IDLE
         return state
@@ -195,22 +255,20 @@ class Record:
         clock), and, for a value kept past its ttl, when it is retired (wall clock)."""
         state, made = self.due(now), self.made
         if made is None:
-            return state, None, None
-        stale, ends = None, self._ends(made)
-        if made.expires_at is not None and made.expires_at <= now < cast(float, ends):
-            stale = made.wall_time + cast(float, ends) - made.made_at
-            if state == READY and not self.failing:
-                state = IDLE  # kept but not served: the next call starts an attempt
-        return state, made.wall_time, stale
+            return PUBLIC[state], None, None
+        stale = None
+        expires = made.expires_at  # a failing value may be before its ttl, or have none
+        if state in STALE or (state in FAILING and expires is not None and now >= expires):
+            stale = made.wall_time + cast(float, self._ends(made)) - made.made_at
+        return PUBLIC[state], made.wall_time, stale
 
     def _retire(self, now: bool = True) -> None:
-        made, self.made = self.made, None
-        self.failing, self.retry_at = False, None
+        made, self.made, self.retry_at = self.made, None, None
         attempt = self.attempt
-        if attempt is not None and attempt.stale:
-            # Its waiters were given ``made`` (a timeout within the window) and the run goes on:
-            # a call that joins it from now on gets the failure, not a retired value.
-            attempt.stale, attempt.value = False, None
+        if attempt is not None and attempt.fell_back:
+            # Its waiters were given ``made`` and the run goes on (a timeout within the
+            # window): a call that joins it from now on gets the failure, not a retired value.
+            attempt.withdraw()
         if made is not None and made.stack is not None:  # only a cleanup has a keeper to wake
             if now:
                 made.retire()
@@ -238,7 +296,7 @@ class Record:
         """
         made = self.made
         if self.attempt is None and (made is None or made.stack is None):
-            self.made, self.failing, self.retry_at = None, False, None  # nothing to clean up
+            self.made = self.retry_at = None  # nothing to clean up
         else:
             self._retire(now)
         self.failure = self.attempt = self.until = None
@@ -269,7 +327,7 @@ class Record:
         if self.attempt is not None or self.failure is not None:
             return False
         if self.made is not None and self.serves(now):
-            return self.state == READY and self.refresh_due(now)
+            return self.state in CAN_REFRESH and self.refresh_due(now)
         return True
 
     def enter(
@@ -329,9 +387,10 @@ class Record:
         refresh = False
         if made is None:
             self.state, self.until = RUNNING, None  # what _to(RUNNING) says with no value
-        else:
+        else:  # ready(-failing) -> refreshing(-failing), ready-stale -> running-stale
             refresh = self.serves(_clock.monotonic())
-            self._to(REFRESHING if refresh else RUNNING)
+            failing, self.retry_at = self.state == READY_FAILING, None  # it applied until now
+            self._to((REFRESHING_FAILING if failing else REFRESHING) if refresh else RUNNING_STALE)
         work = store.work(self, attempt, args, kwargs, resolve)
         if logger.isEnabledFor(logging.INFO):
             attempt.logs = True
@@ -368,8 +427,7 @@ class Record:
         if self.attempt is attempt:
             store.last_error = (type(error).__name__, str(error), self.key)
             if self.state == REFRESHING:  # a failed refresh, though its run goes on
-                self.failing = True
-                self._to(REFRESHING)
+                self._to(REFRESHING_FAILING)
         if attempt.scope is not None:
             attempt.scope.cancel()
 
@@ -382,7 +440,7 @@ class Record:
         if self.settle(attempt, None, error, traceback, took):
             store = self.store
             refresh = self.made is not None
-            stale = refresh and attempt.stale  # its waiters got the value past its ttl
+            stale = refresh and attempt.fell_back  # its waiters got the value kept
             # The type only: exception text can hold secrets (a DSN, a token); DEBUG has it.
             kind = error_type(error)
             logger.warning(
@@ -427,16 +485,17 @@ class Record:
         waiting for is no longer this record's: its waiters get :class:`OnceClosedError`. In
         both cases ``made`` is given to nobody and its maker must clean it up.
         """
-        store, refresh = self.store, self.state == REFRESHING
+        store, refresh = self.store, self.state in REFRESHES
         store.last_duration = took
         mine, applied = self.attempt is attempt, True
-        if attempt.ended is not None:  # timed out: its waiters were released then
+        # An outcome in before this one: only a timeout delivers one while the run goes on.
+        timed_out = attempt.error is not None
+        if timed_out:  # the timeout is the outcome
             made, error, traceback, applied = None, attempt.error, attempt.traceback, False
         elif not mine and error is None:
             closed = OnceClosedError(store.name, process=in_process_loop())
             made, error, traceback, applied = None, closed, None, False
-        # Its waiters were released already only by a timeout, which set ``ended`` first.
-        if attempt.ended is None:
+        if not timed_out:
             if error is not None:
                 self._release(attempt, error, traceback, _clock.monotonic())
             else:
@@ -465,8 +524,7 @@ class Record:
                 store.evict(keep=self)
             elif self.made is not None:  # a failed refresh, or a stale value served instead
                 self.retry_at = store.policy.cooldown_until(now, error)
-                self.failing = True
-                self._to(READY)
+                self._to(READY_FAILING)
                 store.evict(keep=self)
             elif (until := store.policy.cooldown_until(now, error)) is None:
                 self.drop()
@@ -590,7 +648,7 @@ class Store:
         """
         records = list(self.records.values())
         now = _clock.monotonic()
-        return sum(1 for r in records if r.made), [r.due(now) for r in records]
+        return sum(1 for r in records if r.made), [PUBLIC[r.due(now)] for r in records]
 
     @property
     def loop(self) -> object:

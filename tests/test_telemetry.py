@@ -305,6 +305,27 @@ async def test_metric_counters_equal_the_status_counts(otel: Otel, clock: FakeCl
     assert sum(point.count for point in durations) == status.attempts
 
 
+async def test_the_state_metric_names_each_record_as_status_does(
+    otel: Otel, clock: FakeClock
+) -> None:
+    """A value past its ttl, kept for stale_if_error= but not served, is idle there too."""
+    name = unique("stale-state")
+
+    @once(name=name, ttl=10, stale_if_error=30)
+    async def load() -> int:
+        return 1
+
+    assert await load() == 1
+    assert otel.total("fastapi_once.state", name, state="ready") == 1
+    clock.advance(11)
+    status = load.status()
+    assert (status.state, status.stale) == ("idle", True)
+    assert otel.total("fastapi_once.state", name, state="ready") == 0
+    assert otel.total("fastapi_once.state", name, state="idle") == 1
+    assert otel.total("fastapi_once.values", name) == 1  # kept
+    await load.reset()
+
+
 async def test_a_timed_out_attempt_is_one_failure_whose_span_ends_with_its_run(
     otel: Otel,
 ) -> None:
