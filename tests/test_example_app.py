@@ -681,15 +681,15 @@ def test_python_m_example_app_migrates_once_across_a_server_backend(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
     """With EXAMPLE_BACKEND_URL=redis://..., postgresql://... or mysql://... two workers
-    migrate once, run after run (each on a fresh database); no password is shown."""
+    migrate once; on PostgreSQL also run after run (each run on a fresh database: what a run
+    leaves in the store does not depend on the store); no password is shown."""
     fixture = {"redis": "redis_url", "postgres": "postgres_dsn", "mysql": "mysql_url"}[kind]
     url: str = request.getfixturevalue(fixture)
     env = {"EXAMPLE_BACKEND_URL": url}
     # A small burst: the migration runs at each worker's startup, whatever the requests.
-    output = run_example("--requests", "50", "--workers", "2", env=env)
-    assert_migrated_once(output, workers=2)
-    output = run_example("--requests", "50", "--workers", "2", env=env)
-    assert_migrated_once(output, workers=2)
+    for _ in range(2 if kind == "postgres" else 1):
+        output = run_example("--requests", "50", "--workers", "2", env=env)
+        assert_migrated_once(output, workers=2)
     password = urlsplit(url).password
     assert password
     assert password not in output
