@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,29 @@ CONTENDERS = {
 }
 
 
+def run_bench(
+    args: list[str], *, cwd: Path, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a bench command in a process group of its own; past ``timeout``, end the group
+    (the bench's servers and apps too, which a timeout of the command alone would leave)."""
+    with subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
 @pytest.fixture
 def bench_packages() -> None:
     """Skip unless the packages of the bench group are installed."""
@@ -47,12 +71,10 @@ def bench_packages() -> None:
 @pytest.mark.usefixtures("bench_packages")
 def test_smoke_run_writes_every_scenario_and_contender(tmp_path: Path) -> None:
     """``python -m bench --smoke`` completes and writes well-formed results for everything."""
-    run = subprocess.run(
+    run = run_bench(
         [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)],
         cwd=ROOT,
         timeout=50,
-        capture_output=True,
-        text=True,
     )
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "results.json").read_text())
@@ -98,7 +120,7 @@ def test_fleet_smoke_run_fetches_each_url_once_per_worker_alone_and_once_across(
 ) -> None:
     """``python -m bench.fleet`` at tiny sizes: a URL is fetched once a worker, or once across."""
     workers, requests, urls = 2, 20, 5
-    run = subprocess.run(
+    run = run_bench(
         [
             *(sys.executable, "-m", "bench.fleet", "--workers", str(workers)),
             *("--requests", str(requests), "--urls", str(urls), "--rounds", "1"),
@@ -106,8 +128,6 @@ def test_fleet_smoke_run_fetches_each_url_once_per_worker_alone_and_once_across(
         ],
         cwd=ROOT,
         timeout=50,
-        capture_output=True,
-        text=True,
     )
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "fleet.json").read_text())
@@ -151,12 +171,10 @@ def test_floors_smoke_run_measures_every_ratio_of_the_core(tmp_path: Path) -> No
     """``python -m bench.floors --smoke`` writes each floor's ratio with its spread."""
     from bench.floors import ROWS  # needs the bench group's packages
 
-    run = subprocess.run(
+    run = run_bench(
         [sys.executable, "-m", "bench.floors", "--smoke", "--out", str(tmp_path)],
         cwd=ROOT,
         timeout=50,
-        capture_output=True,
-        text=True,
     )
     assert run.returncode == 0, run.stderr
     name = f"floors{sys.version_info[0]}{sys.version_info[1]}"
@@ -173,7 +191,7 @@ def test_outage_bench_reports_both_policies_in_each_mode(tmp_path: Path) -> None
     restart of Redis: requests sent and failed in the window and overall, and upstream fetches."""
     if shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None:
         pytest.skip("the outage bench needs redis-server and the redis package")
-    run = subprocess.run(
+    run = run_bench(
         [
             *(sys.executable, "-m", "bench.outage", "--out", str(tmp_path)),
             *("--workers", "1", "--seconds", "1", "--outage", "0.4", "--rate", "20"),
@@ -181,8 +199,6 @@ def test_outage_bench_reports_both_policies_in_each_mode(tmp_path: Path) -> None
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=35,
-        capture_output=True,
-        text=True,
     )
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / "outage.json").read_text())
