@@ -36,7 +36,7 @@ from ._values import Value
 from ._work import Work
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from .backends._late import BoundBackend
 
 if sys.version_info >= (3, 12):  # pragma: no cover
     from typing import ParamSpec, final
@@ -74,7 +74,7 @@ class Once(Generic[P, T]):
         key: Callable[..., Hashable] | None = None,
         maxsize: int = 128,
         injector: Injector | None = None,
-        across: Backend | None = None,
+        across: BoundBackend | None = None,
         policy: Policy | None = None,
         options: dict[str, Any] | None = None,
         scope: str = "loop",

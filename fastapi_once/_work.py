@@ -27,7 +27,7 @@ from ._telemetry import across
 from ._values import Value, shielded
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from .backends._late import BoundBackend
 
 
 class Work:
@@ -39,7 +39,7 @@ class Work:
         fn: Callable[..., Any],
         kind: Kind,
         injector: Injector | None,
-        across: Backend | None,
+        across: BoundBackend | None,
         policy: Policy,
     ) -> None:
         self.name = name

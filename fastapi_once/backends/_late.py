@@ -87,7 +87,7 @@ def _scheme(url: str) -> str:
     return scheme
 
 
-class BoundBackend(Backend):
+class BoundBackend:
     """The backend of one once, built at first use from a URL or factory, and decoding results
     into the type the once's function is annotated to return.
 
@@ -219,25 +219,6 @@ class BoundBackend(Backend):
             )
         return codec.from_data(data)
 
-    async def run_once(
-        self, name: str, work: Callable[[], Awaitable[Any]], *, ttl: float | None = None
-    ) -> Any:
-        """As :meth:`share` without a key (``name`` is the once's)."""
-        return await self.share(None, work, ttl=ttl)
-
-    async def run_keyed(
-        self,
-        name: str,
-        key: str,
-        work: Callable[[], Awaitable[Any]],
-        *,
-        ttl: float,
-        cooldown: float | None = None,
-        refresh: float | None = None,
-    ) -> Any:
-        """As :meth:`share` for ``key`` (``name`` is the once's)."""
-        return await self.share(key, work, ttl=ttl, cooldown=cooldown, refresh=refresh)
-
     async def reset(self, name: str) -> None:
         """Clear ``name``'s record in the backend."""
         await self.backend.reset(name)
@@ -261,6 +242,9 @@ class BoundBackend(Backend):
             return f"backend at {Scrubber(source).shown} (built at first use)"
         what = getattr(source, "__qualname__", type(source).__qualname__)
         return f"backend from {what}() (built at first use)"
+
+    def __repr__(self) -> str:
+        return f"<{self.describe()}>"
 
     def _built_here(self) -> Backend | None:
         """The backend given, or the one built in the running loop (None: none yet)."""

@@ -204,7 +204,7 @@ async def test_aclose_closes_the_backend_built_in_this_loop_and_nothing_else(
     late = BoundBackend(make, fn=fn, name="t.close")
     await late.aclose()
     assert closed == []
-    await late.run_once("t.close", fn)
+    await late.share(None, fn, ttl=None)
     assert late.describe() == f"FileLockBackend({tmp_path / 'late'})"
     await late.aclose()
     given = BoundBackend(Closing(tmp_path / "given"), fn=fn, name="t.close")
