@@ -16,6 +16,7 @@ namespace), fresh for the test. Times are short real seconds (instant under trio
 from __future__ import annotations
 
 import contextlib
+import itertools
 import secrets
 from collections.abc import AsyncIterator, Callable
 
@@ -76,8 +77,14 @@ class StoreKit:
                     await store.aclose()
 
 
+_prefixes = itertools.count()
+
+
 def _key() -> str:
-    return secrets.token_hex(20)  # what a shared key digest looks like: 40 hex digits
+    """What a shared key digest looks like: 40 hex digits. Keys made one after the other differ
+    in their first two digits: the file store's keys that share those share one lock file (as
+    documented), so random keys would collide there now and then."""
+    return f"{next(_prefixes) % 256:02x}{secrets.token_hex(19)}"
 
 
 async def _claim(
