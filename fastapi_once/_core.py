@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import _clock
 from ._attempts import wait, working
-from ._events import current_loop, thread_proof
+from ._events import current_loop, unproven
 from ._keys import NOKEY, key_call_error, shared_key_digest, unhashable
 from ._kinds import as_coroutine_function, kind_of
 from ._loops import (
@@ -47,7 +47,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-_NOWHERE = (object(), None, None, None)  # the hot cell before any call
+_NOWHERE = (unproven, None, None)  # the hot cell before any call
 _all: weakref.WeakSet[Once[Any, Any]] = weakref.WeakSet()
 
 
@@ -91,10 +91,10 @@ class Once(Generic[P, T]):
         # scope="process": the values live in the process scope's loop only (so _hot, once
         # set, is that loop's, written in its thread); other threads read it or hop there.
         self._process = scope == "process"
-        # (loop, thread proof, store, unkeyed record) of the loop that called last: the hot
-        # path's one read. A tuple, so a reader in another thread never mixes two loops' parts.
-        # The loop is a weak proxy, and nothing else in it holds the loop: a closed loop goes.
-        self._hot: tuple[Any, int | None, Store | None, Record | None] = _NOWHERE
+        # (loop reference, store, unkeyed record) of the loop that called last: the hot path's
+        # one read. A tuple, so a reader in another thread never mixes two loops' parts. The
+        # loop is referenced weakly, and nothing else in it holds the loop: a closed loop goes.
+        self._hot: tuple[Callable[[], Any], Store | None, Record | None] = _NOWHERE
         self.__name__ = getattr(fn, "__name__", name)
         self.__qualname__ = getattr(fn, "__qualname__", name)
         self.__module__ = getattr(fn, "__module__", None) or __name__
@@ -130,27 +130,27 @@ class Once(Generic[P, T]):
             Exception: whatever the shared attempt raised; the next call tries again (or, within
                 a ``cooldown``, fails fast with the same exception).
         """
-        loop, proof, store, rec = self._hot
-        # The hot path: proven the current loop without a system call where possible. ``loop``
-        # is a weak proxy: a dead one raises ReferenceError (another loop calls: ask again).
+        ref, store, rec = self._hot
+        # The hot path: the cell's loop runs in this thread, so it is the running loop (see
+        # _events.proves_thread), proven without a system call where the loop allows it.
         try:
-            elsewhere = proof != get_ident() or loop._thread_id != proof
-        except ReferenceError:  # pragma: no cover - the dying loop's callback empties the cell
-            elsewhere = True  # first; only a reader in another thread can come in between
-        if elsewhere:
+            here = ref()._thread_id == get_ident()
+        except AttributeError:  # pragma: no cover - the dying loop's callback empties the cell
+            here = False  # first; only a reader in another thread can come in between
+        if not here:
             if self._process and not in_process_loop():
                 return cast(T, await self._elsewhere(args, kwargs))
-            loop, proof, store, rec = self._find()
+            ref, store, rec = self._find()
+        if (
+            rec is not None  # only an unkeyed once's cell holds a record
+            and (made := rec.made) is not None
+            and not args
+            and (not kwargs or (self._param in kwargs and len(kwargs) == 1))
+            and (rec.until is None or _clock.monotonic() < rec.until)
+        ):
+            store.hits += 1  # type: ignore[union-attr]
+            return made.value  # type: ignore[no-any-return]
         if self._key is None:
-            if (
-                rec is not None
-                and (made := rec.made) is not None
-                and not args
-                and (not kwargs or (self._param in kwargs and len(kwargs) == 1))
-                and (rec.until is None or _clock.monotonic() < rec.until)
-            ):
-                rec.store.hits += 1
-                return made.value  # type: ignore[no-any-return]
             key: Hashable = NOKEY
             hidden = kwargs.pop(self._param, None) if self._param is not None else None
             if args or kwargs:
@@ -206,10 +206,10 @@ class Once(Generic[P, T]):
             return got.value  # type: ignore[no-any-return]
         return got.result()  # type: ignore[no-any-return]
 
-    def _find(self) -> tuple[Any, int | None, Store, Record | None]:
+    def _find(self) -> tuple[Callable[[], Any], Store, Record | None]:
         loop = current_loop()
         hot = self._hot
-        if hot[2] is not None and hot[2].loop is loop:
+        if hot[1] is not None and hot[1].loop is loop:
             return hot  # type: ignore[return-value]
         state = state_of(loop)
         store = cast("Store | None", state.stores.get(self))
@@ -225,12 +225,12 @@ class Once(Generic[P, T]):
                 self._work.keeps,
             )
             began(self, self.name, loop, self._work.fn)  # warns if its last loop ended untorn down
-        self._hot = (store.hot_loop, thread_proof(loop), store, store.records.get(NOKEY))
+        self._hot = (store.hot_loop, store, store.records.get(NOKEY))
         return self._hot
 
     def _forget_cell(self, store: Store | None = None) -> None:
         # Forget the hot cell (only if it is ``store``'s, when given).
-        if store is None or self._hot[2] is store:
+        if store is None or self._hot[1] is store:
             self._hot = _NOWHERE
 
     async def _elsewhere(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -246,7 +246,7 @@ class Once(Generic[P, T]):
         Only reads: the process scope's records change in its loop's thread alone, and a read
         sees a record's value whole or not at all. Anything but a plain hit is left to the loop.
         """
-        store, rec = self._hot[2], self._hot[3]
+        store, rec = self._hot[1], self._hot[2]
         if store is None:
             return None
         if self._key is not None:
@@ -296,7 +296,7 @@ class Once(Generic[P, T]):
 
         With ``scope="process"``, call it in the process scope's loop only.
         """
-        return self._find()[2]
+        return self._find()[1]
 
     def store_seen(self) -> Store | None:
         """The running loop's store (or, outside any loop, the last one used while it lives).
@@ -304,11 +304,11 @@ class Once(Generic[P, T]):
         With ``scope="process"``, the process scope's store. For the library's modules.
         """
         if self._process:
-            return self._hot[2]
+            return self._hot[1]
         try:
             state = running_state()
         except RuntimeError:
-            return self._hot[2]
+            return self._hot[1]
         return None if state is None else cast("Store | None", state.stores.get(self))
 
     def _enter(self, store: Store, key: Hashable, args: Any, kwargs: Any, ctx: object) -> Any:
@@ -319,7 +319,7 @@ class Once(Generic[P, T]):
         else:
             rec = store.record(key, now)
         if key is NOKEY:
-            self._hot = (store.hot_loop, thread_proof(store.loop), store, rec)
+            self._hot = (store.hot_loop, store, rec)
         injector = self._injector
         bind = None if injector is None else lambda: injector.bind(ctx)
         return rec.enter(now, args, kwargs, bind)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -35,17 +34,28 @@ def current_loop() -> object:
     )
 
 
-def thread_proof(loop: object) -> int | None:
-    """The thread id that proves ``loop`` is the running loop, where a cheap proof exists.
+def proves_thread(loop: object) -> bool:
+    """Whether ``loop`` records the thread that runs it, a proof that it is the running loop.
 
-    An asyncio ``BaseEventLoop`` records the thread that runs it, and a thread runs at most one
-    loop at a time: while ``loop._thread_id == threading.get_ident()``, ``loop`` is the running
-    loop, with no system call (``get_running_loop()`` calls ``getpid()`` before Python 3.12).
-    None for loops without that record (uvloop, trio): the caller asks the slow way.
+    An asyncio ``BaseEventLoop`` sets ``_thread_id`` while it runs, and a thread runs at most
+    one loop at a time: while ``loop._thread_id == threading.get_ident()``, ``loop`` is the
+    running loop, with no system call (``get_running_loop()`` calls ``getpid()`` before Python
+    3.12). uvloop and trio keep no such record: their callers ask the slow way.
     """
-    if isinstance(loop, asyncio.BaseEventLoop):
-        return threading.get_ident()
-    return None
+    return isinstance(loop, asyncio.BaseEventLoop)
+
+
+class _Unproven:
+    __slots__ = ()
+    _thread_id = None  # no thread's id: the proof never holds
+
+
+_UNPROVEN = _Unproven()
+
+
+def unproven() -> object:
+    """Stands for a loop reference where no loop proves its thread (see :func:`proves_thread`)."""
+    return _UNPROVEN
 
 
 class Event(Protocol):

@@ -99,7 +99,7 @@ import anyio
 from . import _clock
 from ._attempts import Attempt, raise_again
 from ._errors import OnceCancelledError, OnceClosedError
-from ._events import event_factory, new_event
+from ._events import event_factory, new_event, proves_thread, unproven
 from ._loops import LoopState, in_process_loop
 from ._policy import Policy
 from ._status import State
@@ -620,7 +620,6 @@ class Store:
         # The loop is held weakly, so that a closed loop and all it kept can be collected: the
         # loop states are weakly keyed by their loops, and a store reachable from its loop's
         # state must not keep that loop alive (nothing it holds does, see _events).
-        self._loop = weakref.ref(loop)
         me = weakref.ref(self)
 
         def loop_gone(_: object) -> None:  # the once's hot cell lets go of this store too
@@ -628,7 +627,9 @@ class Store:
             if store is not None:
                 on_forget(store)
 
-        self.hot_loop: Any = weakref.proxy(loop, loop_gone)  # for the once's hot cell
+        self._loop = weakref.ref(loop, loop_gone)
+        # For the once's hot cell: ``hot_loop()._thread_id == get_ident()`` proves the loop runs.
+        self.hot_loop: Callable[[], Any] = self._loop if proves_thread(loop) else unproven
         self.loop_state = loop_state
         self.new_event = event_factory(loop)  # its library's own event class
         self.spawn = spawner(loop, keeps)  # starts an attempt's task (tracked if it keeps)
