@@ -172,7 +172,16 @@ def test_floors_smoke_run_measures_every_ratio_of_the_core(tmp_path: Path) -> No
     from bench.floors import ROWS  # needs the bench group's packages
 
     run = run_bench(
-        [sys.executable, "-m", "bench.floors", "--smoke", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "bench.floors",
+            "--smoke",
+            "--processes",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
         cwd=ROOT,
         timeout=50,
     )
@@ -181,6 +190,9 @@ def test_floors_smoke_run_measures_every_ratio_of_the_core(tmp_path: Path) -> No
     results = json.loads((tmp_path / f"{name}.json").read_text())
     for key, *_ in ROWS:
         assert {"median", "q1", "q3", "min", "max"} <= results["ratios"][key].keys(), key
+    # The hot path's rounds ran in two child processes (2 smoke rounds x 4 pairs each), pooled.
+    assert len(results["ratios"]["hot_once_over_plain_per_process"]) == 2
+    assert results["ratios"]["hot_rps"]["once"]["n"] == 2 * 2 * 4
     assert "load average" in (tmp_path / f"{name}.md").read_text()
 
 
