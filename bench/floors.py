@@ -13,9 +13,9 @@ Every round measures, in a rotated order, each pair of a ratio in the same round
   sub-dependency) over a plain ``async def`` dependency, requests/s and CPU, in-process ASGI.
   With ``--processes N`` (default 8) these pairs run in N child processes one after another,
   each with its own ``PYTHONHASHSEED``, and their rounds are pooled: where a process's hash
-  seed places its names in CPython's method cache moves a request's cost by about 1% (more
-  than this floor's margin), the same for every contender in that process, so one process
-  is one draw of that luck and the pool is the figure a fleet of processes sees.
+  seed places names in CPython's method cache moves a request's cost by about 1% (more than
+  this floor's margin), differently for each app, so one process's ratio is one draw of that
+  luck and the pool is the figure a fleet of processes sees.
 
 It prints the table of medians, quartiles and ranges (and the load average before and after)
 and writes ``floors.json`` and ``floors.md`` beside the other results.
