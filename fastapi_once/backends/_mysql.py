@@ -1,21 +1,17 @@
 """MySQLBackend: the lease store on MySQL or MariaDB (connections: ``_mysql_db``).
 
-Three InnoDB tables, created if missing: ``<table>``, one row per record (value, made, expires,
-cooldown, and the lease: fence, deadline, holder); ``<table>_fence``, whose AUTO_INCREMENT ids
-are the fencing tokens (durable; its newest row is never deleted, so a server that recomputes
-the counter from ``MAX(id)`` at startup still grows it); ``<table>_events``, a short log of
-leaders' ends and resets that each event loop's listener polls (MySQL has no LISTEN).
-
 A lease is live while its row's deadline has not passed and ``GET_LOCK('fastapi_once.<hash of
 database and table>.<fence>')`` (no key text) is held by the loop's lock session: a killed
 process or a restarted server ends its leases at once. Claims take the row's lock (``INSERT ...
-ON DUPLICATE KEY UPDATE``) in a transaction. The listener also deletes, in batches, the rows of
+ON DUPLICATE KEY UPDATE``) in a transaction. MySQL has no LISTEN: each loop's listener polls an
+events log of leaders' ends and resets, and now and then deletes, in batches, the rows of
 records with nothing left (``_DEAD``), old events, and spent fences.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import re
@@ -27,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._errors import BackendError
-from ._base import Scrubber, backoff, seconds, whole
+from ._base import PerLoop, Scrubber, backoff, seconds, whole
 from ._lease import LeaseOptions, StoreBackend
 from ._mysql_db import Database, connect_args
-from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
+from ._store import Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
 if TYPE_CHECKING:
@@ -92,15 +88,16 @@ class MySQLBackend(StoreBackend):
         self.max_connections = whole("MySQLBackend", "max_connections", max_connections, least=1)
         self.poll_interval: float = seconds("poll_interval", poll_interval)
         trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
-        self._timeouts = trip, seconds("connect_timeout", connect_timeout)
-        self._args = connect_args(url, self.describe())
-        if ssl is not None:
-            self._args["ssl"] = ssl
-        self._setup = _tables(table)  # emptied by the first connection
-        digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
+        connect = seconds("connect_timeout", connect_timeout)
+        args = connect_args(url, self.describe(), ssl)
+        # Each loop's connections; the tables' DDL is shared: the first connection runs it.
+        database = functools.partial(
+            Database, args, self.describe(), trip, connect, _tables(table), self.max_connections
+        )
+        self._loops = PerLoop(database, "MySQLBackend runs on asyncio (asyncmy)")
+        digest = hashlib.sha256(f"{args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
         self._fence = 0  # a committed fence this backend drew: the ones below it may go
-        self._loops: dict[Wakeups, Database] = {}  # each loop's connections, by its listener
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -168,13 +165,13 @@ class MySQLBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """See ``LeaseStore.clear``: the reset goes to the events log."""
-        db, which = self._here(), "name = %s" + ("" if key is None else " AND rkey = %s")
+        db = self._here()
         async with db.lend() as conn:
             await db.run(
                 conn,
                 f"UPDATE `{self.table}` SET value = NULL, made_at = NULL, expires_at = NOW(6), "
-                f"cool_until = NULL WHERE {which}",
-                (name,) if key is None else (name, key),
+                "cool_until = NULL WHERE name = %s AND rkey = COALESCE(%s, rkey)",
+                (name, key),
             )
             await self._note(db, conn, name, key, origin)
 
@@ -194,16 +191,16 @@ class MySQLBackend(StoreBackend):
         """Apply ``change`` to the record if ``lease`` is held (``final``: then free it and
         wake the record's watches); return whether it was held."""
         (lock, session), db, held = lease.handle, self._here(), False
-        if not session.dead:
+        if session.connected:  # else its locks are gone
             async with db.lend() as conn:
                 sql = f"UPDATE `{self.table}` SET {change} WHERE {_HELD}"
                 where = (lease.name, lease.key, lease.fence, self._lock_prefix)
                 held = await db.run(conn, sql, (*args, *where), rows=False) == 1
                 if held and final:
                     await self._note(db, conn, lease.name, lease.key, None)
-        if final and not session.dead:
-            with contextlib.suppress(BackendError):
-                await db.lock("SELECT RELEASE_LOCK(%s)", lock, session)
+            if final:
+                with contextlib.suppress(BackendError):
+                    await db.lock("SELECT RELEASE_LOCK(%s)", lock, session)
         return held
 
     async def _note(self, db: Database, conn: Any, *event: str | None) -> None:
@@ -211,21 +208,15 @@ class MySQLBackend(StoreBackend):
         sql = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
         await db.run(conn, sql.format(self.table), event)
 
-    def _here(self, wakeups: Wakeups | None = None) -> Database:
-        """The running loop's connections, by its listener (started if it is not running)."""
-        wakeups = wakeups or self._listeners.start()
-        db = self._loops.get(wakeups)
-        if db is None:
-            db = Database(
-                self._args, self.describe(), *self._timeouts, self._setup, self.max_connections
-            )
-            self._loops[wakeups] = db
-        return db
+    def _here(self) -> Database:
+        """The running loop's connections (its listener, which closes them, started)."""
+        self._listeners.start()
+        return self._loops.get()
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Poll the events log: wake the watches of changed records, hear resets; prune now and
         then. Ends with its loop (or aclose), closing the loop's connections."""
-        db = self._here(wakeups)
+        db = self._loops.get()
         floor = 0  # every event at or below it has been handled
         seen: set[int] = set()  # the events above the floor handled
         started = last_ok = pruned = time.monotonic()  # last_ok: since when not polled
@@ -242,7 +233,7 @@ class MySQLBackend(StoreBackend):
                 try:
                     async with db.lend() as conn:
                         events = await db.run(conn, sql, (floor, _us(window)))
-                except (StoreUnavailableError, BackendError):
+                except BackendError:  # StoreUnavailableError among them
                     floor = 0  # the server's ids may have started again
                     wakeups.listening.clear()
                     wakeups.wake_all()  # changes may have been missed
@@ -274,7 +265,7 @@ class MySQLBackend(StoreBackend):
                 db.kick.clear()
         finally:
             db.close()
-            self._loops.pop(wakeups, None)
+            self._loops.pop(db)
 
     async def _prune(self, db: Database) -> bool:
         """Delete a batch of each: records with nothing left, events older than

@@ -30,19 +30,6 @@ _LOGIN = {1044, 1045, 1049, 1251, 1698, 2059}  # login or database refused: not 
 _GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003, 2006, 2013}
 
 
-@dataclass
-class LockSession:
-    """A connection that holds named locks (``GET_LOCK``) for as long as it lives."""
-
-    conn: Any
-    dead: bool = False  # a statement on it failed, or it was closed: its locks are gone
-
-    def close(self) -> None:
-        """Close the connection: the server frees its locks."""
-        self.dead = True
-        self.conn.close()
-
-
 @dataclass(repr=False)  # args hold the password
 class Database:
     """One event loop's connections (only that loop's thread touches them): at most ``size``
@@ -55,7 +42,7 @@ class Database:
     setup: list[str]  # run on the backend's first connection (the tables), then emptied
     size: int
     idle: list[Any] = field(default_factory=list)
-    session: LockSession | None = None  # the lock session, once opened
+    session: Any = None  # the lock session: its locks live while it is connected
     closed: bool = False  # the loop's listener ended: connections given back close
 
     def __post_init__(self) -> None:
@@ -116,28 +103,26 @@ class Database:
                 matched = await cur.execute(sql, args)
                 return list(await cur.fetchall()) if rows else matched
 
-    async def lock(
-        self, sql: str, name: str, session: LockSession | None = None
-    ) -> tuple[bool, LockSession]:
+    async def lock(self, sql: str, name: str, session: Any = None) -> tuple[bool, Any]:
         """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session`` (by default the
         loop's, opened if it has none or its last one ended), whole (shielded, 1 s at most) or
-        not at all: whether it answered 1, and the session. A failure ends the session, and
-        with it every lock it held.
+        not at all: whether it answered 1, and the session. A failure closes the session, and
+        so frees every lock it held.
 
         Raises:
             StoreUnavailableError: the session ended, or ends now.
         """
         async with self.locking:
-            if session is None and (self.session is None or self.session.dead):
-                self.session = LockSession(await self.connect())
+            if session is None and not (self.session and self.session.connected):
+                self.session = await self.connect()
                 if self.closed:  # the loop's listener ended meanwhile
                     self.session.close()
             session = session or self.session
-            if session is None or session.dead:
+            if not session.connected:
                 raise StoreUnavailableError(f"{self.name}: the lock session ended")
             with anyio.CancelScope(shield=True):
                 try:
-                    rows = await self.run(session.conn, sql, (name,), trip=1.0)
+                    rows = await self.run(session, sql, (name,), trip=1.0)
                 except BaseException:
                     session.close()
                     raise
@@ -150,11 +135,9 @@ class Database:
     def close(self) -> None:
         """Close the idle connections and the lock session; those lent close when given back."""
         self.closed = True
-        for conn in self.idle:
+        for conn in filter(None, [self.session, *self.idle]):
             conn.close()
         self.idle.clear()
-        if self.session is not None:
-            self.session.close()
 
 
 def _code(exc: Exception) -> int | None:
@@ -171,15 +154,15 @@ def _outage(exc: Exception) -> bool:
     return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost
 
 
-def connect_args(url: str, shown: str) -> dict[str, Any]:
-    """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password).
+def connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> dict[str, Any]:
+    """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password); ``ssl``,
+    if given, overrides the URL's ``?ssl=``.
 
     Raises:
         ValueError: not a mysql:// or mariadb:// URL, no host or database, a bad port, an
             option other than ``?ssl=true|false``.
     """
-    parts = urlsplit(url)
-    fix = "give mysql://user:password@host:3306/database"
+    parts, fix = urlsplit(url), "give mysql://user:password@host:3306/database"
     if parts.scheme.lower() not in ("mysql", "mariadb"):
         raise ValueError(f"{shown}: not a mysql:// or mariadb:// URL; {fix}")
     try:
@@ -189,16 +172,11 @@ def connect_args(url: str, shown: str) -> dict[str, Any]:
     database = unquote(parts.path.lstrip("/"))
     if not parts.hostname or not database or "/" in database:
         raise ValueError(f"{shown}: the URL needs a host and a database; {fix}")
-    args: dict[str, Any] = {
-        "host": parts.hostname,
-        "port": port,
-        "user": unquote(parts.username or ""),
-        "password": unquote(parts.password or ""),
-        "db": database,
-        "charset": "utf8mb4",
-    }
+    user, password = (unquote(part or "") for part in (parts.username, parts.password))
+    args = {"host": parts.hostname, "port": port, "user": user, "password": password}
+    args |= {"db": database, "charset": "utf8mb4"}
     for option, value in parse_qsl(parts.query, keep_blank_values=True):
         if option != "ssl" or value not in ("true", "false"):
             raise ValueError(f"{shown}: unknown option {option}=; {fix}[?ssl=true]")
         args["ssl"] = ssl_module.create_default_context() if value == "true" else None
-    return args
+    return args if ssl is None else {**args, "ssl": ssl}
