@@ -1,11 +1,9 @@
 """MySQLBackend: the lease store on MySQL or MariaDB (asyncmy, the ``mysql`` extra).
 
-A lease is live while its row's deadline has not passed and ``GET_LOCK('fastapi_once.<hash of
-database and table>.<fence>')`` (no key text) is held by the loop's lock session: a killed
-process or a restarted server ends its leases at once. Claims take the row's lock (``INSERT ...
-ON DUPLICATE KEY UPDATE``) in a transaction. MySQL has no LISTEN: each loop's listener polls an
-events log of leaders' ends and resets, and now and then deletes, in batches, the rows of
-records with nothing left (``_DEAD``), old events, and spent fences.
+A lease is live while its row's deadline has not passed and its ``GET_LOCK`` (named after the
+database, table and fence: no key text) is held by the loop's lock session, which a killed
+process or a restarted server ends at once. MySQL has no LISTEN: each loop's listener polls an
+events log (and prunes the tables). The tables and their pruning: ``docs/across.md``.
 """
 
 from __future__ import annotations
@@ -101,7 +99,7 @@ class MySQLBackend(StoreBackend):
         self.poll_interval: float = seconds("poll_interval", poll_interval)
         self._trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
-        self._args = connect_args(url, self.describe(), ssl)
+        self._args = _connect_args(url, self.describe(), ssl)
         self._setup = _tables(table)  # run on the first connection, then emptied
         self._loops = PerLoop(
             lambda: _Loop(asyncio.Semaphore(self.max_connections)),
@@ -438,14 +436,10 @@ def _outage(exc: Exception) -> bool:
     return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost
 
 
-def connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> dict[str, Any]:
-    """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password); ``ssl``,
-    if given, overrides the URL's ``?ssl=``.
-
-    Raises:
-        ValueError: not a mysql:// or mariadb:// URL, no host or database, a bad port, an
-            option other than ``?ssl=true|false``.
-    """
+def _connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> dict[str, Any]:
+    """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password; ``ssl``
+    overrides ``?ssl=``). ValueError: not a mysql:// or mariadb:// URL, no host or database, a
+    bad port, an option other than ``?ssl=true|false``."""
     parts, fix = urlsplit(url), "give mysql://user:password@host:3306/database"
     if parts.scheme.lower() not in ("mysql", "mariadb"):
         raise ValueError(f"{shown}: not a mysql:// or mariadb:// URL; {fix}")
