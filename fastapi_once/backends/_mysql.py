@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import anyio
 
 from .._errors import BackendError
-from ._base import PerLoop, Scrubber, backoff, seconds, store_errors, whole
+from ._base import Scrubber, backoff, seconds, store_errors, whole
 from ._lease import LeaseOptions, StoreBackend
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
@@ -101,10 +101,7 @@ class MySQLBackend(StoreBackend):
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
         self._args = _connect_args(url, self.describe(), ssl)
         self._setup = _tables(table)  # run on the first connection, then emptied
-        self._loops = PerLoop(
-            lambda: _Loop(asyncio.Semaphore(self.max_connections)),
-            "MySQLBackend runs on asyncio (asyncmy)",
-        )
+        self._loops: dict[Wakeups, _Loop] = {}  # each loop's connections, by its listener
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
         self._fence = 0  # a committed fence this backend drew: the ones below it may go
@@ -218,15 +215,17 @@ class MySQLBackend(StoreBackend):
         sql = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
         await self._run(conn, sql.format(self.table), event)
 
-    def _here(self) -> _Loop:
-        """The running loop's connections (its listener, which closes them, started)."""
-        self._listeners.start()
-        return self._loops.get()
+    def _here(self, wakeups: Wakeups | None = None) -> _Loop:
+        """The connections of the running loop's listener (started if it is not running)."""
+        wakeups = wakeups or self._listeners.start()
+        if wakeups not in self._loops:
+            self._loops[wakeups] = _Loop(asyncio.Semaphore(self.max_connections))
+        return self._loops[wakeups]
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Poll the events log: wake the watches of changed records, hear resets; prune now and
         then. Ends with its loop (or aclose), closing the loop's connections."""
-        db = self._loops.get()
+        db = self._here(wakeups)
         floor = 0  # every event at or below it has been handled
         seen: set[int] = set()  # the events above the floor handled
         started = last_ok = pruned = time.monotonic()  # last_ok: since when not polled
@@ -275,7 +274,7 @@ class MySQLBackend(StoreBackend):
                 db.kick.clear()
         finally:
             db.close()
-            self._loops.pop(db)
+            self._loops.pop(wakeups, None)
 
     async def _prune(self, db: _Loop) -> bool:
         """Delete a batch of each: records with nothing left, events older than
