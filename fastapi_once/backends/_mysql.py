@@ -449,9 +449,14 @@ def _connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> di
     database = unquote(parts.path.lstrip("/"))
     if not parts.hostname or not database or "/" in database:
         raise ValueError(f"{shown}: the URL needs a host and a database; {fix}")
-    user, password = (unquote(part or "") for part in (parts.username, parts.password))
-    args = {"host": parts.hostname, "port": port, "user": user, "password": password}
-    args |= {"db": database, "charset": "utf8mb4"}
+    args: dict[str, Any] = {
+        "host": parts.hostname,
+        "port": port,
+        "user": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+        "db": database,
+        "charset": "utf8mb4",
+    }
     for option, value in parse_qsl(parts.query, keep_blank_values=True):
         if option != "ssl" or value not in ("true", "false"):
             raise ValueError(f"{shown}: unknown option {option}=; {fix}[?ssl=true]")
