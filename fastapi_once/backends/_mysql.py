@@ -1,20 +1,14 @@
-"""MySQLBackend: the lease store on MySQL or MariaDB (connections: ``_mysql_db``).
+"""MySQLBackend: the lease store on MySQL or MariaDB (asyncmy, the ``mysql`` extra).
 
-Three InnoDB tables, created if missing: ``<table>``, one row per record (value, made, expires,
-cooldown, and the lease: fence, deadline, holder); ``<table>_fence``, whose AUTO_INCREMENT ids
-are the fencing tokens (durable; its newest row is never deleted, so a server that recomputes
-the counter from ``MAX(id)`` at startup still grows it); ``<table>_events``, a short log of
-leaders' ends and resets that each event loop's listener polls (MySQL has no LISTEN).
-
-A lease is live while its row's deadline has not passed and ``GET_LOCK('fastapi_once.<hash of
-database and table>.<fence>')`` (no key text) is held by the loop's lock session: a killed
-process or a restarted server ends its leases at once. Claims take the row's lock (``INSERT ...
-ON DUPLICATE KEY UPDATE``) in a transaction. The listener also deletes, in batches, the rows of
-records with nothing left (``_DEAD``), old events, and spent fences.
+A lease is live while its row's deadline has not passed and its ``GET_LOCK`` (named after the
+database, table and fence: no key text) is held by the loop's lock session, which a killed
+process or a restarted server ends at once. MySQL has no LISTEN: each loop's listener polls an
+events log (and prunes the tables). The tables and their pruning: ``docs/across.md``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import math
@@ -22,16 +16,26 @@ import re
 import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import anyio
 
 from .._errors import BackendError
-from ._base import Scrubber, backoff, seconds, whole
+from ._base import Scrubber, backoff, seconds, store_errors, whole
 from ._lease import LeaseOptions, StoreBackend
-from ._mysql_db import Database, connect_args
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
+
+try:
+    import asyncmy  # type: ignore[import-untyped,unused-ignore]
+    from asyncmy.constants.CLIENT import FOUND_ROWS  # type: ignore[import-untyped,unused-ignore]
+    from asyncmy.errors import Error as DriverError  # type: ignore[import-untyped,unused-ignore]
+except ImportError as exc:  # pragma: no cover - exercised by test_backend_imports
+    raise ImportError(
+        "MySQLBackend needs the asyncmy driver: pip install 'fastapi-once[mysql]'"
+    ) from exc
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -47,6 +51,8 @@ _HELD = "name = %s AND rkey = %s AND fence = %s AND " + _LIVE  # fence: lock nam
 _DEAD = (
     "expires_at <= NOW(6) AND IFNULL(cool_until <= NOW(6), 1) AND IFNULL(lease_until <= NOW(6), 1)"
 )
+_LOGIN = {1044, 1045, 1049, 1251, 1698, 2059}  # login or database refused: not an outage
+_GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003, 2006, 2013}
 
 
 class MySQLBackend(StoreBackend):
@@ -91,16 +97,14 @@ class MySQLBackend(StoreBackend):
         self.table = table
         self.max_connections = whole("MySQLBackend", "max_connections", max_connections, least=1)
         self.poll_interval: float = seconds("poll_interval", poll_interval)
-        trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
-        self._timeouts = trip, seconds("connect_timeout", connect_timeout)
-        self._args = connect_args(url, self.describe())
-        if ssl is not None:
-            self._args["ssl"] = ssl
-        self._setup = _tables(table)  # emptied by the first connection
+        self._trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
+        self._connect_timeout = seconds("connect_timeout", connect_timeout)
+        self._args = _connect_args(url, self.describe(), ssl)
+        self._setup = _tables(table)  # run on the first connection, then emptied
+        self._loops: dict[Wakeups, _Loop] = {}  # each loop's connections, by its listener
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
         self._fence = 0  # a committed fence this backend drew: the ones below it may go
-        self._loops: dict[Wakeups, Database] = {}  # each loop's connections, by its listener
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -114,33 +118,33 @@ class MySQLBackend(StoreBackend):
         db, t, where = self._here(), self.table, (self._lock_prefix, name, key)
         read = f"SELECT value, made_at, expires_at, cool_until, holder, NOW(6), {_LIVE} FROM `{t}`"
         read += " WHERE name = %s AND rkey = %s"
-        async with db.lend() as conn:
-            found = _judge(await db.run(conn, read, where), refresh)
+        async with self._lend(db) as conn:
+            found = _judge(await self._run(conn, read, where), refresh)
             if found is not None:  # read without a lock: as good as with one
                 return found
-            await db.run(conn, "START TRANSACTION")
-            await db.run(  # takes the row's lock until COMMIT
+            await self._run(conn, "START TRANSACTION")
+            await self._run(  # takes the row's lock until COMMIT
                 conn,
                 f"INSERT INTO `{t}` (name, rkey, expires_at) VALUES (%s, %s, NOW(6)) "
                 "ON DUPLICATE KEY UPDATE rkey = rkey",
                 (name, key),
             )
-            result: Claim | None = _judge(await db.run(conn, read, where), refresh)
+            result: Claim | None = _judge(await self._run(conn, read, where), refresh)
             if result is None:  # the lease is free: take it
-                await db.run(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
+                await self._run(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
                 fence = int(conn.insert_id())
                 lock = self._lock_prefix + str(fence)
-                taken, session = await db.lock("SELECT GET_LOCK(%s, 0)", lock)
+                taken, session = await self._lock(db, "SELECT GET_LOCK(%s, 0)", lock)
                 if not taken:
                     raise BackendError(f"{self.describe()}: a lease lock was refused")
-                await db.run(
+                await self._run(
                     conn,
                     f"UPDATE `{t}` SET fence = %s, holder = %s, lease_until = NOW(6) + "
                     "INTERVAL %s MICROSECOND WHERE name = %s AND rkey = %s",
                     (fence, holder[:255], _us(lease), name, key),
                 )
                 result = Lease(name, key, fence, (lock, session))
-            await db.run(conn, "COMMIT")
+            await self._run(conn, "COMMIT")
         if isinstance(result, Lease):  # its fence is committed: the ones below it may go
             self._fence = fence
         return result
@@ -168,15 +172,15 @@ class MySQLBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """See ``LeaseStore.clear``: the reset goes to the events log."""
-        db, which = self._here(), "name = %s" + ("" if key is None else " AND rkey = %s")
-        async with db.lend() as conn:
-            await db.run(
+        db = self._here()
+        async with self._lend(db) as conn:
+            await self._run(
                 conn,
                 f"UPDATE `{self.table}` SET value = NULL, made_at = NULL, expires_at = NOW(6), "
-                f"cool_until = NULL WHERE {which}",
-                (name,) if key is None else (name, key),
+                "cool_until = NULL WHERE name = %s AND rkey = COALESCE(%s, rkey)",
+                (name, key),
             )
-            await self._note(db, conn, name, key, origin)
+            await self._note(conn, name, key, origin)
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -194,33 +198,29 @@ class MySQLBackend(StoreBackend):
         """Apply ``change`` to the record if ``lease`` is held (``final``: then free it and
         wake the record's watches); return whether it was held."""
         (lock, session), db, held = lease.handle, self._here(), False
-        if not session.dead:
-            async with db.lend() as conn:
+        if session.connected:  # else its locks are gone
+            async with self._lend(db) as conn:
                 sql = f"UPDATE `{self.table}` SET {change} WHERE {_HELD}"
                 where = (lease.name, lease.key, lease.fence, self._lock_prefix)
-                held = await db.run(conn, sql, (*args, *where), rows=False) == 1
+                held = await self._run(conn, sql, (*args, *where), rows=False) == 1
                 if held and final:
-                    await self._note(db, conn, lease.name, lease.key, None)
-        if final and not session.dead:
-            with contextlib.suppress(BackendError):
-                await db.lock("SELECT RELEASE_LOCK(%s)", lock, session)
+                    await self._note(conn, lease.name, lease.key, None)
+            if final:
+                with contextlib.suppress(BackendError):
+                    await self._lock(db, "SELECT RELEASE_LOCK(%s)", lock, session)
         return held
 
-    async def _note(self, db: Database, conn: Any, *event: str | None) -> None:
+    async def _note(self, conn: Any, *event: str | None) -> None:
         """Log a record's change (name, key, a reset's origin) for every process's listener."""
         sql = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
-        await db.run(conn, sql.format(self.table), event)
+        await self._run(conn, sql.format(self.table), event)
 
-    def _here(self, wakeups: Wakeups | None = None) -> Database:
-        """The running loop's connections, by its listener (started if it is not running)."""
+    def _here(self, wakeups: Wakeups | None = None) -> _Loop:
+        """The connections of the running loop's listener (started if it is not running)."""
         wakeups = wakeups or self._listeners.start()
-        db = self._loops.get(wakeups)
-        if db is None:
-            db = Database(
-                self._args, self.describe(), *self._timeouts, self._setup, self.max_connections
-            )
-            self._loops[wakeups] = db
-        return db
+        if wakeups not in self._loops:
+            self._loops[wakeups] = _Loop(asyncio.Semaphore(self.max_connections))
+        return self._loops[wakeups]
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Poll the events log: wake the watches of changed records, hear resets; prune now and
@@ -240,9 +240,9 @@ class MySQLBackend(StoreBackend):
                 now = time.monotonic()  # events may commit up to 1 s late; none before start
                 window = min(now - last_ok + 1.0, now - started, _KEEP_EVENTS)
                 try:
-                    async with db.lend() as conn:
-                        events = await db.run(conn, sql, (floor, _us(window)))
-                except (StoreUnavailableError, BackendError):
+                    async with self._lend(db) as conn:
+                        events = await self._run(conn, sql, (floor, _us(window)))
+                except BackendError:  # StoreUnavailableError among them
                     floor = 0  # the server's ids may have started again
                     wakeups.listening.clear()
                     wakeups.wake_all()  # changes may have been missed
@@ -276,19 +276,111 @@ class MySQLBackend(StoreBackend):
             db.close()
             self._loops.pop(wakeups, None)
 
-    async def _prune(self, db: Database) -> bool:
+    async def _prune(self, db: _Loop) -> bool:
         """Delete a batch of each: records with nothing left, events older than
         ``_KEEP_EVENTS``, fences below one this backend committed (the newest stays: it keeps
         the counter up). Return whether a batch was full."""
         t, deleted, old = self.table, 0, "at < NOW(6) - INTERVAL %s MICROSECOND"
-        async with db.lend() as conn:
+        async with self._lend(db) as conn:
             for sql, args in (
                 (f"DELETE FROM `{t}` WHERE {_DEAD} LIMIT %s", ()),
                 (f"DELETE FROM `{t}_events` WHERE {old} LIMIT %s", (_us(_KEEP_EVENTS),)),
                 (f"DELETE FROM `{t}_fence` WHERE id < %s LIMIT %s", (self._fence,)),
             ):
-                deleted = max(deleted, await db.run(conn, sql, (*args, _BATCH), rows=False))
+                deleted = max(deleted, await self._run(conn, sql, (*args, _BATCH), rows=False))
         return deleted >= _BATCH
+
+    async def _connect(self) -> Any:
+        """A new connection: autocommit, UTC, READ COMMITTED, the server's lock waits bounded by
+        a round trip's, its idle timeout a year (a lock session, or a kept connection, may idle)."""
+        waits = math.ceil(self._trip)
+        with self._errors("connecting"), anyio.fail_after(self._connect_timeout):
+            conn = await asyncmy.connect(
+                **self._args,
+                autocommit=True,
+                client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
+                connect_timeout=self._connect_timeout,
+                init_command="SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout "
+                f"= 31536000, innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}",
+            )
+        try:
+            for sql in ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", *self._setup):
+                await self._run(conn, sql)
+            self._setup.clear()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _lend(self, db: _Loop) -> AsyncIterator[Any]:
+        """A connection of ``db`` for the block: closed if the block fails (a transaction left
+        open rolls back), else kept for the next block."""
+        async with db.slots:
+            conn = db.idle.pop() if db.idle else await self._connect()
+            try:
+                yield conn
+            except BaseException:
+                conn.close()
+                raise
+            if db.closed:
+                conn.close()
+            else:
+                db.idle.append(conn)
+
+    async def _run(
+        self, conn: Any, sql: str, args: Any = (), *, rows: bool = True, trip: float = math.inf
+    ) -> Any:
+        """One round trip, bounded by ``trip`` (at most the store's), its errors as
+        :meth:`_errors`: its rows (``rows=False``: how many it matched)."""
+        with self._errors("running a statement"), anyio.fail_after(min(trip, self._trip)):
+            async with conn.cursor() as cur:
+                matched = await cur.execute(sql, args)
+                return list(await cur.fetchall()) if rows else matched
+
+    async def _lock(self, db: _Loop, sql: str, name: str, session: Any = None) -> tuple[bool, Any]:
+        """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session`` (by default the
+        loop's, opened if it has none or its last one ended), whole (shielded, 1 s at most) or
+        not at all: whether it answered 1, and the session. A failure closes the session, and
+        so frees every lock it held; StoreUnavailableError if the session ended."""
+        async with db.locking:
+            if session is None and not (db.session and db.session.connected):
+                db.session = await self._connect()
+                if db.closed:  # the loop's listener ended meanwhile
+                    db.session.close()
+            session = session or db.session
+            if not session.connected:
+                raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
+            with anyio.CancelScope(shield=True):
+                try:
+                    rows = await self._run(session, sql, (name,), trip=1.0)
+                except BaseException:
+                    session.close()
+                    raise
+        return rows == [(1,)], session
+
+    def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        """The driver's errors in the block as the store's (their type and code, never text)."""
+        return store_errors(self.describe(), doing, Exception, outage=_outage, refused=_refused)
+
+
+@dataclass
+class _Loop:
+    """One event loop's connections (only that loop's thread touches them)."""
+
+    slots: asyncio.Semaphore  # statement connections, idle or lent: at most max_connections
+    idle: list[Any] = field(default_factory=list)
+    session: Any = None  # the lock session: its locks live while it is connected
+    locking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one statement on it at once
+    kick: asyncio.Event = field(default_factory=asyncio.Event)  # a watch began: poll now
+    closed: bool = False  # the loop's listener ended: connections given back close
+
+    def close(self) -> None:
+        """Close the idle connections and the lock session; those lent close when given back."""
+        self.closed = True
+        for conn in filter(None, [self.session, *self.idle]):
+            conn.close()
+        self.idle.clear()
 
 
 def _judge(rows: list[Any], refresh: float | None) -> Served | Cooling | Held | None:
@@ -327,3 +419,46 @@ def _tables(t: str) -> list[str]:
         f"KEY, at DATETIME(6) NOT NULL, name {name}, rkey {key}, origin VARCHAR(255), KEY (at))"
         " ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
     ]
+
+
+def _code(exc: Exception) -> int | None:
+    return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+
+
+def _refused(exc: Exception) -> bool:
+    return _code(exc) in _LOGIN
+
+
+def _outage(exc: Exception) -> bool:
+    code = _code(exc)
+    lost = not code and isinstance(exc, DriverError)
+    return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost
+
+
+def _connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> dict[str, Any]:
+    """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password; ``ssl``
+    overrides ``?ssl=``). ValueError: not a mysql:// or mariadb:// URL, no host or database, a
+    bad port, an option other than ``?ssl=true|false``."""
+    parts, fix = urlsplit(url), "give mysql://user:password@host:3306/database"
+    if parts.scheme.lower() not in ("mysql", "mariadb"):
+        raise ValueError(f"{shown}: not a mysql:// or mariadb:// URL; {fix}")
+    try:
+        port = parts.port or 3306
+    except ValueError:
+        raise ValueError(f"{shown}: the port is not a number; {fix}") from None
+    database = unquote(parts.path.lstrip("/"))
+    if not parts.hostname or not database or "/" in database:
+        raise ValueError(f"{shown}: the URL needs a host and a database; {fix}")
+    args: dict[str, Any] = {
+        "host": parts.hostname,
+        "port": port,
+        "user": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+        "db": database,
+        "charset": "utf8mb4",
+    }
+    for option, value in parse_qsl(parts.query, keep_blank_values=True):
+        if option != "ssl" or value not in ("true", "false"):
+            raise ValueError(f"{shown}: unknown option {option}=; {fix}[?ssl=true]")
+        args["ssl"] = ssl_module.create_default_context() if value == "true" else None
+    return args if ssl is None else {**args, "ssl": ssl}
