@@ -4,6 +4,7 @@ processes: each claim opens its own file, and flock locks belong to open files).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from timekeeping import wait_until
 
 from fastapi_once import once
 from fastapi_once.backends import FileLockBackend
-from fastapi_once.backends._store import UNKEYED, Lease, Reset
+from fastapi_once.backends._store import UNKEYED, Lease, Reset, Served
 
 
 class TestFileStore(StoreContract):
@@ -67,5 +68,34 @@ async def test_a_line_in_the_resets_log_that_is_not_a_reset_is_ignored(
         await wait_until(lambda: caplog.text.count("not one of ours") == 2)
         await backend.clear("n", None, origin="elsewhere")
         await wait_until(lambda: heard == [Reset("n", None, "elsewhere")])
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_every_64th_marker_written_deletes_the_markers_that_expired(tmp_path: Path) -> None:
+    """A keyed once's markers do not pile up: every 64th marker a backend writes deletes those
+    of the once's keys whose value expired and whose cooldown ended; live ones stay."""
+    backend = FileLockBackend(tmp_path / "locks")
+    keys = [f"{i:02x}" + "0" * 38 for i in range(64)]
+
+    async def lead(key: str) -> Lease:
+        lease = await backend.claim("n", key, lease=1, refresh=None, holder="test")
+        assert isinstance(lease, Lease)
+        return lease
+
+    try:
+        assert await backend.complete(await lead(keys[0]), "kept", ttl=60)
+        for key in keys[1:32]:
+            assert await backend.complete(await lead(key), "1", ttl=0.05)
+        for key in keys[32:63]:
+            await backend.abandon(await lead(key), cooldown=0.05)
+        assert len(list((tmp_path / "locks").glob("*.json"))) == 63
+        await anyio.to_thread.run_sync(time.sleep, 0.2)  # wall-clock time: markers hold it
+        assert await backend.complete(await lead(keys[63]), "last", ttl=60)  # the 64th write
+        assert len(list((tmp_path / "locks").glob("*.json"))) == 2
+        assert await backend.claim("n", keys[0], lease=1, refresh=None, holder="t") == Served(
+            "kept"
+        )
     finally:
         await backend.aclose()
