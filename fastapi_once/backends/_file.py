@@ -150,13 +150,13 @@ class FileLockBackend(StoreBackend):
         """Write the record's marker, then unlock (see :meth:`LeaseStore.complete`)."""
         now = time.time()
         marker = {"value": value, "made": now, "expires": None if ttl is None else now + ttl}
-        await self._io(self._end, lease, marker)
+        await self._end(lease, marker)
         return True
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
         """Record ``cooldown`` (keeping a value), then unlock."""
         cooling = None if cooldown is None else {"cool_until": time.time() + cooldown}
-        await self._io(self._end, lease, cooling)
+        await self._end(lease, cooling)
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the marker(s), then append the reset to the log the listeners poll."""
@@ -202,7 +202,9 @@ class FileLockBackend(StoreBackend):
         scope = self._listening[loop] = anyio.CancelScope()
         if isinstance(loop, asyncio.AbstractEventLoop):
             # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
-            contextvars.Context().run(loop.create_task, self._poll_resets(scope, offset))
+            # Its timer or worker thread holds the task while it waits (asyncio's are weak).
+            poll, name = self._poll_resets(scope, offset), "fastapi_once resets listener"
+            contextvars.Context().run(loop.create_task, poll, name=name)
         else:
             import trio
 
@@ -281,34 +283,37 @@ class FileLockBackend(StoreBackend):
             return None  # none, or not a marker this backend wrote; the leader overwrites it
         return dict(marker)
 
-    def _end(self, lease: Lease, change: dict[str, Any] | None) -> None:
-        """Write ``change`` to the lease's marker (a cooldown alone keeps its value), then
-        unlock; every 64th marker written prunes the expired ones of the once's keys."""
+    async def _end(self, lease: Lease, change: dict[str, Any] | None) -> None:
+        """Write ``change`` (if any) to the lease's marker, then unlock, even if cancelled."""
         try:
-            if change is None:
-                return
-            name, key, directory = lease.name, lease.key, self._dir()
-            if "value" not in change:  # a cooldown: the value is kept
-                change = {**(self._read(name, key) or {}), **change}
-            filename = _marker(name, key)
-            tmp = f"{filename}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            try:
-                with os.fdopen(self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
-                    f.write(json.dumps({**change, "name": name, "key": key}).encode())
-                    f.flush()
-                    os.fsync(f.fileno())
-                # Readers see the old marker or the whole new one, never a partial file.
-                os.replace(tmp, filename, src_dir_fd=directory, dst_dir_fd=directory)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp, dir_fd=directory)
-                raise
-            os.fsync(directory)
-            self._written += 1
-            if key != UNKEYED and self._written % 64 == 0:
-                self._prune(name)
+            if change is not None:
+                await self._io(self._write, lease.name, lease.key, change)
         finally:
             _unlock(lease.handle)
+
+    def _write(self, name: str, key: str, change: dict[str, Any]) -> None:
+        """Write ``change`` to the record's marker (a cooldown alone keeps its value); every
+        64th marker written prunes the expired ones of the once's keys."""
+        directory = self._dir()
+        if "value" not in change:  # a cooldown: the value is kept
+            change = {**(self._read(name, key) or {}), **change}
+        filename = _marker(name, key)
+        tmp = f"{filename}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            with os.fdopen(self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
+                f.write(json.dumps({**change, "name": name, "key": key}).encode())
+                f.flush()
+                os.fsync(f.fileno())
+            # Readers see the old marker or the whole new one, never a partial file.
+            os.replace(tmp, filename, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=directory)
+            raise
+        os.fsync(directory)
+        self._written += 1
+        if key != UNKEYED and self._written % 64 == 0:
+            self._prune(name)
 
     def _markers(self, name: str) -> dict[str, str]:
         """The marker files of ``name``'s keys, by key."""

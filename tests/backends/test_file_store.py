@@ -99,3 +99,25 @@ async def test_every_64th_marker_written_deletes_the_markers_that_expired(tmp_pa
         )
     finally:
         await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("end", ["complete", "abandon"])
+async def test_a_lease_ended_by_a_cancelled_caller_is_unlocked(tmp_path: Path, end: str) -> None:
+    """complete() or abandon() called in a cancelled scope records nothing, yet lets go of the
+    lock: the next claim leads, rather than finding the lease held until the process exits."""
+    backend = FileLockBackend(tmp_path / "locks")
+    lease = await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+    assert isinstance(lease, Lease)
+    try:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            if end == "complete":
+                await backend.complete(lease, "1", ttl=None)
+            else:
+                await backend.abandon(lease, cooldown=30)
+        again = await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+        assert isinstance(again, Lease)
+        await backend.abandon(again, cooldown=None)
+    finally:
+        await backend.aclose()
