@@ -327,9 +327,9 @@ class FileLockBackend(StoreBackend):
     def _prune(self, name: str) -> None:
         """Delete the markers of ``name``'s keys that hold neither a value nor a cooldown."""
         for key, filename in self._markers(name).items():
-            marker = self._read(name, key)
-            if marker is not None and not (marker.get("value") or marker.get("cool_until")):
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours (a symlink): skipped
+                marker = self._read(name, key)
+                if marker is not None and not (marker.get("value") or marker.get("cool_until")):
                     os.unlink(filename, dir_fd=self._dir())
 
     def _clear(self, name: str, key: str | None, line: bytes) -> None:

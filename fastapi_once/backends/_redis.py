@@ -62,9 +62,8 @@ if not record and KEYS[5] then
 end
 local now = redis.call('TIME')
 if record then
-  if ARGV[3] == '' or redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {1, record} end
-  local made = tonumber(string.sub(record, 1, string.find(record, ' ') - 1))
-  if now[1] * 1000 + math.floor(now[2] / 1000) - made < tonumber(ARGV[3]) then
+  local age = now[1] * 1000 + math.floor(now[2] / 1000) - tonumber(string.match(record, '^%d+'))
+  if ARGV[3] == '' or age < tonumber(ARGV[3]) or redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then
     return {1, record}
   end
 else
