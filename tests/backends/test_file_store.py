@@ -121,3 +121,24 @@ async def test_a_lease_ended_by_a_cancelled_caller_is_unlocked(tmp_path: Path, e
         await backend.abandon(again, cooldown=None)
     finally:
         await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_after_aclose_the_listener_hands_on_no_reset(tmp_path: Path) -> None:
+    """aclose() stops the loop's listener of resets: a reset logged afterwards is not heard (a
+    later claim starts a new listener, which hears the resets after it)."""
+    backend, other = FileLockBackend(tmp_path / "locks"), FileLockBackend(tmp_path / "locks")
+    heard: list[Reset] = []
+    backend.bind(heard.append)
+    try:
+        await backend.claim("n", "ab" * 20, lease=1, refresh=None, holder="test")
+        await backend.aclose()
+        await other.clear("n", "ab" * 20, origin="before")
+        await anyio.to_thread.run_sync(time.sleep, 0.6)  # three of the listener's looks
+        assert heard == []
+        await backend.claim("n", "cd" * 20, lease=1, refresh=None, holder="test")
+        await other.clear("n", None, origin="after")
+        await wait_until(lambda: heard == [Reset("n", None, "after")])
+    finally:
+        await backend.aclose()
+        await other.aclose()
