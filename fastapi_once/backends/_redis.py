@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import warnings
 from collections.abc import AsyncIterator
@@ -45,6 +46,7 @@ _LISTENER_AND_ONE = " (the listener's connection and one for commands)"
 _IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
 _LISTENING_WITHIN = 0.5  # the longest a loop's first claim or a watch waits for the listener
 _FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
+_RECORD = re.compile(rf"{re.escape(UNKEYED)}|[0-9a-f]{{40}}")  # a record's key: unkeyed, a digest
 
 # KEYS: v, lock, cool, fence[, 0.2's marker]. ARGV: lock value, lease (ms), refresh age (ms, or '').
 # {1, record} to serve; {3, ms left} while a failure cools down; {2, fence} when the lease is now
@@ -60,9 +62,8 @@ if not record and KEYS[5] then
 end
 local now = redis.call('TIME')
 if record then
-  if ARGV[3] == '' or redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return {1, record} end
-  local made = tonumber(string.sub(record, 1, string.find(record, ' ') - 1))
-  if now[1] * 1000 + math.floor(now[2] / 1000) - made < tonumber(ARGV[3]) then
+  local age = now[1] * 1000 + math.floor(now[2] / 1000) - tonumber(string.match(record, '^%d+'))
+  if ARGV[3] == '' or age < tonumber(ARGV[3]) or redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then
     return {1, record}
   end
 else
@@ -89,30 +90,23 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2] + 60000)
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 
-# KEYS: lock, v, cool. ARGV: lock value, value, ttl (ms, or ''), channel.
-# Records the value stamped with the server's time, frees the lease and wakes the watches, only
-# if the lease is still ours.
-COMPLETE = """
+# KEYS: lock, v, cool. ARGV: lock value, channel, then to complete: the value, its ttl (ms, or
+# ''); to abandon: '', the cooldown (ms, or ''). Only if the lease is still ours: records the
+# value stamped with the server's time (clearing the cooldown) or the cooldown, frees the lease
+# and wakes the watches.
+END = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local now = redis.call('TIME')
-local record = now[1] .. string.format('%03d', math.floor(now[2] / 1000)) .. ' ' .. ARGV[2]
-if ARGV[3] == '' then
-  redis.call('SET', KEYS[2], record)
-else
-  redis.call('SET', KEYS[2], record, 'PX', ARGV[3])
+if ARGV[3] ~= '' then
+  local now = redis.call('TIME')
+  local made = now[1] .. string.format('%03d', math.floor(now[2] / 1000))
+  redis.call('SET', KEYS[2], made .. ' ' .. ARGV[3])
+  if ARGV[4] ~= '' then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+  redis.call('DEL', KEYS[3])
+elseif ARGV[4] ~= '' then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
 end
-redis.call('DEL', KEYS[1], KEYS[3])
-redis.call('PUBLISH', ARGV[4], 'done')
-return 1
-"""
-
-# KEYS: lock, cool. ARGV: lock value, cooldown (ms, or ''), channel.
-# Records the cooldown, frees the lease and wakes the watches, only if the lease is still ours.
-ABANDON = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[3], 'failed')
+redis.call('PUBLISH', ARGV[2], 'ended')
 return 1
 """
 
@@ -233,15 +227,15 @@ class RedisBackend(StoreBackend):
 
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
         """See :meth:`LeaseStore.complete`: one script, which publishes on the record's channel."""
-        *keys, channel = self._keys(lease.name, lease.key, "lock", "v", "cool", "ev")
-        doing = f"recording the value of {lease.name}"
-        return bool(await self._run(COMPLETE, doing, keys, lease.handle, value, _ms(ttl), channel))
+        return await self._end(lease, f"recording the value of {lease.name}", value, _ms(ttl))
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
         """See :meth:`LeaseStore.abandon`: one script, which publishes on the record's channel."""
-        *keys, channel = self._keys(lease.name, lease.key, "lock", "cool", "ev")
-        doing = f"freeing the lease of {lease.name}"
-        await self._run(ABANDON, doing, keys, lease.handle, _ms(cooldown), channel)
+        await self._end(lease, f"freeing the lease of {lease.name}", "", _ms(cooldown))
+
+    async def _end(self, lease: Lease, doing: str, *args: object) -> bool:
+        *keys, channel = self._keys(lease.name, lease.key, "lock", "v", "cool", "ev")
+        return bool(await self._run(END, doing, keys, lease.handle, channel, *args))
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
@@ -260,7 +254,7 @@ class RedisBackend(StoreBackend):
                 async for found in redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
                     record, _, suffix = found[len(prefix) :].partition("}:")
                     # Only this name's records: a longer name starting with it has a ':' here.
-                    if suffix in ("v", "cool") and (record == UNKEYED or _is_digest(record)):
+                    if suffix in ("v", "cool") and _RECORD.fullmatch(record):
                         await redis.unlink(found)  # one key a command: records' slots differ
             await redis.publish(self._resets, message)
 
@@ -341,7 +335,7 @@ class RedisBackend(StoreBackend):
             retry=Retry(NoBackoff(), 1),
         )
         redis = aioredis.Redis.from_pool(pool)
-        return redis, {s: redis.register_script(s) for s in (CLAIM, RENEW, COMPLETE, ABANDON)}
+        return redis, {s: redis.register_script(s) for s in (CLAIM, RENEW, END)}
 
     async def _run(self, script: str, doing: str, keys: list[str], *args: object) -> Any:
         """Run one of the scripts above on the running loop's client."""
@@ -384,10 +378,6 @@ def _check_url(url: str, shown: str) -> None:
 def _tag(name: str) -> str:
     """``name`` for a hash tag: percent-encoded, so no two names share one and braces stay out."""
     return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-
-
-def _is_digest(text: str) -> bool:
-    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
 
 
 def _glob_escape(text: str) -> str:

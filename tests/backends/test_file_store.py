@@ -4,6 +4,7 @@ processes: each claim opens its own file, and flock locks belong to open files).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from timekeeping import wait_until
 
 from fastapi_once import once
 from fastapi_once.backends import FileLockBackend
-from fastapi_once.backends._store import UNKEYED, Lease, Reset
+from fastapi_once.backends._store import UNKEYED, Lease, Reset, Served
 
 
 class TestFileStore(StoreContract):
@@ -69,3 +70,75 @@ async def test_a_line_in_the_resets_log_that_is_not_a_reset_is_ignored(
         await wait_until(lambda: heard == [Reset("n", None, "elsewhere")])
     finally:
         await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_every_64th_marker_written_deletes_the_markers_that_expired(tmp_path: Path) -> None:
+    """A keyed once's markers do not pile up: every 64th marker a backend writes deletes those
+    of the once's keys whose value expired and whose cooldown ended; live ones stay."""
+    backend = FileLockBackend(tmp_path / "locks")
+    keys = [f"{i:02x}" + "0" * 38 for i in range(64)]
+
+    async def lead(key: str) -> Lease:
+        lease = await backend.claim("n", key, lease=1, refresh=None, holder="test")
+        assert isinstance(lease, Lease)
+        return lease
+
+    try:
+        assert await backend.complete(await lead(keys[0]), "kept", ttl=60)
+        for key in keys[1:32]:
+            assert await backend.complete(await lead(key), "1", ttl=0.05)
+        for key in keys[32:63]:
+            await backend.abandon(await lead(key), cooldown=0.05)
+        assert len(list((tmp_path / "locks").glob("*.json"))) == 63
+        await anyio.to_thread.run_sync(time.sleep, 0.2)  # wall-clock time: markers hold it
+        assert await backend.complete(await lead(keys[63]), "last", ttl=60)  # the 64th write
+        assert len(list((tmp_path / "locks").glob("*.json"))) == 2
+        assert await backend.claim("n", keys[0], lease=1, refresh=None, holder="t") == Served(
+            "kept"
+        )
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("end", ["complete", "abandon"])
+async def test_a_lease_ended_by_a_cancelled_caller_is_unlocked(tmp_path: Path, end: str) -> None:
+    """complete() or abandon() called in a cancelled scope records nothing, yet lets go of the
+    lock: the next claim leads, rather than finding the lease held until the process exits."""
+    backend = FileLockBackend(tmp_path / "locks")
+    lease = await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+    assert isinstance(lease, Lease)
+    try:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            if end == "complete":
+                await backend.complete(lease, "1", ttl=None)
+            else:
+                await backend.abandon(lease, cooldown=30)
+        again = await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+        assert isinstance(again, Lease)
+        await backend.abandon(again, cooldown=None)
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_after_aclose_the_listener_hands_on_no_reset(tmp_path: Path) -> None:
+    """aclose() stops the loop's listener of resets: a reset logged afterwards is not heard (a
+    later claim starts a new listener, which hears the resets after it)."""
+    backend, other = FileLockBackend(tmp_path / "locks"), FileLockBackend(tmp_path / "locks")
+    heard: list[Reset] = []
+    backend.bind(heard.append)
+    try:
+        await backend.claim("n", "ab" * 20, lease=1, refresh=None, holder="test")
+        await backend.aclose()
+        await other.clear("n", "ab" * 20, origin="before")
+        await anyio.to_thread.run_sync(time.sleep, 0.6)  # three of the listener's looks
+        assert heard == []
+        await backend.claim("n", "cd" * 20, lease=1, refresh=None, holder="test")
+        await other.clear("n", None, origin="after")
+        await wait_until(lambda: heard == [Reset("n", None, "after")])
+    finally:
+        await backend.aclose()
+        await other.aclose()
