@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ._base import Scrubber, store_errors
 
@@ -17,6 +17,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "PostgresBackend needs the asyncpg package: pip install 'fastapi-once[postgres]'"
     ) from exc
+
+T = TypeVar("T")
 
 #: Idle lock sessions a loop keeps for its next claims (a connection is a server process).
 IDLE_SESSIONS = 4
@@ -75,6 +77,10 @@ class Connections:
         self._options, self._pool_size, self._setup = options, pool_size, setup
         self._describe = describe
         self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
+        # The loop's own connection (its listener's, lent to statements while free) and the
+        # lock that one block at a time holds to use it.
+        self._own: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._using: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions held
         self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
 
@@ -85,10 +91,32 @@ class Connections:
         )
 
     @contextlib.asynccontextmanager
-    async def pooled(self, doing: str) -> AsyncIterator[Any]:
-        """A connection of this loop's pool for the block; errors as :meth:`errors`."""
+    async def own(self) -> AsyncIterator[Any]:
+        """The loop's own connection for the block (made on first use and once it ended), one
+        block at a time; a block that fails ends it (it may be left mid-statement)."""
+        loop = asyncio.get_running_loop()
+        async with self._using.setdefault(loop, asyncio.Lock()):
+            conn = self._own.get(loop)
+            if conn is None or conn.is_closed():
+                conn = self._own[loop] = await self.connect()
+            try:
+                yield conn
+            except BaseException:
+                conn.terminate()
+                raise
+
+    async def run(self, doing: str, statement: Callable[[Any], Awaitable[T]]) -> T:
+        """``statement(conn)`` on the loop's own connection while it is free (a follower needs
+        no other), else on one of the loop's pool; errors as :meth:`errors`. On the own one it
+        runs in a task: a caller cancelled meanwhile leaves it to finish, and the connection
+        clean."""
         loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
         with self.errors(doing):
+            using = self._using.get(loop)
+            if using is None or not using.locked():
+                task = loop.create_task(self._on_own(statement))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+                return await asyncio.shield(task)
             pool = self._pools.get(loop)
             if pool is None:  # min_size=0: made without a round trip, so without a race
                 # reset: the pooled statements leave no session state to reset, so a
@@ -101,7 +129,20 @@ class Connections:
                     pool = self._pools[loop]
             async with pool.acquire(timeout=options["command_timeout"]) as conn:
                 await self._setup(conn)
-                yield conn
+                return await statement(conn)
+
+    async def _on_own(self, statement: Callable[[Any], Awaitable[T]]) -> T:
+        # A connection the server ended unseen (the loop was busy) fails at once: once more,
+        # on a new one (the statements are reads and deletes). Not after a timeout.
+        for retry in (True, False):
+            async with self.own() as conn:
+                try:
+                    return await statement(conn)
+                except OUTAGES as exc:
+                    if not retry or isinstance(exc, asyncio.TimeoutError):
+                        raise
+                    conn.terminate()
+        raise AssertionError("unreachable")
 
     async def connect(self) -> Any:
         """A connection of its own (a lock session, or a listener's)."""
@@ -142,15 +183,18 @@ class Connections:
         """End the running loop's connections: its pool, idle and leased lock sessions (a
         lease's renewal then finds it lost)."""
         loop = asyncio.get_running_loop()
-        for conn in [*self._leased.pop(loop, ()), *self._idle.pop(loop, ())]:
-            conn.terminate()
+        self._using.pop(loop, None)
+        own = self._own.pop(loop, None)
+        for conn in [*self._leased.pop(loop, ()), *self._idle.pop(loop, ()), own]:
+            if conn is not None:
+                conn.terminate()
         pool = self._pools.pop(loop, None)
         if pool is not None:
             pool.terminate()
 
 
 async def _keep(conn: Any) -> None:
-    """A pooled connection's reset: nothing (see :meth:`Connections.pooled`)."""
+    """A pooled connection's reset: nothing (see :meth:`Connections.run`)."""
 
 
 def connect_args(dsn: str, scrub: Scrubber) -> dict[str, Any]:

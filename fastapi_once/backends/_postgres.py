@@ -13,8 +13,8 @@ import contextlib
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import anyio
 
@@ -29,6 +29,7 @@ from ._wakeups import Listeners, ListenerWatch, Wakeups
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
+T = TypeVar("T")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for "_lease" and "_fence"
 _UNTIL = "clock_timestamp() + make_interval(secs => {}::float8)"  # NULL seconds: never
 _HELD = (  # an advisory lock key k (bigint) as pg_locks shows it, granted
@@ -196,9 +197,11 @@ class PostgresBackend(StoreBackend):
             fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
             if anyio.current_time() - heard < fresh:
                 return Served(value)
-        async with self._pooled("reading the record") as conn:
-            lock = self._lock_key(name, key)  # after _pooled: the namespace is resolved
-            row = await conn.fetchrow(self._sql["read"], name, key, refresh, lock)
+        row = await self._run(  # the lock's key once the namespace is resolved, on connecting
+            "reading the record",
+            lambda c: c.fetchrow(self._sql["read"], name, key, refresh, self._lock_key(name, key)),
+        )
+        lock = self._lock_key(name, key)
         found = _decide(row, held=row["holder"] is not None)
         if found is not None or row["holder"] is not None:
             return found or Held(row["holder"].removeprefix(APPLICATION))
@@ -265,8 +268,10 @@ class PostgresBackend(StoreBackend):
         """Delete the record(s) and NOTIFY the reset, in one statement."""
         message = Reset(name, key, origin).to_json()
         self._news.pop()
-        async with self._pooled("clearing the record") as conn:
-            await conn.execute(self._sql["delete"], name, key, self._channel, message)
+        await self._run(
+            "clearing the record",
+            lambda c: c.execute(self._sql["delete"], name, key, self._channel, message),
+        )
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -297,11 +302,9 @@ class PostgresBackend(StoreBackend):
             "server_settings": {"application_name": (APPLICATION + holder_id())[:63]},
         }
 
-    @contextlib.asynccontextmanager
-    async def _pooled(self, doing: str) -> AsyncIterator[Any]:
+    async def _run(self, doing: str, statement: Callable[[Any], Awaitable[T]]) -> T:
         self._listeners.start()  # its end ends the loop's connections: see _listen
-        async with self._connections.pooled(doing) as conn:
-            yield conn
+        return await self._connections.run(doing, statement)
 
     def _release(self, conn: Any, clean: bool) -> None:
         # Idle sessions are kept only while the loop's listener runs, to end them as it ends.
@@ -370,9 +373,9 @@ class PostgresBackend(StoreBackend):
             while True:
                 conn: Any = None
                 try:
-                    conn = await self._connections.connect()
                     with self._connections.errors("listening"):
-                        await conn.add_listener(self._channel, heard)
+                        async with self._connections.own() as conn:
+                            await conn.add_listener(self._channel, heard)
                         failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                         wakeups.listening.set()
                         wakeups.wake_all()
@@ -380,17 +383,20 @@ class PostgresBackend(StoreBackend):
                         while True:
                             await anyio.sleep(ORPHANS_EVERY)
                             followed = self._followed.get()
-                            if followed:  # also tells that the session lives
-                                locks = sorted({lock for lock, _ in followed})
-                                free = await conn.fetchval(
-                                    _FREE, locks, timeout=self.check_interval
-                                )
-                                for lock, record in list(followed):
-                                    if lock in free:
-                                        wakeups.wake(record)
-                            elif anyio.current_time() - checked >= self.check_interval:
-                                await conn.fetchval("SELECT 1", timeout=self.check_interval)
-                                checked = anyio.current_time()
+                            async with self._connections.own() as now:
+                                if now is not conn:  # a statement's failure ended it
+                                    break
+                                if followed:  # also tells that the session lives
+                                    locks = sorted({lock for lock, _ in followed})
+                                    free = await conn.fetchval(
+                                        _FREE, locks, timeout=self.check_interval
+                                    )
+                                    for lock, record in list(followed):
+                                        if lock in free:
+                                            wakeups.wake(record)
+                                elif anyio.current_time() - checked >= self.check_interval:
+                                    await conn.fetchval("SELECT 1", timeout=self.check_interval)
+                                    checked = anyio.current_time()
                 except BackendError:
                     pass  # the server went away: listen again, after a backoff
                 finally:
