@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ._base import Scrubber, store_errors
@@ -78,7 +78,7 @@ class Connections:
         self._describe = describe
         self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
         # The loop's own connection (its listener's, lent to statements while free) and the
-        # lock that one block at a time holds to use it.
+        # lock held by the statement that uses it.
         self._own: dict[asyncio.AbstractEventLoop, Any] = {}
         self._using: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions held
@@ -90,31 +90,14 @@ class Connections:
             self._describe(), doing, DRIVER_ERRORS, outage=OUTAGES, refused=_REFUSED
         )
 
-    @contextlib.asynccontextmanager
-    async def own(self) -> AsyncIterator[Any]:
-        """The loop's own connection for the block (made on first use and once it ended), one
-        block at a time; a block that fails ends it (it may be left mid-statement)."""
-        loop = asyncio.get_running_loop()
-        async with self._using.setdefault(loop, asyncio.Lock()):
-            conn = self._own.get(loop)
-            if conn is None or conn.is_closed():
-                conn = self._own[loop] = await self.connect()
-            try:
-                yield conn
-            except BaseException:
-                conn.terminate()
-                raise
-
     async def run(self, doing: str, statement: Callable[[Any], Awaitable[T]]) -> T:
         """``statement(conn)`` on the loop's own connection while it is free (a follower needs
-        no other), else on one of the loop's pool; errors as :meth:`errors`. On the own one it
-        runs in a task: a caller cancelled meanwhile leaves it to finish, and the connection
-        clean."""
+        no other), in a task: a caller cancelled meanwhile leaves it to finish, and the
+        connection clean; else on a pooled one. Errors as :meth:`errors`."""
         loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
         with self.errors(doing):
-            using = self._using.get(loop)
-            if using is None or not using.locked():
-                task = loop.create_task(self._on_own(statement))
+            if not self._using.setdefault(loop, asyncio.Lock()).locked():
+                task = loop.create_task(self.own(statement))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
                 return await asyncio.shield(task)
             pool = self._pools.get(loop)
@@ -131,18 +114,26 @@ class Connections:
                 await self._setup(conn)
                 return await statement(conn)
 
-    async def _on_own(self, statement: Callable[[Any], Awaitable[T]]) -> T:
-        # A connection the server ended unseen (the loop was busy) fails at once: once more,
-        # on a new one (the statements are reads and deletes). Not after a timeout.
-        for retry in (True, False):
-            async with self.own() as conn:
+    async def own(self, statement: Callable[[Any], Awaitable[T]]) -> T:
+        """``statement(conn)`` on the loop's own connection (its listener's), one at a time,
+        connected on first use and once ended. A statement cut off or failed but not refused
+        ends it (it may be left mid-statement); one that finds it ended unseen (the loop was
+        busy) runs once more on a new one (the store's statements are reads and deletes)."""
+        loop = asyncio.get_running_loop()
+        async with self._using.setdefault(loop, asyncio.Lock()):
+            for again in (True, False):
+                conn = self._own.get(loop)
+                if conn is None or conn.is_closed():
+                    conn = self._own[loop] = await self.connect()
                 try:
                     return await statement(conn)
-                except OUTAGES as exc:
-                    if not retry or isinstance(exc, asyncio.TimeoutError):
+                except BaseException as exc:
+                    lost = isinstance(exc, OUTAGES)
+                    if lost or not isinstance(exc, asyncpg.PostgresError):
+                        conn.terminate()
+                    if not (again and lost) or isinstance(exc, asyncio.TimeoutError):
                         raise
-                    conn.terminate()
-        raise AssertionError("unreachable")
+            raise AssertionError("unreachable")
 
     async def connect(self) -> Any:
         """A connection of its own (a lock session, or a listener's)."""

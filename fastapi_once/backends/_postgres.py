@@ -368,35 +368,36 @@ class PostgresBackend(StoreBackend):
             # behind this task's check of the locks.
             self._heard(args[3], wakeups)
 
+        async def listen(conn: Any) -> Any:
+            await conn.add_listener(self._channel, heard)
+            return conn
+
+        def check(query: str, *args: Any) -> Awaitable[Any]:
+            own = self._connections.own
+            return own(lambda c: c.fetchval(query, *args, timeout=self.check_interval))
+
         failures = 0
         try:
             while True:
                 conn: Any = None
                 try:
                     with self._connections.errors("listening"):
-                        async with self._connections.own() as conn:
-                            await conn.add_listener(self._channel, heard)
+                        conn = await self._connections.own(listen)
                         failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                         wakeups.listening.set()
                         wakeups.wake_all()
                         checked = anyio.current_time()
-                        while True:
+                        while not conn.is_closed():  # else a failed statement ended it
                             await anyio.sleep(ORPHANS_EVERY)
                             followed = self._followed.get()
-                            async with self._connections.own() as now:
-                                if now is not conn:  # a statement's failure ended it
-                                    break
-                                if followed:  # also tells that the session lives
-                                    locks = sorted({lock for lock, _ in followed})
-                                    free = await conn.fetchval(
-                                        _FREE, locks, timeout=self.check_interval
-                                    )
-                                    for lock, record in list(followed):
-                                        if lock in free:
-                                            wakeups.wake(record)
-                                elif anyio.current_time() - checked >= self.check_interval:
-                                    await conn.fetchval("SELECT 1", timeout=self.check_interval)
-                                    checked = anyio.current_time()
+                            if followed:  # also tells that the session lives
+                                free = await check(_FREE, sorted({k for k, _ in followed}))
+                                for lock, record in list(followed):
+                                    if lock in free:
+                                        wakeups.wake(record)
+                            elif anyio.current_time() - checked >= self.check_interval:
+                                await check("SELECT 1")
+                                checked = anyio.current_time()
                 except BackendError:
                     pass  # the server went away: listen again, after a backoff
                 finally:
