@@ -81,7 +81,7 @@ class Connections:
         # lock held by the statement that uses it.
         self._own: dict[asyncio.AbstractEventLoop, Any] = {}
         self._using: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
-        self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions held
+        self._out: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions not idle
         self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
 
     def errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
@@ -147,23 +147,20 @@ class Connections:
         return conn
 
     async def session(self) -> Any:
-        """An idle lock session of this loop's, or a new one."""
-        idle = self._idle.get(asyncio.get_running_loop(), [])
-        while idle:
-            conn = idle.pop()
-            if not conn.is_closed():
-                return conn
-        return await self.connect()
-
-    def lease(self, conn: Any) -> None:
-        """Count ``conn`` as a lease's lock session (ended with the loop's connections)."""
-        self._leased.setdefault(asyncio.get_running_loop(), set()).add(conn)
+        """An idle lock session of this loop's, or a new one, out until :meth:`release`."""
+        loop = asyncio.get_running_loop()
+        idle = self._idle.get(loop, [])
+        while idle and idle[-1].is_closed():
+            idle.pop()
+        conn = idle.pop() if idle else await self.connect()
+        self._out.setdefault(loop, set()).add(conn)
+        return conn
 
     def release(self, conn: Any, *, keep: bool) -> None:
         """Keep a lock session that holds nothing (``keep``) for the next claim, up to
         :data:`IDLE_SESSIONS`; else end it, and its lock."""
         loop = asyncio.get_running_loop()
-        self._leased.get(loop, set()).discard(conn)
+        self._out.get(loop, set()).discard(conn)
         idle = self._idle.setdefault(loop, [])
         if keep and not conn.is_closed() and len(idle) < IDLE_SESSIONS:
             idle.append(conn)
@@ -171,14 +168,13 @@ class Connections:
             conn.terminate()
 
     def end(self) -> None:
-        """End the running loop's connections: its pool, idle and leased lock sessions (a
-        lease's renewal then finds it lost)."""
+        """End the running loop's connections: its own, its pool, its lock sessions idle or
+        out (a lease's renewal then finds it lost)."""
         loop = asyncio.get_running_loop()
         self._using.pop(loop, None)
         own = self._own.pop(loop, None)
-        for conn in [*self._leased.pop(loop, ()), *self._idle.pop(loop, ()), own]:
-            if conn is not None:
-                conn.terminate()
+        for conn in [*self._out.pop(loop, ()), *self._idle.pop(loop, ()), *([own] if own else [])]:
+            conn.terminate()
         pool = self._pools.pop(loop, None)
         if pool is not None:
             pool.terminate()

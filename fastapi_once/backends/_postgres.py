@@ -189,15 +189,15 @@ class PostgresBackend(StoreBackend):
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
-        """See ``LeaseStore.claim``: a value heard, else a pooled read; with nothing to serve
-        and the lock free, try it on a lock session and read again there."""
+        """See ``LeaseStore.claim``: a value heard, else a read (see ``Connections.run``);
+        with nothing to serve and the lock free, try it on a lock session and read again there."""
         news = self._news.get().get(_record(name, key))
         if news is not None:  # heard as the leader recorded it: as fresh as a read
             value, heard, ttl = news
             fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
             if anyio.current_time() - heard < fresh:
                 return Served(value)
-        row = await self._run(  # the lock's key once the namespace is resolved, on connecting
+        row = await self._run(  # the lock's key once connecting has resolved the namespace
             "reading the record",
             lambda c: c.fetchrow(self._sql["read"], name, key, refresh, self._lock_key(name, key)),
         )
@@ -215,7 +215,6 @@ class PostgresBackend(StoreBackend):
                     found = _decide(await conn.fetchrow(self._sql["read"], name, key, refresh, 0))
                     if found is None:
                         fence = int(await conn.fetchval(f"SELECT nextval('{self._fences}')"))
-                        self._connections.lease(conn)
                         return Lease(name, key, fence, conn)
                 if got or self.lock == "transaction":
                     await self._unlock(conn, lock)
@@ -355,13 +354,12 @@ class PostgresBackend(StoreBackend):
         self._namespace = str(namespace)
 
     async def _listen(self, wakeups: Wakeups) -> None:
-        """Until cancelled, on one connection: LISTEN on the table's channel; each NOTIFY goes
-        to ``_heard``. While watches wait, every ``ORPHANS_EVERY`` it wakes those whose
-        record's lock is free (a killed leader announces nothing); else every
-        ``check_interval`` it checks that its session lives (a dead one receives nothing). After
-        an outage it listens again, with backoff, then wakes every watch (what was announced
-        meanwhile was missed).
-        """
+        """Until cancelled, on the loop's own connection: LISTEN on the table's channel; each
+        NOTIFY goes to ``_heard``. While watches wait, every ``ORPHANS_EVERY`` it wakes those
+        whose record's lock is free (a killed leader announces nothing); else every
+        ``check_interval`` it checks that its session lives (a dead one receives nothing). Once
+        that has ended, it listens again, with backoff, and wakes every watch (what was
+        announced meanwhile was missed)."""
 
         async def heard(*args: Any) -> None:
             # The driver runs each NOTIFY in a task of its own: its wake-up is not held up
