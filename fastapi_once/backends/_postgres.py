@@ -96,8 +96,9 @@ class PostgresBackend(StoreBackend):
         CREATE SEQUENCE fastapi_once_fence;
 
     Connections per process and event loop (``application_name`` ``fastapi_once pid <pid> on
-    <host>``): at most ``pool_size`` pooled, one listener, one per record led at the time and
-    up to 4 idle ones for the next leaders; ``aclose()`` or the loop's end ends them. Every
+    <host>``): its own (the listener's, which runs the statements while free), at most
+    ``pool_size`` pooled for statements that overlap, one per record led at the time and up to
+    4 idle ones for the next leaders; ``aclose()`` or the loop's end ends them. Every
     statement is bounded by ``wait_timeout``. asyncio only (asyncpg).
 
     Args:
@@ -116,7 +117,8 @@ class PostgresBackend(StoreBackend):
         poll_interval: accepted and unused (followers are woken by NOTIFY).
         max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB).
         recheck_interval: how often a waiting follower claims again without being woken.
-        pool_size: the most pooled connections per event loop (default 8).
+        pool_size: the most pooled connections per event loop (default 8), for statements
+            that overlap one on the loop's own connection.
 
     Raises:
         ValueError: ``table`` is not an identifier, ``lock`` is unknown, a time is not a
