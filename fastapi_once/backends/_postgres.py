@@ -13,8 +13,8 @@ import contextlib
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
@@ -29,7 +29,6 @@ from ._wakeups import Listeners, ListenerWatch, Wakeups
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-T = TypeVar("T")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}")  # room for "_lease" and "_fence"
 _UNTIL = "clock_timestamp() + make_interval(secs => {}::float8)"  # NULL seconds: never
 _HELD = (  # an advisory lock key k (bigint) as pg_locks shows it, granted
@@ -199,7 +198,8 @@ class PostgresBackend(StoreBackend):
             fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
             if anyio.current_time() - heard < fresh:
                 return Served(value)
-        row = await self._run(  # the lock's key once connecting has resolved the namespace
+        self._listeners.start()  # its end ends the loop's connections: see _listen
+        row = await self._connections.run(  # the lock's key once connecting resolved the namespace
             "reading the record",
             lambda c: c.fetchrow(self._sql["read"], name, key, refresh, self._lock_key(name, key)),
         )
@@ -269,7 +269,8 @@ class PostgresBackend(StoreBackend):
         """Delete the record(s) and NOTIFY the reset, in one statement."""
         message = Reset(name, key, origin).to_json()
         self._news.pop()
-        await self._run(
+        self._listeners.start()
+        await self._connections.run(
             "clearing the record",
             lambda c: c.execute(self._sql["delete"], name, key, self._channel, message),
         )
@@ -302,10 +303,6 @@ class PostgresBackend(StoreBackend):
             "statement_cache_size": 0 if self.lock == "transaction" else 100,
             "server_settings": {"application_name": (APPLICATION + holder_id())[:63]},
         }
-
-    async def _run(self, doing: str, statement: Callable[[Any], Awaitable[T]]) -> T:
-        self._listeners.start()  # its end ends the loop's connections: see _listen
-        return await self._connections.run(doing, statement)
 
     def _release(self, conn: Any, clean: bool) -> None:
         # Idle sessions are kept only while the loop's listener runs, to end them as it ends.
