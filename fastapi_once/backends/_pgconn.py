@@ -96,8 +96,10 @@ class Connections:
         connection clean; else on a pooled one. Errors as :meth:`errors`."""
         loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
         with self.errors(doing):
-            if not self._using.setdefault(loop, asyncio.Lock()).locked():
-                task = loop.create_task(self.own(statement))
+            using = self._using.setdefault(loop, asyncio.Lock())
+            if not using.locked():
+                await using.acquire()  # free: taken at once, so the next statements go pooled
+                task = loop.create_task(self._owned(using, statement))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
                 return await asyncio.shield(task)
             pool = self._pools.get(loop)
@@ -119,8 +121,13 @@ class Connections:
         connected on first use and once ended. A statement cut off or failed but not refused
         ends it (it may be left mid-statement); one that finds it ended unseen (the loop was
         busy) runs once more on a new one (the store's statements are reads and deletes)."""
+        using = self._using.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        await using.acquire()
+        return await self._owned(using, statement)
+
+    async def _owned(self, using: asyncio.Lock, statement: Callable[[Any], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
-        async with self._using.setdefault(loop, asyncio.Lock()):
+        try:  # ``using`` is held: released here
             for again in (True, False):
                 conn = self._own.get(loop)
                 if conn is None or conn.is_closed():
@@ -134,6 +141,8 @@ class Connections:
                     if not (again and lost) or isinstance(exc, asyncio.TimeoutError):
                         raise
             raise AssertionError("unreachable")
+        finally:
+            using.release()
 
     async def connect(self) -> Any:
         """A connection of its own (a lock session, or a listener's)."""

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from backend_servers import PostgresServer, free_port, require
 from timekeeping import wait_until
@@ -226,6 +227,42 @@ async def test_a_claim_cancelled_mid_read_leaves_the_listeners_connection_open(
     await anyio.sleep(0.5)  # the read ends; a server process whose client went would end too
     # The read ran on after the caller went: the listener's connection (and each other) lives.
     assert set(pids) <= set(await sql.fetchval(query, mine))  # type: ignore[attr-defined]
+    await backend.aclose()
+
+
+async def test_statements_started_together_take_pooled_connections_beyond_the_first(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """Only the first of the statements started at once runs on the loop's own connection;
+    the others take pooled ones rather than queue behind it (here, reads a locked table holds)."""
+    warm = PostgresBackend(postgres_server.dsn, table=table)
+    assert await warm.run_once("tests.pg.warm", answer) == 42  # the table exists
+    await warm.aclose()
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    mine = ("fastapi_once " + holder_id())[:63]
+
+    async def holds(n: int) -> bool:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        return int(await sql.fetchval(query, mine)) == n  # type: ignore[attr-defined]
+
+    await wait_until(lambda: holds(0))
+    unlock = anyio.Event()
+
+    async def lock_the_table(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        locker = await asyncpg.connect(postgres_server.dsn)  # sql's counts: out of the lock
+        async with locker.transaction():
+            await locker.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+            task_status.started()
+            await unlock.wait()
+        await locker.close()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(lock_the_table)
+        for key in ("a", "b"):
+            claim = functools.partial(backend.claim, lease=5, refresh=None, holder="t")
+            tg.start_soon(claim, "tests.pg.together", key)
+        await wait_until(lambda: holds(2))  # the own connection and a pooled one, both reading
+        unlock.set()
     await backend.aclose()
 
 
