@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from ._base import Scrubber, store_errors
 
@@ -17,6 +17,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "PostgresBackend needs the asyncpg package: pip install 'fastapi-once[postgres]'"
     ) from exc
+
+T = TypeVar("T")
 
 #: Idle lock sessions a loop keeps for its next claims (a connection is a server process).
 IDLE_SESSIONS = 4
@@ -75,7 +77,11 @@ class Connections:
         self._options, self._pool_size, self._setup = options, pool_size, setup
         self._describe = describe
         self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
-        self._leased: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions held
+        # The loop's own connection (its listener's, lent to statements while free) and the
+        # lock held by the statement that uses it.
+        self._own: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._using: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+        self._out: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions not idle
         self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
 
     def errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
@@ -84,11 +90,18 @@ class Connections:
             self._describe(), doing, DRIVER_ERRORS, outage=OUTAGES, refused=_REFUSED
         )
 
-    @contextlib.asynccontextmanager
-    async def pooled(self, doing: str) -> AsyncIterator[Any]:
-        """A connection of this loop's pool for the block; errors as :meth:`errors`."""
+    async def run(self, doing: str, statement: Callable[[Any], Awaitable[T]]) -> T:
+        """``statement(conn)`` on the loop's own connection while it is free (a follower needs
+        no other), in a task: a caller cancelled meanwhile leaves it to finish, and the
+        connection clean; else on a pooled one. Errors as :meth:`errors`."""
         loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
         with self.errors(doing):
+            using = self._using.setdefault(loop, asyncio.Lock())
+            if not using.locked():
+                await using.acquire()  # free: taken at once, so the next statements go pooled
+                task = loop.create_task(self._owned(using, statement))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+                return await asyncio.shield(task)
             pool = self._pools.get(loop)
             if pool is None:  # min_size=0: made without a round trip, so without a race
                 # reset: the pooled statements leave no session state to reset, so a
@@ -101,7 +114,35 @@ class Connections:
                     pool = self._pools[loop]
             async with pool.acquire(timeout=options["command_timeout"]) as conn:
                 await self._setup(conn)
-                yield conn
+                return await statement(conn)
+
+    async def own(self, statement: Callable[[Any], Awaitable[T]]) -> T:
+        """``statement(conn)`` on the loop's own connection (its listener's), one at a time,
+        connected on first use and once ended. A statement cut off or failed but not refused
+        ends it (it may be left mid-statement); one that finds it ended unseen (the loop was
+        busy) runs once more on a new one (the store's statements are reads and deletes)."""
+        using = self._using.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        await using.acquire()
+        return await self._owned(using, statement)
+
+    async def _owned(self, using: asyncio.Lock, statement: Callable[[Any], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        try:  # ``using`` is held: released here
+            for again in (True, False):
+                conn = self._own.get(loop)
+                if conn is None or conn.is_closed():
+                    conn = self._own[loop] = await self.connect()
+                try:
+                    return await statement(conn)
+                except BaseException as exc:
+                    lost = isinstance(exc, OUTAGES)
+                    if lost or not isinstance(exc, asyncpg.PostgresError):
+                        conn.terminate()
+                    if not (again and lost) or isinstance(exc, asyncio.TimeoutError):
+                        raise
+            raise AssertionError("unreachable")
+        finally:
+            using.release()
 
     async def connect(self) -> Any:
         """A connection of its own (a lock session, or a listener's)."""
@@ -115,23 +156,20 @@ class Connections:
         return conn
 
     async def session(self) -> Any:
-        """An idle lock session of this loop's, or a new one."""
-        idle = self._idle.get(asyncio.get_running_loop(), [])
-        while idle:
-            conn = idle.pop()
-            if not conn.is_closed():
-                return conn
-        return await self.connect()
-
-    def lease(self, conn: Any) -> None:
-        """Count ``conn`` as a lease's lock session (ended with the loop's connections)."""
-        self._leased.setdefault(asyncio.get_running_loop(), set()).add(conn)
+        """An idle lock session of this loop's, or a new one, out until :meth:`release`."""
+        loop = asyncio.get_running_loop()
+        idle = self._idle.get(loop, [])
+        while idle and idle[-1].is_closed():
+            idle.pop()
+        conn = idle.pop() if idle else await self.connect()
+        self._out.setdefault(loop, set()).add(conn)
+        return conn
 
     def release(self, conn: Any, *, keep: bool) -> None:
         """Keep a lock session that holds nothing (``keep``) for the next claim, up to
         :data:`IDLE_SESSIONS`; else end it, and its lock."""
         loop = asyncio.get_running_loop()
-        self._leased.get(loop, set()).discard(conn)
+        self._out.get(loop, set()).discard(conn)
         idle = self._idle.setdefault(loop, [])
         if keep and not conn.is_closed() and len(idle) < IDLE_SESSIONS:
             idle.append(conn)
@@ -139,10 +177,12 @@ class Connections:
             conn.terminate()
 
     def end(self) -> None:
-        """End the running loop's connections: its pool, idle and leased lock sessions (a
-        lease's renewal then finds it lost)."""
+        """End the running loop's connections: its own, its pool, its lock sessions idle or
+        out (a lease's renewal then finds it lost)."""
         loop = asyncio.get_running_loop()
-        for conn in [*self._leased.pop(loop, ()), *self._idle.pop(loop, ())]:
+        self._using.pop(loop, None)
+        own = self._own.pop(loop, None)
+        for conn in [*self._out.pop(loop, ()), *self._idle.pop(loop, ()), *([own] if own else [])]:
             conn.terminate()
         pool = self._pools.pop(loop, None)
         if pool is not None:
@@ -150,7 +190,7 @@ class Connections:
 
 
 async def _keep(conn: Any) -> None:
-    """A pooled connection's reset: nothing (see :meth:`Connections.pooled`)."""
+    """A pooled connection's reset: nothing (see :meth:`Connections.run`)."""
 
 
 def connect_args(dsn: str, scrub: Scrubber) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -95,8 +95,9 @@ class PostgresBackend(StoreBackend):
         CREATE SEQUENCE fastapi_once_fence;
 
     Connections per process and event loop (``application_name`` ``fastapi_once pid <pid> on
-    <host>``): at most ``pool_size`` pooled, one listener, one per record led at the time and
-    up to 4 idle ones for the next leaders; ``aclose()`` or the loop's end ends them. Every
+    <host>``): its own (the listener's, which runs the statements while free), at most
+    ``pool_size`` pooled for statements that overlap, one per record led at the time and up to
+    4 idle ones for the next leaders; ``aclose()`` or the loop's end ends them. Every
     statement is bounded by ``wait_timeout``. asyncio only (asyncpg).
 
     Args:
@@ -115,7 +116,8 @@ class PostgresBackend(StoreBackend):
         poll_interval: accepted and unused (followers are woken by NOTIFY).
         max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB).
         recheck_interval: how often a waiting follower claims again without being woken.
-        pool_size: the most pooled connections per event loop (default 8).
+        pool_size: the most pooled connections per event loop (default 8), for statements
+            that overlap one on the loop's own connection.
 
     Raises:
         ValueError: ``table`` is not an identifier, ``lock`` is unknown, a time is not a
@@ -188,17 +190,20 @@ class PostgresBackend(StoreBackend):
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
-        """See ``LeaseStore.claim``: a value heard, else a pooled read; with nothing to serve
-        and the lock free, try it on a lock session and read again there."""
+        """See ``LeaseStore.claim``: a value heard, else a read (see ``Connections.run``);
+        with nothing to serve and the lock free, try it on a lock session and read again there."""
         news = self._news.get().get(_record(name, key))
         if news is not None:  # heard as the leader recorded it: as fresh as a read
             value, heard, ttl = news
             fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
             if anyio.current_time() - heard < fresh:
                 return Served(value)
-        async with self._pooled("reading the record") as conn:
-            lock = self._lock_key(name, key)  # after _pooled: the namespace is resolved
-            row = await conn.fetchrow(self._sql["read"], name, key, refresh, lock)
+        self._listeners.start()  # its end ends the loop's connections: see _listen
+        row = await self._connections.run(  # the lock's key once connecting resolved the namespace
+            "reading the record",
+            lambda c: c.fetchrow(self._sql["read"], name, key, refresh, self._lock_key(name, key)),
+        )
+        lock = self._lock_key(name, key)
         found = _decide(row, held=row["holder"] is not None)
         if found is not None or row["holder"] is not None:
             return found or Held(row["holder"].removeprefix(APPLICATION))
@@ -212,7 +217,6 @@ class PostgresBackend(StoreBackend):
                     found = _decide(await conn.fetchrow(self._sql["read"], name, key, refresh, 0))
                     if found is None:
                         fence = int(await conn.fetchval(f"SELECT nextval('{self._fences}')"))
-                        self._connections.lease(conn)
                         return Lease(name, key, fence, conn)
                 if got or self.lock == "transaction":
                     await self._unlock(conn, lock)
@@ -265,8 +269,11 @@ class PostgresBackend(StoreBackend):
         """Delete the record(s) and NOTIFY the reset, in one statement."""
         message = Reset(name, key, origin).to_json()
         self._news.pop()
-        async with self._pooled("clearing the record") as conn:
-            await conn.execute(self._sql["delete"], name, key, self._channel, message)
+        self._listeners.start()
+        await self._connections.run(
+            "clearing the record",
+            lambda c: c.execute(self._sql["delete"], name, key, self._channel, message),
+        )
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -296,12 +303,6 @@ class PostgresBackend(StoreBackend):
             "statement_cache_size": 0 if self.lock == "transaction" else 100,
             "server_settings": {"application_name": (APPLICATION + holder_id())[:63]},
         }
-
-    @contextlib.asynccontextmanager
-    async def _pooled(self, doing: str) -> AsyncIterator[Any]:
-        self._listeners.start()  # its end ends the loop's connections: see _listen
-        async with self._connections.pooled(doing) as conn:
-            yield conn
 
     def _release(self, conn: Any, clean: bool) -> None:
         # Idle sessions are kept only while the loop's listener runs, to end them as it ends.
@@ -352,44 +353,47 @@ class PostgresBackend(StoreBackend):
         self._namespace = str(namespace)
 
     async def _listen(self, wakeups: Wakeups) -> None:
-        """Until cancelled, on one connection: LISTEN on the table's channel; each NOTIFY goes
-        to ``_heard``. While watches wait, every ``ORPHANS_EVERY`` it wakes those whose
-        record's lock is free (a killed leader announces nothing); else every
-        ``check_interval`` it checks that its session lives (a dead one receives nothing). After
-        an outage it listens again, with backoff, then wakes every watch (what was announced
-        meanwhile was missed).
-        """
+        """Until cancelled, on the loop's own connection: LISTEN on the table's channel; each
+        NOTIFY goes to ``_heard``. While watches wait, every ``ORPHANS_EVERY`` it wakes those
+        whose record's lock is free (a killed leader announces nothing); else every
+        ``check_interval`` it checks that its session lives (a dead one receives nothing). Once
+        that has ended, it listens again, with backoff, and wakes every watch (what was
+        announced meanwhile was missed)."""
 
         async def heard(*args: Any) -> None:
             # The driver runs each NOTIFY in a task of its own: its wake-up is not held up
             # behind this task's check of the locks.
             self._heard(args[3], wakeups)
 
+        async def listen(conn: Any) -> Any:
+            await conn.add_listener(self._channel, heard)
+            return conn
+
+        def check(query: str, *args: Any) -> Awaitable[Any]:
+            own = self._connections.own
+            return own(lambda c: c.fetchval(query, *args, timeout=self.check_interval))
+
         failures = 0
         try:
             while True:
                 conn: Any = None
                 try:
-                    conn = await self._connections.connect()
                     with self._connections.errors("listening"):
-                        await conn.add_listener(self._channel, heard)
+                        conn = await self._connections.own(listen)
                         failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                         wakeups.listening.set()
                         wakeups.wake_all()
                         checked = anyio.current_time()
-                        while True:
+                        while not conn.is_closed():  # else a failed statement ended it
                             await anyio.sleep(ORPHANS_EVERY)
                             followed = self._followed.get()
                             if followed:  # also tells that the session lives
-                                locks = sorted({lock for lock, _ in followed})
-                                free = await conn.fetchval(
-                                    _FREE, locks, timeout=self.check_interval
-                                )
+                                free = await check(_FREE, sorted({k for k, _ in followed}))
                                 for lock, record in list(followed):
                                     if lock in free:
                                         wakeups.wake(record)
                             elif anyio.current_time() - checked >= self.check_interval:
-                                await conn.fetchval("SELECT 1", timeout=self.check_interval)
+                                await check("SELECT 1")
                                 checked = anyio.current_time()
                 except BackendError:
                     pass  # the server went away: listen again, after a backoff

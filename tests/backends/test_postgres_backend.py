@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from backend_servers import PostgresServer, free_port, require
 from timekeeping import wait_until
@@ -176,6 +177,93 @@ async def test_connections_stay_bounded_with_40_keys_in_flight_and_after(
         await settles_at_most(5 + 1 + 4)
     await backend.aclose()
     await settles_at_most(0)
+
+
+async def test_a_waiting_follower_holds_one_connection_its_listeners(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """A follower's reads run on its listener's connection while it is free: a process that
+    waits on another's lease holds that one connection (no pooled one)."""
+    leader = PostgresBackend(postgres_server.dsn, table=table)
+    follower = PostgresBackend(postgres_server.dsn, table=table, recheck_interval=60)
+    mine = ("fastapi_once " + holder_id())[:63]
+
+    async def count() -> int:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        return int(await sql.fetchval(query, mine))  # type: ignore[attr-defined]
+
+    lease = await leader.claim("tests.pg.one", "k", lease=5, refresh=None, holder=holder_id())
+    assert isinstance(lease, Lease)
+    before = await count()
+    async with follower.watch("tests.pg.one", "k") as watch:
+        got = await follower.claim("tests.pg.one", "k", lease=5, refresh=None, holder="f")
+        assert isinstance(got, Held)
+        assert await count() == before + 1
+        assert await leader.complete(lease, "1", ttl=None)
+        with anyio.fail_after(5):
+            await watch.changed(timeout=60)
+        got = await follower.claim("tests.pg.one", "k", lease=5, refresh=None, holder="f")
+        assert got == Served("1")
+        assert await count() <= before + 1
+    await leader.aclose()
+    await follower.aclose()
+
+
+async def test_a_claim_cancelled_mid_read_leaves_the_listeners_connection_open(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """A claim cancelled while its read runs on the listener's connection returns at once;
+    the read finishes on its own and the connection is kept (the listener needs it)."""
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    assert await backend.run_once("tests.pg.warm", answer) == 42  # connected, listening
+    query = "SELECT array_agg(pid ORDER BY pid) FROM pg_stat_activity WHERE application_name = $1"
+    mine = ("fastapi_once " + holder_id())[:63]
+    pids = await sql.fetchval(query, mine)  # type: ignore[attr-defined]
+    async with sql.transaction():  # type: ignore[attr-defined]
+        await sql.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")  # type: ignore[attr-defined]
+        with anyio.fail_after(5), anyio.move_on_after(0.3) as cut:
+            await backend.claim("tests.pg.cut", "k", lease=5, refresh=None, holder="c")
+        assert cut.cancelled_caught
+    await anyio.sleep(0.5)  # the read ends; a server process whose client went would end too
+    # The read ran on after the caller went: the listener's connection (and each other) lives.
+    assert set(pids) <= set(await sql.fetchval(query, mine))  # type: ignore[attr-defined]
+    await backend.aclose()
+
+
+async def test_statements_started_together_take_pooled_connections_beyond_the_first(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """Only the first of the statements started at once runs on the loop's own connection;
+    the others take pooled ones rather than queue behind it (here, reads a locked table holds)."""
+    warm = PostgresBackend(postgres_server.dsn, table=table)
+    assert await warm.run_once("tests.pg.warm", answer) == 42  # the table exists
+    await warm.aclose()
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    mine = ("fastapi_once " + holder_id())[:63]
+
+    async def holds(n: int) -> bool:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        return int(await sql.fetchval(query, mine)) == n  # type: ignore[attr-defined]
+
+    await wait_until(lambda: holds(0))
+    unlock = anyio.Event()
+
+    async def lock_the_table(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        locker = await asyncpg.connect(postgres_server.dsn)  # sql's counts: out of the lock
+        async with locker.transaction():
+            await locker.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+            task_status.started()
+            await unlock.wait()
+        await locker.close()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(lock_the_table)
+        for key in ("a", "b"):
+            claim = functools.partial(backend.claim, lease=5, refresh=None, holder="t")
+            tg.start_soon(claim, "tests.pg.together", key)
+        await wait_until(lambda: holds(2))  # the own connection and a pooled one, both reading
+        unlock.set()
+    await backend.aclose()
 
 
 async def test_a_cancelled_leader_frees_the_record_at_once(
