@@ -26,8 +26,9 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._errors import BackendError
+from .._logs import error_type, fields
 from ._base import DEFAULT_WAIT_TIMEOUT, seconds
-from ._lease import StoreBackend
+from ._lease import StoreBackend, logger
 from ._store import UNKEYED, Claim, Cooling, Held, Lease, Reset, Served, Watch
 
 T = TypeVar("T")
@@ -203,27 +204,39 @@ class FileLockBackend(StoreBackend):
         if isinstance(loop, asyncio.AbstractEventLoop):
             # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
             # Its timer or worker thread holds the task while it waits (asyncio's are weak).
-            poll, name = self._poll_resets(scope, offset), "fastapi_once resets listener"
+            poll, name = self._poll_resets(loop, scope, offset), "fastapi_once resets listener"
             contextvars.Context().run(loop.create_task, poll, name=name)
         else:
             import trio
 
-            trio.lowlevel.spawn_system_task(self._poll_resets, scope, offset)
+            trio.lowlevel.spawn_system_task(self._poll_resets, loop, scope, offset)
 
-    async def _poll_resets(self, scope: anyio.CancelScope, offset: int) -> None:
+    async def _poll_resets(self, loop: object, scope: anyio.CancelScope, offset: int) -> None:
         """Until cancelled: every 0.2 s, hand each reset appended to the log to ``heard``."""
-        with scope:
-            while True:
-                await anyio.sleep(_LISTEN_EVERY)
-                try:
-                    # Abandoned when cancelled: after aclose() nothing read is handed on.
-                    resets, offset = await anyio.to_thread.run_sync(
-                        self._read_resets, offset, abandon_on_cancel=True
-                    )
-                except OSError:
-                    continue  # the directory went away or is not ours: try again later
-                for reset in resets:
-                    self.heard(reset)
+        try:
+            with scope:
+                while True:
+                    await anyio.sleep(_LISTEN_EVERY)
+                    try:
+                        # Abandoned when cancelled: after aclose() nothing read is handed on.
+                        resets, offset = await anyio.to_thread.run_sync(
+                            self._read_resets, offset, abandon_on_cancel=True
+                        )
+                    except OSError:
+                        continue  # the directory went away or is not ours: try again later
+                    for reset in resets:
+                        self.heard(reset)
+        except Exception as exc:  # a defect: said, and the loop's next claim listens again
+            kind = error_type(exc)
+            logger.error(
+                "%s stopped listening for resets (%s); the next call listens again",
+                self.describe(),
+                kind,
+                extra=fields(None, "listener_failed", error_type=kind),
+            )
+        finally:
+            if self._listening.get(loop) is scope:
+                del self._listening[loop]
 
     def _dir(self) -> int:
         """The directory's descriptor, opening (creating, checking) it at first use."""

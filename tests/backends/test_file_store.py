@@ -3,6 +3,7 @@ processes: each claim opens its own file, and flock locks belong to open files).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -121,6 +122,36 @@ async def test_a_lease_ended_by_a_cancelled_caller_is_unlocked(tmp_path: Path, e
         await backend.abandon(again, cooldown=None)
     finally:
         await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_listener_stopped_by_an_error_is_said_and_the_next_claim_listens_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected error ends the loop's listener of resets with one WARNING naming its
+    type; the loop's next claim starts a new listener, which hears the resets after it."""
+    backend, other = FileLockBackend(tmp_path / "locks"), FileLockBackend(tmp_path / "locks")
+    heard: list[Reset] = []
+    backend.bind(heard.append)
+    read = backend._read_resets
+
+    def broken(offset: int) -> tuple[list[Reset], int]:
+        monkeypatch.setattr(backend, "_read_resets", read)  # fails once
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(backend, "_read_resets", broken)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastapi_once"):
+            await backend.claim("n", "ab" * 20, lease=1, refresh=None, holder="test")
+            await wait_until(lambda: "stopped listening" in caplog.text)
+        assert "RuntimeError" in caplog.text
+        assert "secret detail" not in caplog.text
+        await backend.claim("n", "cd" * 20, lease=1, refresh=None, holder="test")
+        await other.clear("n", None, origin="after")
+        await wait_until(lambda: heard == [Reset("n", None, "after")])
+    finally:
+        await backend.aclose()
+        await other.aclose()
 
 
 @pytest.mark.anyio
