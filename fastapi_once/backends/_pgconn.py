@@ -138,7 +138,10 @@ class Connections:
                     lost = isinstance(exc, OUTAGES)
                     if lost or not isinstance(exc, asyncpg.PostgresError):
                         conn.terminate()
-                    if not (again and lost) or isinstance(exc, asyncio.TimeoutError):
+                    # Not after a timeout, nor once the loop's connections were ended (end()
+                    # ended this one): a connection made now would outlive them.
+                    timeout = isinstance(exc, asyncio.TimeoutError)
+                    if not (again and lost) or timeout or self._using.get(loop) is not using:
                         raise
             raise AssertionError("unreachable")
         finally:

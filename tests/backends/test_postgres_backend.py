@@ -6,6 +6,7 @@ algorithm over them by test_lease.py; processes by test_across_processes.py.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -264,6 +265,49 @@ async def test_statements_started_together_take_pooled_connections_beyond_the_fi
         await wait_until(lambda: holds(2))  # the own connection and a pooled one, both reading
         unlock.set()
     await backend.aclose()
+
+
+async def _waiting_on_a_lock(sql: object) -> list[int]:
+    """The pids of this process's store connections that wait on a lock (a locked table)."""
+    query = (
+        "SELECT coalesce(array_agg(pid ORDER BY pid), '{}') FROM pg_stat_activity "
+        "WHERE application_name = $1 AND wait_event_type = 'Lock'"
+    )
+    return list(await sql.fetchval(query, ("fastapi_once " + holder_id())[:63]))  # type: ignore[attr-defined]
+
+
+async def test_aclose_while_a_read_runs_on_the_listeners_connection_leaves_no_connection_open(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """``aclose()`` ends the listener's connection under a read a locked table holds: the read
+    fails (or ends) without connecting again, and the process holds no connection after."""
+    backend = PostgresBackend(postgres_server.dsn, table=table, wait_timeout=10)
+    assert await backend.run_once("tests.pg.warm", answer) == 42  # connected, listening
+    mine = ("fastapi_once " + holder_id())[:63]
+
+    async def holds(n: int) -> bool:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        return int(await sql.fetchval(query, mine)) == n  # type: ignore[attr-defined]
+
+    locker = await asyncpg.connect(postgres_server.dsn)  # out of sql's counts
+    try:
+        # The transaction ends first: the table is free, and the claim ends one way or another.
+        async with anyio.create_task_group() as tg, locker.transaction():
+            await locker.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+
+            async def claim() -> None:
+                with anyio.fail_after(10), contextlib.suppress(BackendError):
+                    await backend.claim("tests.pg.closed", "k", lease=5, refresh=None, holder="c")
+
+            tg.start_soon(claim)
+            await wait_until(lambda: _waiting_on_a_lock(sql))  # the read waits
+            with anyio.fail_after(5):
+                await backend.aclose()
+            await anyio.sleep(0.3)  # a read run again would now wait on the table
+        await wait_until(lambda: holds(0))
+    finally:
+        await locker.close()
+        await backend.aclose()
 
 
 async def test_a_cancelled_leader_frees_the_record_at_once(
