@@ -38,6 +38,9 @@ OUTAGES = (
 )
 #: Every error of the driver: an outage, or the server refusing a statement.
 DRIVER_ERRORS = (*OUTAGES, asyncpg.PostgresError)
+# A statement the server cut off (statement_timeout, lock_timeout, pg_cancel_backend): an
+# outage for the caller, but the connection is fine and the statement is not run again.
+_CUT_OFF = (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError)
 # A refused login (InvalidPasswordError among them) or an unknown database.
 _REFUSED = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
 
@@ -118,9 +121,10 @@ class Connections:
 
     async def own(self, statement: Callable[[Any], Awaitable[T]]) -> T:
         """``statement(conn)`` on the loop's own connection (its listener's), one at a time,
-        connected on first use and once ended. A statement cut off or failed but not refused
-        ends it (it may be left mid-statement); one that finds it ended unseen (the loop was
-        busy) runs once more on a new one (the store's statements are reads and deletes)."""
+        connected on first use and once ended. A statement cut off here (a timeout) or failed but
+        not refused ends it (it may be left mid-statement); one the server cut off keeps it; one
+        that finds it ended unseen (the loop was busy) runs once more on a new one (the store's
+        statements are reads and deletes)."""
         using = self._using.setdefault(asyncio.get_running_loop(), asyncio.Lock())
         await using.acquire()
         return await self._owned(using, statement)
@@ -135,7 +139,7 @@ class Connections:
                 try:
                     return await statement(conn)
                 except BaseException as exc:
-                    lost = isinstance(exc, OUTAGES)
+                    lost = isinstance(exc, OUTAGES) and not isinstance(exc, _CUT_OFF)
                     if lost or not isinstance(exc, asyncpg.PostgresError):
                         conn.terminate()
                     # Not after a timeout, nor once the loop's connections were ended (end()

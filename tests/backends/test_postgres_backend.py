@@ -310,6 +310,37 @@ async def test_aclose_while_a_read_runs_on_the_listeners_connection_leaves_no_co
         await backend.aclose()
 
 
+async def test_a_statement_the_server_cancels_keeps_the_listeners_connection(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """A read cancelled by the server (``statement_timeout``, or ``pg_cancel_backend``) fails
+    with BackendError and is not run again; the listener's connection it ran on is kept."""
+    backend = PostgresBackend(postgres_server.dsn, table=table, wait_timeout=30)
+    assert await backend.run_once("tests.pg.warm", answer) == 42  # connected, listening
+    locker = await asyncpg.connect(postgres_server.dsn)
+    try:
+        async with anyio.create_task_group() as tg, locker.transaction():
+            await locker.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+            failed = anyio.Event()
+
+            async def claim() -> None:
+                with pytest.raises(BackendError):
+                    await backend.claim("tests.pg.cancel", "k", lease=5, refresh=None, holder="c")
+                failed.set()
+
+            tg.start_soon(claim)
+            await wait_until(lambda: _waiting_on_a_lock(sql))  # the read waits
+            [pid] = await _waiting_on_a_lock(sql)
+            await sql.fetchval("SELECT pg_cancel_backend($1)", pid)  # type: ignore[attr-defined]
+            with anyio.fail_after(5):  # with the table still locked: not run again
+                await failed.wait()
+            alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
+            assert await sql.fetchval(alive, pid) == 1  # type: ignore[attr-defined]
+    finally:
+        await locker.close()
+        await backend.aclose()
+
+
 async def test_a_cancelled_leader_frees_the_record_at_once(
     postgres_server: PostgresServer, table: str
 ) -> None:
