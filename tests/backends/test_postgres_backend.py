@@ -6,9 +6,12 @@ algorithm over them by test_lease.py; processes by test_across_processes.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import gc
 import secrets
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -339,6 +342,66 @@ async def test_a_statement_the_server_cancels_keeps_the_listeners_connection(
     finally:
         await locker.close()
         await backend.aclose()
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["loop-end", "aclose"])
+@pytest.mark.timeout(60)
+def test_the_loop_ends_at_once_while_a_read_runs_on_the_listeners_connection(
+    postgres_server: PostgresServer, table: str, close: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read a locked table holds runs on after its caller was cancelled; the loop's end (with
+    or without ``aclose()``) ends it at once: no task left pending, no connection left open."""
+    locked, unlock = threading.Event(), threading.Event()
+    mine = ("fastapi_once " + holder_id())[:63]
+
+    async def hold_the_table() -> None:
+        conn = await asyncpg.connect(postgres_server.dsn)
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            while not unlock.is_set():  # noqa: ASYNC110 - another thread's event
+                await asyncio.sleep(0.01)
+        await conn.close()
+
+    async def main() -> None:
+        backend = PostgresBackend(postgres_server.dsn, table=table, wait_timeout=30)
+        assert await backend.run_once("tests.pg.warm", answer) == 42  # the table exists
+        holder.start()
+        while not locked.is_set():  # noqa: ASYNC110 - another thread's event
+            await asyncio.sleep(0.01)
+        with anyio.move_on_after(0.5) as cut:  # the caller goes; the read runs on
+            await backend.claim("tests.pg.end", "k", lease=5, refresh=None, holder="e")
+        assert cut.cancelled_caught
+        if close:
+            await backend.aclose()
+
+    async def none_left() -> None:
+        # A server process waiting on the table notices its client gone once it is free.
+        conn = await asyncpg.connect(postgres_server.dsn)
+        try:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+
+            async def gone() -> bool:
+                return int(await conn.fetchval(query, mine)) == 0
+
+            await wait_until(gone)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold_the_table(),))
+    ended = threading.Event()
+    loop = threading.Thread(target=lambda: (asyncio.run(main()), ended.set()))
+    try:
+        loop.start()
+        loop.join(timeout=10)
+        assert ended.is_set()  # the loop ended, without waiting for the table
+    finally:
+        unlock.set()
+        holder.join(timeout=10)
+        loop.join(timeout=10)
+    asyncio.run(none_left())
+    gc.collect()  # a task or connection left behind would warn now
+    assert "destroyed but it is pending" not in caplog.text
 
 
 async def test_a_cancelled_leader_frees_the_record_at_once(
