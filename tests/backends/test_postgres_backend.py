@@ -404,6 +404,41 @@ def test_the_loop_ends_at_once_while_a_read_runs_on_the_listeners_connection(
     assert "destroyed but it is pending" not in caplog.text
 
 
+async def test_a_follower_is_woken_while_its_listeners_connection_runs_a_held_up_read(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """A read held up by a locked table on the follower's listener's connection holds back the
+    NOTIFYs sent meanwhile (the server hands them over between statements), but not the
+    listener's check of the locks: a leader that abandons still wakes the follower."""
+    leader = PostgresBackend(postgres_server.dsn, table=table)
+    follower = PostgresBackend(postgres_server.dsn, table=table, recheck_interval=60)
+    assert await follower.run_once("tests.pg.warm", answer) == 42  # the table exists
+    lease = await leader.claim("tests.pg.late", "x", lease=5, refresh=None, holder=holder_id())
+    assert isinstance(lease, Lease)
+    locker = await asyncpg.connect(postgres_server.dsn)
+    try:
+        async with (
+            anyio.create_task_group() as tg,
+            locker.transaction(),  # ends first: the read then ends, and the claim
+        ):
+            await locker.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+
+            async def claim() -> None:
+                await follower.claim("tests.pg.late", "y", lease=5, refresh=None, holder="f")
+
+            tg.start_soon(claim)  # before the watch: the listener's connection is free
+            await wait_until(lambda: _waiting_on_a_lock(sql))  # the read waits
+            async with follower.watch("tests.pg.late", "x") as watch:
+                await leader.abandon(lease, cooldown=None)  # unlock and NOTIFY: no table
+                with anyio.fail_after(follower.check_interval + 2):  # the read still waits
+                    await watch.changed(timeout=60)
+            assert await _waiting_on_a_lock(sql)
+    finally:
+        await locker.close()
+        await leader.aclose()
+        await follower.aclose()
+
+
 async def test_a_cancelled_leader_frees_the_record_at_once(
     postgres_server: PostgresServer, table: str
 ) -> None:
