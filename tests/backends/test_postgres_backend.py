@@ -439,6 +439,39 @@ async def test_a_follower_is_woken_while_its_listeners_connection_runs_a_held_up
         await follower.aclose()
 
 
+async def test_a_read_after_the_server_ended_the_listeners_connection_runs_and_listening_resumes(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """The server ends the process's connections (the listener's among them): the next claim's
+    read runs on a new one without error, and the listener listens again (a reset is heard)."""
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    heard: list[Reset] = []
+    backend.bind(heard.append)
+    digest = "cd" * 20
+    assert await backend.run_keyed("tests.pg.warm", digest, answer, ttl=60) == 42  # listening
+    mine = ("fastapi_once " + holder_id())[:63]
+    ended = await sql.fetchval(  # type: ignore[attr-defined]
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+        mine,
+    )
+    assert ended >= 1
+    with anyio.fail_after(10):
+        got = await backend.claim("tests.pg.warm", digest, lease=5, refresh=None, holder="r")
+    assert got == Served("42")
+    other = PostgresBackend(postgres_server.dsn, table=table)
+    try:
+
+        async def hears_a_reset() -> bool:  # sent again until the listener listens again
+            await other.clear("tests.pg.warm", None, origin="elsewhere")
+            await anyio.sleep(0.1)
+            return Reset("tests.pg.warm", None, "elsewhere") in heard
+
+        await wait_until(hears_a_reset)
+    finally:
+        await other.aclose()
+        await backend.aclose()
+
+
 async def test_a_cancelled_leader_frees_the_record_at_once(
     postgres_server: PostgresServer, table: str
 ) -> None:
