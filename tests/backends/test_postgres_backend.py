@@ -681,3 +681,13 @@ async def test_postgres_backend_refuses_trio_clearly(postgres_server: PostgresSe
     backend = PostgresBackend(postgres_server.dsn)
     with pytest.raises(RuntimeError, match=r"PostgresBackend\(.*\) runs on asyncio only"):
         await backend.run_once("tests.pg.trio", answer)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_postgres_backend_refuses_a_reset_on_trio_clearly(
+    postgres_server: PostgresServer,
+) -> None:
+    """A reset on trio fails as a call does: the error names the backend and asyncio."""
+    backend = PostgresBackend(postgres_server.dsn)
+    with pytest.raises(RuntimeError, match=r"PostgresBackend\(.*\) runs on asyncio only"):
+        await backend.reset_keyed("tests.pg.trio", None)
