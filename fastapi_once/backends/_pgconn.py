@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+import anyio
 
 from ._base import Scrubber, store_errors
 
@@ -38,6 +41,9 @@ OUTAGES = (
 )
 #: Every error of the driver: an outage, or the server refusing a statement.
 DRIVER_ERRORS = (*OUTAGES, asyncpg.PostgresError)
+# A statement the server cut off (statement_timeout, lock_timeout, pg_cancel_backend): an
+# outage for the caller, but the connection is fine and the statement is not run again.
+_CUT_OFF = (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError)
 # A refused login (InvalidPasswordError among them) or an unknown database.
 _REFUSED = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
 
@@ -94,7 +100,7 @@ class Connections:
         """``statement(conn)`` on the loop's own connection while it is free (a follower needs
         no other), in a task: a caller cancelled meanwhile leaves it to finish, and the
         connection clean; else on a pooled one. Errors as :meth:`errors`."""
-        loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
+        loop = asyncio.get_running_loop()
         with self.errors(doing):
             using = self._using.setdefault(loop, asyncio.Lock())
             if not using.locked():
@@ -102,28 +108,37 @@ class Connections:
                 task = loop.create_task(self._owned(using, statement))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
                 return await asyncio.shield(task)
-            pool = self._pools.get(loop)
-            if pool is None:  # min_size=0: made without a round trip, so without a race
-                # reset: the pooled statements leave no session state to reset, so a
-                # connection goes back without asyncpg's reset query (a round trip).
-                pool = await asyncpg.create_pool(
-                    min_size=0, max_size=self._pool_size, reset=_keep, **options
-                )
-                if self._pools.setdefault(loop, pool) is not pool:
-                    pool.terminate()
-                    pool = self._pools[loop]
-            async with pool.acquire(timeout=options["command_timeout"]) as conn:
-                await self._setup(conn)
-                return await statement(conn)
+            return await self._pooled(statement)
 
-    async def own(self, statement: Callable[[Any], Awaitable[T]]) -> T:
+    async def _pooled(self, statement: Callable[[Any], Awaitable[T]]) -> T:
+        loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
+        pool = self._pools.get(loop)
+        if pool is None:  # min_size=0: made without a round trip, so without a race
+            # reset: the pooled statements leave no session state to reset, so a
+            # connection goes back without asyncpg's reset query (a round trip).
+            pool = await asyncpg.create_pool(
+                min_size=0, max_size=self._pool_size, reset=_keep, **options
+            )
+            if self._pools.setdefault(loop, pool) is not pool:
+                pool.terminate()
+                pool = self._pools[loop]
+        async with pool.acquire(timeout=options["command_timeout"]) as conn:
+            await self._setup(conn)
+            return await statement(conn)
+
+    async def own(self, statement: Callable[[Any], Awaitable[T]], *, wait: float = math.inf) -> T:
         """``statement(conn)`` on the loop's own connection (its listener's), one at a time,
-        connected on first use and once ended. A statement cut off or failed but not refused
-        ends it (it may be left mid-statement); one that finds it ended unseen (the loop was
-        busy) runs once more on a new one (the store's statements are reads and deletes)."""
+        connected on first use and once ended. A statement cut off here (a timeout) or failed but
+        not refused ends it (it may be left mid-statement); one the server cut off keeps it; one
+        that finds it ended unseen (the loop was busy) runs once more on a new one (the store's
+        statements are reads and deletes). Not free within ``wait`` seconds (a statement lent to
+        it is held up): on a pooled one instead."""
         using = self._using.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-        await using.acquire()
-        return await self._owned(using, statement)
+        got = False
+        with anyio.move_on_after(wait):
+            await using.acquire()
+            got = True
+        return await (self._owned(using, statement) if got else self._pooled(statement))
 
     async def _owned(self, using: asyncio.Lock, statement: Callable[[Any], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
@@ -135,10 +150,13 @@ class Connections:
                 try:
                     return await statement(conn)
                 except BaseException as exc:
-                    lost = isinstance(exc, OUTAGES)
+                    lost = isinstance(exc, OUTAGES) and not isinstance(exc, _CUT_OFF)
                     if lost or not isinstance(exc, asyncpg.PostgresError):
                         conn.terminate()
-                    if not (again and lost) or isinstance(exc, asyncio.TimeoutError):
+                    # Not after a timeout, nor once the loop's connections were ended (end()
+                    # ended this one): a connection made now would outlive them.
+                    timeout = isinstance(exc, asyncio.TimeoutError)
+                    if not (again and lost) or timeout or self._using.get(loop) is not using:
                         raise
             raise AssertionError("unreachable")
         finally:

@@ -268,7 +268,7 @@ class PostgresBackend(StoreBackend):
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the record(s) and NOTIFY the reset, in one statement."""
         message = Reset(name, key, origin).to_json()
-        self._news.pop()
+        self._news.get().clear()  # get(): on trio, the refusal that names the backend
         self._listeners.start()
         await self._connections.run(
             "clearing the record",
@@ -370,8 +370,12 @@ class PostgresBackend(StoreBackend):
             return conn
 
         def check(query: str, *args: Any) -> Awaitable[Any]:
-            own = self._connections.own
-            return own(lambda c: c.fetchval(query, *args, timeout=self.check_interval))
+            # On a pooled connection if a statement lent to the listener's holds it up: the
+            # NOTIFYs wait for that statement's end, but a freed lock still wakes its followers.
+            return self._connections.own(
+                lambda c: c.fetchval(query, *args, timeout=self.check_interval),
+                wait=self.check_interval,
+            )
 
         failures = 0
         try:

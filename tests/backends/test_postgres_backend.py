@@ -6,8 +6,12 @@ algorithm over them by test_lease.py; processes by test_across_processes.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import gc
 import secrets
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -266,6 +270,208 @@ async def test_statements_started_together_take_pooled_connections_beyond_the_fi
     await backend.aclose()
 
 
+async def _waiting_on_a_lock(sql: object) -> list[int]:
+    """The pids of this process's store connections that wait on a lock (a locked table)."""
+    query = (
+        "SELECT coalesce(array_agg(pid ORDER BY pid), '{}') FROM pg_stat_activity "
+        "WHERE application_name = $1 AND wait_event_type = 'Lock'"
+    )
+    return list(await sql.fetchval(query, ("fastapi_once " + holder_id())[:63]))  # type: ignore[attr-defined]
+
+
+async def test_aclose_while_a_read_runs_on_the_listeners_connection_leaves_no_connection_open(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """``aclose()`` ends the listener's connection under a read a locked table holds: the read
+    fails (or ends) without connecting again, and the process holds no connection after."""
+    backend = PostgresBackend(postgres_server.dsn, table=table, wait_timeout=10)
+    assert await backend.run_once("tests.pg.warm", answer) == 42  # connected, listening
+    mine = ("fastapi_once " + holder_id())[:63]
+
+    async def holds(n: int) -> bool:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        return int(await sql.fetchval(query, mine)) == n  # type: ignore[attr-defined]
+
+    locker = await asyncpg.connect(postgres_server.dsn)  # out of sql's counts
+    try:
+        # The transaction ends first: the table is free, and the claim ends one way or another.
+        async with anyio.create_task_group() as tg, locker.transaction():
+            await locker.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+
+            async def claim() -> None:
+                with anyio.fail_after(10), contextlib.suppress(BackendError):
+                    await backend.claim("tests.pg.closed", "k", lease=5, refresh=None, holder="c")
+
+            tg.start_soon(claim)
+            await wait_until(lambda: _waiting_on_a_lock(sql))  # the read waits
+            with anyio.fail_after(5):
+                await backend.aclose()
+            await anyio.sleep(0.3)  # a read run again would now wait on the table
+        await wait_until(lambda: holds(0))
+    finally:
+        await locker.close()
+        await backend.aclose()
+
+
+async def test_a_statement_the_server_cancels_keeps_the_listeners_connection(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """A read cancelled by the server (``statement_timeout``, or ``pg_cancel_backend``) fails
+    with BackendError and is not run again; the listener's connection it ran on is kept."""
+    backend = PostgresBackend(postgres_server.dsn, table=table, wait_timeout=30)
+    assert await backend.run_once("tests.pg.warm", answer) == 42  # connected, listening
+    locker = await asyncpg.connect(postgres_server.dsn)
+    try:
+        async with anyio.create_task_group() as tg, locker.transaction():
+            await locker.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+            failed = anyio.Event()
+
+            async def claim() -> None:
+                with pytest.raises(BackendError):
+                    await backend.claim("tests.pg.cancel", "k", lease=5, refresh=None, holder="c")
+                failed.set()
+
+            tg.start_soon(claim)
+            await wait_until(lambda: _waiting_on_a_lock(sql))  # the read waits
+            [pid] = await _waiting_on_a_lock(sql)
+            await sql.fetchval("SELECT pg_cancel_backend($1)", pid)  # type: ignore[attr-defined]
+            with anyio.fail_after(5):  # with the table still locked: not run again
+                await failed.wait()
+            alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1"
+            assert await sql.fetchval(alive, pid) == 1  # type: ignore[attr-defined]
+    finally:
+        await locker.close()
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["loop-end", "aclose"])
+@pytest.mark.timeout(60)
+def test_the_loop_ends_at_once_while_a_read_runs_on_the_listeners_connection(
+    postgres_server: PostgresServer, table: str, close: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read a locked table holds runs on after its caller was cancelled; the loop's end (with
+    or without ``aclose()``) ends it at once: no task left pending, no connection left open."""
+    locked, unlock = threading.Event(), threading.Event()
+    mine = ("fastapi_once " + holder_id())[:63]
+
+    async def hold_the_table() -> None:
+        conn = await asyncpg.connect(postgres_server.dsn)
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            while not unlock.is_set():  # noqa: ASYNC110 - another thread's event
+                await asyncio.sleep(0.01)
+        await conn.close()
+
+    async def main() -> None:
+        backend = PostgresBackend(postgres_server.dsn, table=table, wait_timeout=30)
+        assert await backend.run_once("tests.pg.warm", answer) == 42  # the table exists
+        holder.start()
+        while not locked.is_set():  # noqa: ASYNC110 - another thread's event
+            await asyncio.sleep(0.01)
+        with anyio.move_on_after(0.5) as cut:  # the caller goes; the read runs on
+            await backend.claim("tests.pg.end", "k", lease=5, refresh=None, holder="e")
+        assert cut.cancelled_caught
+        if close:
+            await backend.aclose()
+
+    async def none_left() -> None:
+        # A server process waiting on the table notices its client gone once it is free.
+        conn = await asyncpg.connect(postgres_server.dsn)
+        try:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+
+            async def gone() -> bool:
+                return int(await conn.fetchval(query, mine)) == 0
+
+            await wait_until(gone)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold_the_table(),))
+    ended = threading.Event()
+    loop = threading.Thread(target=lambda: (asyncio.run(main()), ended.set()))
+    try:
+        loop.start()
+        loop.join(timeout=10)
+        assert ended.is_set()  # the loop ended, without waiting for the table
+    finally:
+        unlock.set()
+        holder.join(timeout=10)
+        loop.join(timeout=10)
+    asyncio.run(none_left())
+    gc.collect()  # a task or connection left behind would warn now
+    assert "destroyed but it is pending" not in caplog.text
+
+
+async def test_a_follower_is_woken_while_its_listeners_connection_runs_a_held_up_read(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """A read held up by a locked table on the follower's listener's connection holds back the
+    NOTIFYs sent meanwhile (the server hands them over between statements), but not the
+    listener's check of the locks: a leader that abandons still wakes the follower."""
+    leader = PostgresBackend(postgres_server.dsn, table=table)
+    follower = PostgresBackend(postgres_server.dsn, table=table, recheck_interval=60)
+    assert await follower.run_once("tests.pg.warm", answer) == 42  # the table exists
+    lease = await leader.claim("tests.pg.late", "x", lease=5, refresh=None, holder=holder_id())
+    assert isinstance(lease, Lease)
+    locker = await asyncpg.connect(postgres_server.dsn)
+    try:
+        async with (
+            anyio.create_task_group() as tg,
+            locker.transaction(),  # ends first: the read then ends, and the claim
+        ):
+            await locker.execute(f"LOCK TABLE {table}_lease IN ACCESS EXCLUSIVE MODE")
+
+            async def claim() -> None:
+                await follower.claim("tests.pg.late", "y", lease=5, refresh=None, holder="f")
+
+            tg.start_soon(claim)  # before the watch: the listener's connection is free
+            await wait_until(lambda: _waiting_on_a_lock(sql))  # the read waits
+            async with follower.watch("tests.pg.late", "x") as watch:
+                await leader.abandon(lease, cooldown=None)  # unlock and NOTIFY: no table
+                with anyio.fail_after(follower.check_interval + 2):  # the read still waits
+                    await watch.changed(timeout=60)
+            assert await _waiting_on_a_lock(sql)
+    finally:
+        await locker.close()
+        await leader.aclose()
+        await follower.aclose()
+
+
+async def test_a_read_after_the_server_ended_the_listeners_connection_runs_and_listening_resumes(
+    postgres_server: PostgresServer, table: str, sql: object
+) -> None:
+    """The server ends the process's connections (the listener's among them): the next claim's
+    read runs on a new one without error, and the listener listens again (a reset is heard)."""
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    heard: list[Reset] = []
+    backend.bind(heard.append)
+    digest = "cd" * 20
+    assert await backend.run_keyed("tests.pg.warm", digest, answer, ttl=60) == 42  # listening
+    mine = ("fastapi_once " + holder_id())[:63]
+    ended = await sql.fetchval(  # type: ignore[attr-defined]
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+        mine,
+    )
+    assert ended >= 1
+    with anyio.fail_after(10):
+        got = await backend.claim("tests.pg.warm", digest, lease=5, refresh=None, holder="r")
+    assert got == Served("42")
+    other = PostgresBackend(postgres_server.dsn, table=table)
+    try:
+
+        async def hears_a_reset() -> bool:  # sent again until the listener listens again
+            await other.clear("tests.pg.warm", None, origin="elsewhere")
+            await anyio.sleep(0.1)
+            return Reset("tests.pg.warm", None, "elsewhere") in heard
+
+        await wait_until(hears_a_reset)
+    finally:
+        await other.aclose()
+        await backend.aclose()
+
+
 async def test_a_cancelled_leader_frees_the_record_at_once(
     postgres_server: PostgresServer, table: str
 ) -> None:
@@ -475,3 +681,13 @@ async def test_postgres_backend_refuses_trio_clearly(postgres_server: PostgresSe
     backend = PostgresBackend(postgres_server.dsn)
     with pytest.raises(RuntimeError, match=r"PostgresBackend\(.*\) runs on asyncio only"):
         await backend.run_once("tests.pg.trio", answer)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_postgres_backend_refuses_a_reset_on_trio_clearly(
+    postgres_server: PostgresServer,
+) -> None:
+    """A reset on trio fails as a call does: the error names the backend and asyncio."""
+    backend = PostgresBackend(postgres_server.dsn)
+    with pytest.raises(RuntimeError, match=r"PostgresBackend\(.*\) runs on asyncio only"):
+        await backend.reset_keyed("tests.pg.trio", None)
