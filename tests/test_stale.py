@@ -11,38 +11,12 @@ import pytest
 from crowd import crowd
 from fastapi import FastAPI
 from httpx import ASGITransport, AsyncClient
+from sources import Source
 from timekeeping import FakeClock, wait_until
 
 from fastapi_once import once, readiness_router
 
 pytestmark = pytest.mark.anyio
-
-
-class Source:
-    """A value maker whose runs fail on demand, may block on a gate, and record cleanups."""
-
-    def __init__(self) -> None:
-        self.runs = 0
-        self.failing = False
-        self.gate: anyio.Event | None = None
-        self.in_flight = 0
-        self.most = 0
-        self.closed: list[int] = []
-
-    async def make(self) -> AsyncIterator[int]:
-        self.runs += 1
-        mine = self.runs
-        self.in_flight += 1
-        self.most = max(self.most, self.in_flight)
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            if self.failing:
-                raise ConnectionError(f"run {mine} failed")
-        finally:
-            self.in_flight -= 1
-        yield mine
-        self.closed.append(mine)
 
 
 def at_once(call: Callable[[], Awaitable[Any]]) -> Any:

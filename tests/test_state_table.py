@@ -6,11 +6,11 @@ the state its record stores (sub-states included) and what a call gets there.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
+from sources import Source
 from timekeeping import FakeClock, wait_until
 
 from fastapi_once import once
@@ -28,26 +28,6 @@ from fastapi_once._records import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-class Source:
-    """A value maker whose runs fail on demand and may wait on a gate (deaf to cancellation:
-    a run that times out goes on)."""
-
-    def __init__(self) -> None:
-        self.runs = 0
-        self.failing = False
-        self.gate: anyio.Event | None = None
-
-    async def make(self) -> AsyncIterator[int]:
-        self.runs += 1
-        mine = self.runs
-        if self.gate is not None:
-            with anyio.CancelScope(shield=True):
-                await self.gate.wait()
-        if self.failing:
-            raise ConnectionError(f"run {mine} failed")
-        yield mine
 
 
 def stored(target: Any) -> str:
@@ -69,7 +49,7 @@ async def test_a_failed_refresh_leaves_a_failing_value_whose_next_refresh_serves
     clock: FakeClock,
 ) -> None:
     """ready -> refreshing -> ready-failing -> refreshing-failing, served past the ttl."""
-    source = Source()
+    source = Source(deaf=True)
     get = once(source.make, refresh=5, ttl=10, stale_if_error=30)
     assert await get() == 1
     assert stored(get) == READY
@@ -96,7 +76,7 @@ async def test_a_value_past_its_ttl_under_stale_if_error_is_kept_but_not_served(
     clock: FakeClock,
 ) -> None:
     """ready -> ready-stale (status idle, stale) -> running-stale -> ready-failing."""
-    source = Source()
+    source = Source(deaf=True)
     get = once(source.make, ttl=10, stale_if_error=30)
     assert await get() == 1
     clock.advance(11)
@@ -126,7 +106,7 @@ async def test_a_refresh_that_times_out_is_failing_and_its_value_is_served_past_
     clock: FakeClock,
 ) -> None:
     """refreshing -> timeout -> refreshing-failing (the run goes on) -> ttl ends: the same."""
-    source = Source()
+    source = Source(deaf=True)
     get = once(source.make, refresh=5, ttl=10, stale_if_error=30, timeout=0.05)
     assert await get() == 1
     clock.advance(6)
@@ -144,7 +124,7 @@ async def test_a_failure_without_a_value_is_failed_during_its_cooldown_then_idle
     clock: FakeClock,
 ) -> None:
     """running -> failed (the error at once, no attempt) -> cooldown ends -> idle."""
-    source = Source()
+    source = Source(deaf=True)
     source.failing = True
     get = once(source.make, cooldown=4)
     with pytest.raises(ConnectionError):
