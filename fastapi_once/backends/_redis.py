@@ -1,10 +1,8 @@
-"""RedisBackend: the lease store over Redis: a few Lua scripts, pub/sub, a bounded pool per loop.
+"""RedisBackend: the lease store over Redis: three Lua scripts, pub/sub, a bounded pool per loop.
 
-A record (a once's name and a key) is a few keys under one hash tag,
-``<namespace>:k:{<name>:<key>}:`` (the name's ``%``, ``{``, ``}`` percent-encoded: no two names
-share a key): ``v`` holds the value as ``"<made ms> <json>"``, ``lock`` the lease as
-``"<token> <holder>"``, ``cool`` a failure's cooldown, ``fence`` the last fencing token; a
-leader's end is published on ``ev``.
+A record is a few keys under one hash tag, ``<namespace>:k:{<name>:<key>}:``: ``v`` (the value,
+``"<made ms> <json>"``), ``lock`` (``"<token> <holder>"``), ``cool``, ``fence``; its leader's end
+is published on ``ev``. The layout and the guarantees: docs/across.md.
 """
 
 from __future__ import annotations
@@ -73,13 +71,9 @@ end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {0, redis.call('GET', KEYS[2]) or ''}
 end
-local fence = redis.call('INCR', KEYS[4])
 local floor = tonumber(now[1] .. string.format('%06d', tonumber(now[2])))
-if fence < floor then
-  fence = floor
-  redis.call('SET', KEYS[4], string.format('%.0f', floor))
-end
-redis.call('PEXPIRE', KEYS[4], ARGV[2] + 60000)
+local fence = math.max(tonumber(redis.call('GET', KEYS[4]) or '0') + 1, floor)
+redis.call('SET', KEYS[4], string.format('%.0f', fence), 'PX', ARGV[2] + 60000)
 return {2, fence}
 """
 
@@ -173,7 +167,7 @@ class RedisBackend(StoreBackend):
         self.max_connections = whole(
             "RedisBackend", "max_connections", max_connections, least=2, unit=_LISTENER_AND_ONE
         )
-        # Per event loop, its client and its scripts; they go with its listener or aclose().
+        # Per event loop, its client (and pool); it goes with the loop's listener or aclose().
         self._clients = PerLoop(
             self._client,
             f"{self.describe()} runs on asyncio only (redis.asyncio); run the app on asyncio or "
@@ -193,9 +187,7 @@ class RedisBackend(StoreBackend):
         self._clients.get()  # asyncio only: say so before the listener would
         fresh = asyncio.get_running_loop() not in self._listeners
         wakeups = self._listeners.start()
-        keys = self._keys(name, key, "v", "lock", "cool", "fence")
-        if key == UNKEYED:
-            keys.append(self._legacy(name))
+        keys = self._keys(name, key, "v", "lock", "cool", "fence") + self._legacy(name, key)
         mine = f"{secrets.token_hex(16)} {holder}"
         try:
             args = (mine, _ms(lease), _ms(refresh))
@@ -239,16 +231,14 @@ class RedisBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
-        redis = self._clients.get()[0]
+        redis = self._clients.get()
         message = Reset(name, key, origin).to_json()
         doing = f"resetting {name}"
         with store_errors(
             self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
         ):
             if key is not None:
-                await redis.unlink(*self._keys(name, key, "v", "cool"))  # one record: one slot
-                if key == UNKEYED:
-                    await redis.unlink(self._legacy(name))
+                await redis.unlink(*self._keys(name, key, "v", "cool"), *self._legacy(name, key))
             else:
                 prefix = self._prefix(name)
                 async for found in redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
@@ -274,7 +264,7 @@ class RedisBackend(StoreBackend):
         await self._listeners.stop()
         if client is not None:
             with contextlib.suppress(RedisError, OSError):
-                await client[0].aclose()
+                await client.aclose()
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Until cancelled, on one pub/sub connection: wake the watches of a record whose leader
@@ -282,11 +272,10 @@ class RedisBackend(StoreBackend):
         backoff, and wakes every watch (what was published meanwhile was missed)."""
         pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
         failures = 0
-        client = None
+        client = self._clients.get()  # the loop's: only aclose() replaces it, and stops this
         try:
             while True:
-                client = self._clients.get()
-                pubsub = client[0].pubsub()
+                pubsub = client.pubsub()
                 try:
                     await pubsub.subscribe(self._resets)
                     await pubsub.psubscribe(pattern)
@@ -294,13 +283,11 @@ class RedisBackend(StoreBackend):
                         message = await pubsub.get_message(timeout=_IDLE_PING)
                         if message is None:
                             await pubsub.ping()  # a silent connection may be a dead one
-                            continue
-                        kind = message["type"]
-                        if kind == "pmessage":
+                        elif message["type"] == "pmessage":
                             wakeups.wake(str(message["channel"]))
-                        elif kind == "message":
+                        elif message["type"] == "message":
                             wakeups.announced(str(message["data"]), self._channel, self.heard)
-                        elif kind == "psubscribe":
+                        elif message["type"] == "psubscribe":
                             # The server answers in order: both subscriptions hold from here.
                             failures = 0
                             wakeups.listening.set()
@@ -316,13 +303,13 @@ class RedisBackend(StoreBackend):
         finally:
             # The listener ends with its loop (or aclose): the loop's client goes with it, so
             # that nothing kept here holds a closed loop (a client made since stays).
-            if client is not None and self._clients.pop(client) is client:
+            if self._clients.pop(client) is not None:
                 bounded = anyio.CancelScope(shield=True, deadline=anyio.current_time() + 1)
                 with bounded, contextlib.suppress(RedisError, OSError):
-                    await client[0].aclose()
+                    await client.aclose()
 
-    def _client(self) -> tuple[Any, dict[str, Any]]:
-        """A new client for the running loop, and its scripts."""
+    def _client(self) -> Any:
+        """A new client for the running loop, on its own pool."""
         pool = aioredis.BlockingConnectionPool.from_url(
             self._url,
             max_connections=self.max_connections,
@@ -334,15 +321,15 @@ class RedisBackend(StoreBackend):
             # longer outages are the algorithm's, which knows the lease and wait_timeout.
             retry=Retry(NoBackoff(), 1),
         )
-        redis = aioredis.Redis.from_pool(pool)
-        return redis, {s: redis.register_script(s) for s in (CLAIM, RENEW, END)}
+        return aioredis.Redis.from_pool(pool)
 
     async def _run(self, script: str, doing: str, keys: list[str], *args: object) -> Any:
-        """Run one of the scripts above on the running loop's client."""
+        """Run one of the scripts above on the running loop's client (loading it if need be)."""
+        redis = self._clients.get()
         with store_errors(
             self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
         ):
-            return await self._clients.get()[1][script](keys=keys, args=list(args))
+            return await redis.register_script(script)(keys=keys, args=list(args))
 
     def _prefix(self, name: str) -> str:
         return f"{self.namespace}:k:{{{_tag(name)}:"
@@ -356,9 +343,10 @@ class RedisBackend(StoreBackend):
     def _channel(self, name: str, key: str) -> str:
         return self._keys(name, key, "ev")[0]
 
-    def _legacy(self, name: str) -> str:
-        """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM)."""
-        return f"{self.namespace}:{{{_tag(name)}}}:done"
+    def _legacy(self, name: str, key: str) -> list[str]:
+        """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM); a keyed
+        record has none."""
+        return [f"{self.namespace}:{{{_tag(name)}}}:done"] if key == UNKEYED else []
 
 
 def _check_url(url: str, shown: str) -> None:

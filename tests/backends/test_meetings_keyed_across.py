@@ -88,17 +88,18 @@ async def test_a_leader_cancelled_before_the_lock_reply_arrives_leaves_the_key_f
 
     first, second = make(lease=60), make(lease=60, recheck_interval=600)
     digest = shared_key_digest(name, "/a")
-    scripts = first._clients.get()[1]  # type: ignore[attr-defined]
-    real = scripts[CLAIM]
+    client = first._clients.get()  # type: ignore[attr-defined]
+    claim, real = client.register_script(CLAIM).sha, client.evalsha
     sent = anyio.Event()
 
-    async def reply_delayed(**kwargs: Any) -> Any:
-        got = await real(**kwargs)
-        sent.set()
-        await anyio.sleep_forever()  # the reply never reaches the caller
-        return got  # pragma: no cover
+    async def reply_delayed(sha: str, *args: Any) -> Any:
+        got = await real(sha, *args)
+        if sha == claim:
+            sent.set()
+            await anyio.sleep_forever()  # the reply never reaches the caller
+        return got
 
-    scripts[CLAIM] = reply_delayed
+    client.evalsha = reply_delayed
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: first.run_keyed(name, digest, value("first"), ttl=60))

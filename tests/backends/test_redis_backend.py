@@ -17,7 +17,7 @@ from timekeeping import wait_until
 
 from fastapi_once import once
 from fastapi_once.backends import BackendError, LeaseLostError, WaitTimeoutError, backend_from_url
-from fastapi_once.backends._store import Reset, StoreUnavailableError
+from fastapi_once.backends._store import Lease, Reset, StoreUnavailableError
 
 redis_asyncio = require("redis.asyncio")
 from fastapi_once.backends import RedisBackend  # noqa: E402
@@ -336,6 +336,31 @@ async def test_an_unkeyed_value_recorded_by_0_2_is_served_until_it_is_reset(
         assert await side.exists(f"{namespace}:{{{name}}}:done") == 0
         assert await backend.run_once(name, migrate) == {"migrated": 4}
         assert runs == [1]
+    finally:
+        await backend.aclose()
+
+
+async def test_a_fence_exceeds_the_record_counter_and_never_falls_below_the_server_clock(
+    redis_server: RedisServer, side: Any, namespace: str
+) -> None:
+    """A lease's fence is the record's counter plus one, floored at the server's clock in
+    microseconds; the counter lives 60 s past the lease."""
+    backend = RedisBackend(redis_server.url, namespace=namespace)
+    counter = f"{namespace}:k:{{n:-}}:fence"
+    try:
+        first = await backend.claim("n", "-", lease=1, refresh=None, holder="test")
+        now, micros = await side.time()
+        assert isinstance(first, Lease)
+        assert first.fence is not None
+        assert (now - 60) * 10**6 < first.fence <= now * 10**6 + micros
+        await backend.abandon(first, cooldown=None)
+        await side.set(counter, str(5 * 10**15))  # ahead of the clock (a clock set back)
+        second = await backend.claim("n", "-", lease=1, refresh=None, holder="test")
+        assert isinstance(second, Lease)
+        assert second.fence == 5 * 10**15 + 1
+        assert await side.get(counter) == str(5 * 10**15 + 1)
+        assert 60_000 < await side.pttl(counter) <= 61_000
+        await backend.abandon(second, cooldown=None)
     finally:
         await backend.aclose()
 
