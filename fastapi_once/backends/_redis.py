@@ -29,8 +29,6 @@ try:
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
     from redis.exceptions import AuthenticationError, RedisError
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "RedisBackend needs the redis package: pip install 'fastapi-once[redis]'"
@@ -39,19 +37,23 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-_OUTAGES = (RedisConnectionError, RedisTimeoutError)  # refused logins aside (AuthenticationError)
+_OUTAGES = (aioredis.ConnectionError, aioredis.TimeoutError)  # not a refused login
 _LISTENER_AND_ONE = " (the listener's connection and one for commands)"
 _IDLE_PING = 5.0  # seconds the listener hears nothing before it pings its connection
 _LISTENING_WITHIN = 0.5  # the longest a loop's first claim or a watch waits for the listener
 _FREE_WITHIN = 0.5  # the longest a cancelled claim spends freeing the lease it may have taken
-_RECORD = re.compile(rf"{re.escape(UNKEYED)}|[0-9a-f]{{40}}")  # a record's key: unkeyed, a digest
+# A name in a hash tag, percent-encoded (no two names share one, braces stay out); a text as a
+# Redis glob pattern that matches only itself.
+_TAG = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
+_GLOB = str.maketrans({c: "\\" + c for c in "\\*?[]^"})
+# What follows a name's prefix in the keys of its records' values and cooldowns.
+_RECORD = re.compile(rf"({re.escape(UNKEYED)}|[0-9a-f]{{40}})}}:(v|cool)")
 
 # KEYS: v, lock, cool, fence[, 0.2's marker]. ARGV: lock value, lease (ms), refresh age (ms, or '').
 # {1, record} to serve; {3, ms left} while a failure cools down; {2, fence} when the lease is now
-# ours; {0, lock value} while another holds it. The fence is the record's counter plus one,
-# floored at the server's clock in microseconds: after a restart that lost the counter it still
-# exceeds every token drawn before (the clock moved on). The counter outlives the lease by 60 s.
-# An unkeyed record that 0.2 made (its marker: the JSON alone) is served as made at time 0.
+# ours (the record's counter plus one, never below the server's clock in µs, so it grows across a
+# restart that lost the counter; it outlives the lease by 60 s); {0, lock value} while another
+# holds it. An unkeyed record that 0.2 made (its marker: the JSON alone) is made at time 0.
 CLAIM = """
 local record = redis.call('GET', KEYS[1])
 if not record and KEYS[5] then
@@ -77,30 +79,27 @@ redis.call('SET', KEYS[4], string.format('%.0f', fence), 'PX', ARGV[2] + 60000)
 return {2, fence}
 """
 
-# KEYS: lock, fence. ARGV: lock value, lease (ms). Extends the lease only if it is still ours.
-RENEW = """
+# KEYS: lock, fence, v, cool, channel. ARGV: lock value, then the lease (ms) to renew, the value
+# and its ttl (ms, or '') to complete, or '' and the cooldown (ms, or '') to abandon. Only while
+# the lease is ours: extends it (and the counter's life), or records the value stamped with the
+# server's time (clearing the cooldown) or the cooldown, frees the lease and wakes the watches.
+HELD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[2], ARGV[2] + 60000)
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"""
-
-# KEYS: lock, v, cool. ARGV: lock value, channel, then to complete: the value, its ttl (ms, or
-# ''); to abandon: '', the cooldown (ms, or ''). Only if the lease is still ours: records the
-# value stamped with the server's time (clearing the cooldown) or the cooldown, frees the lease
-# and wakes the watches.
-END = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[3] ~= '' then
+if #ARGV == 2 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2] + 60000)
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if ARGV[2] ~= '' then
   local now = redis.call('TIME')
-  local made = now[1] .. string.format('%03d', math.floor(now[2] / 1000))
-  redis.call('SET', KEYS[2], made .. ' ' .. ARGV[3])
-  if ARGV[4] ~= '' then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
-  redis.call('DEL', KEYS[3])
-elseif ARGV[4] ~= '' then
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[4])
+  local made = now[1] .. string.format('%03d ', math.floor(now[2] / 1000))
+  redis.call('SET', KEYS[3], made .. ARGV[2])
+  if ARGV[3] ~= '' then redis.call('PEXPIRE', KEYS[3], ARGV[3]) end
+  redis.call('DEL', KEYS[4])
+elseif ARGV[3] ~= '' then
+  redis.call('SET', KEYS[4], '1', 'PX', ARGV[3])
 end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], 'ended')
+redis.call('PUBLISH', KEYS[5], 'ended')
 return 1
 """
 
@@ -109,25 +108,22 @@ class RedisBackend(StoreBackend):
     """Share a once's value across every process (and host) that uses one Redis server.
 
     Asyncio only (redis.asyncio). Waiting followers hold no connection: one pub/sub connection
-    per process and event loop wakes them and hears resets; per event loop, one pool of at most
-    ``max_connections``. The lease is efficiency-grade: a leader paused longer than its lease, or
-    a restart without persistence, lets a second leader start while the first still runs (its
-    value is refused, its side effects happen): make the work idempotent, or pass
-    ``fencing_token()`` (never below the server's clock in microseconds) to its stores.
+    per process and event loop wakes them and hears resets. The lease is efficiency-grade: a
+    leader paused past its lease, or a restart without persistence, lets a second leader start
+    while the first runs; make the work idempotent, or pass ``fencing_token()`` to its stores.
 
     Args:
         url: a Redis URL (``redis://:password@host:6379/0``, ``rediss://`` for TLS); its
             password never appears in errors, logs or :meth:`describe`.
         namespace: the prefix of every key (no braces).
-        lease: seconds a lease lives without renewal: how long a dead leader blocks the others.
-            Each round trip's own timeout is ``min(lease / 2, 5)`` seconds.
+        lease: seconds a lease lives without renewal: how long a dead leader blocks the others
+            (each round trip times out after ``min(lease / 2, 5)`` seconds).
         wait_timeout: the longest a follower waits, and any one call to Redis takes, in seconds
             (default 300); None: no bound.
         ttl: the default life of an unkeyed once's value in seconds; None keeps it until reset.
         poll_interval: no longer used (followers are woken by ``PUBLISH``); passing it warns.
         max_value_bytes: the largest value recorded, in bytes of JSON (default 1 MiB; None: any).
-        recheck_interval: how often a waiting follower claims again without being woken, in
-            seconds (default 1): how late it learns of a leader that died.
+        recheck_interval: seconds between a waiting follower's unwoken claims (default 1).
         max_connections: the most connections open to Redis per process and event loop, the
             listener's included (default 10), whatever the number of keys in flight.
 
@@ -196,43 +192,36 @@ class RedisBackend(StoreBackend):
                 await wakeups.until_listening(_LISTENING_WITHIN)
         except anyio.get_cancelled_exc_class():
             # The script may have run and taken the lease: free it now (only if it is ours).
-            with (
-                anyio.CancelScope(shield=True),
-                anyio.move_on_after(_FREE_WITHIN),
-                contextlib.suppress(BackendError),
-            ):
+            bounded = anyio.CancelScope(shield=True, deadline=anyio.current_time() + _FREE_WITHIN)
+            with bounded, contextlib.suppress(BackendError):
                 await self.abandon(Lease(name, key, None, mine), cooldown=None)
             raise
-        if status == 1:
-            return Served(str(data).partition(" ")[2])
         if status == 2:
             return Lease(name, key, int(data), mine)
         if status == 3:
             return Cooling(int(data) / 1000)
-        return Held(str(data).partition(" ")[2] or None)
+        text = str(data).partition(" ")[2]  # a value after its time, a holder after its token
+        return Served(text) if status == 1 else Held(text or None)
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
         """See :meth:`LeaseStore.renew`: one script."""
-        keys = self._keys(lease.name, lease.key, "lock", "fence")
-        doing = f"renewing the lease of {lease.name}"
-        return bool(await self._run(RENEW, doing, keys, lease.handle, _ms(seconds)))
+        return await self._held(lease, f"renewing the lease of {lease.name}", _ms(seconds))
 
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
         """See :meth:`LeaseStore.complete`: one script, which publishes on the record's channel."""
-        return await self._end(lease, f"recording the value of {lease.name}", value, _ms(ttl))
+        return await self._held(lease, f"recording the value of {lease.name}", value, _ms(ttl))
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
         """See :meth:`LeaseStore.abandon`: one script, which publishes on the record's channel."""
-        await self._end(lease, f"freeing the lease of {lease.name}", "", _ms(cooldown))
+        await self._held(lease, f"freeing the lease of {lease.name}", "", _ms(cooldown))
 
-    async def _end(self, lease: Lease, doing: str, *args: object) -> bool:
-        *keys, channel = self._keys(lease.name, lease.key, "lock", "v", "cool", "ev")
-        return bool(await self._run(END, doing, keys, lease.handle, channel, *args))
+    async def _held(self, lease: Lease, doing: str, *args: object) -> bool:
+        keys = self._keys(lease.name, lease.key, "lock", "fence", "v", "cool", "ev")
+        return bool(await self._run(HELD, doing, keys, lease.handle, *args))
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the value(s) and cooldown(s), then publish the reset on its channel."""
         redis = self._clients.get()
-        message = Reset(name, key, origin).to_json()
         doing = f"resetting {name}"
         with store_errors(
             self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
@@ -241,12 +230,11 @@ class RedisBackend(StoreBackend):
                 await redis.unlink(*self._keys(name, key, "v", "cool"), *self._legacy(name, key))
             else:
                 prefix = self._prefix(name)
-                async for found in redis.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
-                    record, _, suffix = found[len(prefix) :].partition("}:")
+                async for found in redis.scan_iter(match=prefix.translate(_GLOB) + "*", count=1000):
                     # Only this name's records: a longer name starting with it has a ':' here.
-                    if suffix in ("v", "cool") and _RECORD.fullmatch(record):
+                    if _RECORD.fullmatch(found[len(prefix) :]):
                         await redis.unlink(found)  # one key a command: records' slots differ
-            await redis.publish(self._resets, message)
+            await redis.publish(self._resets, Reset(name, key, origin).to_json())
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -270,7 +258,6 @@ class RedisBackend(StoreBackend):
         """Until cancelled, on one pub/sub connection: wake the watches of a record whose leader
         ended, and hand every reset to ``heard``. After an outage it subscribes again, with
         backoff, and wakes every watch (what was published meanwhile was missed)."""
-        pattern = _glob_escape(f"{self.namespace}:k:{{") + "*}:ev"
         failures = 0
         client = self._clients.get()  # the loop's: only aclose() replaces it, and stops this
         try:
@@ -278,7 +265,7 @@ class RedisBackend(StoreBackend):
                 pubsub = client.pubsub()
                 try:
                     await pubsub.subscribe(self._resets)
-                    await pubsub.psubscribe(pattern)
+                    await pubsub.psubscribe(f"{self.namespace}:k:{{".translate(_GLOB) + "*}:ev")
                     while True:
                         message = await pubsub.get_message(timeout=_IDLE_PING)
                         if message is None:
@@ -332,21 +319,19 @@ class RedisBackend(StoreBackend):
             return await redis.register_script(script)(keys=keys, args=list(args))
 
     def _prefix(self, name: str) -> str:
-        return f"{self.namespace}:k:{{{_tag(name)}:"
+        return f"{self.namespace}:k:{{{name.translate(_TAG)}:"
 
     def _keys(self, name: str, key: str, *parts: str) -> list[str]:
-        """The record's keys (or channel) named by ``parts``: ``v``, ``lock``, ``cool``..."""
-        # The hash tag is the name and the key: one record's keys share a cluster slot, and
-        # different records spread over the slots.
+        """The record's keys (or channel) named by ``parts`` (``v``, ``lock``...), under one hash
+        tag of the name and key: they share a cluster slot, and records spread over the slots."""
         return [f"{self._prefix(name)}{key}}}:{part}" for part in parts]
 
     def _channel(self, name: str, key: str) -> str:
         return self._keys(name, key, "ev")[0]
 
     def _legacy(self, name: str, key: str) -> list[str]:
-        """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM); a keyed
-        record has none."""
-        return [f"{self.namespace}:{{{_tag(name)}}}:done"] if key == UNKEYED else []
+        """Where 0.2 kept an unkeyed once's value (read, never written: see CLAIM), as a list."""
+        return [f"{self.namespace}:{{{name.translate(_TAG)}}}:done"] if key == UNKEYED else []
 
 
 def _check_url(url: str, shown: str) -> None:
@@ -361,16 +346,6 @@ def _check_url(url: str, shown: str) -> None:
             f"RedisBackend({shown}): the database part of the URL, {db!r}, is not a number; "
             "give a database index, e.g. redis://host:6379/0"
         )
-
-
-def _tag(name: str) -> str:
-    """``name`` for a hash tag: percent-encoded, so no two names share one and braces stay out."""
-    return name.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` as a Redis glob pattern that matches only itself."""
-    return "".join("\\" + c if c in "\\*?[]^" else c for c in text)
 
 
 def _ms(duration: float | None) -> int | str:
