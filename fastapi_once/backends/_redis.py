@@ -1,8 +1,7 @@
-"""RedisBackend: the lease store over Redis: three Lua scripts, pub/sub, a bounded pool per loop.
+"""RedisBackend: the lease store over Redis: two Lua scripts, pub/sub, a bounded pool per loop.
 
-A record is a few keys under one hash tag, ``<namespace>:k:{<name>:<key>}:``: ``v`` (the value,
-``"<made ms> <json>"``), ``lock`` (``"<token> <holder>"``), ``cool``, ``fence``; its leader's end
-is published on ``ev``. The layout and the guarantees: docs/across.md.
+A record's keys (``_keys``; the layout: docs/across.md): ``v`` holds ``"<made ms> <json>"``,
+``lock`` ``"<token> <holder>"``, ``cool`` a cooldown, ``fence`` the counter; ``ev`` its channel.
 """
 
 from __future__ import annotations
