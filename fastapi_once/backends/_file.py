@@ -74,8 +74,7 @@ class FileLockBackend(StoreBackend):
         self._directory = None if directory is None else os.path.abspath(os.fspath(directory))
         self.poll_interval: float = seconds("poll_interval", poll_interval)
         # The directory's descriptor, opened and checked at first use under _opening: files are
-        # opened relative to it, so the directory checked is the one used even if its path is
-        # later replaced.
+        # opened relative to it, so the directory checked is the one used even if replaced.
         self._fd: int | None = None
         self._opening = threading.Lock()
         # Per event loop (an asyncio loop, a trio token), the cancel scope of its listener of
@@ -111,8 +110,7 @@ class FileLockBackend(StoreBackend):
 
     def _claim(self, name: str, key: str, refresh: float | None, holder: str) -> Claim:
         found = self._read(name, key)
-        served = _servable(found, refresh)
-        if served is not None:
+        if served := _servable(found, refresh):
             return served
         fd = self._open_lock(name, key)
         try:
@@ -122,8 +120,7 @@ class FileLockBackend(StoreBackend):
             os.close(fd)
             return _servable(found, None) or Held(taken)
         try:  # the lock is ours: a leader before us may have finished meanwhile
-            served = _servable(self._read(name, key), refresh)
-            if served is None:
+            if not (served := _servable(self._read(name, key), refresh)):
                 os.ftruncate(fd, 0)  # tell waiting followers (and their errors) who leads
                 os.pwrite(fd, holder.encode(), 0)
                 return Lease(name, key, None, fd)
@@ -150,8 +147,7 @@ class FileLockBackend(StoreBackend):
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """See :meth:`LeaseStore.clear`: delete the marker(s), then log the reset."""
-        line = Reset(name, key, origin).to_json() + "\n"
-        await self._io(self._clear, name, key, line.encode())
+        await self._io(self._clear, Reset(name, key, origin))
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -266,20 +262,14 @@ class FileLockBackend(StoreBackend):
         return self._open(f"{_file_key(name)}{suffix}.lock", os.O_RDWR | os.O_CREAT)
 
     def _read(self, name: str, key: str) -> dict[str, Any] | None:
-        """The record's marker (expired parts as None), or None if there is none valid."""
+        """The record's marker, or None if there is none valid."""
         try:
             with os.fdopen(self._open(_marker(name, key), os.O_RDONLY), "rb") as f:
                 marker = dict(json.loads(f.read()))
             # Names are hashed into file names: the marker says whose it is.
-            if (marker["name"], marker["key"]) != (name, key):
-                return None
-            now = time.time()
-            for part, until in (("value", "expires"), ("cool_until", "cool_until")):
-                if marker.get(until) is not None and now >= marker[until]:
-                    marker[part] = None
+            return marker if (marker["name"], marker["key"]) == (name, key) else None
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None  # none, or not a marker this backend wrote; the leader overwrites it
-        return marker
 
     async def _end(self, lease: Lease, change: dict[str, Any] | None) -> None:
         """Write ``change`` (if any) to the lease's marker, then unlock, even if cancelled."""
@@ -314,7 +304,7 @@ class FileLockBackend(StoreBackend):
             for other, file in self._markers(name).items():
                 with contextlib.suppress(OSError):  # gone meanwhile, or not ours (a symlink)
                     marker = self._read(name, other)
-                    if marker and not (marker.get("value") or marker.get("cool_until")):
+                    if marker and _servable(marker, None) is None:
                         os.unlink(file, dir_fd=directory)
 
     def _markers(self, name: str) -> dict[str, str]:
@@ -326,7 +316,8 @@ class FileLockBackend(StoreBackend):
             if f.startswith(prefix) and f.endswith(".json")
         }
 
-    def _clear(self, name: str, key: str | None, line: bytes) -> None:
+    def _clear(self, reset: Reset) -> None:
+        name, key = reset.name, reset.key
         for filename in [_marker(name, key)] if key is not None else self._markers(name).values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(filename, dir_fd=self._dir())
@@ -335,7 +326,7 @@ class FileLockBackend(StoreBackend):
             fcntl.flock(fd, fcntl.LOCK_EX)  # writers one at a time; readers read whole lines
             if os.fstat(fd).st_size > _RESETS_MAX:
                 os.ftruncate(fd, 0)  # listeners past the end read again from the start
-            os.write(fd, line)
+            os.write(fd, f"{reset.to_json()}\n".encode())
         finally:
             os.close(fd)
 
@@ -386,16 +377,17 @@ class _FileWatch(Watch):
 
 
 def _servable(found: dict[str, Any] | None, refresh: float | None) -> Claim | None:
-    """What a marker gives: a value to serve (any, if ``refresh`` is None: another leads), a
-    cooldown, or None (lead)."""
+    """What a marker gives: a live value to serve (any, if ``refresh`` is None: another leads),
+    a cooldown not yet ended, or None (lead)."""
     if found is None:
         return None
-    value, cooling = found.get("value"), found.get("cool_until") is not None
-    if value is not None:
-        if refresh is None or cooling or time.time() - found["made"] < refresh:
-            return Served(value)
+    now, expires = time.time(), found.get("expires")
+    cooling = found.get("cool_until") is not None and now < found["cool_until"]
+    if found.get("value") is not None and (expires is None or now < expires):
+        if refresh is None or cooling or now - found["made"] < refresh:
+            return Served(found["value"])
     elif cooling:
-        return Cooling(found["cool_until"] - time.time())
+        return Cooling(found["cool_until"] - now)
     return None
 
 
