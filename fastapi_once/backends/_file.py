@@ -178,8 +178,8 @@ class FileLockBackend(StoreBackend):
             raise BackendError(f"{self.describe()}: the directory cannot be used ({what})") from exc
 
     def _listen(self) -> None:
-        """Start the running loop's listener of resets unless it runs (once the directory is
-        open): it hears every reset appended after this call."""
+        """Start the running loop's listener of resets unless it runs: it hears every reset
+        appended to the log after this call (the directory is open)."""
         loop = anyio.lowlevel.current_token().native_token
         if loop in self._listening:
             return
@@ -201,8 +201,7 @@ class FileLockBackend(StoreBackend):
             with scope:
                 while True:
                     await anyio.sleep(_LISTEN_EVERY)
-                    # The directory went away or is not ours: the next look tries again.
-                    with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError):  # gone, or not ours: read again next time
                         # Abandoned when cancelled: after aclose() nothing read is handed on.
                         resets, offset = await anyio.to_thread.run_sync(
                             self._read_resets, offset, abandon_on_cancel=True
