@@ -36,34 +36,24 @@ T = TypeVar("T")
 _RESETS = "resets.log"  # one JSON line per reset, appended; the listeners poll its size
 _RESETS_MAX = 1 << 20  # past this many bytes the next reset starts the log again
 _LISTEN_EVERY = 0.2  # seconds between a listener's looks at the resets log
-_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class FileLockBackend(StoreBackend):
     """Run a once's work once across the processes of one host, with lock and marker files.
 
-    The leader holds an ``flock`` on the record's lock file while the work runs, and writes the
-    record's marker file before unlocking; the kernel ends the lock with the leader's process, so
-    no second leader starts while the first lives (fencing tokens are None). Followers try the
-    lock every ``poll_interval`` seconds. A keyed once's keys share 256 lock files (keys sharing
-    one wait for each other's runs). A reset reaches every live process through a log that a
-    listener per event loop polls every 0.2 s. Asyncio and trio, on a POSIX system; one host, or
-    a filesystem whose ``flock`` works across hosts (not NFS as commonly mounted). A leader that
-    forks a child which outlives it keeps the lock until the child exits too.
-
-    The directory is private: created 0700 at first use (the constructor touches nothing),
-    refused if it is a symlink, another user's, or writable by group or others; its files are
-    created 0600 and opened without following symlinks. Lock files are never deleted (two
-    processes could then lock two different files).
+    The leader holds an ``flock`` on the record's lock file while the work runs and writes the
+    record's marker file before unlocking; the lock ends with the leader's process (fencing
+    tokens are None). Followers try the lock every ``poll_interval`` seconds; a reset reaches
+    every live process through a log that each event loop's listener polls. Asyncio and trio,
+    on a POSIX system, one host (not NFS). How the files are kept: ``docs/across.md``.
 
     Args:
-        directory: where the lock and marker files live; created (mode 0700) if missing.
-            Default: ``fastapi_once-<uid>`` in the system temp dir (``$TMPDIR``, ``/tmp``), private
-            to this user.
-        wait_timeout: the longest a follower waits for the leader, in seconds (default
-            300 s); None waits as long as the leader runs.
-        ttl: the default life of an unkeyed once's value in seconds (``run_once(ttl=)``
-            overrides it); None keeps it until :meth:`reset`.
+        directory: where the lock and marker files live, created (mode 0700) at first use if
+            missing (default: ``fastapi_once-<uid>`` in the system temp dir).
+        wait_timeout: the longest a follower waits for the leader, in seconds (default 300;
+            None: no bound).
+        ttl: an unkeyed once's value's default life in seconds, which ``run_once(ttl=)``
+            overrides (None: until :meth:`reset`).
         poll_interval: how often a follower tries the lock, in seconds (default 0.01).
 
     Raises:
@@ -84,8 +74,7 @@ class FileLockBackend(StoreBackend):
         self._directory = None if directory is None else os.path.abspath(os.fspath(directory))
         self.poll_interval: float = seconds("poll_interval", poll_interval)
         # The directory's descriptor, opened and checked at first use under _opening: files are
-        # opened relative to it, so the directory checked is the one used even if its path is
-        # later replaced.
+        # opened relative to it, so the directory checked is the one used even if replaced.
         self._fd: int | None = None
         self._opening = threading.Lock()
         # Per event loop (an asyncio loop, a trio token), the cancel scope of its listener of
@@ -97,7 +86,7 @@ class FileLockBackend(StoreBackend):
     @property
     def directory(self) -> str:
         """The directory of the lock and marker files."""
-        if self._directory is None:
+        if self._directory is None:  # the constructor touches nothing, gettempdir() does
             self._directory = os.path.join(tempfile.gettempdir(), f"fastapi_once-{os.geteuid()}")
         return self._directory
 
@@ -121,8 +110,7 @@ class FileLockBackend(StoreBackend):
 
     def _claim(self, name: str, key: str, refresh: float | None, holder: str) -> Claim:
         found = self._read(name, key)
-        served = _servable(found, refresh)
-        if served is not None:
+        if served := _servable(found, refresh):
             return served
         fd = self._open_lock(name, key)
         try:
@@ -132,8 +120,7 @@ class FileLockBackend(StoreBackend):
             os.close(fd)
             return _servable(found, None) or Held(taken)
         try:  # the lock is ours: a leader before us may have finished meanwhile
-            served = _servable(self._read(name, key), refresh)
-            if served is None:
+            if not (served := _servable(self._read(name, key), refresh)):
                 os.ftruncate(fd, 0)  # tell waiting followers (and their errors) who leads
                 os.pwrite(fd, holder.encode(), 0)
                 return Lease(name, key, None, fd)
@@ -148,25 +135,23 @@ class FileLockBackend(StoreBackend):
         return True
 
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
-        """Write the record's marker, then unlock (see :meth:`LeaseStore.complete`)."""
+        """See :meth:`LeaseStore.complete`: write the record's marker, then unlock."""
         now = time.time()
-        marker = {"value": value, "made": now, "expires": None if ttl is None else now + ttl}
-        await self._end(lease, marker)
+        expires = None if ttl is None else now + ttl
+        await self._end(lease, {"value": value, "made": now, "expires": expires})
         return True
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
-        """Record ``cooldown`` (keeping a value), then unlock."""
-        cooling = None if cooldown is None else {"cool_until": time.time() + cooldown}
-        await self._end(lease, cooling)
+        """See :meth:`LeaseStore.abandon`: record the cooldown (keeping a value), then unlock."""
+        await self._end(lease, None if cooldown is None else {"cool_until": time.time() + cooldown})
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
-        """Delete the marker(s), then append the reset to the log the listeners poll."""
-        line = Reset(name, key, origin).to_json() + "\n"
-        await self._io(self._clear, name, key, line.encode())
+        """See :meth:`LeaseStore.clear`: delete the marker(s), then log the reset."""
+        await self._io(self._clear, Reset(name, key, origin))
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
-        """Watch the record's lock (and the resets log): see :class:`LeaseStore.watch`."""
+        """See :meth:`LeaseStore.watch`: the record's lock file, and the resets log."""
         fd = await self._io(self._open_lock, name, key)  # closed below, whatever
         try:
             self._listen()
@@ -182,9 +167,8 @@ class FileLockBackend(StoreBackend):
 
     async def _io(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` in a worker thread, whose result comes back even if the caller is
-        cancelled meanwhile: a lock taken or a descriptor opened is never lost. An OSError of the
-        directory (read-only, full...) is a BackendError naming the store; a PermissionError
-        (not this user's, a symlink) goes on as it is: it says what to fix."""
+        cancelled (a lock taken is never lost). An OSError is a BackendError naming the store,
+        except a PermissionError (a symlink, another user's file): it says what to fix."""
         try:
             return await anyio.to_thread.run_sync(call, *args)
         except PermissionError:
@@ -194,8 +178,8 @@ class FileLockBackend(StoreBackend):
             raise BackendError(f"{self.describe()}: the directory cannot be used ({what})") from exc
 
     def _listen(self) -> None:
-        """Start the running loop's listener of resets unless it runs (once the directory is
-        open): it hears every reset appended after this call."""
+        """Start the running loop's listener of resets unless it runs: it hears every reset
+        appended to the log after this call (the directory is open)."""
         loop = anyio.lowlevel.current_token().native_token
         if loop in self._listening:
             return
@@ -217,23 +201,18 @@ class FileLockBackend(StoreBackend):
             with scope:
                 while True:
                     await anyio.sleep(_LISTEN_EVERY)
-                    try:
+                    with contextlib.suppress(OSError):  # gone, or not ours: read again next time
                         # Abandoned when cancelled: after aclose() nothing read is handed on.
                         resets, offset = await anyio.to_thread.run_sync(
                             self._read_resets, offset, abandon_on_cancel=True
                         )
-                    except OSError:
-                        continue  # the directory went away or is not ours: try again later
-                    for reset in resets:
-                        self.heard(reset)
+                        for reset in resets:
+                            self.heard(reset)
         except Exception as exc:  # a defect: said, and the loop's next claim listens again
             kind = error_type(exc)
-            logger.error(
-                "%s stopped listening for resets (%s); the next call listens again",
-                self.describe(),
-                kind,
-                extra=fields(None, "listener_failed", error_type=kind),
-            )
+            said = "%s stopped listening for resets (%s); the next call listens again"
+            extra = fields(None, "listener_failed", error_type=kind)
+            logger.error(said, self.describe(), kind, extra=extra)
         finally:
             if self._listening.get(loop) is scope:
                 del self._listening[loop]
@@ -250,8 +229,9 @@ class FileLockBackend(StoreBackend):
     def _open(self, path: str, flags: int, *, directory: bool = False) -> int:
         """Open ``path`` without following a symlink: the store's directory (this user's, not
         writable by others), or a file in it (this user's regular file; 0600 if created)."""
+        flags |= os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags | _OPEN, 0o600, dir_fd=None if directory else self._dir())
+            fd = os.open(path, flags, 0o600, dir_fd=None if directory else self._dir())
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
@@ -275,26 +255,20 @@ class FileLockBackend(StoreBackend):
         )
 
     def _open_lock(self, name: str, key: str) -> int:
-        # One lock file per unkeyed once; a keyed once's keys share 256 (by digest).
+        # One lock file per unkeyed once; a keyed once's keys share 256 (by digest). Lock files
+        # are never deleted: two processes could then lock two different files.
         suffix = "" if key == UNKEYED else f".{key[:2]}"
         return self._open(f"{_file_key(name)}{suffix}.lock", os.O_RDWR | os.O_CREAT)
 
     def _read(self, name: str, key: str) -> dict[str, Any] | None:
-        """The record's marker (expired parts as None), or None if there is none valid."""
+        """The record's marker, or None if there is none valid."""
         try:
             with os.fdopen(self._open(_marker(name, key), os.O_RDONLY), "rb") as f:
-                marker = json.loads(f.read())
+                marker = dict(json.loads(f.read()))
             # Names are hashed into file names: the marker says whose it is.
-            if marker["name"] != name or marker["key"] != key:
-                return None
-            now = time.time()
-            if marker.get("expires") is not None and now >= marker["expires"]:
-                marker["value"] = None
-            if marker.get("cool_until") is not None and now >= marker["cool_until"]:
-                marker["cool_until"] = None
+            return marker if (marker["name"], marker["key"]) == (name, key) else None
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None  # none, or not a marker this backend wrote; the leader overwrites it
-        return dict(marker)
 
     async def _end(self, lease: Lease, change: dict[str, Any] | None) -> None:
         """Write ``change`` (if any) to the lease's marker, then unlock, even if cancelled."""
@@ -308,7 +282,7 @@ class FileLockBackend(StoreBackend):
         """Write ``change`` to the record's marker (a cooldown alone keeps its value); every
         64th marker written prunes the expired ones of the once's keys."""
         directory = self._dir()
-        if "value" not in change:  # a cooldown: the value is kept
+        if "value" not in change:
             change = {**(self._read(name, key) or {}), **change}
         filename = _marker(name, key)
         tmp = f"{filename}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -325,8 +299,12 @@ class FileLockBackend(StoreBackend):
             raise
         os.fsync(directory)
         self._written += 1
-        if key != UNKEYED and self._written % 64 == 0:
-            self._prune(name)
+        if key != UNKEYED and self._written % 64 == 0:  # prune: neither a value nor a cooldown
+            for other, file in self._markers(name).items():
+                with contextlib.suppress(OSError):  # gone meanwhile, or not ours (a symlink)
+                    marker = self._read(name, other)
+                    if marker and _servable(marker, None) is None:
+                        os.unlink(file, dir_fd=directory)
 
     def _markers(self, name: str) -> dict[str, str]:
         """The marker files of ``name``'s keys, by key."""
@@ -337,15 +315,8 @@ class FileLockBackend(StoreBackend):
             if f.startswith(prefix) and f.endswith(".json")
         }
 
-    def _prune(self, name: str) -> None:
-        """Delete the markers of ``name``'s keys that hold neither a value nor a cooldown."""
-        for key, filename in self._markers(name).items():
-            with contextlib.suppress(OSError):  # gone meanwhile, or not ours (a symlink): skipped
-                marker = self._read(name, key)
-                if marker is not None and not (marker.get("value") or marker.get("cool_until")):
-                    os.unlink(filename, dir_fd=self._dir())
-
-    def _clear(self, name: str, key: str | None, line: bytes) -> None:
+    def _clear(self, reset: Reset) -> None:
+        name, key = reset.name, reset.key
         for filename in [_marker(name, key)] if key is not None else self._markers(name).values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(filename, dir_fd=self._dir())
@@ -354,7 +325,7 @@ class FileLockBackend(StoreBackend):
             fcntl.flock(fd, fcntl.LOCK_EX)  # writers one at a time; readers read whole lines
             if os.fstat(fd).st_size > _RESETS_MAX:
                 os.ftruncate(fd, 0)  # listeners past the end read again from the start
-            os.write(fd, line)
+            os.write(fd, f"{reset.to_json()}\n".encode())
         finally:
             os.close(fd)
 
@@ -392,32 +363,30 @@ class _FileWatch(Watch):
         """Return once no leader holds the lock, or a reset was logged, or after ``timeout``."""
         with anyio.move_on_after(timeout):
             while True:
-                try:
+                with contextlib.suppress(BlockingIOError):
                     # Followers share the lock, so none delays another; let go at once, or
                     # the followers' attempts to lead would fail while one reads the marker.
                     fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
                     return
-                except BlockingIOError:
-                    pass
-                size = self._backend._resets_size()
-                if size != self._resets:
+                if (size := self._backend._resets_size()) != self._resets:
                     self._resets = size
                     return
                 await anyio.sleep(self._backend.poll_interval)
 
 
 def _servable(found: dict[str, Any] | None, refresh: float | None) -> Claim | None:
-    """What a marker gives: a value to serve (any, if ``refresh`` is None: another leads), a
-    cooldown, or None (lead)."""
+    """What a marker gives: a live value to serve (any, if ``refresh`` is None: another leads),
+    a cooldown not yet ended, or None (lead)."""
     if found is None:
         return None
-    value, cooling = found.get("value"), found.get("cool_until") is not None
-    if value is not None:
-        if refresh is None or cooling or time.time() - found["made"] < refresh:
-            return Served(value)
+    now, expires = time.time(), found.get("expires")
+    cooling = found.get("cool_until") is not None and now < found["cool_until"]
+    if found.get("value") is not None and (expires is None or now < expires):
+        if refresh is None or cooling or now - found["made"] < refresh:
+            return Served(found["value"])
     elif cooling:
-        return Cooling(found["cool_until"] - time.time())
+        return Cooling(found["cool_until"] - now)
     return None
 
 

@@ -8,15 +8,17 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.from_thread
 import pytest
 from store_contract import StoreContract, StoreKit
 from timekeeping import wait_until
 
 from fastapi_once import once
 from fastapi_once.backends import FileLockBackend
-from fastapi_once.backends._store import UNKEYED, Lease, Reset, Served
+from fastapi_once.backends._store import UNKEYED, Claim, Lease, Reset, Served
 
 
 class TestFileStore(StoreContract):
@@ -117,6 +119,34 @@ async def test_a_lease_ended_by_a_cancelled_caller_is_unlocked(tmp_path: Path, e
                 await backend.complete(lease, "1", ttl=None)
             else:
                 await backend.abandon(lease, cooldown=30)
+        again = await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+        assert isinstance(again, Lease)
+        await backend.abandon(again, cooldown=None)
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_claim_cancelled_while_its_thread_took_the_lock_lets_go_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller of a claim is cancelled while the claim's thread takes the lock: the claim
+    raises the cancellation and unlocks, so the next claim leads rather than finding the lease
+    held until the process exits."""
+    backend = FileLockBackend(tmp_path / "locks")
+    claim = backend._claim
+    try:
+        with anyio.CancelScope() as scope:
+
+            def cancelled_meanwhile(*args: Any) -> Claim:
+                taken = claim(*args)
+                anyio.from_thread.run_sync(scope.cancel)
+                return taken
+
+            monkeypatch.setattr(backend, "_claim", cancelled_meanwhile)
+            await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+        assert scope.cancelled_caught
+        monkeypatch.undo()
         again = await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
         assert isinstance(again, Lease)
         await backend.abandon(again, cooldown=None)
