@@ -25,7 +25,7 @@ import anyio
 from .._errors import BackendError
 from ._base import Scrubber, backoff, seconds, store_errors, whole
 from ._lease import LeaseOptions, StoreBackend
-from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
+from ._store import Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
 try:
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 #: Seconds between the listener's polls while no follower waits (resets arrive within 1 s).
 IDLE_POLL = 0.25
-_SETTLE = 0.5  # seconds after which no event of a smaller id is taken as still to commit
 _PRUNE_EVERY, _KEEP_EVENTS, _BATCH = 30.0, 60.0, 500  # seconds, seconds, rows
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
@@ -100,7 +99,6 @@ class MySQLBackend(StoreBackend):
         self._trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
         self._args = _connect_args(url, self.describe(), ssl)
-        self._setup = _tables(table)  # run on the first connection, then emptied
         self._loops: dict[Wakeups, _Loop] = {}  # each loop's connections, by its listener
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
@@ -134,9 +132,7 @@ class MySQLBackend(StoreBackend):
                 await self._run(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
                 fence = int(conn.insert_id())
                 lock = self._lock_prefix + str(fence)
-                taken, session = await self._lock(db, "SELECT GET_LOCK(%s, 0)", lock)
-                if not taken:
-                    raise BackendError(f"{self.describe()}: a lease lock was refused")
+                session = await self._lock(db, "SELECT GET_LOCK(%s, 0)", lock)
                 await self._run(
                     conn,
                     f"UPDATE `{t}` SET fence = %s, holder = %s, lease_until = NOW(6) + "
@@ -226,42 +222,36 @@ class MySQLBackend(StoreBackend):
         """Poll the events log: wake the watches of changed records, hear resets; prune now and
         then. Ends with its loop (or aclose), closing the loop's connections."""
         db = self._here(wakeups)
-        floor = 0  # every event at or below it has been handled
-        seen: set[int] = set()  # the events above the floor handled
+        seen: set[int] = set()  # the events the last poll returned: handled
         started = last_ok = pruned = time.monotonic()  # last_ok: since when not polled
         failures = 0
-        sql = (
-            f"SELECT id, name, rkey, origin, at < NOW(6) - INTERVAL {_us(_SETTLE)} MICROSECOND "
-            f"FROM `{self.table}_events` WHERE id > %s AND at > NOW(6) - INTERVAL %s "
-            "MICROSECOND ORDER BY id"
-        )
+        sql = f"SELECT id, name, rkey, origin FROM `{self.table}_events` WHERE at > NOW(6) - "
+        sql += "INTERVAL %s MICROSECOND"
         try:
             while True:
-                now = time.monotonic()  # events may commit up to 1 s late; none before start
+                # Events may commit up to 1 s late; none before the start. The window's start
+                # only moves on: an event no poll returns any more never returns.
+                now = time.monotonic()
                 window = min(now - last_ok + 1.0, now - started, _KEEP_EVENTS)
                 try:
                     async with self._lend(db) as conn:
-                        events = await self._run(conn, sql, (floor, _us(window)))
+                        events = await self._run(conn, sql, (_us(window),))
                 except BackendError:  # StoreUnavailableError among them
-                    floor = 0  # the server's ids may have started again
                     wakeups.listening.clear()
                     wakeups.wake_all()  # changes may have been missed
                     await anyio.sleep(backoff(failures))
                     failures += 1
                     continue
                 last_ok, failures = time.monotonic(), 0
-                for event_id, name, key, origin, settled in events:
-                    if settled:  # ids come in order: every smaller one has been handled
-                        floor = event_id
+                for event_id, name, key, origin in events:
                     if event_id not in seen:
-                        seen.add(event_id)
                         if origin is not None:
                             self.heard(Reset(name, key, origin))
                         if key is None:
                             wakeups.wake_all()
                         else:
                             wakeups.wake(f"{name}\0{key}")
-                seen = {i for i in seen if i > floor}
+                seen = {event[0] for event in events}
                 wakeups.listening.set()
                 if time.monotonic() - pruned > _PRUNE_EVERY:  # after the wake-ups
                     pruned = time.monotonic()
@@ -291,26 +281,15 @@ class MySQLBackend(StoreBackend):
         return deleted >= _BATCH
 
     async def _connect(self) -> Any:
-        """A new connection: autocommit, UTC, READ COMMITTED, the server's lock waits bounded by
-        a round trip's, its idle timeout a year (a lock session, or a kept connection, may idle)."""
-        waits = math.ceil(self._trip)
+        """A new connection (see ``_session``); the driver closes it if connecting fails."""
         with self._errors("connecting"), anyio.fail_after(self._connect_timeout):
-            conn = await asyncmy.connect(
+            return await asyncmy.connect(
                 **self._args,
                 autocommit=True,
                 client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
                 connect_timeout=self._connect_timeout,
-                init_command="SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout "
-                f"= 31536000, innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}",
+                init_command=_session(self.table, math.ceil(self._trip)),
             )
-        try:
-            for sql in ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", *self._setup):
-                await self._run(conn, sql)
-            self._setup.clear()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     @contextlib.asynccontextmanager
     async def _lend(self, db: _Loop) -> AsyncIterator[Any]:
@@ -338,26 +317,26 @@ class MySQLBackend(StoreBackend):
                 matched = await cur.execute(sql, args)
                 return list(await cur.fetchall()) if rows else matched
 
-    async def _lock(self, db: _Loop, sql: str, name: str, session: Any = None) -> tuple[bool, Any]:
+    async def _lock(self, db: _Loop, sql: str, name: str, session: Any = None) -> Any:
         """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session`` (by default the
         loop's, opened if it has none or its last one ended), whole (shielded, 1 s at most) or
-        not at all: whether it answered 1, and the session. A failure closes the session, and
-        so frees every lock it held; StoreUnavailableError if the session ended."""
+        not at all, and return the session; BackendError unless it answered 1. A failure closes
+        the session, and so frees every lock it held."""
         async with db.locking:
             if session is None and not (db.session and db.session.connected):
                 db.session = await self._connect()
-                if db.closed:  # the loop's listener ended meanwhile
+                if db.closed:  # the loop's listener ended meanwhile: the statement fails
                     db.session.close()
             session = session or db.session
-            if not session.connected:
-                raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
             with anyio.CancelScope(shield=True):
                 try:
                     rows = await self._run(session, sql, (name,), trip=1.0)
                 except BaseException:
                     session.close()
                     raise
-        return rows == [(1,)], session
+        if rows != [(1,)]:
+            raise BackendError(f"{self.describe()}: the server refused a lock statement")
+        return session
 
     def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
         """The driver's errors in the block as the store's (their type and code, never text)."""
@@ -404,21 +383,26 @@ def _us(value: float | None) -> int | None:
     return None if value is None else round(value * 1_000_000)
 
 
-def _tables(t: str) -> list[str]:
-    """The tables' DDL (created if missing)."""
+def _session(t: str, waits: int) -> str:
+    """A new connection's first statements: UTC, READ COMMITTED, the server's lock waits of
+    ``waits`` seconds, an idle timeout of a year (a lock session, or a kept connection, may
+    idle); the tables made if missing."""
     name = "VARCHAR(700) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
     key = "VARCHAR(40) CHARACTER SET ascii COLLATE ascii_bin"
-    return [
+    return (
+        "SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout = 31536000, "
+        f"innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}; "
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; "
         f"CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, value LONGTEXT "
         "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, made_at DATETIME(6), expires_at DATETIME(6),"
         " cool_until DATETIME(6), fence BIGINT, lease_until DATETIME(6), holder VARCHAR(255), "
-        "PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+        "PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC; "
         f"CREATE TABLE IF NOT EXISTS `{t}_fence` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY)"
-        " ENGINE=InnoDB",
+        " ENGINE=InnoDB; "
         f"CREATE TABLE IF NOT EXISTS `{t}_events` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY "
         f"KEY, at DATETIME(6) NOT NULL, name {name}, rkey {key}, origin VARCHAR(255), KEY (at))"
-        " ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
-    ]
+        " ENGINE=InnoDB ROW_FORMAT=DYNAMIC"
+    )
 
 
 def _code(exc: Exception) -> int | None:
