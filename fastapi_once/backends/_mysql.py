@@ -62,14 +62,13 @@ class MySQLBackend(StoreBackend):
             for TLS. The password never shows in errors, logs or ``describe()``.
         table: the records' table (``<table>_fence`` and ``<table>_events`` beside it), in the
             URL's database: letters, digits and underscores, at most 51.
-        lease: seconds a lease lives without renewal (a live leader renews it; a dead one's
-            ends with its lock session at once).
         poll_interval: seconds between the listener's polls while followers wait.
         max_connections: statement connections per event loop (the lock session is one more).
         connect_timeout: seconds to open a connection.
         ssl: an ``ssl.SSLContext`` for TLS (e.g. with a private CA); overrides ``?ssl=``.
-        wait_timeout, ttl, recheck_interval, max_value_bytes: as ``StoreBackend``'s
-            (``wait_timeout`` also bounds every round trip).
+        wait_timeout, ttl, lease, recheck_interval, max_value_bytes: as ``StoreBackend``'s
+            (``wait_timeout`` also bounds every round trip; a dead leader's lease ends with its
+            lock session at once).
 
     Raises:
         ValueError: a bad URL or option (the message names it and the fix).
@@ -191,8 +190,7 @@ class MySQLBackend(StoreBackend):
         await self._listeners.stop()
 
     async def _end(self, lease: Lease, change: str, args: tuple[Any, ...], final: bool) -> bool:
-        """Apply ``change`` to the record if ``lease`` is held (``final``: then free it and
-        wake the record's watches); return whether it was held."""
+        """Apply ``change`` if ``lease`` is held, and whether it was (``final``: free it too)."""
         (lock, session), db, held = lease.handle, self._here(), False
         if session.connected:  # else its locks are gone
             async with self._lend(db) as conn:
@@ -214,13 +212,11 @@ class MySQLBackend(StoreBackend):
     def _here(self, wakeups: Wakeups | None = None) -> _Loop:
         """The connections of the running loop's listener (started if it is not running)."""
         wakeups = wakeups or self._listeners.start()
-        if wakeups not in self._loops:
-            self._loops[wakeups] = _Loop(asyncio.Semaphore(self.max_connections))
-        return self._loops[wakeups]
+        return self._loops.setdefault(wakeups, _Loop(asyncio.Semaphore(self.max_connections)))
 
     async def _listen(self, wakeups: Wakeups) -> None:
-        """Poll the events log: wake the watches of changed records, hear resets; prune now and
-        then. Ends with its loop (or aclose), closing the loop's connections."""
+        """Poll the events log, waking watches and hearing resets; prune now and then. Ends with
+        its loop (or aclose), closing the loop's connections."""
         db = self._here(wakeups)
         seen: set[int] = set()  # the events the last poll returned: handled
         started = last_ok = pruned = time.monotonic()  # last_ok: since when not polled
@@ -267,9 +263,8 @@ class MySQLBackend(StoreBackend):
             self._loops.pop(wakeups, None)
 
     async def _prune(self, db: _Loop) -> bool:
-        """Delete a batch of each: records with nothing left, events older than
-        ``_KEEP_EVENTS``, fences below one this backend committed (the newest stays: it keeps
-        the counter up). Return whether a batch was full."""
+        """Delete a batch of each: records with nothing left, old events, fences below one this
+        backend committed (the newest keeps the counter up). Whether a batch was full."""
         t, deleted, old = self.table, 0, "at < NOW(6) - INTERVAL %s MICROSECOND"
         async with self._lend(db) as conn:
             for sql, args in (
@@ -293,8 +288,7 @@ class MySQLBackend(StoreBackend):
 
     @contextlib.asynccontextmanager
     async def _lend(self, db: _Loop) -> AsyncIterator[Any]:
-        """A connection of ``db`` for the block: closed if the block fails (a transaction left
-        open rolls back), else kept for the next block."""
+        """A connection of ``db`` for the block, closed if it fails (an open transaction ends)."""
         async with db.slots:
             conn = db.idle.pop() if db.idle else await self._connect()
             try:
@@ -310,8 +304,7 @@ class MySQLBackend(StoreBackend):
     async def _run(
         self, conn: Any, sql: str, args: Any = (), *, rows: bool = True, trip: float = math.inf
     ) -> Any:
-        """One round trip, bounded by ``trip`` (at most the store's), its errors as
-        :meth:`_errors`: its rows (``rows=False``: how many it matched)."""
+        """One round trip (bounded) and its rows (``rows=False``: how many it matched)."""
         with self._errors("running a statement"), anyio.fail_after(min(trip, self._trip)):
             async with conn.cursor() as cur:
                 matched = await cur.execute(sql, args)
@@ -340,7 +333,9 @@ class MySQLBackend(StoreBackend):
 
     def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
         """The driver's errors in the block as the store's (their type and code, never text)."""
-        return store_errors(self.describe(), doing, Exception, outage=_outage, refused=_refused)
+        return store_errors(
+            self.describe(), doing, Exception, outage=_outage, refused=lambda e: _code(e) in _LOGIN
+        )
 
 
 @dataclass
@@ -409,20 +404,14 @@ def _code(exc: Exception) -> int | None:
     return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
 
 
-def _refused(exc: Exception) -> bool:
-    return _code(exc) in _LOGIN
-
-
 def _outage(exc: Exception) -> bool:
-    code = _code(exc)
-    lost = not code and isinstance(exc, DriverError)
-    return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost
+    lost = not _code(exc) and isinstance(exc, DriverError)  # e.g. a closed connection's 0
+    return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or _code(exc) in _GONE or lost
 
 
 def _connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> dict[str, Any]:
     """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password; ``ssl``
-    overrides ``?ssl=``). ValueError: not a mysql:// or mariadb:// URL, no host or database, a
-    bad port, an option other than ``?ssl=true|false``."""
+    overrides ``?ssl=``); ValueError naming the fix for a URL it cannot use."""
     parts, fix = urlsplit(url), "give mysql://user:password@host:3306/database"
     if parts.scheme.lower() not in ("mysql", "mariadb"):
         raise ValueError(f"{shown}: not a mysql:// or mariadb:// URL; {fix}")
