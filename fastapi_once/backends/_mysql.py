@@ -50,6 +50,8 @@ _HELD = "name = %s AND rkey = %s AND fence = %s AND " + _LIVE  # fence: lock nam
 _DEAD = (
     "expires_at <= NOW(6) AND IFNULL(cool_until <= NOW(6), 1) AND IFNULL(lease_until <= NOW(6), 1)"
 )
+# A record's change (a leader's end, a reset and its origin), for every process's listener.
+_EVENT = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
 _LOGIN = {1044, 1045, 1049, 1251, 1698, 2059}  # login or database refused: not an outage
 _GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003, 2006, 2013}
 
@@ -175,7 +177,7 @@ class MySQLBackend(StoreBackend):
                 "cool_until = NULL WHERE name = %s AND rkey = COALESCE(%s, rkey)",
                 (name, key),
             )
-            await self._note(conn, name, key, origin)
+            await self._run(conn, _EVENT.format(self.table), (name, key, origin))
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -198,16 +200,11 @@ class MySQLBackend(StoreBackend):
                 where = (lease.name, lease.key, lease.fence, self._lock_prefix)
                 held = await self._run(conn, sql, (*args, *where), rows=False) == 1
                 if held and final:
-                    await self._note(conn, lease.name, lease.key, None)
+                    await self._run(conn, _EVENT.format(self.table), (lease.name, lease.key, None))
             if final:
                 with contextlib.suppress(BackendError):
                     await self._lock(db, "SELECT RELEASE_LOCK(%s)", lock, session)
         return held
-
-    async def _note(self, conn: Any, *event: str | None) -> None:
-        """Log a record's change (name, key, a reset's origin) for every process's listener."""
-        sql = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
-        await self._run(conn, sql.format(self.table), event)
 
     def _here(self, wakeups: Wakeups | None = None) -> _Loop:
         """The connections of the running loop's listener (started if it is not running)."""
