@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 #: Seconds between the listener's polls while no follower waits (resets arrive within 1 s).
 IDLE_POLL = 0.25
+_SETTLE = 0.5  # seconds after which no event of a smaller id is taken as still to commit
 _PRUNE_EVERY, _KEEP_EVENTS, _BATCH = 30.0, 60.0, 500  # seconds, seconds, rows
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
@@ -103,7 +104,6 @@ class MySQLBackend(StoreBackend):
         self._loops: dict[Wakeups, _Loop] = {}  # each loop's connections, by its listener
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
-        self._fence = 0  # a committed fence this backend drew: the ones below it may go
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -142,8 +142,6 @@ class MySQLBackend(StoreBackend):
                 )
                 result = Lease(name, key, fence, (lock, session))
             await self._run(conn, "COMMIT")
-        if isinstance(result, Lease):  # its fence is committed: the ones below it may go
-            self._fence = fence
         return result
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
@@ -215,36 +213,42 @@ class MySQLBackend(StoreBackend):
         """Poll the events log, waking watches and hearing resets; prune now and then. Ends with
         its loop (or aclose), closing the loop's connections."""
         db = self._here(wakeups)
-        seen: set[int] = set()  # the events the last poll returned: handled
+        floor = 0  # every event at or below it has been handled
+        seen: set[int] = set()  # the events above the floor handled
         started = last_ok = pruned = time.monotonic()  # last_ok: since when not polled
         failures = 0
-        sql = f"SELECT id, name, rkey, origin FROM `{self.table}_events` WHERE at > NOW(6) - "
-        sql += "INTERVAL %s MICROSECOND"
+        sql = (
+            f"SELECT id, name, rkey, origin, at < NOW(6) - INTERVAL {_us(_SETTLE)} MICROSECOND "
+            f"FROM `{self.table}_events` WHERE id > %s AND at > NOW(6) - INTERVAL %s "
+            "MICROSECOND ORDER BY id"
+        )
         try:
             while True:
-                # Events may commit up to 1 s late; none before the start. The window's start
-                # only moves on: an event no poll returns any more never returns.
-                now = time.monotonic()
+                now = time.monotonic()  # events may commit up to 1 s late; none before start
                 window = min(now - last_ok + 1.0, now - started, _KEEP_EVENTS)
                 try:
                     async with self._lend(db) as conn:
-                        events = await self._run(conn, sql, (_us(window),))
+                        events = await self._run(conn, sql, (floor, _us(window)))
                 except BackendError:  # StoreUnavailableError among them
+                    floor = 0  # the server's ids may have started again
                     wakeups.listening.clear()
                     wakeups.wake_all()  # changes may have been missed
                     await anyio.sleep(backoff(failures))
                     failures += 1
                     continue
                 last_ok, failures = time.monotonic(), 0
-                for event_id, name, key, origin in events:
+                for event_id, name, key, origin, settled in events:
+                    if settled:  # ids come in order: every smaller one has been handled
+                        floor = event_id
                     if event_id not in seen:
+                        seen.add(event_id)
                         if origin is not None:
                             self.heard(Reset(name, key, origin))
                         if key is None:
                             wakeups.wake_all()
                         else:
                             wakeups.wake(f"{name}\0{key}")
-                seen = {event[0] for event in events}
+                seen = {i for i in seen if i > floor}
                 wakeups.listening.set()
                 if time.monotonic() - pruned > _PRUNE_EVERY:  # after the wake-ups
                     pruned = time.monotonic()
@@ -260,14 +264,16 @@ class MySQLBackend(StoreBackend):
             self._loops.pop(wakeups, None)
 
     async def _prune(self, db: _Loop) -> bool:
-        """Delete a batch of each: records with nothing left, old events, fences below one this
-        backend committed (the newest keeps the counter up). Whether a batch was full."""
+        """Delete a batch of each: records with nothing left, old events, all fences but the
+        newest (it keeps the counter up across restarts). Whether a batch was full."""
         t, deleted, old = self.table, 0, "at < NOW(6) - INTERVAL %s MICROSECOND"
+        # A derived table, which MySQL reads whole before it deletes from the same table.
+        newest = f"(SELECT top FROM (SELECT MAX(id) AS top FROM `{t}_fence`) AS f)"
         async with self._lend(db) as conn:
             for sql, args in (
                 (f"DELETE FROM `{t}` WHERE {_DEAD} LIMIT %s", ()),
                 (f"DELETE FROM `{t}_events` WHERE {old} LIMIT %s", (_us(_KEEP_EVENTS),)),
-                (f"DELETE FROM `{t}_fence` WHERE id < %s LIMIT %s", (self._fence,)),
+                (f"DELETE FROM `{t}_fence` WHERE id < {newest} LIMIT %s", ()),
             ):
                 deleted = max(deleted, await self._run(conn, sql, (*args, _BATCH), rows=False))
         return deleted >= _BATCH
