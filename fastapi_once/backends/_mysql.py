@@ -207,7 +207,9 @@ class MySQLBackend(StoreBackend):
     def _here(self, wakeups: Wakeups | None = None) -> _Loop:
         """The connections of the running loop's listener (started if it is not running)."""
         wakeups = wakeups or self._listeners.start()
-        return self._loops.setdefault(wakeups, _Loop(asyncio.Semaphore(self.max_connections)))
+        if wakeups not in self._loops:
+            self._loops[wakeups] = _Loop(asyncio.Semaphore(self.max_connections))
+        return self._loops[wakeups]
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Poll the events log, waking watches and hearing resets; prune now and then. Ends with
@@ -259,8 +261,11 @@ class MySQLBackend(StoreBackend):
                 with anyio.move_on_after(pace):
                     await db.kick.wait()
                 db.kick.clear()
-        finally:
-            db.close()
+        finally:  # the loop's connections close (those lent when given back)
+            db.closed = True
+            for conn in filter(None, [db.session, *db.idle]):
+                conn.close()
+            db.idle.clear()
             self._loops.pop(wakeups, None)
 
     async def _prune(self, db: _Loop) -> bool:
@@ -351,13 +356,6 @@ class _Loop:
     locking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one statement on it at once
     kick: asyncio.Event = field(default_factory=asyncio.Event)  # a watch began: poll now
     closed: bool = False  # the loop's listener ended: connections given back close
-
-    def close(self) -> None:
-        """Close the idle connections and the lock session; those lent close when given back."""
-        self.closed = True
-        for conn in filter(None, [self.session, *self.idle]):
-            conn.close()
-        self.idle.clear()
 
 
 def _judge(rows: list[Any], refresh: float | None) -> Served | Cooling | Held | None:
