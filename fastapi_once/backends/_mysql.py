@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import math
 import re
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 #: Seconds between the listener's polls while no follower waits (resets arrive within 1 s).
 IDLE_POLL = 0.25
-_SETTLE = 0.5  # seconds after which no event of a smaller id is taken as still to commit
 _PRUNE_EVERY, _KEEP_EVENTS, _BATCH = 30.0, 60.0, 500  # seconds, seconds, rows
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
@@ -215,42 +215,37 @@ class MySQLBackend(StoreBackend):
         """Poll the events log, waking watches and hearing resets; prune now and then. Ends with
         its loop (or aclose), closing the loop's connections."""
         db = self._here(wakeups)
-        floor = 0  # every event at or below it has been handled
-        seen: set[int] = set()  # the events above the floor handled
-        started = last_ok = pruned = time.monotonic()  # last_ok: since when not polled
-        failures = 0
-        sql = (
-            f"SELECT id, name, rkey, origin, at < NOW(6) - INTERVAL {_us(_SETTLE)} MICROSECOND "
-            f"FROM `{self.table}_events` WHERE id > %s AND at > NOW(6) - INTERVAL %s "
-            "MICROSECOND ORDER BY id"
+        start = since = None  # the server's time at the first poll; events after since are read
+        seen: set[int] = set()  # the events after since, handled
+        pruned, failures = time.monotonic(), 0
+        sql = (  # the server's time first (a NULL id sorts first), then the events by id
+            f"SELECT NULL, NOW(6), NULL, NULL, NULL UNION ALL SELECT id, at, name, rkey, origin "
+            f"FROM `{self.table}_events` WHERE at > GREATEST(IFNULL(%s, NOW(6)), NOW(6) - "
+            f"INTERVAL {_us(_KEEP_EVENTS)} MICROSECOND) ORDER BY 1"
         )
         try:
             while True:
-                now = time.monotonic()  # events may commit up to 1 s late; none before start
-                window = min(now - last_ok + 1.0, now - started, _KEEP_EVENTS)
                 try:
                     async with self._lend(db) as conn:
-                        events = await self._run(conn, sql, (floor, _us(window)))
+                        rows = await self._run(conn, sql, (since,))
                 except BackendError:  # StoreUnavailableError among them
-                    floor = 0  # the server's ids may have started again
                     wakeups.listening.clear()
                     wakeups.wake_all()  # changes may have been missed
                     await anyio.sleep(backoff(failures))
                     failures += 1
                     continue
-                last_ok, failures = time.monotonic(), 0
-                for event_id, name, key, origin, settled in events:
-                    if settled:  # ids come in order: every smaller one has been handled
-                        floor = event_id
+                (_, now, *_), events, failures = rows[0], rows[1:], 0
+                start = start or now  # events may commit up to 1 s late; none before the start
+                since = max(now - datetime.timedelta(seconds=1), start)
+                for event_id, _, name, key, origin in events:
                     if event_id not in seen:
-                        seen.add(event_id)
                         if origin is not None:
                             self.heard(Reset(name, key, origin))
                         if key is None:
                             wakeups.wake_all()
                         else:
                             wakeups.wake(f"{name}\0{key}")
-                seen = {i for i in seen if i > floor}
+                seen = {event[0] for event in events if event[1] > since}
                 wakeups.listening.set()
                 if time.monotonic() - pruned > _PRUNE_EVERY:  # after the wake-ups
                     pruned = time.monotonic()

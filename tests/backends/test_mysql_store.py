@@ -17,7 +17,13 @@ asyncmy = require("asyncmy")
 
 from fastapi_once.backends import BackendError, MySQLBackend  # noqa: E402
 from fastapi_once.backends import _mysql as mysql_store  # noqa: E402
-from fastapi_once.backends._store import Cooling, Lease, StoreUnavailableError  # noqa: E402
+from fastapi_once.backends._store import (  # noqa: E402
+    UNKEYED,
+    Cooling,
+    Lease,
+    Reset,
+    StoreUnavailableError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -269,3 +275,22 @@ async def test_records_with_nothing_left_to_serve_are_pruned_and_the_others_kept
     )
     assert await backend.complete(refreshing, "2", ttl=60)
     await backend.aclose()
+
+
+async def test_a_reset_is_heard_once_though_the_next_polls_read_it_again(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """Each poll reads the events of the last second (one may commit up to 1 s after its time):
+    a reset from another process is heard once, not at every poll that reads it."""
+    listening, other = (
+        MySQLBackend(mariadb_server.url, table=table),
+        MySQLBackend(mariadb_server.url, table=table),
+    )
+    heard: list[Reset] = []
+    listening.bind(heard.append)
+    async with listening.watch("tests.mysql.heard-once", UNKEYED):  # its listener listens
+        await other.clear("tests.mysql.heard-once", None, origin="other")
+        await anyio.sleep(1.5)  # about 60 polls (every 25 ms): the reset's second has passed
+    assert heard == [Reset("tests.mysql.heard-once", None, "other")]
+    await listening.aclose()
+    await other.aclose()
