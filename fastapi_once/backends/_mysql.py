@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import math
 import re
@@ -25,7 +26,7 @@ import anyio
 from .._errors import BackendError
 from ._base import Scrubber, backoff, seconds, store_errors, whole
 from ._lease import LeaseOptions, StoreBackend
-from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
+from ._store import Claim, Cooling, Held, Lease, Reset, Served, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
 try:
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 #: Seconds between the listener's polls while no follower waits (resets arrive within 1 s).
 IDLE_POLL = 0.25
-_SETTLE = 0.5  # seconds after which no event of a smaller id is taken as still to commit
 _PRUNE_EVERY, _KEEP_EVENTS, _BATCH = 30.0, 60.0, 500  # seconds, seconds, rows
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
@@ -51,6 +51,8 @@ _HELD = "name = %s AND rkey = %s AND fence = %s AND " + _LIVE  # fence: lock nam
 _DEAD = (
     "expires_at <= NOW(6) AND IFNULL(cool_until <= NOW(6), 1) AND IFNULL(lease_until <= NOW(6), 1)"
 )
+# A record's change (a leader's end, a reset and its origin), for every process's listener.
+_EVENT = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
 _LOGIN = {1044, 1045, 1049, 1251, 1698, 2059}  # login or database refused: not an outage
 _GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003, 2006, 2013}
 
@@ -63,14 +65,13 @@ class MySQLBackend(StoreBackend):
             for TLS. The password never shows in errors, logs or ``describe()``.
         table: the records' table (``<table>_fence`` and ``<table>_events`` beside it), in the
             URL's database: letters, digits and underscores, at most 51.
-        lease: seconds a lease lives without renewal (a live leader renews it; a dead one's
-            ends with its lock session at once).
         poll_interval: seconds between the listener's polls while followers wait.
         max_connections: statement connections per event loop (the lock session is one more).
         connect_timeout: seconds to open a connection.
         ssl: an ``ssl.SSLContext`` for TLS (e.g. with a private CA); overrides ``?ssl=``.
-        wait_timeout, ttl, recheck_interval, max_value_bytes: as ``StoreBackend``'s
-            (``wait_timeout`` also bounds every round trip).
+        wait_timeout, ttl, lease, recheck_interval, max_value_bytes: as ``StoreBackend``'s
+            (``wait_timeout`` also bounds every round trip; a dead leader's lease ends with its
+            lock session at once).
 
     Raises:
         ValueError: a bad URL or option (the message names it and the fix).
@@ -100,11 +101,9 @@ class MySQLBackend(StoreBackend):
         self._trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
         self._args = _connect_args(url, self.describe(), ssl)
-        self._setup = _tables(table)  # run on the first connection, then emptied
         self._loops: dict[Wakeups, _Loop] = {}  # each loop's connections, by its listener
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
-        self._fence = 0  # a committed fence this backend drew: the ones below it may go
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -134,9 +133,7 @@ class MySQLBackend(StoreBackend):
                 await self._run(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
                 fence = int(conn.insert_id())
                 lock = self._lock_prefix + str(fence)
-                taken, session = await self._lock(db, "SELECT GET_LOCK(%s, 0)", lock)
-                if not taken:
-                    raise BackendError(f"{self.describe()}: a lease lock was refused")
+                session = await self._lock(db, "SELECT GET_LOCK(%s, 0)", lock)
                 await self._run(
                     conn,
                     f"UPDATE `{t}` SET fence = %s, holder = %s, lease_until = NOW(6) + "
@@ -145,8 +142,6 @@ class MySQLBackend(StoreBackend):
                 )
                 result = Lease(name, key, fence, (lock, session))
             await self._run(conn, "COMMIT")
-        if isinstance(result, Lease):  # its fence is committed: the ones below it may go
-            self._fence = fence
         return result
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
@@ -180,7 +175,7 @@ class MySQLBackend(StoreBackend):
                 "cool_until = NULL WHERE name = %s AND rkey = COALESCE(%s, rkey)",
                 (name, key),
             )
-            await self._note(conn, name, key, origin)
+            await self._run(conn, _EVENT.format(self.table), (name, key, origin))
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -195,8 +190,7 @@ class MySQLBackend(StoreBackend):
         await self._listeners.stop()
 
     async def _end(self, lease: Lease, change: str, args: tuple[Any, ...], final: bool) -> bool:
-        """Apply ``change`` to the record if ``lease`` is held (``final``: then free it and
-        wake the record's watches); return whether it was held."""
+        """Apply ``change`` if ``lease`` is held, and whether it was (``final``: free it too)."""
         (lock, session), db, held = lease.handle, self._here(), False
         if session.connected:  # else its locks are gone
             async with self._lend(db) as conn:
@@ -204,16 +198,11 @@ class MySQLBackend(StoreBackend):
                 where = (lease.name, lease.key, lease.fence, self._lock_prefix)
                 held = await self._run(conn, sql, (*args, *where), rows=False) == 1
                 if held and final:
-                    await self._note(conn, lease.name, lease.key, None)
+                    await self._run(conn, _EVENT.format(self.table), (lease.name, lease.key, None))
             if final:
                 with contextlib.suppress(BackendError):
                     await self._lock(db, "SELECT RELEASE_LOCK(%s)", lock, session)
         return held
-
-    async def _note(self, conn: Any, *event: str | None) -> None:
-        """Log a record's change (name, key, a reset's origin) for every process's listener."""
-        sql = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
-        await self._run(conn, sql.format(self.table), event)
 
     def _here(self, wakeups: Wakeups | None = None) -> _Loop:
         """The connections of the running loop's listener (started if it is not running)."""
@@ -223,45 +212,40 @@ class MySQLBackend(StoreBackend):
         return self._loops[wakeups]
 
     async def _listen(self, wakeups: Wakeups) -> None:
-        """Poll the events log: wake the watches of changed records, hear resets; prune now and
-        then. Ends with its loop (or aclose), closing the loop's connections."""
+        """Poll the events log, waking watches and hearing resets; prune now and then. Ends with
+        its loop (or aclose), closing the loop's connections."""
         db = self._here(wakeups)
-        floor = 0  # every event at or below it has been handled
-        seen: set[int] = set()  # the events above the floor handled
-        started = last_ok = pruned = time.monotonic()  # last_ok: since when not polled
-        failures = 0
-        sql = (
-            f"SELECT id, name, rkey, origin, at < NOW(6) - INTERVAL {_us(_SETTLE)} MICROSECOND "
-            f"FROM `{self.table}_events` WHERE id > %s AND at > NOW(6) - INTERVAL %s "
-            "MICROSECOND ORDER BY id"
+        start = since = None  # the server's time at the first poll; events after since are read
+        seen: set[int] = set()  # the events after since, handled
+        pruned, failures = time.monotonic(), 0
+        sql = (  # the server's time first (a NULL id sorts first), then the events by id
+            f"SELECT NULL, NOW(6), NULL, NULL, NULL UNION ALL SELECT id, at, name, rkey, origin "
+            f"FROM `{self.table}_events` WHERE at > GREATEST(IFNULL(%s, NOW(6)), NOW(6) - "
+            f"INTERVAL {_us(_KEEP_EVENTS)} MICROSECOND) ORDER BY 1"
         )
         try:
             while True:
-                now = time.monotonic()  # events may commit up to 1 s late; none before start
-                window = min(now - last_ok + 1.0, now - started, _KEEP_EVENTS)
                 try:
                     async with self._lend(db) as conn:
-                        events = await self._run(conn, sql, (floor, _us(window)))
+                        rows = await self._run(conn, sql, (since,))
                 except BackendError:  # StoreUnavailableError among them
-                    floor = 0  # the server's ids may have started again
                     wakeups.listening.clear()
                     wakeups.wake_all()  # changes may have been missed
                     await anyio.sleep(backoff(failures))
                     failures += 1
                     continue
-                last_ok, failures = time.monotonic(), 0
-                for event_id, name, key, origin, settled in events:
-                    if settled:  # ids come in order: every smaller one has been handled
-                        floor = event_id
+                (_, now, *_), events, failures = rows[0], rows[1:], 0
+                start = start or now  # events may commit up to 1 s late; none before the start
+                since = max(now - datetime.timedelta(seconds=1), start)
+                for event_id, _, name, key, origin in events:
                     if event_id not in seen:
-                        seen.add(event_id)
                         if origin is not None:
                             self.heard(Reset(name, key, origin))
                         if key is None:
                             wakeups.wake_all()
                         else:
                             wakeups.wake(f"{name}\0{key}")
-                seen = {i for i in seen if i > floor}
+                seen = {event[0] for event in events if event[1] > since}
                 wakeups.listening.set()
                 if time.monotonic() - pruned > _PRUNE_EVERY:  # after the wake-ups
                     pruned = time.monotonic()
@@ -272,50 +256,42 @@ class MySQLBackend(StoreBackend):
                 with anyio.move_on_after(pace):
                     await db.kick.wait()
                 db.kick.clear()
-        finally:
-            db.close()
+        finally:  # the loop's connections close (those lent when given back)
+            db.closed = True
+            for conn in filter(None, [db.session, *db.idle]):
+                conn.close()
+            db.idle.clear()
             self._loops.pop(wakeups, None)
 
     async def _prune(self, db: _Loop) -> bool:
-        """Delete a batch of each: records with nothing left, events older than
-        ``_KEEP_EVENTS``, fences below one this backend committed (the newest stays: it keeps
-        the counter up). Return whether a batch was full."""
+        """Delete a batch of each: records with nothing left, old events, all fences but the
+        newest (it keeps the counter up across restarts). Whether a batch was full."""
         t, deleted, old = self.table, 0, "at < NOW(6) - INTERVAL %s MICROSECOND"
+        # A derived table, which MySQL reads whole before it deletes from the same table.
+        newest = f"(SELECT top FROM (SELECT MAX(id) AS top FROM `{t}_fence`) AS f)"
         async with self._lend(db) as conn:
             for sql, args in (
                 (f"DELETE FROM `{t}` WHERE {_DEAD} LIMIT %s", ()),
                 (f"DELETE FROM `{t}_events` WHERE {old} LIMIT %s", (_us(_KEEP_EVENTS),)),
-                (f"DELETE FROM `{t}_fence` WHERE id < %s LIMIT %s", (self._fence,)),
+                (f"DELETE FROM `{t}_fence` WHERE id < {newest} LIMIT %s", ()),
             ):
                 deleted = max(deleted, await self._run(conn, sql, (*args, _BATCH), rows=False))
         return deleted >= _BATCH
 
     async def _connect(self) -> Any:
-        """A new connection: autocommit, UTC, READ COMMITTED, the server's lock waits bounded by
-        a round trip's, its idle timeout a year (a lock session, or a kept connection, may idle)."""
-        waits = math.ceil(self._trip)
+        """A new connection (see ``_session``); the driver closes it if connecting fails."""
         with self._errors("connecting"), anyio.fail_after(self._connect_timeout):
-            conn = await asyncmy.connect(
+            return await asyncmy.connect(
                 **self._args,
                 autocommit=True,
                 client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
                 connect_timeout=self._connect_timeout,
-                init_command="SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout "
-                f"= 31536000, innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}",
+                init_command=_session(self.table, math.ceil(self._trip)),
             )
-        try:
-            for sql in ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", *self._setup):
-                await self._run(conn, sql)
-            self._setup.clear()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
     @contextlib.asynccontextmanager
     async def _lend(self, db: _Loop) -> AsyncIterator[Any]:
-        """A connection of ``db`` for the block: closed if the block fails (a transaction left
-        open rolls back), else kept for the next block."""
+        """A connection of ``db`` for the block, closed if it fails (an open transaction ends)."""
         async with db.slots:
             conn = db.idle.pop() if db.idle else await self._connect()
             try:
@@ -331,37 +307,38 @@ class MySQLBackend(StoreBackend):
     async def _run(
         self, conn: Any, sql: str, args: Any = (), *, rows: bool = True, trip: float = math.inf
     ) -> Any:
-        """One round trip, bounded by ``trip`` (at most the store's), its errors as
-        :meth:`_errors`: its rows (``rows=False``: how many it matched)."""
+        """One round trip (bounded) and its rows (``rows=False``: how many it matched)."""
         with self._errors("running a statement"), anyio.fail_after(min(trip, self._trip)):
             async with conn.cursor() as cur:
                 matched = await cur.execute(sql, args)
                 return list(await cur.fetchall()) if rows else matched
 
-    async def _lock(self, db: _Loop, sql: str, name: str, session: Any = None) -> tuple[bool, Any]:
+    async def _lock(self, db: _Loop, sql: str, name: str, session: Any = None) -> Any:
         """Run a lock statement (``GET_LOCK``, ``RELEASE_LOCK``) on ``session`` (by default the
         loop's, opened if it has none or its last one ended), whole (shielded, 1 s at most) or
-        not at all: whether it answered 1, and the session. A failure closes the session, and
-        so frees every lock it held; StoreUnavailableError if the session ended."""
+        not at all, and return the session; BackendError unless it answered 1. A failure closes
+        the session, and so frees every lock it held."""
         async with db.locking:
             if session is None and not (db.session and db.session.connected):
                 db.session = await self._connect()
-                if db.closed:  # the loop's listener ended meanwhile
+                if db.closed:  # the loop's listener ended meanwhile: the statement fails
                     db.session.close()
             session = session or db.session
-            if not session.connected:
-                raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
             with anyio.CancelScope(shield=True):
                 try:
                     rows = await self._run(session, sql, (name,), trip=1.0)
                 except BaseException:
                     session.close()
                     raise
-        return rows == [(1,)], session
+        if rows != [(1,)]:
+            raise BackendError(f"{self.describe()}: the server refused a lock statement")
+        return session
 
     def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
         """The driver's errors in the block as the store's (their type and code, never text)."""
-        return store_errors(self.describe(), doing, Exception, outage=_outage, refused=_refused)
+        return store_errors(
+            self.describe(), doing, Exception, outage=_outage, refused=lambda e: _code(e) in _LOGIN
+        )
 
 
 @dataclass
@@ -374,13 +351,6 @@ class _Loop:
     locking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one statement on it at once
     kick: asyncio.Event = field(default_factory=asyncio.Event)  # a watch began: poll now
     closed: bool = False  # the loop's listener ended: connections given back close
-
-    def close(self) -> None:
-        """Close the idle connections and the lock session; those lent close when given back."""
-        self.closed = True
-        for conn in filter(None, [self.session, *self.idle]):
-            conn.close()
-        self.idle.clear()
 
 
 def _judge(rows: list[Any], refresh: float | None) -> Served | Cooling | Held | None:
@@ -404,41 +374,40 @@ def _us(value: float | None) -> int | None:
     return None if value is None else round(value * 1_000_000)
 
 
-def _tables(t: str) -> list[str]:
-    """The tables' DDL (created if missing)."""
+def _session(t: str, waits: int) -> str:
+    """A new connection's first statements: UTC, READ COMMITTED, the server's lock waits of
+    ``waits`` seconds, an idle timeout of a year (a lock session, or a kept connection, may
+    idle); the tables made if missing."""
     name = "VARCHAR(700) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
     key = "VARCHAR(40) CHARACTER SET ascii COLLATE ascii_bin"
-    return [
+    return (
+        "SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout = 31536000, "
+        f"innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}; "
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; "
         f"CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, value LONGTEXT "
         "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, made_at DATETIME(6), expires_at DATETIME(6),"
         " cool_until DATETIME(6), fence BIGINT, lease_until DATETIME(6), holder VARCHAR(255), "
-        "PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+        "PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC; "
         f"CREATE TABLE IF NOT EXISTS `{t}_fence` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY)"
-        " ENGINE=InnoDB",
+        " ENGINE=InnoDB; "
         f"CREATE TABLE IF NOT EXISTS `{t}_events` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY "
         f"KEY, at DATETIME(6) NOT NULL, name {name}, rkey {key}, origin VARCHAR(255), KEY (at))"
-        " ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
-    ]
+        " ENGINE=InnoDB ROW_FORMAT=DYNAMIC"
+    )
 
 
 def _code(exc: Exception) -> int | None:
     return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
 
 
-def _refused(exc: Exception) -> bool:
-    return _code(exc) in _LOGIN
-
-
 def _outage(exc: Exception) -> bool:
-    code = _code(exc)
-    lost = not code and isinstance(exc, DriverError)
-    return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or code in _GONE or lost
+    lost = not _code(exc) and isinstance(exc, DriverError)  # e.g. a closed connection's 0
+    return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or _code(exc) in _GONE or lost
 
 
 def _connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> dict[str, Any]:
     """asyncmy.connect()'s arguments for ``url`` (``shown``: it without the password; ``ssl``
-    overrides ``?ssl=``). ValueError: not a mysql:// or mariadb:// URL, no host or database, a
-    bad port, an option other than ``?ssl=true|false``."""
+    overrides ``?ssl=``); ValueError naming the fix for a URL it cannot use."""
     parts, fix = urlsplit(url), "give mysql://user:password@host:3306/database"
     if parts.scheme.lower() not in ("mysql", "mariadb"):
         raise ValueError(f"{shown}: not a mysql:// or mariadb:// URL; {fix}")

@@ -17,7 +17,13 @@ asyncmy = require("asyncmy")
 
 from fastapi_once.backends import BackendError, MySQLBackend  # noqa: E402
 from fastapi_once.backends import _mysql as mysql_store  # noqa: E402
-from fastapi_once.backends._store import Cooling, Lease, StoreUnavailableError  # noqa: E402
+from fastapi_once.backends._store import (  # noqa: E402
+    UNKEYED,
+    Cooling,
+    Lease,
+    Reset,
+    StoreUnavailableError,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -224,7 +230,8 @@ async def test_records_with_nothing_left_to_serve_are_pruned_and_the_others_kept
     mariadb_server: MariaDBServer, table: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The listener deletes, in batches (7 rows here), the rows of records with nothing left:
-    20 keys whose ttl passed, and a reset key; and events older than their keep (0.5 s here).
+    20 keys whose ttl passed, and a reset key; events older than their keep (0.5 s here); and
+    every fence but the newest (26 drawn).
     A value with no ttl or an unexpired one, a failure cooling down, and a live lease on a
     record whose value expired stay."""
     monkeypatch.setattr(mysql_store, "_KEEP_EVENTS", 0.5)
@@ -249,20 +256,41 @@ async def test_records_with_nothing_left_to_serve_are_pruned_and_the_others_kept
     refreshing = await lead("refreshing")  # the value expired: the next leader holds it
     kept = {"forever", "unexpired", "cooling", "refreshing"}
 
-    async def left() -> tuple[set[str], int]:
+    async def left() -> tuple[set[str], int, list[Any]]:
         rows = await query(mariadb_server, f"SELECT rkey FROM `{table}`")
         events = await query(mariadb_server, f"SELECT COUNT(*) FROM `{table}_events`")
-        return {key for (key,) in rows}, int(events[0][0])
+        fences = await query(mariadb_server, f"SELECT id FROM `{table}_fence`")
+        return {key for (key,) in rows}, int(events[0][0]), fences
 
     assert len((await left())[0]) == 20 + 1 + len(kept)
     monkeypatch.setattr(mysql_store, "_PRUNE_EVERY", 0.2)  # from 30 s
     for _ in range(300):  # a hang guard (30 s): the listener prunes every 0.2 s here
-        if await left() == (kept, 0):
+        if await left() == (kept, 0, [(refreshing.fence,)]):
             break
         await anyio.sleep(0.1)
-    assert await left() == (kept, 0)
+    assert await left() == (kept, 0, [(refreshing.fence,)])
+    assert refreshing.fence == 26
     assert await backend.claim(name, "cooling", lease=1, refresh=None, holder="h") == Cooling(
         pytest.approx(60, abs=30)
     )
     assert await backend.complete(refreshing, "2", ttl=60)
     await backend.aclose()
+
+
+async def test_a_reset_is_heard_once_though_the_next_polls_read_it_again(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """Each poll reads the events of the last second (one may commit up to 1 s after its time):
+    a reset from another process is heard once, not at every poll that reads it."""
+    listening, other = (
+        MySQLBackend(mariadb_server.url, table=table),
+        MySQLBackend(mariadb_server.url, table=table),
+    )
+    heard: list[Reset] = []
+    listening.bind(heard.append)
+    async with listening.watch("tests.mysql.heard-once", UNKEYED):  # its listener listens
+        await other.clear("tests.mysql.heard-once", None, origin="other")
+        await anyio.sleep(1.5)  # about 60 polls (every 25 ms): the reset's second has passed
+    assert heard == [Reset("tests.mysql.heard-once", None, "other")]
+    await listening.aclose()
+    await other.aclose()
