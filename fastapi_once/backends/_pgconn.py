@@ -84,7 +84,7 @@ class Connections:
         self._describe = describe
         self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
         # The loop's own connection (its listener's, lent to statements while free) and the
-        # lock held by the statement that uses it.
+        # lock held by the statement that uses it; end() replaces the lock.
         self._own: dict[asyncio.AbstractEventLoop, Any] = {}
         self._using: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self._out: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions not idle
@@ -96,19 +96,54 @@ class Connections:
             self._describe(), doing, DRIVER_ERRORS, outage=OUTAGES, refused=_REFUSED
         )
 
-    async def run(self, doing: str, statement: Callable[[Any], Awaitable[T]]) -> T:
-        """``statement(conn)`` on the loop's own connection while it is free (a follower needs
-        no other), in a task: a caller cancelled meanwhile leaves it to finish, and the
-        connection clean; else on a pooled one. Errors as :meth:`errors`."""
+    async def run(
+        self, doing: str, statement: Callable[[Any], Awaitable[T]], *, wait: float = 0.0
+    ) -> T:
+        """``statement(conn)`` on the loop's own connection (its listener's) if it is free
+        within ``wait`` seconds, else on a pooled one. Errors as :meth:`errors`.
+
+        On its own connection (connected on first use and once ended) it runs in a task: a
+        caller cancelled meanwhile leaves it to finish, and the connection clean. A statement
+        cut off there (a timeout) or failed but not refused ends the connection (it may be left
+        mid-statement); one the server cut off keeps it; one that finds it ended unseen (the
+        loop was busy) runs once more on a new one (the store's statements are reads and
+        deletes)."""
         loop = asyncio.get_running_loop()
         with self.errors(doing):
             using = self._using.setdefault(loop, asyncio.Lock())
-            if not using.locked():
-                await using.acquire()  # free: taken at once, so the next statements go pooled
-                task = loop.create_task(self._owned(using, statement))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
-                return await asyncio.shield(task)
-            return await self._pooled(statement)
+            # Free: taken at once (no wait), so the statements started next go pooled.
+            with anyio.move_on_after(wait if using.locked() else math.inf) as waited:
+                await using.acquire()
+            if waited.cancelled_caught:
+                return await self._pooled(statement)
+            task = loop.create_task(self._owned(using, statement))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+            return await asyncio.shield(task)
+
+    async def _owned(self, using: asyncio.Lock, statement: Callable[[Any], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        try:  # ``using`` is held: released here
+            while True:
+                conn: Any = self._own.get(loop)
+                fresh = conn is None or conn.is_closed()
+                if fresh:
+                    conn = await self.connect()
+                    if self._using.get(loop) is not using:  # end() ran: it would outlive them
+                        conn.terminate()
+                        raise asyncpg.InterfaceError("the loop's connections were ended")
+                    self._own[loop] = conn
+                try:
+                    return await statement(conn)
+                except BaseException as exc:
+                    lost = isinstance(exc, OUTAGES) and not isinstance(exc, _CUT_OFF)
+                    if lost or not isinstance(exc, asyncpg.PostgresError):
+                        conn.terminate()
+                    # Once only; not after a timeout, nor once end() ran (see above).
+                    timeout = isinstance(exc, asyncio.TimeoutError)
+                    if fresh or not lost or timeout or self._using.get(loop) is not using:
+                        raise
+        finally:
+            using.release()
 
     async def _pooled(self, statement: Callable[[Any], Awaitable[T]]) -> T:
         loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
@@ -125,42 +160,6 @@ class Connections:
         async with pool.acquire(timeout=options["command_timeout"]) as conn:
             await self._setup(conn)
             return await statement(conn)
-
-    async def own(self, statement: Callable[[Any], Awaitable[T]], *, wait: float = math.inf) -> T:
-        """``statement(conn)`` on the loop's own connection (its listener's), one at a time,
-        connected on first use and once ended. A statement cut off here (a timeout) or failed but
-        not refused ends it (it may be left mid-statement); one the server cut off keeps it; one
-        that finds it ended unseen (the loop was busy) runs once more on a new one (the store's
-        statements are reads and deletes). Not free within ``wait`` seconds (a statement lent to
-        it is held up): on a pooled one instead."""
-        using = self._using.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-        got = False
-        with anyio.move_on_after(wait):
-            await using.acquire()
-            got = True
-        return await (self._owned(using, statement) if got else self._pooled(statement))
-
-    async def _owned(self, using: asyncio.Lock, statement: Callable[[Any], Awaitable[T]]) -> T:
-        loop = asyncio.get_running_loop()
-        try:  # ``using`` is held: released here
-            for again in (True, False):
-                conn = self._own.get(loop)
-                if conn is None or conn.is_closed():
-                    conn = self._own[loop] = await self.connect()
-                try:
-                    return await statement(conn)
-                except BaseException as exc:
-                    lost = isinstance(exc, OUTAGES) and not isinstance(exc, _CUT_OFF)
-                    if lost or not isinstance(exc, asyncpg.PostgresError):
-                        conn.terminate()
-                    # Not after a timeout, nor once the loop's connections were ended (end()
-                    # ended this one): a connection made now would outlive them.
-                    timeout = isinstance(exc, asyncio.TimeoutError)
-                    if not (again and lost) or timeout or self._using.get(loop) is not using:
-                        raise
-            raise AssertionError("unreachable")
-        finally:
-            using.release()
 
     async def connect(self) -> Any:
         """A connection of its own (a lock session, or a listener's)."""

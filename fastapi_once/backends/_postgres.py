@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -72,6 +72,10 @@ _FREE = (  # which of the advisory locks $1 no session holds
     "SELECT coalesce(array_agg(k), '{}') FROM unnest($1::bigint[]) AS k WHERE NOT EXISTS ("
     f"SELECT 1 FROM pg_locks l WHERE {_HELD.format(k='k')})"
 )
+_TRY = (  # the fencing token if the lock was free; the holder's name for followers either way
+    "SELECT CASE WHEN pg_try_advisory{x}_lock($1) THEN nextval('{s}') END, "
+    "set_config('application_name', $2, false)"
+)
 _RESOLVE = (  # the records table's schema-qualified name, if it and the sequence exist
     "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n "
     "ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1) AND to_regclass($2) IS NOT NULL"
@@ -87,18 +91,10 @@ class PostgresBackend(StoreBackend):
     The lease algorithm over PostgreSQL's own primitives: a row per record in
     ``<table>_lease``, an advisory lock per record held by the leader's own connection (a dead
     leader's lock ends with its session), ``NOTIFY`` to wake followers and announce resets,
-    and the ``<table>_fence`` sequence for fencing tokens. Both are created on first use::
-
-        CREATE TABLE fastapi_once_lease (
-            name text, key text, value text, made_at timestamptz, value_until timestamptz,
-            cool_until timestamptz, expires_at timestamptz, PRIMARY KEY (name, key));
-        CREATE SEQUENCE fastapi_once_fence;
-
-    Connections per process and event loop (``application_name`` ``fastapi_once pid <pid> on
-    <host>``): its own (the listener's, which runs the statements while free), at most
-    ``pool_size`` pooled for statements that overlap, one per record led at the time and up to
-    4 idle ones for the next leaders; ``aclose()`` or the loop's end ends them. Every
-    statement is bounded by ``wait_timeout``. asyncio only (asyncpg).
+    and the ``<table>_fence`` sequence for fencing tokens; both made on first use. Per process
+    and event loop: the listener's connection (which runs the statements while free), at most
+    ``pool_size`` pooled ones, a lock session per record led and up to 4 idle ones (see
+    ``docs/across.md``). Every statement is bounded by ``wait_timeout``. asyncio only.
 
     Args:
         dsn: a ``postgresql://`` (or ``postgres://``) URL or a libpq ``key=value`` string; its
@@ -164,9 +160,7 @@ class PostgresBackend(StoreBackend):
             "write": _WRITE.format(t=t, u4=_UNTIL.format("$4")),
             "cool": _COOL.format(t=t, u3=_UNTIL.format("$3")),
             "delete": _DELETE.format(t=t),
-            "try": "SELECT {}($1), set_config('application_name', $2, false)".format(
-                "pg_try_advisory_lock" if lock == "session" else "pg_try_advisory_xact_lock"
-            ),
+            "try": _TRY.format(x="" if lock == "session" else "_xact", s=self._fences),
         }
         # The records table's full name as the server resolves it (so "t" and "public.t" are
         # one namespace of locks and one channel); set once the server was first reached.
@@ -179,7 +173,7 @@ class PostgresBackend(StoreBackend):
         # record's last watch and at any reset.
         refusal = f"{self.describe()} runs on asyncio only (asyncpg); run the app on asyncio"
         self._followed = PerLoop(collections.Counter[tuple[int, str]], refusal)
-        self._news = PerLoop(dict[str, tuple[str, float, float | None]], refusal)
+        self._news = PerLoop(dict[str, tuple[str, float, float]], refusal)
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -195,8 +189,8 @@ class PostgresBackend(StoreBackend):
         news = self._news.get().get(_record(name, key))
         if news is not None:  # heard as the leader recorded it: as fresh as a read
             value, heard, ttl = news
-            fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
-            if anyio.current_time() - heard < fresh:
+            age = anyio.current_time() - heard
+            if age < ttl and (refresh is None or age < refresh):
                 return Served(value)
         self._listeners.start()  # its end ends the loop's connections: see _listen
         row = await self._connections.run(  # the lock's key once connecting resolved the namespace
@@ -212,13 +206,12 @@ class PostgresBackend(StoreBackend):
             with self._connections.errors("taking the lease"):
                 if self.lock == "transaction":
                     await conn.execute("BEGIN")
-                got = (await conn.fetchrow(self._sql["try"], lock, APPLICATION + holder))[0]
-                if got:  # a statement after taking the lock sees the last holder's commit
+                fence = await conn.fetchval(self._sql["try"], lock, APPLICATION + holder)
+                if fence is not None:  # a statement after the lock sees the last one's commit
                     found = _decide(await conn.fetchrow(self._sql["read"], name, key, refresh, 0))
                     if found is None:
-                        fence = int(await conn.fetchval(f"SELECT nextval('{self._fences}')"))
-                        return Lease(name, key, fence, conn)
-                if got or self.lock == "transaction":
+                        return Lease(name, key, int(fence), conn)
+                if fence is not None or self.lock == "transaction":
                     await self._unlock(conn, lock)
         except BaseException:
             self._release(conn, False)  # ends the session, and a lock it took
@@ -354,9 +347,9 @@ class PostgresBackend(StoreBackend):
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Until cancelled, on the loop's own connection: LISTEN on the table's channel; each
-        NOTIFY goes to ``_heard``. While watches wait, every ``ORPHANS_EVERY`` it wakes those
-        whose record's lock is free (a killed leader announces nothing); else every
-        ``check_interval`` it checks that its session lives (a dead one receives nothing). Once
+        NOTIFY goes to ``_heard``. Every ``ORPHANS_EVERY`` while watches wait (a killed leader
+        announces nothing), else every ``check_interval``, it wakes those whose record's lock
+        is free, which also tells that its session lives (a dead one receives nothing). Once
         that has ended, it listens again, with backoff, and wakes every watch (what was
         announced meanwhile was missed)."""
 
@@ -369,36 +362,33 @@ class PostgresBackend(StoreBackend):
             await conn.add_listener(self._channel, heard)
             return conn
 
-        def check(query: str, *args: Any) -> Awaitable[Any]:
-            # On a pooled connection if a statement lent to the listener's holds it up: the
-            # NOTIFYs wait for that statement's end, but a freed lock still wakes its followers.
-            return self._connections.own(
-                lambda c: c.fetchval(query, *args, timeout=self.check_interval),
-                wait=self.check_interval,
-            )
+        async def free(conn: Any) -> Any:  # which of the locks followed no session holds
+            locks = sorted({k for k, _ in self._followed.get()})
+            return await conn.fetchval(_FREE, locks, timeout=self.check_interval)
 
         failures = 0
         try:
             while True:
                 conn: Any = None
                 try:
-                    with self._connections.errors("listening"):
-                        conn = await self._connections.own(listen)
-                        failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
-                        wakeups.listening.set()
-                        wakeups.wake_all()
-                        checked = anyio.current_time()
-                        while not conn.is_closed():  # else a failed statement ended it
-                            await anyio.sleep(ORPHANS_EVERY)
-                            followed = self._followed.get()
-                            if followed:  # also tells that the session lives
-                                free = await check(_FREE, sorted({k for k, _ in followed}))
-                                for lock, record in list(followed):
-                                    if lock in free:
-                                        wakeups.wake(record)
-                            elif anyio.current_time() - checked >= self.check_interval:
-                                await check("SELECT 1")
-                                checked = anyio.current_time()
+                    conn = await self._connections.run("listening", listen, wait=math.inf)
+                    failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
+                    wakeups.listening.set()
+                    wakeups.wake_all()
+                    checked = anyio.current_time()
+                    while not conn.is_closed():  # else a failed statement ended it
+                        await anyio.sleep(ORPHANS_EVERY)
+                        followed = self._followed.get()
+                        if followed or anyio.current_time() - checked >= self.check_interval:
+                            checked = anyio.current_time()
+                            # On a pooled connection if a statement lent to the listener's holds
+                            # it up: its NOTIFYs wait for that one, but a freed lock still wakes.
+                            freed = await self._connections.run(
+                                "checking the locks", free, wait=self.check_interval
+                            )
+                            for lock, record in list(followed):
+                                if lock in freed:
+                                    wakeups.wake(record)
                 except BackendError:
                     pass  # the server went away: listen again, after a backoff
                 finally:
@@ -418,7 +408,7 @@ class PostgresBackend(StoreBackend):
             record, _, news = message.partition(" ")
             if news and any(r == record for _, r in self._followed.get()):
                 ttl, _, value = news.partition(" ")
-                heard = (value, anyio.current_time(), None if ttl == "-" else float(ttl))
+                heard = (value, anyio.current_time(), math.inf if ttl == "-" else float(ttl))
                 self._news.get()[record] = heard
             wakeups.wake(record)
             return
