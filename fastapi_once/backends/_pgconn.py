@@ -102,12 +102,13 @@ class Connections:
         """``statement(conn)`` on the loop's own connection (its listener's) if it is free
         within ``wait`` seconds, else on a pooled one. Errors as :meth:`errors`.
 
-        On its own connection (connected on first use and once ended) it runs in a task: a
-        caller cancelled meanwhile leaves it to finish, and the connection clean. A statement
-        cut off there (a timeout) or failed but not refused ends the connection (it may be left
-        mid-statement); one the server cut off keeps it; one that finds it ended unseen (the
-        loop was busy) runs once more on a new one (the store's statements are reads and
-        deletes)."""
+        On its own connection (connected on first use and once ended) a listener's statement
+        (``wait`` > 0) runs in the listener's task, which its end cancels; another in a task of
+        its own: a caller cancelled meanwhile leaves it to finish, and the connection clean. A
+        statement cut off there (a timeout) or failed but not refused ends the connection (it
+        may be left mid-statement); one the server cut off keeps it; one that finds it ended
+        unseen (the loop was busy) runs once more on a new one (the store's statements are
+        reads and deletes)."""
         loop = asyncio.get_running_loop()
         with self.errors(doing):
             using = self._using.setdefault(loop, asyncio.Lock())
@@ -116,6 +117,8 @@ class Connections:
                 await using.acquire()
             if waited.cancelled_caught:
                 return await self._pooled(statement)
+            if wait:
+                return await self._owned(using, statement)
             task = loop.create_task(self._owned(using, statement))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
             return await asyncio.shield(task)
@@ -127,18 +130,15 @@ class Connections:
                 conn: Any = self._own.get(loop)
                 fresh = conn is None or conn.is_closed()
                 if fresh:
-                    conn = await self.connect()
-                    if self._using.get(loop) is not using:  # end() ran: it would outlive them
-                        conn.terminate()
-                        raise asyncpg.InterfaceError("the loop's connections were ended")
-                    self._own[loop] = conn
+                    conn = self._own[loop] = await self.connect()
                 try:
                     return await statement(conn)
                 except BaseException as exc:
                     lost = isinstance(exc, OUTAGES) and not isinstance(exc, _CUT_OFF)
                     if lost or not isinstance(exc, asyncpg.PostgresError):
                         conn.terminate()
-                    # Once only; not after a timeout, nor once end() ran (see above).
+                    # Once only; not after a timeout, nor once end() ended the loop's
+                    # connections (this one among them): a connection made now would outlive them.
                     timeout = isinstance(exc, asyncio.TimeoutError)
                     if fresh or not lost or timeout or self._using.get(loop) is not using:
                         raise
@@ -151,12 +151,9 @@ class Connections:
         if pool is None:  # min_size=0: made without a round trip, so without a race
             # reset: the pooled statements leave no session state to reset, so a
             # connection goes back without asyncpg's reset query (a round trip).
-            pool = await asyncpg.create_pool(
+            pool = self._pools[loop] = await asyncpg.create_pool(
                 min_size=0, max_size=self._pool_size, reset=_keep, **options
             )
-            if self._pools.setdefault(loop, pool) is not pool:
-                pool.terminate()
-                pool = self._pools[loop]
         async with pool.acquire(timeout=options["command_timeout"]) as conn:
             await self._setup(conn)
             return await statement(conn)

@@ -1,9 +1,4 @@
-"""PostgresBackend: the lease algorithm over PostgreSQL (asyncpg); connections in ``_pgconn``.
-
-A leader's ``NOTIFY`` names the record and, when it fits, carries the value recorded: the
-listener keeps it for the record's watches, and a woken follower's claim serves it without a
-round trip. A reset's ``NOTIFY`` is JSON.
-"""
+"""PostgresBackend: the lease algorithm over PostgreSQL (asyncpg); connections in ``_pgconn``."""
 
 from __future__ import annotations
 
@@ -38,7 +33,7 @@ _HELD = (  # an advisory lock key k (bigint) as pg_locks shows it, granted
 # The statements; {t} is the records table. clock_timestamp(), not now(): with
 # lock="transaction" the leader's transaction began before its work ran.
 _READ = (  # one row, record or not: value unless expired, due for refresh, cooldown, holder
-    # (looked up only when the value is not fresh; $4: the lock, 0 for none)
+    # (looked up only when the value is not fresh; $4: the lock, NULL for none)
     "SELECT r.value, r.stale, r.cool_left, CASE WHEN r.value IS NULL OR r.stale THEN ("
     "SELECT coalesce(nullif(a.application_name, ''), 'PostgreSQL backend pid ' || l.pid) "
     "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.mode = "
@@ -197,10 +192,9 @@ class PostgresBackend(StoreBackend):
             "reading the record",
             lambda c: c.fetchrow(self._sql["read"], name, key, refresh, self._lock_key(name, key)),
         )
-        lock = self._lock_key(name, key)
-        found = _decide(row, held=row["holder"] is not None)
-        if found is not None or row["holder"] is not None:
-            return found or Held(row["holder"].removeprefix(APPLICATION))
+        lock, found = self._lock_key(name, key), _decide(row)
+        if found is not None:
+            return found
         conn = await self._connections.session()
         try:
             with self._connections.errors("taking the lease"):
@@ -208,7 +202,8 @@ class PostgresBackend(StoreBackend):
                     await conn.execute("BEGIN")
                 fence = await conn.fetchval(self._sql["try"], lock, APPLICATION + holder)
                 if fence is not None:  # a statement after the lock sees the last one's commit
-                    found = _decide(await conn.fetchrow(self._sql["read"], name, key, refresh, 0))
+                    row = await conn.fetchrow(self._sql["read"], name, key, refresh, None)
+                    found = _decide(row)
                     if found is None:
                         return Lease(name, key, int(fence), conn)
                 if fence is not None or self.lock == "transaction":
@@ -233,8 +228,9 @@ class PostgresBackend(StoreBackend):
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
         """See ``LeaseStore.complete``: on the lock session, write and NOTIFY, then unlock
         (session locks: after the write's commit, or another could lead on the old row)."""
-        conn, clean = lease.handle, False
-        news = _news(_record(lease.name, lease.key), value, ttl)
+        conn, clean, record = lease.handle, False, _record(lease.name, lease.key)
+        news = f"{record} {'-' if ttl is None else repr(ttl)} {value}"  # the ttl, the value
+        news = news if len(news.encode()) <= 7900 else record  # NOTIFY's limit: 8000 bytes
         try:
             with self._lost(conn):
                 args = (lease.name, lease.key, value, ttl, self._channel, news)
@@ -402,8 +398,9 @@ class PostgresBackend(StoreBackend):
             self._news.pop()  # nothing wakes with them now
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
-        """A NOTIFY: a record's id (its leader ended), then the value recorded if it fit; or a
-        JSON reset."""
+        """A NOTIFY: a record's id (its leader ended), then the ttl and value recorded if they
+        fit, kept for the record's watches (a woken follower's claim serves it without a round
+        trip); or a JSON reset."""
         if not message.startswith("{"):
             record, _, news = message.partition(" ")
             if news and any(r == record for _, r in self._followed.get()):
@@ -416,29 +413,25 @@ class PostgresBackend(StoreBackend):
         wakeups.announced(message, _record, self.heard)
 
     def _lock_key(self, name: str, key: str) -> int:
+        """The record's advisory lock key (a signed 64-bit integer) in the table's namespace."""
         return _lock_key(f"{self._namespace}\0{name}\0{key}")
 
 
-def _decide(row: Any, *, held: bool = False) -> Served | Cooling | None:
+def _decide(row: Any) -> Served | Cooling | Held | None:
     """A read's answer unless it is to lead: a value younger than the refresh age (or due,
-    while another holds the lock or a failure cools down), else a cooldown."""
-    value, cool = row["value"], row["cool_left"]
+    while another holds the lock or a failure cools down), else a cooldown, else the holder."""
+    value, cool, holder = row["value"], row["cool_left"], row["holder"]
     cooling = cool is not None and cool > 0
-    if value is not None and (not row["stale"] or held or cooling):
+    if value is not None and (not row["stale"] or holder is not None or cooling):
         return Served(str(value))
-    return Cooling(float(cool)) if value is None and cooling else None
+    if value is None and cooling:
+        return Cooling(float(cool))
+    return None if holder is None else Held(holder.removeprefix(APPLICATION))
 
 
 def _record(name: str, key: str) -> str:
     """A record's id in NOTIFY payloads (a digest: any name fits the payload's limit)."""
     return hashlib.sha256(f"{name}\0{key}".encode()).hexdigest()[:40]
-
-
-def _news(record: str, value: str, ttl: float | None) -> str:
-    """A leader's NOTIFY payload: the record's id, then its value's ttl and the value if they
-    fit (NOTIFY's limit: 8000 bytes)."""
-    news = f"{record} {'-' if ttl is None else repr(ttl)} {value}"
-    return news if len(news.encode()) <= 7900 else record
 
 
 def _lock_key(text: str) -> int:
