@@ -1,5 +1,5 @@
-"""The PostgreSQL store's connections per event loop (counted in ``PostgresBackend``'s
-docstring), its DSN's arguments, and the driver's errors as store errors."""
+"""The PostgreSQL store's connections per event loop (counted in ``docs/across.md``), its
+DSN's arguments, and the driver's errors as store errors."""
 
 from __future__ import annotations
 
