@@ -99,16 +99,14 @@ class Connections:
     async def run(
         self, doing: str, statement: Callable[[Any], Awaitable[T]], *, wait: float = 0.0
     ) -> T:
-        """``statement(conn)`` on the loop's own connection (its listener's) if it is free
-        within ``wait`` seconds, else on a pooled one. Errors as :meth:`errors`.
-
-        On its own connection (connected on first use and once ended) a listener's statement
-        (``wait`` > 0) runs in the listener's task, which its end cancels; another in a task of
-        its own: a caller cancelled meanwhile leaves it to finish, and the connection clean. A
-        statement cut off there (a timeout) or failed but not refused ends the connection (it
-        may be left mid-statement); one the server cut off keeps it; one that finds it ended
-        unseen (the loop was busy) runs once more on a new one (the store's statements are
-        reads and deletes)."""
+        """``statement(conn)`` on the loop's own connection (its listener's; connected on first
+        use and once ended) if it is free within ``wait`` seconds, else on a pooled one; errors
+        as :meth:`errors`. There, the listener's statements (``wait`` > 0) run in its task (its
+        end cancels them), others in a task of their own (a caller cancelled meanwhile leaves
+        it to finish, the connection clean). A statement cut off there (a timeout) or failed
+        but not refused ends the connection (maybe left mid-statement); one the server cut off
+        keeps it; one that finds it ended unseen (the loop was busy) runs once more on a new
+        one (the statements are reads and deletes)."""
         loop = asyncio.get_running_loop()
         with self.errors(doing):
             using = self._using.setdefault(loop, asyncio.Lock())
