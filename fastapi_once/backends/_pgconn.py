@@ -1,5 +1,5 @@
-"""The PostgreSQL store's connections per event loop (counted in ``PostgresBackend``'s
-docstring), its DSN's arguments, and the driver's errors as store errors."""
+"""The PostgreSQL store's connections per event loop (counted in ``docs/across.md``), its
+DSN's arguments, and the driver's errors as store errors."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class Connections:
         self._describe = describe
         self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
         # The loop's own connection (its listener's, lent to statements while free) and the
-        # lock held by the statement that uses it.
+        # lock held by the statement that uses it; end() replaces the lock.
         self._own: dict[asyncio.AbstractEventLoop, Any] = {}
         self._using: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
         self._out: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions not idle
@@ -96,56 +96,38 @@ class Connections:
             self._describe(), doing, DRIVER_ERRORS, outage=OUTAGES, refused=_REFUSED
         )
 
-    async def run(self, doing: str, statement: Callable[[Any], Awaitable[T]]) -> T:
-        """``statement(conn)`` on the loop's own connection while it is free (a follower needs
-        no other), in a task: a caller cancelled meanwhile leaves it to finish, and the
-        connection clean; else on a pooled one. Errors as :meth:`errors`."""
+    async def run(
+        self, doing: str, statement: Callable[[Any], Awaitable[T]], *, wait: float = 0.0
+    ) -> T:
+        """``statement(conn)`` on the loop's own connection (its listener's; connected on first
+        use and once ended) if it is free within ``wait`` seconds, else on a pooled one; errors
+        as :meth:`errors`. There, the listener's statements (``wait`` > 0) run in its task (its
+        end cancels them), others in a task of their own (a caller cancelled meanwhile leaves
+        it to finish, the connection clean). A statement cut off there (a timeout) or failed
+        but not refused ends the connection (maybe left mid-statement); one the server cut off
+        keeps it; one that finds it ended unseen (the loop was busy) runs once more on a new
+        one (the statements are reads and deletes)."""
         loop = asyncio.get_running_loop()
         with self.errors(doing):
             using = self._using.setdefault(loop, asyncio.Lock())
-            if not using.locked():
-                await using.acquire()  # free: taken at once, so the next statements go pooled
-                task = loop.create_task(self._owned(using, statement))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
-                return await asyncio.shield(task)
-            return await self._pooled(statement)
-
-    async def _pooled(self, statement: Callable[[Any], Awaitable[T]]) -> T:
-        loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
-        pool = self._pools.get(loop)
-        if pool is None:  # min_size=0: made without a round trip, so without a race
-            # reset: the pooled statements leave no session state to reset, so a
-            # connection goes back without asyncpg's reset query (a round trip).
-            pool = await asyncpg.create_pool(
-                min_size=0, max_size=self._pool_size, reset=_keep, **options
-            )
-            if self._pools.setdefault(loop, pool) is not pool:
-                pool.terminate()
-                pool = self._pools[loop]
-        async with pool.acquire(timeout=options["command_timeout"]) as conn:
-            await self._setup(conn)
-            return await statement(conn)
-
-    async def own(self, statement: Callable[[Any], Awaitable[T]], *, wait: float = math.inf) -> T:
-        """``statement(conn)`` on the loop's own connection (its listener's), one at a time,
-        connected on first use and once ended. A statement cut off here (a timeout) or failed but
-        not refused ends it (it may be left mid-statement); one the server cut off keeps it; one
-        that finds it ended unseen (the loop was busy) runs once more on a new one (the store's
-        statements are reads and deletes). Not free within ``wait`` seconds (a statement lent to
-        it is held up): on a pooled one instead."""
-        using = self._using.setdefault(asyncio.get_running_loop(), asyncio.Lock())
-        got = False
-        with anyio.move_on_after(wait):
-            await using.acquire()
-            got = True
-        return await (self._owned(using, statement) if got else self._pooled(statement))
+            # Free: taken at once (no wait), so the statements started next go pooled.
+            with anyio.move_on_after(wait if using.locked() else math.inf) as waited:
+                await using.acquire()
+            if waited.cancelled_caught:
+                return await self._pooled(statement)
+            if wait:
+                return await self._owned(using, statement)
+            task = loop.create_task(self._owned(using, statement))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+            return await asyncio.shield(task)
 
     async def _owned(self, using: asyncio.Lock, statement: Callable[[Any], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         try:  # ``using`` is held: released here
-            for again in (True, False):
-                conn = self._own.get(loop)
-                if conn is None or conn.is_closed():
+            while True:
+                conn: Any = self._own.get(loop)
+                fresh = conn is None or conn.is_closed()
+                if fresh:
                     conn = self._own[loop] = await self.connect()
                 try:
                     return await statement(conn)
@@ -153,14 +135,26 @@ class Connections:
                     lost = isinstance(exc, OUTAGES) and not isinstance(exc, _CUT_OFF)
                     if lost or not isinstance(exc, asyncpg.PostgresError):
                         conn.terminate()
-                    # Not after a timeout, nor once the loop's connections were ended (end()
-                    # ended this one): a connection made now would outlive them.
+                    # Once only; not after a timeout, nor once end() ended the loop's
+                    # connections (this one among them): a connection made now would outlive them.
                     timeout = isinstance(exc, asyncio.TimeoutError)
-                    if not (again and lost) or timeout or self._using.get(loop) is not using:
+                    if fresh or not lost or timeout or self._using.get(loop) is not using:
                         raise
-            raise AssertionError("unreachable")
         finally:
             using.release()
+
+    async def _pooled(self, statement: Callable[[Any], Awaitable[T]]) -> T:
+        loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
+        pool = self._pools.get(loop)
+        if pool is None:  # min_size=0: made without a round trip, so without a race
+            # reset: the pooled statements leave no session state to reset, so a
+            # connection goes back without asyncpg's reset query (a round trip).
+            pool = self._pools[loop] = await asyncpg.create_pool(
+                min_size=0, max_size=self._pool_size, reset=_keep, **options
+            )
+        async with pool.acquire(timeout=options["command_timeout"]) as conn:
+            await self._setup(conn)
+            return await statement(conn)
 
     async def connect(self) -> Any:
         """A connection of its own (a lock session, or a listener's)."""

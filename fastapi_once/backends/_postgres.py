@@ -1,9 +1,4 @@
-"""PostgresBackend: the lease algorithm over PostgreSQL (asyncpg); connections in ``_pgconn``.
-
-A leader's ``NOTIFY`` names the record and, when it fits, carries the value recorded: the
-listener keeps it for the record's watches, and a woken follower's claim serves it without a
-round trip. A reset's ``NOTIFY`` is JSON.
-"""
+"""PostgresBackend: the lease algorithm over PostgreSQL (asyncpg); connections in ``_pgconn``."""
 
 from __future__ import annotations
 
@@ -13,7 +8,7 @@ import contextlib
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -38,7 +33,7 @@ _HELD = (  # an advisory lock key k (bigint) as pg_locks shows it, granted
 # The statements; {t} is the records table. clock_timestamp(), not now(): with
 # lock="transaction" the leader's transaction began before its work ran.
 _READ = (  # one row, record or not: value unless expired, due for refresh, cooldown, holder
-    # (looked up only when the value is not fresh; $4: the lock, 0 for none)
+    # (looked up only when the value is not fresh; $4: the lock, NULL for none)
     "SELECT r.value, r.stale, r.cool_left, CASE WHEN r.value IS NULL OR r.stale THEN ("
     "SELECT coalesce(nullif(a.application_name, ''), 'PostgreSQL backend pid ' || l.pid) "
     "FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.mode = "
@@ -72,6 +67,10 @@ _FREE = (  # which of the advisory locks $1 no session holds
     "SELECT coalesce(array_agg(k), '{}') FROM unnest($1::bigint[]) AS k WHERE NOT EXISTS ("
     f"SELECT 1 FROM pg_locks l WHERE {_HELD.format(k='k')})"
 )
+_TRY = (  # the fencing token if the lock was free; the holder's name for followers either way
+    "SELECT CASE WHEN pg_try_advisory{x}_lock($1) THEN nextval('{s}') END, "
+    "set_config('application_name', $2, false)"
+)
 _RESOLVE = (  # the records table's schema-qualified name, if it and the sequence exist
     "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n "
     "ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1) AND to_regclass($2) IS NOT NULL"
@@ -87,18 +86,10 @@ class PostgresBackend(StoreBackend):
     The lease algorithm over PostgreSQL's own primitives: a row per record in
     ``<table>_lease``, an advisory lock per record held by the leader's own connection (a dead
     leader's lock ends with its session), ``NOTIFY`` to wake followers and announce resets,
-    and the ``<table>_fence`` sequence for fencing tokens. Both are created on first use::
-
-        CREATE TABLE fastapi_once_lease (
-            name text, key text, value text, made_at timestamptz, value_until timestamptz,
-            cool_until timestamptz, expires_at timestamptz, PRIMARY KEY (name, key));
-        CREATE SEQUENCE fastapi_once_fence;
-
-    Connections per process and event loop (``application_name`` ``fastapi_once pid <pid> on
-    <host>``): its own (the listener's, which runs the statements while free), at most
-    ``pool_size`` pooled for statements that overlap, one per record led at the time and up to
-    4 idle ones for the next leaders; ``aclose()`` or the loop's end ends them. Every
-    statement is bounded by ``wait_timeout``. asyncio only (asyncpg).
+    and the ``<table>_fence`` sequence for fencing tokens; both made on first use. Per process
+    and event loop: the listener's connection (which runs the statements while free), at most
+    ``pool_size`` pooled ones, a lock session per record led and up to 4 idle ones (see
+    ``docs/across.md``). Every statement is bounded by ``wait_timeout``. asyncio only.
 
     Args:
         dsn: a ``postgresql://`` (or ``postgres://``) URL or a libpq ``key=value`` string; its
@@ -164,9 +155,7 @@ class PostgresBackend(StoreBackend):
             "write": _WRITE.format(t=t, u4=_UNTIL.format("$4")),
             "cool": _COOL.format(t=t, u3=_UNTIL.format("$3")),
             "delete": _DELETE.format(t=t),
-            "try": "SELECT {}($1), set_config('application_name', $2, false)".format(
-                "pg_try_advisory_lock" if lock == "session" else "pg_try_advisory_xact_lock"
-            ),
+            "try": _TRY.format(x="" if lock == "session" else "_xact", s=self._fences),
         }
         # The records table's full name as the server resolves it (so "t" and "public.t" are
         # one namespace of locks and one channel); set once the server was first reached.
@@ -179,7 +168,7 @@ class PostgresBackend(StoreBackend):
         # record's last watch and at any reset.
         refusal = f"{self.describe()} runs on asyncio only (asyncpg); run the app on asyncio"
         self._followed = PerLoop(collections.Counter[tuple[int, str]], refusal)
-        self._news = PerLoop(dict[str, tuple[str, float, float | None]], refusal)
+        self._news = PerLoop(dict[str, tuple[str, float, float]], refusal)
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
@@ -195,30 +184,29 @@ class PostgresBackend(StoreBackend):
         news = self._news.get().get(_record(name, key))
         if news is not None:  # heard as the leader recorded it: as fresh as a read
             value, heard, ttl = news
-            fresh = min(math.inf if ttl is None else ttl, math.inf if refresh is None else refresh)
-            if anyio.current_time() - heard < fresh:
+            age = anyio.current_time() - heard
+            if age < ttl and (refresh is None or age < refresh):
                 return Served(value)
         self._listeners.start()  # its end ends the loop's connections: see _listen
         row = await self._connections.run(  # the lock's key once connecting resolved the namespace
             "reading the record",
             lambda c: c.fetchrow(self._sql["read"], name, key, refresh, self._lock_key(name, key)),
         )
-        lock = self._lock_key(name, key)
-        found = _decide(row, held=row["holder"] is not None)
-        if found is not None or row["holder"] is not None:
-            return found or Held(row["holder"].removeprefix(APPLICATION))
+        lock, found = self._lock_key(name, key), _decide(row)
+        if found is not None:
+            return found
         conn = await self._connections.session()
         try:
             with self._connections.errors("taking the lease"):
                 if self.lock == "transaction":
                     await conn.execute("BEGIN")
-                got = (await conn.fetchrow(self._sql["try"], lock, APPLICATION + holder))[0]
-                if got:  # a statement after taking the lock sees the last holder's commit
-                    found = _decide(await conn.fetchrow(self._sql["read"], name, key, refresh, 0))
+                fence = await conn.fetchval(self._sql["try"], lock, APPLICATION + holder)
+                if fence is not None:  # a statement after the lock sees the last one's commit
+                    row = await conn.fetchrow(self._sql["read"], name, key, refresh, None)
+                    found = _decide(row)
                     if found is None:
-                        fence = int(await conn.fetchval(f"SELECT nextval('{self._fences}')"))
-                        return Lease(name, key, fence, conn)
-                if got or self.lock == "transaction":
+                        return Lease(name, key, int(fence), conn)
+                if fence is not None or self.lock == "transaction":
                     await self._unlock(conn, lock)
         except BaseException:
             self._release(conn, False)  # ends the session, and a lock it took
@@ -240,8 +228,9 @@ class PostgresBackend(StoreBackend):
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
         """See ``LeaseStore.complete``: on the lock session, write and NOTIFY, then unlock
         (session locks: after the write's commit, or another could lead on the old row)."""
-        conn, clean = lease.handle, False
-        news = _news(_record(lease.name, lease.key), value, ttl)
+        conn, clean, record = lease.handle, False, _record(lease.name, lease.key)
+        news = f"{record} {'-' if ttl is None else repr(ttl)} {value}"  # the ttl, the value
+        news = news if len(news.encode()) <= 7900 else record  # NOTIFY's limit: 8000 bytes
         try:
             with self._lost(conn):
                 args = (lease.name, lease.key, value, ttl, self._channel, news)
@@ -354,9 +343,9 @@ class PostgresBackend(StoreBackend):
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Until cancelled, on the loop's own connection: LISTEN on the table's channel; each
-        NOTIFY goes to ``_heard``. While watches wait, every ``ORPHANS_EVERY`` it wakes those
-        whose record's lock is free (a killed leader announces nothing); else every
-        ``check_interval`` it checks that its session lives (a dead one receives nothing). Once
+        NOTIFY goes to ``_heard``. Every ``ORPHANS_EVERY`` while watches wait (a killed leader
+        announces nothing), else every ``check_interval``, it wakes those whose record's lock
+        is free, which also tells that its session lives (a dead one receives nothing). Once
         that has ended, it listens again, with backoff, and wakes every watch (what was
         announced meanwhile was missed)."""
 
@@ -369,36 +358,33 @@ class PostgresBackend(StoreBackend):
             await conn.add_listener(self._channel, heard)
             return conn
 
-        def check(query: str, *args: Any) -> Awaitable[Any]:
-            # On a pooled connection if a statement lent to the listener's holds it up: the
-            # NOTIFYs wait for that statement's end, but a freed lock still wakes its followers.
-            return self._connections.own(
-                lambda c: c.fetchval(query, *args, timeout=self.check_interval),
-                wait=self.check_interval,
-            )
+        async def free(conn: Any) -> Any:  # which of the locks followed no session holds
+            locks = sorted({k for k, _ in self._followed.get()})
+            return await conn.fetchval(_FREE, locks, timeout=self.check_interval)
 
         failures = 0
         try:
             while True:
                 conn: Any = None
                 try:
-                    with self._connections.errors("listening"):
-                        conn = await self._connections.own(listen)
-                        failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
-                        wakeups.listening.set()
-                        wakeups.wake_all()
-                        checked = anyio.current_time()
-                        while not conn.is_closed():  # else a failed statement ended it
-                            await anyio.sleep(ORPHANS_EVERY)
-                            followed = self._followed.get()
-                            if followed:  # also tells that the session lives
-                                free = await check(_FREE, sorted({k for k, _ in followed}))
-                                for lock, record in list(followed):
-                                    if lock in free:
-                                        wakeups.wake(record)
-                            elif anyio.current_time() - checked >= self.check_interval:
-                                await check("SELECT 1")
-                                checked = anyio.current_time()
+                    conn = await self._connections.run("listening", listen, wait=math.inf)
+                    failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
+                    wakeups.listening.set()
+                    wakeups.wake_all()
+                    checked = anyio.current_time()
+                    while not conn.is_closed():  # else a failed statement ended it
+                        await anyio.sleep(ORPHANS_EVERY)
+                        followed = self._followed.get()
+                        if followed or anyio.current_time() - checked >= self.check_interval:
+                            checked = anyio.current_time()
+                            # On a pooled connection if a statement lent to the listener's holds
+                            # it up: its NOTIFYs wait for that one, but a freed lock still wakes.
+                            freed = await self._connections.run(
+                                "checking the locks", free, wait=self.check_interval
+                            )
+                            for lock, record in list(followed):
+                                if lock in freed:
+                                    wakeups.wake(record)
                 except BackendError:
                     pass  # the server went away: listen again, after a backoff
                 finally:
@@ -412,13 +398,14 @@ class PostgresBackend(StoreBackend):
             self._news.pop()  # nothing wakes with them now
 
     def _heard(self, message: str, wakeups: Wakeups) -> None:
-        """A NOTIFY: a record's id (its leader ended), then the value recorded if it fit; or a
-        JSON reset."""
+        """A NOTIFY: a record's id (its leader ended), then the ttl and value recorded if they
+        fit, kept for the record's watches (a woken follower's claim serves it without a round
+        trip); or a JSON reset."""
         if not message.startswith("{"):
             record, _, news = message.partition(" ")
             if news and any(r == record for _, r in self._followed.get()):
                 ttl, _, value = news.partition(" ")
-                heard = (value, anyio.current_time(), None if ttl == "-" else float(ttl))
+                heard = (value, anyio.current_time(), math.inf if ttl == "-" else float(ttl))
                 self._news.get()[record] = heard
             wakeups.wake(record)
             return
@@ -426,29 +413,25 @@ class PostgresBackend(StoreBackend):
         wakeups.announced(message, _record, self.heard)
 
     def _lock_key(self, name: str, key: str) -> int:
+        """The record's advisory lock key (a signed 64-bit integer) in the table's namespace."""
         return _lock_key(f"{self._namespace}\0{name}\0{key}")
 
 
-def _decide(row: Any, *, held: bool = False) -> Served | Cooling | None:
+def _decide(row: Any) -> Served | Cooling | Held | None:
     """A read's answer unless it is to lead: a value younger than the refresh age (or due,
-    while another holds the lock or a failure cools down), else a cooldown."""
-    value, cool = row["value"], row["cool_left"]
+    while another holds the lock or a failure cools down), else a cooldown, else the holder."""
+    value, cool, holder = row["value"], row["cool_left"], row["holder"]
     cooling = cool is not None and cool > 0
-    if value is not None and (not row["stale"] or held or cooling):
+    if value is not None and (not row["stale"] or holder is not None or cooling):
         return Served(str(value))
-    return Cooling(float(cool)) if value is None and cooling else None
+    if value is None and cooling:
+        return Cooling(float(cool))
+    return None if holder is None else Held(holder.removeprefix(APPLICATION))
 
 
 def _record(name: str, key: str) -> str:
     """A record's id in NOTIFY payloads (a digest: any name fits the payload's limit)."""
     return hashlib.sha256(f"{name}\0{key}".encode()).hexdigest()[:40]
-
-
-def _news(record: str, value: str, ttl: float | None) -> str:
-    """A leader's NOTIFY payload: the record's id, then its value's ttl and the value if they
-    fit (NOTIFY's limit: 8000 bytes)."""
-    news = f"{record} {'-' if ttl is None else repr(ttl)} {value}"
-    return news if len(news.encode()) <= 7900 else record
 
 
 def _lock_key(text: str) -> int:
