@@ -144,10 +144,9 @@ class BoundBackend:
         Raises:
             TypeError: the factory returned something else than a backend or a URL.
         """
-        backend, source = self._built_here(), self._source
-        if backend is not None:
-            return backend
-        assert not isinstance(source, Backend)
+        source = self._source
+        if isinstance(source, Backend):
+            return source
         with _lock:
             built = _built.setdefault(_loop(), {})
             if source not in built:
@@ -192,11 +191,9 @@ class BoundBackend:
                 recorded result does not match it, or the backend does not keep keyed records.
         """
         backend, codec = self.backend, self.codec
-        made = work
-        if codec.typed:
 
-            async def made() -> Any:
-                return codec.to_data(self._name, await work(), backend.describe())
+        async def made() -> Any:
+            return codec.to_data(self._name, await work(), backend.describe())
 
         if isinstance(backend, StoreBackend):
             on_error = "fail" if kept and self.on_error == "local" else self.on_error
@@ -227,15 +224,13 @@ class BoundBackend:
         """Clear ``name``'s record for ``key`` (every key's, if None) in the backend."""
         await self.backend.reset_keyed(name, key)
 
-    async def aclose(self) -> None:
-        """Close the backend, if it has been built (in the running event loop)."""
-        built = self._built_here()
-        if built is not None:
-            await built.aclose()
-
     def describe(self) -> str:
         """The backend's description; before it is built (in this loop), where it comes from."""
-        built, source = self._built_here(), self._source
+        source = self._source
+        try:
+            built = source if isinstance(source, Backend) else _built.get(_loop(), {}).get(source)
+        except RuntimeError:  # no event loop running
+            built = None
         if built is not None:
             return built.describe()
         if isinstance(source, str):
@@ -245,16 +240,6 @@ class BoundBackend:
 
     def __repr__(self) -> str:
         return f"<{self.describe()}>"
-
-    def _built_here(self) -> Backend | None:
-        """The backend given, or the one built in the running loop (None: none yet)."""
-        source = self._source
-        if isinstance(source, Backend):
-            return source
-        try:
-            return _built.get(_loop(), {}).get(source)
-        except RuntimeError:  # no event loop running
-            return None
 
 
 # Backends built from a URL or a factory, by event loop and by that URL or factory: onces that
