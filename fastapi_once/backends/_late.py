@@ -141,6 +141,7 @@ class BoundBackend:
 
         Raises:
             TypeError: the factory returned something else than a backend or a URL.
+            ValueError: the URL names no backend (the message names the once).
         """
         source = self._source
         if isinstance(source, Backend):
@@ -240,9 +241,8 @@ class BoundBackend:
         return f"<{self.describe()}>"
 
 
-# The backends built in the running event loop from a URL or a factory, by that URL or factory:
-# onces that share one share its backend. Only the loop's thread touches them, never across an
-# await; a built backend is never replaced.
+# The backends built in the running event loop, by the URL or factory they came from. Only the
+# loop's thread touches them, never across an await; a built backend is never replaced.
 _built: RunVar[dict[object, Backend]] = RunVar("fastapi_once.backends.built")
 
 
