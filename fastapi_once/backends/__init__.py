@@ -45,14 +45,12 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    globals()[name] = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    return globals()[name]
 
 
 def __dir__() -> list[str]:

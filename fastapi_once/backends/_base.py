@@ -89,7 +89,7 @@ class Backend(abc.ABC):
         """
         raise TypeError(
             f"{self.describe()} does not share keyed values (once(key=..., across=...)); use "
-            "RedisBackend or PostgresBackend"
+            "a backend from fastapi_once.backends"
         )
 
     async def reset_keyed(self, name: str, key: str | None) -> None:
@@ -139,10 +139,9 @@ class PerLoop(Generic[T]):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError(self._refusal) from None
-        made = self._made.get(loop)
-        if made is None:
-            made = self._made[loop] = self._make()
-        return made
+        if loop not in self._made:
+            self._made[loop] = self._make()
+        return self._made[loop]
 
     def pop(self, made: T | None = None) -> T | None:
         """Take the running loop's object out (only if it is ``made``, when given) and return

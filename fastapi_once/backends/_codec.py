@@ -23,12 +23,11 @@ class ResultCodec:
     included, gets the annotated type (tuples, datetimes, enums, models, dataclasses...).
     """
 
-    def __init__(self, annotation: Any = Any, *, owner: str = "", fn: Any = None) -> None:
-        self._annotation = annotation  # while ``_fn`` is set: the annotation's text
-        self._fn = fn  # the function whose return annotation is yet to evaluate, or None
-        self._owner = owner
+    def __init__(self, fn: Any = None, *, owner: str = "", shown: str = "") -> None:
+        self._fn = fn  # whose return annotation types the results; None: plain JSON
+        self._owner, self._shown = owner, shown  # the once's name; the annotation as written
         #: Whether results are decoded into an annotated type (not plain JSON).
-        self.typed = annotation is not Any
+        self.typed = fn is not None
         self._type_adapter: Any = None
 
     @classmethod
@@ -45,13 +44,18 @@ class ResultCodec:
             target = target.func
         if not (inspect.isroutine(target) or inspect.isclass(target)):
             target = getattr(target, "__call__", target)  # noqa: B004
-        raw = getattr(target, "__annotations__", {}).get("return", inspect.Signature.empty)
-        if raw is inspect.Signature.empty or raw is Any or raw in ("Any", "typing.Any"):
+        raw = getattr(target, "__annotations__", {}).get("return", Any)
+        if raw in (Any, "Any", "typing.Any"):
             return JSON
-        text = raw if isinstance(raw, str) else getattr(raw, "__qualname__", repr(raw))
-        codec = cls(text, owner=name, fn=target)
-        codec._adapter(lenient=True)  # a forward reference is resolved at first use
-        return JSON if codec._annotation is Any else codec
+        shown = raw.__qualname__ if isinstance(raw, type) else repr(raw).replace("typing.", "")
+        codec = cls(target, owner=name, shown=raw if isinstance(raw, str) else shown)
+        try:
+            if typing.get_type_hints(target, include_extras=True)["return"] is Any:
+                return JSON
+        except NameError:  # a class defined later in the module: resolved at first use
+            return codec
+        codec._adapter()  # a type pydantic cannot serialise is refused now
+        return codec
 
     def to_data(self, name: str, value: object, backend: str) -> Any:
         """Return ``value`` as JSON data (dicts, lists, strings, numbers, booleans, None).
@@ -69,7 +73,7 @@ class ResultCodec:
         except (PydanticSerializationError, UnicodeDecodeError):  # bytes travel as UTF-8 text
             raise TypeError(
                 f"{name}'s result is not JSON-serialisable as its return annotation "
-                f"{self._shown()}: got a {type(value).__qualname__}; a once with across= shares "
+                f"{self._shown}: got a {type(value).__qualname__}; a once with across= shares "
                 f"its result with other processes through {backend} as JSON. Return a value of "
                 "the annotated type, made of what pydantic serialises (models, dataclasses, "
                 "TypedDicts, tuples, datetimes, enums, plain data; bytes only as UTF-8 text)"
@@ -97,44 +101,33 @@ class ResultCodec:
             )
             raise TypeError(
                 f"the recorded result of {self._owner} does not match its return annotation "
-                f"{self._shown()} ({where}); it was recorded by a version with another "
+                f"{self._shown} ({where}); it was recorded by a version with another "
                 "annotation: give the once a new version= (or reset it)"
             ) from None
 
-    def _adapter(self, *, lenient: bool = False) -> Any:
+    def _adapter(self) -> Any:
+        """The annotation's ``TypeAdapter``, made at first need."""
         if self._type_adapter is None:
             from pydantic import PydanticSchemaGenerationError, TypeAdapter
 
-            if self._fn is not None:  # ``from __future__ import annotations`` leaves text
-                try:
-                    hints = typing.get_type_hints(self._fn, include_extras=True)
-                    self._annotation, self._fn = hints["return"], None
-                except NameError as exc:
-                    if lenient:
-                        return None
-                    raise TypeError(
-                        f"once({self._owner}, across=...): its return annotation "
-                        f"{self._shown()} cannot be resolved ({exc}); define the type at module "
-                        "level, or remove the annotation to share plain JSON"
-                    ) from None
+            try:  # ``from __future__ import annotations`` leaves text to resolve
+                annotation = typing.get_type_hints(self._fn, include_extras=True)["return"]
+            except NameError as exc:
+                raise TypeError(
+                    f"once({self._owner}, across=...): its return annotation {self._shown} "
+                    f"cannot be resolved ({exc}); define the type at module level, or remove "
+                    "the annotation to share plain JSON"
+                ) from None
             try:
-                self._type_adapter = TypeAdapter(self._annotation)
+                self._type_adapter = TypeAdapter(annotation)
             except PydanticSchemaGenerationError:
                 raise TypeError(
                     f"once({self._owner}, across=...): the result is shared as JSON typed by "
-                    f"the return annotation {self._shown()}, which pydantic cannot serialise; "
+                    f"the return annotation {self._shown}, which pydantic cannot serialise; "
                     "annotate a type it can (a model, dataclass, TypedDict, tuple, datetime, "
                     "enum, plain data), or remove the annotation to share plain JSON"
                 ) from None
         return self._type_adapter
-
-    def _shown(self) -> str:
-        annotation = self._annotation
-        if self._fn is not None:
-            return str(annotation)
-        if isinstance(annotation, type):
-            return annotation.__qualname__
-        return repr(annotation).replace("typing.", "")
 
 
 def encode_json(name: str, value: object, backend: str) -> str:
@@ -144,12 +137,18 @@ def encode_json(name: str, value: object, backend: str) -> str:
         TypeError: ``value`` is not JSON-serialisable (naming the once, the backend and the
             offending type, never the value).
     """
+    refused: list[str] = []  # the type JSON could not carry, if that is what failed
+
+    def refuse(obj: object) -> object:
+        refused.append(type(obj).__qualname__)
+        raise TypeError
+
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=_refuse)
+        return json.dumps(value, allow_nan=False, separators=(",", ":"), default=refuse)
     except (TypeError, ValueError) as exc:
         what = type(value).__qualname__
-        if isinstance(exc, _Refused):
-            detail = what if exc.what == what else f"{what} containing a {exc.what} value"
+        if refused:
+            detail = what if refused[0] == what else f"{what} containing a {refused[0]} value"
         else:  # e.g. a non-string key, NaN, a circular reference
             detail = f"{what} ({exc})"
         raise TypeError(
@@ -158,15 +157,6 @@ def encode_json(name: str, value: object, backend: str) -> str:
             "data (dict, list, str, int, float, bool, None), or annotate the function's return "
             "type to share typed values"
         ) from None
-
-
-class _Refused(TypeError):
-    def __init__(self, obj: object) -> None:
-        self.what = type(obj).__qualname__
-
-
-def _refuse(obj: object) -> object:
-    raise _Refused(obj)
 
 
 #: The plain JSON codec: what a function without a return annotation uses.

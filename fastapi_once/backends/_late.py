@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
-import anyio.lowlevel
+from anyio.lowlevel import RunVar
 
 from .._logs import error_type, fields
 from ._base import Backend, Scrubber
@@ -143,31 +141,31 @@ class BoundBackend:
 
         Raises:
             TypeError: the factory returned something else than a backend or a URL.
+            ValueError: the URL names no backend (the message names the once).
         """
-        backend, source = self._built_here(), self._source
-        if backend is not None:
-            return backend
-        assert not isinstance(source, Backend)
-        with _lock:
-            built = _built.setdefault(_loop(), {})
-            if source not in built:
-                made = source() if callable(source) else source
-                if isinstance(made, str):
-                    try:
-                        made = backend_from_url(made)
-                    except ValueError as exc:
-                        raise ValueError(f"once({self._name}, across=...): {exc}") from None
-                if not isinstance(made, Backend):
-                    what = getattr(source, "__qualname__", repr(source))
-                    raise TypeError(
-                        f"once({self._name}, across={what}): the factory returned a "
-                        f"{type(made).__qualname__}; it must return a backend from "
-                        "fastapi_once.backends or a backend URL string"
-                    )
-                if self._forget is not None:
-                    made.attach(self._forget)
-                built[source] = made
-            return built[source]
+        source = self._source
+        if isinstance(source, Backend):
+            return source
+        built = _built.get({})
+        if source not in built:
+            made = source() if callable(source) else source
+            if isinstance(made, str):
+                try:
+                    made = backend_from_url(made)
+                except ValueError as exc:
+                    raise ValueError(f"once({self._name}, across=...): {exc}") from None
+            if not isinstance(made, Backend):
+                what = getattr(source, "__qualname__", repr(source))
+                raise TypeError(
+                    f"once({self._name}, across={what}): the factory returned a "
+                    f"{type(made).__qualname__}; it must return a backend from "
+                    "fastapi_once.backends or a backend URL string"
+                )
+            if self._forget is not None:
+                made.attach(self._forget)
+            built[source] = made
+            _built.set(built)
+        return built[source]
 
     async def share(
         self,
@@ -192,11 +190,9 @@ class BoundBackend:
                 recorded result does not match it, or the backend does not keep keyed records.
         """
         backend, codec = self.backend, self.codec
-        made = work
-        if codec.typed:
 
-            async def made() -> Any:
-                return codec.to_data(self._name, await work(), backend.describe())
+        async def made() -> Any:
+            return codec.to_data(self._name, await work(), backend.describe())
 
         if isinstance(backend, StoreBackend):
             on_error = "fail" if kept and self.on_error == "local" else self.on_error
@@ -227,15 +223,13 @@ class BoundBackend:
         """Clear ``name``'s record for ``key`` (every key's, if None) in the backend."""
         await self.backend.reset_keyed(name, key)
 
-    async def aclose(self) -> None:
-        """Close the backend, if it has been built (in the running event loop)."""
-        built = self._built_here()
-        if built is not None:
-            await built.aclose()
-
     def describe(self) -> str:
         """The backend's description; before it is built (in this loop), where it comes from."""
-        built, source = self._built_here(), self._source
+        source = self._source
+        try:
+            built = source if isinstance(source, Backend) else _built.get({}).get(source)
+        except RuntimeError:  # no event loop running
+            built = None
         if built is not None:
             return built.describe()
         if isinstance(source, str):
@@ -246,26 +240,10 @@ class BoundBackend:
     def __repr__(self) -> str:
         return f"<{self.describe()}>"
 
-    def _built_here(self) -> Backend | None:
-        """The backend given, or the one built in the running loop (None: none yet)."""
-        source = self._source
-        if isinstance(source, Backend):
-            return source
-        try:
-            return _built.get(_loop(), {}).get(source)
-        except RuntimeError:  # no event loop running
-            return None
 
-
-# Backends built from a URL or a factory, by event loop and by that URL or factory: onces that
-# share one share its backend. Written under _lock; a built backend is never replaced.
-_built: weakref.WeakKeyDictionary[object, dict[object, Backend]] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
-
-
-def _loop() -> object:
-    """The running event loop (asyncio's loop, trio's token); RuntimeError without one."""
-    return anyio.lowlevel.current_token().native_token
+# The backends built in the running event loop, by the URL or factory they came from. Only the
+# loop's thread touches them, never across an await; a built backend is never replaced.
+_built: RunVar[dict[object, Backend]] = RunVar("fastapi_once.backends.built")
 
 
 async def close_built() -> None:
@@ -277,8 +255,8 @@ async def close_built() -> None:
     the app made itself are the app's to close. Never raises; a failure is logged by its type
     (a driver's message may hold a DSN).
     """
-    with _lock:
-        built = _built.pop(_loop(), {})
+    built = _built.get({})
+    _built.set({})
     for backend in built.values():
         try:
             await backend.aclose()

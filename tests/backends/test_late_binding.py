@@ -182,31 +182,43 @@ def test_each_event_loop_calls_the_factory_again(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_aclose_closes_the_backend_built_in_this_loop_and_nothing_else(
-    tmp_path: Path,
+async def test_closing_at_shutdown_closes_the_backends_built_in_this_loop_and_not_the_apps_own(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Closing a late-bound backend before first use does nothing; after, it closes the one
-    built in the running loop."""
-    from fastapi_once.backends._late import BoundBackend
+    """close_built (once_lifespan's shutdown) closes the backends built from a factory in the
+    running loop, logging a failure by its type only; a backend object the app made is the
+    app's to close; the next use builds a new backend."""
+    import logging
+
+    from fastapi_once.backends._late import BoundBackend, close_built
 
     closed: list[str] = []
 
     class Closing(FileLockBackend):
         async def aclose(self) -> None:
             closed.append(self.directory)
-
-    def make() -> Backend:
-        return Closing(tmp_path / "late")
+            if self.directory.endswith("broken"):
+                raise OSError("s3cret driver text")
 
     async def fn() -> None:
         return None
 
-    late = BoundBackend(make, fn=fn, name="t.close")
-    await late.aclose()
-    assert closed == []
-    await late.share(None, fn, ttl=None)
-    assert late.describe() == f"FileLockBackend({tmp_path / 'late'})"
-    await late.aclose()
+    def late() -> Backend:
+        return Closing(tmp_path / "late")
+
+    def broken() -> Backend:
+        return Closing(tmp_path / "broken")
+
+    bound = [BoundBackend(late, fn=fn, name="t.close"), BoundBackend(broken, fn=fn, name="t.b")]
     given = BoundBackend(Closing(tmp_path / "given"), fn=fn, name="t.close")
-    await given.aclose()
-    assert closed == [str(tmp_path / "late"), str(tmp_path / "given")]
+    for each in (*bound, given):
+        await each.share(None, fn, ttl=None)
+    assert bound[0].describe() == f"FileLockBackend({tmp_path / 'late'})"
+    with caplog.at_level(logging.WARNING, logger="fastapi_once"):
+        await close_built()
+    assert sorted(closed) == [str(tmp_path / "broken"), str(tmp_path / "late")]
+    (record,) = [r for r in caplog.records if getattr(r, "event", "") == "backend_close_failed"]
+    shown = f"FileLockBackend({tmp_path / 'broken'})"
+    assert record.getMessage() == f"closing {shown} failed with OSError"
+    assert "s3cret" not in caplog.text
+    assert bound[0].describe().endswith(".late() (built at first use)")

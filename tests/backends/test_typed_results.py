@@ -40,6 +40,8 @@ class Pool:
 
 WHEN = datetime.datetime(2026, 11, 25, 18, 0, tzinfo=datetime.timezone.utc)
 
+Anything = Any  # an alias: the annotation's text is not "Any", what it names is
+
 
 def two_processes(
     tmp_path: Path, fn: Any, follower_fn: Any = None, name: str = ""
@@ -155,7 +157,7 @@ async def test_a_record_of_another_shape_says_to_change_the_version(tmp_path: Pa
 
 def test_the_annotation_is_found_through_partials_and_callable_objects() -> None:
     """``functools.partial`` and objects with an annotated ``__call__`` are typed too; ``Any``
-    and no annotation share plain JSON."""
+    (also by another name) and no annotation share plain JSON."""
     import functools
 
     from fastapi_once.backends._codec import JSON, ResultCodec
@@ -173,12 +175,16 @@ def test_the_annotation_is_found_through_partials_and_callable_objects() -> None
     async def bare():  # type: ignore[no-untyped-def]
         return 1
 
+    async def aliased() -> Anything:
+        return 1
+
     for fn in (functools.partial(pair, 1), Maker()):
         codec = ResultCodec.for_function(fn, "t")
         assert codec.typed
         assert codec.from_data(codec.to_data("t", (1, 2), "b")) == (1, 2)
     assert ResultCodec.for_function(anything, "t") is JSON
     assert ResultCodec.for_function(bare, "t") is JSON
+    assert ResultCodec.for_function(aliased, "t") is JSON
     assert JSON.to_data("t", (1, 2), "b") == (1, 2)
     assert JSON.from_data([1, 2]) == [1, 2]
 
