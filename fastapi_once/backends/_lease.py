@@ -96,13 +96,9 @@ def fencing_token() -> int | None:
 
     Pass it with each write the work makes to a store that can compare it (e.g.
     ``UPDATE ... SET fence = :token WHERE fence < :token``), so that writes from a paused,
-    superseded leader are refused. Redis, PostgreSQL and MySQL give each leader a token greater
-    than every earlier one, also across server restarts (Redis: the server's clock in
-    microseconds floored by a counter, so only a clock set back by more than the time between
-    two leaders breaks it; PostgreSQL, MySQL: a sequence, an ``AUTO_INCREMENT`` id).
-    :class:`~fastapi_once.backends.FileLockBackend` gives None: its lock ends with its
-    process, so no second leader starts while the first runs. The guarantees per backend: the
-    "Fencing" table of the cross-process docs (``docs/across.md``).
+    superseded leader are refused. Each leader's token is greater than every earlier one's;
+    :class:`~fastapi_once.backends.FileLockBackend` gives None (its lock ends with its process).
+    The guarantees per backend: the "Fencing" table of ``docs/across.md``.
     """
     return _fencing_token.get()
 
@@ -193,7 +189,7 @@ class StoreBackend(Backend, LeaseStore):
         Raises:
             BackendError: the store failed or could not be reached (within ``wait_timeout``).
         """
-        await self._bounded(self.clear(name, key, origin=self._origin()), math.inf)
+        await self._bounded(self.clear(name, key, origin=self._origin()))
 
     async def share(
         self,
@@ -224,7 +220,7 @@ class StoreBackend(Backend, LeaseStore):
         """
         shown = name if key == UNKEYED else f"{name}[#{key[:8]}]"  # as logs name the key
         started = anyio.current_time()
-        deadline = math.inf if self.wait_timeout is None else started + self.wait_timeout
+        deadline = started + (self.wait_timeout or math.inf)
         holder, failures, reached = holder_id(), 0, False
         watching = contextlib.AsyncExitStack()  # the watch, entered at the first Held
         watch: Watch | None = None
@@ -285,14 +281,12 @@ class StoreBackend(Backend, LeaseStore):
                     f"{self.max_value_bytes} bytes of {self.describe()} (max_value_bytes=); it "
                     "was not recorded. Return a smaller value, or raise max_value_bytes="
                 )
-        except Exception as exc:  # the work failed: a cooldown, unless the lease was lost
-            await self._abandon(lease, None if isinstance(exc, LeaseLostError) else cooldown)
-            raise
-        except BaseException:
-            await self._abandon(lease, None)  # cancelled: no cooldown, the next caller leads
+        except BaseException as exc:  # a failure cools down; a lost lease, a cancellation not
+            failed = isinstance(exc, Exception) and not isinstance(exc, LeaseLostError)
+            await self._abandon(lease, cooldown if failed else None)
             raise
         try:
-            done = await self._bounded(self.complete(lease, text, ttl=ttl), math.inf)
+            done = await self._bounded(self.complete(lease, text, ttl=ttl))
         except BaseException as exc:
             await self._abandon(lease, None)
             if on_error == "raise" or not isinstance(exc, StoreUnavailableError):
@@ -307,9 +301,8 @@ class StoreBackend(Backend, LeaseStore):
         self, lease: Lease, shown: str, work: Callable[[], Awaitable[Any]], *, give_up: bool
     ) -> Any:
         """Run ``work`` with the lease's fencing token set, renewing the lease every third of
-        its life. With ``give_up`` (``"raise"``), a lease lost (a renewal refused, or none
-        answered for a whole lease) cancels the work: LeaseLostError. Without, the work goes
-        on, as this process would make the value anyway."""
+        its life; with ``give_up``, a lost lease (a renewal refused, or none answered for a
+        whole lease) cancels the work: LeaseLostError (see the state table)."""
         lost: str | None = None
         work_scope = anyio.CancelScope()
 
@@ -320,9 +313,8 @@ class StoreBackend(Backend, LeaseStore):
                 await anyio.sleep(every)
                 sent = anyio.current_time()
                 try:
-                    with anyio.fail_after(every):
-                        held = await self.renew(lease, seconds=self.lease)
-                except (StoreUnavailableError, TimeoutError):
+                    held = await self._bounded(self.renew(lease, seconds=self.lease), sent + every)
+                except StoreUnavailableError:
                     if give_up and anyio.current_time() - renewed >= self.lease:
                         lost = "the store could not be reached for a whole lease"
                     continue
@@ -344,8 +336,7 @@ class StoreBackend(Backend, LeaseStore):
                         result = await work()
                 except BaseException as exc:
                     error = exc
-                finally:
-                    tg.cancel_scope.cancel()
+                tg.cancel_scope.cancel()
         finally:
             _fencing_token.reset(token)
         if lost is not None:
@@ -357,19 +348,14 @@ class StoreBackend(Backend, LeaseStore):
     async def _abandon(self, lease: Lease, cooldown: float | None) -> None:
         """Free ``lease`` (recording ``cooldown``), shielded and bounded; if the store cannot
         be told, the lease ends by itself."""
-        longest = math.inf if self.wait_timeout is None else self.wait_timeout
-        with (
-            anyio.CancelScope(shield=True),
-            anyio.move_on_after(longest),
-            contextlib.suppress(StoreUnavailableError),
-        ):
-            await self.abandon(lease, cooldown=cooldown)
+        with anyio.CancelScope(shield=True), contextlib.suppress(StoreUnavailableError):
+            await self._bounded(self.abandon(lease, cooldown=cooldown))
 
-    async def _bounded(self, call: Awaitable[T], deadline: float) -> T:
+    async def _bounded(self, call: Awaitable[T], deadline: float = math.inf) -> T:
         """Await one store call for at most ``wait_timeout`` (and not past ``deadline``, but
         at least a little): a store that does not answer is unavailable."""
-        longest = math.inf if self.wait_timeout is None else self.wait_timeout
-        longest = max(min(longest, deadline - anyio.current_time()), 0.05)
+        now = anyio.current_time()
+        longest = max(min(self.wait_timeout or math.inf, deadline - now), 0.05)
         with anyio.move_on_after(longest):
             return await call
         raise StoreUnavailableError(f"{self.describe()}: no answer within {longest:.1f} s")

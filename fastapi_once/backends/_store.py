@@ -1,14 +1,11 @@
 """The store protocol: the few primitives a cross-process backend implements with its own means.
 
-The algorithm (``_lease.StoreBackend``) is written once over :class:`LeaseStore`. A record is
-named by the once's name and a key: the key's canonical digest (40 hex digits) for a keyed once,
-:data:`UNKEYED` for an unkeyed one. How each store makes the primitives (store x primitive:
-lock, record, wake-up, fencing) is the table in ``docs/across.md``.
-
-A store subclasses ``StoreBackend``, calls ``super().__init__(...)`` and implements the abstract
-methods below with its own primitives, keeping no policy (no retries, timeouts, backoff or
-JSON encoding). It must pass ``tests/backends/store_contract.py`` against its real server;
-``tests/backends/memory_store.py`` is a complete store to read first.
+A record is named by the once's name and a key: the key's canonical digest (40 hex digits) for a
+keyed once, :data:`UNKEYED` for an unkeyed one. A store implements :class:`LeaseStore` keeping no
+policy (no retries, timeouts, backoff or JSON encoding: that is ``_lease.StoreBackend``'s) and
+passes ``tests/backends/store_contract.py`` against its real server;
+``tests/backends/memory_store.py`` is a complete store to read first. How each store makes the
+primitives: the table in ``docs/across.md``.
 """
 
 from __future__ import annotations
@@ -130,10 +127,6 @@ class LeaseStore(abc.ABC):
     nothing else. At most one listener (and connection) per event loop, and a bounded number of
     connections; the loop's end ends them, ``aclose()`` or not, within a bounded time.
     """
-
-    @abc.abstractmethod
-    def describe(self) -> str:
-        """A short description for errors, logs and status; never includes a credential."""
 
     #: The callback for resets heard (see :meth:`bind`); until bound, resets are dropped.
     heard: Heard = staticmethod(lambda reset: None)

@@ -45,12 +45,11 @@ class Wakeups:
         self._waiting.setdefault(record, set()).add(event)
         try:
             yield event
-        finally:
-            events = self._waiting.get(record)
-            if events is not None:
-                events.discard(event)
-                if not events:
-                    del self._waiting[record]
+        finally:  # the set stays while it holds this event: only this block takes it out
+            events = self._waiting[record]
+            events.discard(event)
+            if not events:
+                del self._waiting[record]
 
     def wake(self, record: str) -> None:
         """Wake every follower of ``record`` (its leader has ended, or it was reset)."""
@@ -59,9 +58,8 @@ class Wakeups:
 
     def wake_all(self) -> None:
         """Wake every follower, to check again (the listener may have missed notifications)."""
-        for events in self._waiting.values():
-            for event in events:
-                event.set()
+        for record in self._waiting:
+            self.wake(record)
 
     def announced(self, message: str, record: Callable[[str, str], str], heard: Heard) -> None:
         """For a reset ``message`` (see :meth:`Reset.from_json`; anything else is ignored), wake
@@ -83,14 +81,8 @@ class Wakeups:
     async def until_listening(self, longest: float) -> None:
         """Return once the listener is subscribed, or after ``longest`` seconds (it may be
         reconnecting: followers then rely on their recheck interval)."""
-        await self.woken(self.listening, longest)
-
-    @staticmethod
-    async def woken(event: asyncio.Event, longest: float) -> None:
-        """Return when ``event`` is set, or after ``longest`` seconds."""
-        if not event.is_set():
-            with anyio.move_on_after(longest):
-                await event.wait()
+        with anyio.move_on_after(longest):
+            await self.listening.wait()
 
 
 class ListenerWatch(Watch):
@@ -116,7 +108,8 @@ class ListenerWatch(Watch):
         if self.wakeups.ended:
             self._register()
             return
-        await Wakeups.woken(self._event, timeout)
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
         self._event.clear()
 
     def __enter__(self) -> ListenerWatch:
@@ -187,10 +180,9 @@ class ListenerTask(asyncio.Task[None]):
 class Listeners:
     """A store's listener task per event loop, started on first use, and its followers.
 
-    ``listen(wakeups)`` runs until cancelled (it reconnects on its own). It is stopped through
-    an anyio cancel scope, which delivers the cancellation again at every await until the task
-    has left it: a driver that swallows one ``CancelledError`` cannot keep the listener, nor
-    :meth:`stop` or the loop's shutdown (see :class:`ListenerTask`), waiting.
+    ``listen(wakeups)`` runs until cancelled (it reconnects on its own); it is stopped through
+    an anyio cancel scope, so that a driver that swallows a ``CancelledError`` cannot keep it,
+    nor :meth:`stop` or the loop's shutdown, waiting (see :class:`ListenerTask`).
     """
 
     def __init__(self, listen: Callable[[Wakeups], Awaitable[None]]) -> None:
