@@ -283,6 +283,33 @@ async def test_a_leader_whose_lease_is_taken_is_cancelled_and_records_nothing(
     assert server.records[name, KEY].value is None
 
 
+async def test_under_raise_a_lease_gone_at_completion_is_lost_and_records_nothing(
+    make: Callable[..., MemoryStore], server: MemoryServer, name: str
+) -> None:
+    """Taken between the last renewal and complete(): complete() records nothing, the leader
+    gets LeaseLostError."""
+
+    async def work() -> str:
+        server.records[name, KEY].token = -1  # another process's lease now, before any renewal
+        return "made"
+
+    with pytest.raises(LeaseLostError, match="the lease expired or another took it"):
+        await make().share(name, KEY, work, ttl=30, on_error="raise")
+    assert server.records[name, KEY].value is None
+
+
+@pytest.mark.parametrize("on_error", ["local", "fail"])
+async def test_under_local_or_fail_a_lease_gone_at_completion_serves_the_value_unrecorded(
+    make: Callable[..., MemoryStore], server: MemoryServer, name: str, on_error: str
+) -> None:
+    async def work() -> str:
+        server.records[name, KEY].token = -1
+        return "made"
+
+    assert await make().share(name, KEY, work, ttl=30, on_error=on_error) == "made"
+    assert server.records[name, KEY].value is None
+
+
 async def test_a_leader_cut_off_from_the_store_for_a_whole_lease_loses_it(
     make: Callable[..., MemoryStore], server: MemoryServer, name: str
 ) -> None:
@@ -355,9 +382,7 @@ async def test_under_local_an_outage_makes_values_here_warns_once_and_recovers(
             name, KEY, Work(n), ttl=30, on_error="local", fell_back=lambda: fallbacks.append(1)
         )
         assert value == n
-    warnings = [
-        r for r in caplog.records if r.name == "fastapi_once" and r.levelno == logging.WARNING
-    ]
+    warnings = [r for r in ours(caplog) if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].event == "backend_fallback"  # type: ignore[attr-defined]
     assert len(fallbacks) == 3
@@ -368,9 +393,7 @@ async def test_under_local_an_outage_makes_values_here_warns_once_and_recovers(
     server.down = True  # the next outage warns once again
     for _ in range(2):
         assert await store.share(name, "cd" * 20, Work(), ttl=30, on_error="local") == "v"
-    warnings = [
-        r for r in caplog.records if r.name == "fastapi_once" and r.levelno == logging.WARNING
-    ]
+    warnings = [r for r in ours(caplog) if r.levelno == logging.WARNING]
     assert len(warnings) == 2
 
 
