@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -142,12 +142,14 @@ class ListenerTask(asyncio.Task[None]):
     cancellations (3.11+), if nobody took it back within :data:`TAKE_BACK_WITHIN` seconds.
     """
 
-    def __init__(
-        self, coro: Coroutine[Any, Any, None], scope: anyio.CancelScope, wakeups: Wakeups
-    ) -> None:
-        super().__init__(coro, name="fastapi_once listener")
-        self.scope = scope
+    def __init__(self, listen: Callable[[Wakeups], Awaitable[None]], wakeups: Wakeups) -> None:
+        self.scope = anyio.CancelScope()
         self.wakeups = wakeups  # the followers this listener wakes
+        super().__init__(self._listen(listen), name="fastapi_once listener")
+
+    async def _listen(self, listen: Callable[[Wakeups], Awaitable[None]]) -> None:
+        with self.scope:
+            await listen(self.wakeups)
 
     def cancel(self, msg: Any = None) -> bool:
         """Cancel the task (see the class docstring for when the scope is cancelled too)."""
@@ -200,16 +202,9 @@ class Listeners:
         running = self._running.get(loop)
         if running is not None:
             return running.wakeups
-        wakeups, scope = Wakeups(), anyio.CancelScope()
-
-        async def listen() -> None:
-            with scope:
-                await self._listen(wakeups)
-
+        wakeups = Wakeups()
         # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
-        task = self._running[loop] = contextvars.Context().run(
-            ListenerTask, listen(), scope, wakeups
-        )
+        task = self._running[loop] = contextvars.Context().run(ListenerTask, self._listen, wakeups)
 
         def ended(_: object) -> None:
             if self._running.get(loop) is task:  # not a listener started after stop()
