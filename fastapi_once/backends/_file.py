@@ -266,9 +266,12 @@ class FileLockBackend(StoreBackend):
             with os.fdopen(self._open(_marker(name, key), os.O_RDONLY), "rb") as f:
                 marker = dict(json.loads(f.read()))
             # Names are hashed into file names: the marker says whose it is.
-            return marker if (marker["name"], marker["key"]) == (name, key) else None
+            if (marker["name"], marker["key"]) != (name, key):
+                return None
+            _servable(marker, None)  # compares its times: fields not the store's raise here
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return None  # none, or not a marker this backend wrote; the leader overwrites it
+        return marker
 
     async def _end(self, lease: Lease, change: dict[str, Any] | None) -> None:
         """Write ``change`` (if any) to the lease's marker, then unlock, even if cancelled."""

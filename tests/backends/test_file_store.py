@@ -3,6 +3,7 @@ processes: each claim opens its own file, and flock locks belong to open files).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -209,3 +210,30 @@ async def test_after_aclose_the_listener_hands_on_no_reset(tmp_path: Path) -> No
     finally:
         await backend.aclose()
         await other.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "stranger",
+    [{"value": "1", "made": 0, "expires": "soon"}, {"cool_until": "later"}],
+)
+async def test_a_marker_of_our_record_that_the_store_did_not_write_is_overwritten(
+    tmp_path: Path, stranger: dict[str, Any]
+) -> None:
+    """A marker file that names the record but whose fields are not the store's (another
+    program's, a damaged one) is no marker: the claim leads, and the leader's value replaces
+    it, rather than every claim failing on it."""
+    backend = FileLockBackend(tmp_path / "locks")
+    try:
+        first = await backend.claim("n", UNKEYED, lease=1, refresh=60, holder="test")
+        assert isinstance(first, Lease)
+        await backend.abandon(first, cooldown=None)
+        (marker,) = [p for p in (tmp_path / "locks").iterdir() if p.name.startswith("n-")]
+        marker = marker.with_suffix(".json")
+        marker.write_text(json.dumps({"name": "n", "key": UNKEYED, **stranger}))
+        lease = await backend.claim("n", UNKEYED, lease=1, refresh=60, holder="test")
+        assert isinstance(lease, Lease)
+        assert await backend.complete(lease, "2", ttl=None)
+        assert await backend.claim("n", UNKEYED, lease=1, refresh=60, holder="t") == Served("2")
+    finally:
+        await backend.aclose()
