@@ -101,6 +101,7 @@ class MySQLBackend(StoreBackend):
         self._trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
         self._args = _connect_args(url, self.describe(), ssl)
+        self._tables = True  # until a connection made them: DDL runs cluster-wide (binlog, Galera)
         self._loops: dict[Wakeups, _Loop] = {}  # each loop's connections, by its listener
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
@@ -281,13 +282,15 @@ class MySQLBackend(StoreBackend):
     async def _connect(self) -> Any:
         """A new connection (see ``_session``); the driver closes it if connecting fails."""
         with self._errors("connecting"), anyio.fail_after(self._connect_timeout):
-            return await asyncmy.connect(
+            conn = await asyncmy.connect(
                 **self._args,
                 autocommit=True,
                 client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
                 connect_timeout=self._connect_timeout,
-                init_command=_session(self.table, math.ceil(self._trip)),
+                init_command=_session(self.table, math.ceil(self._trip), self._tables),
             )
+        self._tables = False
+        return conn
 
     @contextlib.asynccontextmanager
     async def _lend(self, db: _Loop) -> AsyncIterator[Any]:
@@ -374,17 +377,21 @@ def _us(value: float | None) -> int | None:
     return None if value is None else round(value * 1_000_000)
 
 
-def _session(t: str, waits: int) -> str:
+def _session(t: str, waits: int, tables: bool) -> str:
     """A new connection's first statements: UTC, READ COMMITTED, the server's lock waits of
     ``waits`` seconds, an idle timeout of a year (a lock session, or a kept connection, may
-    idle); the tables made if missing."""
+    idle); with ``tables``, the tables made if missing."""
     name = "VARCHAR(700) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
     key = "VARCHAR(40) CHARACTER SET ascii COLLATE ascii_bin"
-    return (
+    session = (
         "SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout = 31536000, "
         f"innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}; "
-        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; "
-        f"CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, value LONGTEXT "
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
+    )
+    if not tables:
+        return session
+    return session + (
+        f"; CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, value LONGTEXT "
         "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, made_at DATETIME(6), expires_at DATETIME(6),"
         " cool_until DATETIME(6), fence BIGINT, lease_until DATETIME(6), holder VARCHAR(255), "
         "PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC; "

@@ -149,6 +149,27 @@ async def test_the_tables_are_innodb_and_a_lease_lock_names_no_key(
     await backend.aclose()
 
 
+async def test_only_the_first_connection_of_a_backend_makes_the_tables(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """The tables are made (if missing) by a backend's first connection, not by every one: a
+    CREATE TABLE that finds its table is still written to the binary log (and, on Galera, run
+    on every node)."""
+    backend = MySQLBackend(mariadb_server.url, table=table)
+    first, second = await backend._connect(), await backend._connect()
+    try:
+        made = []
+        for conn in (first, second):
+            async with conn.cursor() as cursor:
+                await cursor.execute("SHOW SESSION STATUS LIKE 'Com_create_table'")
+                made.append(int((await cursor.fetchone())[1]))
+        assert made == [3, 0]
+    finally:
+        first.close()
+        second.close()
+        await backend.aclose()
+
+
 async def test_a_locked_table_makes_no_call_wait_longer_than_wait_timeout(
     mariadb_server: MariaDBServer, table: str
 ) -> None:
