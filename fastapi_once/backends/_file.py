@@ -201,13 +201,14 @@ class FileLockBackend(StoreBackend):
             with scope:
                 while True:
                     await anyio.sleep(_LISTEN_EVERY)
+                    resets: list[Reset] = []
                     with contextlib.suppress(OSError):  # gone, or not ours: read again next time
                         # Abandoned when cancelled: after aclose() nothing read is handed on.
                         resets, offset = await anyio.to_thread.run_sync(
                             self._read_resets, offset, abandon_on_cancel=True
                         )
-                        for reset in resets:
-                            self.heard(reset)
+                    for reset in resets:  # an error of heard() is a defect: said below
+                        self.heard(reset)
         except Exception as exc:  # a defect: said, and the loop's next claim listens again
             kind = error_type(exc)
             said = "%s stopped listening for resets (%s); the next call listens again"

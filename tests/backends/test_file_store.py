@@ -194,6 +194,30 @@ async def test_a_listener_stopped_by_an_error_is_said_and_the_next_claim_listens
 
 
 @pytest.mark.anyio
+async def test_an_os_error_of_the_resets_callback_is_said_not_taken_for_a_missing_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listener passes over an OSError of reading the resets log (read again next time),
+    but one raised by the callback it hands a reset to is a defect: one ERROR says it."""
+    backend, other = FileLockBackend(tmp_path / "locks"), FileLockBackend(tmp_path / "locks")
+
+    def broken(reset: Reset) -> None:
+        raise OSError("secret detail")
+
+    backend.bind(broken)
+    try:
+        with caplog.at_level(logging.ERROR, logger="fastapi_once"):
+            await backend.claim("n", "ab" * 20, lease=1, refresh=None, holder="test")
+            await other.clear("n", "ab" * 20, origin="elsewhere")
+            await wait_until(lambda: "stopped listening" in caplog.text)
+        assert "OSError" in caplog.text
+        assert "secret detail" not in caplog.text
+    finally:
+        await backend.aclose()
+        await other.aclose()
+
+
+@pytest.mark.anyio
 async def test_after_aclose_the_listener_hands_on_no_reset(tmp_path: Path) -> None:
     """aclose() stops the loop's listener of resets: a reset logged afterwards is not heard (a
     later claim starts a new listener, which hears the resets after it)."""
