@@ -139,9 +139,10 @@ class PerLoop(Generic[T]):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError(self._refusal) from None
-        if loop not in self._made:
-            self._made[loop] = self._make()
-        return self._made[loop]
+        made = self._made.get(loop)
+        if made is None:
+            made = self._made[loop] = self._make()
+        return made
 
     def pop(self, made: T | None = None) -> T | None:
         """Take the running loop's object out (only if it is ``made``, when given) and return

@@ -201,12 +201,12 @@ class FileLockBackend(StoreBackend):
             with scope:
                 while True:
                     await anyio.sleep(_LISTEN_EVERY)
-                    resets: list[Reset] = []
-                    with contextlib.suppress(OSError):  # gone, or not ours: read again next time
-                        # Abandoned when cancelled: after aclose() nothing read is handed on.
+                    try:  # abandoned when cancelled: after aclose() nothing read is handed on
                         resets, offset = await anyio.to_thread.run_sync(
                             self._read_resets, offset, abandon_on_cancel=True
                         )
+                    except OSError:
+                        continue  # gone, or not ours: read again next time
                     for reset in resets:  # an error of heard() is a defect: said below
                         self.heard(reset)
         except Exception as exc:  # a defect: said, and the loop's next claim listens again
@@ -266,12 +266,18 @@ class FileLockBackend(StoreBackend):
         try:
             with os.fdopen(self._open(_marker(name, key), os.O_RDONLY), "rb") as f:
                 marker = dict(json.loads(f.read()))
-            # Names are hashed into file names: the marker says whose it is.
-            if (marker["name"], marker["key"]) != (name, key):
-                return None
-            _servable(marker, None)  # compares its times: fields not the store's raise here
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
+        except (FileNotFoundError, ValueError, TypeError):
             return None  # none, or not a marker this backend wrote; the leader overwrites it
+        # Names are hashed into file names: the marker says whose it is, and holds its fields
+        # as the store writes them (a value with when it was made, times as numbers).
+        times = [marker.get(t, 0) for t in ("made", "expires", "cool_until")]
+        if (
+            (marker.get("name"), marker.get("key")) != (name, key)
+            or not isinstance(marker.get("value", ""), (str, type(None)))
+            or (marker.get("value") is not None and "made" not in marker)
+            or not all(t is None or type(t) in (int, float) for t in times)
+        ):
+            return None
         return marker
 
     async def _end(self, lease: Lease, change: dict[str, Any] | None) -> None:

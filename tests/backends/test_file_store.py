@@ -239,7 +239,13 @@ async def test_after_aclose_the_listener_hands_on_no_reset(tmp_path: Path) -> No
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "stranger",
-    [{"value": "1", "made": 0, "expires": "soon"}, {"cool_until": "later"}],
+    [
+        {"value": "1", "made": 0, "expires": "soon"},
+        {"cool_until": "later"},
+        {"value": "1", "made": "x"},
+        {"value": "1"},
+        {"value": 5, "made": 0},
+    ],
 )
 async def test_a_marker_of_our_record_that_the_store_did_not_write_is_overwritten(
     tmp_path: Path, stranger: dict[str, Any]
