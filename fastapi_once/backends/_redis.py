@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import re
 import secrets
 import warnings
@@ -27,7 +28,7 @@ try:
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.exceptions import AuthenticationError, RedisError
+    from redis.exceptions import AuthenticationError, NoScriptError, RedisError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "RedisBackend needs the redis package: pip install 'fastapi-once[redis]'"
@@ -101,6 +102,9 @@ redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', KEYS[5], 'ended')
 return 1
 """
+
+
+_SHA1 = {script: hashlib.sha1(script.encode()).hexdigest() for script in (CLAIM, HELD)}
 
 
 class RedisBackend(StoreBackend):
@@ -310,12 +314,16 @@ class RedisBackend(StoreBackend):
         return aioredis.Redis.from_pool(pool)
 
     async def _run(self, script: str, doing: str, keys: list[str], *args: object) -> Any:
-        """Run one of the scripts above on the running loop's client (loading it if need be)."""
+        """Run one of the scripts above on the running loop's client (sending it if need be)."""
         redis = self._clients.get()
         with store_errors(
             self.describe(), doing, RedisError, outage=_OUTAGES, refused=AuthenticationError
         ):
-            return await redis.register_script(script)(keys=keys, args=list(args))
+            try:  # the server keeps scripts by their SHA1, made once (see _SHA1)
+                return await redis.evalsha(_SHA1[script], len(keys), *keys, *args)
+            except NoScriptError:  # a server that has not seen it yet, or has restarted
+                await redis.script_load(script)
+                return await redis.evalsha(_SHA1[script], len(keys), *keys, *args)
 
     def _prefix(self, name: str) -> str:
         return f"{self.namespace}:k:{{{name.translate(_TAG)}:"
