@@ -26,7 +26,7 @@ import anyio
 from .._errors import BackendError
 from ._base import Scrubber, backoff, seconds, store_errors, whole
 from ._lease import LeaseOptions, StoreBackend
-from ._store import Claim, Cooling, Held, Lease, Reset, Served, Watch
+from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
 try:
@@ -324,8 +324,9 @@ class MySQLBackend(StoreBackend):
         async with db.locking:
             if session is None and not (db.session and db.session.connected):
                 db.session = await self._connect()
-                if db.closed:  # the loop's listener ended meanwhile: the statement fails
+                if db.closed:  # the loop's listener ended meanwhile: so did its lock session
                     db.session.close()
+                    raise StoreUnavailableError(f"{self.describe()}: the lock session ended")
             session = session or db.session
             with anyio.CancelScope(shield=True):
                 try:

@@ -265,9 +265,16 @@ async def test_statements_started_together_take_pooled_connections_beyond_the_fi
         for key in ("a", "b"):
             claim = functools.partial(backend.claim, lease=5, refresh=None, holder="t")
             tg.start_soon(claim, "tests.pg.together", key)
-        await wait_until(lambda: holds(2))  # the own connection and a pooled one, both reading
+        # Both read at once (neither queues behind the other), on the own connection and one
+        # pooled connection: two in all, checked once both wait on the lock.
+        await wait_until(lambda: _two_waiting_on_a_lock(sql))
+        assert await holds(2)
         unlock.set()
     await backend.aclose()
+
+
+async def _two_waiting_on_a_lock(sql: object) -> bool:
+    return len(await _waiting_on_a_lock(sql)) == 2
 
 
 async def _waiting_on_a_lock(sql: object) -> list[int]:
