@@ -226,6 +226,11 @@ class Scrubber:
 ErrorKind: TypeAlias = type[Exception] | tuple[type[Exception], ...] | Callable[[Exception], bool]
 
 
+def error_code(exc: BaseException) -> int | None:
+    """A driver error's numeric code (its first argument, by the DB-API drivers' custom)."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+
+
 @contextlib.contextmanager
 def store_errors(
     store: str, doing: str, errors: ErrorKind, *, outage: ErrorKind, refused: ErrorKind = ()
@@ -244,7 +249,7 @@ def store_errors(
     except Exception as exc:
         if not _is(exc, errors):
             raise
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        code = error_code(exc)
         what = type(exc).__name__ + ("" if code is None else f" {code}")
         failed = f"{store}: failed {doing}:"
         if _is(exc, refused):

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import anyio
 
 from .._errors import BackendError
-from ._base import Scrubber, backoff, seconds, store_errors, whole
+from ._base import Scrubber, backoff, error_code, seconds, store_errors, whole
 from ._lease import LeaseOptions, StoreBackend
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
@@ -182,7 +182,7 @@ class MySQLBackend(StoreBackend):
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
         """See ``LeaseStore.watch``: the loop's listener polls at its fast pace from now."""
         self._here().kick.set()
-        with ListenerWatch(self._listeners, f"{name}\0{key}") as watch:
+        with ListenerWatch(self._listeners, _record(name, key)) as watch:
             await watch.wakeups.until_listening(1.0)
             yield watch
 
@@ -239,13 +239,12 @@ class MySQLBackend(StoreBackend):
                 start = start or now  # events may commit up to 1 s late; none before the start
                 since = max(now - datetime.timedelta(seconds=1), start)
                 for event_id, _, name, key, origin in events:
-                    if event_id not in seen:
-                        if origin is not None:
-                            self.heard(Reset(name, key, origin))
-                        if key is None:
-                            wakeups.wake_all()
-                        else:
-                            wakeups.wake(f"{name}\0{key}")
+                    if event_id in seen:
+                        continue
+                    if origin is None:  # a leader's end
+                        wakeups.wake(_record(name, key))
+                    else:
+                        wakeups.announce(Reset(name, key, origin), _record, self.heard)
                 seen = {event[0] for event in events if event[1] > since}
                 wakeups.listening.set()
                 if time.monotonic() - pruned > _PRUNE_EVERY:  # after the wake-ups
@@ -341,7 +340,11 @@ class MySQLBackend(StoreBackend):
     def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
         """The driver's errors in the block as the store's (their type and code, never text)."""
         return store_errors(
-            self.describe(), doing, Exception, outage=_outage, refused=lambda e: _code(e) in _LOGIN
+            self.describe(),
+            doing,
+            Exception,
+            outage=_outage,
+            refused=lambda e: error_code(e) in _LOGIN,
         )
 
 
@@ -355,6 +358,10 @@ class _Loop:
     locking: asyncio.Lock = field(default_factory=asyncio.Lock)  # one statement on it at once
     kick: asyncio.Event = field(default_factory=asyncio.Event)  # a watch began: poll now
     closed: bool = False  # the loop's listener ended: connections given back close
+
+
+def _record(name: str, key: str) -> str:  # a record's name for the listener and the watches
+    return f"{name}\0{key}"
 
 
 def _judge(rows: list[Any], refresh: float | None) -> Served | Cooling | Held | None:
@@ -404,13 +411,11 @@ def _session(t: str, waits: int, tables: bool) -> str:
     )
 
 
-def _code(exc: Exception) -> int | None:
-    return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-
-
 def _outage(exc: Exception) -> bool:
-    lost = not _code(exc) and isinstance(exc, DriverError)  # e.g. a closed connection's 0
-    return isinstance(exc, (OSError, asyncio.IncompleteReadError)) or _code(exc) in _GONE or lost
+    lost = not error_code(exc) and isinstance(exc, DriverError)  # e.g. a closed connection's 0
+    return (
+        isinstance(exc, (OSError, asyncio.IncompleteReadError)) or error_code(exc) in _GONE or lost
+    )
 
 
 def _connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> dict[str, Any]:

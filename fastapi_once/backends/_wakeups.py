@@ -66,8 +66,12 @@ class Wakeups:
         the followers of its ``record(name, key)`` (every follower, for every key), then hand
         it to ``heard``."""
         reset = Reset.from_json(message)
-        if reset is None:
-            return
+        if reset is not None:
+            self.announce(reset, record, heard)
+
+    def announce(self, reset: Reset, record: Callable[[str, str], str], heard: Heard) -> None:
+        """Wake the followers of ``reset``'s ``record(name, key)`` (every follower, for every
+        key), then hand it to ``heard``."""
         if reset.key is None:
             self.wake_all()
         else:
