@@ -36,6 +36,7 @@ T = TypeVar("T")
 _RESETS = "resets.log"  # one JSON line per reset, appended; the listeners poll its size
 _RESETS_MAX = 1 << 20  # past this many bytes the next reset starts the log again
 _LISTEN_EVERY = 0.2  # seconds between a listener's looks at the resets log
+_LISTENER = "fastapi_once resets listener"  # its task's name (asyncio and trio)
 
 
 class FileLockBackend(StoreBackend):
@@ -112,23 +113,22 @@ class FileLockBackend(StoreBackend):
         found = self._read(name, key)
         if served := _servable(found, refresh):
             return served
-        fd = self._open_lock(name, key)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            taken = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or None
-            os.close(fd)
-            return _servable(found, None) or Held(taken)
-        try:  # the lock is ours: a leader before us may have finished meanwhile
-            if not (served := _servable(self._read(name, key), refresh)):
+        fd, claim = self._open_lock(name, key), None
+        try:  # the lock file is let go (and closed) unless it is the lease's
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                taken = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or None
+                return _servable(found, None) or Held(taken)
+            # The lock is ours: a leader before us may have finished meanwhile.
+            if not (claim := _servable(self._read(name, key), refresh)):
                 os.ftruncate(fd, 0)  # tell waiting followers (and their errors) who leads
                 os.pwrite(fd, holder.encode(), 0)
-                return Lease(name, key, None, fd)
-        except BaseException:
-            _unlock(fd)
-            raise
-        _unlock(fd)
-        return served
+                claim = Lease(name, key, None, fd)
+            return claim
+        finally:
+            if not isinstance(claim, Lease):
+                _unlock(fd)
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
         """The lock lasts as long as its open file: nothing to renew."""
@@ -183,17 +183,17 @@ class FileLockBackend(StoreBackend):
         loop = anyio.lowlevel.current_token().native_token
         if loop in self._listening:
             return
-        offset = self._resets_size()
+        offset = self._resets_size()  # before the entry: if it fails, the next call tries again
         scope = self._listening[loop] = anyio.CancelScope()
         if isinstance(loop, asyncio.AbstractEventLoop):
             # In an empty context: not the caller's attempt (its wait-for edges), nor its trace.
             # Its timer or worker thread holds the task while it waits (asyncio's are weak).
-            poll, name = self._poll_resets(loop, scope, offset), "fastapi_once resets listener"
-            contextvars.Context().run(loop.create_task, poll, name=name)
+            poll = self._poll_resets(loop, scope, offset)
+            contextvars.Context().run(loop.create_task, poll, name=_LISTENER)
         else:
             import trio
 
-            trio.lowlevel.spawn_system_task(self._poll_resets, loop, scope, offset)
+            trio.lowlevel.spawn_system_task(self._poll_resets, loop, scope, offset, name=_LISTENER)
 
     async def _poll_resets(self, loop: object, scope: anyio.CancelScope, offset: int) -> None:
         """Until cancelled: every 0.2 s, hand each reset appended to the log to ``heard``."""
@@ -201,12 +201,10 @@ class FileLockBackend(StoreBackend):
             with scope:
                 while True:
                     await anyio.sleep(_LISTEN_EVERY)
-                    try:  # abandoned when cancelled: after aclose() nothing read is handed on
-                        resets, offset = await anyio.to_thread.run_sync(
-                            self._read_resets, offset, abandon_on_cancel=True
-                        )
-                    except OSError:
-                        continue  # gone, or not ours: read again next time
+                    # Abandoned when cancelled: after aclose() nothing read is handed on.
+                    resets, offset = await anyio.to_thread.run_sync(
+                        self._read_resets, offset, abandon_on_cancel=True
+                    )
                     for reset in resets:  # an error of heard() is a defect: said below
                         self.heard(reset)
         except Exception as exc:  # a defect: said, and the loop's next claim listens again
@@ -236,45 +234,44 @@ class FileLockBackend(StoreBackend):
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
-            raise PermissionError(
-                f"{self.describe()}: {path} is a symlink, which the backend does not follow; "
-                "give the real path of a private directory, and remove symlinks in it"
-            ) from None
-        st, me = os.fstat(fd), os.geteuid()
-        if st.st_uid != me:
-            problem = f"is owned by uid {st.st_uid}, not by this process's user (uid {me})"
-        elif directory and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
-        elif not directory and not stat.S_ISREG(st.st_mode):
-            problem = "is not a regular file"
+            problem = "is a symlink, which the backend does not follow (give the real path)"
         else:
-            return fd
-        os.close(fd)
+            st, me = os.fstat(fd), os.geteuid()
+            if st.st_uid != me:
+                problem = f"is owned by uid {st.st_uid}, not by this process's user (uid {me})"
+            elif directory and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+            elif not directory and not stat.S_ISREG(st.st_mode):
+                problem = "is not a regular file"
+            else:
+                return fd
+            os.close(fd)
         raise PermissionError(
             f"{self.describe()}: {path} {problem}; other users could forge or hold its locks. "
-            f"Use a private directory (chmod 700 {self.directory}) holding this user's files only"
+            f"Use a private directory (chmod 700 {self.directory}) holding this user's files "
+            "only, and no symlinks"
         )
 
     def _open_lock(self, name: str, key: str) -> int:
         # One lock file per unkeyed once; a keyed once's keys share 256 (by digest). Lock files
         # are never deleted: two processes could then lock two different files.
-        suffix = "" if key == UNKEYED else f".{key[:2]}"
-        return self._open(f"{_file_key(name)}{suffix}.lock", os.O_RDWR | os.O_CREAT)
+        shared = key if key == UNKEYED else key[:2]
+        return self._open(_file(name, shared, ".lock"), os.O_RDWR | os.O_CREAT)
 
     def _read(self, name: str, key: str) -> dict[str, Any] | None:
         """The record's marker, or None if there is none valid."""
         try:
-            with os.fdopen(self._open(_marker(name, key), os.O_RDONLY), "rb") as f:
+            with os.fdopen(self._open(_file(name, key, ".json"), os.O_RDONLY), "rb") as f:
                 marker = dict(json.loads(f.read()))
         except (FileNotFoundError, ValueError, TypeError):
             return None  # none, or not a marker this backend wrote; the leader overwrites it
         # Names are hashed into file names: the marker says whose it is, and holds its fields
         # as the store writes them (a value with when it was made, times as numbers).
-        times = [marker.get(t, 0) for t in ("made", "expires", "cool_until")]
+        value, times = marker.get("value"), [marker.get("expires"), marker.get("cool_until")]
         if (
             (marker.get("name"), marker.get("key")) != (name, key)
-            or not isinstance(marker.get("value", ""), (str, type(None)))
-            or (marker.get("value") is not None and "made" not in marker)
+            or not isinstance(value, str | None)
+            or (value is not None and type(marker.get("made")) not in (int, float))
             or not all(t is None or type(t) in (int, float) for t in times)
         ):
             return None
@@ -294,7 +291,7 @@ class FileLockBackend(StoreBackend):
         directory = self._dir()
         if "value" not in change:
             change = {**(self._read(name, key) or {}), **change}
-        filename = _marker(name, key)
+        filename = _file(name, key, ".json")
         tmp = f"{filename}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             with os.fdopen(self._open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
@@ -327,7 +324,8 @@ class FileLockBackend(StoreBackend):
 
     def _clear(self, reset: Reset) -> None:
         name, key = reset.name, reset.key
-        for filename in [_marker(name, key)] if key is not None else self._markers(name).values():
+        markers = [_file(name, key, ".json")] if key is not None else self._markers(name).values()
+        for filename in markers:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(filename, dir_fd=self._dir())
         fd = self._open(_RESETS, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -347,15 +345,15 @@ class FileLockBackend(StoreBackend):
 
     def _read_resets(self, offset: int) -> tuple[list[Reset], int]:
         """The resets in the whole lines appended to the log since ``offset`` (0 if the log
-        started again since), and the new offset."""
+        started again since), and the new offset; none while the log cannot be read (gone: the
+        next one starts at 0; or not ours)."""
         try:
-            log = os.fdopen(self._open(_RESETS, os.O_RDONLY), "rb")
-        except FileNotFoundError:
-            return [], 0
-        with log:
-            size = os.fstat(log.fileno()).st_size
-            offset = offset if offset <= size else 0
-            data = os.pread(log.fileno(), size - offset, offset)
+            with os.fdopen(self._open(_RESETS, os.O_RDONLY), "rb") as log:
+                size = os.fstat(log.fileno()).st_size
+                offset = offset if offset <= size else 0
+                data = os.pread(log.fileno(), size - offset, offset)
+        except OSError as exc:
+            return [], 0 if isinstance(exc, FileNotFoundError) else offset
         whole = data[: data.rfind(b"\n") + 1]
         resets = [Reset.from_json(line) for line in whole.splitlines()]
         return [r for r in resets if r is not None], offset + len(whole)
@@ -406,8 +404,9 @@ def _unlock(fd: int) -> None:
     os.close(fd)
 
 
-def _marker(name: str, key: str) -> str:
-    return _file_key(name) + ("" if key == UNKEYED else f".{key}") + ".json"
+def _file(name: str, key: str, suffix: str) -> str:
+    """The name of a file of ``name``'s record for ``key`` (a digest, or UNKEYED: no key)."""
+    return _file_key(name) + ("" if key == UNKEYED else f".{key}") + suffix
 
 
 def _file_key(name: str) -> str:

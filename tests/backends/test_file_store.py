@@ -3,11 +3,13 @@ processes: each claim opens its own file, and flock locks belong to open files).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,36 @@ from store_contract import StoreContract, StoreKit
 from timekeeping import wait_until
 
 from fastapi_once import once
-from fastapi_once.backends import FileLockBackend
+from fastapi_once.backends import BackendError, FileLockBackend
 from fastapi_once.backends._store import UNKEYED, Claim, Lease, Reset, Served
+
+LISTENER = "fastapi_once resets listener"  # the name of a loop's listener task
+
+
+def open_files(directory: Path) -> list[str]:
+    """The lock and marker files under ``directory`` that this process holds open."""
+    files = {}
+    for path in [*directory.rglob("*.lock"), *directory.rglob("*.json")]:
+        st = path.stat()
+        files[st.st_dev, st.st_ino] = path.name
+    held = []
+    for fd in os.listdir("/dev/fd"):
+        with contextlib.suppress(OSError):  # the descriptor of the listing itself, closed
+            st = os.fstat(int(fd))
+            held += [files[st.st_dev, st.st_ino]] if (st.st_dev, st.st_ino) in files else []
+    return sorted(held)
+
+
+def listeners() -> set[int]:
+    """The running loop's listener tasks of resets (asyncio tasks or trio system tasks)."""
+    return {task.id for task in anyio.get_running_tasks() if task.name == LISTENER}
+
+
+@pytest.fixture(autouse=True)
+def no_file_is_left_open(tmp_path: Path) -> Iterator[None]:
+    """Every lease and watch of a test is ended: it leaves no lock or marker file open."""
+    yield
+    assert open_files(tmp_path) == []
 
 
 class TestFileStore(StoreContract):
@@ -155,20 +185,59 @@ async def test_a_claim_cancelled_while_its_thread_took_the_lock_lets_go_of_it(
         await backend.aclose()
 
 
+async def _lead(backend: FileLockBackend, key: str) -> Lease:
+    lease = await backend.claim("n", key, lease=1, refresh=None, holder="test")
+    assert isinstance(lease, Lease)
+    return lease
+
+
+async def _listening(backend: FileLockBackend, key: str) -> int:
+    """Claim (and let go of) ``key``, which starts the loop's listener: its task's id."""
+    before = listeners()
+    await backend.abandon(await _lead(backend, key), cooldown=None)
+    (listener,) = listeners() - before
+    return listener
+
+
 async def _a_new_claim_hears_the_next_reset(
     backend: FileLockBackend, other: FileLockBackend, heard: list[Reset]
 ) -> None:
-    await backend.claim("n", "cd" * 20, lease=1, refresh=None, holder="test")
+    await backend.abandon(await _lead(backend, "cd" * 20), cooldown=None)
     await other.clear("n", None, origin="after")
     await wait_until(lambda: heard == [Reset("n", None, "after")])
+
+
+@pytest.mark.anyio
+async def test_a_claim_that_fails_reading_the_holder_closes_the_lock_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that finds the lock held and then fails reading who holds it raises, and closes
+    the lock file it opened (it stayed open until the process exited)."""
+    backend, other = FileLockBackend(tmp_path / "locks"), FileLockBackend(tmp_path / "locks")
+    lease = await _lead(backend, UNKEYED)
+
+    def broken(fd: int, length: int, offset: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "pread", broken)
+            with pytest.raises(BackendError, match="cannot be used"):
+                await other.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+        assert len(open_files(tmp_path)) == 1  # the lease's own
+        await backend.abandon(lease, cooldown=None)
+    finally:
+        await backend.aclose()
+        await other.aclose()
 
 
 @pytest.mark.anyio
 async def test_a_listener_stopped_by_an_error_is_said_and_the_next_claim_listens_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An unexpected error ends the loop's listener of resets with one ERROR naming its type
-    (not its text); the loop's next claim starts a new listener, which hears later resets."""
+    """An unexpected error ends the loop's listener of resets with one ERROR (one record in
+    all) naming its type (not its text); the loop's next claim starts a new listener, which
+    hears later resets."""
     backend, other = FileLockBackend(tmp_path / "locks"), FileLockBackend(tmp_path / "locks")
     heard: list[Reset] = []
     backend.bind(heard.append)
@@ -180,11 +249,11 @@ async def test_a_listener_stopped_by_an_error_is_said_and_the_next_claim_listens
 
     monkeypatch.setattr(backend, "_read_resets", broken)
     try:
-        with caplog.at_level(logging.ERROR, logger="fastapi_once"):
-            await backend.claim("n", "ab" * 20, lease=1, refresh=None, holder="test")
-            await wait_until(lambda: "stopped listening" in caplog.text)
-        [record] = [r for r in caplog.records if "stopped listening" in r.getMessage()]
-        assert record.levelno == logging.ERROR
+        with caplog.at_level(logging.ERROR):
+            listener = await _listening(backend, "ab" * 20)
+            await wait_until(lambda: listener not in listeners())  # it has ended
+        [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "stopped listening" in record.getMessage()
         assert "RuntimeError" in record.getMessage()
         assert "secret detail" not in caplog.text
         await _a_new_claim_hears_the_next_reset(backend, other, heard)
@@ -198,7 +267,8 @@ async def test_an_os_error_of_the_resets_callback_is_said_not_taken_for_a_missin
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The listener passes over an OSError of reading the resets log (read again next time),
-    but one raised by the callback it hands a reset to is a defect: one ERROR says it."""
+    but one raised by the callback it hands a reset to is a defect: one ERROR says it (one
+    record in all)."""
     backend, other = FileLockBackend(tmp_path / "locks"), FileLockBackend(tmp_path / "locks")
 
     def broken(reset: Reset) -> None:
@@ -206,11 +276,13 @@ async def test_an_os_error_of_the_resets_callback_is_said_not_taken_for_a_missin
 
     backend.bind(broken)
     try:
-        with caplog.at_level(logging.ERROR, logger="fastapi_once"):
-            await backend.claim("n", "ab" * 20, lease=1, refresh=None, holder="test")
+        with caplog.at_level(logging.ERROR):
+            listener = await _listening(backend, "ab" * 20)
             await other.clear("n", "ab" * 20, origin="elsewhere")
-            await wait_until(lambda: "stopped listening" in caplog.text)
-        assert "OSError" in caplog.text
+            await wait_until(lambda: listener not in listeners())  # it has ended
+        [record] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "stopped listening" in record.getMessage()
+        assert "OSError" in record.getMessage()
         assert "secret detail" not in caplog.text
     finally:
         await backend.aclose()
@@ -219,17 +291,16 @@ async def test_an_os_error_of_the_resets_callback_is_said_not_taken_for_a_missin
 
 @pytest.mark.anyio
 async def test_after_aclose_the_listener_hands_on_no_reset(tmp_path: Path) -> None:
-    """aclose() stops the loop's listener of resets: a reset logged afterwards is not heard (a
-    later claim starts a new listener, which hears the resets after it)."""
+    """aclose() stops the loop's listener of resets: it ends, so a reset logged afterwards is
+    not heard (a later claim starts a new listener, which hears the resets after it only)."""
     backend, other = FileLockBackend(tmp_path / "locks"), FileLockBackend(tmp_path / "locks")
     heard: list[Reset] = []
     backend.bind(heard.append)
     try:
-        await backend.claim("n", "ab" * 20, lease=1, refresh=None, holder="test")
+        listener = await _listening(backend, "ab" * 20)
         await backend.aclose()
-        await other.clear("n", "ab" * 20, origin="before")
-        await anyio.to_thread.run_sync(time.sleep, 0.6)  # three of the listener's looks
-        assert heard == []
+        await wait_until(lambda: listener not in listeners())  # it has ended
+        await other.clear("n", "ab" * 20, origin="before")  # no listener of backend's to hear
         await _a_new_claim_hears_the_next_reset(backend, other, heard)
     finally:
         await backend.aclose()
@@ -244,6 +315,7 @@ async def test_after_aclose_the_listener_hands_on_no_reset(tmp_path: Path) -> No
         {"cool_until": "later"},
         {"value": "1", "made": "x"},
         {"value": "1"},
+        {"value": "1", "made": None},
         {"value": 5, "made": 0},
     ],
 )
