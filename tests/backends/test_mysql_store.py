@@ -351,3 +351,40 @@ async def test_a_reset_written_while_the_servers_clock_is_set_back_is_heard_once
         await anyio.sleep(1.5)  # about 60 polls more: it is not heard again
     assert heard == [Reset(name, None, "other")]
     await listening.aclose()
+
+
+async def test_resets_are_heard_after_the_events_ids_start_again(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """The events log emptied (pruned after a quiet minute) and its ids started again from 1
+    (as MySQL 5.7 does for an empty table when it restarts): the listener reads the new ids,
+    not only those above the newest it had seen."""
+    listening = MySQLBackend(mariadb_server.url, table=table)
+    heard: list[Reset] = []
+    more = anyio.Event()
+
+    def hear(reset: Reset) -> None:
+        heard.append(reset)
+        more.set()
+
+    listening.bind(hear)
+    name = "tests.mysql.ids-again"
+    async with listening.watch(name, UNKEYED):  # its listener polls every 25 ms
+        for _ in range(3):
+            await listening.clear(name, None, origin="before")
+        with anyio.fail_after(5):  # a hang guard
+            while len(heard) < 3:
+                more = anyio.Event()
+                await more.wait()
+        await anyio.sleep(2.2)  # the listener now reads only the ids above them (1 s to 2 s)
+        await query(mariadb_server, f"DELETE FROM `{table}_events`")
+        await anyio.sleep(0.3)  # the listener's polls find the log empty
+        await query(mariadb_server, f"ALTER TABLE `{table}_events` AUTO_INCREMENT = 1")
+        more = anyio.Event()
+        await listening.clear(name, None, origin="after")
+        ids = await query(mariadb_server, f"SELECT id FROM `{table}_events`")
+        assert ids == [(1,)]  # the ids started again
+        with anyio.fail_after(5):  # a hang guard: it is heard within about 25 ms
+            await more.wait()
+    assert heard == [Reset(name, None, "before")] * 3 + [Reset(name, None, "after")]
+    await listening.aclose()
