@@ -241,15 +241,12 @@ class MySQLBackend(StoreBackend):
     async def _prune(self, db: _Loop) -> bool:
         """Delete a batch of each: records with nothing left, old events, all fences but the
         newest (it keeps the counter up across restarts). Whether a batch was full."""
-        deleted = 0
         async with self._lend(db) as conn:
-            for sql, args in (
-                (self._sql["dead"], ()),
-                (self._sql["old"], (_us(_KEEP_EVENTS),)),
-                (self._sql["fences"], ()),
-            ):
-                deleted = max(deleted, await self._run(conn, sql, (*args, _BATCH), rows=False))
-        return deleted >= _BATCH
+            deleted: list[int] = [
+                await self._run(conn, self._sql[which], (*args, _BATCH), rows=False)
+                for which, args in (("dead", ()), ("old", (_us(_KEEP_EVENTS),)), ("fences", ()))
+            ]
+        return max(deleted) >= _BATCH
 
     async def _connect(self) -> Any:
         """A new connection (see ``_init``); the driver closes it if connecting fails."""
@@ -333,9 +330,10 @@ class _Loop:
 def _statements(t: str, waits: int) -> dict[str, str]:
     """The store's statements on the tables named after ``t``, made once per backend (``%s``:
     the arguments; ``waits``: the server's lock waits, in seconds)."""
-    read = (  # what a claim decides on: the lock prefix, name, key
-        f"SELECT value, made_at, expires_at, cool_until, holder, NOW(6), {_LIVE} FROM `{t}` "
-        "WHERE name = %s AND rkey = %s"
+    read = (  # what a claim decides on (see _judge): the lock prefix, name, key
+        "SELECT IF(IFNULL(expires_at > NOW(6), 1), value, NULL), TIMESTAMPDIFF(MICROSECOND, "
+        f"made_at, NOW(6)), TIMESTAMPDIFF(MICROSECOND, NOW(6), cool_until), holder, {_LIVE} "
+        f"FROM `{t}` WHERE name = %s AND rkey = %s"
     )
     # The name, key, fence and lock prefix of a lease still held (lock names are unique).
     held = f"WHERE name = %s AND rkey = %s AND fence = %s AND {_LIVE}"
@@ -392,15 +390,12 @@ def _judge(rows: list[Any], refresh: float | None) -> Served | Cooling | Held | 
     """What a claim finds in a read's ``rows`` (None: no value to serve and the lease free)."""
     if not rows:
         return None
-    value, made, expires, cool, holder, now, live = rows[0]
-    if expires is not None and expires <= now:
-        value = None
-    cooling = cool is not None and cool > now
-    if value is not None:
-        if refresh is None or (now - made).total_seconds() < refresh or live or cooling:
-            return Served(value)
-    elif cooling:
-        return Cooling((cool - now).total_seconds())
+    value, age, cool, holder, live = rows[0]  # the value unless expired; age, cooldown left: µs
+    cooling = cool is not None and cool > 0
+    if value is not None and (refresh is None or age < _us(refresh) or live or cooling):
+        return Served(value)
+    if value is None and cooling:
+        return Cooling(cool / 1_000_000)
     return Held(holder) if live else None
 
 
