@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import hashlib
 import math
 import re
@@ -44,15 +43,13 @@ if TYPE_CHECKING:
 #: Seconds between the listener's polls while no follower waits (resets arrive within 1 s).
 IDLE_POLL = 0.25
 _PRUNE_EVERY, _KEEP_EVENTS, _BATCH = 30.0, 60.0, 500  # seconds, seconds, rows
+_LATE = 1.0  # seconds an event may commit after one with a larger id (drawn after its own)
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 _LIVE = "lease_until > NOW(6) AND IS_USED_LOCK(CONCAT(%s, fence)) IS NOT NULL"
-_HELD = "name = %s AND rkey = %s AND fence = %s AND " + _LIVE  # fence: lock names are unique
 # Nothing to serve (a row without a value expires when made), no cooldown, no live lease.
 _DEAD = (
     "expires_at <= NOW(6) AND IFNULL(cool_until <= NOW(6), 1) AND IFNULL(lease_until <= NOW(6), 1)"
 )
-# A record's change (a leader's end, a reset and its origin), for every process's listener.
-_EVENT = "INSERT INTO `{}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, %s, %s)"
 _LOGIN = {1044, 1045, 1049, 1251, 1698, 2059}  # login or database refused: not an outage
 _GONE = {1040, 1053, 1152, 1158, 1159, 1160, 1161, 1205, 1213, 1927, 2002, 2003, 2006, 2013}
 
@@ -88,7 +85,6 @@ class MySQLBackend(StoreBackend):
         ssl: ssl_module.SSLContext | None = None,
         **options: Unpack[LeaseOptions],
     ) -> None:
-        self._scrub = Scrubber(url)
         if not isinstance(table, str) or not _TABLE.fullmatch(table):
             raise ValueError(
                 f"MySQLBackend(table={table!r}): give a table name of at most 51 letters, "
@@ -96,12 +92,16 @@ class MySQLBackend(StoreBackend):
             )
         super().__init__(**options)
         self.table = table
+        self._shown = f"MySQLBackend({Scrubber(url).shown}, table={table})"
         self.max_connections = whole("MySQLBackend", "max_connections", max_connections, least=1)
         self.poll_interval: float = seconds("poll_interval", poll_interval)
         self._trip = min(self.wait_timeout or math.inf, 300.0)  # a round trip's bound
         self._connect_timeout = seconds("connect_timeout", connect_timeout)
-        self._args = _connect_args(url, self.describe(), ssl)
-        self._tables = True  # until a connection made them: DDL runs cluster-wide (binlog, Galera)
+        self._args = _connect_args(url, self._shown, ssl)
+        self._sql = _statements(table, math.ceil(self._trip))
+        # A new connection's first statements; until one has made the tables, these too (a
+        # CREATE TABLE that finds its table still runs cluster-wide: binlog, Galera).
+        self._init = f"{self._sql['session']}; {self._sql['tables']}"
         self._loops: dict[Wakeups, _Loop] = {}  # each loop's connections, by its listener
         digest = hashlib.sha256(f"{self._args['db']}\0{table}".encode()).hexdigest()[:20]
         self._lock_prefix = f"fastapi_once.{digest}."  # + fence: at most 53 characters
@@ -109,74 +109,46 @@ class MySQLBackend(StoreBackend):
 
     def describe(self) -> str:
         """``MySQLBackend(<url with the password masked>, table=...)``."""
-        return f"MySQLBackend({self._scrub.shown}, table={self.table})"
+        return self._shown
 
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
     ) -> Claim:
         """See ``LeaseStore.claim``: a read, then (unless it decides) a transaction."""
-        db, t, where = self._here(), self.table, (self._lock_prefix, name, key)
-        read = f"SELECT value, made_at, expires_at, cool_until, holder, NOW(6), {_LIVE} FROM `{t}`"
-        read += " WHERE name = %s AND rkey = %s"
+        db, where = self._here(), (self._lock_prefix, name, key)
         async with self._lend(db) as conn:
-            found = _judge(await self._run(conn, read, where), refresh)
+            found = _judge(await self._run(conn, self._sql["read"], where), refresh)
             if found is not None:  # read without a lock: as good as with one
                 return found
-            await self._run(conn, "START TRANSACTION")
-            await self._run(  # takes the row's lock until COMMIT
-                conn,
-                f"INSERT INTO `{t}` (name, rkey, expires_at) VALUES (%s, %s, NOW(6)) "
-                "ON DUPLICATE KEY UPDATE rkey = rkey",
-                (name, key),
-            )
-            result: Claim | None = _judge(await self._run(conn, read, where), refresh)
-            if result is None:  # the lease is free: take it
-                await self._run(conn, f"INSERT INTO `{t}_fence` () VALUES ()")
-                fence = int(conn.insert_id())
-                lock = self._lock_prefix + str(fence)
-                session = await self._lock(db, "SELECT GET_LOCK(%s, 0)", lock)
-                await self._run(
-                    conn,
-                    f"UPDATE `{t}` SET fence = %s, holder = %s, lease_until = NOW(6) + "
-                    "INTERVAL %s MICROSECOND WHERE name = %s AND rkey = %s",
-                    (fence, holder[:255], _us(lease), name, key),
-                )
-                result = Lease(name, key, fence, (lock, session))
-            await self._run(conn, "COMMIT")
-        return result
+            # The row, made if missing, stays locked until COMMIT; read again under its lock.
+            found = _judge(await self._run(conn, self._sql["lock"], (name, key, *where)), refresh)
+            if found is not None:
+                await self._run(conn, "COMMIT")
+                return found
+            await self._run(conn, self._sql["fence"])  # the lease is free: take it
+            fence = int(conn.insert_id())
+            lock = self._lock_prefix + str(fence)
+            session = await self._lock(db, "SELECT GET_LOCK(%s, 0)", lock)
+            args = (fence, holder[:255], _us(lease), name, key)
+            await self._run(conn, self._sql["take"], args)  # and COMMIT
+        return Lease(name, key, fence, (lock, session))
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
         """See ``LeaseStore.renew``: False also when its lock session ended."""
-        change = "lease_until = NOW(6) + INTERVAL %s MICROSECOND"
-        return await self._end(lease, change, (_us(seconds),), final=False)
+        return await self._end(lease, "renew", (_us(seconds),), final=False)
 
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
         """See ``LeaseStore.complete``."""
-        change = (
-            "value = %s, made_at = NOW(6), expires_at = NOW(6) + INTERVAL %s MICROSECOND, "
-            "cool_until = NULL, lease_until = NULL, holder = NULL"
-        )
-        return await self._end(lease, change, (value, _us(ttl)), final=True)
+        return await self._end(lease, "complete", (value, _us(ttl)), final=True)
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
         """See ``LeaseStore.abandon``."""
-        change = (
-            "cool_until = COALESCE(NOW(6) + INTERVAL %s MICROSECOND, cool_until), "
-            "lease_until = NULL, holder = NULL"
-        )
-        await self._end(lease, change, (_us(cooldown),), final=True)
+        await self._end(lease, "abandon", (_us(cooldown),), final=True)
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """See ``LeaseStore.clear``: the reset goes to the events log."""
-        db = self._here()
-        async with self._lend(db) as conn:
-            await self._run(
-                conn,
-                f"UPDATE `{self.table}` SET value = NULL, made_at = NULL, expires_at = NOW(6), "
-                "cool_until = NULL WHERE name = %s AND rkey = COALESCE(%s, rkey)",
-                (name, key),
-            )
-            await self._run(conn, _EVENT.format(self.table), (name, key, origin))
+        async with self._lend(self._here()) as conn:
+            await self._run(conn, self._sql["clear"], (name, key, name, key, origin))
 
     @contextlib.asynccontextmanager
     async def watch(self, name: str, key: str) -> AsyncIterator[Watch]:
@@ -191,15 +163,14 @@ class MySQLBackend(StoreBackend):
         await self._listeners.stop()
 
     async def _end(self, lease: Lease, change: str, args: tuple[Any, ...], final: bool) -> bool:
-        """Apply ``change`` if ``lease`` is held, and whether it was (``final``: free it too)."""
+        """Run the ``change`` statement if ``lease`` is held, and whether it was (``final``:
+        the statement tells the listeners of the leader's end; free the lock too)."""
         (lock, session), db, held = lease.handle, self._here(), False
         if session.connected:  # else its locks are gone
+            where = (lease.name, lease.key, lease.fence, self._lock_prefix)
+            args = (*args, *where, *(where[:2] if final else ()))
             async with self._lend(db) as conn:
-                sql = f"UPDATE `{self.table}` SET {change} WHERE {_HELD}"
-                where = (lease.name, lease.key, lease.fence, self._lock_prefix)
-                held = await self._run(conn, sql, (*args, *where), rows=False) == 1
-                if held and final:
-                    await self._run(conn, _EVENT.format(self.table), (lease.name, lease.key, None))
+                held = await self._run(conn, self._sql[change], args, rows=False) == 1
             if final:
                 with contextlib.suppress(BackendError):
                     await self._lock(db, "SELECT RELEASE_LOCK(%s)", lock, session)
@@ -214,38 +185,42 @@ class MySQLBackend(StoreBackend):
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Poll the events log, waking watches and hearing resets; prune now and then. Ends with
-        its loop (or aclose), closing the loop's connections."""
+        its loop (or aclose), closing the loop's connections.
+
+        Events are read by id, not by the server's time (which a clock set back, or a failover
+        to a server whose clock is behind, moves back): each poll reads those after the newest
+        id a poll saw ``_LATE`` or more before it began, and handles those the last did not.
+        """
         db = self._here(wakeups)
-        start = since = None  # the server's time at the first poll; events after since are read
-        seen: set[int] = set()  # the events after since, handled
+        after: int | None = None  # the events after this id are read (none at the first poll)
+        mark = (math.inf, 0)  # when a poll answered, and the newest id then: the next ``after``
+        seen: set[int] = set()  # the events the last poll read: the next one reads them again
         pruned, failures = time.monotonic(), 0
-        sql = (  # the server's time first (a NULL id sorts first), then the events by id
-            f"SELECT NULL, NOW(6), NULL, NULL, NULL UNION ALL SELECT id, at, name, rkey, origin "
-            f"FROM `{self.table}_events` WHERE at > GREATEST(IFNULL(%s, NOW(6)), NOW(6) - "
-            f"INTERVAL {_us(_KEEP_EVENTS)} MICROSECOND) ORDER BY 1"
-        )
         try:
             while True:
+                sent = time.monotonic()
                 try:
                     async with self._lend(db) as conn:
-                        rows = await self._run(conn, sql, (since,))
+                        rows = await self._run(conn, self._sql["poll"], (after,))
                 except BackendError:  # StoreUnavailableError among them
                     wakeups.listening.clear()
                     wakeups.wake_all()  # changes may have been missed
                     await anyio.sleep(backoff(failures))
                     failures += 1
                     continue
-                (_, now, *_), events, failures = rows[0], rows[1:], 0
-                start = start or now  # events may commit up to 1 s late; none before the start
-                since = max(now - datetime.timedelta(seconds=1), start)
-                for event_id, _, name, key, origin in events:
-                    if event_id in seen:
+                top, failures = rows[0][0], 0
+                if after is None or top < after:  # the start, or the newest events are gone
+                    after, mark = top, (time.monotonic(), top)
+                elif mark[0] <= sent - _LATE:  # every id up to the mark's was committed by then
+                    after, mark = mark[1], (time.monotonic(), top)
+                for _, event_id, name, key, origin in rows:
+                    if event_id is None or event_id in seen:
                         continue
                     if origin is None:  # a leader's end
                         wakeups.wake(_record(name, key))
                     else:
                         wakeups.announce(Reset(name, key, origin), _record, self.heard)
-                seen = {event[0] for event in events if event[1] > since}
+                seen = {row[1] for row in rows}
                 wakeups.listening.set()
                 if time.monotonic() - pruned > _PRUNE_EVERY:  # after the wake-ups
                     pruned = time.monotonic()
@@ -266,29 +241,24 @@ class MySQLBackend(StoreBackend):
     async def _prune(self, db: _Loop) -> bool:
         """Delete a batch of each: records with nothing left, old events, all fences but the
         newest (it keeps the counter up across restarts). Whether a batch was full."""
-        t, deleted, old = self.table, 0, "at < NOW(6) - INTERVAL %s MICROSECOND"
-        # A derived table, which MySQL reads whole before it deletes from the same table.
-        newest = f"(SELECT top FROM (SELECT MAX(id) AS top FROM `{t}_fence`) AS f)"
         async with self._lend(db) as conn:
-            for sql, args in (
-                (f"DELETE FROM `{t}` WHERE {_DEAD} LIMIT %s", ()),
-                (f"DELETE FROM `{t}_events` WHERE {old} LIMIT %s", (_us(_KEEP_EVENTS),)),
-                (f"DELETE FROM `{t}_fence` WHERE id < {newest} LIMIT %s", ()),
-            ):
-                deleted = max(deleted, await self._run(conn, sql, (*args, _BATCH), rows=False))
-        return deleted >= _BATCH
+            deleted: list[int] = [
+                await self._run(conn, self._sql[which], (*args, _BATCH), rows=False)
+                for which, args in (("dead", ()), ("old", (_us(_KEEP_EVENTS),)), ("fences", ()))
+            ]
+        return max(deleted) >= _BATCH
 
     async def _connect(self) -> Any:
-        """A new connection (see ``_session``); the driver closes it if connecting fails."""
+        """A new connection (see ``_init``); the driver closes it if connecting fails."""
         with self._errors("connecting"), anyio.fail_after(self._connect_timeout):
             conn = await asyncmy.connect(
                 **self._args,
                 autocommit=True,
                 client_flag=FOUND_ROWS,  # UPDATE counts the rows it matched
                 connect_timeout=self._connect_timeout,
-                init_command=_session(self.table, math.ceil(self._trip), self._tables),
+                init_command=self._init,
             )
-        self._tables = False
+        self._init = self._sql["session"]  # the tables exist
         return conn
 
     @contextlib.asynccontextmanager
@@ -309,10 +279,13 @@ class MySQLBackend(StoreBackend):
     async def _run(
         self, conn: Any, sql: str, args: Any = (), *, rows: bool = True, trip: float = math.inf
     ) -> Any:
-        """One round trip (bounded) and its rows (``rows=False``: how many it matched)."""
+        """One round trip (bounded) of one statement or several, and the last one's rows
+        (``rows=False``: how many the first one matched)."""
         with self._errors("running a statement"), anyio.fail_after(min(trip, self._trip)):
             async with conn.cursor() as cur:
                 matched = await cur.execute(sql, args)
+                while await cur.nextset():  # the next statement's result (its error raises)
+                    pass
                 return list(await cur.fetchall()) if rows else matched
 
     async def _lock(self, db: _Loop, sql: str, name: str, session: Any = None) -> Any:
@@ -339,13 +312,7 @@ class MySQLBackend(StoreBackend):
 
     def _errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
         """The driver's errors in the block as the store's (their type and code, never text)."""
-        return store_errors(
-            self.describe(),
-            doing,
-            Exception,
-            outage=_outage,
-            refused=lambda e: error_code(e) in _LOGIN,
-        )
+        return store_errors(self._shown, doing, Exception, outage=_outage, refused=_refused)
 
 
 @dataclass
@@ -360,6 +327,61 @@ class _Loop:
     closed: bool = False  # the loop's listener ended: connections given back close
 
 
+def _statements(t: str, waits: int) -> dict[str, str]:
+    """The store's statements on the tables named after ``t``, made once per backend (``%s``:
+    the arguments; ``waits``: the server's lock waits, in seconds)."""
+    read = (  # what a claim decides on (see _judge): the lock prefix, name, key
+        "SELECT IF(IFNULL(expires_at > NOW(6), 1), value, NULL), TIMESTAMPDIFF(MICROSECOND, "
+        f"made_at, NOW(6)), TIMESTAMPDIFF(MICROSECOND, NOW(6), cool_until), holder, {_LIVE} "
+        f"FROM `{t}` WHERE name = %s AND rkey = %s"
+    )
+    # The name, key, fence and lock prefix of a lease still held (lock names are unique).
+    held = f"WHERE name = %s AND rkey = %s AND fence = %s AND {_LIVE}"
+    # A record's change (a reset and its origin, or a leader's end), for every listener.
+    event = f"INSERT INTO `{t}_events` (at, name, rkey, origin) SELECT NOW(6), %s, %s, "
+    end = f"; {event}NULL FROM DUAL WHERE ROW_COUNT() = 1"  # if the lease was held
+    until = "NOW(6) + INTERVAL %s MICROSECOND"
+    name = "VARCHAR(700) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
+    key = "VARCHAR(40) CHARACTER SET ascii COLLATE ascii_bin"
+    return {
+        "read": read,
+        "lock": f"START TRANSACTION; INSERT INTO `{t}` (name, rkey, expires_at) VALUES "
+        f"(%s, %s, NOW(6)) ON DUPLICATE KEY UPDATE rkey = rkey; {read}",
+        "fence": f"INSERT INTO `{t}_fence` () VALUES ()",
+        "take": f"UPDATE `{t}` SET fence = %s, holder = %s, lease_until = {until} "
+        "WHERE name = %s AND rkey = %s; COMMIT",
+        "renew": f"UPDATE `{t}` SET lease_until = {until} {held}",
+        "complete": f"UPDATE `{t}` SET value = %s, made_at = NOW(6), expires_at = {until}, "
+        f"cool_until = NULL, lease_until = NULL, holder = NULL {held}{end}",
+        "abandon": f"UPDATE `{t}` SET cool_until = COALESCE({until}, cool_until), "
+        f"lease_until = NULL, holder = NULL {held}{end}",
+        "clear": f"UPDATE `{t}` SET value = NULL, made_at = NULL, expires_at = NOW(6), "
+        f"cool_until = NULL WHERE name = %s AND rkey = COALESCE(%s, rkey); {event}%s",
+        # The newest id, then the events after the id given (none for NULL), by id.
+        "poll": f"SELECT m.top, e.id, e.name, e.rkey, e.origin FROM (SELECT IFNULL(MAX(id), "
+        f"0) AS top FROM `{t}_events`) AS m LEFT JOIN `{t}_events` AS e ON e.id > %s "
+        "ORDER BY e.id",
+        "dead": f"DELETE FROM `{t}` WHERE {_DEAD} LIMIT %s",
+        "old": f"DELETE FROM `{t}_events` WHERE at < NOW(6) - INTERVAL %s MICROSECOND LIMIT %s",
+        # A derived table, which MySQL reads whole before it deletes from the same table.
+        "fences": f"DELETE FROM `{t}_fence` WHERE id < (SELECT top FROM (SELECT MAX(id) AS "
+        f"top FROM `{t}_fence`) AS f) LIMIT %s",
+        # A new connection's: UTC, READ COMMITTED, the server's lock waits bounded, an idle
+        # timeout of a year (a lock session, or a kept connection, may idle).
+        "session": "SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout = 31536000, "
+        f"innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}; "
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        "tables": f"CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, value "
+        "LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, made_at DATETIME(6), expires_at "
+        "DATETIME(6), cool_until DATETIME(6), fence BIGINT, lease_until DATETIME(6), holder "
+        "VARCHAR(255), PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB "
+        f"ROW_FORMAT=DYNAMIC; CREATE TABLE IF NOT EXISTS `{t}_fence` (id BIGINT NOT NULL "
+        f"AUTO_INCREMENT PRIMARY KEY) ENGINE=InnoDB; CREATE TABLE IF NOT EXISTS `{t}_events` "
+        f"(id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, at DATETIME(6) NOT NULL, name {name}"
+        f", rkey {key}, origin VARCHAR(255), KEY (at)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC",
+    }
+
+
 def _record(name: str, key: str) -> str:  # a record's name for the listener and the watches
     return f"{name}\0{key}"
 
@@ -368,15 +390,12 @@ def _judge(rows: list[Any], refresh: float | None) -> Served | Cooling | Held | 
     """What a claim finds in a read's ``rows`` (None: no value to serve and the lease free)."""
     if not rows:
         return None
-    value, made, expires, cool, holder, now, live = rows[0]
-    if expires is not None and expires <= now:
-        value = None
-    cooling = cool is not None and cool > now
-    if value is not None:
-        if refresh is None or (now - made).total_seconds() < refresh or live or cooling:
-            return Served(value)
-    elif cooling:
-        return Cooling((cool - now).total_seconds())
+    value, age, cool, holder, live = rows[0]  # the value unless expired; age, cooldown left: µs
+    cooling = cool is not None and cool > 0
+    if value is not None and (refresh is None or age < _us(refresh) or live or cooling):
+        return Served(value)
+    if value is None and cooling:
+        return Cooling(cool / 1_000_000)
     return Held(holder) if live else None
 
 
@@ -385,37 +404,15 @@ def _us(value: float | None) -> int | None:
     return None if value is None else round(value * 1_000_000)
 
 
-def _session(t: str, waits: int, tables: bool) -> str:
-    """A new connection's first statements: UTC, READ COMMITTED, the server's lock waits of
-    ``waits`` seconds, an idle timeout of a year (a lock session, or a kept connection, may
-    idle); with ``tables``, the tables made if missing."""
-    name = "VARCHAR(700) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL"
-    key = "VARCHAR(40) CHARACTER SET ascii COLLATE ascii_bin"
-    session = (
-        "SET SESSION time_zone = '+00:00', sql_notes = 0, wait_timeout = 31536000, "
-        f"innodb_lock_wait_timeout = {waits}, lock_wait_timeout = {waits}; "
-        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
-    )
-    if not tables:
-        return session
-    return session + (
-        f"; CREATE TABLE IF NOT EXISTS `{t}` (name {name}, rkey {key} NOT NULL, value LONGTEXT "
-        "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, made_at DATETIME(6), expires_at DATETIME(6),"
-        " cool_until DATETIME(6), fence BIGINT, lease_until DATETIME(6), holder VARCHAR(255), "
-        "PRIMARY KEY (name, rkey), KEY (expires_at)) ENGINE=InnoDB ROW_FORMAT=DYNAMIC; "
-        f"CREATE TABLE IF NOT EXISTS `{t}_fence` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY)"
-        " ENGINE=InnoDB; "
-        f"CREATE TABLE IF NOT EXISTS `{t}_events` (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY "
-        f"KEY, at DATETIME(6) NOT NULL, name {name}, rkey {key}, origin VARCHAR(255), KEY (at))"
-        " ENGINE=InnoDB ROW_FORMAT=DYNAMIC"
-    )
-
-
 def _outage(exc: Exception) -> bool:
     lost = not error_code(exc) and isinstance(exc, DriverError)  # e.g. a closed connection's 0
     return (
         isinstance(exc, (OSError, asyncio.IncompleteReadError)) or error_code(exc) in _GONE or lost
     )
+
+
+def _refused(exc: Exception) -> bool:
+    return error_code(exc) in _LOGIN
 
 
 def _connect_args(url: str, shown: str, ssl: ssl_module.SSLContext | None) -> dict[str, Any]:

@@ -301,8 +301,9 @@ async def test_records_with_nothing_left_to_serve_are_pruned_and_the_others_kept
 async def test_a_reset_is_heard_once_though_the_next_polls_read_it_again(
     mariadb_server: MariaDBServer, table: str
 ) -> None:
-    """Each poll reads the events of the last second (one may commit up to 1 s after its time):
-    a reset from another process is heard once, not at every poll that reads it."""
+    """Each poll reads the events after the newest id a poll saw a second before (one may
+    commit up to 1 s after a newer one): a reset from another process is heard once, not at
+    every poll that reads it."""
     listening, other = (
         MySQLBackend(mariadb_server.url, table=table),
         MySQLBackend(mariadb_server.url, table=table),
@@ -315,3 +316,75 @@ async def test_a_reset_is_heard_once_though_the_next_polls_read_it_again(
     assert heard == [Reset("tests.mysql.heard-once", None, "other")]
     await listening.aclose()
     await other.aclose()
+
+
+async def test_a_reset_written_while_the_servers_clock_is_set_back_is_heard_once(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """The server's clock steps back an hour (NTP, a failover to a server whose clock is
+    behind) after the listener has polled: a reset written then, with that time, is heard all
+    the same (the listener reads events by id, not by the server's time), and once."""
+    listening = MySQLBackend(mariadb_server.url, table=table)
+    heard: list[Reset] = []
+    first = anyio.Event()
+
+    def hear(reset: Reset) -> None:
+        heard.append(reset)
+        first.set()
+
+    listening.bind(hear)
+    name = "tests.mysql.clock-back"
+    async with listening.watch(name, UNKEYED):  # its listener has polled: the tables exist
+        # The store's own event, written by a session whose clock is an hour behind.
+        await query(
+            mariadb_server,
+            "SET TIMESTAMP = UNIX_TIMESTAMP(NOW(6)) - 3600; INSERT INTO "
+            f"`{table}_events` (at, name, rkey, origin) VALUES (NOW(6), %s, NULL, 'other')",
+            name,
+        )
+        behind = await query(
+            mariadb_server, f"SELECT TIMESTAMPDIFF(SECOND, at, NOW(6)) FROM `{table}_events`"
+        )
+        assert behind[0][0] >= 3599  # the server took the session's time as NOW(6)
+        with anyio.fail_after(5):  # a hang guard: it is heard within about 25 ms
+            await first.wait()
+        await anyio.sleep(1.5)  # about 60 polls more: it is not heard again
+    assert heard == [Reset(name, None, "other")]
+    await listening.aclose()
+
+
+async def test_resets_are_heard_after_the_events_ids_start_again(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """The events log emptied (pruned after a quiet minute) and its ids started again from 1
+    (as MySQL 5.7 does for an empty table when it restarts): the listener reads the new ids,
+    not only those above the newest it had seen."""
+    listening = MySQLBackend(mariadb_server.url, table=table)
+    heard: list[Reset] = []
+    more = anyio.Event()
+
+    def hear(reset: Reset) -> None:
+        heard.append(reset)
+        more.set()
+
+    listening.bind(hear)
+    name = "tests.mysql.ids-again"
+    async with listening.watch(name, UNKEYED):  # its listener polls every 25 ms
+        for _ in range(3):
+            await listening.clear(name, None, origin="before")
+        with anyio.fail_after(5):  # a hang guard
+            while len(heard) < 3:
+                more = anyio.Event()
+                await more.wait()
+        await anyio.sleep(2.2)  # the listener now reads only the ids above them (1 s to 2 s)
+        await query(mariadb_server, f"DELETE FROM `{table}_events`")
+        await anyio.sleep(0.3)  # the listener's polls find the log empty
+        await query(mariadb_server, f"ALTER TABLE `{table}_events` AUTO_INCREMENT = 1")
+        more = anyio.Event()
+        await listening.clear(name, None, origin="after")
+        ids = await query(mariadb_server, f"SELECT id FROM `{table}_events`")
+        assert ids == [(1,)]  # the ids started again
+        with anyio.fail_after(5):  # a hang guard: it is heard within about 25 ms
+            await more.wait()
+    assert heard == [Reset(name, None, "before")] * 3 + [Reset(name, None, "after")]
+    await listening.aclose()
