@@ -8,11 +8,12 @@ import contextlib
 import math
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 
-from ._base import Scrubber, store_errors
+from ._base import PerLoop, holder_id, store_errors
 
 try:
     import asyncpg  # type: ignore[import-untyped]
@@ -56,39 +57,27 @@ _CONNINFO = re.compile(r"\s*([A-Za-z_]+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']+)\s*")
 
 
 class Connections:
-    """One store's connections in each event loop (only the loop's own thread touches its
-    entries), and how its driver errors read.
+    """One store's connections in each event loop, and how its driver errors read.
 
     Args:
-        dsn: the store's URL or libpq ``key=value`` string.
-        options: the rest of ``asyncpg.connect()``'s arguments (bounds, application_name).
+        args: ``asyncpg.connect()``'s arguments but ``server_settings`` (see
+            :func:`connect_args`; ``command_timeout`` bounds every statement).
         pool_size: the most pooled connections per loop.
         setup: run on every new connection's first use until it has made the tables.
         describe: the store's description, for errors.
-
-    Raises:
-        ValueError: a ``key=value`` string that cannot be parsed or has an unknown keyword.
+        refusal: the error of a use outside an asyncio event loop.
     """
 
     def __init__(
         self,
-        dsn: str,
-        options: Callable[[], dict[str, Any]],
+        args: dict[str, Any],
         pool_size: int,
         setup: Callable[[Any], Awaitable[None]],
         describe: Callable[[], str],
+        refusal: str,
     ) -> None:
-        self.scrub = Scrubber(dsn)
-        self._args = connect_args(dsn, self.scrub)
-        self._options, self._pool_size, self._setup = options, pool_size, setup
-        self._describe = describe
-        self._pools: dict[asyncio.AbstractEventLoop, Any] = {}
-        # The loop's own connection (its listener's, lent to statements while free) and the
-        # lock held by the statement that uses it; end() replaces the lock.
-        self._own: dict[asyncio.AbstractEventLoop, Any] = {}
-        self._using: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
-        self._out: dict[asyncio.AbstractEventLoop, set[Any]] = {}  # lock sessions not idle
-        self._idle: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        self._args, self._pool_size, self._setup, self._describe = args, pool_size, setup, describe
+        self._loops = PerLoop(_Loop, refusal)  # until end()
 
     def errors(self, doing: str) -> contextlib.AbstractContextManager[None]:
         """The driver's errors in the block as the store's (see ``_base.store_errors``)."""
@@ -97,38 +86,43 @@ class Connections:
         )
 
     async def run(
-        self, doing: str, statement: Callable[[Any], Awaitable[T]], *, wait: float = 0.0
+        self,
+        doing: str,
+        statement: Callable[[Any], Awaitable[T]],
+        *,
+        wait: float = 0.0,
+        listener: bool = False,
     ) -> T:
-        """``statement(conn)`` on the loop's own connection (its listener's; connected on first
-        use and once ended) if it is free within ``wait`` seconds, else on a pooled one; errors
-        as :meth:`errors`. There, the listener's statements (``wait`` > 0) run in its task (its
-        end cancels them), others in a task of their own (a caller cancelled meanwhile leaves
-        it to finish, the connection clean). A statement cut off there (a timeout) or failed
-        but not refused ends the connection (maybe left mid-statement); one the server cut off
-        keeps it; one that finds it ended unseen (the loop was busy) runs once more on a new
-        one (the statements are reads and deletes)."""
-        loop = asyncio.get_running_loop()
+        """``statement(conn)`` on the loop's own connection if it is free within ``wait``
+        seconds, else on a pooled one; errors as :meth:`errors`. On its own connection, the
+        ``listener``'s statements run in its task (its end cancels them; a task made as the
+        loop shuts down would outlive it), others in a task of their own (a caller cancelled
+        meanwhile leaves it to finish, the connection clean)."""
+        here = self._loops.get()
         with self.errors(doing):
-            using = self._using.setdefault(loop, asyncio.Lock())
             # Free: taken at once (no wait), so the statements started next go pooled.
-            with anyio.move_on_after(wait if using.locked() else math.inf) as waited:
-                await using.acquire()
+            with anyio.move_on_after(wait if here.using.locked() else math.inf) as waited:
+                await here.using.acquire()
             if waited.cancelled_caught:
                 return await self._pooled(statement)
-            if wait:
-                return await self._owned(using, statement)
-            task = loop.create_task(self._owned(using, statement))
+            if listener:
+                return await self._owned(here, statement)
+            task = asyncio.get_running_loop().create_task(self._owned(here, statement))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
             return await asyncio.shield(task)
 
-    async def _owned(self, using: asyncio.Lock, statement: Callable[[Any], Awaitable[T]]) -> T:
-        loop = asyncio.get_running_loop()
-        try:  # ``using`` is held: released here
+    async def _owned(self, here: _Loop, statement: Callable[[Any], Awaitable[T]]) -> T:
+        """``statement`` on ``here.own`` (connected on first use and once ended), ``here.using``
+        held: released here. A statement cut off there (a timeout) or failed but not refused
+        ends the connection (maybe left mid-statement); one the server cut off keeps it; one
+        that finds it ended unseen (the loop was busy) runs once more on a new one (the
+        statements are reads and deletes)."""
+        try:
             while True:
-                conn: Any = self._own.get(loop)
-                fresh = conn is None or conn.is_closed()
+                fresh = here.own is None or here.own.is_closed()
                 if fresh:
-                    conn = self._own[loop] = await self.connect()
+                    here.own = await self.connect()
+                conn = here.own
                 try:
                     return await statement(conn)
                 except BaseException as exc:
@@ -136,30 +130,30 @@ class Connections:
                     if lost or not isinstance(exc, asyncpg.PostgresError):
                         conn.terminate()
                     # Once only; not after a timeout, nor once end() ended the loop's
-                    # connections (this one among them): a connection made now would outlive them.
-                    timeout = isinstance(exc, asyncio.TimeoutError)
-                    if fresh or not lost or timeout or self._using.get(loop) is not using:
+                    # connections (this one among them): the loop's listener has ended.
+                    if fresh or not lost or isinstance(exc, asyncio.TimeoutError) or here.ended:
                         raise
         finally:
-            using.release()
+            here.using.release()
+            if here.ended and here.own is not None:  # made while end() ran: ends as the others
+                here.own.terminate()
 
     async def _pooled(self, statement: Callable[[Any], Awaitable[T]]) -> T:
-        loop, options = asyncio.get_running_loop(), {**self._args, **self._options()}
-        pool = self._pools.get(loop)
-        if pool is None:  # min_size=0: made without a round trip, so without a race
+        here = self._loops.get()
+        if here.pool is None:  # min_size=0: made without a round trip, so without a race
             # reset: the pooled statements leave no session state to reset, so a
             # connection goes back without asyncpg's reset query (a round trip).
-            pool = self._pools[loop] = await asyncpg.create_pool(
-                min_size=0, max_size=self._pool_size, reset=_keep, **options
+            here.pool = await asyncpg.create_pool(
+                min_size=0, max_size=self._pool_size, reset=_keep, **self._connect_args()
             )
-        async with pool.acquire(timeout=options["command_timeout"]) as conn:
+        async with here.pool.acquire(timeout=self._args["command_timeout"]) as conn:
             await self._setup(conn)
             return await statement(conn)
 
     async def connect(self) -> Any:
         """A connection of its own (a lock session, or a listener's)."""
         with self.errors("connecting"):
-            conn = await asyncpg.connect(**self._args, **self._options())
+            conn = await asyncpg.connect(**self._connect_args())
             try:
                 await self._setup(conn)
             except BaseException:
@@ -169,44 +163,61 @@ class Connections:
 
     async def session(self) -> Any:
         """An idle lock session of this loop's, or a new one, out until :meth:`release`."""
-        loop = asyncio.get_running_loop()
-        idle = self._idle.get(loop, [])
-        while idle and idle[-1].is_closed():
-            idle.pop()
-        conn = idle.pop() if idle else await self.connect()
-        self._out.setdefault(loop, set()).add(conn)
+        here = self._loops.get()
+        while here.idle and here.idle[-1].is_closed():
+            here.idle.pop()
+        conn = here.idle.pop() if here.idle else await self.connect()
+        here.out.add(conn)
         return conn
 
     def release(self, conn: Any, *, keep: bool) -> None:
         """Keep a lock session that holds nothing (``keep``) for the next claim, up to
-        :data:`IDLE_SESSIONS`; else end it, and its lock."""
-        loop = asyncio.get_running_loop()
-        self._out.get(loop, set()).discard(conn)
-        idle = self._idle.setdefault(loop, [])
-        if keep and not conn.is_closed() and len(idle) < IDLE_SESSIONS:
-            idle.append(conn)
+        :data:`IDLE_SESSIONS`, unless the loop's connections have ended since it was lent
+        (their :meth:`end` ends those kept); else end it, and its lock."""
+        here = self._loops.get()
+        if keep and conn in here.out and not conn.is_closed() and len(here.idle) < IDLE_SESSIONS:
+            here.idle.append(conn)
         else:
             conn.terminate()
+        here.out.discard(conn)
 
     def end(self) -> None:
         """End the running loop's connections: its own, its pool, its lock sessions idle or
         out (a lease's renewal then finds it lost)."""
-        loop = asyncio.get_running_loop()
-        self._using.pop(loop, None)
-        own = self._own.pop(loop, None)
-        for conn in [*self._out.pop(loop, ()), *self._idle.pop(loop, ()), *([own] if own else [])]:
-            conn.terminate()
-        pool = self._pools.pop(loop, None)
-        if pool is not None:
-            pool.terminate()
+        here = self._loops.pop()
+        if here is not None:
+            here.ended = True
+            for conn in [*here.out, *here.idle, *([here.own] if here.own else [])]:
+                conn.terminate()
+            if here.pool is not None:
+                here.pool.terminate()
+
+    def _connect_args(self) -> dict[str, Any]:
+        """The arguments of a connection: the process's name for followers (after a fork, the
+        child's)."""
+        name = (APPLICATION + holder_id())[:63]
+        return {**self._args, "server_settings": {"application_name": name}}
+
+
+@dataclass
+class _Loop:
+    """One event loop's connections; only that loop's thread touches them."""
+
+    own: Any = None  # its own connection: its listener's, lent to statements while free
+    using: asyncio.Lock = field(default_factory=asyncio.Lock)  # held by the statement on own
+    pool: Any = None  # for the statements that overlap one on own
+    out: set[Any] = field(default_factory=set)  # lock sessions lent to claims
+    idle: list[Any] = field(default_factory=list)  # lock sessions kept for the next claims
+    ended: bool = False  # end() ended them: a connection made meanwhile ends after its statement
 
 
 async def _keep(conn: Any) -> None:
-    """A pooled connection's reset: nothing (see :meth:`Connections.run`)."""
+    """A pooled connection's reset: nothing (see ``Connections._pooled``)."""
 
 
-def connect_args(dsn: str, scrub: Scrubber) -> dict[str, Any]:
-    """asyncpg.connect()'s arguments for ``dsn``: a URL as it is, a libpq string parsed.
+def connect_args(dsn: str, shown: str) -> dict[str, Any]:
+    """asyncpg.connect()'s arguments for ``dsn``: a URL as it is, a libpq string parsed
+    (``shown``: the DSN as errors show it, its password masked).
 
     Raises:
         ValueError: a ``key=value`` string that cannot be parsed or has an unknown keyword.
@@ -219,7 +230,7 @@ def connect_args(dsn: str, scrub: Scrubber) -> dict[str, Any]:
         match = _CONNINFO.match(dsn, position)
         if match is None:
             raise ValueError(
-                f"PostgresBackend({scrub.shown!r}): cannot read the connection string at "
+                f"PostgresBackend({shown!r}): cannot read the connection string at "
                 f"character {position}; write key=value pairs separated by spaces, quoting "
                 "values with spaces as key='a value'"
             )

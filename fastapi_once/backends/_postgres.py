@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import hashlib
@@ -14,10 +13,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from .._errors import BackendError
-from ._base import PerLoop, backoff, holder_id, whole
+from ._base import PerLoop, Scrubber, backoff, whole
 from ._base import seconds as _seconds
 from ._lease import StoreBackend, StoreOptions
-from ._pgconn import APPLICATION, DRIVER_ERRORS, Connections
+from ._pgconn import APPLICATION, DRIVER_ERRORS, Connections, connect_args
 from ._store import Claim, Cooling, Held, Lease, Reset, Served, StoreUnavailableError, Watch
 from ._wakeups import Listeners, ListenerWatch, Wakeups
 
@@ -161,20 +160,24 @@ class PostgresBackend(StoreBackend):
         # one namespace of locks and one channel); set once the server was first reached.
         self._namespace: str | None = None
         self._channel = ""
-        self._connections = Connections(dsn, self._options, pool_size, self._setup, self.describe)
+        self._shown = Scrubber(dsn).shown
+        refusal = f"{self.describe()} runs on asyncio only (asyncpg); run the app on asyncio"
+        args = connect_args(dsn, self._shown)
+        args["timeout"], args["command_timeout"] = self.connect_timeout, self.wait_timeout
+        # Transaction pooling cannot keep prepared statements between transactions.
+        args["statement_cache_size"] = 0 if lock == "transaction" else 100
+        self._connections = Connections(args, pool_size, self._setup, self.describe, refusal)
         # Per event loop, touched only by its own thread: the (lock, record id) its watches
         # follow, counted (its listener wakes a record's watches when the lock is free), and the
         # values heard for them (record id -> value, when heard, ttl), dropped with the
         # record's last watch and at any reset.
-        refusal = f"{self.describe()} runs on asyncio only (asyncpg); run the app on asyncio"
         self._followed = PerLoop(collections.Counter[tuple[int, str]], refusal)
         self._news = PerLoop(dict[str, tuple[str, float, float]], refusal)
         self._listeners = Listeners(self._listen)
 
     def describe(self) -> str:
         """Return ``PostgresBackend(<dsn with the password masked>, table=..., lock=...)``."""
-        shown = self._connections.scrub.shown
-        return f"PostgresBackend({shown}, table={self.table}, lock={self.lock})"
+        return f"PostgresBackend({self._shown}, table={self.table}, lock={self.lock})"
 
     async def claim(
         self, name: str, key: str, *, lease: float, refresh: float | None, holder: str
@@ -188,11 +191,13 @@ class PostgresBackend(StoreBackend):
             if age < ttl and (refresh is None or age < refresh):
                 return Served(value)
         self._listeners.start()  # its end ends the loop's connections: see _listen
-        row = await self._connections.run(  # the lock's key once connecting resolved the namespace
-            "reading the record",
-            lambda c: c.fetchrow(self._sql["read"], name, key, refresh, self._lock_key(name, key)),
-        )
-        lock, found = self._lock_key(name, key), _decide(row)
+
+        async def read(conn: Any) -> tuple[int, Any]:  # connecting has resolved the namespace
+            lock = self._lock_key(name, key)
+            return lock, await conn.fetchrow(self._sql["read"], name, key, refresh, lock)
+
+        lock, row = await self._connections.run("reading the record", read)
+        found = _decide(row)
         if found is not None:
             return found
         conn = await self._connections.session()
@@ -205,54 +210,53 @@ class PostgresBackend(StoreBackend):
                     row = await conn.fetchrow(self._sql["read"], name, key, refresh, None)
                     found = _decide(row)
                     if found is None:
-                        return Lease(name, key, int(fence), conn)
+                        return Lease(name, key, int(fence), (conn, lock))
                 if fence is not None or self.lock == "transaction":
                     await self._unlock(conn, lock)
         except BaseException:
-            self._release(conn, False)  # ends the session, and a lock it took
+            self._connections.release(conn, keep=False)  # ends the session, and a lock it took
             raise
-        self._release(conn, True)
+        self._connections.release(conn, keep=True)
         return found or Held(None)  # Held: another process took the lock since the read
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
         """Check that the lease's lock session lives (its lock cannot end otherwise)."""
         # Shielded, bounded by its timeout: a check cut off half-way would leave the session
         # busy for the complete or abandon that follows.
-        with anyio.CancelScope(shield=True), self._lost(lease.handle):
-            await lease.handle.fetchval(
-                "SELECT 1", timeout=min(seconds, self.wait_timeout or seconds)
-            )
+        conn, _ = lease.handle  # its lock session, the lock's key
+        with anyio.CancelScope(shield=True), self._lost(conn):
+            await conn.fetchval("SELECT 1", timeout=min(seconds, self.wait_timeout or seconds))
             return True
         return False
 
     async def complete(self, lease: Lease, value: str, *, ttl: float | None) -> bool:
         """See ``LeaseStore.complete``: on the lock session, write and NOTIFY, then unlock
         (session locks: after the write's commit, or another could lead on the old row)."""
-        conn, clean, record = lease.handle, False, _record(lease.name, lease.key)
+        (conn, lock), clean, record = lease.handle, False, _record(lease.name, lease.key)
         news = f"{record} {'-' if ttl is None else repr(ttl)} {value}"  # the ttl, the value
         news = news if len(news.encode()) <= 7900 else record  # NOTIFY's limit: 8000 bytes
         try:
             with self._lost(conn):
                 args = (lease.name, lease.key, value, ttl, self._channel, news)
                 await conn.execute(self._sql["write"], *args)
-                await self._unlock(conn, self._lock_key(lease.name, lease.key))
+                await self._unlock(conn, lock)
                 clean = True
             return clean
         finally:
-            self._release(conn, clean)
+            self._connections.release(conn, keep=clean)
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
         """See ``LeaseStore.abandon``: record the cooldown, unlock and NOTIFY."""
-        conn, clean = lease.handle, False
+        (conn, lock), clean = lease.handle, False
         try:
             with contextlib.suppress(*DRIVER_ERRORS):
                 if cooldown is not None:
                     await conn.execute(self._sql["cool"], lease.name, lease.key, cooldown)
                 wake = (self._channel, _record(lease.name, lease.key))
-                await self._unlock(conn, self._lock_key(lease.name, lease.key), wake)
+                await self._unlock(conn, lock, wake)
                 clean = True
         finally:
-            self._release(conn, clean)
+            self._connections.release(conn, keep=clean)
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the record(s) and NOTIFY the reset, in one statement."""
@@ -283,20 +287,6 @@ class PostgresBackend(StoreBackend):
     async def aclose(self) -> None:
         """Stop the running loop's listener; its end ends the loop's connections."""
         await self._listeners.stop()
-
-    def _options(self) -> dict[str, Any]:
-        return {
-            "timeout": self.connect_timeout,
-            "command_timeout": self.wait_timeout,  # every statement's bound
-            # Transaction pooling cannot keep prepared statements between transactions.
-            "statement_cache_size": 0 if self.lock == "transaction" else 100,
-            "server_settings": {"application_name": (APPLICATION + holder_id())[:63]},
-        }
-
-    def _release(self, conn: Any, clean: bool) -> None:
-        # Idle sessions are kept only while the loop's listener runs, to end them as it ends.
-        keep = clean and asyncio.get_running_loop() in self._listeners
-        self._connections.release(conn, keep=keep)
 
     @contextlib.contextmanager
     def _lost(self, conn: Any) -> Iterator[None]:
@@ -343,23 +333,37 @@ class PostgresBackend(StoreBackend):
 
     async def _listen(self, wakeups: Wakeups) -> None:
         """Until cancelled, on the loop's own connection: LISTEN on the table's channel; each
-        NOTIFY goes to ``_heard``. Every ``ORPHANS_EVERY`` while watches wait (a killed leader
+        NOTIFY goes to ``heard``. Every ``ORPHANS_EVERY`` while watches wait (a killed leader
         announces nothing), else every ``check_interval``, it wakes those whose record's lock
         is free, which also tells that its session lives (a dead one receives nothing). Once
         that has ended, it listens again, with backoff, and wakes every watch (what was
         announced meanwhile was missed)."""
 
+        followed = self._followed.get()  # the loop's: never replaced
+
         async def heard(*args: Any) -> None:
-            # The driver runs each NOTIFY in a task of its own: its wake-up is not held up
-            # behind this task's check of the locks.
-            self._heard(args[3], wakeups)
+            """A NOTIFY (the driver runs each in a task of its own: its wake-up is not held up
+            behind this task's check of the locks): a record's id (its leader ended), then the
+            ttl and value recorded if they fit, kept for the record's watches (a woken
+            follower's claim serves it without a round trip); or a JSON reset."""
+            message = args[3]
+            if message.startswith("{"):
+                self._news.pop()
+                wakeups.announced(message, _record, self.heard)
+                return
+            record, _, news = message.partition(" ")
+            if news and any(r == record for _, r in followed):
+                ttl, _, value = news.partition(" ")
+                kept = (value, anyio.current_time(), math.inf if ttl == "-" else float(ttl))
+                self._news.get()[record] = kept
+            wakeups.wake(record)
 
         async def listen(conn: Any) -> Any:
             await conn.add_listener(self._channel, heard)
             return conn
 
         async def free(conn: Any) -> Any:  # which of the locks followed no session holds
-            locks = sorted({k for k, _ in self._followed.get()})
+            locks = sorted({k for k, _ in followed})
             return await conn.fetchval(_FREE, locks, timeout=self.check_interval)
 
         failures = 0
@@ -367,20 +371,21 @@ class PostgresBackend(StoreBackend):
             while True:
                 conn: Any = None
                 try:
-                    conn = await self._connections.run("listening", listen, wait=math.inf)
+                    conn = await self._connections.run(
+                        "listening", listen, wait=math.inf, listener=True
+                    )
                     failures = 0  # LISTEN has taken effect: no later NOTIFY is missed
                     wakeups.listening.set()
                     wakeups.wake_all()
                     checked = anyio.current_time()
                     while not conn.is_closed():  # else a failed statement ended it
                         await anyio.sleep(ORPHANS_EVERY)
-                        followed = self._followed.get()
                         if followed or anyio.current_time() - checked >= self.check_interval:
                             checked = anyio.current_time()
                             # On a pooled connection if a statement lent to the listener's holds
                             # it up: its NOTIFYs wait for that one, but a freed lock still wakes.
                             freed = await self._connections.run(
-                                "checking the locks", free, wait=self.check_interval
+                                "checking the locks", free, wait=self.check_interval, listener=True
                             )
                             for lock, record in list(followed):
                                 if lock in freed:
@@ -396,21 +401,6 @@ class PostgresBackend(StoreBackend):
         finally:
             self._connections.end()
             self._news.pop()  # nothing wakes with them now
-
-    def _heard(self, message: str, wakeups: Wakeups) -> None:
-        """A NOTIFY: a record's id (its leader ended), then the ttl and value recorded if they
-        fit, kept for the record's watches (a woken follower's claim serves it without a round
-        trip); or a JSON reset."""
-        if not message.startswith("{"):
-            record, _, news = message.partition(" ")
-            if news and any(r == record for _, r in self._followed.get()):
-                ttl, _, value = news.partition(" ")
-                heard = (value, anyio.current_time(), math.inf if ttl == "-" else float(ttl))
-                self._news.get()[record] = heard
-            wakeups.wake(record)
-            return
-        self._news.pop()
-        wakeups.announced(message, _record, self.heard)
 
     def _lock_key(self, name: str, key: str) -> int:
         """The record's advisory lock key (a signed 64-bit integer) in the table's namespace."""

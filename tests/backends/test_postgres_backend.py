@@ -7,6 +7,7 @@ algorithm over them by test_lease.py; processes by test_across_processes.py.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import gc
@@ -449,19 +450,42 @@ async def test_a_follower_is_woken_while_its_listeners_connection_runs_a_held_up
 async def test_a_read_after_the_server_ended_the_listeners_connection_runs_and_listening_resumes(
     postgres_server: PostgresServer, table: str, sql: object
 ) -> None:
-    """The server ends the process's connections (the listener's among them): the next claim's
-    read runs on a new one without error, and the listener listens again (a reset is heard)."""
-    backend = PostgresBackend(postgres_server.dsn, table=table)
+    """The server ends the process's connections (the listener's among them) while its loop is
+    busy, so the store has not seen them end: the next claim's read, on the listener's ended
+    connection, runs again on a new one without error, and the listener listens again (a reset
+    is heard)."""
+    # No check of the locks (every check_interval): the listener's connection stays free.
+    backend = PostgresBackend(postgres_server.dsn, table=table, check_interval=60)
     heard: list[Reset] = []
     backend.bind(heard.append)
     digest = "cd" * 20
-    assert await backend.run_keyed("tests.pg.warm", digest, answer, ttl=60) == 42  # listening
+    assert await backend.run_keyed("tests.pg.warm", digest, answer, ttl=60) == 42
     mine = ("fastapi_once " + holder_id())[:63]
-    ended = await sql.fetchval(  # type: ignore[attr-defined]
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
-        mine,
-    )
-    assert ended >= 1
+    ours = "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name = $1"
+
+    async def listening() -> bool:  # the listener's LISTEN was its connection's last statement
+        query = ours + " AND query LIKE 'LISTEN %'"
+        return await sql.fetchval(query, mine) is not None  # type: ignore[attr-defined]
+
+    await wait_until(listening)
+
+    async def end_them() -> None:  # on a loop of its own, until the server shows them gone
+        conn = await asyncpg.connect(postgres_server.dsn)
+        try:
+            pids = await conn.fetchval(ours, mine)
+            await conn.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) AS p", pids)
+            query = "SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = ANY($1::int[])"
+
+            async def gone() -> bool:
+                return bool(await conn.fetchval(query, pids))
+
+            await wait_until(gone)
+        finally:
+            await conn.close()
+
+    # Waited for without awaiting: this loop, and so the store, runs only once they have ended.
+    with concurrent.futures.ThreadPoolExecutor(1) as ender:
+        ender.submit(asyncio.run, end_them()).result()
     with anyio.fail_after(10):
         got = await backend.claim("tests.pg.warm", digest, lease=5, refresh=None, holder="r")
     assert got == Served("42")
