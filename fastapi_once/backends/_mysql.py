@@ -208,9 +208,14 @@ class MySQLBackend(StoreBackend):
                     await anyio.sleep(backoff(failures))
                     failures += 1
                     continue
-                top, failures = rows[0][0], 0
-                if after is None or top < after:  # the start, or the newest events are gone
+                top, lost, failures = rows[0][0], failures > 0, 0
+                if after is None:  # the start: the events before it are not this listener's
                     after, mark = top, (time.monotonic(), top)
+                elif top < after:  # the newest events are gone: pruned (a clock set back dates
+                    # them before older ones), or, after an outage, the ids started again (a log
+                    # emptied, then a restart): those in the log came since, the next poll reads
+                    # them all (after a failover that lost the newest, some come again).
+                    after, mark = (0 if lost else top), (time.monotonic(), top)
                 elif mark[0] <= sent - _LATE:  # every id up to the mark's was committed by then
                     after, mark = mark[1], (time.monotonic(), top)
                 for _, event_id, name, key, origin in rows:

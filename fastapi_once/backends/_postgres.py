@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import hashlib
@@ -216,7 +217,7 @@ class PostgresBackend(StoreBackend):
         except BaseException:
             self._connections.release(conn, keep=False)  # ends the session, and a lock it took
             raise
-        self._connections.release(conn, keep=True)
+        self._release(conn, True)
         return found or Held(None)  # Held: another process took the lock since the read
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:
@@ -243,7 +244,7 @@ class PostgresBackend(StoreBackend):
                 clean = True
             return clean
         finally:
-            self._connections.release(conn, keep=clean)
+            self._release(conn, clean)
 
     async def abandon(self, lease: Lease, *, cooldown: float | None) -> None:
         """See ``LeaseStore.abandon``: record the cooldown, unlock and NOTIFY."""
@@ -256,7 +257,7 @@ class PostgresBackend(StoreBackend):
                 await self._unlock(conn, lock, wake)
                 clean = True
         finally:
-            self._connections.release(conn, keep=clean)
+            self._release(conn, clean)
 
     async def clear(self, name: str, key: str | None, *, origin: str) -> None:
         """Delete the record(s) and NOTIFY the reset, in one statement."""
@@ -287,6 +288,12 @@ class PostgresBackend(StoreBackend):
     async def aclose(self) -> None:
         """Stop the running loop's listener; its end ends the loop's connections."""
         await self._listeners.stop()
+
+    def _release(self, conn: Any, clean: bool) -> None:
+        # Idle sessions are kept only while the loop's listener runs, whose end ends them: one
+        # lent after aclose() ended it (to a claim that had read before) would outlive the loop.
+        keep = clean and asyncio.get_running_loop() in self._listeners
+        self._connections.release(conn, keep=keep)
 
     @contextlib.contextmanager
     def _lost(self, conn: Any) -> Iterator[None]:

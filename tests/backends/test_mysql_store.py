@@ -3,6 +3,7 @@ MySQL's own: the URL, the login, the lock session, the tables, the connections."
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import anyio
 import pytest
 from backend_servers import MariaDBServer, free_port, require
 from store_contract import StoreContract, StoreKit
+from timekeeping import wait_until
 
 asyncmy = require("asyncmy")
 
@@ -387,4 +389,89 @@ async def test_resets_are_heard_after_the_events_ids_start_again(
         with anyio.fail_after(5):  # a hang guard: it is heard within about 25 ms
             await more.wait()
     assert heard == [Reset(name, None, "before")] * 3 + [Reset(name, None, "after")]
+    await listening.aclose()
+
+
+async def test_a_reset_written_before_the_listener_finds_the_ids_started_again_is_heard(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """The events log emptied and its ids started again from 1, the store's connections lost
+    (a restart), and a reset written there before the listener's next poll (it was
+    reconnecting): the poll that finds the newest id below those it read takes every event in
+    the log as new, not only those above the newest it finds."""
+    listening = MySQLBackend(mariadb_server.url, table=table)
+    heard: list[Reset] = []
+    more = anyio.Event()
+
+    def hear(reset: Reset) -> None:
+        heard.append(reset)
+        more.set()
+
+    listening.bind(hear)
+    name = "tests.mysql.ids-again-unseen"
+    async with listening.watch(name, UNKEYED):  # its listener polls every 25 ms
+        for _ in range(3):
+            await listening.clear(name, None, origin="before")
+        with anyio.fail_after(5):  # a hang guard
+            while len(heard) < 3:
+                more = anyio.Event()
+                await more.wait()
+        await anyio.sleep(2.2)  # the listener now reads only the ids above them (1 s to 2 s)
+        more = anyio.Event()
+        # The log locked throughout (no poll finds it empty): emptied, its ids started again,
+        # a reset written, and every other connection ended, as a restart ends them.
+        conn = await asyncmy.connect(**connect_args(mariadb_server), autocommit=True)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(f"LOCK TABLES `{table}_events` WRITE")
+                await cur.execute(f"DELETE FROM `{table}_events`")
+                await cur.execute(f"ALTER TABLE `{table}_events` AUTO_INCREMENT = 1")
+                await cur.execute(
+                    f"INSERT INTO `{table}_events` (at, name, rkey, origin) "
+                    "VALUES (NOW(6), %s, NULL, 'after')",
+                    (name,),
+                )
+                await cur.execute(
+                    "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s "
+                    "AND ID <> CONNECTION_ID()",
+                    (connect_args(mariadb_server)["user"],),
+                )
+                for (other,) in await cur.fetchall():
+                    with contextlib.suppress(asyncmy.errors.Error):  # it ended meanwhile
+                        await cur.execute(f"KILL CONNECTION {int(other)}")
+                await cur.execute("UNLOCK TABLES")
+        finally:
+            conn.close()
+        ids = await query(mariadb_server, f"SELECT id FROM `{table}_events`")
+        assert ids == [(1,)]  # the ids started again
+        with anyio.fail_after(5):  # a hang guard: it is heard once the listener reconnects
+            await more.wait()
+    assert heard == [Reset(name, None, "before")] * 3 + [Reset(name, None, "after")]
+    await listening.aclose()
+
+
+async def test_events_below_the_newest_are_not_heard_again_when_the_newest_are_pruned(
+    mariadb_server: MariaDBServer, table: str
+) -> None:
+    """After the server's clock is set back, the events written since are dated before the
+    older ones, and pruning deletes them first: the poll that finds the log's newest id below
+    those it read (its connection kept: no restart) reads on above it, and hears none of the
+    older events again."""
+    listening = MySQLBackend(mariadb_server.url, table=table)
+    heard: list[Reset] = []
+    listening.bind(heard.append)
+    name = "tests.mysql.newest-pruned"
+    async with listening.watch(name, UNKEYED):  # its listener polls every 25 ms
+        for origin in ("older", "older", "newest"):
+            await listening.clear(name, None, origin=origin)
+        await wait_until(lambda: len(heard) == 3)
+        await anyio.sleep(2.2)  # the listener now reads only the ids above them (1 s to 2 s)
+        (newest,) = await query(mariadb_server, f"SELECT MAX(id) FROM `{table}_events`")
+        await query(mariadb_server, f"DELETE FROM `{table}_events` WHERE id = %s", newest[0])
+        await anyio.sleep(0.5)  # about 20 polls
+        await listening.clear(name, None, origin="after")
+        await wait_until(lambda: len(heard) == 4)
+        await anyio.sleep(0.5)  # about 20 polls more
+    expected = ["older", "older", "newest", "after"]
+    assert heard == [Reset(name, None, origin) for origin in expected]
     await listening.aclose()

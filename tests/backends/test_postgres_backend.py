@@ -503,6 +503,39 @@ async def test_a_read_after_the_server_ended_the_listeners_connection_runs_and_l
         await backend.aclose()
 
 
+async def test_a_claim_that_reads_before_aclose_and_locks_after_leaves_no_session_open(
+    postgres_server: PostgresServer, table: str, sql: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``aclose()`` ends the loop's listener between a claim's read and its lock session: the
+    lease is taken on a new session, and once it ends that session is not kept idle (no
+    listener runs in the loop to end it), so the process holds no connection after."""
+    backend = PostgresBackend(postgres_server.dsn, table=table)
+    assert await backend.run_once("tests.pg.warm", answer) == 42  # connected, listening
+    mine = ("fastapi_once " + holder_id())[:63]
+    fetchrow, closing = asyncpg.connection.Connection.fetchrow, [backend.aclose]
+
+    async def read_then_close(conn: Any, *args: Any, **kwargs: Any) -> Any:
+        row = await fetchrow(conn, *args, **kwargs)
+        while closing:  # the claim's read only: its listener ends before it locks
+            await closing.pop()()
+        return row
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetchrow", read_then_close)
+    holder = f"raced {table}"  # the lock session's name while it holds the lease
+    lease = await backend.claim("tests.pg.raced", "k", lease=5, refresh=None, holder=holder)
+    assert isinstance(lease, Lease)
+    assert not closing  # aclose() ran
+    assert await backend.complete(lease, "done", ttl=None)
+
+    async def holds_none() -> bool:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name IN ($1, $2)"
+        names = (mine, f"fastapi_once {holder}")
+        return int(await sql.fetchval(query, *names)) == 0  # type: ignore[attr-defined]
+
+    await wait_until(holds_none)
+    await backend.aclose()
+
+
 async def test_a_cancelled_leader_frees_the_record_at_once(
     postgres_server: PostgresServer, table: str
 ) -> None:
