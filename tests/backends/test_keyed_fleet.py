@@ -26,7 +26,11 @@ pytestmark = pytest.mark.kinds("redis", "postgres")
 
 
 class Process:
-    """A running keyed_worker.py: send it commands, read its replies."""
+    """A running keyed_worker.py: send it commands, read its replies.
+
+    The process starts when this is made; the first command waits until it says ``ready``
+    (imported, backend built), so processes made one after another start up side by side.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
@@ -38,9 +42,16 @@ class Process:
             text=True,
             env=env,
         )
-        assert self.reply_line() == "ready"
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Wait until the process has said ``ready`` (at once if it has)."""
+        if not self.ready:
+            assert self.reply_line() == "ready"
+            self.ready = True
 
     def send(self, command: dict[str, Any]) -> None:
+        self.wait_ready()
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
@@ -76,6 +87,8 @@ def fleet(spec: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., list[P
     def start(n: int, **config: Any) -> list[Process]:
         made = [Process({**base, **config}) for _ in range(n)]
         started.extend(made)
+        for process in made:
+            process.wait_ready()
         return made
 
     yield start
