@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from spawner import Spawned
 
 HERE = Path(__file__).parent
 WORKER = HERE / "backend_worker.py"
@@ -349,7 +350,7 @@ def secret_of(spec: dict[str, Any]) -> str | None:
 class Worker:
     """A process running ``backend_worker.py``: it calls a once with ``across=`` on a signal."""
 
-    proc: subprocess.Popen[str]
+    proc: Spawned
 
     def go(self) -> None:
         assert self.proc.stdin is not None
