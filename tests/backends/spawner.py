@@ -143,6 +143,8 @@ class Spawned:
         started = self._answer(None)
         assert started is not None
         self.pid: int = started["pid"]
+        # The worker itself, even once the spawner has reaped it and its pid is free again.
+        self._pidfd: int | None = os.pidfd_open(self.pid) if hasattr(os, "pidfd_open") else None
         self.returncode: int | None = None
         self.stdin: io.TextIOWrapper | None = open(  # noqa: SIM115
             stdin, "w", encoding="utf-8"
@@ -172,6 +174,8 @@ class Spawned:
                 return False
             self.returncode = int(answer["exit"])
             self.conn.close()
+            if self._pidfd is not None:
+                os.close(self._pidfd)
         return True
 
     def poll(self) -> int | None:
@@ -188,8 +192,13 @@ class Spawned:
 
     def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the worker unless it has exited."""
-        if self.poll() is None:
+        if self.poll() is not None:
+            return
+        if self._pidfd is None:
             os.kill(self.pid, sig)
+            return
+        with contextlib.suppress(ProcessLookupError):  # it has exited, not yet told
+            signal.pidfd_send_signal(self._pidfd, sig)
 
     def kill(self) -> None:
         """SIGKILL the worker unless it has exited."""
