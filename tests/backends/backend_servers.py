@@ -195,7 +195,10 @@ class PostgresServer:
         self.start()
 
     def stop(self) -> None:
-        self.halt()
+        """End the server and delete its data: an immediate shutdown (SIGQUIT), since nothing
+        of the data is kept."""
+        shut_down(self.proc, signal.SIGQUIT)
+        self.proc = None
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -290,7 +293,10 @@ class MariaDBServer:
         self.start()
 
     def stop(self) -> None:
-        self.halt()
+        """End the server and delete its data: killed, since nothing of the data is kept (a
+        shutdown writes it out first, and once took the 30 s of shut_down's patience)."""
+        shut_down(self.proc, signal.SIGKILL)
+        self.proc = None
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
