@@ -272,6 +272,7 @@ class MariaDBServer:
                 *("--bind-address=127.0.0.1", f"--socket={self.directory / 'sock'}"),
                 *(f"--pid-file={self.directory / 'pid'}", f"--log-error={log}"),
                 *(f"--init-file={self.directory / 'init.sql'}", "--skip-name-resolve"),
+                f"--tmpdir={self.directory}",  # see start_mariadb
                 *("--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0"),
                 *("--skip-log-bin", "--max-connections=500", "--innodb-buffer-pool-size=64M"),
                 *([f"--user={self.user}"] if self.user else []),
@@ -330,6 +331,11 @@ def start_mariadb() -> MariaDBServer:
             install,
             *("--no-defaults", f"--datadir={directory / 'data'}", "--skip-test-db"),
             *("--auth-root-authentication-method=normal", "--skip-name-resolve"),
+            # A server deletes the temporary tables (#sql*) it finds in its tmpdir when it
+            # starts: in a tmpdir of its own, not /tmp, where it would delete another's, and
+            # installs or servers starting together failed now and then ("Can't find file:
+            # '/tmp/#sql-temptable-...'"). mariadb-install-db hands the option to mariadbd.
+            f"--tmpdir={directory}",
             *([f"--user={user}"] if user else []),
         ],
         check=True,
