@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from spawner import Spawned
 
 HERE = Path(__file__).parent
 WORKER = HERE / "backend_worker.py"
@@ -194,7 +195,10 @@ class PostgresServer:
         self.start()
 
     def stop(self) -> None:
-        self.halt()
+        """End the server and delete its data: an immediate shutdown (SIGQUIT), since nothing
+        of the data is kept."""
+        shut_down(self.proc, signal.SIGQUIT)
+        self.proc = None
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -268,6 +272,7 @@ class MariaDBServer:
                 *("--bind-address=127.0.0.1", f"--socket={self.directory / 'sock'}"),
                 *(f"--pid-file={self.directory / 'pid'}", f"--log-error={log}"),
                 *(f"--init-file={self.directory / 'init.sql'}", "--skip-name-resolve"),
+                f"--tmpdir={self.directory}",  # see start_mariadb
                 *("--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0"),
                 *("--skip-log-bin", "--max-connections=500", "--innodb-buffer-pool-size=64M"),
                 *([f"--user={self.user}"] if self.user else []),
@@ -289,7 +294,10 @@ class MariaDBServer:
         self.start()
 
     def stop(self) -> None:
-        self.halt()
+        """End the server and delete its data: killed, since nothing of the data is kept (a
+        shutdown writes it out first, and once took the 30 s of shut_down's patience)."""
+        shut_down(self.proc, signal.SIGKILL)
+        self.proc = None
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -323,6 +331,11 @@ def start_mariadb() -> MariaDBServer:
             install,
             *("--no-defaults", f"--datadir={directory / 'data'}", "--skip-test-db"),
             *("--auth-root-authentication-method=normal", "--skip-name-resolve"),
+            # A server deletes the temporary tables (#sql*) it finds in its tmpdir when it
+            # starts: in a tmpdir of its own, not /tmp, where it would delete another's, and
+            # installs or servers starting together failed now and then ("Can't find file:
+            # '/tmp/#sql-temptable-...'"). mariadb-install-db hands the option to mariadbd.
+            f"--tmpdir={directory}",
             *([f"--user={user}"] if user else []),
         ],
         check=True,
@@ -349,7 +362,7 @@ def secret_of(spec: dict[str, Any]) -> str | None:
 class Worker:
     """A process running ``backend_worker.py``: it calls a once with ``across=`` on a signal."""
 
-    proc: subprocess.Popen[str]
+    proc: Spawned
 
     def go(self) -> None:
         assert self.proc.stdin is not None

@@ -11,16 +11,14 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from backend_servers import (
-    ROOT,
-    WORKER,
     MariaDBServer,
     PostgresServer,
     RedisServer,
@@ -30,6 +28,7 @@ from backend_servers import (
     start_redis,
 )
 from backend_worker import build_backend
+from spawner import Spawner
 
 from fastapi_once.backends import Backend
 
@@ -133,26 +132,23 @@ def spec(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str,
 # --- worker processes -----------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="session")
+def spawner() -> Iterator[Spawner]:
+    """The process that forks the worker processes, already imported (see spawner.py)."""
+    directory = Path(tempfile.mkdtemp(prefix="fastapi-once-spawner-"))
+    made = Spawner(directory)
+    yield made
+    made.close()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.fixture
-def start_workers(tmp_path: Path) -> Iterator[Callable[..., list[Worker]]]:
+def start_workers(spawner: Spawner) -> Iterator[Callable[..., list[Worker]]]:
     """Start worker processes; each is ready (imported, backend built) when this returns."""
     started: list[Worker] = []
 
     def start(n: int, config: dict[str, Any]) -> list[Worker]:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        workers = [
-            Worker(
-                subprocess.Popen(
-                    [sys.executable, str(WORKER), json.dumps(config)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=env,
-                )
-            )
-            for _ in range(n)
-        ]
+        workers = [Worker(spawner.spawn("backend_worker", json.dumps(config))) for _ in range(n)]
         started.extend(workers)
         for worker in workers:
             worker.wait_ready()

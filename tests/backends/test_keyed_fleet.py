@@ -7,40 +7,39 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from backend_servers import ROOT, read_log, wait_for
+from backend_servers import read_log, wait_for
+from spawner import Spawner
 
 from fastapi_once._keys import key_digest, shared_key_digest
-
-HERE = Path(__file__).parent
-WORKER = HERE / "keyed_worker.py"
 
 pytestmark = pytest.mark.kinds("redis", "postgres")
 
 
 class Process:
-    """A running keyed_worker.py: send it commands, read its replies."""
+    """A running keyed_worker.py: send it commands, read its replies.
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), json.dumps(config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        assert self.reply_line() == "ready"
+    The process starts when this is made; the first command waits until it says ``ready``
+    (imported, backend built), so processes made one after another start up side by side.
+    """
+
+    def __init__(self, spawner: Spawner, config: dict[str, Any]) -> None:
+        self.proc = spawner.spawn("keyed_worker", json.dumps(config))
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Wait until the process has said ``ready`` (at once if it has)."""
+        if not self.ready:
+            assert self.reply_line() == "ready"
+            self.ready = True
 
     def send(self, command: dict[str, Any]) -> None:
+        self.wait_ready()
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
@@ -68,14 +67,18 @@ class Process:
 
 
 @pytest.fixture
-def fleet(spec: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., list[Process]]]:
+def fleet(
+    spec: dict[str, Any], tmp_path: Path, spawner: Spawner
+) -> Iterator[Callable[..., list[Process]]]:
     """Start keyed worker processes sharing one once (same name, log and backend)."""
     started: list[Process] = []
     base = {"spec": spec, "log": str(tmp_path / "events.log"), "name": unique_name()}
 
     def start(n: int, **config: Any) -> list[Process]:
-        made = [Process({**base, **config}) for _ in range(n)]
+        made = [Process(spawner, {**base, **config}) for _ in range(n)]
         started.extend(made)
+        for process in made:
+            process.wait_ready()
         return made
 
     yield start

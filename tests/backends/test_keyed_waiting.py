@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from backend_servers import PostgresServer, RedisServer, read_log, require, wait_for
+from spawner import Spawner
 from test_keyed_fleet import Process
 
 pytestmark = pytest.mark.kinds("redis", "postgres")
@@ -28,14 +29,14 @@ BOUND = 1 + 8 + 1  # the listener, the pooled connections for reads, one being r
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+def processes(tmp_path: Path, spawner: Spawner) -> Iterator[Callable[..., Process]]:
     """Start keyed worker processes sharing one once name and log; kill them afterwards."""
     started: list[Process] = []
     name = f"tests.waiting.get_stuff@{secrets.token_hex(4)}"
 
     def start(spec: dict[str, Any], **config: Any) -> Process:
         process = Process(
-            {"spec": spec, "log": str(tmp_path / "events.log"), "name": name, **config}
+            spawner, {"spec": spec, "log": str(tmp_path / "events.log"), "name": name, **config}
         )
         started.append(process)
         return process
