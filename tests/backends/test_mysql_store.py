@@ -355,6 +355,15 @@ async def test_a_reset_written_while_the_servers_clock_is_set_back_is_heard_once
     await listening.aclose()
 
 
+async def _three_heard_then_passed(listening: MySQLBackend, name: str, heard: list[Reset]) -> None:
+    """Three resets of ``name`` written and ``heard``, then 2.2 s: from then on the listener
+    reads only the ids above them (it reads above those a poll saw 1 s to 2 s before)."""
+    for _ in range(3):
+        await listening.clear(name, None, origin="before")
+    await wait_until(lambda: len(heard) == 3)
+    await anyio.sleep(2.2)
+
+
 async def test_resets_are_heard_after_the_events_ids_start_again(
     mariadb_server: MariaDBServer, table: str
 ) -> None:
@@ -363,31 +372,17 @@ async def test_resets_are_heard_after_the_events_ids_start_again(
     not only those above the newest it had seen."""
     listening = MySQLBackend(mariadb_server.url, table=table)
     heard: list[Reset] = []
-    more = anyio.Event()
-
-    def hear(reset: Reset) -> None:
-        heard.append(reset)
-        more.set()
-
-    listening.bind(hear)
+    listening.bind(heard.append)
     name = "tests.mysql.ids-again"
     async with listening.watch(name, UNKEYED):  # its listener polls every 25 ms
-        for _ in range(3):
-            await listening.clear(name, None, origin="before")
-        with anyio.fail_after(5):  # a hang guard
-            while len(heard) < 3:
-                more = anyio.Event()
-                await more.wait()
-        await anyio.sleep(2.2)  # the listener now reads only the ids above them (1 s to 2 s)
+        await _three_heard_then_passed(listening, name, heard)
         await query(mariadb_server, f"DELETE FROM `{table}_events`")
         await anyio.sleep(0.3)  # the listener's polls find the log empty
         await query(mariadb_server, f"ALTER TABLE `{table}_events` AUTO_INCREMENT = 1")
-        more = anyio.Event()
         await listening.clear(name, None, origin="after")
         ids = await query(mariadb_server, f"SELECT id FROM `{table}_events`")
         assert ids == [(1,)]  # the ids started again
-        with anyio.fail_after(5):  # a hang guard: it is heard within about 25 ms
-            await more.wait()
+        await wait_until(lambda: len(heard) == 4)  # within about 25 ms
     assert heard == [Reset(name, None, "before")] * 3 + [Reset(name, None, "after")]
     await listening.aclose()
 
@@ -401,23 +396,10 @@ async def test_a_reset_written_before_the_listener_finds_the_ids_started_again_i
     the log as new, not only those above the newest it finds."""
     listening = MySQLBackend(mariadb_server.url, table=table)
     heard: list[Reset] = []
-    more = anyio.Event()
-
-    def hear(reset: Reset) -> None:
-        heard.append(reset)
-        more.set()
-
-    listening.bind(hear)
+    listening.bind(heard.append)
     name = "tests.mysql.ids-again-unseen"
     async with listening.watch(name, UNKEYED):  # its listener polls every 25 ms
-        for _ in range(3):
-            await listening.clear(name, None, origin="before")
-        with anyio.fail_after(5):  # a hang guard
-            while len(heard) < 3:
-                more = anyio.Event()
-                await more.wait()
-        await anyio.sleep(2.2)  # the listener now reads only the ids above them (1 s to 2 s)
-        more = anyio.Event()
+        await _three_heard_then_passed(listening, name, heard)
         # The log locked throughout (no poll finds it empty): emptied, its ids started again,
         # a reset written, and every other connection ended, as a restart ends them.
         conn = await asyncmy.connect(**connect_args(mariadb_server), autocommit=True)
@@ -444,8 +426,7 @@ async def test_a_reset_written_before_the_listener_finds_the_ids_started_again_i
             conn.close()
         ids = await query(mariadb_server, f"SELECT id FROM `{table}_events`")
         assert ids == [(1,)]  # the ids started again
-        with anyio.fail_after(5):  # a hang guard: it is heard once the listener reconnects
-            await more.wait()
+        await wait_until(lambda: len(heard) == 4)  # once the listener reconnects
     assert heard == [Reset(name, None, "before")] * 3 + [Reset(name, None, "after")]
     await listening.aclose()
 
