@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -167,10 +167,16 @@ class FileLockBackend(StoreBackend):
 
     async def _io(self, call: Callable[..., T], *args: Any) -> T:
         """``call(*args)`` in a worker thread, whose result comes back even if the caller is
-        cancelled (a lock taken is never lost). An OSError is a BackendError naming the store,
-        except a PermissionError (a symlink, another user's file): it says what to fix."""
-        try:
+        cancelled (a lock taken is never lost); errors as :meth:`_errors`."""
+        with self._errors():
             return await anyio.to_thread.run_sync(call, *args)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """An OSError in the block is a BackendError naming the store, except a PermissionError
+        (a symlink, another user's file): it says what to fix."""
+        try:
+            yield
         except PermissionError:
             raise
         except OSError as exc:
@@ -338,10 +344,12 @@ class FileLockBackend(StoreBackend):
             os.close(fd)
 
     def _resets_size(self) -> int:
-        try:
-            return os.stat(_RESETS, dir_fd=self._dir(), follow_symlinks=False).st_size
-        except FileNotFoundError:
-            return 0
+        """The resets log's size (0 while there is none); errors as :meth:`_errors`."""
+        with self._errors():
+            try:
+                return os.stat(_RESETS, dir_fd=self._dir(), follow_symlinks=False).st_size
+            except FileNotFoundError:
+                return 0
 
     def _read_resets(self, offset: int) -> tuple[list[Reset], int]:
         """The resets in the whole lines appended to the log since ``offset`` (0 if the log

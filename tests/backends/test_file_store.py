@@ -232,6 +232,36 @@ async def test_a_claim_that_fails_reading_the_holder_closes_the_lock_file(
 
 
 @pytest.mark.anyio
+async def test_a_failed_look_at_the_resets_log_is_a_backend_error_and_lets_go_of_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resets log's size, looked at when a loop's first claim starts its listener and when
+    a watch begins, fails as the store's other reads do: a BackendError naming the store (not
+    the bare OSError), and the lock the claim took is let go."""
+    backend = FileLockBackend(tmp_path / "locks")
+    real_stat = os.stat
+
+    def broken(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if path == "resets.log":
+            raise OSError(5, "Input/output error")
+        return real_stat(path, *args, **kwargs)
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "stat", broken)
+            with pytest.raises(BackendError, match="cannot be used"):
+                await backend.claim("n", UNKEYED, lease=1, refresh=None, holder="test")
+            assert open_files(tmp_path) == []  # the lock taken, let go
+            with pytest.raises(BackendError, match="cannot be used"):
+                async with backend.watch("n", UNKEYED):
+                    pass  # pragma: no cover - the watch does not begin
+            assert open_files(tmp_path) == []
+        await backend.abandon(await _lead(backend, UNKEYED), cooldown=None)  # the log is back
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.anyio
 async def test_a_listener_stopped_by_an_error_is_said_and_the_next_claim_listens_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
