@@ -152,7 +152,13 @@ class PostgresServer:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://fastapi_once:{self.password}@127.0.0.1:{self.port}/postgres"
+        # sslmode=disable: the server has no TLS, and asyncpg's default (prefer) first asks for
+        # it on every connection. A connection attempt cancelled just as its socket connected
+        # (a timeout, a listener's end while the server restarts) then leaves asyncpg's TLS
+        # request future failed and never retrieved ("unexpected connection_lost() call"), which
+        # the loop's exception handler reports, and anyio's test runner raises in the test.
+        where = f"127.0.0.1:{self.port}/postgres?sslmode=disable"
+        return f"postgresql://fastapi_once:{self.password}@{where}"
 
     def start(self) -> None:
         log = self.directory / "postgres.log"
