@@ -130,7 +130,12 @@ class MySQLBackend(StoreBackend):
             lock = self._lock_prefix + str(fence)
             session = await self._lock(db, "SELECT GET_LOCK(%s, 0)", lock)
             args = (fence, holder[:255], _us(lease), name, key)
-            await self._run(conn, self._sql["take"], args)  # and COMMIT
+            try:
+                await self._run(conn, self._sql["take"], args)  # and COMMIT
+            except BaseException:  # the row's lease rolled back: its lock is let go too
+                with anyio.CancelScope(shield=True), contextlib.suppress(BackendError):
+                    await self._lock(db, "SELECT RELEASE_LOCK(%s)", lock, session)
+                raise
         return Lease(name, key, fence, (lock, session))
 
     async def renew(self, lease: Lease, *, seconds: float) -> bool:

@@ -456,3 +456,33 @@ async def test_events_below_the_newest_are_not_heard_again_when_the_newest_are_p
     expected = ["older", "older", "newest", "after"]
     assert heard == [Reset(name, None, origin) for origin in expected]
     await listening.aclose()
+
+
+async def test_a_claim_cut_off_after_it_took_the_lock_lets_go_of_it(
+    mariadb_server: MariaDBServer, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim whose last round trip (the row's lease and COMMIT) fails after GET_LOCK took
+    the lease's lock releases that lock: it is not left held on the loop's lock session until
+    the session ends; the next claim leads."""
+    store = MySQLBackend(mariadb_server.url, table=table)
+    real = MySQLBackend._run
+    fences: list[int] = []  # the lease's, which names its lock (its row is rolled back)
+
+    async def cut(self: MySQLBackend, conn: Any, sql: str, *args: Any, **kwargs: Any) -> Any:
+        if sql.startswith(f"UPDATE `{table}` SET fence"):
+            fences.append(args[0][0])
+            raise StoreUnavailableError("cut off")
+        return await real(self, conn, sql, *args, **kwargs)
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(MySQLBackend, "_run", cut)
+            with pytest.raises(StoreUnavailableError):
+                await store.claim("n", UNKEYED, lease=30, refresh=None, holder="test")
+        lock = f"{store._lock_prefix}{fences[0]}"
+        assert await query(mariadb_server, "SELECT IS_USED_LOCK(%s)", lock) == [(None,)]
+        lease = await store.claim("n", UNKEYED, lease=30, refresh=None, holder="test")
+        assert isinstance(lease, Lease)
+        await store.abandon(lease, cooldown=None)
+    finally:
+        await store.aclose()
