@@ -172,10 +172,10 @@ class Connections:
 
     def release(self, conn: Any, *, keep: bool) -> None:
         """Keep a lock session that holds nothing (``keep``) for the next claim, up to
-        :data:`IDLE_SESSIONS`, unless the loop's connections have ended since it was lent
-        (their :meth:`end` ends those kept); else end it, and its lock."""
+        :data:`IDLE_SESSIONS`, unless it has ended (as :meth:`end` ends those lent); else end
+        it, and its lock."""
         here = self._loops.get()
-        if keep and conn in here.out and not conn.is_closed() and len(here.idle) < IDLE_SESSIONS:
+        if keep and not conn.is_closed() and len(here.idle) < IDLE_SESSIONS:
             here.idle.append(conn)
         else:
             conn.terminate()
